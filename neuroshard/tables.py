@@ -1,0 +1,237 @@
+"""Loading and validating table configs (JSON, CSV, YAML).
+
+A config is a list of tables, each with ``name``, ``rows``, ``dim``, optional
+``pooling_factor`` (default 1.0) and optional ``reuse_hist`` (17 fractions summing to 1;
+default: the dataset-wide DLRM histogram). TorchRec spellings ``num_embeddings`` and
+``embedding_dim`` are accepted. A JSON/YAML file may hold the list itself or an object
+with a ``tables`` list. In CSV, ``reuse_hist`` is either one column of 17 numbers
+separated by spaces or semicolons, or columns ``reuse_0`` .. ``reuse_16``.
+
+Every problem raises :class:`TableSpecError` naming the file, the table and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from neuroshard.types import (
+    DIM_MULTIPLE,
+    DLRM_REUSE_HIST,
+    NUM_HIST_BINS,
+    TableSpec,
+    TableSpecError,
+)
+
+_ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim"}
+_KNOWN = {"name", "rows", "dim", "pooling_factor", "reuse_hist"}
+_HIST_TOLERANCE = 1e-3
+MAX_ROWS = 1 << 40  # a trillion rows: anything above is a unit mistake, not a table
+
+
+def load_tables(path: str | Path) -> list[TableSpec]:
+    """Read and validate a table config from ``path`` (format from its suffix)."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise TableSpecError("file not found", source=source)
+    if path.is_dir():
+        raise TableSpecError("is a directory, expected a table config file", source=source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TableSpecError(f"not UTF-8 text ({e.reason} at byte {e.start})", source=source) from None
+    except OSError as e:
+        raise TableSpecError(f"cannot read: {e.strerror}", source=source) from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _read_csv(text, source)
+    elif suffix in (".yaml", ".yml"):
+        records = _records_from_document(_read_yaml(text, source), source)
+    else:
+        records = _records_from_document(_read_json(text, source), source)
+    return tables_from_records(records, source=source)
+
+
+def tables_from_records(records: Sequence[Mapping[str, Any]], *, source: str = "<tables>") -> list[TableSpec]:
+    """Validate a list of table dicts into :class:`TableSpec`s."""
+    if not records:
+        raise TableSpecError("no tables", source=source)
+    tables: list[TableSpec] = []
+    seen: set[str] = set()
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TableSpecError(f"entry {i} is {type(record).__name__}, expected an object", source=source)
+        table = _table_from_record(record, i, source)
+        if table.name in seen:
+            raise TableSpecError("duplicate table name", source=source, table=table.name, field_name="name")
+        seen.add(table.name)
+        tables.append(table)
+    return tables
+
+
+def table_to_record(table: TableSpec) -> dict[str, Any]:
+    return {
+        "name": table.name,
+        "rows": table.rows,
+        "dim": table.dim,
+        "pooling_factor": table.pooling_factor,
+        "reuse_hist": list(table.reuse_hist),
+    }
+
+
+def save_tables(tables: Iterable[TableSpec], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([table_to_record(t) for t in tables], indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _read_json(text: str, source: str) -> Any:
+    if not text.strip():
+        raise TableSpecError("empty file", source=source)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise TableSpecError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", source=source) from None
+    except ValueError as e:
+        raise TableSpecError(f"malformed JSON: {e}", source=source) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid number")
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml ships with the stack
+        raise TableSpecError("YAML configs need PyYAML (pip install pyyaml)", source=source) from None
+    if not text.strip():
+        raise TableSpecError("empty file", source=source)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TableSpecError(f"malformed YAML: {str(e).splitlines()[0]}", source=source) from None
+
+
+def _records_from_document(doc: Any, source: str) -> list[Mapping[str, Any]]:
+    if isinstance(doc, Mapping):
+        if "tables" not in doc:
+            raise TableSpecError("expected a list of tables or an object with a 'tables' list", source=source)
+        doc = doc["tables"]
+    if not isinstance(doc, list):
+        raise TableSpecError(f"expected a list of tables, got {type(doc).__name__}", source=source)
+    return doc
+
+
+def _read_csv(text: str, source: str) -> list[dict[str, Any]]:
+    if not text.strip():
+        raise TableSpecError("empty file", source=source)
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    canonical = {_ALIASES.get(h, h) for h in header}
+    for required in ("name", "rows", "dim"):
+        if required not in canonical:
+            raise TableSpecError(f"CSV header lacks column {required!r} (has {', '.join(header)})", source=source)
+    records = []
+    for line_no, row in enumerate(reader, start=2):
+        if None in row:
+            raise TableSpecError(f"line {line_no} has more values than the header has columns", source=source)
+        row = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+        if any(v is None for v in row.values()):
+            raise TableSpecError(f"line {line_no} has fewer values than the header has columns", source=source)
+        bins = [f"reuse_{i}" for i in range(NUM_HIST_BINS)]
+        if any(b in row for b in bins):
+            row["reuse_hist"] = [row.pop(b, "") for b in bins]
+        elif row.get("reuse_hist"):
+            row["reuse_hist"] = row["reuse_hist"].replace(";", " ").split()
+        else:
+            row.pop("reuse_hist", None)
+        if row.get("pooling_factor", None) == "":
+            row.pop("pooling_factor")
+        records.append(row)
+    return records
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _table_from_record(record: Mapping[str, Any], index: int, source: str) -> TableSpec:
+    fields: dict[str, Any] = {}
+    for key, value in record.items():
+        canon = _ALIASES.get(str(key), str(key))
+        if canon in fields:
+            raise TableSpecError(f"given twice (as {key!r} and its alias)", source=source,
+                                 table=_label(record, index), field_name=canon)
+        fields[canon] = value
+    label = _label(record, index)
+    for required in ("name", "rows", "dim"):
+        if required not in fields:
+            raise TableSpecError("missing", source=source, table=label, field_name=required)
+    name = fields["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise TableSpecError("must be a non-empty string", source=source, table=label, field_name="name")
+    rows = _integer(fields["rows"], source, name, "rows")
+    dim = _integer(fields["dim"], source, name, "dim")
+    if not 0 < rows <= MAX_ROWS:
+        raise TableSpecError(f"must be between 1 and {MAX_ROWS}, got {rows}", source=source, table=name, field_name="rows")
+    if dim <= 0 or dim % DIM_MULTIPLE:
+        raise TableSpecError(f"must be a positive multiple of {DIM_MULTIPLE}, got {dim}", source=source,
+                             table=name, field_name="dim")
+    if dim > 65_536:
+        raise TableSpecError(f"must be at most 65536, got {dim}", source=source, table=name, field_name="dim")
+    pooling = _number(fields.get("pooling_factor", 1.0), source, name, "pooling_factor")
+    if not 0 < pooling <= 1e6:
+        raise TableSpecError(f"must be in (0, 1e6], got {pooling}", source=source, table=name,
+                             field_name="pooling_factor")
+    hist = fields.get("reuse_hist")
+    reuse_hist = DLRM_REUSE_HIST if hist is None else _histogram(hist, source, name)
+    return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling, reuse_hist=reuse_hist)
+
+
+def _label(record: Mapping[str, Any], index: int) -> str:
+    name = record.get("name")
+    return name if isinstance(name, str) and name.strip() else f"#{index}"
+
+
+def _number(value: Any, source: str, table: str, field: str) -> float:
+    if isinstance(value, bool):
+        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table, field_name=field)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table, field_name=field) from None
+    if not math.isfinite(number):
+        raise TableSpecError(f"must be finite, got {value!r}", source=source, table=table, field_name=field)
+    return number
+
+
+def _integer(value: Any, source: str, table: str, field: str) -> int:
+    number = _number(value, source, table, field)
+    if number != int(number):
+        raise TableSpecError(f"must be a whole number, got {value!r}", source=source, table=table, field_name=field)
+    return int(number)
+
+
+def _histogram(value: Any, source: str, table: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TableSpecError(f"must be a list of {NUM_HIST_BINS} fractions", source=source, table=table,
+                             field_name="reuse_hist")
+    if len(value) != NUM_HIST_BINS:
+        raise TableSpecError(f"must have {NUM_HIST_BINS} bins, got {len(value)}", source=source, table=table,
+                             field_name="reuse_hist")
+    bins = [_number(v, source, table, "reuse_hist") for v in value]
+    if any(b < 0 for b in bins):
+        raise TableSpecError("fractions must be >= 0", source=source, table=table, field_name="reuse_hist")
+    total = sum(bins)
+    if abs(total - 1.0) > _HIST_TOLERANCE:
+        raise TableSpecError(f"fractions must sum to 1, got {total:.4f}", source=source, table=table,
+                             field_name="reuse_hist")
+    if abs(total - 1.0) <= 1e-9:
+        return tuple(bins)  # already normalised: keep exact values so files round-trip
+    return tuple(b / total for b in bins)
