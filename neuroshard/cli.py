@@ -1,0 +1,238 @@
+"""``neuroshard`` command line: parses, calls the library, prints. No logic of its own.
+
+Exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input (a table
+config, plan file, option or argument); 3 no plan fits the memory caps; 4 a model file is
+unreadable or does not match the request; 5 a hardware backend cannot run here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuroshard.types import (
+    BackendError,
+    Cluster,
+    ModelFileError,
+    ModelMismatchError,
+    NeuroShardError,
+    Plan,
+    PlanCost,
+    PlanInfeasibleError,
+)
+
+EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Embedding-table sharding with pre-trained neural cost models.")
+out = Console()
+err = Console(stderr=True)
+
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
+          "gb": 1 << 30, "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """'4GB' -> 4 GiB in bytes (GB and GiB both mean 2**30, as in TorchRec); plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise typer.BadParameter(f"{text!r} is not a memory size like 4GB, 512MiB or 1073741824")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not 0 < value < 1 << 60:
+        raise typer.BadParameter(f"{text!r} is out of range")
+    return int(value)
+
+
+def parse_memory_list(text: str, num_devices: int) -> tuple[int, ...]:
+    parts = [p for p in text.split(",") if p.strip()]
+    caps = tuple(parse_memory(p) for p in parts)
+    if len(caps) == 1:
+        return caps * num_devices
+    if len(caps) != num_devices:
+        raise typer.BadParameter(f"--memory lists {len(caps)} caps for {num_devices} devices")
+    return caps
+
+
+def _exit_code(e: NeuroShardError) -> int:
+    if isinstance(e, PlanInfeasibleError):
+        return EXIT_INFEASIBLE
+    if isinstance(e, (ModelFileError, ModelMismatchError)):
+        return EXIT_MODEL
+    if isinstance(e, BackendError):
+        return EXIT_BACKEND
+    return EXIT_INPUT
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One line on stderr and a documented exit code instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NeuroShardError as e:
+            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(_exit_code(e)) from None
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug, not bad input: still one line, with a way to see more
+            logging.getLogger("neuroshard").debug("internal error", exc_info=True)
+            err.print(f"internal error: {type(e).__name__}: {e} (rerun with NEUROSHARD_DEBUG=1 for details)",
+                      markup=False, highlight=False, soft_wrap=True)
+            if _debug():
+                raise
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("NEUROSHARD_DEBUG", "") not in ("", "0")
+
+
+def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
+    table = Table(title=title)
+    for column in ("device", "compute ms", "fwd comm ms", "bwd comm ms", "total ms", "memory GiB",
+                   "cap GiB", "shards"):
+        table.add_column(column, justify="right")
+    shards_per_device = [0] * plan.cluster.num_devices
+    for s in plan.shards:
+        shards_per_device[s.device] += 1
+    worst = max(range(len(cost.devices)), key=lambda i: cost.devices[i].total_ms)
+    for i, d in enumerate(cost.devices):
+        style = "bold" if i == worst else None
+        table.add_row(str(i), f"{d.compute_ms:.3f}", f"{d.fwd_comm_ms:.3f}", f"{d.bwd_comm_ms:.3f}",
+                      f"{d.total_ms:.3f}", f"{d.memory_bytes / (1 << 30):.2f}",
+                      f"{plan.cluster.memory_per_device_bytes[i] / (1 << 30):.2f}",
+                      str(shards_per_device[i]), style=style)
+    out.print(table)
+    out.print(f"plan cost (max over devices): [bold]{cost.max_ms:.3f} ms[/bold] by {cost.model}")
+
+
+@app.command()
+@handles_errors
+def plan(
+    tables: Path = typer.Argument(..., help="Table config: JSON, CSV or YAML."),
+    devices: int = typer.Option(..., "--devices", "-n", min=1, max=4096, help="Number of devices."),
+    memory: str = typer.Option(..., "--memory", "-m",
+                               help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB."),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1, help="Global batch size."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped model)."),
+    searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, random, dim, size, lookup, size-lookup."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan JSON here."),
+    force: bool = typer.Option(False, "--force", help="Use a model even if its batch size does not match."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
+) -> None:
+    """Plan TABLES on DEVICES devices.
+
+    Example: neuroshard plan data/examples/tables.json --devices 4 --memory 4GB --out plan.json
+    """
+    from neuroshard.costmodel import load_cost_model
+    from neuroshard.plan_io import plan_to_dict, write_plan
+    from neuroshard.planner import default_model_dir, plan_tables
+    from neuroshard.tables import load_tables
+
+    specs = load_tables(tables)
+    cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
+    model_dir = model or default_model_dir(devices)
+    estimator = load_cost_model(model_dir, batch_size=None if force else batch_size)
+    result = plan_tables(specs, cluster, estimator, searcher, seed=seed)
+    if out_path:
+        write_plan(result, out_path)
+    if as_json:
+        out.print_json(json.dumps(plan_to_dict(result)))
+        return
+    assert result.cost is not None
+    print_cost_table(result, result.cost,
+                     f"{len(specs)} tables on {devices} devices ({searcher}, "
+                     f"{result.meta.get('search_seconds', 0):.2f} s)")
+    if out_path:
+        out.print(f"plan written to {out_path}")
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v1)."),
+    backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
+    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Score with this model instead of a backend."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The plan's cost on a backend (or under a model), per device.
+
+    Example: neuroshard evaluate plan.json --backend sim --profile h100
+    """
+    from neuroshard.backends import as_estimator, get_backend
+    from neuroshard.costmodel import load_cost_model
+    from neuroshard.plan_io import cost_to_dict, read_plan
+    from neuroshard.planner import evaluate_plan
+
+    result = read_plan(plan_path)
+    if model is not None:
+        estimator = load_cost_model(model, batch_size=result.cluster.batch_size)
+    else:
+        kwargs: dict[str, Any] = {"batch_size": result.cluster.batch_size}
+        if backend == "sim":
+            kwargs["profile"] = profile
+        estimator = as_estimator(get_backend(backend, **kwargs))
+    cost = evaluate_plan(result, estimator)
+    if as_json:
+        out.print_json(json.dumps(cost_to_dict(cost)))
+        return
+    print_cost_table(result, cost, f"{plan_path} on {estimator.name}")
+
+
+@app.command()
+@handles_errors
+def pretrain(
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (data/ and model/ inside)."),
+    backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
+    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
+    noise: float = typer.Option(0.03, "--noise", min=0.0, max=1.0, help="Sim noise (lognormal sigma)."),
+    devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of the comm samples."),
+    compute_samples: int = typer.Option(20_000, "--compute-samples", min=10),
+    comm_samples: int = typer.Option(8_000, "--comm-samples", min=10),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Augment the table pool, measure samples on a backend, train the cost models.
+
+    Example: neuroshard pretrain --backend sim --profile h100 --devices 4 --out runs/h100-d4
+    """
+    from neuroshard.pretrain.pipeline import pretrain as run_pretrain
+
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if backend == "sim":
+        kwargs.update(profile=profile, noise=noise, seed=seed)
+    model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
+                             compute_samples=compute_samples, comm_samples=comm_samples, seed=seed)
+    out.print(f"model written to {model_dir}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.DEBUG if _debug() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

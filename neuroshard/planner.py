@@ -1,0 +1,113 @@
+"""The library entry points: plan tables, evaluate a plan, find the shipped models.
+
+``Planner(cost_model=None, searcher=None)`` falls back to the shipped pre-trained model
+for the cluster's device count and to the ``neuroshard`` searcher (beam + greedy grid).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from neuroshard.types import (
+    Cluster,
+    CostEstimator,
+    ModelFileError,
+    Plan,
+    PlanCost,
+    PlanInfeasibleError,
+    TableSpec,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEARCHER = "neuroshard"
+
+
+def shipped_models() -> dict[str, Path]:
+    """Model directories shipped in ``neuroshard.data/models``, by name."""
+    root = resources.files("neuroshard.data") / "models"
+    found = {}
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry / "meta.json").is_file():
+            found[entry.name] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def default_model_dir(num_devices: int, backend: str = "sim") -> Path:
+    """The shipped model trained on ``backend`` with the device count nearest ``num_devices``."""
+    from neuroshard.costmodel import read_meta
+
+    candidates = []
+    for name, path in shipped_models().items():
+        meta = read_meta(path)
+        if meta.get("backend") == backend:
+            candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
+    if not candidates:
+        raise ModelFileError(f"no shipped model for backend {backend!r}; pass --model DIR")
+    return min(candidates)[2]
+
+
+def default_estimator(num_devices: int, batch_size: int | None = None, backend: str = "sim") -> CostEstimator:
+    from neuroshard.costmodel import load_cost_model
+
+    return load_cost_model(default_model_dir(num_devices, backend), batch_size=batch_size)
+
+
+def check_fits(tables: Sequence[TableSpec], cluster: Cluster) -> None:
+    """Fail fast, naming the culprits, when no plan can exist at all."""
+    largest_device = max(cluster.memory_per_device_bytes)
+    # Column-wise splitting can spread a table over devices, but each shard is >= 4 columns.
+    for t in tables:
+        narrowest = t.column_bytes(4)
+        if narrowest > largest_device:
+            raise PlanInfeasibleError(
+                f"table {t.name!r} needs {t.size_bytes} bytes and even a 4-column shard "
+                f"({narrowest} bytes) exceeds the largest device ({largest_device} bytes)")
+    total = sum(t.size_bytes for t in tables)
+    if total > cluster.total_memory_bytes:
+        biggest = sorted(tables, key=lambda t: -t.size_bytes)[:3]
+        raise PlanInfeasibleError(
+            f"tables need {total} bytes in total but the {cluster.num_devices} devices have "
+            f"{cluster.total_memory_bytes} bytes (largest: "
+            + ", ".join(f"{t.name!r} {t.size_bytes}" for t in biggest) + ")")
+
+
+def plan_tables(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator | None = None,
+                searcher: str = DEFAULT_SEARCHER, *, seed: int = 0) -> Plan:
+    """Plan ``tables`` on ``cluster``: the one call behind ``neuroshard plan`` and the planners."""
+    from neuroshard.search import get_searcher
+
+    check_fits(tables, cluster)
+    estimator = estimator or default_estimator(cluster.num_devices, cluster.batch_size)
+    search = get_searcher(searcher)
+    start = time.perf_counter()
+    plan = search(list(tables), cluster, estimator, seed=seed)
+    seconds = time.perf_counter() - start
+    log.info("searcher %s planned %d tables on %d devices in %.3f s", searcher, len(tables),
+             cluster.num_devices, seconds)
+    meta: dict[str, Any] = {**plan.meta, "searcher": searcher, "search_seconds": round(seconds, 4)}
+    return Plan(plan.tables, plan.shards, plan.cluster, plan.cost, meta)
+
+
+def evaluate_plan(plan: Plan, estimator: CostEstimator) -> PlanCost:
+    """The plan's per-device cost under ``estimator`` (a backend or a model)."""
+    from neuroshard.search.scoring import plan_cost
+
+    return plan_cost(plan, estimator)
+
+
+class Planner:
+    """Constructor-injected planner: ``Planner().plan(tables, cluster)``."""
+
+    def __init__(self, cost_model: CostEstimator | None = None, searcher: str = DEFAULT_SEARCHER,
+                 seed: int = 0):
+        self.cost_model = cost_model
+        self.searcher = searcher
+        self.seed = seed
+
+    def plan(self, tables: Sequence[TableSpec], cluster: Cluster) -> Plan:
+        return plan_tables(tables, cluster, self.cost_model, self.searcher, seed=self.seed)
