@@ -1,0 +1,116 @@
+import pytest
+
+from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.search.beam import beam_search, expand, halve, initial_state
+from neuroshard.search.greedy import greedy_grid
+from neuroshard.search.scoring import Scorer, plan_cost
+from neuroshard.types import PlanInfeasibleError
+
+
+def covers_exactly(plan):
+    for t in plan.tables:
+        shards = plan.shards_of(t.name)
+        assert shards[0].start == 0 and shards[-1].end == t.dim
+        assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
+        assert all(s.width % 4 == 0 and s.width >= 4 for s in shards)
+
+
+def hot_tables():
+    """One table doing most of the work: worth splitting across devices."""
+    return [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [
+        make_table(f"t{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(7)]
+
+
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_width_one_without_splits_equals_greedy_grid(num_devices):
+    tables, cluster = make_tables(30, seed=6), make_cluster(num_devices)
+    beam = beam_search(tables, cluster, FakeEstimator(), width=1, max_splits=0)
+    grid = greedy_grid(tables, cluster, FakeEstimator())
+    assert beam == grid  # shards, tables, cluster and cost; meta is not compared
+    assert beam.meta["splits"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_beam_is_never_worse_than_greedy_grid(seed, num_devices):
+    tables, cluster = make_tables(20, seed=seed), make_cluster(num_devices)
+    beam = beam_search(tables, cluster, FakeEstimator(), max_splits=4)
+    grid = greedy_grid(tables, cluster, FakeEstimator())
+    assert beam.cost.max_ms <= grid.cost.max_ms * (1 + 1e-12)
+
+
+def test_beam_splits_a_hot_table_and_beats_the_grid():
+    tables, cluster = hot_tables(), make_cluster(4)
+    beam = beam_search(tables, cluster, FakeEstimator())
+    grid = greedy_grid(tables, cluster, FakeEstimator())
+    covers_exactly(beam)
+    assert len(beam.shards_of("hot")) > 1
+    assert beam.meta["splits"] > 0
+    assert beam.cost.max_ms < 0.9 * grid.cost.max_ms
+    assert beam.cost == plan_cost(beam, FakeEstimator())
+
+
+def test_beam_splits_stay_multiples_of_four_and_cover_columns():
+    tables = [make_table("a", dim=24, pooling_factor=80.0), make_table("b", dim=8),
+              make_table("c", dim=12, pooling_factor=50.0)]
+    plan = beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10)
+    covers_exactly(plan)
+
+
+def test_max_splits_bounds_the_number_of_splits():
+    plan = beam_search(hot_tables(), make_cluster(8), FakeEstimator(), max_splits=2)
+    assert plan.meta["splits"] <= 2
+
+
+def test_table_larger_than_any_device_is_split_to_fit():
+    rows = int(1.6 * GB) // (128 * 4)  # 1.6 GiB at dim 128: halves are 0.8 GiB
+    tables = [make_table("big", rows=rows, dim=128), make_table("small")]
+    cluster = make_cluster(4, memory_gb=1)
+    with pytest.raises(PlanInfeasibleError, match="'big'"):
+        greedy_grid(tables, cluster, FakeEstimator())
+    plan = beam_search(tables, cluster, FakeEstimator(), max_splits=0)
+    covers_exactly(plan)
+    assert [s.width for s in plan.shards_of("big")] == [64, 64]
+    assert max(plan.memory_bytes()) <= 1 * GB
+
+
+def test_table_that_cannot_be_split_to_fit_is_named():
+    rows = int(1.5 * GB) // (8 * 4)  # even 4 columns take 0.75 GiB > 0.5 GiB
+    tables = [make_table("wide", rows=rows, dim=8), make_table("small")]
+    with pytest.raises(PlanInfeasibleError, match="'wide'.*width 4"):
+        beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator())
+
+
+def test_beam_is_deterministic():
+    tables, cluster = make_tables(15, seed=9), make_cluster(4)
+    a = beam_search(tables, cluster, FakeEstimator(), max_splits=3)
+    b = beam_search(tables, cluster, FakeEstimator(), max_splits=3, seed=7)
+    assert a == b
+
+
+def test_halve_splits_the_widest_shard_in_multiples_of_four():
+    assert halve((64,)) == (32, 32)
+    assert halve((32, 16, 16)) == (16, 16, 16, 16)
+    assert halve((8, 4)) == (4, 4, 4)
+    assert halve((4, 4)) is None  # half would be 2
+    assert halve((12,)) is None  # half 6 is not a multiple of 4
+    assert halve((24, 8)) == (12, 12, 8)
+
+
+def test_expand_takes_largest_and_costliest_tables():
+    # 12 tables: the 10 largest (by rows) and the 10 costliest (by pooling) differ.
+    tables = [make_table(f"t{i}", rows=1000 * (i + 1), dim=64, pooling_factor=100.0 * 0.5**i)
+              for i in range(12)]
+    state = initial_state(tables, make_cluster(4))
+    children = expand(state, tables, Scorer(FakeEstimator()), top_k=2)
+    split = sorted(next(i for i, (c, s) in enumerate(zip(child, state)) if c != s)
+                   for child in children)
+    assert split == [0, 1, 10, 11]  # costliest: t0, t1 (pooling); largest: t11, t10 (rows)
+    assert all(child[i] == (32, 32) for child, i in zip(children, split))
+
+
+def test_expand_skips_tables_that_cannot_be_halved():
+    tables = [make_table("a", dim=4), make_table("b", dim=12), make_table("c", dim=16)]
+    state = initial_state(tables, make_cluster(2))
+    children = expand(state, tables, Scorer(FakeEstimator()))
+    assert children == [((4,), (12,), (8, 8))]

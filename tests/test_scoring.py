@@ -1,0 +1,132 @@
+import time
+
+import numpy as np
+import pytest
+
+from factories import FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.search.scoring import EMPTY_LOAD, Scorer, finish_plan, plan_cost
+from neuroshard.types import Plan, Shard
+
+
+class LinearEstimator:
+    """Costs simple enough to work out by hand; records what it was asked."""
+
+    name = "linear"
+    batch_size = 65_536
+
+    def __init__(self):
+        self.loads = []
+
+    def compute_ms(self, loads):
+        self.loads.append([[t.dim for t in load] for load in loads])
+        return np.array([0.1 * sum(t.dim for t in load) for load in loads])
+
+    def bwd_comm_ms(self, dim_sums):
+        return 0.01 * np.asarray(dim_sums, dtype=float)
+
+    def fwd_comm_ms(self, dim_sums, waits_ms):
+        return 0.02 * np.asarray(dim_sums, dtype=float) + np.asarray(waits_ms)
+
+
+def test_plan_cost_matches_hand_computation_on_two_devices():
+    a, b = make_table("a", rows=10, dim=8), make_table("b", rows=10, dim=4)
+    plan = Plan((a, b), (Shard("a", 0, 4, 0), Shard("a", 4, 8, 1), Shard("b", 0, 4, 0)),
+                make_cluster(2))
+    cost = plan_cost(plan, LinearEstimator())
+    # compute 0.1 * widths: 0.8, 0.4; bwd 0.01 * dim sums (8, 4): 0.08, 0.04;
+    # waits (0.88, 0.44) - 0.44 = 0.44, 0; fwd 0.02 * dims + waits: 0.60, 0.08.
+    dev0, dev1 = cost.devices
+    assert cost.model == "linear"
+    assert (dev0.compute_ms, dev1.compute_ms) == pytest.approx((0.8, 0.4))
+    assert (dev0.bwd_comm_ms, dev1.bwd_comm_ms) == pytest.approx((0.08, 0.04))
+    assert (dev0.fwd_comm_ms, dev1.fwd_comm_ms) == pytest.approx((0.60, 0.08))
+    assert (dev0.memory_bytes, dev1.memory_bytes) == (320, 160)
+    assert cost.max_ms == pytest.approx(1.48)
+
+
+def test_plan_cost_makes_one_compute_call_and_skips_empty_devices():
+    est = LinearEstimator()
+    a = make_table("a", dim=8)
+    plan = Plan((a,), (Shard("a", 0, 8, 2),), make_cluster(4))
+    cost = plan_cost(plan, est)
+    assert est.loads == [[[8]]]  # one call, only the busy device
+    assert [d.compute_ms for d in cost.devices] == pytest.approx([0, 0, 0.8, 0])
+
+
+def random_plans(tables, cluster, n, seed=0):
+    rng = np.random.default_rng(seed)
+    plans = []
+    for _ in range(n):
+        shards = []
+        for t in tables:
+            cut = int(rng.integers(0, t.dim // 4)) * 4  # 0 means table-wise
+            ranges = [(0, t.dim)] if cut == 0 else [(0, cut), (cut, t.dim)]
+            shards += [Shard(t.name, s, e, int(rng.integers(cluster.num_devices)))
+                       for s, e in ranges]
+        plans.append(Plan(tuple(tables), tuple(shards), cluster))
+    return plans
+
+
+def assignment(plan, scorer):
+    by_name = {t.name: t for t in plan.tables}
+    return [scorer.key(by_name[s.table].with_dim(s.width) for s in plan.shards if s.device == d)
+            for d in range(plan.cluster.num_devices)]
+
+
+def test_scorer_equals_plan_cost_with_one_compute_call_per_batch():
+    tables, cluster = make_tables(12, seed=3), make_cluster(4)
+    plans = random_plans(tables, cluster, 20)
+    est = FakeEstimator()
+    scorer = Scorer(est)
+    batch = [assignment(p, scorer) for p in plans]
+
+    calls = est.compute_calls
+    scores = scorer.score(batch)
+    assert est.compute_calls == calls + 1
+    expected = [plan_cost(p, FakeEstimator()) for p in plans]
+    assert scores == pytest.approx([c.max_ms for c in expected], rel=1e-12)
+
+    compute, bwd, fwd = scorer.device_costs(batch)
+    assert compute == pytest.approx(np.array([[d.compute_ms for d in c.devices]
+                                              for c in expected]), rel=1e-12)
+    assert fwd == pytest.approx(np.array([[d.fwd_comm_ms for d in c.devices]
+                                          for c in expected]), rel=1e-12)
+    assert bwd == pytest.approx(np.array([[d.bwd_comm_ms for d in c.devices]
+                                          for c in expected]), rel=1e-12)
+
+
+def test_scorer_caches_compute_by_load():
+    est = LinearEstimator()
+    scorer = Scorer(est)
+    a, b = make_table("a", dim=8), make_table("b", dim=4)
+    ka, kab = scorer.key([a]), scorer.key([a, b])
+    scorer.compute([ka, kab, ka])
+    assert est.loads == [[[8], [8, 4]]]  # deduplicated within the batch
+    scorer.compute([kab, ka, EMPTY_LOAD])
+    assert len(est.loads) == 1  # all cached (the empty load is 0 without asking)
+    out = scorer.compute([kab, scorer.key([b])])
+    assert est.loads[1:] == [[[4]]]  # only the new load is computed
+    assert out == pytest.approx([1.2, 0.4])
+    assert scorer.compute_calls == 2 and scorer.loads_computed == 3
+
+
+def test_load_keys_are_multisets_of_shards():
+    scorer = Scorer(LinearEstimator())
+    a, b = make_table("a", dim=8), make_table("b", dim=8)
+    a4 = a.with_dim(4)
+    assert scorer.key([a, b]) == scorer.key([b, a])
+    assert scorer.key([a4, a4]) != scorer.key([a4])
+    assert scorer.key([a4]) != scorer.key([a])
+    built = Scorer.add(Scorer.add(EMPTY_LOAD, scorer.item(b)), scorer.item(a))
+    assert built == scorer.key([a, b])
+    assert scorer.dim_sum(scorer.key([a4, a4, b])) == 16
+
+
+def test_finish_plan_attaches_cost_and_meta():
+    a = make_table("a", dim=8)
+    plan = Plan((a,), (Shard("a", 0, 8, 0),), make_cluster(2))
+    done = finish_plan(plan, LinearEstimator(), searcher="x", started=time.perf_counter(),
+                       extra=1)
+    assert done.cost == plan_cost(plan, LinearEstimator())
+    assert done.meta["searcher"] == "x" and done.meta["extra"] == 1
+    assert 0 <= done.meta["search_seconds"] < 60
