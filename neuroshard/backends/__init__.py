@@ -18,6 +18,8 @@ from neuroshard.types import CostEstimator, HardwareBackend, TableSpec, UnknownN
 # name -> "module:factory"
 _REGISTRY: dict[str, str] = {
     "sim": "neuroshard.backends.sim:SimBackend",
+    "cpu": "neuroshard.backends.cpu:CpuBackend",
+    "cuda": "neuroshard.backends.cuda:CudaBackend",
 }
 
 
