@@ -30,6 +30,7 @@ _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
     "size": ("neuroshard.search.baselines:greedy_baseline", {"key": "size"}),
     "lookup": ("neuroshard.search.baselines:greedy_baseline", {"key": "lookup"}),
     "size-lookup": ("neuroshard.search.baselines:greedy_baseline", {"key": "size-lookup"}),
+    "torchrec": ("neuroshard.search.torchrec_baseline:torchrec_plan", {}),
 }
 
 DEFAULT_SEARCHER = "neuroshard"
