@@ -1,0 +1,304 @@
+"""Bad input to the ``neuroshard`` CLI: the documented exit code, one line on stderr, no traceback.
+
+Exit codes (README): 1 internal error, 2 bad input, 3 no plan fits, 4 model file
+unreadable or mismatched, 5 backend cannot run here. Every case runs in-process through
+``typer.testing.CliRunner``; a representative subset also runs as a real subprocess
+(``python -m neuroshard.cli``) so the entry point's own error handling is covered.
+
+``plan`` always loads a cost model before searching, so the cases that reach the search
+(infeasible tables, unknown searcher, model mismatch) pass ``--model``: the first shipped
+model when there is one, else a tiny model fitted here on ``FakeBackend`` data (its
+accuracy is irrelevant to exit codes); they skip only if neither can be had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner
+
+from factories import GB, make_table
+from neuroshard.cli import app
+from neuroshard.plan_io import plan_to_dict, write_plan
+from neuroshard.types import Cluster, Plan, Shard
+
+EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]  # "{name}" placeholders name files made by the `files` fixture
+    code: int
+    needle: str = ""  # must appear in the error line (case-insensitive)
+    needs_model: bool = False
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tiny_model(root):
+    """A small NeuralCostModel on FakeBackend samples, saved under ``root``."""
+    import numpy as np
+
+    from factories import FakeBackend, make_tables
+    from neuroshard.costmodel import NeuralCostModel
+    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
+    from neuroshard.pretrain.collect import collect
+    from neuroshard.pretrain.dataset import load_comm, load_compute
+
+    tables = make_tables(10, seed=5)
+    loads = sample_compute_loads(augment_tables(tables), 60, np.random.default_rng(0))
+    tasks = sample_comm_tasks(tables, 40, np.random.default_rng(1), [2, 4])
+    collect(loads, FakeBackend(), root / "compute", progress=False)
+    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
+    model = NeuralCostModel(max_epochs=2, patience=1, train_batch_size=32, seed=0,
+                            table_hidden=(8,), embed_dim=4, head_hidden=(8,),
+                            comm_encoder=(8,), comm_head=(8,))
+    model.fit(load_compute(root / "compute"), load_comm(root / "comm"))
+    return model.save(root / "model")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from neuroshard.planner import shipped_models
+
+    shipped = shipped_models()
+    if shipped:
+        return next(iter(shipped.values()))
+    try:
+        return _tiny_model(tmp_path_factory.mktemp("cli_model"))
+    except Exception as e:  # noqa: BLE001 -- the pretrain modules are still being finished
+        pytest.skip(f"no shipped model and a tiny one could not be trained here: {e!r}")
+
+
+def _plan() -> Plan:
+    tables = (make_table("t0", rows=1000, dim=8), make_table("t1", rows=2000, dim=16))
+    shards = (Shard("t0", 0, 8, 0), Shard("t1", 0, 8, 0), Shard("t1", 8, 16, 1))
+    return Plan(tables, shards, Cluster.uniform(2, GB))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_inputs")
+    good = [{"name": "t0", "rows": 1000, "dim": 16}, {"name": "t1", "rows": 5000, "dim": 32}]
+    texts = {
+        "tables": json.dumps(good),
+        "malformed": '[{"name": "t0", "rows": 1000, "dim": 16',
+        "bad_dim": json.dumps([{"name": "t0", "rows": 1000, "dim": 6}]),
+        "bad_rows": json.dumps([{"name": "t0", "rows": "many", "dim": 16}]),
+        "nan_rows": '[{"name": "t0", "rows": NaN, "dim": 16}]',
+        "dup_names": json.dumps(good + good[:1]),
+        "empty": "",
+        "binary": "\x00\xff\x00",
+        # 1e9 rows: even a 4-column shard is 16e9 bytes, more than a 1 GB device
+        "huge_table": json.dumps([{"name": "giant", "rows": 10**9, "dim": 4},
+                                  {"name": "t1", "rows": 10, "dim": 4}]),
+        # 8 tables of 512 MiB each on two 1 GB devices: each fits, all together do not
+        "too_many": json.dumps([{"name": f"t{i}", "rows": 1 << 21, "dim": 64} for i in range(8)]),
+    }
+    paths = {}
+    for name, text in texts.items():
+        suffix = ".csv" if name == "binary" else ".json"
+        paths[name] = d / f"{name}{suffix}"
+        paths[name].write_bytes(text.encode("utf-8", "surrogateescape"))
+    paths["tables_csv_bad"] = d / "bad.csv"
+    paths["tables_csv_bad"].write_text("name,rows\nt0,10\n")
+    paths["dir"] = d
+
+    plan = _plan()
+    paths["plan"] = d / "plan.json"
+    write_plan(plan, paths["plan"])
+    doc = plan_to_dict(plan)
+
+    def bad_plan(name, mutate):
+        broken = json.loads(json.dumps(doc))
+        mutate(broken)
+        paths[name] = d / f"{name}.json"
+        paths[name].write_text(json.dumps(broken))
+
+    bad_plan("plan_format", lambda p: p.update(format="neuroshard.plan/v0"))
+    bad_plan("plan_device", lambda p: p["tables"][0]["shards"][0].update(device=7))
+    bad_plan("plan_gap", lambda p: p["tables"][1]["shards"].pop())
+    bad_plan("plan_overlap", lambda p: p["tables"][1]["shards"][1].update(columns=[4, 16]))
+    bad_plan("plan_over_cap", lambda p: p.update(memory_per_device_bytes=[1000, 1000]))
+    bad_plan("plan_no_shards", lambda p: p["tables"][0].pop("shards"))
+    bad_plan("plan_num_devices", lambda p: p.update(num_devices="two"))
+    bad_plan("plan_cost", lambda p: p.update(cost={"model": "x", "devices": [{"compute_ms": 1}]}))
+    bad_plan("plan_table", lambda p: p["tables"][0].update(dim=6))
+    paths["plan_list"] = d / "plan_list.json"
+    paths["plan_list"].write_text("[]")
+    paths["missing"] = d / "missing.json"
+    paths["no_model"] = d / "no_model_here"
+    return {k: str(v) for k, v in paths.items()}
+
+
+# --------------------------------------------------------------------------- cases
+
+PLAN = ("plan", "{tables}", "--devices", "2", "--memory", "4GB")
+PLAN_WITH_MODEL = PLAN + ("--model", "{model}", "--searcher", "greedy-grid")
+
+CASES = [
+    Case("plan: missing file", ("plan", "{missing}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "file not found"),
+    Case("plan: directory", ("plan", "{dir}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "directory"),
+    Case("plan: malformed JSON", ("plan", "{malformed}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "malformed JSON"),
+    Case("plan: bad dim", ("plan", "{bad_dim}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "'dim'"),
+    Case("plan: bad rows", ("plan", "{bad_rows}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "'rows'"),
+    Case("plan: NaN rows", ("plan", "{nan_rows}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "NaN"),
+    Case("plan: duplicate names", ("plan", "{dup_names}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "duplicate"),
+    Case("plan: empty file", ("plan", "{empty}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "empty"),
+    Case("plan: binary csv", ("plan", "{binary}", "-n", "2", "-m", "4GB"), EXIT_INPUT, ""),
+    Case("plan: csv lacks dim", ("plan", "{tables_csv_bad}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "dim"),
+    Case("plan: memory 4XB", PLAN[:-1] + ("4XB",), EXIT_INPUT, "4XB"),
+    Case("plan: memory -1GB", PLAN[:-1] + ("-1GB",), EXIT_INPUT, "-1GB"),
+    Case("plan: memory abc", PLAN[:-1] + ("abc",), EXIT_INPUT, "abc"),
+    Case("plan: memory empty", PLAN[:-1] + ("",), EXIT_INPUT, "memory"),
+    Case("plan: memory 0GB", PLAN[:-1] + ("0GB",), EXIT_INPUT, "0GB"),
+    Case("plan: three caps for two devices", PLAN[:-1] + ("1GB,1GB,1GB",), EXIT_INPUT, "3 caps"),
+    Case("plan: devices 0", ("plan", "{tables}", "--devices", "0", "--memory", "4GB"), EXIT_INPUT, "devices"),
+    Case("plan: devices -3", ("plan", "{tables}", "--devices", "-3", "--memory", "4GB"), EXIT_INPUT, "devices"),
+    Case("plan: devices abc", ("plan", "{tables}", "--devices", "abc", "--memory", "4GB"), EXIT_INPUT, "devices"),
+    Case("plan: no --memory", ("plan", "{tables}", "--devices", "2"), EXIT_INPUT, "memory"),
+    Case("plan: batch size 0", PLAN + ("--batch-size", "0"), EXIT_INPUT, "batch-size"),
+    Case("plan: model dir missing", PLAN + ("--model", "{no_model}"), EXIT_MODEL, "meta.json"),
+    Case("plan: unknown searcher", PLAN + ("--model", "{model}", "--searcher", "astrology"), EXIT_INPUT,
+         "astrology", needs_model=True),
+    Case("plan: table larger than any device",
+         ("plan", "{huge_table}", "-n", "2", "-m", "1GB", "--model", "{model}", "--searcher", "greedy-grid"),
+         EXIT_INFEASIBLE, "giant", needs_model=True),
+    Case("plan: tables do not fit in total",
+         ("plan", "{too_many}", "-n", "2", "-m", "1GB", "--model", "{model}", "--searcher", "greedy-grid"),
+         EXIT_INFEASIBLE, "bytes", needs_model=True),
+    Case("plan: model batch size mismatch", PLAN_WITH_MODEL + ("--batch-size", "1024"), EXIT_MODEL,
+         "batch size", needs_model=True),
+    Case("evaluate: missing plan", ("evaluate", "{missing}"), EXIT_INPUT, "file not found"),
+    Case("evaluate: malformed JSON", ("evaluate", "{malformed}"), EXIT_INPUT, "malformed JSON"),
+    Case("evaluate: table config, not a plan", ("evaluate", "{tables}"), EXIT_INPUT, "JSON object"),
+    Case("evaluate: empty list", ("evaluate", "{plan_list}"), EXIT_INPUT, ""),
+    Case("evaluate: binary", ("evaluate", "{binary}"), EXIT_INPUT, ""),
+    Case("evaluate: wrong format", ("evaluate", "{plan_format}"), EXIT_INPUT, "format"),
+    Case("evaluate: device out of range", ("evaluate", "{plan_device}"), EXIT_INPUT, "out of range"),
+    Case("evaluate: columns uncovered", ("evaluate", "{plan_gap}"), EXIT_INPUT, "t1"),
+    Case("evaluate: columns covered twice", ("evaluate", "{plan_overlap}"), EXIT_INPUT, "covered twice"),
+    Case("evaluate: over memory cap", ("evaluate", "{plan_over_cap}"), EXIT_INPUT, "exceeds cap"),
+    Case("evaluate: no shards", ("evaluate", "{plan_no_shards}"), EXIT_INPUT, "shards"),
+    Case("evaluate: num_devices a string", ("evaluate", "{plan_num_devices}"), EXIT_INPUT, "num_devices"),
+    Case("evaluate: malformed cost", ("evaluate", "{plan_cost}"), EXIT_INPUT, "cost"),
+    Case("evaluate: bad table in plan", ("evaluate", "{plan_table}"), EXIT_INPUT, "dim"),
+    Case("evaluate: unknown backend", ("evaluate", "{plan}", "--backend", "abacus"), EXIT_INPUT, "abacus"),
+    Case("evaluate: unknown sim profile", ("evaluate", "{plan}", "--profile", "z80"), EXIT_INPUT, "z80"),
+    Case("evaluate: model dir missing", ("evaluate", "{plan}", "--model", "{no_model}"), EXIT_MODEL, "meta.json"),
+    Case("pretrain: unknown backend", ("pretrain", "--out", "{dir}/pt", "--backend", "abacus"), EXIT_INPUT, "abacus"),
+    Case("unknown command", ("shard-everything",), EXIT_INPUT, "shard-everything"),
+]
+
+# Known CLI bugs (neuroshard/cli.py is not ours to fix): the tests say what should happen.
+BAD_MEMORY_BUG = pytest.mark.xfail(strict=True, reason=(
+    "cli.parse_memory raises typer.BadParameter inside the command body, where "
+    "handles_errors reports it as 'internal error: BadParameter ...' with exit 1, not 2"))
+USAGE_BUG = pytest.mark.xfail(strict=True, reason=(
+    "click/typer usage errors exit 2 but print a 'Usage:' line, a 'Try --help' line and a "
+    "boxed rich panel: several lines on stderr, not one"))
+KNOWN_BUGS = {
+    "plan: memory 4XB": BAD_MEMORY_BUG, "plan: memory -1GB": BAD_MEMORY_BUG,
+    "plan: memory abc": BAD_MEMORY_BUG, "plan: memory empty": BAD_MEMORY_BUG,
+    "plan: memory 0GB": BAD_MEMORY_BUG, "plan: three caps for two devices": BAD_MEMORY_BUG,
+    "plan: devices 0": USAGE_BUG, "plan: devices -3": USAGE_BUG, "plan: devices abc": USAGE_BUG,
+    "plan: no --memory": USAGE_BUG, "plan: batch size 0": USAGE_BUG, "unknown command": USAGE_BUG,
+}
+
+
+def _params(cases):
+    return [pytest.param(c, id=c.id, marks=[KNOWN_BUGS[c.id]] if c.id in KNOWN_BUGS else [])
+            for c in cases]
+
+
+def _argv(case: Case, files, model_dir=None) -> list[str]:
+    return [a.format(**files, model=model_dir) for a in case.args]
+
+
+def assert_clean_failure(case: Case, code: int, stdout: str, stderr: str) -> None:
+    assert "Traceback" not in stdout + stderr, f"traceback shown:\n{stdout}{stderr}"
+    assert code == case.code, f"exit {code}, documented {case.code}; stderr:\n{stderr}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    assert case.needle.lower() in lines[0].lower(), f"{case.needle!r} not in {lines[0]!r}"
+
+
+def _model_for(case: Case, request):
+    return request.getfixturevalue("model_dir") if case.needs_model else None
+
+
+@pytest.fixture()
+def runner(monkeypatch, caplog):
+    # No INFO records during invoke: pytest's live logging (--log-cli-level) would swap
+    # sys.stdout under CliRunner, whose captured stream then closes.
+    caplog.set_level(logging.WARNING, logger="neuroshard")
+    monkeypatch.delenv("NEUROSHARD_DEBUG", raising=False)
+    monkeypatch.setenv("COLUMNS", "100")
+    return CliRunner()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_bad_input_in_process(case, files, runner, request):
+    result = runner.invoke(app, _argv(case, files, _model_for(case, request)))
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{type(result.exception).__name__} escaped: {result.exception}")
+    assert_clean_failure(case, result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in KNOWN_BUGS], ids=lambda c: c.id)
+def test_known_bugs_still_fail_without_traceback(case, files, runner):
+    """What holds even for the xfailed cases: a non-zero exit and no traceback."""
+    result = runner.invoke(app, _argv(case, files))
+    assert result.exit_code in (EXIT_INTERNAL, EXIT_INPUT)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+SUBPROCESS_CASES = [c for c in CASES if c.id in {
+    "plan: missing file", "plan: bad dim", "plan: memory 4XB", "plan: devices 0",
+    "plan: table larger than any device", "evaluate: columns covered twice",
+    "evaluate: unknown backend",
+}]
+
+
+@pytest.mark.parametrize("case", _params(SUBPROCESS_CASES))
+def test_bad_input_in_a_real_process(case, files, request, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NEUROSHARD_DEBUG"}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="100")
+    done = subprocess.run([sys.executable, "-m", "neuroshard.cli", *_argv(case, files, _model_for(case, request))],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert_clean_failure(case, done.returncode, done.stdout, done.stderr)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be here")
+def test_cuda_backend_without_a_gpu_exits_5(files, runner):
+    case = Case("evaluate: cuda here", ("evaluate", "{plan}", "--backend", "cuda"), EXIT_BACKEND, "cuda")
+    result = runner.invoke(app, _argv(case, files))
+    assert_clean_failure(case, result.exit_code, result.stdout, result.stderr)
+
+
+def test_infeasible_message_names_table_and_bytes(files, runner, model_dir):
+    argv = ["plan", files["huge_table"], "-n", "2", "-m", "1GB", "--model", str(model_dir)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == EXIT_INFEASIBLE
+    assert "'giant'" in result.stderr and "bytes" in result.stderr
+
+
+def test_the_model_used_here_can_plan(files, runner, model_dir, tmp_path):
+    """Guards the cases above: with good input the same command line succeeds."""
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, [*_argv(Case("ok", PLAN_WITH_MODEL, 0), files, model_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text())["format"] == "neuroshard.plan/v1"

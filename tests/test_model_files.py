@@ -1,0 +1,369 @@
+"""Damaged, tampered and mismatched model directories.
+
+A truncated, corrupted or malicious checkpoint must give ModelFileError and run nothing
+(checkpoints load with ``weights_only=True``); a model trained for another batch size,
+backend or feature schema must give ModelMismatchError. Each case is tried twice where
+it matters: with the checksums in ``meta.json`` (which catch any change to the files) and
+with an attacker who also rewrote those checksums or deleted them, so the checkpoint
+reader itself is what has to refuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+
+from factories import FakeBackend, make_tables
+from neuroshard.costmodel import (COMM_FILE, COMPUTE_FILE, META_FILE, NeuralCostModel,
+                                  load_cost_model)
+from neuroshard.types import ModelFileError, ModelMismatchError
+
+CHECKPOINTS = (COMPUTE_FILE, COMM_FILE)
+CHECKSUMS = ("kept", "rewritten", "deleted")  # what the tamperer did to meta.json "files"
+
+
+def _tiny_model(root):
+    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
+    from neuroshard.pretrain.collect import collect
+    from neuroshard.pretrain.dataset import load_comm, load_compute
+
+    tables = make_tables(10, seed=5)
+    loads = sample_compute_loads(augment_tables(tables), 60, np.random.default_rng(0))
+    tasks = sample_comm_tasks(tables, 40, np.random.default_rng(1), [2, 4])
+    collect(loads, FakeBackend(), root / "compute", progress=False)
+    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
+    model = NeuralCostModel(max_epochs=2, patience=1, train_batch_size=32, seed=0,
+                            table_hidden=(8,), embed_dim=4, head_hidden=(8,),
+                            comm_encoder=(8,), comm_head=(8,))
+    model.fit(load_compute(root / "compute"), load_comm(root / "comm"))
+    return model.save(root / "model")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny neural model fitted on FakeBackend data, else a shipped neural model."""
+    try:
+        return _tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    except Exception as e:  # noqa: BLE001 -- pretrain is being finished by others
+        from neuroshard.costmodel import read_meta
+        from neuroshard.planner import shipped_models
+
+        for path in shipped_models().values():
+            if read_meta(path).get("kind") == "neural":
+                return path
+        pytest.skip(f"cannot fit a tiny model ({e!r}) and no neural model is shipped")
+
+
+@pytest.fixture()
+def model_copy(model_dir, tmp_path):
+    return shutil.copytree(model_dir, tmp_path / "model")
+
+
+def _meta(d):
+    return json.loads((d / META_FILE).read_text())
+
+
+def _write_meta(d, meta):
+    (d / META_FILE).write_text(json.dumps(meta))
+
+
+def _checksums(d, how):
+    """Make meta.json's checksums ``how``: kept as trained, rewritten to match, or deleted."""
+    meta = _meta(d)
+    if how == "rewritten":
+        meta["files"] = {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in CHECKPOINTS}
+    elif how == "deleted":
+        meta.pop("files", None)
+    _write_meta(d, meta)
+
+
+def _expect_file_error(d, name, **kwargs):
+    with pytest.raises(ModelFileError) as err:
+        load_cost_model(d, **kwargs)
+    assert name in str(err.value), f"{name} not named in: {err.value}"
+
+
+def test_the_intact_copy_loads(model_copy):
+    model = load_cost_model(model_copy, batch_size=65_536)
+    assert np.all(np.isfinite(model.compute_ms([make_tables(3)])))
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+DAMAGE = {
+    "cut in half": lambda blob: blob[: len(blob) // 2],
+    "empty": lambda blob: b"",
+    "random bytes": lambda blob: np.random.default_rng(0).bytes(len(blob)),
+    "zeroed": lambda blob: bytes(len(blob)),
+    "one byte": lambda blob: blob[:1],
+    "garbage appended": lambda blob: blob + b"\x00garbage" * 64,
+    "head swapped": lambda blob: blob[len(blob) // 2:] + blob[: len(blob) // 2],
+}
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_damaged_checkpoint(model_copy, name, damage, checksums):
+    path = model_copy / name
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    _checksums(model_copy, checksums)
+    if damage == "garbage appended" and checksums != "kept":
+        # a zip archive with trailing bytes is still a readable archive; only the checksum
+        # can tell, so without it this one may load. It must still never crash.
+        try:
+            load_cost_model(model_copy)
+        except ModelFileError as e:
+            assert name in str(e)
+        return
+    _expect_file_error(model_copy, name)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_one_flipped_byte_is_caught_by_the_checksum(model_copy, name):
+    path = model_copy / name
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) * 3 // 4] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    _expect_file_error(model_copy, name)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_missing_or_not_a_file(model_copy, name):
+    (model_copy / name).unlink()
+    _expect_file_error(model_copy, name)
+    (model_copy / name).mkdir()
+    _expect_file_error(model_copy, name)
+
+
+@pytest.mark.parametrize("checksums", ("rewritten", "deleted"))
+def test_checkpoints_swapped(model_copy, checksums):
+    a, b = model_copy / COMPUTE_FILE, model_copy / COMM_FILE
+    blob_a, blob_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(blob_b)
+    b.write_bytes(blob_a)
+    _checksums(model_copy, checksums)
+    _expect_file_error(model_copy, COMPUTE_FILE)
+
+
+def _state_variants():
+    import torch
+
+    return {
+        "wrong shapes": lambda sd: {k: torch.zeros(3, 3) for k in sd},
+        "missing keys": lambda sd: dict(list(sd.items())[:1]),
+        # comm.pt holds both comm nets under "fwd." / "bwd."; an extra key must land in one
+        "extra keys": lambda sd: {**sd, next(iter(sd)).split(".")[0] + ".intruder": torch.zeros(2)},
+        "not tensors": lambda sd: {k: [1.0, 2.0] for k in sd},
+        "not a dict": lambda sd: [1, 2, 3],
+        "a bare tensor": lambda sd: torch.zeros(4),
+    }
+
+
+@pytest.mark.parametrize("variant", ["wrong shapes", "missing keys", "extra keys", "not tensors",
+                                     "not a dict", "a bare tensor"])
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_readable_checkpoint_that_does_not_fit(model_copy, name, variant):
+    import torch
+
+    path = model_copy / name
+    state = torch.load(path, weights_only=True)
+    torch.save(_state_variants()[variant](state), path)
+    _checksums(model_copy, "rewritten")
+    _expect_file_error(model_copy, name)
+
+
+# --------------------------------------------------------------------------- malicious pickles
+
+
+class _ShellPayload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+class _OpenPayload:
+    """Unpickling this creates ``marker`` without a shell."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _evil(payload, marker, container):
+    """Bytes of a checkpoint that runs ``payload`` when unpickled without weights_only."""
+    import io
+
+    import torch
+
+    obj = payload(marker)
+    if container == "torch zip":
+        buf = io.BytesIO()
+        torch.save({"weight": obj}, buf)
+        return buf.getvalue()
+    return pickle.dumps({"weight": obj}, protocol=2)  # the legacy, zip-less format
+
+
+def test_the_payloads_really_would_run(tmp_path):
+    """Guards the tests below against a payload that does nothing anyway."""
+    for payload in (_ShellPayload, _OpenPayload):
+        marker = tmp_path / f"fired-{payload.__name__}"
+        pickle.loads(_evil(payload, marker, "pickle"))
+        assert marker.exists()
+
+
+@pytest.mark.parametrize("checksums", CHECKSUMS)
+@pytest.mark.parametrize("container", ["torch zip", "pickle"])
+@pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload], ids=["os.system", "open"])
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_malicious_checkpoint_runs_nothing(model_copy, tmp_path, name, payload, container, checksums):
+    marker = tmp_path / "pwned"
+    (model_copy / name).write_bytes(_evil(payload, marker, container))
+    _checksums(model_copy, checksums)
+    _expect_file_error(model_copy, name)
+    assert not marker.exists(), "loading a model executed code from its checkpoint"
+    with pytest.raises(ModelFileError):
+        NeuralCostModel.load(model_copy)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- meta.json
+
+
+def test_meta_file_damaged(model_copy):
+    meta_text = (model_copy / META_FILE).read_text()
+    for text in (meta_text[: len(meta_text) // 2], "", "[]", "null", "\x00\xff", '{"name": "x"}'):
+        (model_copy / META_FILE).write_text(text, encoding="utf-8", errors="surrogateescape")
+        _expect_file_error(model_copy, META_FILE)
+    (model_copy / META_FILE).write_bytes(b"\xff\xfe\x00{")
+    _expect_file_error(model_copy, META_FILE)
+    (model_copy / META_FILE).unlink()
+    _expect_file_error(model_copy, META_FILE)
+
+
+def test_unknown_kind(model_copy):
+    _write_meta(model_copy, {**_meta(model_copy), "kind": "oracle"})
+    _expect_file_error(model_copy, "oracle")
+
+
+def test_architecture_tampered(model_copy):
+    meta = _meta(model_copy)
+    meta["architecture"]["embed_dim"] += 4
+    _write_meta(model_copy, meta)
+    _expect_file_error(model_copy, COMPUTE_FILE)
+    meta["architecture"]["num_features"] = 21
+    _write_meta(model_copy, meta)
+    _expect_file_error(model_copy, META_FILE)
+
+
+def test_batch_size_mismatch(model_copy):
+    trained = _meta(model_copy)["batch_size"]
+    with pytest.raises(ModelMismatchError, match=f"batch size {trained}"):
+        load_cost_model(model_copy, batch_size=trained // 2)
+    _write_meta(model_copy, {**_meta(model_copy), "batch_size": 1024})
+    with pytest.raises(ModelMismatchError, match="1024"):
+        load_cost_model(model_copy, batch_size=trained)
+
+
+@pytest.mark.parametrize("schema", ["table21/v1", "table20/v0", "", None, 20])
+def test_feature_schema_mismatch(model_copy, schema):
+    _write_meta(model_copy, {**_meta(model_copy), "feature_schema": schema})
+    with pytest.raises(ModelMismatchError, match="feature schema"):
+        load_cost_model(model_copy)  # checked even when nothing else is asked
+
+
+def test_backend_mismatch(model_copy):
+    backend = _meta(model_copy)["backend"]
+    with pytest.raises(ModelMismatchError, match="backend"):
+        load_cost_model(model_copy, backend="sim" if backend != "sim" else "cpu")
+    if backend == "fake":
+        with pytest.raises(ModelMismatchError, match="fingerprint batch_size"):
+            load_cost_model(model_copy, backend=FakeBackend(batch_size=1024))
+
+
+def test_mismatch_lists_every_difference(model_copy):
+    _write_meta(model_copy, {**_meta(model_copy), "feature_schema": "table99/v9"})
+    with pytest.raises(ModelMismatchError) as err:
+        load_cost_model(model_copy, batch_size=3, backend="abacus")
+    text = str(err.value)
+    assert "feature schema" in text and "batch size" in text and "backend" in text
+
+
+# Every meta.json entry replaced by junk: the load succeeds or raises one of the two
+# model errors, nothing else. Entries whose junk escapes as another exception are
+# known bugs in neuroshard/costmodel.py (not ours to fix), marked xfail.
+META_JUNK = [None, 0, -1, 1.5, "x", [], {}, [1, 2], [-1], {"a": 1}, True, float("nan")]
+META_KEYS = [
+    "kind", "name", "feature_schema", "feature_names", "backend", "backend_fingerprint",
+    "batch_size", "num_devices", "fwd_target", "files", "files.compute.pt", "architecture",
+    "architecture.num_features", "architecture.table_hidden", "architecture.embed_dim",
+    "architecture.head_hidden", "architecture.comm_encoder", "architecture.comm_head",
+    "normalisation", "normalisation.eps_ms", "normalisation.feature_mean",
+    "normalisation.feature_std", "normalisation.target", "normalisation.target.compute",
+    "normalisation.dim_scale", "normalisation.wait_scale", "hyperparameters",
+    "hyperparameters.lr", "metrics", "sample_counts",
+]
+
+
+def _bug(reason, raises=(TypeError, AttributeError)):
+    return pytest.mark.xfail(strict=True, raises=raises, reason=f"costmodel bug: {reason}")
+
+
+META_BUGS = {
+    "kind": _bug("an unhashable 'kind' (list, object) raises TypeError in load_cost_model"),
+    "backend_fingerprint": _bug("a non-object 'backend_fingerprint' raises TypeError/"
+                                "AttributeError in check_compatible when given a backend object"),
+    "files": _bug("a 'files' entry that is not an object (null, number) raises TypeError in "
+                  "NeuralCostModel.load (the checksum lookup is outside its try)"),
+    "architecture.table_hidden": _bug("a negative layer width raises torch's RuntimeError, which "
+                             "NeuralCostModel.load does not catch", RuntimeError),
+    "architecture.embed_dim": _bug("a negative embed_dim raises torch's RuntimeError", RuntimeError),
+    "architecture.head_hidden": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
+    "architecture.comm_encoder": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
+    "architecture.comm_head": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
+    "normalisation.target": _bug("a non-object 'normalisation.target' raises AttributeError "
+                                 "(.items() on a list or number)"),
+}
+
+
+def _set(meta, dotted, value):
+    keys = dotted.split(".")
+    if dotted.startswith("files."):
+        keys = ["files", dotted[len("files."):]]
+    obj = meta
+    for k in keys[:-1]:
+        obj = obj.setdefault(k, {})
+        if not isinstance(obj, dict):
+            return
+    obj[keys[-1]] = value
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("key", [pytest.param(k, marks=[META_BUGS[k]] if k in META_BUGS else [])
+                                 for k in META_KEYS])
+def test_meta_entry_replaced_by_junk(model_dir, tmp_path, key):
+    original = _meta(model_dir)
+    for i, junk in enumerate(META_JUNK):
+        d = shutil.copytree(model_dir, tmp_path / f"m{i}")
+        meta = json.loads(json.dumps(original))
+        _set(meta, key, junk)
+        _write_meta(d, meta)
+        for kwargs in ({}, {"batch_size": 65_536, "backend": "fake"}, {"backend": FakeBackend()}):
+            try:
+                load_cost_model(d, **kwargs)
+            except (ModelFileError, ModelMismatchError):
+                pass
