@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from typer._click import exceptions as click  # typer vendors click; its exceptions live here
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from neuroshard.types import (
@@ -28,11 +30,36 @@ from neuroshard.types import (
     Plan,
     PlanCost,
     PlanInfeasibleError,
+    UsageError,
 )
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr (exit 2) instead of click's usage block and panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(EXIT_INPUT)
+        except click.ClickException as e:
+            hint = " (see --help)" if isinstance(e, click.UsageError) else ""
+            err.print(f"error: {e.format_message()}{hint}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(EXIT_INPUT)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(EXIT_INTERNAL)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Embedding-table sharding with pre-trained neural cost models.")
 out = Console()
 err = Console(stderr=True)
@@ -45,10 +72,10 @@ def parse_memory(text: str) -> int:
     """'4GB' -> 4 GiB in bytes (GB and GiB both mean 2**30, as in TorchRec); plain numbers are bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise typer.BadParameter(f"{text!r} is not a memory size like 4GB, 512MiB or 1073741824")
+        raise UsageError(f"--memory: {text!r} is not a memory size like 4GB, 512MiB or 1073741824")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not 0 < value < 1 << 60:
-        raise typer.BadParameter(f"{text!r} is out of range")
+        raise UsageError(f"--memory: {text!r} is out of range")
     return int(value)
 
 
@@ -58,7 +85,7 @@ def parse_memory_list(text: str, num_devices: int) -> tuple[int, ...]:
     if len(caps) == 1:
         return caps * num_devices
     if len(caps) != num_devices:
-        raise typer.BadParameter(f"--memory lists {len(caps)} caps for {num_devices} devices")
+        raise UsageError(f"--memory lists {len(caps)} caps for {num_devices} devices")
     return caps
 
 
@@ -144,11 +171,16 @@ def plan(
     """
     from neuroshard.costmodel import load_cost_model
     from neuroshard.plan_io import plan_to_dict, write_plan
-    from neuroshard.planner import default_model_dir, plan_tables
+    from neuroshard.planner import default_model_dir, evaluate_plan, plan_tables
     from neuroshard.tables import load_tables
+
+    from neuroshard.planner import check_fits
+    from neuroshard.search import get_searcher
 
     specs = load_tables(tables)
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
+    get_searcher(searcher)  # a bad name or an impossible task fails before the model loads
+    check_fits(specs, cluster)
     model_dir = model or default_model_dir(devices)
     estimator = load_cost_model(model_dir, batch_size=None if force else batch_size)
     result = plan_tables(specs, cluster, estimator, searcher, seed=seed)
@@ -157,8 +189,7 @@ def plan(
     if as_json:
         out.print_json(json.dumps(plan_to_dict(result)))
         return
-    assert result.cost is not None
-    print_cost_table(result, result.cost,
+    print_cost_table(result, result.cost or evaluate_plan(result, estimator),
                      f"{len(specs)} tables on {devices} devices ({searcher}, "
                      f"{result.meta.get('search_seconds', 0):.2f} s)")
     if out_path:

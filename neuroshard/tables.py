@@ -42,7 +42,7 @@ def load_tables(path: str | Path) -> list[TableSpec]:
     if path.is_dir():
         raise TableSpecError("is a directory, expected a table config file", source=source)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as e:
         raise TableSpecError(f"not UTF-8 text ({e.reason} at byte {e.start})", source=source) from None
     except OSError as e:
@@ -100,6 +100,8 @@ def _read_json(text: str, source: str) -> Any:
         raise TableSpecError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", source=source) from None
     except ValueError as e:
         raise TableSpecError(f"malformed JSON: {e}", source=source) from None
+    except RecursionError:
+        raise TableSpecError("malformed JSON: nested too deeply", source=source) from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -117,6 +119,10 @@ def _read_yaml(text: str, source: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise TableSpecError(f"malformed YAML: {str(e).splitlines()[0]}", source=source) from None
+    except RecursionError:
+        raise TableSpecError("malformed YAML: nested too deeply", source=source) from None
+    except ValueError as e:  # e.g. an integer literal with too many digits
+        raise TableSpecError(f"malformed YAML: {e}", source=source) from None
 
 
 def _records_from_document(doc: Any, source: str) -> list[Mapping[str, Any]]:
@@ -133,11 +139,21 @@ def _read_csv(text: str, source: str) -> list[dict[str, Any]]:
     if not text.strip():
         raise TableSpecError("empty file", source=source)
     reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as e:
+        raise TableSpecError(f"malformed CSV header: {e}", source=source) from None
     canonical = {_ALIASES.get(h, h) for h in header}
     for required in ("name", "rows", "dim"):
         if required not in canonical:
             raise TableSpecError(f"CSV header lacks column {required!r} (has {', '.join(header)})", source=source)
+    try:
+        return _csv_records(reader, source)
+    except csv.Error as e:
+        raise TableSpecError(f"malformed CSV at line {reader.line_num}: {e}", source=source) from None
+
+
+def _csv_records(reader: csv.DictReader, source: str) -> list[dict[str, Any]]:
     records = []
     for line_no, row in enumerate(reader, start=2):
         if None in row:

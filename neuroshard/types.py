@@ -97,6 +97,10 @@ class BackendError(NeuroShardError):
     """A hardware backend cannot run here (missing library, device) or a measurement failed."""
 
 
+class UsageError(NeuroShardError, ValueError):
+    """A command-line option or argument has a value the library cannot use."""
+
+
 class UnknownNameError(NeuroShardError, ValueError):
     """A registry was asked for a name it does not have; the message lists valid names."""
 

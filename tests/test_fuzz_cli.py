@@ -199,27 +199,6 @@ CASES = [
     Case("unknown command", ("shard-everything",), EXIT_INPUT, "shard-everything"),
 ]
 
-# Known CLI bugs (neuroshard/cli.py is not ours to fix): the tests say what should happen.
-BAD_MEMORY_BUG = pytest.mark.xfail(strict=True, reason=(
-    "cli.parse_memory raises typer.BadParameter inside the command body, where "
-    "handles_errors reports it as 'internal error: BadParameter ...' with exit 1, not 2"))
-USAGE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "click/typer usage errors exit 2 but print a 'Usage:' line, a 'Try --help' line and a "
-    "boxed rich panel: several lines on stderr, not one"))
-KNOWN_BUGS = {
-    "plan: memory 4XB": BAD_MEMORY_BUG, "plan: memory -1GB": BAD_MEMORY_BUG,
-    "plan: memory abc": BAD_MEMORY_BUG, "plan: memory empty": BAD_MEMORY_BUG,
-    "plan: memory 0GB": BAD_MEMORY_BUG, "plan: three caps for two devices": BAD_MEMORY_BUG,
-    "plan: devices 0": USAGE_BUG, "plan: devices -3": USAGE_BUG, "plan: devices abc": USAGE_BUG,
-    "plan: no --memory": USAGE_BUG, "plan: batch size 0": USAGE_BUG, "unknown command": USAGE_BUG,
-}
-
-
-def _params(cases):
-    return [pytest.param(c, id=c.id, marks=[KNOWN_BUGS[c.id]] if c.id in KNOWN_BUGS else [])
-            for c in cases]
-
-
 def _argv(case: Case, files, model_dir=None) -> list[str]:
     return [a.format(**files, model=model_dir) for a in case.args]
 
@@ -249,21 +228,12 @@ def runner(monkeypatch, caplog):
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_in_process(case, files, runner, request):
     result = runner.invoke(app, _argv(case, files, _model_for(case, request)))
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"{type(result.exception).__name__} escaped: {result.exception}")
     assert_clean_failure(case, result.exit_code, result.stdout, result.stderr)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in KNOWN_BUGS], ids=lambda c: c.id)
-def test_known_bugs_still_fail_without_traceback(case, files, runner):
-    """What holds even for the xfailed cases: a non-zero exit and no traceback."""
-    result = runner.invoke(app, _argv(case, files))
-    assert result.exit_code in (EXIT_INTERNAL, EXIT_INPUT)
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 SUBPROCESS_CASES = [c for c in CASES if c.id in {
@@ -273,7 +243,7 @@ SUBPROCESS_CASES = [c for c in CASES if c.id in {
 }]
 
 
-@pytest.mark.parametrize("case", _params(SUBPROCESS_CASES))
+@pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=lambda c: c.id)
 def test_bad_input_in_a_real_process(case, files, request, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NEUROSHARD_DEBUG"}
     env.update(OMP_NUM_THREADS="1", COLUMNS="100")

@@ -313,9 +313,9 @@ HAND_MADE = [
     ("hist of bools", ".json", _j(_rec(reuse_hist=[True] + [False] * 16)), "error"),
     ("hist nested", ".json", _j(_rec(reuse_hist=[[1.0]] + [0.0] * 16)), "error"),
     ("nested junk", ".json", '[{"name": {"a": [1, {"b": null}]}, "rows": [[[]]], "dim": {}}]', "error"),
-    ("BOM json", ".json", "\ufeff" + _j(_rec()), "error"),
+    ("BOM json", ".json", "\ufeff" + _j(_rec()), "ok"),
     ("BOM yaml", ".yaml", "\ufeff- {name: t0, rows: 10, dim: 4}\n", "ok"),
-    ("BOM csv", ".csv", "\ufeffname,rows,dim\nt0,10,4\n", "error"),
+    ("BOM csv", ".csv", "\ufeffname,rows,dim\nt0,10,4\n", "ok"),
     ("latin-1 bytes", ".json", "[{\"name\": \"caf\xe9\", \"rows\": 1, \"dim\": 4}]".encode("latin-1"), "error"),
     ("utf-16", ".json", _j(_rec()).encode("utf-16"), "error"),
     ("nul bytes", ".json", b"\x00" * 64, "error"),
@@ -357,31 +357,15 @@ HAND_MADE = [
     ("no suffix junk", "", "\x01\x02", "error"),
 ]
 
-KNOWN_CRASHES = [
-    pytest.param("deep json nesting", ".json", "[" * 100_000, id="deep json nesting",
-                 marks=pytest.mark.xfail(raises=RecursionError, strict=True, reason=(
-                     "tables._read_json lets RecursionError out of json.loads for deeply "
-                     "nested input (report to the tables.py owner)"))),
-    pytest.param("closed deep json", ".json", "[" * 3000 + "]" * 3000, id="closed deep json",
-                 marks=pytest.mark.xfail(raises=RecursionError, strict=True, reason=(
-                     "tables._read_json lets RecursionError out of json.loads"))),
-    pytest.param("deep yaml flow", ".yaml", "[" * 2000 + "]" * 2000, id="deep yaml flow",
-                 marks=pytest.mark.xfail(raises=RecursionError, strict=True, reason=(
-                     "tables._read_yaml catches only yaml.YAMLError; deep nesting raises "
-                     "RecursionError in yaml.safe_load"))),
-    pytest.param("deep yaml block", ".yaml", "- " * 3000 + "x\n", id="deep yaml block",
-                 marks=pytest.mark.xfail(raises=RecursionError, strict=True, reason=(
-                     "tables._read_yaml catches only yaml.YAMLError"))),
+FORMER_CRASHES = [
+    pytest.param("deep json nesting", ".json", "[" * 100_000, id="deep json nesting"),
+    pytest.param("closed deep json", ".json", "[" * 3000 + "]" * 3000, id="closed deep json"),
+    pytest.param("deep yaml flow", ".yaml", "[" * 2000 + "]" * 2000, id="deep yaml flow"),
+    pytest.param("deep yaml block", ".yaml", "- " * 3000 + "x\n", id="deep yaml block"),
     pytest.param("5000-digit yaml int", ".yaml", "- {name: t0, rows: " + "9" * 5000 + ", dim: 4}\n",
-                 id="5000-digit yaml int",
-                 marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-                     "yaml.safe_load raises a plain ValueError (int max str digits) that "
-                     "tables._read_yaml does not catch"))),
+                 id="5000-digit yaml int"),
     pytest.param("csv field over 128 KiB", ".csv", "name,rows,dim\n" + "t" * 200_000 + ",10,4\n",
-                 id="csv field over 128 KiB",
-                 marks=pytest.mark.xfail(raises=csv.Error, strict=True, reason=(
-                     "tables._read_csv lets _csv.Error 'field larger than field limit "
-                     "(131072)' out"))),
+                 id="csv field over 128 KiB"),
 ]
 
 
@@ -391,9 +375,9 @@ def test_hand_made(fuzz_dir, case_id, suffix, content, expected):
     assert (tables is not None) == (expected == "ok"), f"{case_id}: expected {expected}"
 
 
-@pytest.mark.parametrize("case_id,suffix,content", KNOWN_CRASHES)
-def test_known_crashes(fuzz_dir, case_id, suffix, content):
-    check(fuzz_dir, suffix, content, "hand-made (known crash)")
+@pytest.mark.parametrize("case_id,suffix,content", FORMER_CRASHES)
+def test_former_crashes_are_clean_errors(fuzz_dir, case_id, suffix, content):
+    check(fuzz_dir, suffix, content, "hand-made (former crash)")
 
 
 def test_paths_that_are_not_files(tmp_path):
