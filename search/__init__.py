@@ -31,6 +31,7 @@ _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
     "lookup": ("neuroshard.search.baselines:greedy_baseline", {"key": "lookup"}),
     "size-lookup": ("neuroshard.search.baselines:greedy_baseline", {"key": "size-lookup"}),
     "torchrec": ("neuroshard.search.torchrec_baseline:torchrec_plan", {}),
+    "surco": ("neuroshard.search.surco:surco_plan", {}),
 }
 
 DEFAULT_SEARCHER = "neuroshard"

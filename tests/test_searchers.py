@@ -36,7 +36,7 @@ def test_every_searcher_returns_a_valid_costed_plan(name, num_devices):
 def test_registry_names():
     names = searcher_names()
     assert DEFAULT_SEARCHER == "neuroshard"
-    assert {"neuroshard", "greedy-grid"} | set(BASELINES) == set(names)
+    assert {"neuroshard", "greedy-grid", "surco", "torchrec"} | set(BASELINES) == set(names)
 
 
 def test_unknown_searcher_lists_valid_names():
