@@ -1,0 +1,735 @@
+"""Learned cost models: the neural model, and saving, loading and checking model directories.
+
+:class:`NeuralCostModel` implements :class:`~neuroshard.types.CostEstimator` with three
+small nets:
+
+* **compute** -- each shard's 20 features (:mod:`neuroshard.features`; reuse bins
+  centred, the log-scaled dim, pooling and rows standardised)
+  through a per-table MLP (20 -> 128 -> 32, ReLU), summed over the device's shards, then a
+  head MLP (32 -> 64 -> 1). The sum makes a device's cost the head of a sum of cached
+  per-shard embeddings: :meth:`~NeuralCostModel.shard_embeddings` and
+  :meth:`~NeuralCostModel.compute_from_embeddings` expose that to the search.
+* **backward comm** and **forward comm** -- permutation-equivariant over devices, so one
+  model serves any device count: each device's input (its dim sum over a scale, ``1/N``,
+  and for forward its wait minus the smallest wait over a scale) goes through a shared
+  encoder; the mean and max of the encodings over devices form a context; a shared head
+  maps ``[encoding, context]`` to that device's cost.
+
+Targets are ``log(ms + eps_ms)`` standardised (``eps_ms`` = 1e-3): MSE on a log scale
+fits relative error, which is what MAPE and plan ranking care about. The forward comm
+target is, by default (``fwd_target="residual"``), the forward time *minus the straggler
+wait* ``max_j waits_j - waits_d``: the estimator contract says the forward all-to-all
+includes that wait, so it is added back exactly rather than learned, and predictions stay
+sane for waits longer than any seen in training. Inference runs in
+numpy on the extracted weights, which is cheaper than torch for the small batches a
+search sends.
+
+A model directory holds ``compute.pt`` and ``comm.pt`` (state_dicts, loaded with
+``weights_only=True``) and ``meta.json`` (kind, feature schema, backend and its
+fingerprint, batch size, training-data hash, sample counts, metrics, normalisation
+constants, file checksums). :func:`load_cost_model` dispatches on ``meta["kind"]``
+through a registry, so other kinds (LightGBM) can be added with
+:func:`register_model_kind`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from neuroshard.features import (
+    FEATURE_NAMES,
+    FEATURE_SCHEMA,
+    NUM_FEATURES,
+    table_features,
+    transform_raw,
+)
+from neuroshard.types import (
+    NUM_HIST_BINS,
+    CostEstimator,
+    HardwareBackend,
+    ModelFileError,
+    ModelMismatchError,
+    TableSpec,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from neuroshard.pretrain.dataset import CommData, ComputeData, Split
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+COMPUTE_FILE = "compute.pt"
+COMM_FILE = "comm.pt"
+TARGET_TRANSFORM = "log(ms + eps_ms), standardised"
+FWD_TARGETS = ("residual", "total")
+
+# Fingerprint keys that do not change what a model predicts (measurement noise, seeds).
+IGNORED_FINGERPRINT_KEYS = frozenset({"noise", "seed", "hostname", "created", "time"})
+
+__all__ = [
+    "NeuralCostModel", "check_compatible", "load_cost_model", "model_kinds", "read_meta",
+    "register_model_kind",
+]
+
+
+# --------------------------------------------------------------------------- nets
+
+
+def _mlp(sizes: Sequence[int], final_relu: bool = False) -> "torch.nn.Sequential":
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or final_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _build_nets(arch: Mapping[str, Any]) -> dict[str, "torch.nn.Module"]:
+    """The three nets of an architecture description (as stored in meta.json)."""
+    import torch
+    from torch import nn
+
+    class ComputeNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = _mlp([arch["num_features"], *arch["table_hidden"], arch["embed_dim"]])
+            self.head = _mlp([arch["embed_dim"], *arch["head_hidden"], 1])
+
+        def forward(self, x: torch.Tensor, row: torch.Tensor, num_rows: int) -> torch.Tensor:
+            """``x`` (shards, F) of ``num_rows`` loads; ``row[i]`` is shard i's load."""
+            emb = self.table(x)
+            summed = emb.new_zeros(num_rows, emb.shape[-1]).index_add_(0, row, emb)
+            return self.head(summed).squeeze(-1)
+
+    class CommNet(nn.Module):
+        def __init__(self, num_inputs: int) -> None:
+            super().__init__()
+            enc = list(arch["comm_encoder"])
+            self.encoder = _mlp([num_inputs, *enc], final_relu=True)
+            self.head = _mlp([3 * enc[-1], *arch["comm_head"], 1])
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            h = self.encoder(x) * m  # encodings are >= 0 (ReLU), so 0 is neutral for max
+            mean = h.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+            ctx = torch.cat([mean, h.amax(dim=1)], dim=-1).unsqueeze(1).expand(-1, x.shape[1], -1)
+            return self.head(torch.cat([h, ctx], dim=-1)).squeeze(-1)
+
+    return {"compute": ComputeNet(), "fwd": CommNet(3), "bwd": CommNet(2)}
+
+
+class _NumpyMLP:
+    """Inference copy of an ``nn.Sequential`` of Linear/ReLU layers, in float32 numpy."""
+
+    def __init__(self, seq: "torch.nn.Sequential"):
+        from torch import nn
+
+        self.layers: list[tuple[np.ndarray, np.ndarray, bool]] = []
+        mods = list(seq)
+        for i, mod in enumerate(mods):
+            if isinstance(mod, nn.Linear):
+                relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
+                self.layers.append((mod.weight.detach().numpy().T.astype(np.float32).copy(),
+                                    mod.bias.detach().numpy().astype(np.float32).copy(), relu))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for w, b, relu in self.layers:
+            x = x @ w + b
+            if relu:
+                np.maximum(x, 0.0, out=x)
+        return x
+
+
+def _widths(values: Any, what: str) -> list[int]:
+    """Layer widths from meta.json: a list of positive integers."""
+    if not isinstance(values, list) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"architecture {what}: expected positive integers, got {values!r}")
+    return list(values)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _since_first(waits_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each device's wait minus the earliest real device's (0 on padding)."""
+    lowest = np.where(mask, waits_ms, np.inf).min(axis=-1, keepdims=True)
+    lowest = np.where(np.isfinite(lowest), lowest, 0.0)
+    return np.where(mask, waits_ms - lowest, 0.0)
+
+
+def _straggler_wait(waits_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``max_j waits_j - waits_d`` over real devices (0 on padding)."""
+    highest = np.where(mask, waits_ms, -np.inf).max(axis=-1, keepdims=True)
+    highest = np.where(np.isfinite(highest), highest, 0.0)
+    return np.where(mask, highest - waits_ms, 0.0)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class NeuralCostModel:
+    """Neural :class:`~neuroshard.types.CostEstimator` (compute, backward and forward comm).
+
+    Hyperparameters are set here; :meth:`fit` learns the attributes ending in ``_``.
+    ``batch_size`` (the DLRM batch the costs are for) is taken from the training data's
+    backend fingerprint when left ``None``.
+    """
+
+    kind = "neural"
+
+    def __init__(self, *, batch_size: int | None = None, table_hidden: Sequence[int] = (128,),
+                 embed_dim: int = 32, head_hidden: Sequence[int] = (64,),
+                 comm_encoder: Sequence[int] = (64, 64), comm_head: Sequence[int] = (64, 32, 16),
+                 lr: float = 1e-3, train_batch_size: int = 512,
+                 comm_train_batch_size: int = 128, max_epochs: int = 300,
+                 patience: int = 30, seed: int = 0, num_threads: int = 1,
+                 eps_ms: float = 1e-3, fwd_target: str = "residual",
+                 max_seconds_per_net: float | None = None):
+        self.batch_size = batch_size
+        self.table_hidden = tuple(table_hidden)
+        self.embed_dim = embed_dim
+        self.head_hidden = tuple(head_hidden)
+        self.comm_encoder = tuple(comm_encoder)
+        self.comm_head = tuple(comm_head)
+        self.lr = lr
+        self.train_batch_size = train_batch_size
+        self.comm_train_batch_size = comm_train_batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.seed = seed
+        self.num_threads = num_threads
+        self.eps_ms = eps_ms
+        self.fwd_target = fwd_target
+        self.max_seconds_per_net = max_seconds_per_net
+
+    # ------------------------------------------------------------- description
+
+    def _architecture(self) -> dict[str, Any]:
+        return {"num_features": NUM_FEATURES, "table_hidden": list(self.table_hidden),
+                "embed_dim": self.embed_dim, "head_hidden": list(self.head_hidden),
+                "comm_encoder": list(self.comm_encoder), "comm_head": list(self.comm_head)}
+
+    @property
+    def name(self) -> str:
+        h = getattr(self, "data_hash_", None) or "unfitted"
+        return f"neural-{getattr(self, 'backend_', 'unknown')}-{h[:8]}"
+
+    def __repr__(self) -> str:
+        return f"NeuralCostModel(name={self.name!r}, batch_size={self.batch_size})"
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "nets_"):
+            raise RuntimeError("NeuralCostModel is not fitted: call fit() or load_cost_model()")
+
+    # ------------------------------------------------------------- inputs
+
+    def _table_inputs(self, feats: np.ndarray) -> np.ndarray:
+        return ((feats - self.feature_mean_) / self.feature_std_).astype(np.float32)
+
+    def _comm_inputs(self, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+        """Per-device inputs ``(B, N, 2 or 3)``: dim sum / scale, 1/N, [wait gap / scale]."""
+        d = np.asarray(dim_sums, dtype=np.float64)
+        if mask is None:
+            mask = np.ones(d.shape, dtype=bool)
+        n_dev = mask.sum(axis=-1, keepdims=True).clip(min=1)
+        cols = [d / self.dim_scale_, np.broadcast_to(1.0 / n_dev, d.shape)]
+        if waits_ms is not None:
+            cols.append(_since_first(np.asarray(waits_ms, dtype=np.float64), mask)
+                        / self.wait_scale_)
+        x = np.stack(cols, axis=-1)
+        return np.where(mask[..., None], x, 0.0).astype(np.float32)
+
+    def _to_target(self, ms: np.ndarray, which: str) -> np.ndarray:
+        mu, sd = self.target_stats_[which]
+        return ((np.log(np.maximum(ms, 0.0) + self.eps_ms) - mu) / sd).astype(np.float32)
+
+    def _from_target(self, y: np.ndarray, which: str) -> np.ndarray:
+        mu, sd = self.target_stats_[which]
+        return np.maximum(np.exp(np.asarray(y, dtype=np.float64) * sd + mu) - self.eps_ms, 0.0)
+
+    # ------------------------------------------------------------- fitting
+
+    def fit(self, compute: "ComputeData", comm: "CommData", *,
+            compute_split: "Split | None" = None, comm_split: "Split | None" = None,
+            backend_name: str | None = None, num_devices: int | None = None) -> "NeuralCostModel":
+        """Train the three nets on collected data and record test metrics in ``metrics_``.
+
+        Splits default to 80/10/10 by a permutation seeded with ``seed``; the validation
+        part picks the best epoch, the test part gives ``metrics_``.
+        """
+        import torch
+
+        from neuroshard.pretrain.dataset import split_random
+        from neuroshard.pretrain.train import TrainConfig, fit_net
+
+        if self.fwd_target not in FWD_TARGETS:
+            raise ValueError(f"fwd_target must be one of {FWD_TARGETS}, got {self.fwd_target!r}")
+
+        fp = json.loads(compute.fingerprint or "{}")
+        if json.loads(comm.fingerprint or "{}") != fp:
+            logger.warning("compute and comm data come from different backend fingerprints")
+        self.backend_ = backend_name or str(fp.get("backend") or fp.get("name") or "unknown")
+        self.backend_fingerprint_ = fp
+        if self.batch_size is None:
+            if "batch_size" not in fp:
+                raise ValueError("batch_size not given and not in the data's fingerprint")
+            self.batch_size = int(fp["batch_size"])
+        elif "batch_size" in fp and int(fp["batch_size"]) != self.batch_size:
+            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
+                                     f"at batch size {fp['batch_size']}")
+        self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
+        cs = compute_split or split_random(len(compute), self.seed)
+        ms = comm_split or split_random(len(comm), self.seed + 1)
+
+        # normalisation from the training rows only
+        tr_compute = compute.subset(cs.train)
+        feats = transform_raw(tr_compute.features)
+        self.feature_mean_ = feats.mean(axis=0).astype(np.float64)
+        # Only the log-scaled columns are scaled to unit variance. Reuse bins are fractions
+        # already; dividing a bin that is almost always 0 by its tiny spread would blow up
+        # a new table with mass there (seen on held-out pools), so they are centred only.
+        std = feats.std(axis=0).astype(np.float64)
+        std[:NUM_HIST_BINS] = 1.0
+        self.feature_std_ = np.where(std > 1e-6, std, 1.0)
+        tr_comm = comm.subset(ms.train)
+        self.dim_scale_ = float(max(tr_comm.dim_sums[tr_comm.mask].mean(), 1.0))
+        gaps = _since_first(tr_comm.waits_ms, tr_comm.mask)
+        self.wait_scale_ = float(max(gaps[tr_comm.mask].mean(), 1.0))
+        self.target_stats_ = {}
+        for which, y in (("compute", tr_compute.label_ms),
+                         ("fwd", self._fwd_label(tr_comm)[tr_comm.mask]),
+                         ("bwd", tr_comm.bwd_ms[tr_comm.mask])):
+            t = np.log(np.maximum(y, 0.0) + self.eps_ms)
+            self.target_stats_[which] = (float(t.mean()), float(max(t.std(), 1e-6)))
+
+        with torch.random.fork_rng():  # seeded initialisation, global RNG left alone
+            torch.manual_seed(self.seed)
+            self.nets_ = _build_nets(self._architecture())
+        config = TrainConfig(lr=self.lr, batch_size=self.train_batch_size,
+                             max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
+                             num_threads=self.num_threads, max_seconds=self.max_seconds_per_net)
+        self.training_ = {}
+        self.training_["compute"] = fit_net(
+            self.nets_["compute"], self._compute_tensors(compute.subset(cs.train)),
+            self._compute_tensors(compute.subset(cs.val)), config, "compute")
+        # A few thousand comm samples give few steps per epoch at 512; smaller batches
+        # reach the noise floor in the same number of epochs.
+        comm_config = replace(config, batch_size=self.comm_train_batch_size)
+        for which in ("bwd", "fwd"):
+            self.training_[which] = fit_net(
+                self.nets_[which], self._comm_tensors(comm.subset(ms.train), which),
+                self._comm_tensors(comm.subset(ms.val), which), comm_config, f"{which} comm")
+        self._extract()
+
+        self.data_hash_ = hashlib.sha256(
+            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
+        self.sample_counts_ = {
+            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
+                        "test": len(cs.test)},
+            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
+                     "test": len(ms.test)},
+        }
+        test_comm = comm.subset(ms.test)
+        self.metrics_ = {
+            "compute": {"val": self.score_compute(compute.subset(cs.val)),
+                        "test": self.score_compute(compute.subset(cs.test))},
+            **{k: {"test": v} for k, v in self.score_comm(test_comm).items()},
+        }
+        self.training_summary_ = {
+            k: {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
+                "best_val_loss": r.best_val_loss, "seconds": round(r.seconds, 2)}
+            for k, r in self.training_.items()
+        }
+        return self
+
+    def _fwd_label(self, comm: "CommData") -> np.ndarray:
+        """What the forward net learns: the time, or the time less the straggler wait."""
+        if self.fwd_target == "total":
+            return comm.fwd_ms
+        return comm.fwd_ms - _straggler_wait(comm.waits_ms, comm.mask)
+
+    def _compute_tensors(self, data: "ComputeData"):
+        import torch
+
+        from neuroshard.pretrain.train import Ragged
+
+        x = self._table_inputs(transform_raw(data.features))
+        return Ragged(torch.from_numpy(x), torch.from_numpy(data.offsets),
+                      torch.from_numpy(self._to_target(data.label_ms, "compute")))
+
+    def _comm_tensors(self, data: "CommData", which: str):
+        import torch
+
+        from neuroshard.pretrain.train import Dense
+
+        x = self._comm_inputs(data.dim_sums, data.waits_ms if which == "fwd" else None, data.mask)
+        y = self._fwd_label(data) if which == "fwd" else data.bwd_ms
+        y = np.where(data.mask, self._to_target(y, which), 0.0).astype(np.float32)
+        mask = torch.from_numpy(data.mask.astype(np.float32))
+        return Dense((torch.from_numpy(x), mask), torch.from_numpy(y), mask)
+
+    def _extract(self) -> None:
+        """Numpy copies of the weights for inference."""
+        nets = self.nets_
+        self.np_table_ = _NumpyMLP(nets["compute"].table)
+        self.np_head_ = _NumpyMLP(nets["compute"].head)
+        self.np_comm_ = {w: (_NumpyMLP(nets[w].encoder), _NumpyMLP(nets[w].head))
+                         for w in ("fwd", "bwd")}
+
+    # ------------------------------------------------------------- inference
+
+    def shard_embeddings(self, specs: Sequence[TableSpec]) -> np.ndarray:
+        """Per-shard embeddings ``(len(specs), embed_dim)``: a device's compute is
+        ``compute_from_embeddings`` of the sum of its shards' embeddings."""
+        self._check_fitted()
+        if not len(specs):
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return self.np_table_(self._table_inputs(table_features(specs)))
+
+    def compute_from_embeddings(self, summed: np.ndarray,
+                                counts: np.ndarray | None = None) -> np.ndarray:
+        """Compute ms from summed shard embeddings ``(B, embed_dim)``; rows whose
+        ``counts`` (shards per device, optional) are 0 cost 0."""
+        self._check_fitted()
+        summed = np.asarray(summed, dtype=np.float32).reshape(-1, self.embed_dim)
+        out = self._from_target(self.np_head_(summed)[:, 0], "compute")
+        if counts is not None:
+            out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
+        return out
+
+    def compute_ms(self, loads: Sequence[Sequence[TableSpec]]) -> np.ndarray:
+        """Fused forward+backward ms of each load; an empty load costs 0."""
+        self._check_fitted()
+        counts = np.fromiter((len(load) for load in loads), dtype=np.int64, count=len(loads))
+        if not counts.sum():
+            return np.zeros(len(loads))
+        emb = self.shard_embeddings([t for load in loads for t in load])
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        summed = np.zeros((len(loads), self.embed_dim), dtype=np.float32)
+        busy = counts > 0
+        summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
+        return self.compute_from_embeddings(summed, counts)
+
+    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+              mask: np.ndarray | None = None) -> np.ndarray:
+        self._check_fitted()
+        d = np.asarray(dim_sums, dtype=np.float64)
+        squeeze = d.ndim == 1
+        if squeeze:
+            d = d[None]
+            waits_ms = None if waits_ms is None else np.asarray(waits_ms)[None]
+        if mask is None:
+            mask = np.ones(d.shape, dtype=bool)
+        x = self._comm_inputs(d, waits_ms, mask)
+        encoder, head = self.np_comm_[which]
+        h = encoder(x) * mask[..., None]
+        n = mask.sum(axis=1, keepdims=True).clip(min=1)
+        ctx = np.concatenate([h.sum(axis=1) / n, h.max(axis=1)], axis=-1)
+        ctx = np.broadcast_to(ctx[:, None, :], h.shape[:2] + ctx.shape[-1:])
+        y = head(np.concatenate([h, ctx], axis=-1).astype(np.float32))[..., 0]
+        out = self._from_target(y, which)
+        if which == "fwd" and self.fwd_target == "residual":
+            out = out + _straggler_wait(np.asarray(waits_ms, dtype=np.float64), mask)
+        out = np.where(mask, out, 0.0)
+        return out[0] if squeeze else out
+
+    def bwd_comm_ms(self, dim_sums: np.ndarray) -> np.ndarray:
+        """Backward all-to-all ms per device, shape ``dim_sums.shape`` (any device count)."""
+        return self._comm("bwd", dim_sums, None)
+
+    def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
+        """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
+        return self._comm("fwd", dim_sums, waits_ms)
+
+    # ------------------------------------------------------------- scoring
+
+    def score_compute(self, data: "ComputeData") -> dict[str, float]:
+        """MAPE, Spearman and log-MSE of compute predictions on ``data``."""
+        from neuroshard.pretrain.train import regression_metrics
+
+        if not len(data):
+            return regression_metrics(np.zeros(0), np.zeros(0))
+        emb = self.shard_embeddings_raw(data.features)
+        starts = data.offsets[:-1]
+        counts = np.diff(data.offsets)
+        summed = np.zeros((len(data), self.embed_dim), dtype=np.float32)
+        busy = counts > 0
+        summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
+        return regression_metrics(self.compute_from_embeddings(summed, counts), data.label_ms,
+                                  self.eps_ms)
+
+    def shard_embeddings_raw(self, raw: np.ndarray) -> np.ndarray:
+        """:meth:`shard_embeddings` from raw feature rows ``(n, 20)`` (collected data)."""
+        self._check_fitted()
+        return self.np_table_(self._table_inputs(transform_raw(raw)))
+
+    def score_comm(self, data: "CommData") -> dict[str, dict[str, float]]:
+        """Metrics of forward and backward comm predictions over every real device.
+
+        ``fwd_comm_less_wait`` scores the forward time less the straggler wait, the part
+        a model has to learn (the wait itself is given)."""
+        from neuroshard.pretrain.train import regression_metrics
+
+        if not len(data):
+            empty = regression_metrics(np.zeros(0), np.zeros(0))
+            return {"fwd_comm": empty, "fwd_comm_less_wait": empty, "bwd_comm": empty}
+        fwd = self._comm("fwd", data.dim_sums, data.waits_ms, data.mask)
+        bwd = self._comm("bwd", data.dim_sums, None, data.mask)
+        wait = _straggler_wait(data.waits_ms, data.mask)
+        m = data.mask
+        return {"fwd_comm": regression_metrics(fwd[m], data.fwd_ms[m], self.eps_ms),
+                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
+                                                         (data.fwd_ms - wait)[m], self.eps_ms),
+                "bwd_comm": regression_metrics(bwd[m], data.bwd_ms[m], self.eps_ms)}
+
+    # ------------------------------------------------------------- files
+
+    def meta(self) -> dict[str, Any]:
+        """What ``meta.json`` records (without the file checksums)."""
+        self._check_fitted()
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "feature_schema": FEATURE_SCHEMA,
+            "feature_names": list(FEATURE_NAMES),
+            "backend": self.backend_,
+            "backend_fingerprint": self.backend_fingerprint_,
+            "batch_size": self.batch_size,
+            "num_devices": self.num_devices_,
+            "training_data_hash": self.data_hash_,
+            "sample_counts": self.sample_counts_,
+            "metrics": self.metrics_,
+            "training": getattr(self, "training_summary_", {}),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "target_transform": TARGET_TRANSFORM,
+            "fwd_target": self.fwd_target,
+            "normalisation": {
+                "eps_ms": self.eps_ms,
+                "feature_mean": self.feature_mean_.tolist(),
+                "feature_std": self.feature_std_.tolist(),
+                "target": {k: list(v) for k, v in self.target_stats_.items()},
+                "dim_scale": self.dim_scale_,
+                "wait_scale": self.wait_scale_,
+            },
+            "provenance": getattr(self, "provenance_", {}),
+            "architecture": self._architecture(),
+            "hyperparameters": {"lr": self.lr, "train_batch_size": self.train_batch_size,
+                                "comm_train_batch_size": self.comm_train_batch_size,
+                                "max_epochs": self.max_epochs, "patience": self.patience,
+                                "seed": self.seed},
+        }
+
+    def save(self, model_dir: str | os.PathLike) -> Path:
+        """Write ``compute.pt``, ``comm.pt`` and ``meta.json`` into ``model_dir``."""
+        import torch
+
+        self._check_fitted()
+        out = Path(model_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.nets_["compute"].state_dict(), out / COMPUTE_FILE)
+        comm_state = {f"{w}.{k}": v for w in ("fwd", "bwd")
+                      for k, v in self.nets_[w].state_dict().items()}
+        torch.save(comm_state, out / COMM_FILE)
+        meta = self.meta()
+        meta["files"] = {f: _sha256(out / f) for f in (COMPUTE_FILE, COMM_FILE)}
+        tmp = out / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / META_FILE)
+        logger.info("saved %s to %s", self.name, out)
+        return out
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
+             ) -> "NeuralCostModel":
+        """A fitted model from ``model_dir`` (``meta`` if already read)."""
+        import torch
+
+        d = Path(model_dir)
+        meta = dict(meta) if meta is not None else read_meta(d)
+        try:
+            arch = dict(meta["architecture"])
+            for key in ("table_hidden", "head_hidden", "comm_encoder", "comm_head"):
+                arch[key] = _widths(arch[key], key)
+            arch["embed_dim"] = _widths([arch["embed_dim"]], "embed_dim")[0]
+            norm = meta["normalisation"]
+            hyper = meta.get("hyperparameters", {})
+            model = cls(batch_size=int(meta["batch_size"]), table_hidden=arch["table_hidden"],
+                        embed_dim=arch["embed_dim"], head_hidden=arch["head_hidden"],
+                        comm_encoder=arch["comm_encoder"], comm_head=arch["comm_head"],
+                        eps_ms=float(norm["eps_ms"]),
+                        fwd_target=str(meta.get("fwd_target", "total")),
+                        **{k: hyper[k] for k in ("lr", "train_batch_size",
+                                                 "comm_train_batch_size", "max_epochs",
+                                                 "patience", "seed") if k in hyper})
+            if model.fwd_target not in FWD_TARGETS:
+                raise ValueError(f"fwd_target {model.fwd_target!r} not in {FWD_TARGETS}")
+            if int(arch["num_features"]) != NUM_FEATURES:
+                raise ValueError(f"num_features {arch['num_features']} != {NUM_FEATURES}")
+            model.feature_mean_ = np.asarray(norm["feature_mean"], dtype=np.float64)
+            model.feature_std_ = np.asarray(norm["feature_std"], dtype=np.float64)
+            if model.feature_mean_.shape != (NUM_FEATURES,) or \
+                    model.feature_std_.shape != (NUM_FEATURES,):
+                raise ValueError("feature normalisation has the wrong length")
+            target = norm["target"]
+            model.target_stats_ = {k: (float(target[k][0]), float(target[k][1]))
+                                   for k in ("compute", "fwd", "bwd")}
+            if not all(np.isfinite(v).all() and v[1] > 0 for v in model.target_stats_.values()):
+                raise ValueError("target normalisation is not finite and positive")
+            model.dim_scale_ = float(norm["dim_scale"])
+            model.wait_scale_ = float(norm["wait_scale"])
+            model.backend_ = str(meta["backend"])
+            model.backend_fingerprint_ = dict(meta.get("backend_fingerprint", {}))
+            model.num_devices_ = int(meta.get("num_devices", 0))
+            model.data_hash_ = str(meta.get("training_data_hash", ""))
+            model.sample_counts_ = meta.get("sample_counts", {})
+            model.metrics_ = meta.get("metrics", {})
+            model.training_summary_ = meta.get("training", {})
+            model.provenance_ = meta.get("provenance", {})
+            nets = _build_nets(arch)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                RuntimeError) as exc:
+            raise ModelFileError(f"{d / META_FILE}: bad or missing entry ({exc!r})") from exc
+
+        checksums = meta.get("files", {})
+        states = {}
+        for fname in (COMPUTE_FILE, COMM_FILE):
+            path = d / fname
+            if not path.is_file():
+                raise ModelFileError(f"{path}: missing")
+            if fname in checksums and _sha256(path) != checksums[fname]:
+                raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
+                                     "(truncated, replaced or tampered with)")
+            try:
+                states[fname] = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint is one error
+                raise ModelFileError(f"{path}: unreadable checkpoint ({exc})") from exc
+        try:
+            nets["compute"].load_state_dict(states[COMPUTE_FILE])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFileError(f"{d / COMPUTE_FILE}: does not fit the architecture in "
+                                 f"{META_FILE} ({exc})") from exc
+        comm_state = states[COMM_FILE]
+        for w in ("fwd", "bwd"):
+            try:
+                nets[w].load_state_dict({k[len(w) + 1:]: v for k, v in comm_state.items()
+                                         if k.startswith(w + ".")})
+            except Exception as exc:  # noqa: BLE001
+                raise ModelFileError(f"{d / COMM_FILE}: {w} net does not fit the architecture "
+                                     f"in {META_FILE} ({exc})") from exc
+        for net in nets.values():
+            net.eval()
+        model.nets_ = nets
+        model._extract()
+        model.meta_ = meta
+        return model
+
+
+# --------------------------------------------------------------------------- directories
+
+# kind -> "module:attr" of a class with ``load(model_dir, meta) -> CostEstimator``
+_KINDS: dict[str, str] = {
+    "neural": "neuroshard.costmodel:NeuralCostModel",
+}
+
+
+def register_model_kind(kind: str, target: str) -> None:
+    """Make ``load_cost_model`` load directories whose ``meta["kind"]`` is ``kind`` with
+    ``target`` (``"module:Class"``, a class with ``load(model_dir, meta)``)."""
+    _KINDS[kind] = target
+
+
+def model_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a model directory; :class:`ModelFileError` naming the file if bad."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing (not a model directory?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
+        raise ModelFileError(f"{path}: no 'kind' string entry")
+    for key in ("backend_fingerprint", "files", "architecture", "normalisation"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise ModelFileError(f"{path}: entry {key!r} is not an object")
+    return meta
+
+
+def _fingerprint_diff(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    keys = sorted((set(trained) | set(now)) - IGNORED_FINGERPRINT_KEYS)
+    return [f"fingerprint {k}: {trained.get(k)!r} (model) vs {now.get(k)!r} (asked)"
+            for k in keys if trained.get(k) != now.get(k)]
+
+
+def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
+                     backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+                     feature_schema: str = FEATURE_SCHEMA) -> None:
+    """Raise :class:`ModelMismatchError` listing every way ``meta`` differs from the ask.
+
+    ``backend`` is a name (compared with the model's backend name), a backend object
+    (name and fingerprint) or a fingerprint dict. Fingerprint keys in
+    :data:`IGNORED_FINGERPRINT_KEYS` (noise level, seeds) are not compared.
+    """
+    diffs = []
+    if meta.get("feature_schema") != feature_schema:
+        diffs.append(f"feature schema {meta.get('feature_schema')!r} (model) vs "
+                     f"{feature_schema!r} (this NeuroShard)")
+    if batch_size is not None and meta.get("batch_size") != batch_size:
+        diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
+    if isinstance(backend, str):
+        if meta.get("backend") != backend:
+            diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend!r} (asked)")
+    elif isinstance(backend, Mapping):
+        diffs.extend(_fingerprint_diff(meta.get("backend_fingerprint", {}), backend))
+    elif backend is not None:
+        if meta.get("backend") != backend.name:
+            diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend.name!r} (asked)")
+        diffs.extend(_fingerprint_diff(meta.get("backend_fingerprint", {}),
+                                       backend.fingerprint()))
+    if diffs:
+        raise ModelMismatchError(f"model {meta.get('name', '?')} does not match: "
+                                 + "; ".join(diffs))
+
+
+def load_cost_model(model_dir: str | os.PathLike, *, batch_size: int | None = None,
+                    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+                    ) -> CostEstimator:
+    """Load the model in ``model_dir`` (any registered kind), checked against the ask.
+
+    Raises :class:`ModelFileError` (naming the file) for a missing, truncated or
+    unreadable file and :class:`ModelMismatchError` when ``batch_size`` or ``backend``
+    differ from what the model was trained for.
+    """
+    meta = read_meta(model_dir)
+    check_compatible(meta, batch_size=batch_size, backend=backend)
+    kind = meta["kind"]
+    if kind not in _KINDS:
+        raise ModelFileError(f"{Path(model_dir) / META_FILE}: unknown model kind {kind!r}; "
+                             f"known: {', '.join(model_kinds())}")
+    module, attr = _KINDS[kind].split(":")
+    cls = getattr(importlib.import_module(module), attr)
+    return cls.load(model_dir, meta)

@@ -1,0 +1,171 @@
+"""Pre-training end to end: augment, collect (resumable), train, save a model directory.
+
+``pretrain(out_dir)`` leaves::
+
+    out_dir/data/compute/part-*.parquet          compute samples of the training tables
+    out_dir/data/comm/part-*.parquet             comm samples
+    out_dir/data/compute_holdout/part-*.parquet  compute samples of held-out tables
+    out_dir/model/{compute.pt, comm.pt, meta.json}
+
+Sampling is seeded and sequential, so a rerun draws the same samples with the same keys:
+an interrupted run resumes collection where it stopped, and a run asking for more
+samples measures only the new ones. Training reads exactly the samples of this run.
+
+Metrics in ``meta.json``: ``compute.test`` on a random 10% of the training-table samples,
+``compute.test_pool`` on loads built only from held-out tables (by default the pool's
+test half, never seen in training), ``fwd_comm.test`` and ``bwd_comm.test``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from neuroshard.costmodel import NeuralCostModel
+from neuroshard.pretrain.augment import (
+    DEFAULT_MEMORY_CAP_BYTES,
+    augment_tables,
+    sample_comm_tasks,
+    sample_compute_loads,
+    shrink_tables,
+)
+from neuroshard.pretrain.collect import BackendSpec, collect, resolve_backend
+from neuroshard.pretrain.dataset import load_comm, load_compute
+from neuroshard.types import HardwareBackend, TableSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["pretrain"]
+
+# Independent random streams per sample kind, so changing one count leaves the others' keys.
+_STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
+
+
+def pretrain(out_dir: str | os.PathLike, *,
+             backend: str | HardwareBackend | BackendSpec = "sim",
+             backend_kwargs: Mapping[str, Any] | None = None,
+             num_devices: int = 4,
+             comm_device_counts: Sequence[int] | None = None,
+             compute_samples: int = 20_000,
+             comm_samples: int = 8_000,
+             holdout_samples: int = 2_000,
+             seed: int = 0,
+             tables: Sequence[TableSpec] | None = None,
+             holdout_tables: Sequence[TableSpec] | None = None,
+             memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES,
+             max_tables: int = 40,
+             shrink_copies: int = 1,
+             chunk_size: int = 256,
+             model_kwargs: Mapping[str, Any] | None = None,
+             progress: bool = True) -> Path:
+    """Collect training data on ``backend``, train a :class:`NeuralCostModel`, save it.
+
+    ``tables`` default to the pool's train half and ``holdout_tables`` then default to its
+    test half (``load_pool``); with explicit ``tables`` there is no held-out pool unless
+    given. Comm samples use ``num_devices`` devices, or a device count drawn from
+    ``comm_device_counts`` per sample. The comm nets accept any count but are accurate
+    near the counts they saw: on the sim (h100), a model trained at 4 devices is off by
+    0.6% at 4, 9% at 8 and 35% at 2; trained on (2, 4, 8, 16) it is within 3% at 2 to 8
+    and 15% at 16, where devices span two hosts (which devices share a host is not an
+    input). Returns the model directory ``out_dir/model``.
+
+    Compute loads are drawn from the training tables plus ``shrink_copies`` hotter copies
+    of each (:func:`~neuroshard.pretrain.augment.shrink_tables`), all at every dim of
+    :func:`~neuroshard.pretrain.augment.augment_tables`. Held-out loads use the held-out
+    tables as they are.
+
+    Loads have 1 to ``max_tables`` tables. The paper's 15 is too few for the search: a
+    device of a 60-table task on 4 devices holds 15 shards on average and more in skewed
+    candidates, and a model trained on at most 15 is off by 25% at 16-30 tables and by
+    more than 100% at 31-45 (sim backend, h100); with 40 the error stays at the noise level.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    if tables is None:
+        from neuroshard.pretrain.pool import load_pool
+
+        tables = load_pool("train")
+        if holdout_tables is None:
+            holdout_tables = load_pool("test")
+    tables = list(tables)
+    if not tables:
+        raise ValueError("pretrain needs at least one table")
+    if isinstance(backend, str):
+        backend = BackendSpec(backend, dict(backend_kwargs or {}))
+    elif backend_kwargs:
+        raise ValueError("backend_kwargs only apply to a backend given by name")
+    be = resolve_backend(backend)
+    counts = list(comm_device_counts) if comm_device_counts else [num_devices]
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    variants = list(tables)
+    if shrink_copies > 0:
+        variants += shrink_tables(tables, np.random.default_rng([seed, _STREAM_SHRINK]),
+                                  copies=shrink_copies)
+    augmented = augment_tables(variants)
+    compute_set = sample_compute_loads(augmented, compute_samples,
+                                       np.random.default_rng([seed, _STREAM_COMPUTE]),
+                                       max_tables=max_tables, memory_cap_bytes=memory_cap_bytes)
+    comm_set = sample_comm_tasks(tables, comm_samples, np.random.default_rng([seed, _STREAM_COMM]),
+                                 counts)
+    holdout_set = []
+    if holdout_tables and holdout_samples > 0:
+        holdout_set = sample_compute_loads(augment_tables(list(holdout_tables)), holdout_samples,
+                                           np.random.default_rng([seed, _STREAM_HOLDOUT]),
+                                           max_tables=max_tables,
+                                           memory_cap_bytes=memory_cap_bytes)
+    timings["sample_s"] = time.perf_counter() - t0
+    logger.info("%d tables (%d with hotter copies, %d at all dims): %d compute, %d comm, "
+                "%d held-out samples", len(tables), len(variants), len(augmented),
+                len(compute_set), len(comm_set), len(holdout_set))
+
+    t0 = time.perf_counter()
+    data = out / "data"
+    collect(compute_set, be, data / "compute", kind="compute", chunk_size=chunk_size,
+            progress=progress, description="compute samples")
+    collect(comm_set, be, data / "comm", kind="comm", chunk_size=chunk_size,
+            progress=progress, description="comm samples")
+    if holdout_set:
+        collect(holdout_set, be, data / "compute_holdout", kind="compute",
+                chunk_size=chunk_size, progress=progress, description="held-out samples")
+    timings["collect_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    compute_data = load_compute(data / "compute", {s.key for s in compute_set})
+    comm_data = load_comm(data / "comm", {s.key for s in comm_set})
+    kwargs = {"seed": seed, **dict(model_kwargs or {})}
+    model = NeuralCostModel(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
+                                          num_devices=num_devices)
+    timings["train_s"] = time.perf_counter() - t0
+    if holdout_set:
+        holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
+        model.metrics_["compute"]["test_pool"] = model.score_compute(holdout)
+        model.sample_counts_["compute_holdout"] = len(holdout)
+    timings["total_s"] = time.perf_counter() - started
+    model.provenance_ = {
+        "pipeline": "neuroshard.pretrain.pipeline.pretrain",
+        "seed": seed,
+        "num_devices": num_devices,
+        "comm_device_counts": counts,
+        "num_tables": len(tables),
+        "num_holdout_tables": len(holdout_tables or []),
+        "memory_cap_bytes": memory_cap_bytes,
+        "max_tables": max_tables,
+        "shrink_copies": shrink_copies,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    model_dir = model.save(out / "model")
+    m = model.metrics_
+    logger.info("pretrained %s in %.0f s: compute MAPE %.3f (test), %s; fwd comm MAPE %.3f, "
+                "bwd comm MAPE %.3f", model.name, timings["total_s"],
+                m["compute"]["test"]["mape"],
+                f"{m['compute']['test_pool']['mape']:.3f} (test pool)"
+                if "test_pool" in m["compute"] else "no test pool",
+                m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
+    return model_dir

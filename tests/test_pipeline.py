@@ -1,0 +1,55 @@
+from dataclasses import replace
+
+import pytest
+
+from factories import FakeBackend, make_tables
+from neuroshard.costmodel import load_cost_model, read_meta
+from neuroshard.pretrain.collect import part_files
+from neuroshard.pretrain.pipeline import pretrain
+
+
+def _pools():
+    train = make_tables(40, seed=11)
+    test = [replace(t, name=f"held_{t.name}") for t in make_tables(20, seed=12)]
+    return train, test
+
+
+def _run(out_dir, **kw):
+    train, test = _pools()
+    args = dict(backend=FakeBackend(), tables=train, holdout_tables=test, num_devices=4,
+                compute_samples=1500, comm_samples=600, holdout_samples=300, seed=0,
+                chunk_size=200, progress=False, max_tables=15,
+                model_kwargs={"max_epochs": 100, "patience": 15, "train_batch_size": 64})
+    args.update(kw)
+    return pretrain(out_dir, **args)
+
+
+@pytest.mark.slow
+def test_tiny_pretrain_end_to_end_and_resume(tmp_path):
+    model_dir = _run(tmp_path)
+    assert model_dir == tmp_path / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"compute.pt", "comm.pt", "meta.json"}
+    meta = read_meta(model_dir)
+    assert meta["sample_counts"]["compute"]["total"] == 1500
+    assert meta["sample_counts"]["comm"]["total"] == 600
+    assert meta["sample_counts"]["compute_holdout"] == 300
+    assert meta["num_devices"] == 4 and meta["backend"] == "fake"
+    held_out = meta["metrics"]["compute"]["test_pool"]
+    assert held_out["n"] == 300
+    assert held_out["mape"] < 0.35 and held_out["spearman"] > 0.9
+    assert meta["metrics"]["bwd_comm"]["test"]["mape"] < 0.35
+    assert meta["metrics"]["fwd_comm"]["test"]["mape"] < 0.35
+    model = load_cost_model(model_dir, batch_size=65_536, backend="fake")
+    assert model.compute_ms([[]]).tolist() == [0.0]
+
+    # a rerun measures nothing new and trains the same model on the same data
+    parts = {p: p.stat().st_mtime_ns for p in part_files(tmp_path / "data" / "compute")}
+    again = read_meta(_run(tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in part_files(tmp_path / "data" / "compute")} == parts
+    assert again["training_data_hash"] == meta["training_data_hash"]
+    assert again["metrics"] == meta["metrics"]
+
+
+def test_pretrain_rejects_kwargs_for_a_backend_object(tmp_path):
+    with pytest.raises(ValueError, match="backend_kwargs"):
+        _run(tmp_path, backend_kwargs={"profile": "h100"})
