@@ -164,6 +164,8 @@ def plan(
     force: bool = typer.Option(False, "--force", help="Use a model even if its batch size does not match."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
+    torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
+                                                help="Also write a TorchRec ShardingPlan (torch.save)."),
 ) -> None:
     """Plan TABLES on DEVICES devices.
 
@@ -186,6 +188,10 @@ def plan(
     result = plan_tables(specs, cluster, estimator, searcher, seed=seed)
     if out_path:
         write_plan(result, out_path)
+    if torchrec_out:
+        from neuroshard.torchrec_adapter import save_sharding_plan
+
+        save_sharding_plan(result, torchrec_out)
     if as_json:
         out.print_json(json.dumps(plan_to_dict(result)))
         return
@@ -254,6 +260,116 @@ def pretrain(
     model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
                              compute_samples=compute_samples, comm_samples=comm_samples, seed=seed)
     out.print(f"model written to {model_dir}")
+
+
+@app.command()
+@handles_errors
+def report(
+    plans: list[Path] = typer.Argument(..., help="One or two plan JSON files."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="report.png or report.html"),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="Re-score every plan on this backend (default: stored costs)."),
+) -> None:
+    """Per-device stacked costs and memory against the cap, two plans side by side.
+
+    Example: neuroshard report neuroshard.json torchrec.json --out report.png
+    """
+    from neuroshard.report import report_from_files
+
+    written = report_from_files(plans, out_path, backend=backend)
+    out.print(f"report written to {written}")
+
+
+@app.command()
+@handles_errors
+def convert(
+    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v1)."),
+    to: str = typer.Option("torchrec", "--to", help="Target format: torchrec."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Where to write (plan.pt)."),
+    module_path: str = typer.Option("", "--module-path",
+                                    help="Fully qualified path of the EmbeddingBagCollection in your model."),
+    device_type: str = typer.Option("cpu", "--device-type", help="cpu or cuda placements."),
+) -> None:
+    """Convert a plan to a TorchRec ShardingPlan (load with torch.load(weights_only=False)).
+
+    Example: neuroshard convert plan.json --to torchrec --out plan.pt --module-path sparse.ebc
+    """
+    from neuroshard.plan_io import read_plan
+    from neuroshard.torchrec_adapter import save_sharding_plan
+
+    if to != "torchrec":
+        raise UsageError(f"--to: unknown format {to!r}; valid: torchrec")
+    if device_type not in ("cpu", "cuda"):
+        raise UsageError(f"--device-type: {device_type!r} is not cpu or cuda")
+    save_sharding_plan(read_plan(plan_path), out_path, module_path=module_path, device_type=device_type)
+    out.print(f"TorchRec ShardingPlan written to {out_path}")
+
+
+@app.command()
+@handles_errors
+def profile(
+    input_path: Path = typer.Argument(..., help="Lookups: a saved KeyedJaggedTensor, a dict of "
+                                                "indices/offsets tensors, or a Parquet of (table, sample, id)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table config JSON here."),
+    dim: int = typer.Option(128, "--dim", min=4, help="Embedding dim for every table (not in lookup data)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Cut samples into batches of this size for the histogram."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table config JSON."),
+) -> None:
+    """Measure rows, pooling factor and reuse histogram of each table from real lookups.
+
+    Example: neuroshard profile lookups.parquet --dim 64 --out tables.json
+    """
+    from neuroshard.profile import profile_tables
+    from neuroshard.tables import save_tables, table_to_record
+
+    if dim % 4:
+        raise UsageError(f"--dim must be a multiple of 4, got {dim}")
+    specs = profile_tables(input_path, batch_size, dims=dim)
+    if out_path:
+        save_tables(specs, out_path)
+    if as_json:
+        out.print_json(json.dumps([table_to_record(t) for t in specs]))
+        return
+    table = Table(title=f"{len(specs)} tables from {input_path}")
+    for column in ("table", "rows", "dim", "pooling factor", "accessed once"):
+        table.add_column(column, justify="right")
+    for t in specs:
+        table.add_row(t.name, str(t.rows), str(t.dim), f"{t.pooling_factor:.2f}", f"{t.reuse_hist[0]:.3f}")
+    out.print(table)
+    if out_path:
+        out.print(f"table config written to {out_path}")
+
+
+@app.command("model-report")
+@handles_errors
+def model_report(
+    model_dir: Path = typer.Argument(..., help="Model directory (meta.json inside)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A model's provenance and its error on held-out data (MAPE, Spearman).
+
+    Example: neuroshard model-report data/models/sim-h100-d4
+    """
+    from neuroshard.costmodel import read_meta
+
+    meta = read_meta(model_dir)
+    if as_json:
+        out.print_json(json.dumps({k: meta.get(k) for k in ("name", "kind", "backend", "batch_size",
+                                                            "num_devices", "sample_counts", "metrics")}))
+        return
+    out.print(f"[bold]{meta.get('name')}[/bold] ({meta.get('kind')}), backend {meta.get('backend')}, "
+              f"batch {meta.get('batch_size')}, {meta.get('num_devices')} devices, "
+              f"schema {meta.get('feature_schema')}")
+    table = Table(title="held-out error")
+    for column in ("model", "split", "samples", "MAPE", "Spearman"):
+        table.add_column(column, justify="right")
+    for part, splits in sorted((meta.get("metrics") or {}).items()):
+        for split, m in sorted(splits.items()):
+            if isinstance(m, dict) and "mape" in m:
+                table.add_row(part, split, str(m.get("n", "")), f"{m['mape']:.2%}",
+                              f"{m.get('spearman', float('nan')):.4f}")
+    out.print(table)
 
 
 def main() -> None:

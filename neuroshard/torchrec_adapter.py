@@ -240,6 +240,33 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
     return ShardingPlan(plan=dict(modules))
 
 
+def meta_ebc(tables: Sequence[TableSpec]) -> EmbeddingBagCollection:
+    """An :class:`EmbeddingBagCollection` with ``tables``' shapes on the meta device (no memory)."""
+    return EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim,
+                                   feature_names=[f"{t.name}__feature"]) for t in tables],
+        device=torch.device("meta"),
+    )
+
+
+def save_sharding_plan(plan: Plan, path: str | Path, *, module_path: str = "",
+                       device_type: str = "cpu") -> ShardingPlan:
+    """Write ``plan`` as a TorchRec :class:`ShardingPlan` with ``torch.save``.
+
+    Without the user's model, the plan is keyed for one EmbeddingBagCollection at
+    ``module_path`` ("" when the EBC is the model itself) holding every table. Load it
+    with ``torch.load(path, weights_only=False)``: a ShardingPlan is a pickled object.
+    """
+    sharding_plan = to_sharding_plan(plan, meta_ebc(plan.tables), device_type=device_type)
+    if module_path:
+        sharding_plan = ShardingPlan({module_path: sharding_plan.plan[""]})
+    try:
+        torch.save(sharding_plan, path)
+    except OSError as e:
+        raise NeuroShardError(f"{path}: cannot write: {e.strerror or e}") from None
+    return sharding_plan
+
+
 def from_sharding_plan(sharding_plan: ShardingPlan, module: nn.Module,
                        tables: Sequence[TableSpec] | None = None,
                        cluster: Cluster | None = None) -> Plan:

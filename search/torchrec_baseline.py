@@ -71,7 +71,6 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     """
     if cost_source not in COST_SOURCES:
         raise ValueError(f"cost_source must be one of {COST_SOURCES}, got {cost_source!r}")
-    import torch
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -80,8 +79,6 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
         FixedPercentageStorageReservation,
     )
     from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from neuroshard.plan_io import validate_plan
     from neuroshard.search.scoring import plan_cost
@@ -89,14 +86,11 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
         NeuroShardEstimator,
         cluster_topology,
         from_sharding_plan,
+        meta_ebc,
     )
 
     started = time.perf_counter()
-    ebc = EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim,
-                                   feature_names=[f"{t.name}__feature"]) for t in tables],
-        device=torch.device("meta"),
-    )
+    ebc = meta_ebc(tables)
     topology = cluster_topology(cluster, compute_device)
     constraints = {
         t.name: ParameterConstraints(sharding_types=list(SHARDING_TYPES),

@@ -319,27 +319,6 @@ META_KEYS = [
 ]
 
 
-def _bug(reason, raises=(TypeError, AttributeError)):
-    return pytest.mark.xfail(strict=True, raises=raises, reason=f"costmodel bug: {reason}")
-
-
-META_BUGS = {
-    "kind": _bug("an unhashable 'kind' (list, object) raises TypeError in load_cost_model"),
-    "backend_fingerprint": _bug("a non-object 'backend_fingerprint' raises TypeError/"
-                                "AttributeError in check_compatible when given a backend object"),
-    "files": _bug("a 'files' entry that is not an object (null, number) raises TypeError in "
-                  "NeuralCostModel.load (the checksum lookup is outside its try)"),
-    "architecture.table_hidden": _bug("a negative layer width raises torch's RuntimeError, which "
-                             "NeuralCostModel.load does not catch", RuntimeError),
-    "architecture.embed_dim": _bug("a negative embed_dim raises torch's RuntimeError", RuntimeError),
-    "architecture.head_hidden": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
-    "architecture.comm_encoder": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
-    "architecture.comm_head": _bug("a negative layer width raises torch's RuntimeError", RuntimeError),
-    "normalisation.target": _bug("a non-object 'normalisation.target' raises AttributeError "
-                                 "(.items() on a list or number)"),
-}
-
-
 def _set(meta, dotted, value):
     keys = dotted.split(".")
     if dotted.startswith("files."):
@@ -353,8 +332,7 @@ def _set(meta, dotted, value):
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("key", [pytest.param(k, marks=[META_BUGS[k]] if k in META_BUGS else [])
-                                 for k in META_KEYS])
+@pytest.mark.parametrize("key", META_KEYS)
 def test_meta_entry_replaced_by_junk(model_dir, tmp_path, key):
     original = _meta(model_dir)
     for i, junk in enumerate(META_JUNK):
