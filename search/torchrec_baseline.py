@@ -118,9 +118,13 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     try:
         sharding_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
     except PlannerError as err:
+        largest = sorted(tables, key=lambda t: -t.size_bytes)[:3]
         raise PlanInfeasibleError(
-            f"TorchRec found no plan for {len(tables)} tables on {cluster.num_devices} "
-            f"devices: {_one_line(str(err))}"
+            f"TorchRec found no plan for {len(tables)} tables needing "
+            f"{sum(t.size_bytes for t in tables)} bytes of weights (largest: "
+            + ", ".join(f"{t.name!r} {t.size_bytes} bytes" for t in largest)
+            + f") on {cluster.num_devices} devices of at most {max(cluster.memory_per_device_bytes)} bytes; "
+            f"TorchRec also budgets I/O buffers: {_one_line(str(err))}"
         ) from None
     plan = from_sharding_plan(sharding_plan, ebc, tables=tables, cluster=cluster)
     validate_plan(plan)

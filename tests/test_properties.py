@@ -31,10 +31,7 @@ WEIGHTS_ONLY_MEMORY = frozenset(searcher_names()) - {"torchrec"}
 
 # Searchers whose PlanInfeasibleError message breaks the rule; the test xfails for them
 # while the rule is broken, and passes once it holds.
-MESSAGE_BUGS = {
-    "torchrec": "TorchRec's reason (passed on by search/torchrec_baseline.py) gives "
-                "storage as Storage(hbm=..) in GB, never in bytes",
-}
+MESSAGE_BUGS: dict[str, str] = {}
 
 
 @st.composite
