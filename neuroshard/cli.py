@@ -247,6 +247,7 @@ def pretrain(
     comm_samples: int = typer.Option(8_000, "--comm-samples", min=10),
     batch_size: int = typer.Option(65_536, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
+    cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -258,7 +259,8 @@ def pretrain(
     if backend == "sim":
         kwargs.update(profile=profile, noise=noise, seed=seed)
     model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
-                             compute_samples=compute_samples, comm_samples=comm_samples, seed=seed)
+                             compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
+                             cost_model=cost_model)
     out.print(f"model written to {model_dir}")
 
 

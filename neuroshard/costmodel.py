@@ -649,6 +649,7 @@ class NeuralCostModel:
 # kind -> "module:attr" of a class with ``load(model_dir, meta) -> CostEstimator``
 _KINDS: dict[str, str] = {
     "neural": "neuroshard.costmodel:NeuralCostModel",
+    "lightgbm": "neuroshard.lgbm:LightGBMCostModel",
 }
 
 

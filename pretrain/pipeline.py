@@ -36,7 +36,7 @@ from neuroshard.pretrain.augment import (
 )
 from neuroshard.pretrain.collect import BackendSpec, collect, resolve_backend
 from neuroshard.pretrain.dataset import load_comm, load_compute
-from neuroshard.types import HardwareBackend, TableSpec
+from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ __all__ = ["pretrain"]
 
 # Independent random streams per sample kind, so changing one count leaves the others' keys.
 _STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
+
+
+def _model_class(cost_model: str) -> type:
+    if cost_model == "neural":
+        return NeuralCostModel
+    if cost_model == "lightgbm":
+        from neuroshard.lgbm import LightGBMCostModel
+
+        return LightGBMCostModel
+    raise UnknownNameError(f"unknown cost model {cost_model!r}; valid: lightgbm, neural")
 
 
 def pretrain(out_dir: str | os.PathLike, *,
@@ -62,8 +72,12 @@ def pretrain(out_dir: str | os.PathLike, *,
              shrink_copies: int = 1,
              chunk_size: int = 256,
              model_kwargs: Mapping[str, Any] | None = None,
+             cost_model: str = "neural",
              progress: bool = True) -> Path:
-    """Collect training data on ``backend``, train a :class:`NeuralCostModel`, save it.
+    """Collect training data on ``backend``, train a cost model, save it.
+
+    ``cost_model`` is ``"neural"`` (:class:`NeuralCostModel`) or ``"lightgbm"``
+    (:class:`~neuroshard.lgbm.LightGBMCostModel`, same data and directory layout).
 
     ``tables`` default to the pool's train half and ``holdout_tables`` then default to its
     test half (``load_pool``); with explicit ``tables`` there is no held-out pool unless
@@ -86,6 +100,7 @@ def pretrain(out_dir: str | os.PathLike, *,
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    model_cls = _model_class(cost_model)  # an unknown name fails before collecting
     if tables is None:
         from neuroshard.pretrain.pool import load_pool
 
@@ -140,8 +155,8 @@ def pretrain(out_dir: str | os.PathLike, *,
     compute_data = load_compute(data / "compute", {s.key for s in compute_set})
     comm_data = load_comm(data / "comm", {s.key for s in comm_set})
     kwargs = {"seed": seed, **dict(model_kwargs or {})}
-    model = NeuralCostModel(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
-                                          num_devices=num_devices)
+    model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
+                                    num_devices=num_devices)
     timings["train_s"] = time.perf_counter() - t0
     if holdout_set:
         holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
