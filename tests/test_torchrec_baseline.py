@@ -43,7 +43,8 @@ def test_no_plan_is_a_one_line_infeasible_error():
         torchrec_plan(tables, make_cluster(4, memory_gb=0.5), FakeEstimator())
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("TorchRec found no plan for 10 tables on 4 devices: ")
+    assert message.startswith("TorchRec found no plan for 10 tables needing ")
+    assert "on 4 devices of at most 536870912 bytes" in message
     assert "insufficient storage" in message and "Global storage requirement" in message
 
 
