@@ -42,8 +42,8 @@ Kind = Literal["compute", "comm"]
 PART_GLOB = "part-*.parquet"
 
 __all__ = [
-    "BackendSpec", "CollectResult", "DatasetError", "collect", "collect_chunk",
-    "existing_keys", "part_files", "write_part",
+    "BackendSpec", "CollectResult", "DatasetError", "check_fingerprint", "collect",
+    "collect_chunk", "existing_keys", "part_files", "pending_samples", "write_part",
 ]
 
 
@@ -220,6 +220,27 @@ def _fingerprint_diff(a: str, b: str) -> str:
                      for k in keys if da.get(k) != db.get(k))
 
 
+def check_fingerprint(out_dir: str | os.PathLike, fingerprint: str, backend_name: str) -> None:
+    """Raise :class:`DatasetError` if ``out_dir`` holds rows of another backend."""
+    prior = _existing_fingerprint(Path(out_dir))
+    if prior is not None and prior[1] != fingerprint:
+        raise DatasetError(
+            f"{prior[0]}: rows come from another backend than {backend_name!r}: "
+            f"{_fingerprint_diff(prior[1], fingerprint)}; collect into another directory"
+        )
+
+
+def pending_samples(samples: Sequence[Any], done: set[str]) -> list[Any]:
+    """``samples`` whose keys are not in ``done``, first occurrence of each key only."""
+    pending: list[Any] = []
+    seen: set[str] = set()
+    for s in samples:
+        if s.key not in done and s.key not in seen:
+            pending.append(s)
+            seen.add(s.key)
+    return pending
+
+
 def write_part(rows: Sequence[dict], out_dir: str | os.PathLike, kind: Kind) -> Path:
     """Write ``rows`` as one part file, atomically (temporary file, then rename)."""
     out = Path(out_dir)
@@ -253,6 +274,7 @@ class CollectResult:
     measured: int  # rows written by this call
     skipped: int  # samples whose rows were already on disk
     total: int  # samples asked for
+    failed: int = 0  # samples left unmeasured after their chunk failed every retry
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -310,13 +332,7 @@ def collect(samples: Sequence[ComputeSample | CommSample],
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = existing_keys(out)
-    pending: list[Any] = []
-    seen: set[str] = set()
-    for s in samples:
-        if s.key not in done and s.key not in seen:
-            pending.append(s)
-            seen.add(s.key)
+    pending = pending_samples(samples, existing_keys(out))
     skipped = len(samples) - len(pending)
     logger.info("collect %s into %s: %d samples, %d on disk, %d to measure",
                 kind, out, len(samples), skipped, len(pending))
@@ -324,13 +340,7 @@ def collect(samples: Sequence[ComputeSample | CommSample],
         return CollectResult(out, 0, skipped, len(samples))
 
     be = resolve_backend(backend)
-    fp = fingerprint_json(be)
-    prior = _existing_fingerprint(out)
-    if prior is not None and prior[1] != fp:
-        raise DatasetError(
-            f"{prior[0]}: rows come from another backend than {be.name!r}: "
-            f"{_fingerprint_diff(prior[1], fp)}; collect into another directory"
-        )
+    check_fingerprint(out, fingerprint_json(be), be.name)
     measured = 0
     with _Bar(progress, description or f"{kind} samples", len(samples), skipped) as bar:
         for chunk in _chunks(pending, chunk_size):

@@ -1,0 +1,233 @@
+"""collect_ray: every key once over several workers, resume after a real kill -9, retries.
+
+The fake backends below are built inside Ray workers from ``"test_ray_jobs:<name>"``
+specs, so the tests put this folder on the workers' ``PYTHONPATH``.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("ray")
+
+from factories import make_tables  # noqa: E402
+from neuroshard.backends.sim import SimBackend  # noqa: E402
+from neuroshard.pretrain.augment import augment_tables, sample_compute_loads  # noqa: E402
+from neuroshard.pretrain.collect import BackendSpec, part_files  # noqa: E402
+from neuroshard.pretrain.ray_jobs import collect_ray  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+class SlowSim(SimBackend):
+    """The sim backend taking ``delay_s`` per sample, so a job lasts long enough to kill."""
+
+    def __init__(self, delay_s: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.delay_s = delay_s
+
+    def measure_compute(self, load):
+        time.sleep(self.delay_s)
+        return super().measure_compute(load)
+
+
+class FlakyOnce(SimBackend):
+    """Raises on its first measurement, like a worker whose first chunk hits a glitch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def measure_compute(self, load):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("transient device error")
+        return super().measure_compute(load)
+
+
+class FailsOnTable(SimBackend):
+    """Always raises on loads holding the table ``bad``: a sample no retry can measure."""
+
+    def __init__(self, bad: str, **kwargs):
+        super().__init__(**kwargs)
+        self.bad = bad
+
+    def measure_compute(self, load):
+        if any(t.name == self.bad for t in load):
+            raise RuntimeError(f"cannot measure table {self.bad}")
+        return super().measure_compute(load)
+
+
+class DiesOnce(SimBackend):
+    """Kills its own process on its first measurement unless ``marker`` exists (creating
+    it first): a worker lost mid-chunk, once in the whole job."""
+
+    def __init__(self, marker: str, **kwargs):
+        super().__init__(**kwargs)
+        self.marker = Path(marker)
+
+    def measure_compute(self, load):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return super().measure_compute(load)
+
+
+def make_samples(n: int, seed: int = 0):
+    tables = augment_tables(make_tables(30, seed=seed))
+    return sample_compute_loads(tables, n, np.random.default_rng(seed), max_tables=6)
+
+
+def kill_job_args():
+    """The long job of the kill -9 test; the subprocess and the rerun both call this."""
+    return make_samples(400, seed=7), BackendSpec("test_ray_jobs:SlowSim", {"delay_s": 0.02})
+
+
+def disk_keys(out_dir) -> list[str]:
+    return [k for p in part_files(out_dir) for k in pq.read_table(p, columns=["key"])
+            .column("key").to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the tests that need this folder importable in workers."""
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(
+            [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, object_store_memory=128 << 20)
+    yield ray
+    ray.shutdown()
+
+
+def test_two_workers_write_every_key_once(tmp_path):
+    import ray
+
+    samples = make_samples(120)
+    res = collect_ray(samples, BackendSpec("sim", {"batch_size": 4096}), tmp_path, kind="compute",
+                      workers=2, chunk_size=10, progress=False)
+    keys = disk_keys(tmp_path)
+    assert sorted(keys) == sorted(s.key for s in samples)
+    assert (res.measured, res.skipped, res.failed, res.total) == (120, 0, 0, 120)
+    assert len(part_files(tmp_path)) == 12
+    assert not ray.is_initialized()  # it started Ray, so it shut it down
+    again = collect_ray(samples, BackendSpec("sim", {"batch_size": 4096}), tmp_path,
+                        kind="compute", workers=2, chunk_size=10, progress=False)
+    assert (again.measured, again.skipped) == (0, 120)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # field 6 of stat: session id
+                pids.append(int(d.name))
+    return pids
+
+
+def test_resumes_after_kill_9(tmp_path, ray_cluster):
+    out = tmp_path / "data"
+    code = (
+        "from test_ray_jobs import kill_job_args\n"
+        "from neuroshard.pretrain.ray_jobs import collect_ray\n"
+        "samples, spec = kill_job_args()\n"
+        f"collect_ray(samples, spec, {str(out)!r}, kind='compute', workers=2, chunk_size=4,"
+        " progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(part_files(out)) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the collection ended before it could be killed"
+            time.sleep(0.05)
+        assert len(part_files(out)) >= 3, "no part files within 120 s"
+        assert proc.poll() is None, "the collection ended before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its Ray processes, same process group
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        for pid in _session_pids(proc.pid):  # anything that left the group but not the session
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    samples, spec = kill_job_args()
+    before = len(set(disk_keys(out)))
+    assert 0 < before < len(samples)
+
+    res = collect_ray(samples, spec, out, kind="compute", workers=2, chunk_size=4,
+                      progress=False)
+    keys = disk_keys(out)
+    assert len(keys) == len(set(keys)), "duplicated rows"
+    assert set(keys) == {s.key for s in samples}, "missing rows"
+    assert res.skipped == before and res.measured == len(samples) - before
+    assert res.failed == 0
+
+
+def test_failed_chunk_is_retried(tmp_path, ray_cluster, caplog):
+    samples = make_samples(40, seed=3)
+    with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
+        res = collect_ray(samples, BackendSpec("test_ray_jobs:FlakyOnce"), tmp_path,
+                          kind="compute", workers=2, chunk_size=5, max_retries=1,
+                          progress=False)
+    assert res.failed == 0 and res.measured == 40
+    assert sorted(disk_keys(tmp_path)) == sorted(s.key for s in samples)
+    assert "retrying" in caplog.text
+
+
+def test_dead_worker_is_replaced_and_its_chunks_retried(tmp_path, ray_cluster, caplog):
+    samples = make_samples(30, seed=5)
+    spec = BackendSpec("test_ray_jobs:DiesOnce", {"marker": str(tmp_path / "died")})
+    with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
+        res = collect_ray(samples, spec, tmp_path / "data", kind="compute", workers=2,
+                          chunk_size=5, progress=False)
+    assert (tmp_path / "died").exists()
+    assert res.failed == 0 and res.measured == 30
+    assert sorted(disk_keys(tmp_path / "data")) == sorted(s.key for s in samples)
+    assert "died" in caplog.text
+
+
+def test_chunk_failing_every_retry_is_reported_not_fatal(tmp_path, ray_cluster, caplog):
+    samples = make_samples(40, seed=3)
+    bad = samples[0].tables[0].name
+    n_bad = sum(any(t.name == bad for t in s.tables) for s in samples)
+    with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
+        res = collect_ray(samples, BackendSpec("test_ray_jobs:FailsOnTable", {"bad": bad}),
+                          tmp_path, kind="compute", workers=2, chunk_size=1, max_retries=2,
+                          progress=False)
+    assert res.failed == n_bad and res.measured == 40 - n_bad
+    assert len(disk_keys(tmp_path)) == 40 - n_bad
+    assert "giving up" in caplog.text
+
+
+def test_rejects_bad_arguments(tmp_path):
+    samples = make_samples(3)
+    with pytest.raises(ValueError, match="workers"):
+        collect_ray(samples, BackendSpec("sim"), tmp_path, kind="compute", workers=0)
+    with pytest.raises(TypeError, match="BackendSpec"):
+        collect_ray(samples, "sim", tmp_path, kind="compute")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ComputeSample"):
+        collect_ray(samples, BackendSpec("sim"), tmp_path, kind="comm")
