@@ -248,6 +248,8 @@ def pretrain(
     batch_size: int = typer.Option(65_536, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Collect on this many Ray workers (0: in process)."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -260,8 +262,37 @@ def pretrain(
         kwargs.update(profile=profile, noise=noise, seed=seed)
     model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
                              compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
-                             cost_model=cost_model)
+                             cost_model=cost_model, workers=workers, address=address)
     out.print(f"model written to {model_dir}")
+
+
+@app.command()
+@handles_errors
+def collect(
+    out_dir: Path = typer.Option(..., "--out", help="Output directory of Parquet parts (resumable)."),
+    backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
+    kind: str = typer.Option("compute", "--kind", help="compute or comm."),
+    samples: int = typer.Option(1000, "--samples", min=1),
+    devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of comm samples."),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1),
+    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Ray workers (0: in this process)."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Measure pretraining samples on a backend into Parquet; rerun to resume.
+
+    Example: neuroshard collect --backend cpu --kind compute --samples 2000 --workers 2 --out runs/cpu
+    """
+    from neuroshard.pretrain.pipeline import collect_samples
+
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if backend == "sim":
+        kwargs["profile"] = profile
+    result = collect_samples(out_dir, kind=kind, samples=samples, backend=backend, backend_kwargs=kwargs,
+                             num_devices=devices, seed=seed, workers=workers, address=address)
+    out.print(f"{result.measured} measured, {result.skipped} already on disk, {result.failed} failed "
+              f"of {result.total} {kind} samples in {result.out_dir}")
 
 
 @app.command()

@@ -40,7 +40,7 @@ from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pretrain"]
+__all__ = ["collect_samples", "pretrain"]
 
 # Independent random streams per sample kind, so changing one count leaves the others' keys.
 _STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
@@ -73,6 +73,8 @@ def pretrain(out_dir: str | os.PathLike, *,
              chunk_size: int = 256,
              model_kwargs: Mapping[str, Any] | None = None,
              cost_model: str = "neural",
+             workers: int = 0,
+             address: str | None = None,
              progress: bool = True) -> Path:
     """Collect training data on ``backend``, train a cost model, save it.
 
@@ -87,6 +89,10 @@ def pretrain(out_dir: str | os.PathLike, *,
     0.6% at 4, 9% at 8 and 35% at 2; trained on (2, 4, 8, 16) it is within 3% at 2 to 8
     and 15% at 16, where devices span two hosts (which devices share a host is not an
     input). Returns the model directory ``out_dir/model``.
+
+    ``workers`` > 0 or an ``address`` collects on Ray actors
+    (:func:`~neuroshard.pretrain.ray_jobs.collect_ray`: an embedded local cluster, or the
+    cluster at ``address``); otherwise collection runs in this process.
 
     Compute loads are drawn from the training tables plus ``shrink_copies`` hotter copies
     of each (:func:`~neuroshard.pretrain.augment.shrink_tables`), all at every dim of
@@ -119,14 +125,8 @@ def pretrain(out_dir: str | os.PathLike, *,
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    variants = list(tables)
-    if shrink_copies > 0:
-        variants += shrink_tables(tables, np.random.default_rng([seed, _STREAM_SHRINK]),
-                                  copies=shrink_copies)
-    augmented = augment_tables(variants)
-    compute_set = sample_compute_loads(augmented, compute_samples,
-                                       np.random.default_rng([seed, _STREAM_COMPUTE]),
-                                       max_tables=max_tables, memory_cap_bytes=memory_cap_bytes)
+    compute_set = _compute_samples(tables, compute_samples, seed=seed, max_tables=max_tables,
+                                   memory_cap_bytes=memory_cap_bytes, shrink_copies=shrink_copies)
     comm_set = sample_comm_tasks(tables, comm_samples, np.random.default_rng([seed, _STREAM_COMM]),
                                  counts)
     holdout_set = []
@@ -136,19 +136,19 @@ def pretrain(out_dir: str | os.PathLike, *,
                                            max_tables=max_tables,
                                            memory_cap_bytes=memory_cap_bytes)
     timings["sample_s"] = time.perf_counter() - t0
-    logger.info("%d tables (%d with hotter copies, %d at all dims): %d compute, %d comm, "
-                "%d held-out samples", len(tables), len(variants), len(augmented),
+    logger.info("%d tables: %d compute, %d comm, %d held-out samples", len(tables),
                 len(compute_set), len(comm_set), len(holdout_set))
 
     t0 = time.perf_counter()
     data = out / "data"
-    collect(compute_set, be, data / "compute", kind="compute", chunk_size=chunk_size,
-            progress=progress, description="compute samples")
-    collect(comm_set, be, data / "comm", kind="comm", chunk_size=chunk_size,
-            progress=progress, description="comm samples")
+    run = _collector(be, backend, workers, address)
+    run(compute_set, data / "compute", kind="compute", chunk_size=chunk_size,
+        progress=progress, description="compute samples")
+    run(comm_set, data / "comm", kind="comm", chunk_size=chunk_size,
+        progress=progress, description="comm samples")
     if holdout_set:
-        collect(holdout_set, be, data / "compute_holdout", kind="compute",
-                chunk_size=chunk_size, progress=progress, description="held-out samples")
+        run(holdout_set, data / "compute_holdout", kind="compute",
+            chunk_size=chunk_size, progress=progress, description="held-out samples")
     timings["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -184,3 +184,52 @@ def pretrain(out_dir: str | os.PathLike, *,
                 if "test_pool" in m["compute"] else "no test pool",
                 m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
     return model_dir
+
+
+def _compute_samples(tables: Sequence[TableSpec], n: int, *, seed: int, max_tables: int,
+                     memory_cap_bytes: int, shrink_copies: int) -> list:
+    variants = list(tables)
+    if shrink_copies > 0:
+        variants += shrink_tables(tables, np.random.default_rng([seed, _STREAM_SHRINK]),
+                                  copies=shrink_copies)
+    return sample_compute_loads(augment_tables(variants), n,
+                                np.random.default_rng([seed, _STREAM_COMPUTE]),
+                                max_tables=max_tables, memory_cap_bytes=memory_cap_bytes)
+
+
+def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str | None):
+    """``collect`` on ``backend`` in this process, or on Ray actors rebuilding ``spec``."""
+    if not workers and not address:
+        return lambda samples, out, **kw: collect(samples, backend, out, **kw)
+    if not isinstance(spec, BackendSpec):
+        raise ValueError("Ray collection needs the backend by name (a BackendSpec), not an object")
+    from neuroshard.pretrain.ray_jobs import collect_ray
+
+    return lambda samples, out, **kw: collect_ray(samples, spec, out, workers=max(workers, 1),
+                                                  address=address, **kw)
+
+
+def collect_samples(out_dir: str | os.PathLike, *, kind: str, samples: int,
+                    backend: str = "sim", backend_kwargs: Mapping[str, Any] | None = None,
+                    num_devices: int = 4, seed: int = 0, workers: int = 0,
+                    address: str | None = None, max_tables: int = 40,
+                    memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES, shrink_copies: int = 1,
+                    chunk_size: int = 64, progress: bool = True):
+    """Draw ``samples`` samples of ``kind`` from the pool's train half as ``pretrain`` does
+    (same seeds, so the keys match) and measure them into ``out_dir`` (resumable)."""
+    if kind not in ("compute", "comm"):
+        raise UnknownNameError(f"unknown sample kind {kind!r}; valid: compute, comm")
+    from neuroshard.pretrain.pool import load_pool
+
+    tables = load_pool("train")
+    spec = BackendSpec(backend, dict(backend_kwargs or {}))
+    if kind == "compute":
+        drawn = _compute_samples(tables, samples, seed=seed, max_tables=max_tables,
+                                 memory_cap_bytes=memory_cap_bytes, shrink_copies=shrink_copies)
+    else:
+        drawn = sample_comm_tasks(tables, samples, np.random.default_rng([seed, _STREAM_COMM]),
+                                  [num_devices])
+    be = spec if (workers or address) else resolve_backend(spec)
+    run = _collector(be, spec, workers, address)
+    return run(drawn, Path(out_dir), kind=kind, chunk_size=chunk_size, progress=progress,
+               description=f"{kind} samples")

@@ -1,0 +1,56 @@
+"""The CLI verbs on good input: they call the library and write what they say."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from neuroshard.cli import app
+from neuroshard.plan_io import read_plan
+
+EXAMPLE = "data/examples/tables.json"
+
+
+@pytest.fixture()
+def run(monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    runner = CliRunner()
+
+    def invoke(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        return result.stdout
+
+    return invoke
+
+
+@pytest.mark.parametrize("devices, searcher", [(4, "neuroshard"), (8, "neuroshard"), (4, "lookup"), (8, "greedy-grid")])
+def test_plan_writes_a_valid_plan_with_the_shipped_model(run, tmp_path, devices, searcher):
+    out = tmp_path / "plan.json"
+    text = run("plan", EXAMPLE, "--devices", devices, "--memory", "4GB", "--searcher", searcher, "--out", out)
+    plan = read_plan(out)  # validates coverage, widths and memory
+    assert plan.cluster.num_devices == devices and plan.meta["searcher"] == searcher
+    assert "plan cost (max over devices)" in text
+    cost = json.loads(run("evaluate", out, "--backend", "sim", "--json"))
+    assert len(cost["devices"]) == devices and cost["max_ms"] > 0 and cost["model"] == "sim"
+
+
+def test_plan_json_convert_and_model_report(run, tmp_path):
+    doc = json.loads(run("plan", "data/examples/tables.csv", "-n", "2", "-m", "8GB", "--searcher", "size", "--json"))
+    assert doc["format"] == "neuroshard.plan/v1" and doc["num_devices"] == 2
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    run("convert", tmp_path / "p.json", "--to", "torchrec", "--out", tmp_path / "p.pt", "--module-path", "sparse.ebc")
+    import torch
+
+    sharding_plan = torch.load(tmp_path / "p.pt", weights_only=False)
+    assert set(sharding_plan.plan) == {"sparse.ebc"}
+    assert len(sharding_plan.plan["sparse.ebc"]) == len(doc["tables"])
+    meta = json.loads(run("model-report", "data/models/sim-h100-d4", "--json"))
+    assert meta["kind"] == "neural" and meta["metrics"]["compute"]["test_pool"]["mape"] < 0.1
+
+
+def test_collect_resumes(run, tmp_path):
+    text = run("collect", "--out", tmp_path, "--kind", "comm", "--samples", "40")
+    assert "40 measured, 0 already on disk" in text
+    text = run("collect", "--out", tmp_path, "--kind", "comm", "--samples", "60")
+    assert "20 measured, 40 already on disk" in text
