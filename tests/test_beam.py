@@ -1,7 +1,7 @@
 import pytest
 
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
-from neuroshard.search.beam import beam_search, expand, halve, initial_state
+from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import PlanInfeasibleError
@@ -114,3 +114,44 @@ def test_expand_skips_tables_that_cannot_be_halved():
     state = initial_state(tables, make_cluster(2))
     children = expand(state, tables, Scorer(FakeEstimator()))
     assert children == [((4,), (12,), (8, 8))]
+
+
+# --------------------------------------------------------------------------- additive path, budget
+
+from test_scoring import AdditiveEstimator, Opaque  # noqa: E402
+
+
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_beam_additive_path_equals_generic_path(num_devices):
+    tables, cluster = make_tables(20, seed=11) + hot_tables(), make_cluster(num_devices)
+    fast = beam_search(tables, cluster, AdditiveEstimator(), max_splits=4)
+    slow = beam_search(tables, cluster, Opaque(AdditiveEstimator()), max_splits=4)
+    assert fast.shards == slow.shards
+    assert fast.meta["splits"] == slow.meta["splits"] > 0
+
+
+def test_time_budget_keeps_a_valid_plan_no_worse_than_the_grid():
+    tables, cluster = hot_tables(), make_cluster(4)
+    grid = greedy_grid(tables, cluster, FakeEstimator())
+    tight = beam_search(tables, cluster, FakeEstimator(), time_budget_s=1e-6)
+    covers_exactly(tight)
+    assert tight.meta["beam_steps"] == 0 and tight.meta["budget_cut"] > 0
+    assert tight.shards == grid.shards
+    roomy = beam_search(tables, cluster, FakeEstimator(), time_budget_s=600.0)
+    free = beam_search(tables, cluster, FakeEstimator())
+    assert roomy.meta["budget_cut"] == 0 and roomy.shards == free.shards
+    assert "budget_cut" not in free.meta
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(ValueError, match="time_budget_s"):
+        beam_search(hot_tables(), make_cluster(4), FakeEstimator(), time_budget_s=0)
+
+
+def test_affordable_children_are_the_most_promising():
+    a, b, c = ((8,),), ((4, 4),), ((16,),)
+    candidates = [((1, -5.0, 0), a), ((0, -1.0, 1), b), ((0, -3.0, 2), c)]
+    assert affordable(candidates, 10.0, 1.0) == [a, b, c]  # all fit: order kept
+    assert affordable(candidates, 2.5, 1.0) == [c, b]  # best beam state, costlier shard first
+    assert affordable(candidates, 0.5, 1.0) == []
+    assert affordable(candidates, -1.0, 1.0) == []

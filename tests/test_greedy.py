@@ -1,6 +1,7 @@
 import pytest
 
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.search import greedy
 from neuroshard.search.greedy import (
     GRID_SCALES,
     Placement,
@@ -151,3 +152,128 @@ def test_dim_cap_spreads_cheap_wide_tables():
     assert [len(load) for load in uncapped.device_loads()] in ([1, 6], [6, 1])
     capped = greedy_grid(tables, cluster, FakeEstimator(), scales=(1.0,))
     assert sorted(len(load) for load in capped.device_loads()) == [3, 4]
+
+
+# --------------------------------------------------------------------------- additive path
+
+from test_scoring import AdditiveEstimator, Opaque  # noqa: E402
+
+
+def mixed_problems(tables):
+    return [
+        shard_specs(tables),
+        shard_specs(tables, {tables[0].name: (tables[0].dim // 2,) * 2}),
+        shard_specs(tables[:7]),
+        shard_specs(tables, {t.name: (t.dim // 2,) * 2 for t in tables[:5]}),
+        [],
+    ]
+
+
+@pytest.mark.parametrize("merge_devices", [False, True])
+@pytest.mark.parametrize("num_devices", [2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_additive_path_equals_generic_path(num_devices, seed, merge_devices, monkeypatch):
+    if merge_devices:  # price equal device contents once at any size
+        monkeypatch.setattr(greedy, "_DEDUP_CELLS", 0)
+        monkeypatch.setattr(greedy, "_DEDUP_ROWS", 0)
+    tables, cluster = make_tables(24, seed=seed), make_cluster(num_devices)
+    problems = mixed_problems(tables)
+    fast = Scorer(AdditiveEstimator())
+    arrays = place_many(problems, cluster, fast)
+    keys = place_many(problems, cluster, Scorer(Opaque(AdditiveEstimator())))
+    assert fast.additive
+    assert arrays == keys
+    assert all(isinstance(p, Placement) for p in arrays)
+
+
+def test_additive_grid_equals_generic_grid_under_tight_memory():
+    # Memory binds: ten 0.45 GiB tables on six 1 GiB devices, costs skewed.
+    dim = 32
+    tables = [make_table(f"t{i}", rows=rows_for(0.45, dim), dim=dim,
+                         pooling_factor=100.0 / (i + 1)) for i in range(10)]
+    cluster = make_cluster(6, memory_gb=1)
+    fast = greedy_grid(tables, cluster, AdditiveEstimator())
+    slow = greedy_grid(tables, cluster, Opaque(AdditiveEstimator()))
+    assert fast.shards == slow.shards and fast.meta["scale"] == slow.meta["scale"]
+    assert max(fast.memory_bytes()) <= 1 * GB
+
+
+def test_additive_path_reports_the_table_left_without_room():
+    tables = [make_table(f"t{i}", rows=rows_for(0.6, 32), dim=32) for i in range(3)]
+    with pytest.raises(PlanInfeasibleError, match=r"'t2'.*largest free device memory"):
+        greedy_grid(tables, make_cluster(2, memory_gb=1), AdditiveEstimator())
+    ok = [make_table("a")]
+    out = place_many([ok, tables], make_cluster(2, memory_gb=1), Scorer(AdditiveEstimator()))
+    assert isinstance(out[0], Placement)
+    assert isinstance(out[1], PlanInfeasibleError) and "'t2'" in str(out[1])
+
+
+def test_additive_dim_cap_falls_back_and_spreads_cold_tables():
+    tables = [make_table("hot", dim=8, pooling_factor=1000.0)] + [
+        make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)]
+    cluster = make_cluster(2)
+    uncapped = greedy_grid(tables, cluster, AdditiveEstimator(), scales=(10.0,))
+    assert [len(load) for load in uncapped.device_loads()] in ([1, 6], [6, 1])
+    capped = greedy_grid(tables, cluster, AdditiveEstimator(), scales=(1.0,))
+    assert sorted(len(load) for load in capped.device_loads()) == [3, 4]
+    wide = [make_table("wide", dim=512)] + [make_table(f"t{i}", dim=16) for i in range(4)]
+    plan = greedy_grid(wide, cluster, AdditiveEstimator(), scales=(1.0,))
+    covers_exactly(plan)
+
+
+def test_additive_steps_are_one_head_call_each():
+    tables, est = make_tables(25, seed=4), AdditiveEstimator()
+    scorer = Scorer(est)
+    place(shard_specs(tables), make_cluster(8), est, scorer=scorer)
+    # singles + one call per placement step + final compute; never whole loads
+    assert scorer.compute_calls <= len(tables) + 2
+    assert est.compute_calls == 0 and est.embedded == len(tables)
+
+
+@pytest.fixture(scope="module")
+def neural_model(tmp_path_factory):
+    """A small NeuralCostModel fitted on fake-backend samples (seconds)."""
+    import numpy as np
+
+    from factories import FakeBackend
+    from neuroshard.costmodel import NeuralCostModel
+    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
+                                             sample_compute_loads)
+    from neuroshard.pretrain.collect import collect
+    from neuroshard.pretrain.dataset import load_comm, load_compute
+
+    root = tmp_path_factory.mktemp("neural")
+    tables = make_tables(30, seed=5)
+    loads = sample_compute_loads(augment_tables(tables), 300, np.random.default_rng(0))
+    tasks = sample_comm_tasks(tables, 100, np.random.default_rng(1), [4, 8])
+    collect(loads, FakeBackend(), root / "compute", progress=False)
+    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
+    return NeuralCostModel(max_epochs=3, patience=3, train_batch_size=64, seed=0).fit(
+        load_compute(root / "compute"), load_comm(root / "comm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_neural_model_takes_the_additive_path_with_the_same_costs(neural_model, num_devices):
+    tables, cluster = make_tables(24, seed=7), make_cluster(num_devices)
+    fast = Scorer(neural_model)
+    assert fast.additive
+    problems = mixed_problems(tables)
+    arrays = place_many(problems, cluster, fast)
+    keys = place_many(problems, cluster, Scorer(Opaque(neural_model)))
+    # Sums of float32 embeddings in another order: the same placements up to near-ties.
+    assert [a.cost_ms for a in arrays] == pytest.approx([k.cost_ms for k in keys], rel=1e-4)
+    plan = greedy_grid(tables, cluster, neural_model)
+    assert plan.cost.max_ms == pytest.approx(arrays[0].cost_ms, rel=1e-5)
+
+
+def test_equal_device_contents_are_priced_once(monkeypatch):
+    tables, cluster = make_tables(24, seed=5), make_cluster(8)
+    problems = mixed_problems(tables)
+    plain = Scorer(AdditiveEstimator())
+    expected = place_many(problems, cluster, plain)
+    monkeypatch.setattr(greedy, "_DEDUP_CELLS", 0)
+    monkeypatch.setattr(greedy, "_DEDUP_ROWS", 0)
+    merged = Scorer(AdditiveEstimator())
+    assert place_many(problems, cluster, merged) == expected
+    assert merged.loads_computed < 0.8 * plain.loads_computed

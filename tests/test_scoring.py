@@ -130,3 +130,117 @@ def test_finish_plan_attaches_cost_and_meta():
     assert done.cost == plan_cost(plan, LinearEstimator())
     assert done.meta["searcher"] == "x" and done.meta["extra"] == 1
     assert 0 <= done.meta["search_seconds"] < 60
+
+
+# --------------------------------------------------------------------------- additive path
+
+
+class AdditiveEstimator:
+    """An additive CostEstimator in exact arithmetic: a shard's embedding is a few small
+    integers (width / 4, rounded pooling, a rows bucket, 1), a device's compute a nonlinear
+    head of their sum. Sums of small integers are exact in float32 in any order, so the
+    additive and the generic search paths must agree bit for bit."""
+
+    name = "additive-fake"
+    batch_size = 65_536
+
+    def __init__(self):
+        self.embedded = 0  # shards embedded
+        self.compute_calls = 0
+
+    @staticmethod
+    def _embed(t):
+        return [t.dim / 4, round(t.pooling_factor), t.rows // 200_000 + 1, 1.0]
+
+    def shard_embeddings(self, specs):
+        self.embedded += len(specs)
+        return np.asarray([self._embed(t) for t in specs], dtype=np.float32).reshape(-1, 4)
+
+    def compute_from_embeddings(self, summed, counts=None):
+        s = np.asarray(summed, dtype=np.float64).reshape(-1, 4)
+        work = s[:, 0] * s[:, 1] * (1.0 + 0.1 * s[:, 2])
+        out = 0.01 * s[:, 3] + 1e-3 * work + 2e-7 * work**1.5
+        if counts is not None:
+            out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
+        return out
+
+    def compute_ms(self, loads):
+        self.compute_calls += 1
+        summed = np.zeros((len(loads), 4), dtype=np.float32)
+        for i, load in enumerate(loads):
+            for t in load:
+                summed[i] += self._embed(t)
+        return self.compute_from_embeddings(summed, [len(load) for load in loads])
+
+    def bwd_comm_ms(self, dim_sums):
+        return 0.05 + 0.002 * np.asarray(dim_sums, dtype=float)
+
+    def fwd_comm_ms(self, dim_sums, waits_ms):
+        waits = np.asarray(waits_ms, dtype=float)
+        return 0.05 + 0.001 * np.asarray(dim_sums, dtype=float) + (
+            waits.max(axis=-1, keepdims=True) - waits)
+
+
+class Opaque:
+    """The estimator behind it without shard_embeddings: forces the generic path."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.batch_size = inner, inner.name, inner.batch_size
+
+    def compute_ms(self, loads):
+        return self.inner.compute_ms(loads)
+
+    def bwd_comm_ms(self, dim_sums):
+        return self.inner.bwd_comm_ms(dim_sums)
+
+    def fwd_comm_ms(self, dim_sums, waits_ms):
+        return self.inner.fwd_comm_ms(dim_sums, waits_ms)
+
+
+def test_additive_estimators_are_detected():
+    assert Scorer(AdditiveEstimator()).additive
+    assert not Scorer(Opaque(AdditiveEstimator())).additive
+    assert not Scorer(FakeEstimator()).additive
+    assert not Scorer(AdditiveEstimator(), additive=False).additive
+    with pytest.raises(ValueError, match="shard_embeddings"):
+        Scorer(FakeEstimator(), additive=True)
+
+
+def test_additive_scorer_equals_plan_cost_and_embeds_each_shard_once():
+    tables, cluster = make_tables(12, seed=3), make_cluster(4)
+    plans = random_plans(tables, cluster, 20)
+    est = AdditiveEstimator()
+    scorer = Scorer(est)
+    scores = scorer.score([assignment(p, scorer) for p in plans])
+    assert scores == pytest.approx([plan_cost(p, AdditiveEstimator()).max_ms for p in plans],
+                                   rel=1e-12)
+    assert est.compute_calls == 0  # priced from embeddings, never whole loads
+    assert est.embedded == scorer.num_items  # each (table, width) embedded once
+    scorer.score([assignment(p, scorer) for p in plans])
+    assert est.embedded == scorer.num_items
+
+
+def test_compute_sums_and_singles_match_whole_loads():
+    a, b = make_table("a", dim=8, pooling_factor=3), make_table("b", dim=16, pooling_factor=5)
+    est = AdditiveEstimator()
+    scorer = Scorer(est)
+    ia, ib = scorer.item(a), scorer.item(b)
+    emb = scorer.embeddings()
+    assert emb.shape == (2, 4) and emb.dtype == np.float32
+    summed = np.stack([emb[ia] + emb[ib], emb[ia], np.zeros(4, dtype=np.float32)])
+    assert scorer.compute_sums(summed, np.array([2, 1, 0])) == pytest.approx(
+        est.compute_ms([[a, b], [a], []]), rel=1e-12)
+    singles = scorer.singles([ib, ia, ib])
+    assert singles == pytest.approx(est.compute_ms([[b], [a], [b]]), rel=1e-12)
+    assert scorer.singles([ia]) == pytest.approx(singles[1:2])
+
+
+def test_plan_ms_is_the_max_over_devices_of_the_device_totals():
+    tables, cluster = make_tables(8, seed=4), make_cluster(4)
+    plans = random_plans(tables, cluster, 5, seed=1)
+    scorer = Scorer(FakeEstimator())
+    batch = [assignment(p, scorer) for p in plans]
+    compute, _, _ = scorer.device_costs(batch)
+    dims = np.array([p.dim_sums() for p in plans], dtype=float)
+    assert scorer.plan_ms(compute, dims) == pytest.approx(scorer.score(batch), rel=1e-12)
+    assert scorer.plan_ms(np.zeros((0, 4)), np.zeros((0, 4))).shape == (0,)

@@ -1,0 +1,181 @@
+"""Time and peak memory of planning at scale: NeuroShard next to TorchRec's planner.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scale.py --sizes 60x8,1000x128 --fills 0.85,0.6 \
+        --budget 50 --out bench/results/scale.md
+
+Each candidate runs in its own subprocess (``--timeout`` seconds at most), so its peak
+resident memory (``getrusage`` max RSS, read as soon as the search returns) is its own;
+the table also gives the RSS before the search (interpreter, torch, model, tables), so the
+search's own share is the difference. Candidates:
+
+* ``neuroshard`` -- the default search, unbounded;
+* ``neuroshard-budget`` -- the same with ``time_budget_s=--budget``
+  (:func:`neuroshard.search.beam.beam_search`: fewer beam children or steps when time
+  runs short; the unsplit greedy grid always completes);
+* ``torchrec`` -- TorchRec's ``EmbeddingShardingPlanner``
+  (:func:`neuroshard.search.torchrec_baseline.torchrec_plan`), when that module and
+  torchrec import; else the row says why it was skipped.
+
+Tasks: ``n`` tables from the ``--split`` pool (drawn with replacement and renamed beyond
+the pool's size), ``fill`` = total table bytes / total device memory (0.85: tight caps;
+TorchRec's storage estimate adds buffers to the weights, so it may find no plan there).
+``--mixed-dims`` redraws every table's dim from 16, 32, 64, 128 (rows, pooling and reuse
+kept): the pool's dims are mostly 128, and mixed dims make the grid's lanes diverge more,
+the harder case for the search's time. Plans are costed by the sim backend (the truth the benches use) and by the search's
+estimator (``--model``, else the shipped model, else the sim backend; the header says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from search_speed import choose_estimator, make_task, parse_sizes
+
+CANDIDATES = ("neuroshard", "neuroshard-budget", "torchrec")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """Plan one task with one candidate; the measurements as a dict."""
+    from neuroshard.backends.sim import SimBackend
+    from neuroshard.pretrain.pool import load_pool
+    from neuroshard.search import get_searcher
+    from neuroshard.search.scoring import plan_cost
+
+    num_tables, num_devices = parse_sizes(args.size)[0]
+    est, source = choose_estimator(num_devices, args.model, args.profile, 65_536)
+    rng = np.random.default_rng([args.seed, num_tables, num_devices])
+    pool = load_pool(args.split)
+    if args.mixed_dims:
+        widths = rng.choice([16, 32, 64, 128], size=len(pool)).tolist()
+        pool = [t.with_dim(w) for t, w in zip(pool, widths)]
+    tables, cluster = make_task(pool, num_tables, num_devices, rng, fill=args.fill)
+    out = {"candidate": args.child, "size": args.size, "estimator": source,
+           "memory_per_device_gib": cluster.memory_per_device_bytes[0] / 2**30,
+           "largest_table_gib": max(t.size_bytes for t in tables) / 2**30}
+    if args.child == "torchrec":
+        try:
+            from neuroshard.search.torchrec_baseline import torchrec_plan
+            import torchrec  # noqa: F401
+        except ImportError as e:
+            return {**out, "skipped": f"torchrec baseline unavailable ({e})"}
+        search = lambda: torchrec_plan(tables, cluster, est)  # noqa: E731
+    else:
+        options = {"time_budget_s": args.budget} if args.child == "neuroshard-budget" else {}
+        searcher = get_searcher("neuroshard", **options)
+        search = lambda: searcher(tables, cluster, est)  # noqa: E731
+    rss_before = _rss_bytes()
+    start = time.perf_counter()
+    try:
+        plan = search()
+    except Exception as e:  # noqa: BLE001 -- report any planner failure as the row's result
+        return {**out, "seconds": time.perf_counter() - start,
+                "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    truth = SimBackend(args.profile, batch_size=cluster.batch_size)
+    return {**out, "seconds": seconds, "rss_before_bytes": rss_before, "peak_rss_bytes": peak,
+            "sim_cost_ms": plan_cost(plan, truth).max_ms,
+            "model_cost_ms": plan_cost(plan, est).max_ms,
+            "splits": len(plan.shards) - len(tables),
+            "meta": {k: v for k, v in plan.meta.items()
+                     if k in ("beam_steps", "states_scored", "budget_cut", "scale")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="60x8,1000x128")
+    p.add_argument("--fills", default="0.85", help="comma-separated fills to run")
+    p.add_argument("--fill", type=float, default=0.85, help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=float, default=50.0)
+    p.add_argument("--candidates", default=",".join(CANDIDATES))
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--profile", default="h100")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-dims", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return 0
+
+    names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    rows = []
+    fills = [float(f) for f in args.fills.split(",")]
+    for size, fill in ((s, f) for s in args.sizes.split(",") for f in fills):
+        for name in names:
+            cmd = [sys.executable, __file__, "--child", name, "--size", size,
+                   "--fill", str(fill), "--budget", str(args.budget), "--split", args.split,
+                   "--profile", args.profile, "--seed", str(args.seed)]
+            if args.model is not None:
+                cmd += ["--model", str(args.model)]
+            if args.mixed_dims:
+                cmd += ["--mixed-dims"]
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() \
+                    else {"failed": done.stderr.strip().splitlines()[-1:]}
+            except subprocess.TimeoutExpired:
+                result = {"failed": f"timed out after {args.timeout:.0f} s"}
+            result.setdefault("candidate", name)
+            result.update(size=size, fill=fill)
+            result["load"] = os.getloadavg()[0]
+            rows.append(result)
+            print(f"{size} fill {fill} {name}: {time.perf_counter() - started:.1f} s wall",
+                  file=sys.stderr)
+
+    first = next((r for r in rows if "estimator" in r), {})
+    dims = "dims redrawn from 16-128" if args.mixed_dims else "pool dims"
+    lines = [f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
+             f"seed {args.seed}, budget {args.budget:g} s for neuroshard-budget, timeout "
+             f"{args.timeout:g} s. Estimator: {first.get('estimator', '?')}. Costs: sim/"
+             f"{args.profile} (truth) and the estimator.", "",
+             "| size | fill | candidate | seconds | peak RSS GiB | RSS before GiB | sim cost ms | "
+             "model cost ms | splits | load avg | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "seconds" not in r or "failed" in r or "skipped" in r:
+            note = r.get("skipped") or r.get("failed") or "?"
+            sec = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+            lines.append(f"| {r['size']} | {r['fill']} | {r['candidate']} | {sec} | | | | | | "
+                         f"{r['load']:.1f} | {note} |")
+            continue
+        memo = (f"{r['memory_per_device_gib']:.2f} GiB/device, largest table "
+                f"{r['largest_table_gib']:.2f} GiB; {r['meta']}")
+        lines.append(f"| {r['size']} | {r['fill']} | {r['candidate']} | {r['seconds']:.2f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_bytes'] / 2**30:.2f} | "
+                     f"{r['sim_cost_ms']:.4f} | {r['model_cost_ms']:.4f} | {r['splits']} | "
+                     f"{r['load']:.1f} | {memo} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text("# Planning at scale\n\nCommand: `OMP_NUM_THREADS=1 .venv/bin/python "
+                            f"bench/scale.py {command}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
