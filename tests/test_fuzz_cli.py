@@ -44,39 +44,12 @@ class Case:
 # --------------------------------------------------------------------------- fixtures
 
 
-def _tiny_model(root):
-    """A small NeuralCostModel on FakeBackend samples, saved under ``root``."""
-    import numpy as np
-
-    from factories import FakeBackend, make_tables
-    from neuroshard.costmodel import NeuralCostModel
-    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
-    from neuroshard.pretrain.collect import collect
-    from neuroshard.pretrain.dataset import load_comm, load_compute
-
-    tables = make_tables(10, seed=5)
-    loads = sample_compute_loads(augment_tables(tables), 60, np.random.default_rng(0))
-    tasks = sample_comm_tasks(tables, 40, np.random.default_rng(1), [2, 4])
-    collect(loads, FakeBackend(), root / "compute", progress=False)
-    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
-    model = NeuralCostModel(max_epochs=2, patience=1, train_batch_size=32, seed=0,
-                            table_hidden=(8,), embed_dim=4, head_hidden=(8,),
-                            comm_encoder=(8,), comm_head=(8,))
-    model.fit(load_compute(root / "compute"), load_comm(root / "comm"))
-    return model.save(root / "model")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from neuroshard.planner import shipped_models
+def model_dir():
+    """The shipped model the CLI falls back to at 4 devices (batch 65,536)."""
+    from neuroshard.planner import default_model_dir
 
-    shipped = shipped_models()
-    if shipped:
-        return next(iter(shipped.values()))
-    try:
-        return _tiny_model(tmp_path_factory.mktemp("cli_model"))
-    except Exception as e:  # noqa: BLE001 -- the pretrain modules are still being finished
-        pytest.skip(f"no shipped model and a tiny one could not be trained here: {e!r}")
+    return default_model_dir(4)
 
 
 def _plan() -> Plan:
