@@ -183,10 +183,184 @@ def _straggler_wait(waits_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, highest - waits_ms, 0.0)
 
 
+# --------------------------------------------------------------------------- shared
+
+
+class _CostModelBase:
+    """What every learned cost model shares: fit-time provenance and bookkeeping,
+    the comm entry points and scoring, and the ``meta.json`` and checksum handling.
+
+    A subclass sets ``kind`` and ``_fitted_attr`` (the attribute :meth:`fit` sets last)
+    and provides ``_comm(which, dim_sums, waits_ms, mask)`` and ``score_compute``.
+    """
+
+    kind = "base"
+    _fitted_attr = "fitted_"
+
+    @property
+    def name(self) -> str:
+        h = getattr(self, "data_hash_", None) or "unfitted"
+        return f"{self.kind}-{getattr(self, 'backend_', 'unknown')}-{h[:8]}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, self._fitted_attr):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or "
+                               "load_cost_model()")
+
+    # ------------------------------------------------------------- fitting
+
+    def _begin_fit(self, compute: "ComputeData", comm: "CommData", *,
+                   compute_split: "Split | None", comm_split: "Split | None",
+                   backend_name: str | None, num_devices: int | None,
+                   ) -> tuple["Split", "Split"]:
+        """Record the backend, its fingerprint, the batch size and the device count from
+        the data; return the compute and comm splits (80/10/10 seeded by ``seed``)."""
+        from neuroshard.pretrain.dataset import split_random
+
+        fp = json.loads(compute.fingerprint or "{}")
+        if json.loads(comm.fingerprint or "{}") != fp:
+            logger.warning("compute and comm data come from different backend fingerprints")
+        self.backend_ = backend_name or str(fp.get("backend") or fp.get("name") or "unknown")
+        self.backend_fingerprint_ = fp
+        if self.batch_size is None:
+            if "batch_size" not in fp:
+                raise ValueError("batch_size not given and not in the data's fingerprint")
+            self.batch_size = int(fp["batch_size"])
+        elif "batch_size" in fp and int(fp["batch_size"]) != self.batch_size:
+            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
+                                     f"at batch size {fp['batch_size']}")
+        self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
+        cs = compute_split or split_random(len(compute), self.seed)
+        ms = comm_split or split_random(len(comm), self.seed + 1)
+        return cs, ms
+
+    def _end_fit(self, compute: "ComputeData", comm: "CommData", cs: "Split",
+                 ms: "Split") -> None:
+        """Record the data hash, sample counts and validation/test metrics."""
+        self.data_hash_ = hashlib.sha256(
+            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
+        self.sample_counts_ = {
+            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
+                        "test": len(cs.test)},
+            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
+                     "test": len(ms.test)},
+        }
+        self.metrics_ = {
+            "compute": {"val": self.score_compute(compute.subset(cs.val)),
+                        "test": self.score_compute(compute.subset(cs.test))},
+            **{k: {"test": v} for k, v in self.score_comm(comm.subset(ms.test)).items()},
+        }
+
+    # ------------------------------------------------------------- comm
+
+    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+              mask: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _comm_batch(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+                    mask: np.ndarray | None) -> tuple[np.ndarray, Any, np.ndarray, bool]:
+        """``(dim_sums, waits_ms, mask, squeeze)`` as a batch of rows (one row added to a
+        1-d ask, ``squeeze`` then true), the mask all-true when not given."""
+        d = np.asarray(dim_sums, dtype=np.float64)
+        squeeze = d.ndim == 1
+        if squeeze:
+            d = d[None]
+            waits_ms = None if waits_ms is None else np.asarray(waits_ms)[None]
+        if mask is None:
+            mask = np.ones(d.shape, dtype=bool)
+        return d, waits_ms, mask, squeeze
+
+    def bwd_comm_ms(self, dim_sums: np.ndarray) -> np.ndarray:
+        """Backward all-to-all ms per device, shape ``dim_sums.shape`` (any device count)."""
+        return self._comm("bwd", dim_sums, None)
+
+    def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
+        """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
+        return self._comm("fwd", dim_sums, waits_ms)
+
+    def score_comm(self, data: "CommData") -> dict[str, dict[str, float]]:
+        """Metrics of forward and backward comm predictions over every real device.
+
+        ``fwd_comm_less_wait`` scores the forward time less the straggler wait, the part
+        a model has to learn (the wait itself is given)."""
+        from neuroshard.pretrain.train import regression_metrics
+
+        if not len(data):
+            empty = regression_metrics(np.zeros(0), np.zeros(0))
+            return {"fwd_comm": empty, "fwd_comm_less_wait": empty, "bwd_comm": empty}
+        m = data.mask
+        fwd = self._comm("fwd", data.dim_sums, data.waits_ms, m)
+        bwd = self._comm("bwd", data.dim_sums, None, m)
+        wait = _straggler_wait(data.waits_ms, m)
+        return {"fwd_comm": regression_metrics(fwd[m], data.fwd_ms[m], self.eps_ms),
+                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
+                                                         (data.fwd_ms - wait)[m], self.eps_ms),
+                "bwd_comm": regression_metrics(bwd[m], data.bwd_ms[m], self.eps_ms)}
+
+    # ------------------------------------------------------------- files
+
+    def _base_meta(self) -> dict[str, Any]:
+        """The ``meta.json`` entries every kind writes (a subclass adds its own)."""
+        self._check_fitted()
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "feature_schema": FEATURE_SCHEMA,
+            "feature_names": list(FEATURE_NAMES),
+            "backend": self.backend_,
+            "backend_fingerprint": self.backend_fingerprint_,
+            "batch_size": self.batch_size,
+            "num_devices": self.num_devices_,
+            "training_data_hash": self.data_hash_,
+            "sample_counts": self.sample_counts_,
+            "metrics": self.metrics_,
+            "training": getattr(self, "training_summary_", {}),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "provenance": getattr(self, "provenance_", {}),
+        }
+
+    def _write_meta(self, out: Path, files: Sequence[str]) -> Path:
+        """Write ``meta.json`` (with the checksums of ``files``) atomically into ``out``."""
+        meta = self.meta()
+        meta["files"] = {f: _sha256(out / f) for f in files}
+        tmp = out / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / META_FILE)
+        logger.info("saved %s to %s", self.name, out)
+        return out
+
+    def _load_base_meta(self, meta: Mapping[str, Any]) -> None:
+        """Set the fitted attributes every kind records from ``meta``."""
+        self.backend_ = str(meta["backend"])
+        self.backend_fingerprint_ = dict(meta.get("backend_fingerprint", {}))
+        self.num_devices_ = int(meta.get("num_devices", 0))
+        self.data_hash_ = str(meta.get("training_data_hash", ""))
+        self.sample_counts_ = meta.get("sample_counts", {})
+        self.metrics_ = meta.get("metrics", {})
+        self.training_summary_ = meta.get("training", {})
+        self.provenance_ = meta.get("provenance", {})
+
+
+def _checked_file(model_dir: Path, fname: str, checksums: Mapping[str, Any]) -> Path:
+    """``model_dir / fname``; :class:`ModelFileError` if it is missing or its checksum
+    differs from the one ``meta.json`` recorded."""
+    path = model_dir / fname
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing")
+    if fname in checksums and _sha256(path) != checksums[fname]:
+        raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
+                             "(truncated, replaced or tampered with)")
+    return path
+
+
 # --------------------------------------------------------------------------- the model
 
 
-class NeuralCostModel:
+class NeuralCostModel(_CostModelBase):
     """Neural :class:`~neuroshard.types.CostEstimator` (compute, backward and forward comm).
 
     Hyperparameters are set here; :meth:`fit` learns the attributes ending in ``_``.
@@ -195,6 +369,7 @@ class NeuralCostModel:
     """
 
     kind = "neural"
+    _fitted_attr = "nets_"
 
     def __init__(self, *, batch_size: int | None = None, table_hidden: Sequence[int] = (128,),
                  embed_dim: int = 32, head_hidden: Sequence[int] = (64,),
@@ -227,18 +402,6 @@ class NeuralCostModel:
         return {"num_features": NUM_FEATURES, "table_hidden": list(self.table_hidden),
                 "embed_dim": self.embed_dim, "head_hidden": list(self.head_hidden),
                 "comm_encoder": list(self.comm_encoder), "comm_head": list(self.comm_head)}
-
-    @property
-    def name(self) -> str:
-        h = getattr(self, "data_hash_", None) or "unfitted"
-        return f"neural-{getattr(self, 'backend_', 'unknown')}-{h[:8]}"
-
-    def __repr__(self) -> str:
-        return f"NeuralCostModel(name={self.name!r}, batch_size={self.batch_size})"
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "nets_"):
-            raise RuntimeError("NeuralCostModel is not fitted: call fit() or load_cost_model()")
 
     # ------------------------------------------------------------- inputs
 
@@ -279,27 +442,14 @@ class NeuralCostModel:
         """
         import torch
 
-        from neuroshard.pretrain.dataset import split_random
         from neuroshard.pretrain.train import TrainConfig, fit_net
 
         if self.fwd_target not in FWD_TARGETS:
             raise ValueError(f"fwd_target must be one of {FWD_TARGETS}, got {self.fwd_target!r}")
 
-        fp = json.loads(compute.fingerprint or "{}")
-        if json.loads(comm.fingerprint or "{}") != fp:
-            logger.warning("compute and comm data come from different backend fingerprints")
-        self.backend_ = backend_name or str(fp.get("backend") or fp.get("name") or "unknown")
-        self.backend_fingerprint_ = fp
-        if self.batch_size is None:
-            if "batch_size" not in fp:
-                raise ValueError("batch_size not given and not in the data's fingerprint")
-            self.batch_size = int(fp["batch_size"])
-        elif "batch_size" in fp and int(fp["batch_size"]) != self.batch_size:
-            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
-                                     f"at batch size {fp['batch_size']}")
-        self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
-        cs = compute_split or split_random(len(compute), self.seed)
-        ms = comm_split or split_random(len(comm), self.seed + 1)
+        cs, ms = self._begin_fit(compute, comm, compute_split=compute_split,
+                                 comm_split=comm_split, backend_name=backend_name,
+                                 num_devices=num_devices)
 
         # normalisation from the training rows only
         tr_compute = compute.subset(cs.train)
@@ -341,20 +491,7 @@ class NeuralCostModel:
                 self._comm_tensors(comm.subset(ms.val), which), comm_config, f"{which} comm")
         self._extract()
 
-        self.data_hash_ = hashlib.sha256(
-            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
-        self.sample_counts_ = {
-            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
-                        "test": len(cs.test)},
-            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
-                     "test": len(ms.test)},
-        }
-        test_comm = comm.subset(ms.test)
-        self.metrics_ = {
-            "compute": {"val": self.score_compute(compute.subset(cs.val)),
-                        "test": self.score_compute(compute.subset(cs.test))},
-            **{k: {"test": v} for k, v in self.score_comm(test_comm).items()},
-        }
+        self._end_fit(compute, comm, cs, ms)
         self.training_summary_ = {
             k: {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
                 "best_val_loss": r.best_val_loss, "seconds": round(r.seconds, 2)}
@@ -433,13 +570,7 @@ class NeuralCostModel:
     def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
               mask: np.ndarray | None = None) -> np.ndarray:
         self._check_fitted()
-        d = np.asarray(dim_sums, dtype=np.float64)
-        squeeze = d.ndim == 1
-        if squeeze:
-            d = d[None]
-            waits_ms = None if waits_ms is None else np.asarray(waits_ms)[None]
-        if mask is None:
-            mask = np.ones(d.shape, dtype=bool)
+        d, waits_ms, mask, squeeze = self._comm_batch(dim_sums, waits_ms, mask)
         x = self._comm_inputs(d, waits_ms, mask)
         encoder, head = self.np_comm_[which]
         h = encoder(x) * mask[..., None]
@@ -452,14 +583,6 @@ class NeuralCostModel:
             out = out + _straggler_wait(np.asarray(waits_ms, dtype=np.float64), mask)
         out = np.where(mask, out, 0.0)
         return out[0] if squeeze else out
-
-    def bwd_comm_ms(self, dim_sums: np.ndarray) -> np.ndarray:
-        """Backward all-to-all ms per device, shape ``dim_sums.shape`` (any device count)."""
-        return self._comm("bwd", dim_sums, None)
-
-    def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
-        """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
-        return self._comm("fwd", dim_sums, waits_ms)
 
     # ------------------------------------------------------------- scoring
 
@@ -483,44 +606,12 @@ class NeuralCostModel:
         self._check_fitted()
         return self.np_table_(self._table_inputs(transform_raw(raw)))
 
-    def score_comm(self, data: "CommData") -> dict[str, dict[str, float]]:
-        """Metrics of forward and backward comm predictions over every real device.
-
-        ``fwd_comm_less_wait`` scores the forward time less the straggler wait, the part
-        a model has to learn (the wait itself is given)."""
-        from neuroshard.pretrain.train import regression_metrics
-
-        if not len(data):
-            empty = regression_metrics(np.zeros(0), np.zeros(0))
-            return {"fwd_comm": empty, "fwd_comm_less_wait": empty, "bwd_comm": empty}
-        fwd = self._comm("fwd", data.dim_sums, data.waits_ms, data.mask)
-        bwd = self._comm("bwd", data.dim_sums, None, data.mask)
-        wait = _straggler_wait(data.waits_ms, data.mask)
-        m = data.mask
-        return {"fwd_comm": regression_metrics(fwd[m], data.fwd_ms[m], self.eps_ms),
-                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
-                                                         (data.fwd_ms - wait)[m], self.eps_ms),
-                "bwd_comm": regression_metrics(bwd[m], data.bwd_ms[m], self.eps_ms)}
-
     # ------------------------------------------------------------- files
 
     def meta(self) -> dict[str, Any]:
         """What ``meta.json`` records (without the file checksums)."""
-        self._check_fitted()
         return {
-            "kind": self.kind,
-            "name": self.name,
-            "feature_schema": FEATURE_SCHEMA,
-            "feature_names": list(FEATURE_NAMES),
-            "backend": self.backend_,
-            "backend_fingerprint": self.backend_fingerprint_,
-            "batch_size": self.batch_size,
-            "num_devices": self.num_devices_,
-            "training_data_hash": self.data_hash_,
-            "sample_counts": self.sample_counts_,
-            "metrics": self.metrics_,
-            "training": getattr(self, "training_summary_", {}),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **self._base_meta(),
             "target_transform": TARGET_TRANSFORM,
             "fwd_target": self.fwd_target,
             "normalisation": {
@@ -531,7 +622,6 @@ class NeuralCostModel:
                 "dim_scale": self.dim_scale_,
                 "wait_scale": self.wait_scale_,
             },
-            "provenance": getattr(self, "provenance_", {}),
             "architecture": self._architecture(),
             "hyperparameters": {"lr": self.lr, "train_batch_size": self.train_batch_size,
                                 "comm_train_batch_size": self.comm_train_batch_size,
@@ -550,13 +640,7 @@ class NeuralCostModel:
         comm_state = {f"{w}.{k}": v for w in ("fwd", "bwd")
                       for k, v in self.nets_[w].state_dict().items()}
         torch.save(comm_state, out / COMM_FILE)
-        meta = self.meta()
-        meta["files"] = {f: _sha256(out / f) for f in (COMPUTE_FILE, COMM_FILE)}
-        tmp = out / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / META_FILE)
-        logger.info("saved %s to %s", self.name, out)
-        return out
+        return self._write_meta(out, (COMPUTE_FILE, COMM_FILE))
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
@@ -597,14 +681,7 @@ class NeuralCostModel:
                 raise ValueError("target normalisation is not finite and positive")
             model.dim_scale_ = float(norm["dim_scale"])
             model.wait_scale_ = float(norm["wait_scale"])
-            model.backend_ = str(meta["backend"])
-            model.backend_fingerprint_ = dict(meta.get("backend_fingerprint", {}))
-            model.num_devices_ = int(meta.get("num_devices", 0))
-            model.data_hash_ = str(meta.get("training_data_hash", ""))
-            model.sample_counts_ = meta.get("sample_counts", {})
-            model.metrics_ = meta.get("metrics", {})
-            model.training_summary_ = meta.get("training", {})
-            model.provenance_ = meta.get("provenance", {})
+            model._load_base_meta(meta)
             nets = _build_nets(arch)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError,
                 RuntimeError) as exc:
@@ -613,12 +690,7 @@ class NeuralCostModel:
         checksums = meta.get("files", {})
         states = {}
         for fname in (COMPUTE_FILE, COMM_FILE):
-            path = d / fname
-            if not path.is_file():
-                raise ModelFileError(f"{path}: missing")
-            if fname in checksums and _sha256(path) != checksums[fname]:
-                raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
-                                     "(truncated, replaced or tampered with)")
+            path = _checked_file(d, fname, checksums)
             try:
                 states[fname] = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint is one error

@@ -31,9 +31,6 @@ checksums). :func:`~neuroshard.costmodel.load_cost_model` loads it by that kind.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -44,14 +41,15 @@ import numpy as np
 from neuroshard.costmodel import (
     META_FILE,
     TARGET_TRANSFORM,
-    _sha256,
+    _checked_file,
+    _CostModelBase,
     _since_first,
     _straggler_wait,
     read_meta,
     register_model_kind,
 )
-from neuroshard.features import FEATURE_NAMES, FEATURE_SCHEMA, NUM_FEATURES, raw_features
-from neuroshard.types import NUM_HIST_BINS, ModelFileError, ModelMismatchError, TableSpec
+from neuroshard.features import NUM_FEATURES, raw_features
+from neuroshard.types import NUM_HIST_BINS, ModelFileError, TableSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightgbm
@@ -177,7 +175,7 @@ def comm_features(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
 # --------------------------------------------------------------------------- the model
 
 
-class LightGBMCostModel:
+class LightGBMCostModel(_CostModelBase):
     """LightGBM :class:`~neuroshard.types.CostEstimator` (compute, backward and forward comm).
 
     Hyperparameters are set here (``num_threads`` defaults to 1; LightGBM's own default
@@ -186,6 +184,7 @@ class LightGBMCostModel:
     """
 
     kind = "lightgbm"
+    _fitted_attr = "boosters_"
 
     def __init__(self, *, batch_size: int | None = None, n_estimators: int = 2000,
                  learning_rate: float = 0.05, num_leaves: int = 63,
@@ -210,18 +209,6 @@ class LightGBMCostModel:
         return {k: getattr(self, k) for k in (
             "n_estimators", "learning_rate", "num_leaves", "min_child_samples", "subsample",
             "colsample_bytree", "reg_lambda", "early_stopping_rounds", "seed", "num_threads")}
-
-    @property
-    def name(self) -> str:
-        h = getattr(self, "data_hash_", None) or "unfitted"
-        return f"lightgbm-{getattr(self, 'backend_', 'unknown')}-{h[:8]}"
-
-    def __repr__(self) -> str:
-        return f"LightGBMCostModel(name={self.name!r}, batch_size={self.batch_size})"
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "boosters_"):
-            raise RuntimeError("LightGBMCostModel is not fitted: call fit() or load_cost_model()")
 
     # ------------------------------------------------------------- fitting
 
@@ -262,24 +249,9 @@ class LightGBMCostModel:
         Same contract as :meth:`NeuralCostModel.fit`: splits default to 80/10/10 by a
         permutation seeded with ``seed``; validation stops boosting, test gives metrics.
         """
-        from neuroshard.pretrain.dataset import split_random
-
-        fp = json.loads(compute.fingerprint or "{}")
-        if json.loads(comm.fingerprint or "{}") != fp:
-            logger.warning("compute and comm data come from different backend fingerprints")
-        self.backend_ = backend_name or str(fp.get("backend") or fp.get("name") or "unknown")
-        self.backend_fingerprint_ = fp
-        if self.batch_size is None:
-            if "batch_size" not in fp:
-                raise ValueError("batch_size not given and not in the data's fingerprint")
-            self.batch_size = int(fp["batch_size"])
-        elif "batch_size" in fp and int(fp["batch_size"]) != self.batch_size:
-            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
-                                     f"at batch size {fp['batch_size']}")
-        self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
-        cs = compute_split or split_random(len(compute), self.seed)
-        ms = comm_split or split_random(len(comm), self.seed + 1)
-
+        cs, ms = self._begin_fit(compute, comm, compute_split=compute_split,
+                                 comm_split=comm_split, backend_name=backend_name,
+                                 num_devices=num_devices)
         tr, va = compute.subset(cs.train), compute.subset(cs.val)
         boosters = {"compute": self._train(
             "compute", self._compute_x(tr), tr.label_ms, self._compute_x(va), va.label_ms,
@@ -296,19 +268,7 @@ class LightGBMCostModel:
             boosters[which] = self._train(f"{which} comm", xs[0], ys[0], xs[1], ys[1], columns)
         self.boosters_ = boosters
 
-        self.data_hash_ = hashlib.sha256(
-            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
-        self.sample_counts_ = {
-            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
-                        "test": len(cs.test)},
-            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
-                     "test": len(ms.test)},
-        }
-        self.metrics_ = {
-            "compute": {"val": self.score_compute(va),
-                        "test": self.score_compute(compute.subset(cs.test))},
-            **{k: {"test": v} for k, v in self.score_comm(comm.subset(ms.test)).items()},
-        }
+        self._end_fit(compute, comm, cs, ms)
         self.training_summary_ = {k: {"num_trees": b.current_iteration()}
                                   for k, b in boosters.items()}
         return self
@@ -353,13 +313,7 @@ class LightGBMCostModel:
     def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
               mask: np.ndarray | None = None) -> np.ndarray:
         self._check_fitted()
-        d = np.asarray(dim_sums, dtype=np.float64)
-        squeeze = d.ndim == 1
-        if squeeze:
-            d = d[None]
-            waits_ms = None if waits_ms is None else np.asarray(waits_ms)[None]
-        if mask is None:
-            mask = np.ones(d.shape, dtype=bool)
+        d, waits_ms, mask, squeeze = self._comm_batch(dim_sums, waits_ms, mask)
         w = None if waits_ms is None else np.asarray(waits_ms, dtype=np.float64)
         x = comm_features(d, w, mask)
         out = np.zeros(d.shape)
@@ -368,14 +322,6 @@ class LightGBMCostModel:
             out = out + _straggler_wait(w, mask)
         out = np.where(mask, out, 0.0)
         return out[0] if squeeze else out
-
-    def bwd_comm_ms(self, dim_sums: np.ndarray) -> np.ndarray:
-        """Backward all-to-all ms per device, shape ``dim_sums.shape``."""
-        return self._comm("bwd", dim_sums, None)
-
-    def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
-        """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
-        return self._comm("fwd", dim_sums, waits_ms)
 
     # ------------------------------------------------------------- scoring
 
@@ -387,47 +333,17 @@ class LightGBMCostModel:
         return regression_metrics(self._compute_from_raw(data.features, data.offsets),
                                   data.label_ms, self.eps_ms)
 
-    def score_comm(self, data: "CommData") -> dict[str, dict[str, float]]:
-        """Forward, forward-less-wait and backward comm metrics over every real device."""
-        from neuroshard.pretrain.train import regression_metrics
-
-        if not len(data):
-            empty = regression_metrics(np.zeros(0), np.zeros(0))
-            return {"fwd_comm": empty, "fwd_comm_less_wait": empty, "bwd_comm": empty}
-        m = data.mask
-        fwd = self._comm("fwd", data.dim_sums, data.waits_ms, m)
-        bwd = self._comm("bwd", data.dim_sums, None, m)
-        wait = _straggler_wait(data.waits_ms, m)
-        return {"fwd_comm": regression_metrics(fwd[m], data.fwd_ms[m], self.eps_ms),
-                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
-                                                         (data.fwd_ms - wait)[m], self.eps_ms),
-                "bwd_comm": regression_metrics(bwd[m], data.bwd_ms[m], self.eps_ms)}
-
     # ------------------------------------------------------------- files
 
     def meta(self) -> dict[str, Any]:
         """What ``meta.json`` records (without the file checksums)."""
-        self._check_fitted()
         return {
-            "kind": self.kind,
-            "name": self.name,
-            "feature_schema": FEATURE_SCHEMA,
-            "feature_names": list(FEATURE_NAMES),
+            **self._base_meta(),
             "aggregate_features": {"compute": list(COMPUTE_COLUMNS), "bwd": list(BWD_COLUMNS),
                                    "fwd": list(FWD_COLUMNS)},
-            "backend": self.backend_,
-            "backend_fingerprint": self.backend_fingerprint_,
-            "batch_size": self.batch_size,
-            "num_devices": self.num_devices_,
-            "training_data_hash": self.data_hash_,
-            "sample_counts": self.sample_counts_,
-            "metrics": self.metrics_,
-            "training": getattr(self, "training_summary_", {}),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "target_transform": TARGET_TRANSFORM.replace(", standardised", ""),
             "fwd_target": "residual",
             "normalisation": {"eps_ms": self.eps_ms},
-            "provenance": getattr(self, "provenance_", {}),
             "hyperparameters": self._hyperparameters(),
             "lightgbm_version": _lightgbm_version(),
         }
@@ -441,13 +357,7 @@ class LightGBMCostModel:
             tmp = out / (fname + ".tmp")
             tmp.write_text(self.boosters_[which].model_to_string())
             os.replace(tmp, out / fname)
-        meta = self.meta()
-        meta["files"] = {f: _sha256(out / f) for f in MODEL_FILES.values()}
-        tmp = out / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / META_FILE)
-        logger.info("saved %s to %s", self.name, out)
-        return out
+        return self._write_meta(out, tuple(MODEL_FILES.values()))
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
@@ -470,26 +380,14 @@ class LightGBMCostModel:
                 if list(agg[which]) != list(columns):
                     raise ValueError(f"{which} features {agg[which]} are not this "
                                      f"NeuroShard's {list(columns)}")
-            model.backend_ = str(meta["backend"])
-            model.backend_fingerprint_ = dict(meta.get("backend_fingerprint", {}))
-            model.num_devices_ = int(meta.get("num_devices", 0))
-            model.data_hash_ = str(meta.get("training_data_hash", ""))
-            model.sample_counts_ = meta.get("sample_counts", {})
-            model.metrics_ = meta.get("metrics", {})
-            model.training_summary_ = meta.get("training", {})
-            model.provenance_ = meta.get("provenance", {})
+            model._load_base_meta(meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFileError(f"{d / META_FILE}: bad or missing entry ({exc!r})") from exc
 
         checksums = meta.get("files", {})
         boosters = {}
         for which, fname in MODEL_FILES.items():
-            path = d / fname
-            if not path.is_file():
-                raise ModelFileError(f"{path}: missing")
-            if fname in checksums and _sha256(path) != checksums[fname]:
-                raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
-                                     "(truncated, replaced or tampered with)")
+            path = _checked_file(d, fname, checksums)
             try:
                 booster = lgb.Booster(model_str=path.read_text())
             except Exception as exc:  # noqa: BLE001 -- any unreadable model is one error

@@ -79,3 +79,42 @@ class FakeBackend:
 
     def fingerprint(self) -> dict:
         return {"backend": "fake", "batch_size": self.batch_size}
+
+
+def collect_fake_data(root, num_loads: int = 600, num_comm: int = 300):
+    """Collected compute and comm data ``(ComputeData, CommData)`` from FakeBackend under
+    ``root``: loads of augmented tables, comm tasks on 2 and 8 devices (fixed seeds)."""
+    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
+                                             sample_compute_loads)
+    from neuroshard.pretrain.collect import collect
+    from neuroshard.pretrain.dataset import load_comm, load_compute
+
+    tables = make_tables(30, seed=5)
+    loads = sample_compute_loads(augment_tables(tables), num_loads, np.random.default_rng(0))
+    tasks = sample_comm_tasks(tables, num_comm, np.random.default_rng(1), [2, 8])
+    collect(loads, FakeBackend(), root / "compute", progress=False)
+    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
+    return load_compute(root / "compute"), load_comm(root / "comm")
+
+
+def make_mixed_loads() -> list[list[TableSpec]]:
+    """Four device loads of 3, 0, 1 and 8 tables."""
+    tables = make_tables(12, seed=9)
+    return [tables[:3], [], tables[3:4], tables[4:12]]
+
+
+def check_fitted_cost_model(model, cls, name_prefix: str) -> None:
+    """The checks every learned cost model fitted on :func:`collect_fake_data` passes."""
+    import pytest
+
+    from neuroshard.types import CostEstimator
+
+    assert isinstance(model, CostEstimator)
+    assert model.batch_size == 65_536
+    assert model.name.startswith(name_prefix)
+    assert model.num_devices_ in (2, 8)
+    assert set(model.metrics_) == {"compute", "fwd_comm", "fwd_comm_less_wait", "bwd_comm"}
+    assert model.sample_counts_["compute"] == {"total": 600, "train": 480, "val": 60,
+                                               "test": 60}
+    with pytest.raises(RuntimeError, match="not fitted"):
+        cls().compute_ms([[make_table()]])

@@ -4,24 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from factories import FakeBackend, make_table, make_tables
+from factories import (FakeBackend, check_fitted_cost_model, collect_fake_data,
+                       make_mixed_loads, make_tables)
 from neuroshard.costmodel import (COMM_FILE, COMPUTE_FILE, META_FILE, NeuralCostModel,
                                   check_compatible, load_cost_model, read_meta)
-from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
-from neuroshard.pretrain.collect import collect
-from neuroshard.pretrain.dataset import load_comm, load_compute
-from neuroshard.types import CostEstimator, ModelFileError, ModelMismatchError
+from neuroshard.pretrain.augment import sample_comm_tasks
+from neuroshard.types import ModelFileError, ModelMismatchError
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    tables = make_tables(30, seed=5)
-    loads = sample_compute_loads(augment_tables(tables), 600, np.random.default_rng(0))
-    tasks = sample_comm_tasks(tables, 300, np.random.default_rng(1), [2, 8])
-    collect(loads, FakeBackend(), root / "compute", progress=False)
-    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
-    return load_compute(root / "compute"), load_comm(root / "comm")
+    return collect_fake_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +27,12 @@ def model_dir(model, tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("model") / "m")
 
 
-def _loads():
-    tables = make_tables(12, seed=9)
-    return [tables[:3], [], tables[3:4], tables[4:12]]
-
-
 def test_is_a_cost_estimator_with_fitted_attributes(model):
-    assert isinstance(model, CostEstimator)
-    assert model.batch_size == 65_536
-    assert model.name.startswith("neural-fake-")
-    assert model.num_devices_ in (2, 8)
-    assert set(model.metrics_) == {"compute", "fwd_comm", "fwd_comm_less_wait", "bwd_comm"}
-    assert model.sample_counts_["compute"] == {"total": 600, "train": 480, "val": 60,
-                                               "test": 60}
-    with pytest.raises(RuntimeError, match="not fitted"):
-        NeuralCostModel().compute_ms([[make_table()]])
+    check_fitted_cost_model(model, NeuralCostModel, "neural-fake-")
 
 
 def test_compute_is_head_of_summed_shard_embeddings(model):
-    loads = _loads()
+    loads = make_mixed_loads()
     pred = model.compute_ms(loads)
     assert pred.shape == (4,) and pred[1] == 0.0 and np.all(pred[[0, 2, 3]] > 0)
     emb = model.shard_embeddings([t for load in loads for t in load])
@@ -65,7 +45,7 @@ def test_compute_is_head_of_summed_shard_embeddings(model):
 def test_numpy_inference_matches_torch_nets(model):
     from neuroshard.features import table_features
 
-    loads = [load for load in _loads() if load]
+    loads = [load for load in make_mixed_loads() if load]
     x = model._table_inputs(table_features([t for load in loads for t in load]))
     row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(l) for l in loads]))
     with torch.inference_mode():
@@ -85,7 +65,7 @@ def test_numpy_inference_matches_torch_nets(model):
 def test_save_load_roundtrip_identical_predictions(model, model_dir):
     loaded = load_cost_model(model_dir)
     assert isinstance(loaded, NeuralCostModel)
-    loads = _loads()
+    loads = make_mixed_loads()
     np.testing.assert_array_equal(loaded.compute_ms(loads), model.compute_ms(loads))
     d = np.array([[128, 512, 0, 1024], [64, 64, 64, 64]])
     w = np.array([[0.0, 2.0, 5.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
@@ -186,7 +166,7 @@ def test_comm_serves_other_device_counts_equivariantly(model, data):
 def test_fit_is_seeded(data):
     a = NeuralCostModel(max_epochs=3, seed=1).fit(*data)
     b = NeuralCostModel(max_epochs=3, seed=1).fit(*data)
-    loads = _loads()
+    loads = make_mixed_loads()
     np.testing.assert_array_equal(a.compute_ms(loads), b.compute_ms(loads))
     with pytest.raises(ModelMismatchError):
         NeuralCostModel(batch_size=1024, max_epochs=1).fit(*data)

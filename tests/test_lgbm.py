@@ -5,27 +5,19 @@ import pytest
 
 pytest.importorskip("lightgbm")
 
-from factories import FakeBackend, FakeEstimator, make_table, make_tables
+from factories import (FakeBackend, FakeEstimator, check_fitted_cost_model, collect_fake_data,
+                       make_mixed_loads, make_tables)
 from neuroshard.costmodel import META_FILE, load_cost_model, model_kinds
 from neuroshard.lgbm import (BWD_COLUMNS, COMPUTE_COLUMNS, FWD_COLUMNS, MODEL_FILES,
                              LightGBMCostModel, comm_features, load_features)
 from neuroshard.features import raw_features
-from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
-from neuroshard.pretrain.collect import collect
-from neuroshard.pretrain.dataset import load_comm, load_compute
 from neuroshard.pretrain.train import regression_metrics
-from neuroshard.types import CostEstimator, ModelFileError
+from neuroshard.types import ModelFileError
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    tables = make_tables(30, seed=5)
-    loads = sample_compute_loads(augment_tables(tables), 600, np.random.default_rng(0))
-    tasks = sample_comm_tasks(tables, 300, np.random.default_rng(1), [2, 8])
-    collect(loads, FakeBackend(), root / "compute", progress=False)
-    collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
-    return load_compute(root / "compute"), load_comm(root / "comm")
+    return collect_fake_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +31,8 @@ def model_dir(model, tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("model") / "m")
 
 
-def _loads():
-    tables = make_tables(12, seed=9)
-    return [tables[:3], [], tables[3:4], tables[4:12]]
-
-
 def test_is_a_cost_estimator_with_fitted_attributes(model):
-    assert isinstance(model, CostEstimator)
-    assert model.batch_size == 65_536
-    assert model.name.startswith("lightgbm-fake-")
-    assert model.num_devices_ in (2, 8)
-    assert set(model.metrics_) == {"compute", "fwd_comm", "fwd_comm_less_wait", "bwd_comm"}
-    assert model.sample_counts_["compute"] == {"total": 600, "train": 480, "val": 60,
-                                               "test": 60}
-    with pytest.raises(RuntimeError, match="not fitted"):
-        LightGBMCostModel().compute_ms([[make_table()]])
+    check_fitted_cost_model(model, LightGBMCostModel, "lightgbm-fake-")
 
 
 def test_predictions_correlate_with_the_fake_costs(model):
@@ -79,7 +58,7 @@ def test_predictions_correlate_with_the_fake_costs(model):
 
 
 def test_empty_loads_and_single_device_vectors(model):
-    pred = model.compute_ms(_loads())
+    pred = model.compute_ms(make_mixed_loads())
     assert pred.shape == (4,) and pred[1] == 0.0 and np.all(pred[[0, 2, 3]] > 0)
     assert model.compute_ms([[], []]).tolist() == [0.0, 0.0]
     one = model.fwd_comm_ms(np.array([100.0, 300.0]), np.array([0.0, 2.0]))
@@ -89,7 +68,7 @@ def test_empty_loads_and_single_device_vectors(model):
 
 
 def test_feature_builders_have_their_declared_widths():
-    loads = _loads()
+    loads = make_mixed_loads()
     raw = raw_features([t for load in loads for t in load])
     offsets = np.cumsum([0] + [len(load) for load in loads])
     x = load_features(raw, offsets, 65_536)
@@ -115,7 +94,7 @@ def test_save_load_round_trip_is_identical(model, model_dir):
         assert key in meta
     assert set(meta["files"]) == set(MODEL_FILES.values())
     loaded = LightGBMCostModel.load(model_dir)
-    loads = _loads()
+    loads = make_mixed_loads()
     np.testing.assert_array_equal(loaded.compute_ms(loads), model.compute_ms(loads))
     d = np.array([[128.0, 640, 0, 256]])
     w = np.array([[3.0, 0, 7, 1]])
