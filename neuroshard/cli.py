@@ -166,6 +166,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
     torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
                                                 help="Also write a TorchRec ShardingPlan (torch.save)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget",
+                                                help="Seconds the neuroshard or surco search may take."),
 ) -> None:
     """Plan TABLES on DEVICES devices.
 
@@ -185,7 +187,7 @@ def plan(
     check_fits(specs, cluster)
     model_dir = model or default_model_dir(devices)
     estimator = load_cost_model(model_dir, batch_size=None if force else batch_size)
-    result = plan_tables(specs, cluster, estimator, searcher, seed=seed)
+    result = plan_tables(specs, cluster, estimator, searcher, seed=seed, time_budget_s=time_budget)
     if out_path:
         write_plan(result, out_path)
     if torchrec_out:

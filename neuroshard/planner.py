@@ -20,11 +20,15 @@ from neuroshard.types import (
     PlanCost,
     PlanInfeasibleError,
     TableSpec,
+    UsageError,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEARCHER = "neuroshard"
+
+# The option through which each budget-aware searcher bounds its own time.
+_BUDGET_OPTION = {"neuroshard": "time_budget_s", "surco": "time_limit_s"}
 
 
 def shipped_models() -> dict[str, Path]:
@@ -77,13 +81,23 @@ def check_fits(tables: Sequence[TableSpec], cluster: Cluster) -> None:
 
 
 def plan_tables(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator | None = None,
-                searcher: str = DEFAULT_SEARCHER, *, seed: int = 0) -> Plan:
-    """Plan ``tables`` on ``cluster``: the one call behind ``neuroshard plan`` and the planners."""
+                searcher: str = DEFAULT_SEARCHER, *, seed: int = 0,
+                time_budget_s: float | None = None) -> Plan:
+    """Plan ``tables`` on ``cluster``: the one call behind ``neuroshard plan`` and the planners.
+
+    ``time_budget_s`` bounds the time of the searchers that can trade time for quality
+    (``neuroshard``, ``surco``); the others are fast and ignore it.
+    """
     from neuroshard.search import get_searcher
 
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise UsageError(f"time budget must be positive, got {time_budget_s}")
     check_fits(tables, cluster)
     estimator = estimator or default_estimator(cluster.num_devices, cluster.batch_size)
-    search = get_searcher(searcher)
+    options = {}
+    if time_budget_s is not None and searcher in _BUDGET_OPTION:
+        options[_BUDGET_OPTION[searcher]] = time_budget_s
+    search = get_searcher(searcher, **options)
     start = time.perf_counter()
     plan = search(list(tables), cluster, estimator, seed=seed)
     seconds = time.perf_counter() - start
@@ -104,10 +118,12 @@ class Planner:
     """Constructor-injected planner: ``Planner().plan(tables, cluster)``."""
 
     def __init__(self, cost_model: CostEstimator | None = None, searcher: str = DEFAULT_SEARCHER,
-                 seed: int = 0):
+                 seed: int = 0, time_budget_s: float | None = None):
         self.cost_model = cost_model
         self.searcher = searcher
         self.seed = seed
+        self.time_budget_s = time_budget_s
 
     def plan(self, tables: Sequence[TableSpec], cluster: Cluster) -> Plan:
-        return plan_tables(tables, cluster, self.cost_model, self.searcher, seed=self.seed)
+        return plan_tables(tables, cluster, self.cost_model, self.searcher, seed=self.seed,
+                           time_budget_s=self.time_budget_s)
