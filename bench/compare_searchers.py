@@ -19,40 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroshard.backends import as_estimator, get_backend
-from neuroshard.cli import parse_memory
+from _common import add_task_args, p95, task_setup
 from neuroshard.costmodel import load_cost_model
 from neuroshard.planner import default_model_dir, plan_tables
-from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.scoring import plan_cost
-from neuroshard.tasks import default_max_total_bytes, sample_tasks
-from neuroshard.types import Cluster, PlanInfeasibleError
+from neuroshard.types import PlanInfeasibleError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", type=int, default=20)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--memory", default="4GB")
-    p.add_argument("--split", default="test", choices=["train", "test", "all"])
-    p.add_argument("--min-tables", type=int, default=10)
-    p.add_argument("--max-tables", type=int, default=60)
-    p.add_argument("--profile", default="h100")
+    add_task_args(p)
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--searchers", default=",".join(searcher_names()))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    memory = parse_memory(args.memory)
-    cluster = Cluster.uniform(args.devices, memory)
+    cluster, truth, tasks = task_setup(args)
     model_dir = args.model or default_model_dir(args.devices)
     model = load_cost_model(model_dir, batch_size=cluster.batch_size)
-    truth = as_estimator(get_backend("sim", profile=args.profile, batch_size=cluster.batch_size))
-    tasks = sample_tasks(load_pool(args.split), args.tasks, seed=args.seed,
-                         min_tables=args.min_tables, max_tables=args.max_tables,
-                         max_total_bytes=default_max_total_bytes(args.devices, memory))
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     for n in names:
         get_searcher(n)  # fail early on a bad name
@@ -89,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio_base = np.nanmean(c / best_base) if best_base is not None else float("nan")
         ratio_ref = np.nanmean(c / ref) if ref is not None else float("nan")
         wins = np.mean(c[ok] < best_base[ok] * (1 - 1e-9)) if best_base is not None and ok.any() else float("nan")
-        s = sorted(seconds[n]) or [float("nan")]
-        p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+        s = seconds[n] or [float("nan")]
         lines.append(f"| {n} | {np.nanmean(c):.4f} | {ratio_base:.3f} | {ratio_ref:.3f} | {wins:.0%} | "
-                     f"{statistics.median(s):.3f} | {p95:.3f} | {int((~ok).sum())} |")
+                     f"{statistics.median(s):.3f} | {p95(s):.3f} | {int((~ok).sum())} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -35,31 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroshard.backends import as_estimator, get_backend
-from neuroshard.cli import parse_memory
+from _common import add_task_args, p95, task_setup
 from neuroshard.planner import default_estimator, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher
 from neuroshard.search.scoring import plan_cost
 from neuroshard.search.surco import fit_surrogate_prior
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
-from neuroshard.types import Cluster, PlanInfeasibleError
-
-
-def _p95(values: list[float]) -> float:
-    s = sorted(values) or [math.nan]
-    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+from neuroshard.types import PlanInfeasibleError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", type=int, default=20)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--memory", default="4GB")
-    p.add_argument("--split", default="test", choices=["train", "test", "all"])
-    p.add_argument("--min-tables", type=int, default=10)
-    p.add_argument("--max-tables", type=int, default=60)
-    p.add_argument("--profile", default="h100")
+    add_task_args(p)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--time-limit", type=float, default=2.0,
                    help="SurCo solver seconds per plan, shared by its rounds")
@@ -67,24 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior", type=Path, default=None, help="SurrogatePrior directory")
     p.add_argument("--train-prior", type=int, default=0,
                    help="first train a prior on this many training-pool tasks into --prior")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    memory = parse_memory(args.memory)
-    cluster = Cluster.uniform(args.devices, memory)
-    truth = as_estimator(get_backend("sim", profile=args.profile, batch_size=cluster.batch_size))
+    cluster, truth, tasks = task_setup(args)
     if shipped_models():
         estimator = default_estimator(args.devices, cluster.batch_size)
         guide = f"shipped model {estimator.name}"
     else:
         estimator = truth
         guide = f"the sim/{args.profile} backend itself (no shipped model)"
-    cap = default_max_total_bytes(args.devices, memory)
-    tasks = sample_tasks(load_pool(args.split), args.tasks, seed=args.seed,
-                         min_tables=args.min_tables, max_tables=args.max_tables,
-                         max_total_bytes=cap)
+    cap = default_max_total_bytes(args.devices, cluster.memory_per_device_bytes[0])
 
     surco_options = {"rounds": args.rounds, "time_limit_s": args.time_limit,
                      "mip_rel_gap": args.mip_rel_gap}
@@ -166,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {n} | {np.nanmean(c):.4f} | {np.nanmean(c / best_base):.4f} | "
             f"{np.nanmean(c / greedy):.4f} | {np.nanmean(c / beam):.4f} | {better} / {worse} | "
-            f"{med:.2f} | {_p95(secs):.2f} | {int((~ok).sum())} |")
+            f"{med:.2f} | {p95(secs):.2f} | {int((~ok).sum())} |")
 
     lines += ["", "| SurCo | plans | rounds run (mean) | solves | proved optimal | hit time "
               "limit | plans with every solve optimal | mean MIP gap | real cost / last LP "

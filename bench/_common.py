@@ -1,0 +1,42 @@
+"""What the bench scripts share: the task options, the tasks, the truth backend, p95."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from neuroshard.backends import as_estimator, get_backend
+from neuroshard.cli import parse_memory
+from neuroshard.pretrain.pool import load_pool
+from neuroshard.tasks import default_max_total_bytes, sample_tasks
+from neuroshard.types import Cluster, CostEstimator, TableSpec
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """--tasks --devices --memory --split --min-tables --max-tables --profile --seed --out."""
+    p.add_argument("--tasks", type=int, default=20)
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--memory", default="4GB")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--min-tables", type=int, default=10)
+    p.add_argument("--max-tables", type=int, default=60)
+    p.add_argument("--profile", default="h100", help="sim profile that costs every plan")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+
+
+def task_setup(args: argparse.Namespace) -> tuple[Cluster, CostEstimator, list[list[TableSpec]]]:
+    """The cluster, the sim backend that costs plans (noise 0), and the seeded tasks."""
+    memory = parse_memory(args.memory)
+    cluster = Cluster.uniform(args.devices, memory)
+    truth = as_estimator(get_backend("sim", profile=args.profile, batch_size=cluster.batch_size))
+    tasks = sample_tasks(load_pool(args.split), args.tasks, seed=args.seed,
+                         min_tables=args.min_tables, max_tables=args.max_tables,
+                         max_total_bytes=default_max_total_bytes(args.devices, memory))
+    return cluster, truth, tasks
+
+
+def p95(values: list[float]) -> float:
+    s = sorted(values) or [math.nan]
+    return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
