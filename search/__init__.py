@@ -23,7 +23,7 @@ from neuroshard.types import Cluster, CostEstimator, Plan, TableSpec, UnknownNam
 
 # name -> ("module:function", keyword arguments bound at lookup)
 _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
-    "neuroshard": ("neuroshard.search.beam:beam_search", {}),
+    "neuroshard": ("neuroshard.search.polish:neuroshard_search", {}),
     "greedy-grid": ("neuroshard.search.greedy:greedy_grid", {}),
     "random": ("neuroshard.search.baselines:random_plan", {}),
     "dim": ("neuroshard.search.baselines:greedy_baseline", {"key": "dim"}),

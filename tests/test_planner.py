@@ -30,3 +30,12 @@ def test_check_fits_names_the_culprits():
     tables = [TableSpec(f"t{i}", rows=2 * 10**6, dim=128) for i in range(10)]
     with pytest.raises(PlanInfeasibleError, match=r"in total.*'t0'"):
         check_fits(tables, make_cluster(2, 1))
+
+
+def test_neuroshard_with_time_polishes_with_surco_and_is_never_worse():
+    tables, cluster = make_tables(14, seed=3), make_cluster(4)
+    beam = plan_tables(tables, cluster, FakeEstimator())
+    polished = plan_tables(tables, cluster, FakeEstimator(), time_budget_s=6.0)
+    assert polished.meta["polish"]["kept"] in ("beam", "surco")
+    assert polished.cost.max_ms <= beam.cost.max_ms + 1e-12
+    assert polished.meta["polish"]["beam_ms"] == pytest.approx(beam.cost.max_ms, rel=1e-9)
