@@ -40,3 +40,11 @@ def task_setup(args: argparse.Namespace) -> tuple[Cluster, CostEstimator, list[l
 def p95(values: list[float]) -> float:
     s = sorted(values) or [math.nan]
     return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print a bench's Markdown and write it to ``out`` when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

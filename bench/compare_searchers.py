@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, p95, task_setup
+from _common import add_task_args, emit, p95, task_setup
 from neuroshard.costmodel import load_cost_model
 from neuroshard.planner import default_model_dir, plan_tables
 from neuroshard.search import BASELINES, get_searcher, searcher_names
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {n} | {np.nanmean(c):.4f} | {ratio_base:.3f} | {ratio_ref:.3f} | {wins:.0%} | "
                      f"{statistics.median(s):.3f} | {p95(s):.3f} | {int((~ok).sum())} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return 0
 
 

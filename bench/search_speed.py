@@ -49,28 +49,13 @@ from neuroshard.costmodel import load_cost_model
 from neuroshard.planner import default_model_dir, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import get_searcher
+from neuroshard.search.scoring import WithoutEmbeddings
 from neuroshard.tasks import default_max_total_bytes, sample_task
 from neuroshard.types import Cluster, CostEstimator, PlanInfeasibleError, TableSpec
 
 logger = logging.getLogger("bench.search_speed")
 
 CANDIDATES = ("neuroshard", "neuroshard-generic", "greedy-grid")
-
-
-class GenericOnly:
-    """``estimator`` without its embedding methods: searches take the generic path."""
-
-    def __init__(self, estimator: CostEstimator):
-        self.inner, self.name, self.batch_size = estimator, estimator.name, estimator.batch_size
-
-    def compute_ms(self, loads):
-        return self.inner.compute_ms(loads)
-
-    def bwd_comm_ms(self, dim_sums):
-        return self.inner.bwd_comm_ms(dim_sums)
-
-    def fwd_comm_ms(self, dim_sums, waits_ms):
-        return self.inner.fwd_comm_ms(dim_sums, waits_ms)
 
 
 def choose_estimator(num_devices: int, model: Path | None, profile: str,
@@ -168,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 for n in names:
                     searcher = get_searcher("greedy-grid" if n == "greedy-grid" else "neuroshard")
-                    estimator = GenericOnly(est) if n == "neuroshard-generic" else est
+                    estimator = WithoutEmbeddings(est) if n == "neuroshard-generic" else est
                     start, start_cpu = time.perf_counter(), time.process_time()
                     try:
                         plan = searcher(tables, cluster, estimator)

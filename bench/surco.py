@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, p95, task_setup
+from _common import add_task_args, emit, p95, task_setup
 from neuroshard.planner import default_estimator, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Bench wall time {time.perf_counter() - bench_started:.0f} s."]
     text = "\n".join(lines)
     scratch.cleanup()
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(text, args.out)
     return 0
 
 

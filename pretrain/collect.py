@@ -241,6 +241,19 @@ def pending_samples(samples: Sequence[Any], done: set[str]) -> list[Any]:
     return pending
 
 
+def start_collection(samples: Sequence[Any], out_dir: str | os.PathLike, kind: Kind,
+                     chunk_size: int) -> tuple[Path, list[Any], int]:
+    """Checks shared by every collector; returns the output folder (created), the samples
+    still to measure and how many are already on disk."""
+    _check_kind(samples, kind)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = pending_samples(samples, existing_keys(out))
+    return out, pending, len(samples) - len(pending)
+
+
 def write_part(rows: Sequence[dict], out_dir: str | os.PathLike, kind: Kind) -> Path:
     """Write ``rows`` as one part file, atomically (temporary file, then rename)."""
     out = Path(out_dir)
@@ -327,13 +340,7 @@ def collect(samples: Sequence[ComputeSample | CommSample],
     samples skips the keys already present. Refuses to add rows from a backend whose
     fingerprint differs from the one on disk (:class:`DatasetError`).
     """
-    _check_kind(samples, kind)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pending = pending_samples(samples, existing_keys(out))
-    skipped = len(samples) - len(pending)
+    out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
     logger.info("collect %s into %s: %d samples, %d on disk, %d to measure",
                 kind, out, len(samples), skipped, len(pending))
     if not pending:

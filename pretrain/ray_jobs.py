@@ -35,13 +35,11 @@ from neuroshard.pretrain.collect import (
     DatasetError,
     Kind,
     _Bar,
-    _check_kind,
     _chunks,
     check_fingerprint,
     collect_chunk,
-    existing_keys,
     fingerprint_json,
-    pending_samples,
+    start_collection,
     write_part,
 )
 
@@ -111,19 +109,13 @@ def collect_ray(samples: Sequence[ComputeSample | CommSample], backend_spec: Bac
     ``failed``; it does not stop the job. ``gpus_per_worker`` defaults to 1 for the
     ``cuda`` backend and 0 otherwise (set it for a GPU backend given by import path).
     """
-    _check_kind(samples, kind)
     if not isinstance(backend_spec, BackendSpec):
         raise TypeError(f"backend_spec must be a BackendSpec, got {type(backend_spec).__name__}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pending = pending_samples(samples, existing_keys(out))
-    skipped = len(samples) - len(pending)
+    out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
     logger.info("collect %s into %s on %d Ray workers: %d samples, %d on disk, %d to measure",
                 kind, out, workers, len(samples), skipped, len(pending))
     if not pending:

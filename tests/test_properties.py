@@ -29,9 +29,6 @@ SLOW_EXAMPLES = {"torchrec": 6}  # TorchRec's planner takes about a second per p
 # the weights alone fit: its infeasibility is not held to "fits on one device => plan".
 WEIGHTS_ONLY_MEMORY = frozenset(searcher_names()) - {"torchrec"}
 
-# Searchers whose PlanInfeasibleError message breaks the rule; the test xfails for them
-# while the rule is broken, and passes once it holds.
-MESSAGE_BUGS: dict[str, str] = {}
 
 
 @st.composite
@@ -143,8 +140,6 @@ def test_any_valid_problem_gives_a_plan_or_a_named_infeasibility(name):
     run()
     if bad_messages:
         detail = f"{len(bad_messages)} of {len(outcomes)}, e.g. {bad_messages[0][:300]}"
-        if name in MESSAGE_BUGS:
-            pytest.xfail(f"{MESSAGE_BUGS[name]}: {detail}")
         pytest.fail(f"{name}: infeasibility names no table or no bytes: {detail}")
     # the generator is meant to reach both outcomes; say so if it stops doing that
     if len(outcomes) >= 20:
@@ -167,6 +162,4 @@ def test_edge_problems(name):
         assert outcome == "infeasible"
     many = [TableSpec(f"t{i}", rows=10, dim=4) for i in range(25)]
     assert check_outcome(name, many, Cluster.uniform(8, GB), bad) == "plan"
-    if bad and name in MESSAGE_BUGS:
-        pytest.xfail(f"{MESSAGE_BUGS[name]}: e.g. {bad[0][:300]}")
     assert not bad, bad

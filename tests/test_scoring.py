@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from factories import FakeEstimator, make_cluster, make_table, make_tables
-from neuroshard.search.scoring import EMPTY_LOAD, Scorer, finish_plan, plan_cost
+from neuroshard.search.scoring import EMPTY_LOAD, Scorer, WithoutEmbeddings, finish_plan, plan_cost
 from neuroshard.types import Plan, Shard
 
 
@@ -181,20 +181,7 @@ class AdditiveEstimator:
             waits.max(axis=-1, keepdims=True) - waits)
 
 
-class Opaque:
-    """The estimator behind it without shard_embeddings: forces the generic path."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.batch_size = inner, inner.name, inner.batch_size
-
-    def compute_ms(self, loads):
-        return self.inner.compute_ms(loads)
-
-    def bwd_comm_ms(self, dim_sums):
-        return self.inner.bwd_comm_ms(dim_sums)
-
-    def fwd_comm_ms(self, dim_sums, waits_ms):
-        return self.inner.fwd_comm_ms(dim_sums, waits_ms)
+Opaque = WithoutEmbeddings  # the estimator without shard_embeddings: the generic path
 
 
 def test_additive_estimators_are_detected():
