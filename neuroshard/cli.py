@@ -250,7 +250,7 @@ def pretrain(
     batch_size: int = typer.Option(65_536, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Collect on this many Ray workers (0: in process)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
@@ -382,11 +382,17 @@ def model_report(
     model_dir: Path = typer.Argument(..., help="Model directory (meta.json inside)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """A model's provenance and its error on held-out data (MAPE, Spearman).
+    """A model's provenance and its error on held-out data next to the noise floor.
+
+    MSE is of log(ms); "floor" is the noise floor, the MAPE a model that knew every
+    sample's true cost would score against a second measurement of the same samples, and
+    "/floor" the model's MAPE over it. Breakdowns by tables per load, load size, device
+    count and dim sum follow.
 
     Example: neuroshard model-report data/models/sim-h100-d4
     """
     from neuroshard.costmodel import read_meta
+    from neuroshard.pretrain.fidelity import bucket_order
 
     meta = read_meta(model_dir)
     if as_json:
@@ -396,15 +402,34 @@ def model_report(
     out.print(f"[bold]{meta.get('name')}[/bold] ({meta.get('kind')}), backend {meta.get('backend')}, "
               f"batch {meta.get('batch_size')}, {meta.get('num_devices')} devices, "
               f"schema {meta.get('feature_schema')}")
+    metrics = dict(meta.get("metrics") or {})
+    floors = metrics.pop("noise_floor", {})
     table = Table(title="held-out error")
-    for column in ("model", "split", "samples", "MAPE", "Spearman"):
+    for column in ("model", "split", "n", "MSE(log)", "MAPE", "Spearman", "floor", "/floor"):
         table.add_column(column, justify="right")
-    for part, splits in sorted((meta.get("metrics") or {}).items()):
+    for part, splits in sorted(metrics.items()):
+        floor = (floors.get(part) or {}).get("floor_mape")
         for split, m in sorted(splits.items()):
             if isinstance(m, dict) and "mape" in m:
-                table.add_row(part, split, str(m.get("n", "")), f"{m['mape']:.2%}",
-                              f"{m.get('spearman', float('nan')):.4f}")
+                ratio = f"{m['mape'] / floor:.2f}" if floor else ""
+                table.add_row(part, split, str(m.get("n", "")), f"{m.get('mse_log', float('nan')):.4f}",
+                              f"{m['mape']:.2%}", f"{m.get('spearman', float('nan')):.4f}",
+                              f"{floor:.2%}" if floor is not None else "", ratio)
     out.print(table)
+    for part, split in (("compute", "test_pool"), ("compute", "test"), ("bwd_comm", "test"),
+                        ("fwd_comm", "test")):
+        m = (metrics.get(part) or {}).get(split) or {}
+        groups = {k: v for k, v in m.items() if k.startswith("by_") and v}
+        if not groups:
+            continue
+        table = Table(title=f"{part} {split} by bucket")
+        for column in ("by", "bucket", "samples", "MAPE", "Spearman"):
+            table.add_column(column, justify="right")
+        for by, buckets in groups.items():
+            for bucket, b in sorted(buckets.items(), key=lambda kv: bucket_order(by, kv[0])):
+                table.add_row(by[3:], bucket, str(b.get("n", "")), f"{b['mape']:.2%}",
+                              f"{b.get('spearman', float('nan')):.4f}")
+        out.print(table)
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ from neuroshard.types import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from neuroshard.pretrain.dataset import CommData, ComputeData, Split
+    from neuroshard.pretrain.train import TrainFn
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ class _CostModelBase:
     the comm entry points and scoring, and the ``meta.json`` and checksum handling.
 
     A subclass sets ``kind`` and ``_fitted_attr`` (the attribute :meth:`fit` sets last)
-    and provides ``_comm(which, dim_sums, waits_ms, mask)`` and ``score_compute``.
+    and provides ``_comm(which, dim_sums, waits_ms, mask)`` and
+    ``_predict_compute_data(data)`` (compute ms of every load of collected data).
     """
 
     kind = "base"
@@ -282,11 +284,28 @@ class _CostModelBase:
         """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
         return self._comm("fwd", dim_sums, waits_ms)
 
-    def score_comm(self, data: "CommData") -> dict[str, dict[str, float]]:
-        """Metrics of forward and backward comm predictions over every real device.
+    def score_compute(self, data: "ComputeData") -> dict[str, Any]:
+        """MAPE, Spearman and log-MSE of compute predictions on ``data``, overall and
+        by tables per load and load size
+        (:func:`~neuroshard.pretrain.fidelity.compute_breakdown`)."""
+        from neuroshard.pretrain.fidelity import compute_breakdown
+        from neuroshard.pretrain.train import regression_metrics
+
+        self._check_fitted()
+        if not len(data):
+            return regression_metrics(np.zeros(0), np.zeros(0))
+        pred = self._predict_compute_data(data)
+        return {**regression_metrics(pred, data.label_ms, self.eps_ms),
+                **compute_breakdown(pred, data, self.eps_ms)}
+
+    def score_comm(self, data: "CommData") -> dict[str, dict[str, Any]]:
+        """Metrics of forward and backward comm predictions over every real device,
+        overall and by device count and dim sum
+        (:func:`~neuroshard.pretrain.fidelity.comm_breakdown`).
 
         ``fwd_comm_less_wait`` scores the forward time less the straggler wait, the part
         a model has to learn (the wait itself is given)."""
+        from neuroshard.pretrain.fidelity import comm_breakdown
         from neuroshard.pretrain.train import regression_metrics
 
         if not len(data):
@@ -296,10 +315,16 @@ class _CostModelBase:
         fwd = self._comm("fwd", data.dim_sums, data.waits_ms, m)
         bwd = self._comm("bwd", data.dim_sums, None, m)
         wait = _straggler_wait(data.waits_ms, m)
-        return {"fwd_comm": regression_metrics(fwd[m], data.fwd_ms[m], self.eps_ms),
+
+        def scored(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
+            return {**regression_metrics(pred[m], true[m], self.eps_ms),
+                    **comm_breakdown(pred, true, data.num_devices, data.dim_sums, m,
+                                     self.eps_ms)}
+
+        return {"fwd_comm": scored(fwd, data.fwd_ms),
                 "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
                                                          (data.fwd_ms - wait)[m], self.eps_ms),
-                "bwd_comm": regression_metrics(bwd[m], data.bwd_ms[m], self.eps_ms)}
+                "bwd_comm": scored(bwd, data.bwd_ms)}
 
     # ------------------------------------------------------------- files
 
@@ -434,11 +459,15 @@ class NeuralCostModel(_CostModelBase):
 
     def fit(self, compute: "ComputeData", comm: "CommData", *,
             compute_split: "Split | None" = None, comm_split: "Split | None" = None,
-            backend_name: str | None = None, num_devices: int | None = None) -> "NeuralCostModel":
+            backend_name: str | None = None, num_devices: int | None = None,
+            train_fn: "TrainFn | None" = None) -> "NeuralCostModel":
         """Train the three nets on collected data and record test metrics in ``metrics_``.
 
         Splits default to 80/10/10 by a permutation seeded with ``seed``; the validation
-        part picks the best epoch, the test part gives ``metrics_``.
+        part picks the best epoch, the test part gives ``metrics_``. ``train_fn`` trains
+        each net (default :func:`~neuroshard.pretrain.train.fit_net` in this process; see
+        :func:`~neuroshard.pretrain.train.file_checkpointed` and
+        :func:`~neuroshard.pretrain.ray_train.ray_training`).
         """
         import torch
 
@@ -478,15 +507,16 @@ class NeuralCostModel(_CostModelBase):
         config = TrainConfig(lr=self.lr, batch_size=self.train_batch_size,
                              max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
                              num_threads=self.num_threads, max_seconds=self.max_seconds_per_net)
+        train_fn = train_fn or fit_net
         self.training_ = {}
-        self.training_["compute"] = fit_net(
+        self.training_["compute"] = train_fn(
             self.nets_["compute"], self._compute_tensors(compute.subset(cs.train)),
             self._compute_tensors(compute.subset(cs.val)), config, "compute")
         # A few thousand comm samples give few steps per epoch at 512; smaller batches
         # reach the noise floor in the same number of epochs.
         comm_config = replace(config, batch_size=self.comm_train_batch_size)
         for which in ("bwd", "fwd"):
-            self.training_[which] = fit_net(
+            self.training_[which] = train_fn(
                 self.nets_[which], self._comm_tensors(comm.subset(ms.train), which),
                 self._comm_tensors(comm.subset(ms.val), which), comm_config, f"{which} comm")
         self._extract()
@@ -586,20 +616,14 @@ class NeuralCostModel(_CostModelBase):
 
     # ------------------------------------------------------------- scoring
 
-    def score_compute(self, data: "ComputeData") -> dict[str, float]:
-        """MAPE, Spearman and log-MSE of compute predictions on ``data``."""
-        from neuroshard.pretrain.train import regression_metrics
-
-        if not len(data):
-            return regression_metrics(np.zeros(0), np.zeros(0))
+    def _predict_compute_data(self, data: "ComputeData") -> np.ndarray:
         emb = self.shard_embeddings_raw(data.features)
         starts = data.offsets[:-1]
         counts = np.diff(data.offsets)
         summed = np.zeros((len(data), self.embed_dim), dtype=np.float32)
         busy = counts > 0
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
-        return regression_metrics(self.compute_from_embeddings(summed, counts), data.label_ms,
-                                  self.eps_ms)
+        return self.compute_from_embeddings(summed, counts)
 
     def shard_embeddings_raw(self, raw: np.ndarray) -> np.ndarray:
         """:meth:`shard_embeddings` from raw feature rows ``(n, 20)`` (collected data)."""

@@ -325,13 +325,8 @@ class LightGBMCostModel(_CostModelBase):
 
     # ------------------------------------------------------------- scoring
 
-    def score_compute(self, data: "ComputeData") -> dict[str, float]:
-        """MAPE, Spearman and log-MSE of compute predictions on ``data``."""
-        from neuroshard.pretrain.train import regression_metrics
-
-        self._check_fitted()
-        return regression_metrics(self._compute_from_raw(data.features, data.offsets),
-                                  data.label_ms, self.eps_ms)
+    def _predict_compute_data(self, data: "ComputeData") -> np.ndarray:
+        return self._compute_from_raw(data.features, data.offsets)
 
     # ------------------------------------------------------------- files
 

@@ -5,6 +5,8 @@
     out_dir/data/compute/part-*.parquet          compute samples of the training tables
     out_dir/data/comm/part-*.parquet             comm samples
     out_dir/data/compute_holdout/part-*.parquet  compute samples of held-out tables
+    out_dir/data/{compute,comm}_retest/          some samples measured a second time
+    out_dir/train/                               training checkpoints (resume)
     out_dir/model/{compute.pt, comm.pt, meta.json}
 
 Sampling is seeded and sequential, so a rerun draws the same samples with the same keys:
@@ -13,7 +15,9 @@ samples measures only the new ones. Training reads exactly the samples of this r
 
 Metrics in ``meta.json``: ``compute.test`` on a random 10% of the training-table samples,
 ``compute.test_pool`` on loads built only from held-out tables (by default the pool's
-test half, never seen in training), ``fwd_comm.test`` and ``bwd_comm.test``.
+test half, never seen in training), ``fwd_comm.test`` and ``bwd_comm.test``; each with
+breakdowns (:mod:`~neuroshard.pretrain.fidelity`). ``noise_floor`` compares the retest
+with the first measurement of the same samples: the error no model can go below.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -36,6 +42,8 @@ from neuroshard.pretrain.augment import (
 )
 from neuroshard.pretrain.collect import BackendSpec, collect, resolve_backend
 from neuroshard.pretrain.dataset import load_comm, load_compute
+from neuroshard.pretrain.fidelity import noise_floor
+from neuroshard.pretrain.train import file_checkpointed
 from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ def pretrain(out_dir: str | os.PathLike, *,
              compute_samples: int = 20_000,
              comm_samples: int = 8_000,
              holdout_samples: int = 2_000,
+             retest_samples: int = 200,
              seed: int = 0,
              tables: Sequence[TableSpec] | None = None,
              holdout_tables: Sequence[TableSpec] | None = None,
@@ -92,12 +101,19 @@ def pretrain(out_dir: str | os.PathLike, *,
 
     ``workers`` > 0 or an ``address`` collects on Ray actors
     (:func:`~neuroshard.pretrain.ray_jobs.collect_ray`: an embedded local cluster, or the
-    cluster at ``address``); otherwise collection runs in this process.
+    cluster at ``address``) and trains the neural nets data-parallel on as many Ray Train
+    workers (:mod:`~neuroshard.pretrain.ray_train`); otherwise both run in this process.
+    Training checkpoints go to ``out_dir/train``: rerunning an interrupted ``pretrain``
+    skips the samples on disk and resumes each net from its last checkpoint.
 
     Compute loads are drawn from the training tables plus ``shrink_copies`` hotter copies
     of each (:func:`~neuroshard.pretrain.augment.shrink_tables`), all at every dim of
     :func:`~neuroshard.pretrain.augment.augment_tables`. Held-out loads use the held-out
     tables as they are.
+
+    The first ``retest_samples`` held-out compute samples (training samples when there
+    are none) and comm samples are measured again after everything else; the two runs
+    give the noise floor in the model's metrics.
 
     Loads have 1 to ``max_tables`` tables. The paper's 15 is too few for the search: a
     device of a 60-table task on 4 devices holds 15 shards on average and more in skewed
@@ -149,19 +165,29 @@ def pretrain(out_dir: str | os.PathLike, *,
     if holdout_set:
         run(holdout_set, data / "compute_holdout", kind="compute",
             chunk_size=chunk_size, progress=progress, description="held-out samples")
+    retests = {"compute": _retest(holdout_set or compute_set, retest_samples),
+               "comm": _retest(comm_set, retest_samples)}
+    for kind, samples in retests.items():
+        if samples:
+            run(samples, data / f"{kind}_retest", kind=kind, chunk_size=chunk_size,
+                progress=progress, description=f"{kind} retest")
     timings["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     compute_data = load_compute(data / "compute", {s.key for s in compute_set})
     comm_data = load_comm(data / "comm", {s.key for s in comm_set})
     kwargs = {"seed": seed, **dict(model_kwargs or {})}
-    model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
-                                    num_devices=num_devices)
+    with _trainer(cost_model, out / "train", workers, address) as fit_kwargs:
+        model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
+                                        num_devices=num_devices, **fit_kwargs)
     timings["train_s"] = time.perf_counter() - t0
     if holdout_set:
         holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
         model.metrics_["compute"]["test_pool"] = model.score_compute(holdout)
         model.sample_counts_["compute_holdout"] = len(holdout)
+    if any(retests.values()):
+        model.metrics_["noise_floor"] = _noise_floors(
+            data, "compute_holdout" if holdout_set else "compute", retests)
     timings["total_s"] = time.perf_counter() - started
     model.provenance_ = {
         "pipeline": "neuroshard.pretrain.pipeline.pretrain",
@@ -184,6 +210,75 @@ def pretrain(out_dir: str | os.PathLike, *,
                 if "test_pool" in m["compute"] else "no test pool",
                 m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
     return model_dir
+
+
+# Added to a sample's index for its retest: same content, another key.
+RETEST_INDEX_OFFSET = 1 << 40
+
+
+def _retest(samples: Sequence[Any], n: int) -> list[Any]:
+    return [replace(s, index=s.index + RETEST_INDEX_OFFSET) for s in samples[:max(n, 0)]]
+
+
+def _noise_floors(data: Path, compute_dir: str,
+                  retests: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, float]]:
+    """Noise-floor metrics of every retest that reached the disk, against the first run."""
+    floors: dict[str, dict[str, float]] = {}
+    if retests["compute"]:
+        again = load_compute(data / "compute_retest", {s.key for s in retests["compute"]})
+        first = load_compute(data / compute_dir, {_first_key(s) for s in retests["compute"]})
+        a, b = _paired(first.keys, first.label_ms, again.keys, again.label_ms, retests["compute"])
+        floors["compute"] = noise_floor(a, b)
+    if retests["comm"]:
+        again = load_comm(data / "comm_retest", {s.key for s in retests["comm"]})
+        first = load_comm(data / "comm", {_first_key(s) for s in retests["comm"]})
+        for which in ("fwd", "bwd"):
+            a, b = _paired(first.keys, getattr(first, f"{which}_ms"), again.keys,
+                           getattr(again, f"{which}_ms"), retests["comm"],
+                           first.mask, again.mask)
+            floors[f"{which}_comm"] = noise_floor(a, b)
+    return floors
+
+
+def _first_key(retest: Any) -> str:
+    return replace(retest, index=retest.index - RETEST_INDEX_OFFSET).key
+
+
+def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
+            again: np.ndarray, retests: Sequence[Any], first_mask: np.ndarray | None = None,
+            again_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first and second measurement of every retest sample found in both runs."""
+    row_first = {k: i for i, k in enumerate(first_keys)}
+    row_again = {k: i for i, k in enumerate(again_keys)}
+    pairs = [(row_first[_first_key(s)], row_again[s.key]) for s in retests
+             if s.key in row_again and _first_key(s) in row_first]
+    a_rows = [i for i, _ in pairs]
+    b_rows = [j for _, j in pairs]
+    if first_mask is None:
+        return first[a_rows], again[b_rows]
+    a = [first[i][first_mask[i]] for i in a_rows]
+    b = [again[j][again_mask[j]] for j in b_rows]
+    return (np.concatenate(a) if a else np.zeros(0)), (np.concatenate(b) if b else np.zeros(0))
+
+
+@contextmanager
+def _trainer(cost_model: str, checkpoint_dir: Path, workers: int,
+             address: str | None) -> Iterator[dict[str, Any]]:
+    """The ``fit`` keywords that train the neural nets resumably: on Ray Train when
+    ``workers`` or ``address`` ask for Ray, else in this process with file checkpoints."""
+    if cost_model != "neural":
+        if workers or address:
+            logger.info("%s trains in this process; Ray only collects", cost_model)
+        yield {}
+        return
+    if not workers and not address:
+        yield {"train_fn": file_checkpointed(checkpoint_dir)}
+        return
+    from neuroshard.pretrain.ray_train import ray_training
+
+    with ray_training(workers=max(workers, 1), storage_dir=checkpoint_dir,
+                      address=address) as train_fn:
+        yield {"train_fn": train_fn}
 
 
 def _compute_samples(tables: Sequence[TableSpec], n: int, *, seed: int, max_tables: int,

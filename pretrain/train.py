@@ -5,16 +5,29 @@ target (a mask leaves padding out of the loss), the state of the epoch with the 
 validation loss kept, and early stopping after ``patience`` epochs without improvement.
 Optionally the learning rate halves when validation stalls (``lr_decay_patience``).
 Everything is seeded, and torch runs on a small, fixed number of threads.
+
+Two things make the loop fit for long or distributed jobs:
+
+* a :class:`Checkpointer` saves the whole training state every ``checkpoint_every``
+  epochs, and a restarted :func:`fit_net` carries on from the last save, ending with the
+  same weights an uninterrupted run would have (:class:`FileCheckpointer` keeps it in one
+  file; :mod:`neuroshard.pretrain.ray_train` keeps it in Ray Train's storage);
+* when ``torch.distributed`` is initialised (Ray Train's workers), each rank computes the
+  gradient on its share of every minibatch and the gradients are averaged across ranks
+  before the step, so the ranks keep identical weights and take the same decisions.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,7 +36,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dense", "Ragged", "TrainConfig", "TrainResult", "fit_net", "regression_metrics",
+__all__ = ["Checkpointer", "Dense", "FileCheckpointer", "Ragged", "TrainConfig", "TrainFn",
+           "TrainResult", "file_checkpointed", "fit_net", "regression_metrics", "run_name",
            "torch_threads"]
 
 
@@ -40,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 1
     max_seconds: float | None = None  # wall-clock budget for one net; None: no limit
+    checkpoint_every: int = 1  # epochs between saves when fit_net is given a checkpointer
 
 
 @dataclass
@@ -49,6 +64,7 @@ class TrainResult:
     epochs_run: int
     seconds: float
     history: list[tuple[float, float]] = field(default_factory=list)  # (train, val) loss
+    resumed_after: int | None = None  # the checkpointed epoch this run carried on from
 
 
 @contextmanager
@@ -109,6 +125,79 @@ class Ragged:
 Batches = Dense | Ragged
 
 
+class Checkpointer(Protocol):
+    """Where :func:`fit_net` keeps its training state between epochs."""
+
+    def load(self) -> dict[str, Any] | None:
+        """The last saved state, or None to start from scratch."""
+
+    def save(self, state: dict[str, Any], *, epoch: int, val_loss: float) -> None:
+        """Keep ``state`` (tensors, numbers, lists and dicts only) for :meth:`load`."""
+
+
+class TrainFn(Protocol):
+    """What a cost model calls to train one of its nets (:func:`fit_net` or a
+    distributed stand-in with the same contract)."""
+
+    def __call__(self, net: nn.Module, train: "Batches", val: "Batches", config: "TrainConfig",
+                 label: str) -> "TrainResult": ...
+
+
+class FileCheckpointer:
+    """The state in one file, replaced atomically; read back with ``weights_only=True``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def save(self, state: dict[str, Any], *, epoch: int, val_loss: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, or ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """All-reduce the gradients of ``params`` in one flat buffer and divide by ``world``."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+        offset += n
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank when ``flag`` is true on any (so the ranks stop together)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _as_batches(data: "Batches | tuple") -> Batches:
     return data if isinstance(data, (Dense, Ragged)) else Dense(*data)
 
@@ -138,18 +227,29 @@ def _loss_on(net: nn.Module, data: Batches, chunk: int = 8192) -> float:
 
 
 def fit_net(net: nn.Module, train: "Batches | tuple", val: "Batches | tuple",
-            config: TrainConfig = TrainConfig(), label: str = "net") -> TrainResult:
+            config: TrainConfig = TrainConfig(), label: str = "net",
+            checkpointer: Checkpointer | None = None) -> TrainResult:
     """Train ``net`` in place and leave it holding its best-validation-epoch weights.
 
     ``train`` and ``val`` are :class:`Dense` or :class:`Ragged` data, or a tuple
-    ``(inputs, target, weight)`` taken as :class:`Dense`.
+    ``(inputs, target, weight)`` taken as :class:`Dense`. With a ``checkpointer`` the state
+    is saved every ``config.checkpoint_every`` epochs and at the end, and a saved state is
+    resumed from. Under ``torch.distributed`` every rank must call this with the same data
+    and config; rank ``r`` of ``w`` trains on rows ``r::w`` of each minibatch.
     """
     train, val = _as_batches(train), _as_batches(val)
     n = len(train)
     if n == 0:
         raise ValueError(f"{label}: no training rows")
+    rank, world = _world()
+    params = [p for p in net.parameters() if p.requires_grad]
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in net.state_dict().values():  # every rank starts from rank 0's weights
+            dist.broadcast(p, src=0)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     has_val = len(val) > 0
     sched = None
     if config.lr_decay_patience is not None:
@@ -158,24 +258,54 @@ def fit_net(net: nn.Module, train: "Batches | tuple", val: "Batches | tuple",
     best_state = copy.deepcopy(net.state_dict())
     best_loss, best_epoch = float("inf"), -1
     history: list[tuple[float, float]] = []
+    first_epoch, done, spent, resumed_after = 0, False, 0.0, None
+    saved = checkpointer.load() if checkpointer is not None else None
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        if sched is not None and saved.get("sched") is not None:
+            sched.load_state_dict(saved["sched"])
+        gen.set_state(saved["gen"])
+        best_state = saved["best_state"]
+        best_loss, best_epoch = float(saved["best_loss"]), int(saved["best_epoch"])
+        history = [(float(a), float(b)) for a, b in saved["history"]]
+        first_epoch, done, spent = int(saved["epoch"]) + 1, bool(saved["done"]), float(saved["seconds"])
+        resumed_after = first_epoch - 1
+        logger.info("%s: resuming after epoch %d (best %d, val loss %.5f)%s", label,
+                    first_epoch - 1, best_epoch, best_loss, ", already finished" if done else "")
+
+    def save(epoch: int, finished: bool) -> None:
+        if checkpointer is None:
+            return
+        state = {"net": net.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict() if sched is not None else None,
+                 "gen": gen.get_state(), "best_state": best_state, "best_loss": best_loss,
+                 "best_epoch": best_epoch, "history": [list(h) for h in history],
+                 "epoch": epoch, "done": finished, "resumed_after": resumed_after,
+                 "seconds": spent + time.perf_counter() - start}
+        checkpointer.save(state, epoch=epoch, val_loss=history[-1][1] if history else best_loss)
+
     start = time.perf_counter()
-    epoch = 0
+    epoch = first_epoch - 1
     with torch_threads(config.num_threads):
-        for epoch in range(config.max_epochs):
+        for epoch in range(first_epoch, 0 if done else config.max_epochs):
             net.train()
             perm = torch.randperm(n, generator=gen)
             run, seen = 0.0, 0
             for i in range(0, n, config.batch_size):
-                idx = perm[i: i + config.batch_size]
-                inputs, target, weight = train.batch(idx)
-                loss = _masked_mse(net(*inputs), target, weight)
+                idx = perm[i: i + config.batch_size][rank::world]
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(idx):
+                    inputs, target, weight = train.batch(idx)
+                    loss = _masked_mse(net(*inputs), target, weight)
+                    loss.backward()
+                    run += loss.item() * len(idx)
+                    seen += len(idx)
+                if world > 1:
+                    _average_gradients(params, world)
                 opt.step()
-                run += loss.item() * len(idx)
-                seen += len(idx)
             net.eval()
-            train_loss = run / seen
+            train_loss = run / max(seen, 1)
             val_loss = _loss_on(net, val) if has_val else train_loss
             history.append((train_loss, val_loss))
             if sched is not None:
@@ -185,16 +315,58 @@ def fit_net(net: nn.Module, train: "Batches | tuple", val: "Batches | tuple",
                 best_state = copy.deepcopy(net.state_dict())
             elif epoch - best_epoch >= config.patience:
                 break
-            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+            over = (config.max_seconds is not None
+                    and spent + time.perf_counter() - start > config.max_seconds)
+            if _any_rank(over, world):
                 logger.info("%s: stopping at the %.0f s budget (epoch %d)", label,
                             config.max_seconds, epoch)
                 break
+            if (epoch + 1) % max(config.checkpoint_every, 1) == 0:
+                save(epoch, False)
+        if not done:
+            save(epoch, True)
     net.load_state_dict(best_state)
     net.eval()
-    seconds = time.perf_counter() - start
+    seconds = spent + time.perf_counter() - start
     logger.info("%s: best epoch %d of %d, val loss %.5f, %.1f s", label, best_epoch,
                 epoch + 1, best_loss, seconds)
-    return TrainResult(best_epoch, best_loss, epoch + 1, seconds, history)
+    return TrainResult(best_epoch, best_loss, epoch + 1, seconds, history, resumed_after)
+
+
+def _digest_tensors(h: "hashlib._Hash", tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+
+
+def _batch_tensors(data: Batches) -> list[torch.Tensor]:
+    if isinstance(data, Ragged):
+        return [data.items, data.offsets, data.target]
+    return [*data.inputs, data.target] + ([] if data.weight is None else [data.weight])
+
+
+def run_name(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
+             label: str) -> str:
+    """``label-<hash>``: the same net (shapes and initial weights), data and config give
+    the same name, so a restarted training finds its own checkpoints and no other's."""
+    h = hashlib.sha256(repr(sorted(asdict(config).items())).encode())
+    _digest_tensors(h, list(net.state_dict().values()))
+    _digest_tensors(h, _batch_tensors(train) + _batch_tensors(val))
+    safe = "".join(c if c.isalnum() else "-" for c in label)
+    return f"{safe}-{h.hexdigest()[:16]}"
+
+
+def file_checkpointed(checkpoint_dir: str | os.PathLike) -> TrainFn:
+    """:func:`fit_net` saving every epoch to ``checkpoint_dir/<run_name>.pt``, so a
+    restarted training of the same net on the same data resumes where it stopped."""
+    root = Path(checkpoint_dir)
+
+    def train(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
+              label: str) -> TrainResult:
+        name = run_name(net, train, val, config, label)
+        return fit_net(net, train, val, config, label, FileCheckpointer(root / f"{name}.pt"))
+
+    return train
 
 
 def regression_metrics(pred_ms: np.ndarray, true_ms: np.ndarray,

@@ -118,3 +118,37 @@ def check_fitted_cost_model(model, cls, name_prefix: str) -> None:
                                                "test": 60}
     with pytest.raises(RuntimeError, match="not fitted"):
         cls().compute_ms([[make_table()]])
+
+
+def kill_9_session(proc) -> None:
+    """SIGKILL a ``Popen(..., start_new_session=True)`` job and everything in its session
+    (Ray's processes included), then reap it: a job killed as an OOM killer or a lost
+    node would kill it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    def session_pids(sid: int) -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[3]) == sid:  # field 6 of stat: the session id
+                    pids.append(int(d.name))
+        return pids
+
+    for kill in (lambda: os.kill(proc.pid, signal.SIGKILL),
+                 lambda: os.killpg(proc.pid, signal.SIGKILL)):
+        try:
+            kill()
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in session_pids(proc.pid):  # anything that left the group but not the session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -17,7 +17,8 @@ def _pools():
 def _run(out_dir, **kw):
     train, test = _pools()
     args = dict(backend=FakeBackend(), tables=train, holdout_tables=test, num_devices=4,
-                compute_samples=1500, comm_samples=600, holdout_samples=300, seed=0,
+                compute_samples=1500, comm_samples=600, holdout_samples=300, retest_samples=50,
+                seed=0,
                 chunk_size=200, progress=False, max_tables=15,
                 model_kwargs={"max_epochs": 100, "patience": 15, "train_batch_size": 64})
     args.update(kw)
@@ -39,6 +40,14 @@ def test_tiny_pretrain_end_to_end_and_resume(tmp_path):
     assert held_out["mape"] < 0.35 and held_out["spearman"] > 0.9
     assert meta["metrics"]["bwd_comm"]["test"]["mape"] < 0.35
     assert meta["metrics"]["fwd_comm"]["test"]["mape"] < 0.35
+    # breakdowns cover the held-out loads; the fake backend is exact, so a retest pairs
+    # each sample with itself and finds no noise
+    assert sum(m["n"] for m in held_out["by_tables"].values()) <= 300
+    assert set(meta["metrics"]["bwd_comm"]["test"]["by_devices"]) == {"4"}
+    floor = meta["metrics"]["noise_floor"]
+    assert floor["compute"]["n"] == 50 and floor["compute"]["floor_mape"] == 0
+    assert floor["bwd_comm"]["n"] == 50 * 4 and floor["fwd_comm"]["mape"] == 0
+    assert len(part_files(tmp_path / "data" / "compute_retest")) == 1
     model = load_cost_model(model_dir, batch_size=65_536, backend="fake")
     assert model.compute_ms([[]]).tolist() == [0.0]
 

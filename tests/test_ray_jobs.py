@@ -6,7 +6,6 @@ specs, so the tests put this folder on the workers' ``PYTHONPATH``.
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from factories import make_tables  # noqa: E402
+from factories import kill_9_session, make_tables  # noqa: E402
 from neuroshard.backends.sim import SimBackend  # noqa: E402
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads  # noqa: E402
 from neuroshard.pretrain.collect import BackendSpec, part_files  # noqa: E402
@@ -129,19 +128,6 @@ def test_two_workers_write_every_key_once(tmp_path):
     assert (again.measured, again.skipped) == (0, 120)
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of stat: session id
-                pids.append(int(d.name))
-    return pids
-
-
 def test_resumes_after_kill_9(tmp_path, ray_cluster):
     out = tmp_path / "data"
     code = (
@@ -163,17 +149,7 @@ def test_resumes_after_kill_9(tmp_path, ray_cluster):
         assert len(part_files(out)) >= 3, "no part files within 120 s"
         assert proc.poll() is None, "the collection ended before it could be killed"
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its Ray processes, same process group
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        for pid in _session_pids(proc.pid):  # anything that left the group but not the session
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_9_session(proc)
     samples, spec = kill_job_args()
     before = len(set(disk_keys(out)))
     assert 0 < before < len(samples)

@@ -1,0 +1,109 @@
+"""How far a cost model is from measurements, broken down, and how far measurements are
+from themselves (the noise floor).
+
+* :func:`compute_breakdown` splits compute error by tables per device load and by the
+  load's size in bytes; :func:`comm_breakdown` splits comm error by device count and by
+  the device's dim sum (the bytes it sends).
+* :func:`noise_floor` compares two measurements of the same samples (a retest). A model
+  cannot beat the noise of the measurement it is scored against: with independent,
+  symmetric noise on both runs, a model that knew every sample's true cost would score
+  the retest's MAPE divided by sqrt(2), reported as ``floor_mape``. The fidelity bar of a
+  model is its held-out MAPE against ``floor_mape``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neuroshard.pretrain.train import regression_metrics
+from neuroshard.types import NUM_HIST_BINS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from neuroshard.pretrain.dataset import ComputeData
+
+__all__ = ["DIM_SUM_BUCKETS", "SIZE_BUCKETS", "TABLE_BUCKETS", "bucket_order", "comm_breakdown",
+           "compute_breakdown", "noise_floor"]
+
+_DIM, _ROWS = NUM_HIST_BINS, NUM_HIST_BINS + 2
+_MiB = 1 << 20
+
+# (label, low, high): low <= value < high
+TABLE_BUCKETS = (("1", 1, 2), ("2-5", 2, 6), ("6-10", 6, 11), ("11-20", 11, 21),
+                 ("21-40", 21, 41), (">40", 41, np.inf))
+SIZE_BUCKETS = (("<64MiB", 0, 64 * _MiB), ("64MiB-512MiB", 64 * _MiB, 512 * _MiB),
+                ("512MiB-2GiB", 512 * _MiB, 2048 * _MiB), (">=2GiB", 2048 * _MiB, np.inf))
+DIM_SUM_BUCKETS = (("<256", 0, 256), ("256-1023", 256, 1024), ("1024-4095", 1024, 4096),
+                   (">=4096", 4096, np.inf))
+
+
+_BUCKETS_OF = {"by_tables": TABLE_BUCKETS, "by_size": SIZE_BUCKETS, "by_dim_sum": DIM_SUM_BUCKETS}
+
+
+def bucket_order(by: str, label: str) -> tuple[float, str]:
+    """Sort key that lists a breakdown's buckets from small to large (JSON sorts them by
+    name); device counts sort as numbers."""
+    for i, (name, _, _) in enumerate(_BUCKETS_OF.get(by, ())):
+        if name == label:
+            return (i, label)
+    return (float(label), label) if label.isdigit() else (np.inf, label)
+
+
+MIN_BUCKET = 5  # a bucket with fewer samples is left out: too few to rank or average
+
+
+def _bucketed(pred: np.ndarray, true: np.ndarray, value: np.ndarray, buckets,
+              eps_ms: float) -> dict[str, dict[str, float]]:
+    out = {}
+    for label, lo, hi in buckets:
+        sel = (value >= lo) & (value < hi)
+        if sel.sum() >= MIN_BUCKET:
+            out[label] = regression_metrics(pred[sel], true[sel], eps_ms)
+    return out
+
+
+def load_bytes(data: "ComputeData") -> np.ndarray:
+    """Each load's weight bytes (fp32): the sum of rows x dim x 4 over its tables."""
+    per_table = data.features[:, _ROWS] * data.features[:, _DIM] * 4.0
+    sums = np.zeros(len(data))
+    busy = np.diff(data.offsets) > 0
+    if len(per_table):
+        sums[busy] = np.add.reduceat(per_table, data.offsets[:-1][busy])
+    return sums
+
+
+def compute_breakdown(pred_ms: np.ndarray, data: "ComputeData",
+                      eps_ms: float = 1e-3) -> dict[str, Any]:
+    """Compute metrics ``by_tables`` (tables per load) and ``by_size`` (load bytes)."""
+    pred, true = np.asarray(pred_ms, dtype=float), data.label_ms
+    return {"by_tables": _bucketed(pred, true, data.num_tables, TABLE_BUCKETS, eps_ms),
+            "by_size": _bucketed(pred, true, load_bytes(data), SIZE_BUCKETS, eps_ms)}
+
+
+def comm_breakdown(pred_ms: np.ndarray, true_ms: np.ndarray, num_devices: np.ndarray,
+                   dim_sums: np.ndarray, mask: np.ndarray,
+                   eps_ms: float = 1e-3) -> dict[str, Any]:
+    """Per-device comm metrics ``by_devices`` (the plan's device count) and ``by_dim_sum``
+    (the device's summed embedding dims). Arrays are ``(n, maxN)`` with ``mask``."""
+    devices = np.broadcast_to(np.asarray(num_devices)[:, None], mask.shape)[mask]
+    pred, true = np.asarray(pred_ms)[mask], np.asarray(true_ms)[mask]
+    by_devices = {str(n): regression_metrics(pred[devices == n], true[devices == n], eps_ms)
+                  for n in np.unique(devices) if (devices == n).sum() >= MIN_BUCKET}
+    return {"by_devices": by_devices,
+            "by_dim_sum": _bucketed(pred, true, np.asarray(dim_sums)[mask], DIM_SUM_BUCKETS,
+                                    eps_ms)}
+
+
+def noise_floor(first_ms: np.ndarray, second_ms: np.ndarray,
+                eps_ms: float = 1e-3) -> dict[str, float]:
+    """Retest metrics of two measurements of the same samples, and ``floor_mape``.
+
+    The retest MAPE is taken both ways and averaged, so neither run is privileged."""
+    a = np.asarray(first_ms, dtype=float).ravel()
+    b = np.asarray(second_ms, dtype=float).ravel()
+    m = regression_metrics(b, a, eps_ms)
+    if len(a):
+        m["mape"] = 0.5 * (m["mape"] + regression_metrics(a, b, eps_ms)["mape"])
+    m["floor_mape"] = m["mape"] / np.sqrt(2.0) if len(a) else float("nan")
+    return m

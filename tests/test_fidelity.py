@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from factories import make_tables
+from neuroshard.backends.sim import SimBackend
+from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
+from neuroshard.pretrain.dataset import ComputeData
+from neuroshard.pretrain.fidelity import (
+    MIN_BUCKET,
+    comm_breakdown,
+    compute_breakdown,
+    load_bytes,
+    noise_floor,
+)
+from neuroshard.features import raw_features
+
+
+def _data(loads, labels):
+    feats = [raw_features(load) for load in loads]
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
+    names = np.asarray([t.name for load in loads for t in load], dtype=object)
+    return ComputeData(np.asarray([f"k{i}" for i in range(len(loads))], dtype=object), offsets,
+                       np.concatenate(feats), names, np.asarray(labels, dtype=float),
+                       np.zeros(len(loads)), "{}")
+
+
+def test_compute_breakdown_buckets_by_table_count_and_bytes():
+    tables = make_tables(60, seed=3)
+    loads = [tables[:1]] * 6 + [tables[:3]] * 7 + [tables[:30]] * 5 + [tables[:50]] * 2
+    true = np.arange(1, len(loads) + 1, dtype=float)
+    pred = true * np.where(np.arange(len(loads)) < 6, 1.5, 1.0)  # only 1-table loads are off
+    out = compute_breakdown(pred, _data(loads, true))
+    by_tables = out["by_tables"]
+    assert set(by_tables) == {"1", "2-5", "21-40"}  # >40 has 2 loads, fewer than MIN_BUCKET
+    assert by_tables["1"]["n"] == 6 and by_tables["1"]["mape"] == pytest.approx(0.5)
+    assert by_tables["2-5"]["mape"] == 0 and by_tables["21-40"]["n"] == 5
+    assert 2 < MIN_BUCKET
+    expect = sum(t.rows * t.dim * 4 for t in tables[:3])
+    assert load_bytes(_data([tables[:3]], [1.0]))[0] == pytest.approx(expect)
+    assert sum(m["n"] for m in out["by_size"].values()) <= len(loads)
+
+
+def test_comm_breakdown_by_device_count_and_dim_sum():
+    mask = np.array([[True] * 4 + [False] * 4] * 5 + [[True] * 8] * 5)
+    dims = np.where(mask, 512.0, 0.0)
+    true = np.where(mask, 2.0, 0.0)
+    pred = true * np.where(np.arange(10)[:, None] < 5, 1.0, 1.2)
+    out = comm_breakdown(pred, true, np.array([4] * 5 + [8] * 5), dims, mask)
+    assert out["by_devices"]["4"]["mape"] == 0 and out["by_devices"]["8"]["n"] == 40
+    assert out["by_devices"]["8"]["mape"] == pytest.approx(0.2)
+    assert set(out["by_dim_sum"]) == {"256-1023"}
+
+
+def test_noise_floor_of_a_fixed_ratio():
+    a = np.full(50, 10.0)
+    m = noise_floor(a, a * 1.1)
+    assert m["mape"] == pytest.approx((0.1 + 0.1 / 1.1) / 2)
+    assert m["floor_mape"] == pytest.approx(m["mape"] / np.sqrt(2))
+    assert noise_floor(a, a)["floor_mape"] == 0
+
+
+def test_noise_floor_recovers_the_sim_noise():
+    loads = [s.tables for s in sample_compute_loads(augment_tables(make_tables(40, seed=5)), 400,
+                                                    np.random.default_rng(0), max_tables=10)]
+    first = SimBackend(noise=0.05, seed=1).compute_ms(loads)
+    second = SimBackend(noise=0.05, seed=2).compute_ms(loads)
+    # lognormal sigma 0.05: a noiseless predictor's MAPE is about 0.05 * sqrt(2/pi) = 0.040
+    assert noise_floor(first, second)["floor_mape"] == pytest.approx(0.040, rel=0.2)
