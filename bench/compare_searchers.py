@@ -7,6 +7,12 @@ median and p95 search seconds. Writes the same table as Markdown with ``--out``.
 
     .venv/bin/python bench/compare_searchers.py --tasks 20 --devices 4 --memory 4GB \
         --out bench/results/searchers_d4.md
+
+``--budgeted neuroshard:4,surco:4`` adds rows ``neuroshard@4s`` and ``surco@4s`` that
+plan with ``time_budget_s`` (for ``neuroshard``: the beam, then a SurCo polish). The
+summary under the table gives the bars of the search issue: NeuroShard's mean cost over
+the mean cost of the best heuristic (the one with the lowest mean) and of TorchRec's
+planner.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, emit, p95, task_setup
+from _common import add_task_args, emit, p95, task_setup, truth_name
 from neuroshard.costmodel import load_cost_model
 from neuroshard.planner import default_model_dir, plan_tables
 from neuroshard.search import BASELINES, get_searcher, searcher_names
@@ -32,22 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     add_task_args(p)
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--searchers", default=",".join(searcher_names()))
+    p.add_argument("--budgeted", default="",
+                   help="extra rows NAME:SECONDS planned with a time budget, comma-separated")
     args = p.parse_args(argv)
 
     cluster, truth, tasks = task_setup(args)
     model_dir = args.model or default_model_dir(args.devices)
     model = load_cost_model(model_dir, batch_size=cluster.batch_size)
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
-    for n in names:
-        get_searcher(n)  # fail early on a bad name
+    budgets: dict[str, tuple[str, float]] = {n: (n, None) for n in names}
+    for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
+        name, _, secs = item.partition(":")
+        budgets[f"{name}@{float(secs):g}s"] = (name, float(secs))
+    names = list(budgets)
+    for searcher, _ in budgets.values():
+        get_searcher(searcher)  # fail early on a bad name
 
     cost = {n: np.full(len(tasks), np.nan) for n in names}
     seconds = {n: [] for n in names}
     for i, task in enumerate(tasks):
         for n in names:
             start = time.perf_counter()
+            searcher, budget = budgets[n]
             try:
-                plan = plan_tables(task, cluster, model, n, seed=args.seed + i)
+                plan = plan_tables(task, cluster, model, searcher, seed=args.seed + i,
+                                   time_budget_s=budget)
             except PlanInfeasibleError:
                 continue
             seconds[n].append(time.perf_counter() - start)
@@ -61,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
               "wins vs best baseline | median s | p95 s | infeasible |")
     lines = [
         f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} tables, "
-        f"{args.devices} devices x {args.memory}, batch {cluster.batch_size}. Costs by sim/{args.profile} "
-        f"(noise 0); model {model_dir.name}; seed {args.seed}.",
+        f"{args.devices} devices x {args.memory}, batch {cluster.batch_size}. Costs by {truth_name(args)}; "
+        f"model {model_dir.name}; seed {args.seed}.",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
@@ -76,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         s = seconds[n] or [float("nan")]
         lines.append(f"| {n} | {np.nanmean(c):.4f} | {ratio_base:.3f} | {ratio_ref:.3f} | {wins:.0%} | "
                      f"{statistics.median(s):.3f} | {p95(s):.3f} | {int((~ok).sum())} |")
+    if ref is not None and baselines:
+        means = {n: np.nanmean(cost[n]) for n in baselines}
+        best = min(means, key=means.get)
+        lines += ["", f"neuroshard mean cost / best heuristic's ({best}): "
+                      f"{np.nanmean(ref) / means[best]:.3f}"]
+        if "torchrec" in cost:
+            lines.append(f"neuroshard mean cost / torchrec's: "
+                         f"{np.nanmean(ref) / np.nanmean(cost['torchrec']):.3f}")
     text = "\n".join(lines)
     emit(text, args.out)
     return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, emit, p95, task_setup
+from _common import add_task_args, emit, p95, task_setup, truth_name
 from neuroshard.planner import default_estimator, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} "
         f"tables, {args.devices} devices x {args.memory}, batch {cluster.batch_size}, task "
         f"size cap {cap / 2**30:.2f} GiB; seed {args.seed}. Search guided by {guide}; every "
-        f"plan costed by sim/{args.profile} (noise 0). SurCo: {args.rounds} rounds, "
+        f"plan costed by {truth_name(args)}. SurCo: {args.rounds} rounds, "
         f"{args.time_limit:g} s of solver time per plan, MIP gap {args.mip_rel_gap:g}."
         + prior_note,
         "",

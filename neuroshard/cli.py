@@ -159,9 +159,13 @@ def plan(
                                help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB."),
     batch_size: int = typer.Option(65_536, "--batch-size", min=1, help="Global batch size."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped model)."),
-    searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, random, dim, size, lookup, size-lookup."),
+    cost_model: str = typer.Option("neural", "--cost-model",
+                                   help="neural or lightgbm: the shipped model of that kind, or the kind --model must be."),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="Hardware the plan is for (sim, cpu, cuda); the model must be trained on it. Default: the shipped sim models."),
+    searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, surco, torchrec, random, dim, size, lookup, size-lookup."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan JSON here."),
-    force: bool = typer.Option(False, "--force", help="Use a model even if its batch size does not match."),
+    force: bool = typer.Option(False, "--force", help="Use a model even if its batch size, backend or kind does not match."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
     torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
@@ -173,7 +177,7 @@ def plan(
 
     Example: neuroshard plan data/examples/tables.json --devices 4 --memory 4GB --out plan.json
     """
-    from neuroshard.costmodel import load_cost_model
+    from neuroshard.costmodel import load_cost_model, model_kinds
     from neuroshard.plan_io import plan_to_dict, write_plan
     from neuroshard.planner import default_model_dir, evaluate_plan, plan_tables
     from neuroshard.tables import load_tables
@@ -185,8 +189,11 @@ def plan(
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
     get_searcher(searcher)  # a bad name or an impossible task fails before the model loads
     check_fits(specs, cluster)
-    model_dir = model or default_model_dir(devices)
-    estimator = load_cost_model(model_dir, batch_size=None if force else batch_size)
+    if cost_model not in model_kinds():
+        raise UsageError(f"--cost-model: {cost_model!r} is not one of {', '.join(model_kinds())}")
+    model_dir = model or default_model_dir(devices, backend or "sim", cost_model)
+    estimator = load_cost_model(model_dir, **({} if force else {
+        "batch_size": batch_size, "backend": backend, "kind": cost_model}))
     result = plan_tables(specs, cluster, estimator, searcher, seed=seed, time_budget_s=time_budget)
     if out_path:
         write_plan(result, out_path)

@@ -403,7 +403,8 @@ class NeuralCostModel(_CostModelBase):
                  comm_train_batch_size: int = 128, max_epochs: int = 300,
                  patience: int = 30, seed: int = 0, num_threads: int = 1,
                  eps_ms: float = 1e-3, fwd_target: str = "residual",
-                 max_seconds_per_net: float | None = None):
+                 max_seconds_per_net: float | None = None,
+                 lr_decay_patience: int | None = None):
         self.batch_size = batch_size
         self.table_hidden = tuple(table_hidden)
         self.embed_dim = embed_dim
@@ -420,6 +421,7 @@ class NeuralCostModel(_CostModelBase):
         self.eps_ms = eps_ms
         self.fwd_target = fwd_target
         self.max_seconds_per_net = max_seconds_per_net
+        self.lr_decay_patience = lr_decay_patience
 
     # ------------------------------------------------------------- description
 
@@ -506,7 +508,8 @@ class NeuralCostModel(_CostModelBase):
             self.nets_ = _build_nets(self._architecture())
         config = TrainConfig(lr=self.lr, batch_size=self.train_batch_size,
                              max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
-                             num_threads=self.num_threads, max_seconds=self.max_seconds_per_net)
+                             num_threads=self.num_threads, max_seconds=self.max_seconds_per_net,
+                             lr_decay_patience=self.lr_decay_patience)
         train_fn = train_fn or fit_net
         self.training_ = {}
         self.training_["compute"] = train_fn(
@@ -650,6 +653,7 @@ class NeuralCostModel(_CostModelBase):
             "hyperparameters": {"lr": self.lr, "train_batch_size": self.train_batch_size,
                                 "comm_train_batch_size": self.comm_train_batch_size,
                                 "max_epochs": self.max_epochs, "patience": self.patience,
+                                "lr_decay_patience": self.lr_decay_patience,
                                 "seed": self.seed},
         }
 
@@ -784,7 +788,7 @@ def _fingerprint_diff(trained: Mapping[str, Any], now: Mapping[str, Any]) -> lis
 
 def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
                      backend: str | HardwareBackend | Mapping[str, Any] | None = None,
-                     feature_schema: str = FEATURE_SCHEMA) -> None:
+                     feature_schema: str = FEATURE_SCHEMA, kind: str | None = None) -> None:
     """Raise :class:`ModelMismatchError` listing every way ``meta`` differs from the ask.
 
     ``backend`` is a name (compared with the model's backend name), a backend object
@@ -792,6 +796,8 @@ def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
     :data:`IGNORED_FINGERPRINT_KEYS` (noise level, seeds) are not compared.
     """
     diffs = []
+    if kind is not None and meta.get("kind") != kind:
+        diffs.append(f"cost model {meta.get('kind')!r} (model) vs {kind!r} (asked)")
     if meta.get("feature_schema") != feature_schema:
         diffs.append(f"feature schema {meta.get('feature_schema')!r} (model) vs "
                      f"{feature_schema!r} (this NeuroShard)")
@@ -814,15 +820,15 @@ def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
 
 def load_cost_model(model_dir: str | os.PathLike, *, batch_size: int | None = None,
                     backend: str | HardwareBackend | Mapping[str, Any] | None = None,
-                    ) -> CostEstimator:
+                    kind: str | None = None) -> CostEstimator:
     """Load the model in ``model_dir`` (any registered kind), checked against the ask.
 
     Raises :class:`ModelFileError` (naming the file) for a missing, truncated or
-    unreadable file and :class:`ModelMismatchError` when ``batch_size`` or ``backend``
-    differ from what the model was trained for.
+    unreadable file and :class:`ModelMismatchError` when ``batch_size``, ``backend`` or
+    ``kind`` (neural, lightgbm) differ from what the model is.
     """
     meta = read_meta(model_dir)
-    check_compatible(meta, batch_size=batch_size, backend=backend)
+    check_compatible(meta, batch_size=batch_size, backend=backend, kind=kind)
     kind = meta["kind"]
     if kind not in _KINDS:
         raise ModelFileError(f"{Path(model_dir) / META_FILE}: unknown model kind {kind!r}; "

@@ -41,17 +41,19 @@ def shipped_models() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def default_model_dir(num_devices: int, backend: str = "sim") -> Path:
-    """The shipped model trained on ``backend`` with the device count nearest ``num_devices``."""
+def default_model_dir(num_devices: int, backend: str = "sim", cost_model: str = "neural") -> Path:
+    """The shipped ``cost_model`` model (its kind: neural or lightgbm) trained on ``backend``
+    with the device count nearest ``num_devices``."""
     from neuroshard.costmodel import read_meta
 
     candidates = []
     for name, path in shipped_models().items():
         meta = read_meta(path)
-        if meta.get("backend") == backend:
+        if meta.get("backend") == backend and meta.get("kind") == cost_model:
             candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
     if not candidates:
-        raise ModelFileError(f"no shipped model for backend {backend!r}; pass --model DIR")
+        raise ModelFileError(f"no shipped {cost_model} model for backend {backend!r}; "
+                             "pass --model DIR")
     return min(candidates)[2]
 
 

@@ -72,3 +72,10 @@ def test_model_report_shows_noise_floor_and_buckets(run, tmp_path):
     assert text.index("<64MiB") < text.index("64MiB-512MiB")
     floor = json.loads(run("model-report", model_dir, "--json"))["metrics"]["noise_floor"]
     assert 0.01 < floor["compute"]["floor_mape"] < 0.08  # lognormal sigma 0.05 -> ~0.04
+
+
+def test_plan_with_the_shipped_lightgbm_model(run, tmp_path):
+    out = tmp_path / "plan.json"
+    run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--cost-model", "lightgbm", "--backend", "sim",
+        "--searcher", "greedy-grid", "--out", out)
+    assert read_plan(out).cost.model.startswith("lightgbm-sim-")
