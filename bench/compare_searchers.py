@@ -5,8 +5,8 @@ search. Prints, per searcher: mean plan cost, mean ratio to the best heuristic b
 on the same task, mean ratio to NeuroShard, win rate against the best baseline, and
 median and p95 search seconds. Writes the same table as Markdown with ``--out``.
 
-    .venv/bin/python bench/compare_searchers.py --tasks 20 --devices 4 --memory 4GB \
-        --out bench/results/searchers_d4.md
+    .venv/bin/python bench/compare_searchers.py --tasks 100 --devices 4 --memory 4GB \
+        --out bench/results/searchers_d4_100.md
 
 ``--budgeted neuroshard:4,surco:4`` adds rows ``neuroshard@4s`` and ``surco@4s`` that
 plan with ``time_budget_s`` (for ``neuroshard``: the beam, then a SurCo polish). The

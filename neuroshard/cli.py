@@ -159,8 +159,8 @@ def plan(
                                help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB."),
     batch_size: int = typer.Option(65_536, "--batch-size", min=1, help="Global batch size."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped model)."),
-    cost_model: str = typer.Option("neural", "--cost-model",
-                                   help="neural or lightgbm: the shipped model of that kind, or the kind --model must be."),
+    cost_model: Optional[str] = typer.Option(None, "--cost-model",
+                                             help="neural or lightgbm: the shipped model of that kind (default neural), or the kind --model must be."),
     backend: Optional[str] = typer.Option(None, "--backend",
                                           help="Hardware the plan is for (sim, cpu, cuda); the model must be trained on it. Default: the shipped sim models."),
     searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, surco, torchrec, random, dim, size, lookup, size-lookup."),
@@ -189,9 +189,9 @@ def plan(
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
     get_searcher(searcher)  # a bad name or an impossible task fails before the model loads
     check_fits(specs, cluster)
-    if cost_model not in model_kinds():
+    if cost_model is not None and cost_model not in model_kinds():
         raise UsageError(f"--cost-model: {cost_model!r} is not one of {', '.join(model_kinds())}")
-    model_dir = model or default_model_dir(devices, backend or "sim", cost_model)
+    model_dir = model or default_model_dir(devices, backend or "sim", cost_model or "neural")
     estimator = load_cost_model(model_dir, **({} if force else {
         "batch_size": batch_size, "backend": backend, "kind": cost_model}))
     result = plan_tables(specs, cluster, estimator, searcher, seed=seed, time_budget_s=time_budget)

@@ -30,8 +30,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from neuroshard.pretrain.train import (Batches, TrainConfig, TrainFn, TrainResult, fit_net,
-                                       run_name)
+from neuroshard.pretrain.train import (
+    Batches,
+    TrainConfig,
+    TrainFn,
+    TrainResult,
+    fit_net,
+    run_name,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -79,3 +79,10 @@ def test_plan_with_the_shipped_lightgbm_model(run, tmp_path):
     run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--cost-model", "lightgbm", "--backend", "sim",
         "--searcher", "greedy-grid", "--out", out)
     assert read_plan(out).cost.model.startswith("lightgbm-sim-")
+
+
+def test_plan_takes_a_lightgbm_model_dir_without_cost_model(run, tmp_path):
+    out = tmp_path / "plan.json"
+    run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--model", "data/models/sim-h100-d4-lightgbm",
+        "--searcher", "greedy-grid", "--out", out)
+    assert read_plan(out).cost.model.startswith("lightgbm-sim-")
