@@ -319,7 +319,7 @@ class _CostModelBase:
         def scored(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
             return {**regression_metrics(pred[m], true[m], self.eps_ms),
                     **comm_breakdown(pred, true, data.num_devices, data.dim_sums, m,
-                                     self.eps_ms)}
+                                     data.num_tables, self.eps_ms)}
 
         return {"fwd_comm": scored(fwd, data.fwd_ms),
                 "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],

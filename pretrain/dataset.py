@@ -98,6 +98,7 @@ class CommData:
     bwd_ms: np.ndarray  # (n, maxN)
     mask: np.ndarray  # (n, maxN) bool
     fingerprint: str
+    num_tables: np.ndarray | None = None  # (n,) shards in the plan each sample came from
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -108,7 +109,8 @@ class CommData:
         return CommData(self.keys[idx], self.num_devices[idx],
                         *(a[idx, :width] for a in (self.dim_sums, self.waits_ms, self.fwd_ms,
                                                    self.bwd_ms, self.mask)),
-                        fingerprint=self.fingerprint)
+                        fingerprint=self.fingerprint,
+                        num_tables=None if self.num_tables is None else self.num_tables[idx])
 
     def data_hash(self) -> str:
         return _hash_arrays(self.keys, self.fwd_ms[self.mask], self.bwd_ms[self.mask])
@@ -206,6 +208,7 @@ def load_comm(data_dir: str | os.PathLike, keys: Collection[str] | None = None) 
         bwd_ms=_padded(t.column("bwd_ms"), counts, width),
         mask=mask,
         fingerprint=_first_fingerprint(t),
+        num_tables=t.column("num_tables").to_numpy().astype(np.int64),
     )
 
 

@@ -2,8 +2,8 @@
 from themselves (the noise floor).
 
 * :func:`compute_breakdown` splits compute error by tables per device load and by the
-  load's size in bytes; :func:`comm_breakdown` splits comm error by device count and by
-  the device's dim sum (the bytes it sends).
+  load's size in bytes; :func:`comm_breakdown` splits comm error by device count, by
+  the device's dim sum (the bytes it sends) and by the shards in the sample's plan.
 * :func:`noise_floor` compares two measurements of the same samples (a retest). A model
   cannot beat the noise of the measurement it is scored against: with independent,
   symmetric noise on both runs, a model that knew every sample's true cost would score
@@ -82,17 +82,24 @@ def compute_breakdown(pred_ms: np.ndarray, data: "ComputeData",
 
 
 def comm_breakdown(pred_ms: np.ndarray, true_ms: np.ndarray, num_devices: np.ndarray,
-                   dim_sums: np.ndarray, mask: np.ndarray,
+                   dim_sums: np.ndarray, mask: np.ndarray, num_tables: np.ndarray | None = None,
                    eps_ms: float = 1e-3) -> dict[str, Any]:
-    """Per-device comm metrics ``by_devices`` (the plan's device count) and ``by_dim_sum``
-    (the device's summed embedding dims). Arrays are ``(n, maxN)`` with ``mask``."""
-    devices = np.broadcast_to(np.asarray(num_devices)[:, None], mask.shape)[mask]
+    """Per-device comm metrics ``by_devices`` (the plan's device count), ``by_dim_sum``
+    (the device's summed embedding dims) and, given the shards of each sample's plan,
+    ``by_tables``. Arrays are ``(n, maxN)`` with ``mask``; counts are ``(n,)``."""
+    def per_device(per_sample: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.asarray(per_sample)[:, None], mask.shape)[mask]
+
+    devices = per_device(num_devices)
     pred, true = np.asarray(pred_ms)[mask], np.asarray(true_ms)[mask]
-    by_devices = {str(n): regression_metrics(pred[devices == n], true[devices == n], eps_ms)
-                  for n in np.unique(devices) if (devices == n).sum() >= MIN_BUCKET}
-    return {"by_devices": by_devices,
-            "by_dim_sum": _bucketed(pred, true, np.asarray(dim_sums)[mask], DIM_SUM_BUCKETS,
-                                    eps_ms)}
+    out = {"by_devices": {str(n): regression_metrics(pred[devices == n], true[devices == n],
+                                                     eps_ms)
+                          for n in np.unique(devices) if (devices == n).sum() >= MIN_BUCKET},
+           "by_dim_sum": _bucketed(pred, true, np.asarray(dim_sums)[mask], DIM_SUM_BUCKETS,
+                                   eps_ms)}
+    if num_tables is not None:
+        out["by_tables"] = _bucketed(pred, true, per_device(num_tables), TABLE_BUCKETS, eps_ms)
+    return out
 
 
 def noise_floor(first_ms: np.ndarray, second_ms: np.ndarray,

@@ -45,10 +45,13 @@ def test_comm_breakdown_by_device_count_and_dim_sum():
     dims = np.where(mask, 512.0, 0.0)
     true = np.where(mask, 2.0, 0.0)
     pred = true * np.where(np.arange(10)[:, None] < 5, 1.0, 1.2)
-    out = comm_breakdown(pred, true, np.array([4] * 5 + [8] * 5), dims, mask)
+    out = comm_breakdown(pred, true, np.array([4] * 5 + [8] * 5), dims, mask,
+                         num_tables=np.array([3] * 5 + [30] * 5))
     assert out["by_devices"]["4"]["mape"] == 0 and out["by_devices"]["8"]["n"] == 40
     assert out["by_devices"]["8"]["mape"] == pytest.approx(0.2)
     assert set(out["by_dim_sum"]) == {"256-1023"}
+    assert out["by_tables"]["2-5"]["n"] == 20 and out["by_tables"]["21-40"]["mape"] == pytest.approx(0.2)
+    assert "by_tables" not in comm_breakdown(pred, true, np.array([4] * 10), dims, mask)
 
 
 def test_noise_floor_of_a_fixed_ratio():
