@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from neuroshard.backends import as_estimator, get_backend
@@ -53,9 +54,16 @@ def p95(values: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
 
 
-def emit(text: str, out: Path | None) -> None:
-    """Print a bench's Markdown and write it to ``out`` when given."""
+def emit(text: str, out: Path | None, *, title: str | None = None,
+         argv: list[str] | None = None) -> None:
+    """Print a bench's Markdown and write it to ``out`` when given, headed by ``title``
+    and the command that reproduces it (this script with ``argv``, default the process's
+    own arguments)."""
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        script = Path(sys.argv[0]).name
+        command = " ".join([f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
+        head = f"# {title}\n\n" if title else ""
+        out.write_text(f"{head}Command: `OMP_NUM_THREADS=1 .venv/bin/python {command}`\n\n"
+                       f"{text}\n")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from _common import emit
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
 from neuroshard.pretrain.collect import BackendSpec, part_files
 from neuroshard.pretrain.pool import load_pool
@@ -103,11 +104,6 @@ def main() -> None:
         ray.shutdown()
 
     lines = [
-        "# Ray collection rate: samples per minute, 1 vs 2 workers",
-        "",
-        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/collect_rate.py "
-        f"--sim-samples {args.sim_samples} --cpu-samples {args.cpu_samples} "
-        f"--cpu-repeats {args.cpu_repeats}`; "
         f"{os.cpu_count()} logical CPUs; one local Ray cluster (num_cpus=2) for all runs.",
         "",
         "| backend | samples | chunk | 1 worker /min | 2 workers /min | ratio | "
@@ -124,11 +120,8 @@ def main() -> None:
               "Machine load (`uptime`) before and after each backend's pair of runs:", ""]
     for name, *_, before, after in rows:
         lines += [f"* {name}: before `{before}`", f"  after `{after}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines), args.out,
+         title="Ray collection rate: samples per minute, 1 vs 2 workers")
 
 
 if __name__ == "__main__":

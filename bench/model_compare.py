@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import emit
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "data" / "models" / "sim-h100-d4"
 SIM = {"profile": "h100", "noise": 0.03}
@@ -258,11 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     timings["total_s"] = time.perf_counter() - started
 
     lines = [
-        "# Cost models on held-out tables: neural vs LightGBM vs TorchRec",
-        "",
-        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/model_compare.py "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`",
-        "",
         f"Truth: sim backend, profile h100, noise 0.03, batch {BATCH_SIZE:,}. Held-out "
         f"compute: {len(compute):,} loads of 1-{args.max_tables} shards drawn from the "
         "test half of the table pool at every augmented width (no table seen in training). "
@@ -322,12 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt(lgbm_metrics['fwd_comm_less_wait']['test']['mape'], True)}.",
         "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        logger.info("wrote %s", args.out)
+    emit("\n".join(lines), args.out,
+         title="Cost models on held-out tables: neural vs LightGBM vs TorchRec", argv=argv)
     return 0
 
 

@@ -40,6 +40,7 @@ from neuroshard.search.scoring import plan_cost
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, PlanInfeasibleError
 
+from _common import emit
 from search_speed import choose_estimator
 
 logger = logging.getLogger("bench.oracle_gap")
@@ -141,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if "torchrec" in cost_ms and not np.isnan(cost_ms["torchrec"]).any():
         lines.append(f"Oracle mean cost / torchrec's: "
                      f"{oracle_ms.mean() / cost_ms['torchrec'].mean():.3f}.")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text("# Gap to the oracle\n\nCommand: `OMP_NUM_THREADS=1 .venv/bin/python "
-                            f"bench/oracle_gap.py {command}`\n\n{text}\n")
+    emit("\n".join(lines), args.out, title="Gap to the oracle", argv=argv)
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import emit
 from search_speed import choose_estimator, make_task, parse_sizes
 
 CANDIDATES = ("neuroshard", "neuroshard-budget", "torchrec")
@@ -167,13 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_bytes'] / 2**30:.2f} | "
                      f"{r['sim_cost_ms']:.4f} | {r['model_cost_ms']:.4f} | {r['splits']} | "
                      f"{r['load']:.1f} | {memo} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text("# Planning at scale\n\nCommand: `OMP_NUM_THREADS=1 .venv/bin/python "
-                            f"bench/scale.py {command}`\n\n{text}\n")
+    emit("\n".join(lines), args.out, title="Planning at scale", argv=argv)
     return 0
 
 

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
+from _common import emit
 from neuroshard.backends.sim import SimBackend
 from neuroshard.cli import parse_memory
 from neuroshard.costmodel import load_cost_model
@@ -188,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{statistics.median(cpu[n]):.3f} | {percentile(cpu[n], 0.95):.3f} | "
                          f"{statistics.median(flat) / ref_median:.2f} | {ratio:.4f} |")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = ("# Search speed\n\nCommand: `OMP_NUM_THREADS=1 .venv/bin/python "
-                  f"bench/search_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-                  "\n\n")
-        args.out.write_text(header + text + "\n")
+    emit("\n".join(lines), args.out, title="Search speed", argv=argv)
     return 0
 
 

@@ -692,7 +692,8 @@ class NeuralCostModel(_CostModelBase):
                         fwd_target=str(meta.get("fwd_target", "total")),
                         **{k: hyper[k] for k in ("lr", "train_batch_size",
                                                  "comm_train_batch_size", "max_epochs",
-                                                 "patience", "seed") if k in hyper})
+                                                 "patience", "lr_decay_patience", "seed")
+                           if k in hyper})
             if model.fwd_target not in FWD_TARGETS:
                 raise ValueError(f"fwd_target {model.fwd_target!r} not in {FWD_TARGETS}")
             if int(arch["num_features"]) != NUM_FEATURES:

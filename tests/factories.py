@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from neuroshard.types import Cluster, TableSpec, Timing
 
 GB = 1 << 30
+TESTS_DIR = str(Path(__file__).parent)
 
 
 def make_table(name: str = "t0", rows: int = 10_000, dim: int = 64,
@@ -120,13 +126,48 @@ def check_fitted_cost_model(model, cls, name_prefix: str) -> None:
         cls().compute_ms([[make_table()]])
 
 
-def kill_9_session(proc) -> None:
+def pythonpath_with_tests() -> str:
+    """``PYTHONPATH`` with this folder first, so that subprocesses and Ray workers can
+    import the test modules' fakes and jobs."""
+    return os.pathsep.join([TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def start_job(code: str) -> subprocess.Popen:
+    """Run ``python -c code`` in its own session, with the tests importable, output
+    discarded: a job :func:`kill_9_when` can take down with everything it started."""
+    return subprocess.Popen([sys.executable, "-c", code],
+                            env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def run_to_end(code: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` to the end, with the tests importable; output captured."""
+    return subprocess.run([sys.executable, "-c", code],
+                          env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def kill_9_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout_s: float,
+                poll_s: float, what: str) -> None:
+    """Wait until ``ready()`` while the job runs, then SIGKILL its whole session
+    (:func:`kill_9_session`); fail if the job ends first or ``ready`` never holds."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(poll_s)
+        assert ready(), f"no {what} within {timeout_s:g} s"
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        kill_9_session(proc)
+
+
+def kill_9_session(proc: subprocess.Popen) -> None:
     """SIGKILL a ``Popen(..., start_new_session=True)`` job and everything in its session
     (Ray's processes included), then reap it: a job killed as an OOM killer or a lost
     node would kill it."""
-    import os
     import signal
-    from pathlib import Path
 
     def session_pids(sid: int) -> list[int]:
         pids = []

@@ -1,18 +1,12 @@
 import pytest
 
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import PlanInfeasibleError
 
-
-def covers_exactly(plan):
-    for t in plan.tables:
-        shards = plan.shards_of(t.name)
-        assert shards[0].start == 0 and shards[-1].end == t.dim
-        assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
-        assert all(s.width % 4 == 0 and s.width >= 4 for s in shards)
 
 
 def hot_tables():
@@ -43,7 +37,7 @@ def test_beam_splits_a_hot_table_and_beats_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
     beam = beam_search(tables, cluster, FakeEstimator())
     grid = greedy_grid(tables, cluster, FakeEstimator())
-    covers_exactly(beam)
+    validate_plan(beam)
     assert len(beam.shards_of("hot")) > 1
     assert beam.meta["splits"] > 0
     assert beam.cost.max_ms < 0.9 * grid.cost.max_ms
@@ -54,7 +48,7 @@ def test_beam_splits_stay_multiples_of_four_and_cover_columns():
     tables = [make_table("a", dim=24, pooling_factor=80.0), make_table("b", dim=8),
               make_table("c", dim=12, pooling_factor=50.0)]
     plan = beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10)
-    covers_exactly(plan)
+    validate_plan(plan)
 
 
 def test_max_splits_bounds_the_number_of_splits():
@@ -69,7 +63,7 @@ def test_table_larger_than_any_device_is_split_to_fit():
     with pytest.raises(PlanInfeasibleError, match="'big'"):
         greedy_grid(tables, cluster, FakeEstimator())
     plan = beam_search(tables, cluster, FakeEstimator(), max_splits=0)
-    covers_exactly(plan)
+    validate_plan(plan)
     assert [s.width for s in plan.shards_of("big")] == [64, 64]
     assert max(plan.memory_bytes()) <= 1 * GB
 
@@ -134,7 +128,7 @@ def test_time_budget_keeps_a_valid_plan_no_worse_than_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
     grid = greedy_grid(tables, cluster, FakeEstimator())
     tight = beam_search(tables, cluster, FakeEstimator(), time_budget_s=1e-6)
-    covers_exactly(tight)
+    validate_plan(tight)
     assert tight.meta["beam_steps"] == 0 and tight.meta["budget_cut"] > 0
     assert tight.shards == grid.shards
     roomy = beam_search(tables, cluster, FakeEstimator(), time_budget_s=600.0)

@@ -1,6 +1,7 @@
 import pytest
 
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.plan_io import validate_plan
 from neuroshard.search import greedy
 from neuroshard.search.greedy import (
     GRID_SCALES,
@@ -18,18 +19,11 @@ def rows_for(gib: float, dim: int) -> int:
     return int(gib * GB) // (dim * 4)
 
 
-def covers_exactly(plan):
-    for t in plan.tables:
-        shards = plan.shards_of(t.name)
-        assert shards[0].start == 0 and shards[-1].end == t.dim
-        assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
-        assert all(s.width % 4 == 0 and s.width > 0 for s in shards)
-
 
 def test_grid_covers_every_table_and_attaches_cost():
     tables, cluster, est = make_tables(20), make_cluster(4), FakeEstimator()
     plan = greedy_grid(tables, cluster, est)
-    covers_exactly(plan)
+    validate_plan(plan)
     assert len(plan.shards) == len(tables)  # table-wise by default
     assert plan.cost == plan_cost(plan, FakeEstimator())
     assert plan.meta["searcher"] == "greedy-grid" and plan.meta["scale"] in GRID_SCALES
@@ -102,7 +96,7 @@ def test_dim_cap_falls_back_when_no_device_fits_it():
     # A 512-wide table exceeds total_dim / 2 at every scale; it still gets placed.
     tables = [make_table("wide", dim=512)] + [make_table(f"t{i}", dim=16) for i in range(4)]
     plan = greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,))
-    covers_exactly(plan)
+    validate_plan(plan)
 
 
 def test_place_many_equals_placing_each_alone():
@@ -132,7 +126,7 @@ def test_place_many_returns_errors_instead_of_raising():
 def test_splits_give_column_shards_of_the_given_widths():
     tables = [make_table("a", dim=64), make_table("b", dim=32)]
     plan = greedy_grid(tables, make_cluster(4), FakeEstimator(), splits={"a": (32, 16, 16)})
-    covers_exactly(plan)
+    validate_plan(plan)
     assert [s.width for s in plan.shards_of("a")] == [32, 16, 16]
     assert [s.width for s in plan.shards_of("b")] == [32]
 
@@ -218,7 +212,7 @@ def test_additive_dim_cap_falls_back_and_spreads_cold_tables():
     assert sorted(len(load) for load in capped.device_loads()) == [3, 4]
     wide = [make_table("wide", dim=512)] + [make_table(f"t{i}", dim=16) for i in range(4)]
     plan = greedy_grid(wide, cluster, AdditiveEstimator(), scales=(1.0,))
-    covers_exactly(plan)
+    validate_plan(plan)
 
 
 def test_additive_steps_are_one_head_call_each():

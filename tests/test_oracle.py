@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import beam_search
 from neuroshard.search.greedy import greedy_grid, to_plan
 from neuroshard.search.oracle import (
@@ -15,14 +16,6 @@ from neuroshard.search.oracle import (
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, PlanInfeasibleError
 
-
-def covers_exactly(plan):
-    for t in plan.tables:
-        shards = plan.shards_of(t.name)
-        assert shards[0].start == 0 and shards[-1].end == t.dim
-        assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
-        assert all(s.width % 4 == 0 and s.width >= 4 for s in shards)
-    assert all(m <= c for m, c in zip(plan.memory_bytes(), plan.cluster.memory_per_device_bytes))
 
 
 def brute_force(tables, cluster, est):
@@ -100,7 +93,7 @@ def test_oracle_is_never_worse_than_its_starts_or_the_searchers():
     beam = beam_search(tables, cluster, est)
     grid = greedy_grid(tables, cluster, est)
     plan = oracle_plan(tables, cluster, est, max_evals=3000, starts=[grid])
-    covers_exactly(plan)
+    validate_plan(plan)
     assert plan.cost == plan_cost(plan, FakeEstimator())
     assert plan.cost.max_ms <= min(beam.cost.max_ms, grid.cost.max_ms) * (1 + 1e-12)
     assert plan.meta["exhaustive"] and plan.meta["tablewise_ms"] >= plan.cost.max_ms
@@ -111,7 +104,7 @@ def test_oracle_splits_a_hot_table_beyond_the_tablewise_optimum():
     tables = [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [
         make_table(f"t{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(5)]
     plan = oracle_plan(tables, make_cluster(4), FakeEstimator(), max_evals=3000)
-    covers_exactly(plan)
+    validate_plan(plan)
     assert len(plan.shards_of("hot")) > 1
     assert plan.cost.max_ms < 0.9 * plan.meta["tablewise_ms"]
 
@@ -120,12 +113,12 @@ def test_oracle_without_exhaustive_part_and_with_a_table_too_big_for_a_device():
     rows = int(1.6 * GB) // (128 * 4)
     tables = [make_table("big", rows=rows, dim=128)] + make_tables(5, seed=1)
     plan = oracle_plan(tables, make_cluster(4, memory_gb=1), FakeEstimator(), max_evals=1000)
-    covers_exactly(plan)
+    validate_plan(plan)
     assert not plan.meta["exhaustive"] and plan.meta["tablewise_ms"] is None
     small = oracle_plan(make_tables(10), make_cluster(4), FakeEstimator(), max_evals=500,
                         exhaustive_limit=10)
     assert not small.meta["exhaustive"]
-    covers_exactly(small)
+    validate_plan(small)
 
 
 def test_oracle_is_seeded():

@@ -6,8 +6,6 @@ specs, so the tests put this folder on the workers' ``PYTHONPATH``.
 
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,15 +15,13 @@ import pytest
 
 pytest.importorskip("ray")
 
-from factories import kill_9_session, make_tables  # noqa: E402
+from factories import kill_9_when, make_tables, pythonpath_with_tests, start_job  # noqa: E402
 from neuroshard.backends.sim import SimBackend  # noqa: E402
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads  # noqa: E402
 from neuroshard.pretrain.collect import BackendSpec, part_files  # noqa: E402
 from neuroshard.pretrain.ray_jobs import collect_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-TESTS_DIR = str(Path(__file__).parent)
 
 
 class SlowSim(SimBackend):
@@ -104,8 +100,7 @@ def ray_cluster():
 
     assert not ray.is_initialized()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(
-            [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        mp.setenv("PYTHONPATH", pythonpath_with_tests())
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, object_store_memory=128 << 20)
     yield ray
@@ -137,19 +132,8 @@ def test_resumes_after_kill_9(tmp_path, ray_cluster):
         f"collect_ray(samples, spec, {str(out)!r}, kind='compute', workers=2, chunk_size=4,"
         " progress=False)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(part_files(out)) < 3 and time.monotonic() < deadline:
-            assert proc.poll() is None, "the collection ended before it could be killed"
-            time.sleep(0.05)
-        assert len(part_files(out)) >= 3, "no part files within 120 s"
-        assert proc.poll() is None, "the collection ended before it could be killed"
-    finally:
-        kill_9_session(proc)
+    kill_9_when(start_job(code), lambda: len(part_files(out)) >= 3, timeout_s=120,
+                poll_s=0.05, what="3 part files")
     samples, spec = kill_job_args()
     before = len(set(disk_keys(out)))
     assert 0 < before < len(samples)

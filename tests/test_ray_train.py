@@ -6,10 +6,6 @@ the checkpoint the killed run left in storage.
 """
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +13,11 @@ import torch
 
 pytest.importorskip("ray")
 
-from factories import kill_9_session  # noqa: E402
+from factories import kill_9_when, run_to_end, start_job  # noqa: E402
 from neuroshard.pretrain.train import Dense, TrainConfig, fit_net  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TESTS_DIR = str(Path(__file__).parent)
 CONFIG = TrainConfig(batch_size=64, lr=1e-2, max_epochs=150, patience=150)
 
 
@@ -66,23 +61,11 @@ def test_ray_training_resumes_after_kill_9_and_matches_one_process(tmp_path):
     storage, result = tmp_path / "train", tmp_path / "result.json"
     code = ("from test_ray_train import run_job\n"
             f"run_job({str(storage)!r}, {str(result)!r}, checkpoint_every=10)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not _checkpoints(storage) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the training ended before it could be killed"
-            time.sleep(0.2)
-        assert _checkpoints(storage), "no checkpoint within 240 s"
-        assert proc.poll() is None, "the training ended before it could be killed"
-    finally:
-        kill_9_session(proc)
+    kill_9_when(start_job(code), lambda: bool(_checkpoints(storage)), timeout_s=240,
+                poll_s=0.2, what="checkpoint")
     assert not result.exists()
 
-    rerun = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                           text=True, timeout=480)
+    rerun = run_to_end(code, timeout_s=480)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     got = json.loads(result.read_text())
     assert got["resumed_after"] is not None and got["resumed_after"] >= 9
