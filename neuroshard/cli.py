@@ -259,6 +259,7 @@ def pretrain(
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
     workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Interleave training, held-out and retest samples over this many rounds (real hardware drifts)."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -271,7 +272,8 @@ def pretrain(
         kwargs.update(profile=profile, noise=noise, seed=seed)
     model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
                              compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
-                             cost_model=cost_model, workers=workers, address=address)
+                             cost_model=cost_model, workers=workers, address=address,
+                             rounds=rounds)
     out.print(f"model written to {model_dir}")
 
 

@@ -62,3 +62,49 @@ def test_tiny_pretrain_end_to_end_and_resume(tmp_path):
 def test_pretrain_rejects_kwargs_for_a_backend_object(tmp_path):
     with pytest.raises(ValueError, match="backend_kwargs"):
         _run(tmp_path, backend_kwargs={"profile": "h100"})
+
+
+class _RecordingBackend(FakeBackend):
+    """Remembers what it measured, in order: ("compute", table names) or ("comm", dims)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def measure_compute(self, load):
+        self.log.append(("compute", tuple(t.name for t in load)))
+        return super().measure_compute(load)
+
+    def measure_comm(self, dim_sums, waits_ms):
+        self.log.append(("comm", tuple(dim_sums)))
+        return super().measure_comm(dim_sums, waits_ms)
+
+
+def test_rounds_interleave_sets_and_retest_after_the_first_measurement(tmp_path):
+    be = _RecordingBackend()
+    meta = read_meta(_run(tmp_path / "r3", backend=be, rounds=3, compute_samples=60,
+                          comm_samples=30, holdout_samples=30, retest_samples=10, chunk_size=7,
+                          model_kwargs={"max_epochs": 2}))
+    compute = [names for what, names in be.log if what == "compute"]
+    held = [i for i, names in enumerate(compute) if names[0].startswith("held_")]
+    trained = [i for i, names in enumerate(compute) if not names[0].startswith("held_")]
+    assert len(trained) == 60 and len(held) == 30 + 10
+    assert held[0] < trained[-1]  # held-out loads measured between training loads
+    assert sum(what == "comm" for what, _ in be.log) == 30 + 10
+    assert [what for what, _ in be.log[:2]] == ["compute", "compute"]
+    for i in held:  # every second measurement comes a round after the first
+        names = compute[i]
+        first = compute.index(names)
+        if first != i:
+            between = compute[first + 1:i]
+            assert sum(not n[0].startswith("held_") for n in between) >= 20
+    # the same samples on disk as one round: rounds change the order, not the keys
+    one = read_meta(_run(tmp_path / "r1", compute_samples=60, comm_samples=30,
+                         holdout_samples=30, retest_samples=10, model_kwargs={"max_epochs": 2}))
+    assert meta["training_data_hash"] == one["training_data_hash"]
+    assert meta["metrics"]["noise_floor"]["compute"]["n"] == 10
+
+
+def test_pretrain_rejects_zero_rounds(tmp_path):
+    with pytest.raises(ValueError, match="rounds"):
+        _run(tmp_path, rounds=0)
