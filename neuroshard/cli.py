@@ -260,6 +260,7 @@ def pretrain(
     workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Interleave training, held-out and retest samples over this many rounds (real hardware drifts)."),
+    compute_members: int = typer.Option(1, "--compute-members", min=1, help="Neural: average this many compute nets (an ensemble)."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -267,13 +268,17 @@ def pretrain(
     """
     from neuroshard.pretrain.pipeline import pretrain as run_pretrain
 
+    if compute_members > 1 and cost_model != "neural":
+        raise UsageError("--compute-members applies to --cost-model neural only")
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if backend == "sim":
         kwargs.update(profile=profile, noise=noise, seed=seed)
     model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
                              compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
                              cost_model=cost_model, workers=workers, address=address,
-                             rounds=rounds)
+                             rounds=rounds,
+                             model_kwargs={"compute_members": compute_members}
+                             if compute_members > 1 else None)
     out.print(f"model written to {model_dir}")
 
 

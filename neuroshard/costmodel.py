@@ -115,6 +115,18 @@ def _build_nets(arch: Mapping[str, Any]) -> dict[str, "torch.nn.Module"]:
             summed = emb.new_zeros(num_rows, emb.shape[-1]).index_add_(0, row, emb)
             return self.head(summed).squeeze(-1)
 
+    class ComputeEnsemble(nn.Module):
+        """Compute nets trained side by side from their own initialisations. In training
+        each member answers for itself ``(B, members)``; in eval, their mean answers."""
+
+        def __init__(self, members: int) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(ComputeNet() for _ in range(members))
+
+        def forward(self, x: torch.Tensor, row: torch.Tensor, num_rows: int) -> torch.Tensor:
+            out = torch.stack([m(x, row, num_rows) for m in self.members], dim=-1)
+            return out if self.training else out.mean(dim=-1)
+
     class CommNet(nn.Module):
         def __init__(self, num_inputs: int) -> None:
             super().__init__()
@@ -129,7 +141,9 @@ def _build_nets(arch: Mapping[str, Any]) -> dict[str, "torch.nn.Module"]:
             ctx = torch.cat([mean, h.amax(dim=1)], dim=-1).unsqueeze(1).expand(-1, x.shape[1], -1)
             return self.head(torch.cat([h, ctx], dim=-1)).squeeze(-1)
 
-    return {"compute": ComputeNet(), "fwd": CommNet(3), "bwd": CommNet(2)}
+    members = int(arch.get("compute_members", 1))
+    compute = ComputeNet() if members == 1 else ComputeEnsemble(members)
+    return {"compute": compute, "fwd": CommNet(3), "bwd": CommNet(2)}
 
 
 class _NumpyMLP:
@@ -404,7 +418,9 @@ class NeuralCostModel(_CostModelBase):
                  patience: int = 30, seed: int = 0, num_threads: int = 1,
                  eps_ms: float = 1e-3, fwd_target: str = "residual",
                  max_seconds_per_net: float | None = None,
-                 lr_decay_patience: int | None = None):
+                 lr_decay_patience: int | None = None, compute_members: int = 1):
+        if compute_members < 1:
+            raise ValueError(f"compute_members must be >= 1, got {compute_members}")
         self.batch_size = batch_size
         self.table_hidden = tuple(table_hidden)
         self.embed_dim = embed_dim
@@ -422,13 +438,20 @@ class NeuralCostModel(_CostModelBase):
         self.fwd_target = fwd_target
         self.max_seconds_per_net = max_seconds_per_net
         self.lr_decay_patience = lr_decay_patience
+        self.compute_members = int(compute_members)
 
     # ------------------------------------------------------------- description
 
     def _architecture(self) -> dict[str, Any]:
         return {"num_features": NUM_FEATURES, "table_hidden": list(self.table_hidden),
                 "embed_dim": self.embed_dim, "head_hidden": list(self.head_hidden),
-                "comm_encoder": list(self.comm_encoder), "comm_head": list(self.comm_head)}
+                "comm_encoder": list(self.comm_encoder), "comm_head": list(self.comm_head),
+                "compute_members": self.compute_members}
+
+    @property
+    def embedding_width(self) -> int:
+        """Columns of :meth:`shard_embeddings`: ``embed_dim`` per compute member."""
+        return self.embed_dim * self.compute_members
 
     # ------------------------------------------------------------- inputs
 
@@ -561,28 +584,38 @@ class NeuralCostModel(_CostModelBase):
     def _extract(self) -> None:
         """Numpy copies of the weights for inference."""
         nets = self.nets_
-        self.np_table_ = _NumpyMLP(nets["compute"].table)
-        self.np_head_ = _NumpyMLP(nets["compute"].head)
+        compute = nets["compute"]
+        members = list(compute.members) if hasattr(compute, "members") else [compute]
+        self.np_tables_ = [_NumpyMLP(m.table) for m in members]
+        self.np_heads_ = [_NumpyMLP(m.head) for m in members]
         self.np_comm_ = {w: (_NumpyMLP(nets[w].encoder), _NumpyMLP(nets[w].head))
                          for w in ("fwd", "bwd")}
 
     # ------------------------------------------------------------- inference
 
     def shard_embeddings(self, specs: Sequence[TableSpec]) -> np.ndarray:
-        """Per-shard embeddings ``(len(specs), embed_dim)``: a device's compute is
+        """Per-shard embeddings ``(len(specs), embedding_width)``: a device's compute is
         ``compute_from_embeddings`` of the sum of its shards' embeddings."""
         self._check_fitted()
         if not len(specs):
-            return np.zeros((0, self.embed_dim), dtype=np.float32)
-        return self.np_table_(self._table_inputs(table_features(specs)))
+            return np.zeros((0, self.embedding_width), dtype=np.float32)
+        return self._embed(self._table_inputs(table_features(specs)))
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        if len(self.np_tables_) == 1:
+            return self.np_tables_[0](x)
+        return np.concatenate([table(x) for table in self.np_tables_], axis=1)
 
     def compute_from_embeddings(self, summed: np.ndarray,
                                 counts: np.ndarray | None = None) -> np.ndarray:
-        """Compute ms from summed shard embeddings ``(B, embed_dim)``; rows whose
-        ``counts`` (shards per device, optional) are 0 cost 0."""
+        """Compute ms from summed shard embeddings ``(B, embedding_width)``; rows whose
+        ``counts`` (shards per device, optional) are 0 cost 0. Members are averaged in
+        the log space they were trained in."""
         self._check_fitted()
-        summed = np.asarray(summed, dtype=np.float32).reshape(-1, self.embed_dim)
-        out = self._from_target(self.np_head_(summed)[:, 0], "compute")
+        summed = np.asarray(summed, dtype=np.float32).reshape(-1, self.embedding_width)
+        e = self.embed_dim
+        y = sum(head(summed[:, i * e:(i + 1) * e])[:, 0] for i, head in enumerate(self.np_heads_))
+        out = self._from_target(y / len(self.np_heads_), "compute")
         if counts is not None:
             out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
         return out
@@ -595,7 +628,7 @@ class NeuralCostModel(_CostModelBase):
             return np.zeros(len(loads))
         emb = self.shard_embeddings([t for load in loads for t in load])
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        summed = np.zeros((len(loads), self.embed_dim), dtype=np.float32)
+        summed = np.zeros((len(loads), self.embedding_width), dtype=np.float32)
         busy = counts > 0
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
         return self.compute_from_embeddings(summed, counts)
@@ -623,7 +656,7 @@ class NeuralCostModel(_CostModelBase):
         emb = self.shard_embeddings_raw(data.features)
         starts = data.offsets[:-1]
         counts = np.diff(data.offsets)
-        summed = np.zeros((len(data), self.embed_dim), dtype=np.float32)
+        summed = np.zeros((len(data), self.embedding_width), dtype=np.float32)
         busy = counts > 0
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
         return self.compute_from_embeddings(summed, counts)
@@ -631,7 +664,7 @@ class NeuralCostModel(_CostModelBase):
     def shard_embeddings_raw(self, raw: np.ndarray) -> np.ndarray:
         """:meth:`shard_embeddings` from raw feature rows ``(n, 20)`` (collected data)."""
         self._check_fitted()
-        return self.np_table_(self._table_inputs(transform_raw(raw)))
+        return self._embed(self._table_inputs(transform_raw(raw)))
 
     # ------------------------------------------------------------- files
 
@@ -683,12 +716,14 @@ class NeuralCostModel(_CostModelBase):
             for key in ("table_hidden", "head_hidden", "comm_encoder", "comm_head"):
                 arch[key] = _widths(arch[key], key)
             arch["embed_dim"] = _widths([arch["embed_dim"]], "embed_dim")[0]
+            arch["compute_members"] = _widths([arch.get("compute_members", 1)],
+                                              "compute_members")[0]
             norm = meta["normalisation"]
             hyper = meta.get("hyperparameters", {})
             model = cls(batch_size=int(meta["batch_size"]), table_hidden=arch["table_hidden"],
                         embed_dim=arch["embed_dim"], head_hidden=arch["head_hidden"],
                         comm_encoder=arch["comm_encoder"], comm_head=arch["comm_head"],
-                        eps_ms=float(norm["eps_ms"]),
+                        compute_members=arch["compute_members"], eps_ms=float(norm["eps_ms"]),
                         fwd_target=str(meta.get("fwd_target", "total")),
                         **{k: hyper[k] for k in ("lr", "train_batch_size",
                                                  "comm_train_batch_size", "max_epochs",

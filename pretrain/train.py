@@ -204,6 +204,11 @@ def _as_batches(data: "Batches | tuple") -> Batches:
 
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor,
                 weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; a ``pred`` with one more (last) dimension than ``target`` holds
+    one prediction per ensemble member, each held to the same target."""
+    if pred.dim() == target.dim() + 1:
+        target = target.unsqueeze(-1)
+        weight = None if weight is None else weight.unsqueeze(-1).expand_as(pred)
     err = (pred - target) ** 2
     if weight is None:
         return err.mean()

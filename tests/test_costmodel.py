@@ -170,3 +170,29 @@ def test_fit_is_seeded(data):
     np.testing.assert_array_equal(a.compute_ms(loads), b.compute_ms(loads))
     with pytest.raises(ModelMismatchError):
         NeuralCostModel(batch_size=1024, max_epochs=1).fit(*data)
+
+
+def test_an_ensemble_averages_its_members_in_log_space(data, tmp_path):
+    from neuroshard.features import table_features
+
+    ens = NeuralCostModel(max_epochs=15, patience=5, train_batch_size=64, seed=0,
+                          compute_members=3).fit(*data)
+    loads = [load for load in make_mixed_loads() if load]
+    flat = [t for load in loads for t in load]
+    assert ens.shard_embeddings(flat).shape == (len(flat), 3 * 32)
+    x = torch.from_numpy(ens._table_inputs(table_features(flat)))
+    row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(l) for l in loads]))
+    with torch.inference_mode():
+        each = np.stack([m(x, row, len(loads)).numpy() for m in ens.nets_["compute"].members])
+    assert np.ptp(each, axis=0).min() > 0  # members start apart and stay apart
+    np.testing.assert_allclose(ens.compute_ms(loads), ens._from_target(each.mean(0), "compute"),
+                               rtol=1e-4)
+    model_dir = ens.save(tmp_path / "m")
+    assert read_meta(model_dir)["architecture"]["compute_members"] == 3
+    again = load_cost_model(model_dir, batch_size=65_536, backend="fake")
+    np.testing.assert_allclose(again.compute_ms(loads), ens.compute_ms(loads), rtol=1e-6)
+
+
+def test_compute_members_must_be_positive():
+    with pytest.raises(ValueError, match="compute_members"):
+        NeuralCostModel(compute_members=0)

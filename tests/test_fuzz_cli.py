@@ -176,6 +176,7 @@ CASES = [
     Case("evaluate: unknown sim profile", ("evaluate", "{plan}", "--profile", "z80"), EXIT_INPUT, "z80"),
     Case("evaluate: model dir missing", ("evaluate", "{plan}", "--model", "{no_model}"), EXIT_MODEL, "meta.json"),
     Case("pretrain: unknown backend", ("pretrain", "--out", "{dir}/pt", "--backend", "abacus"), EXIT_INPUT, "abacus"),
+    Case("pretrain: members for lightgbm", ("pretrain", "--out", "{dir}/pt", "--cost-model", "lightgbm", "--compute-members", "3"), EXIT_INPUT, "--compute-members"),
     Case("unknown command", ("shard-everything",), EXIT_INPUT, "shard-everything"),
 ]
 
