@@ -197,6 +197,9 @@ def _rank_main(rank, world, port, out):
         res = fit_net(net, train, val, TrainConfig(batch_size=64, lr=1e-2, max_epochs=25,
                                                    patience=25))
         torch.save({"state": net.state_dict(), "loss": res.best_val_loss}, f"{out}/{rank}.pt")
+        # start both teardowns together: one full run had a rank abort in gloo's teardown
+        # ("terminate called without an active exception") with its peer still running
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
