@@ -1,0 +1,136 @@
+"""CPU cost models across measurement sessions: every model on every session's held-out loads.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_sessions.py \
+        --dataset data/datasets/cpu_b4096:2000 --dataset data/datasets/cpu_b4096_r10 \
+        --out bench/results/cpu_sessions.md
+
+Each ``--dataset DIR[:N]`` is the ``data/`` directory of a CPU ``pretrain`` run (the same
+sample keys in every run with seed 0, so the held-out loads are the same loads). For each:
+
+* its **noise floor**: the held-out samples it measured twice (``compute_retest``), as in
+  the model metadata (retest MAPE / sqrt 2);
+* neural models trained here on its first N compute samples (all without N) and its comm
+  samples, with ``--members`` compute nets each (1: one net; 5: an ensemble of 5).
+
+Between two sessions, the same held-out loads measured in both give a cross-session floor.
+``--model DIR`` adds fitted models (default: the shipped CPU models). Every model is then
+scored on every session's held-out loads: MAPE, Spearman, and MAPE / that session's floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from _common import emit
+from neuroshard.costmodel import NeuralCostModel, load_cost_model
+from neuroshard.pretrain.collect import part_files
+from neuroshard.pretrain.dataset import load_comm, load_compute
+from neuroshard.pretrain.fidelity import noise_floor
+from neuroshard.pretrain.pipeline import RETEST_INDEX_OFFSET
+
+SHIPPED = ["data/models/cpu-b4096-d4", "data/models/cpu-b4096-d4-lightgbm"]
+MODEL_KWARGS = {"train_batch_size": 64, "max_epochs": 1500, "patience": 100,
+                "lr_decay_patience": 20, "comm_train_batch_size": 32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", action="append", required=True,
+                   help="DIR[:N] of a CPU pretrain run's data; train on its first N samples")
+    p.add_argument("--members", default="1,5", help="compute nets per trained model")
+    p.add_argument("--model", action="append", default=None, help="a fitted model directory")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def _index_keys(directory: Path) -> dict[int, str]:
+    """Sample index -> key of every row under ``directory``."""
+    out: dict[int, str] = {}
+    for part in part_files(directory):
+        t = pq.read_table(part, columns=["index", "key"])
+        out.update(zip(t.column("index").to_pylist(), t.column("key").to_pylist()))
+    return out
+
+
+def _labels(directory: Path) -> dict[str, float]:
+    data = load_compute(directory)
+    return dict(zip(data.keys, data.label_ms))
+
+
+def session_floor(data: Path) -> dict[str, float]:
+    """Noise floor of one session's held-out samples measured twice."""
+    first, again = _index_keys(data / "compute_holdout"), _index_keys(data / "compute_retest")
+    a_ms, b_ms = _labels(data / "compute_holdout"), _labels(data / "compute_retest")
+    pairs = [(first[i - RETEST_INDEX_OFFSET], key) for i, key in again.items()
+             if i - RETEST_INDEX_OFFSET in first]
+    return noise_floor(np.array([a_ms[k] for k, _ in pairs]), np.array([b_ms[k] for _, k in pairs]))
+
+
+def cross_floor(a: Path, b: Path) -> dict[str, float]:
+    """Noise floor of the held-out loads both sessions measured."""
+    a_ms, b_ms = _labels(a / "compute_holdout"), _labels(b / "compute_holdout")
+    keys = sorted(set(a_ms) & set(b_ms))
+    return noise_floor(np.array([a_ms[k] for k in keys]), np.array([b_ms[k] for k in keys]))
+
+
+def train(data: Path, n: int | None, members: int) -> NeuralCostModel:
+    keys = _index_keys(data / "compute")
+    chosen = {k for i, k in keys.items() if n is None or i < n}
+    model = NeuralCostModel(compute_members=members, **MODEL_KWARGS)
+    return model.fit(load_compute(data / "compute", chosen), load_comm(data / "comm"),
+                     backend_name="cpu", num_devices=4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sessions: list[tuple[str, Path, int | None]] = []
+    for spec in args.dataset:
+        path, _, n = spec.partition(":")
+        sessions.append((Path(path).name, Path(path), int(n) if n else None))
+    floors = {name: session_floor(path) for name, path, _ in sessions}
+
+    models: list[tuple[str, object, str]] = []
+    for name, path, n in sessions:
+        for members in (int(m) for m in args.members.split(",")):
+            t0 = time.perf_counter()
+            model = train(path, n, members)
+            what = f"{n if n else 'all'} samples of {name}, {members} compute net(s)"
+            models.append((f"trained: {what}", model, f"{time.perf_counter() - t0:.0f} s"))
+    for directory in args.model or SHIPPED:
+        models.append((f"`{directory}`", load_cost_model(directory, batch_size=4096,
+                                                          backend="cpu"), "shipped"))
+
+    lines = ["| session | held-out loads | retest pairs | retest MAPE | floor |",
+             "|---|---|---|---|---|"]
+    for name, path, _ in sessions:
+        f = floors[name]
+        held = len(load_compute(path / "compute_holdout").keys)
+        lines.append(f"| {name} | {held} | {f['n']} | {100 * f['mape']:.2f}% "
+                     f"| {100 * f['floor_mape']:.2f}% |")
+    for (na, pa, _), (nb, pb, _) in zip(sessions, sessions[1:]):
+        f = cross_floor(pa, pb)
+        lines.append(f"| {na} vs {nb} (same loads) | {f['n']} | {f['n']} "
+                     f"| {100 * f['mape']:.2f}% | {100 * f['floor_mape']:.2f}% |")
+    head = "| model | fit |" + "".join(f" {n}: MAPE | Spearman | /floor |" for n, _, _ in sessions)
+    lines += ["", head, "|---|---|" + "---|---|---|" * len(sessions)]
+    for label, model, how in models:
+        cells = []
+        for name, path, _ in sessions:
+            s = model.score_compute(load_compute(path / "compute_holdout"))
+            cells.append(f" {100 * s['mape']:.2f}% | {s['spearman']:.4f} "
+                         f"| {s['mape'] / floors[name]['floor_mape']:.3f} |")
+        lines.append(f"| {label} | {how} |" + "".join(cells))
+    emit("\n".join(lines), args.out, title="CPU cost models across measurement sessions")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
