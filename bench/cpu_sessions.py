@@ -8,7 +8,7 @@ Each ``--dataset DIR[:N]`` is the ``data/`` directory of a CPU ``pretrain`` run 
 sample keys in every run with seed 0, so the held-out loads are the same loads). For each:
 
 * its **noise floor**: the held-out samples it measured twice (``compute_retest``), as in
-  the model metadata (retest MAPE / sqrt 2);
+  the model metadata (retest MAPE / sqrt 2; ``session_noise_floor``);
 * neural models trained here on its first N compute samples (all without N) and its comm
   samples, with ``--members`` compute nets each (1: one net; 5: an ensemble of 5).
 
@@ -26,14 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from _common import emit
 from neuroshard.costmodel import NeuralCostModel, load_cost_model
-from neuroshard.pretrain.collect import part_files
-from neuroshard.pretrain.dataset import load_comm, load_compute
-from neuroshard.pretrain.fidelity import noise_floor
-from neuroshard.pretrain.pipeline import RETEST_INDEX_OFFSET
+from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
+from neuroshard.pretrain.fidelity import noise_floor, session_noise_floor
 
 SHIPPED = ["data/models/cpu-b4096-d4", "data/models/cpu-b4096-d4-lightgbm"]
 MODEL_KWARGS = {"train_batch_size": 64, "max_epochs": 1500, "patience": 100,
@@ -50,27 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _index_keys(directory: Path) -> dict[int, str]:
-    """Sample index -> key of every row under ``directory``."""
-    out: dict[int, str] = {}
-    for part in part_files(directory):
-        t = pq.read_table(part, columns=["index", "key"])
-        out.update(zip(t.column("index").to_pylist(), t.column("key").to_pylist()))
-    return out
-
-
 def _labels(directory: Path) -> dict[str, float]:
     data = load_compute(directory)
     return dict(zip(data.keys, data.label_ms))
-
-
-def session_floor(data: Path) -> dict[str, float]:
-    """Noise floor of one session's held-out samples measured twice."""
-    first, again = _index_keys(data / "compute_holdout"), _index_keys(data / "compute_retest")
-    a_ms, b_ms = _labels(data / "compute_holdout"), _labels(data / "compute_retest")
-    pairs = [(first[i - RETEST_INDEX_OFFSET], key) for i, key in again.items()
-             if i - RETEST_INDEX_OFFSET in first]
-    return noise_floor(np.array([a_ms[k] for k, _ in pairs]), np.array([b_ms[k] for _, k in pairs]))
 
 
 def cross_floor(a: Path, b: Path) -> dict[str, float]:
@@ -81,7 +60,7 @@ def cross_floor(a: Path, b: Path) -> dict[str, float]:
 
 
 def train(data: Path, n: int | None, members: int) -> NeuralCostModel:
-    keys = _index_keys(data / "compute")
+    keys = sample_keys(data / "compute")
     chosen = {k for i, k in keys.items() if n is None or i < n}
     model = NeuralCostModel(compute_members=members, **MODEL_KWARGS)
     return model.fit(load_compute(data / "compute", chosen), load_comm(data / "comm"),
@@ -95,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.dataset:
         path, _, n = spec.partition(":")
         sessions.append((Path(path).name, Path(path), int(n) if n else None))
-    floors = {name: session_floor(path) for name, path, _ in sessions}
+    floors = {name: session_noise_floor(path) for name, path, _ in sessions}
 
     models: list[tuple[str, object, str]] = []
     for name, path, n in sessions:

@@ -394,6 +394,7 @@ def profile(
 @handles_errors
 def model_report(
     model_dir: Path = typer.Argument(..., help="Model directory (meta.json inside)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Also score on this pretrain run's data/ (its held-out loads, beside its floor); repeatable."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A model's provenance and its error on held-out data next to the noise floor.
@@ -401,17 +402,20 @@ def model_report(
     MSE is of log(ms); "floor" is the noise floor, the MAPE a model that knew every
     sample's true cost would score against a second measurement of the same samples, and
     "/floor" the model's MAPE over it. Breakdowns by tables per load, load size, device
-    count and dim sum follow.
+    count and dim sum follow. With --data, the model is also scored on the held-out loads
+    of other pretrain runs (another session on the same hardware), each beside its own floor.
 
-    Example: neuroshard model-report data/models/sim-h100-d4
+    Example: neuroshard model-report data/models/cpu-b4096-d4 --data data/datasets/cpu_b4096_r10
     """
     from neuroshard.costmodel import read_meta
-    from neuroshard.pretrain.fidelity import bucket_order
+    from neuroshard.pretrain.fidelity import bucket_order, session_fidelity
 
     meta = read_meta(model_dir)
+    sessions = [session_fidelity(model_dir, d) for d in data or []]
     if as_json:
-        out.print_json(json.dumps({k: meta.get(k) for k in ("name", "kind", "backend", "batch_size",
-                                                            "num_devices", "sample_counts", "metrics")}))
+        report = {k: meta.get(k) for k in ("name", "kind", "backend", "batch_size",
+                                           "num_devices", "sample_counts", "metrics")}
+        out.print_json(json.dumps({**report, "sessions": sessions}))
         return
     out.print(f"[bold]{meta.get('name')}[/bold] ({meta.get('kind')}), backend {meta.get('backend')}, "
               f"batch {meta.get('batch_size')}, {meta.get('num_devices')} devices, "
@@ -429,6 +433,11 @@ def model_report(
                 table.add_row(part, split, str(m.get("n", "")), f"{m.get('mse_log', float('nan')):.4f}",
                               f"{m['mape']:.2%}", f"{m.get('spearman', float('nan')):.4f}",
                               f"{floor:.2%}" if floor is not None else "", ratio)
+    for session in sessions:
+        m, floor = session["compute"], (session["noise_floor"] or {}).get("floor_mape")
+        table.add_row("compute", Path(session["data"]).name, str(m["n"]),
+                      f"{m['mse_log']:.4f}", f"{m['mape']:.2%}", f"{m['spearman']:.4f}",
+                      f"{floor:.2%}" if floor else "", f"{m['mape'] / floor:.2f}" if floor else "")
     out.print(table)
     for part, split in (("compute", "test_pool"), ("compute", "test"), ("bwd_comm", "test"),
                         ("fwd_comm", "test")):

@@ -25,8 +25,8 @@ from neuroshard.pretrain.collect import DatasetError, SCHEMAS, _read_part, part_
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CommData", "ComputeData", "Split", "load_comm", "load_compute", "split_by_tables",
-    "split_random",
+    "CommData", "ComputeData", "Split", "load_comm", "load_compute", "sample_keys",
+    "split_by_tables", "split_random",
 ]
 
 
@@ -158,6 +158,20 @@ def _list_offsets(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
 
 def _first_fingerprint(table: pa.Table) -> str:
     return table.column("fingerprint")[0].as_py() if table.num_rows else "{}"
+
+
+def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
+    """Sample index -> key of every row under ``data_dir`` (compute or comm)."""
+    parts = part_files(data_dir)
+    if not parts:
+        raise DatasetError(f"{data_dir}: no part files")
+    out: dict[int, str] = {}
+    for p in parts:
+        t = _read_part(p)
+        if "index" not in t.column_names or "key" not in t.column_names:
+            raise DatasetError(f"{p}: no index and key columns")
+        out.update(zip(t.column("index").to_pylist(), t.column("key").to_pylist()))
+    return out
 
 
 def load_compute(data_dir: str | os.PathLike,

@@ -9,10 +9,16 @@ from themselves (the noise floor).
   symmetric noise on both runs, a model that knew every sample's true cost would score
   the retest's MAPE divided by sqrt(2), reported as ``floor_mape``. The fidelity bar of a
   model is its held-out MAPE against ``floor_mape``.
+* :func:`session_fidelity` scores a model on another ``pretrain`` run's held-out loads
+  beside that run's floor (:func:`session_noise_floor`): the same loads measured in
+  another session, or with retests taken at other times.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from neuroshard.pretrain.dataset import ComputeData
 
 __all__ = ["DIM_SUM_BUCKETS", "SIZE_BUCKETS", "TABLE_BUCKETS", "bucket_order", "comm_breakdown",
-           "compute_breakdown", "noise_floor"]
+           "compute_breakdown", "noise_floor", "RETEST_INDEX_OFFSET", "session_fidelity",
+           "session_noise_floor"]
+
+# Added to a sample's index for its retest: same content, another key.
+RETEST_INDEX_OFFSET = 1 << 40
 
 _DIM, _ROWS = NUM_HIST_BINS, NUM_HIST_BINS + 2
 _MiB = 1 << 20
@@ -114,3 +124,41 @@ def noise_floor(first_ms: np.ndarray, second_ms: np.ndarray,
         m["mape"] = 0.5 * (m["mape"] + regression_metrics(a, b, eps_ms)["mape"])
     m["floor_mape"] = m["mape"] / np.sqrt(2.0) if len(a) else float("nan")
     return m
+
+
+def session_noise_floor(data_dir: str | os.PathLike) -> dict[str, float] | None:
+    """Noise floor of the held-out compute samples a ``pretrain`` run measured twice
+    (``compute_holdout`` against ``compute_retest`` under its ``data/`` directory, paired
+    by sample index); ``None`` when it has no retests."""
+    from neuroshard.pretrain.collect import part_files
+    from neuroshard.pretrain.dataset import load_compute, sample_keys
+
+    d = Path(data_dir)
+    if not part_files(d / "compute_retest"):
+        return None
+    first, again = sample_keys(d / "compute_holdout"), sample_keys(d / "compute_retest")
+    pairs = [(first[i - RETEST_INDEX_OFFSET], key) for i, key in sorted(again.items())
+             if i - RETEST_INDEX_OFFSET in first]
+    a, b = load_compute(d / "compute_holdout"), load_compute(d / "compute_retest")
+    a_ms, b_ms = dict(zip(a.keys, a.label_ms)), dict(zip(b.keys, b.label_ms))
+    return noise_floor(np.array([a_ms[k] for k, _ in pairs]),
+                       np.array([b_ms[k] for _, k in pairs]))
+
+
+def session_fidelity(model_dir: str | os.PathLike,
+                     data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The compute error of the model in ``model_dir`` on the held-out loads of a
+    ``pretrain`` run's ``data/`` directory, with breakdowns, beside that run's noise floor.
+
+    Raises :class:`~neuroshard.types.ModelMismatchError` when the data were measured on
+    another backend or batch size than the model's, and
+    :class:`~neuroshard.pretrain.collect.DatasetError` when there are no held-out loads.
+    """
+    from neuroshard.costmodel import load_cost_model
+    from neuroshard.pretrain.dataset import load_compute
+
+    d = Path(data_dir)
+    held = load_compute(d / "compute_holdout")
+    model = load_cost_model(model_dir, backend=json.loads(held.fingerprint))
+    return {"data": str(d), "compute": model.score_compute(held),
+            "noise_floor": session_noise_floor(d)}

@@ -42,7 +42,7 @@ from neuroshard.pretrain.augment import (
 )
 from neuroshard.pretrain.collect import BackendSpec, collect, resolve_backend
 from neuroshard.pretrain.dataset import load_comm, load_compute
-from neuroshard.pretrain.fidelity import noise_floor
+from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET, noise_floor
 from neuroshard.pretrain.train import file_checkpointed
 from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
 
@@ -118,11 +118,12 @@ def pretrain(out_dir: str | os.PathLike, *,
 
     ``rounds`` > 1 interleaves the collection: round r measures the r-th slice of every
     set (training, comm, held-out) and retests what earlier rounds measured. Real
-    hardware drifts by a few percent over minutes (the CPU here ran 3.6% faster in a
-    retest taken after a 3,000-sample collection), so with one round the held-out set,
-    measured in one window after the training data, is off the training data by that
-    window's drift, and every retest shares the end window's. Interleaved, all sets see
-    the same mix of windows.
+    hardware drifts between windows minutes apart: on the shared 2-core VM this was built
+    on, a whole retest was 3.6% faster after a 3,000-sample collection, and in an
+    interleaved session one window's retests came back 52% slower. With one round the
+    held-out set, measured in one window after the training data, is off the training
+    data by that window's drift, and every retest shares the end window's. Interleaved,
+    all sets see the same mix of windows, and the floor covers them.
 
     Loads have 1 to ``max_tables`` tables. The paper's 15 is too few for the search: a
     device of a 60-table task on 4 devices holds 15 shards on average and more in skewed
@@ -226,9 +227,6 @@ def pretrain(out_dir: str | os.PathLike, *,
                 m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
     return model_dir
 
-
-# Added to a sample's index for its retest: same content, another key.
-RETEST_INDEX_OFFSET = 1 << 40
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,23 @@ def test_model_report_shows_noise_floor_and_buckets(run, tmp_path):
     assert 0.01 < floor["compute"]["floor_mape"] < 0.08  # lognormal sigma 0.05 -> ~0.04
 
 
+def test_model_report_scores_the_shipped_cpu_model_on_another_session(run):
+    report = json.loads(run("model-report", "data/models/cpu-b4096-d4", "--json",
+                            "--data", "data/datasets/cpu_b4096_r10",
+                            "--data", "data/datasets/cpu_b4096"))
+    other, own = report["sessions"]
+    # its own session's held-out loads are its test pool, scored as in its metadata
+    assert own["compute"]["mape"] == pytest.approx(
+        report["metrics"]["compute"]["test_pool"]["mape"])
+    assert own["noise_floor"] == pytest.approx(report["metrics"]["noise_floor"]["compute"])
+    assert other["compute"]["n"] == 300 and other["compute"]["spearman"] > 0.97
+    assert other["noise_floor"]["n"] == 150
+    assert other["compute"]["mape"] < 1.5 * other["noise_floor"]["floor_mape"]
+    text = run("model-report", "data/models/cpu-b4096-d4", "--data", "data/datasets/cpu_b4096_r10")
+    assert f"{other['compute']['mape']:.2%}" in text
+    assert f"{other['noise_floor']['floor_mape']:.2%}" in text
+
+
 def test_plan_with_the_shipped_lightgbm_model(run, tmp_path):
     out = tmp_path / "plan.json"
     run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--cost-model", "lightgbm", "--backend", "sim",

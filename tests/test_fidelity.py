@@ -1,7 +1,9 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from factories import make_tables
+from factories import FakeBackend, make_tables
 from neuroshard.backends.sim import SimBackend
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
 from neuroshard.pretrain.dataset import ComputeData
@@ -11,8 +13,15 @@ from neuroshard.pretrain.fidelity import (
     compute_breakdown,
     load_bytes,
     noise_floor,
+    session_fidelity,
+    session_noise_floor,
 )
+from neuroshard.costmodel import read_meta
 from neuroshard.features import raw_features
+from neuroshard.planner import shipped_models
+from neuroshard.pretrain.collect import collect
+from neuroshard.pretrain.pipeline import pretrain
+from neuroshard.types import ModelMismatchError, Timing
 
 
 def _data(loads, labels):
@@ -69,3 +78,40 @@ def test_noise_floor_recovers_the_sim_noise():
     second = SimBackend(noise=0.05, seed=2).compute_ms(loads)
     # lognormal sigma 0.05: a noiseless predictor's MAPE is about 0.05 * sqrt(2/pi) = 0.040
     assert noise_floor(first, second)["floor_mape"] == pytest.approx(0.040, rel=0.2)
+
+
+
+class _Jittery(FakeBackend):
+    """FakeBackend whose compute timings change from call to call (-10%, 0, +10%, cycling)."""
+
+    calls = 0
+
+    def measure_compute(self, load):
+        t = super().measure_compute(load)
+        self.calls += 1
+        return Timing(t.median_ms * (0.9, 1.0, 1.1)[self.calls % 3], t.spread, t.repeats)
+
+
+def test_a_session_scores_as_its_own_pretrain_did(tmp_path):
+    tables = make_tables(30, seed=11)
+    held = [replace(t, name=f"held_{t.name}") for t in make_tables(15, seed=12)]
+    model_dir = pretrain(tmp_path, backend=_Jittery(), tables=tables, holdout_tables=held,
+                         compute_samples=80, comm_samples=30, holdout_samples=40,
+                         retest_samples=12, chunk_size=9, rounds=2, progress=False,
+                         max_tables=10, model_kwargs={"max_epochs": 3})
+    meta = read_meta(model_dir)
+    floor = session_noise_floor(tmp_path / "data")
+    assert floor["n"] == 12 and floor["floor_mape"] > 0
+    assert floor == pytest.approx(meta["metrics"]["noise_floor"]["compute"])
+    got = session_fidelity(model_dir, tmp_path / "data")
+    assert got["compute"]["mape"] == pytest.approx(meta["metrics"]["compute"]["test_pool"]["mape"])
+    assert got["noise_floor"] == floor
+
+
+def test_a_session_from_other_hardware_is_refused(tmp_path):
+    loads = sample_compute_loads(augment_tables(make_tables(5, seed=1)), 6,
+                                 np.random.default_rng(0))
+    collect(loads, SimBackend(batch_size=4096), tmp_path / "compute_holdout", progress=False)
+    assert session_noise_floor(tmp_path) is None  # no retests
+    with pytest.raises(ModelMismatchError, match="batch_size"):
+        session_fidelity(shipped_models()["sim-h100-d4"], tmp_path)
