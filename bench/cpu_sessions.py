@@ -14,22 +14,26 @@ sample keys in every run with seed 0, so the held-out loads are the same loads).
 
 Between two sessions, the same held-out loads measured in both give a cross-session floor.
 ``--model DIR`` adds fitted models (default: the shipped CPU models). Every model is then
-scored on every session's held-out loads: MAPE, Spearman, and MAPE / that session's floor.
+scored on every session's held-out loads: MAPE, Spearman, and MAPE / that session's floor;
+and it plans ``--tasks`` test-pool tasks with the ``neuroshard`` searcher, side by side,
+for its planning time (an ensemble's wider embeddings cost search time).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import emit
+from _common import add_task_args, emit, task_setup
 from neuroshard.costmodel import NeuralCostModel, load_cost_model
-from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
+from neuroshard.planner import plan_tables
+from neuroshard.pretrain.dataset import ComputeData, load_comm, load_compute, sample_keys
 from neuroshard.pretrain.fidelity import noise_floor, session_noise_floor
 
 SHIPPED = ["data/models/cpu-b4096-d4", "data/models/cpu-b4096-d4-lightgbm"]
@@ -43,20 +47,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DIR[:N] of a CPU pretrain run's data; train on its first N samples")
     p.add_argument("--members", default="1,5", help="compute nets per trained model")
     p.add_argument("--model", action="append", default=None, help="a fitted model directory")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="plans per task and model")
+    add_task_args(p)
+    p.set_defaults(tasks=5, batch_size=4096)
     return p.parse_args(argv)
 
 
-def _labels(directory: Path) -> dict[str, float]:
-    data = load_compute(directory)
-    return dict(zip(data.keys, data.label_ms))
-
-
-def cross_floor(a: Path, b: Path) -> dict[str, float]:
+def cross_floor(a: ComputeData, b: ComputeData) -> dict[str, float]:
     """Noise floor of the held-out loads both sessions measured."""
-    a_ms, b_ms = _labels(a / "compute_holdout"), _labels(b / "compute_holdout")
+    a_ms, b_ms = dict(zip(a.keys, a.label_ms)), dict(zip(b.keys, b.label_ms))
     keys = sorted(set(a_ms) & set(b_ms))
     return noise_floor(np.array([a_ms[k] for k in keys]), np.array([b_ms[k] for k in keys]))
+
+
+def plan_seconds(models: list, tasks: list, cluster, repeats: int) -> tuple[list[float], float]:
+    """Median seconds of a ``neuroshard`` plan per model (models interleaved on every task),
+    and the timing noise: the median over (task, model) of (max - min) / median."""
+    seconds = [[] for _ in models]
+    noise = []
+    for task in tasks:
+        for i, (_, model, _) in enumerate(models):
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                plan_tables(task, cluster, model, "neuroshard")
+                runs.append(time.perf_counter() - t0)
+            seconds[i].append(statistics.median(runs))
+            noise.append((max(runs) - min(runs)) / statistics.median(runs))
+    return [statistics.median(s) for s in seconds], statistics.median(noise)
 
 
 def train(data: Path, n: int | None, members: int) -> NeuralCostModel:
@@ -74,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.dataset:
         path, _, n = spec.partition(":")
         sessions.append((Path(path).name, Path(path), int(n) if n else None))
-    floors = {name: session_noise_floor(path) for name, path, _ in sessions}
+    held = {name: load_compute(path / "compute_holdout") for name, path, _ in sessions}
+    floors = {name: session_noise_floor(path, held[name]) for name, path, _ in sessions}
 
     models: list[tuple[str, object, str]] = []
     for name, path, n in sessions:
@@ -86,27 +105,35 @@ def main(argv: list[str] | None = None) -> int:
     for directory in args.model or SHIPPED:
         models.append((f"`{directory}`", load_cost_model(directory, batch_size=4096,
                                                           backend="cpu"), "shipped"))
+    cluster, _, tasks = task_setup(args)
+    seconds, noise = plan_seconds(models, tasks, cluster, args.repeats)
 
     lines = ["| session | held-out loads | retest pairs | retest MAPE | floor |",
              "|---|---|---|---|---|"]
-    for name, path, _ in sessions:
+    for name, _, _ in sessions:
         f = floors[name]
-        held = len(load_compute(path / "compute_holdout").keys)
-        lines.append(f"| {name} | {held} | {f['n']} | {100 * f['mape']:.2f}% "
+        lines.append(f"| {name} | {len(held[name])} | {f['n']} | {100 * f['mape']:.2f}% "
                      f"| {100 * f['floor_mape']:.2f}% |")
-    for (na, pa, _), (nb, pb, _) in zip(sessions, sessions[1:]):
-        f = cross_floor(pa, pb)
+    for (na, _, _), (nb, _, _) in zip(sessions, sessions[1:]):
+        f = cross_floor(held[na], held[nb])
         lines.append(f"| {na} vs {nb} (same loads) | {f['n']} | {f['n']} "
                      f"| {100 * f['mape']:.2f}% | {100 * f['floor_mape']:.2f}% |")
     head = "| model | fit |" + "".join(f" {n}: MAPE | Spearman | /floor |" for n, _, _ in sessions)
-    lines += ["", head, "|---|---|" + "---|---|---|" * len(sessions)]
-    for label, model, how in models:
+    head += " plan s | plan s / first |"
+    lines += ["", head, "|---|---|" + "---|---|---|" * len(sessions) + "---|---|"]
+    for (label, model, how), secs in zip(models, seconds):
         cells = []
-        for name, path, _ in sessions:
-            s = model.score_compute(load_compute(path / "compute_holdout"))
+        for name, _, _ in sessions:
+            s = model.score_compute(held[name])
             cells.append(f" {100 * s['mape']:.2f}% | {s['spearman']:.4f} "
                          f"| {s['mape'] / floors[name]['floor_mape']:.3f} |")
-        lines.append(f"| {label} | {how} |" + "".join(cells))
+        lines.append(f"| {label} | {how} |" + "".join(cells)
+                     + f" {secs:.3f} | {secs / seconds[0]:.2f} |")
+    lines += ["", f"Plan seconds: median over {len(tasks)} test-pool tasks of "
+              f"{args.min_tables}-{args.max_tables} tables on {args.devices} devices x "
+              f"{args.memory} (batch {args.batch_size}) of the median of {args.repeats} "
+              f"`neuroshard` plans, models interleaved per task, one thread; timing noise "
+              f"(median (max - min) / median of one task's repeats) {100 * noise:.1f}%."]
     emit("\n".join(lines), args.out, title="CPU cost models across measurement sessions")
     return 0
 

@@ -627,8 +627,13 @@ class NeuralCostModel(_CostModelBase):
         if not counts.sum():
             return np.zeros(len(loads))
         emb = self.shard_embeddings([t for load in loads for t in load])
+        return self._compute_from_shards(emb, counts)
+
+    def _compute_from_shards(self, emb: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Compute ms of loads whose shard embeddings ``emb`` lie load after load,
+        ``counts[i]`` of them for load i."""
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        summed = np.zeros((len(loads), self.embedding_width), dtype=np.float32)
+        summed = np.zeros((len(counts), self.embedding_width), dtype=np.float32)
         busy = counts > 0
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
         return self.compute_from_embeddings(summed, counts)
@@ -653,13 +658,8 @@ class NeuralCostModel(_CostModelBase):
     # ------------------------------------------------------------- scoring
 
     def _predict_compute_data(self, data: "ComputeData") -> np.ndarray:
-        emb = self.shard_embeddings_raw(data.features)
-        starts = data.offsets[:-1]
-        counts = np.diff(data.offsets)
-        summed = np.zeros((len(data), self.embedding_width), dtype=np.float32)
-        busy = counts > 0
-        summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
-        return self.compute_from_embeddings(summed, counts)
+        return self._compute_from_shards(self.shard_embeddings_raw(data.features),
+                                         np.diff(data.offsets))
 
     def shard_embeddings_raw(self, raw: np.ndarray) -> np.ndarray:
         """:meth:`shard_embeddings` from raw feature rows ``(n, 20)`` (collected data)."""

@@ -161,7 +161,8 @@ def _first_fingerprint(table: pa.Table) -> str:
 
 
 def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
-    """Sample index -> key of every row under ``data_dir`` (compute or comm)."""
+    """Sample index -> key of every row under ``data_dir`` (compute or comm). Raises
+    :class:`DatasetError` when one index has two keys (rows of runs with other seeds)."""
     parts = part_files(data_dir)
     if not parts:
         raise DatasetError(f"{data_dir}: no part files")
@@ -170,7 +171,10 @@ def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
         t = _read_part(p)
         if "index" not in t.column_names or "key" not in t.column_names:
             raise DatasetError(f"{p}: no index and key columns")
-        out.update(zip(t.column("index").to_pylist(), t.column("key").to_pylist()))
+        for index, key in zip(t.column("index").to_pylist(), t.column("key").to_pylist()):
+            if out.setdefault(index, key) != key:
+                raise DatasetError(f"{p}: sample index {index} has two keys, {out[index]} "
+                                   f"and {key} (runs with other seeds in one directory?)")
     return out
 
 

@@ -126,10 +126,12 @@ def noise_floor(first_ms: np.ndarray, second_ms: np.ndarray,
     return m
 
 
-def session_noise_floor(data_dir: str | os.PathLike) -> dict[str, float] | None:
+def session_noise_floor(data_dir: str | os.PathLike,
+                        held: "ComputeData | None" = None) -> dict[str, float] | None:
     """Noise floor of the held-out compute samples a ``pretrain`` run measured twice
     (``compute_holdout`` against ``compute_retest`` under its ``data/`` directory, paired
-    by sample index); ``None`` when it has no retests."""
+    by sample index); ``None`` when it has no retests. ``held``: the ``compute_holdout``
+    rows when already loaded."""
     from neuroshard.pretrain.collect import part_files
     from neuroshard.pretrain.dataset import load_compute, sample_keys
 
@@ -139,7 +141,8 @@ def session_noise_floor(data_dir: str | os.PathLike) -> dict[str, float] | None:
     first, again = sample_keys(d / "compute_holdout"), sample_keys(d / "compute_retest")
     pairs = [(first[i - RETEST_INDEX_OFFSET], key) for i, key in sorted(again.items())
              if i - RETEST_INDEX_OFFSET in first]
-    a, b = load_compute(d / "compute_holdout"), load_compute(d / "compute_retest")
+    a = held if held is not None else load_compute(d / "compute_holdout")
+    b = load_compute(d / "compute_retest")
     a_ms, b_ms = dict(zip(a.keys, a.label_ms)), dict(zip(b.keys, b.label_ms))
     return noise_floor(np.array([a_ms[k] for k, _ in pairs]),
                        np.array([b_ms[k] for _, k in pairs]))
@@ -161,4 +164,4 @@ def session_fidelity(model_dir: str | os.PathLike,
     held = load_compute(d / "compute_holdout")
     model = load_cost_model(model_dir, backend=json.loads(held.fingerprint))
     return {"data": str(d), "compute": model.score_compute(held),
-            "noise_floor": session_noise_floor(d)}
+            "noise_floor": session_noise_floor(d, held)}

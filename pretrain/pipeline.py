@@ -228,7 +228,6 @@ def pretrain(out_dir: str | os.PathLike, *,
     return model_dir
 
 
-
 @dataclass(frozen=True)
 class _Job:
     """One sample set of a collection and where its rows go."""

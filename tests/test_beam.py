@@ -8,7 +8,6 @@ from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import PlanInfeasibleError
 
 
-
 def hot_tables():
     """One table doing most of the work: worth splitting across devices."""
     return [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [

@@ -9,8 +9,8 @@ from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
 from neuroshard.pretrain.collect import (BackendSpec, DatasetError, collect, collect_chunk,
                                          existing_keys, part_files)
-from neuroshard.pretrain.dataset import (load_comm, load_compute, split_by_tables,
-                                         split_random)
+from neuroshard.pretrain.dataset import (load_comm, load_compute, sample_keys,
+                                         split_by_tables, split_random)
 
 
 @pytest.fixture
@@ -129,6 +129,16 @@ def test_load_compute_roundtrip_subset_and_keys(tmp_path, compute_samples):
     wanted = {s.key for s in compute_samples[:10]}
     assert set(load_compute(tmp_path, wanted).keys) == wanted
     assert data.data_hash() == load_compute(tmp_path).data_hash()
+
+
+def test_sample_keys_map_indices_and_refuse_two_runs_in_one_directory(tmp_path, compute_samples):
+    collect(compute_samples, FakeBackend(), tmp_path, chunk_size=25, progress=False)
+    assert sample_keys(tmp_path) == {s.index: s.key for s in compute_samples}
+    other = sample_compute_loads(augment_tables(make_tables(20, seed=4)), 5,
+                                 np.random.default_rng(1))  # same indices, other loads
+    collect(other, FakeBackend(), tmp_path, progress=False)
+    with pytest.raises(DatasetError, match="two keys"):
+        sample_keys(tmp_path)
 
 
 def test_split_random_is_seeded_80_10_10():

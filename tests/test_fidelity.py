@@ -80,7 +80,6 @@ def test_noise_floor_recovers_the_sim_noise():
     assert noise_floor(first, second)["floor_mape"] == pytest.approx(0.040, rel=0.2)
 
 
-
 class _Jittery(FakeBackend):
     """FakeBackend whose compute timings change from call to call (-10%, 0, +10%, cycling)."""
 

@@ -19,7 +19,6 @@ def rows_for(gib: float, dim: int) -> int:
     return int(gib * GB) // (dim * 4)
 
 
-
 def test_grid_covers_every_table_and_attaches_cost():
     tables, cluster, est = make_tables(20), make_cluster(4), FakeEstimator()
     plan = greedy_grid(tables, cluster, est)

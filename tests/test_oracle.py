@@ -17,7 +17,6 @@ from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, PlanInfeasibleError
 
 
-
 def brute_force(tables, cluster, est):
     best = None
     for devices in itertools.product(range(cluster.num_devices), repeat=len(tables)):
