@@ -42,19 +42,39 @@ def test_predictions_correlate_with_the_fake_costs(model):
              for _ in range(200)]
     truth = FakeEstimator().compute_ms(loads)
     m = regression_metrics(model.compute_ms(loads), truth)
-    assert m["spearman"] > 0.9 and m["mape"] < 0.35
-    assert model.metrics_["compute"]["test"]["spearman"] > 0.9
+    # The fake is exact (no noise), and fitting is seeded: every error here is the model's
+    # own. At seed 0 it scores MAPE 3.5% / Spearman 0.997 on these loads and 2.5% / 0.999
+    # on its test split; the bounds leave room for float differences between LightGBM
+    # builds, not for noise.
+    assert m["spearman"] > 0.99 and m["mape"] < 0.05
+    assert model.metrics_["compute"]["test"]["spearman"] > 0.995
+    assert model.metrics_["compute"]["test"]["mape"] < 0.035
 
     d = rng.integers(50, 2000, size=(50, 8)).astype(float)
     w = rng.uniform(0, 10, size=(50, 8))
     bwd, fwd = model.bwd_comm_ms(d), model.fwd_comm_ms(d, w)
     assert bwd.shape == fwd.shape == (50, 8)
     true_bwd = FakeEstimator().bwd_comm_ms(d)
-    assert regression_metrics(bwd, true_bwd)["spearman"] > 0.9
-    # the straggler wait is added exactly, not learned
-    np.testing.assert_allclose(fwd - (w.max(axis=1, keepdims=True) - w),
-                               model._comm("fwd", d, w) - (w.max(axis=1, keepdims=True) - w))
-    assert model.metrics_["fwd_comm"]["test"]["mape"] < 0.1
+    assert regression_metrics(bwd, true_bwd)["spearman"] > 0.97  # 0.980 at seed 0
+    assert model.metrics_["fwd_comm"]["test"]["mape"] < 0.003  # 0.13% at seed 0
+    assert model.metrics_["bwd_comm"]["test"]["mape"] < 0.007  # 0.46% at seed 0
+
+
+def test_the_straggler_wait_is_added_exactly_not_learned(model):
+    # One device waits W ms, the others none. Training waits were at most 20 ms, so every
+    # tree splits the wait features below 20: at W = 1000 and W = 2000 the learned part
+    # is the same, and the forward comm of each other device must grow by exactly the
+    # 1000 ms it waits longer (a wait that were only learned would not grow at all).
+    d = np.random.default_rng(4).integers(50, 2000, size=(5, 8)).astype(float)
+    waits = np.zeros((5, 8))
+    waits[:, 3] = 1000.0
+    first = model.fwd_comm_ms(d, waits)
+    waits[:, 3] = 2000.0
+    second = model.fwd_comm_ms(d, waits)
+    expected = np.full((5, 8), 1000.0)
+    expected[:, 3] = 0.0  # the straggler itself waits for nobody
+    np.testing.assert_allclose(second - first, expected, rtol=0, atol=1e-9)
+    assert np.all(first[:, 3] > 0) and np.all(first[:, 3] < 50)
 
 
 def test_empty_loads_and_single_device_vectors(model):
