@@ -32,7 +32,7 @@ __all__ = [
 def raw_features(tables: Sequence[TableSpec]) -> np.ndarray:
     """Raw features of ``tables``, shape ``(len(tables), 20)``, float64."""
     out = np.empty((len(tables), NUM_FEATURES), dtype=np.float64)
-    if len(tables):  # same order as TableSpec.features(), built column-block-wise for speed
+    if len(tables):  # same order as TableSpec.feature_vector(), built column-block-wise for speed
         out[:, :NUM_HIST_BINS] = [t.reuse_hist for t in tables]
         out[:, NUM_HIST_BINS:] = [(t.dim, t.pooling_factor, t.rows) for t in tables]
     return out

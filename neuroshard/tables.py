@@ -15,22 +15,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from neuroshard.types import (
-    DIM_MULTIPLE,
-    DLRM_REUSE_HIST,
-    NUM_HIST_BINS,
-    TableSpec,
-    TableSpecError,
-)
+from neuroshard.types import NUM_HIST_BINS, TableSpec, TableSpecError
 
 _ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim"}
-_KNOWN = {"name", "rows", "dim", "pooling_factor", "reuse_hist"}
-_HIST_TOLERANCE = 1e-3
-MAX_ROWS = 1 << 40  # a trillion rows: anything above is a unit mistake, not a table
 
 
 def load_tables(path: str | Path) -> list[TableSpec]:
@@ -57,16 +47,16 @@ def load_tables(path: str | Path) -> list[TableSpec]:
     return tables_from_records(records, source=source)
 
 
-def tables_from_records(records: Sequence[Mapping[str, Any]], *, source: str = "<tables>") -> list[TableSpec]:
-    """Validate a list of table dicts into :class:`TableSpec`s."""
+def tables_from_records(records: Sequence[Mapping[str, Any]], *, source: str = "<tables>",
+                        extra: Sequence[str] = ()) -> list[TableSpec]:
+    """Validate a list of table dicts into :class:`TableSpec`s (:meth:`TableSpec.from_record`
+    each; keys in ``extra`` are left to the caller) with unique names."""
     if not records:
         raise TableSpecError("no tables", source=source)
     tables: list[TableSpec] = []
     seen: set[str] = set()
     for i, record in enumerate(records):
-        if not isinstance(record, Mapping):
-            raise TableSpecError(f"entry {i} is {type(record).__name__}, expected an object", source=source)
-        table = _table_from_record(record, i, source)
+        table = TableSpec.from_record(record, source=source, index=i, extra=extra)
         if table.name in seen:
             raise TableSpecError("duplicate table name", source=source, table=table.name, field_name="name")
         seen.add(table.name)
@@ -74,18 +64,8 @@ def tables_from_records(records: Sequence[Mapping[str, Any]], *, source: str = "
     return tables
 
 
-def table_to_record(table: TableSpec) -> dict[str, Any]:
-    return {
-        "name": table.name,
-        "rows": table.rows,
-        "dim": table.dim,
-        "pooling_factor": table.pooling_factor,
-        "reuse_hist": list(table.reuse_hist),
-    }
-
-
 def save_tables(tables: Iterable[TableSpec], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([table_to_record(t) for t in tables], indent=1) + "\n")
+    Path(path).write_text(json.dumps([t.to_record() for t in tables], indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -172,82 +152,3 @@ def _csv_records(reader: csv.DictReader, source: str) -> list[dict[str, Any]]:
             row.pop("pooling_factor")
         records.append(row)
     return records
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _table_from_record(record: Mapping[str, Any], index: int, source: str) -> TableSpec:
-    fields: dict[str, Any] = {}
-    for key, value in record.items():
-        canon = _ALIASES.get(str(key), str(key))
-        if canon in fields:
-            raise TableSpecError(f"given twice (as {key!r} and its alias)", source=source,
-                                 table=_label(record, index), field_name=canon)
-        fields[canon] = value
-    label = _label(record, index)
-    for required in ("name", "rows", "dim"):
-        if required not in fields:
-            raise TableSpecError("missing", source=source, table=label, field_name=required)
-    name = fields["name"]
-    if not isinstance(name, str) or not name.strip():
-        raise TableSpecError("must be a non-empty string", source=source, table=label, field_name="name")
-    rows = _integer(fields["rows"], source, name, "rows")
-    dim = _integer(fields["dim"], source, name, "dim")
-    if not 0 < rows <= MAX_ROWS:
-        raise TableSpecError(f"must be between 1 and {MAX_ROWS}, got {rows}", source=source, table=name, field_name="rows")
-    if dim <= 0 or dim % DIM_MULTIPLE:
-        raise TableSpecError(f"must be a positive multiple of {DIM_MULTIPLE}, got {dim}", source=source,
-                             table=name, field_name="dim")
-    if dim > 65_536:
-        raise TableSpecError(f"must be at most 65536, got {dim}", source=source, table=name, field_name="dim")
-    pooling = _number(fields.get("pooling_factor", 1.0), source, name, "pooling_factor")
-    if not 0 < pooling <= 1e6:
-        raise TableSpecError(f"must be in (0, 1e6], got {pooling}", source=source, table=name,
-                             field_name="pooling_factor")
-    hist = fields.get("reuse_hist")
-    reuse_hist = DLRM_REUSE_HIST if hist is None else _histogram(hist, source, name)
-    return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling, reuse_hist=reuse_hist)
-
-
-def _label(record: Mapping[str, Any], index: int) -> str:
-    name = record.get("name")
-    return name if isinstance(name, str) and name.strip() else f"#{index}"
-
-
-def _number(value: Any, source: str, table: str, field: str) -> float:
-    if isinstance(value, bool):
-        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table, field_name=field)
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table, field_name=field) from None
-    if not math.isfinite(number):
-        raise TableSpecError(f"must be finite, got {value!r}", source=source, table=table, field_name=field)
-    return number
-
-
-def _integer(value: Any, source: str, table: str, field: str) -> int:
-    number = _number(value, source, table, field)
-    if number != int(number):
-        raise TableSpecError(f"must be a whole number, got {value!r}", source=source, table=table, field_name=field)
-    return int(number)
-
-
-def _histogram(value: Any, source: str, table: str) -> tuple[float, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TableSpecError(f"must be a list of {NUM_HIST_BINS} fractions", source=source, table=table,
-                             field_name="reuse_hist")
-    if len(value) != NUM_HIST_BINS:
-        raise TableSpecError(f"must have {NUM_HIST_BINS} bins, got {len(value)}", source=source, table=table,
-                             field_name="reuse_hist")
-    bins = [_number(v, source, table, "reuse_hist") for v in value]
-    if any(b < 0 for b in bins):
-        raise TableSpecError("fractions must be >= 0", source=source, table=table, field_name="reuse_hist")
-    total = sum(bins)
-    if abs(total - 1.0) > _HIST_TOLERANCE:
-        raise TableSpecError(f"fractions must sum to 1, got {total:.4f}", source=source, table=table,
-                             field_name="reuse_hist")
-    if abs(total - 1.0) <= 1e-9:
-        return tuple(bins)  # already normalised: keep exact values so files round-trip
-    return tuple(b / total for b in bins)

@@ -27,7 +27,6 @@ entry of ``ranks`` goes with the i-th ``ShardMetadata``.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -38,7 +37,6 @@ from neuroshard.types import (
     DEFAULT_BATCH_SIZE,
     DIM_MULTIPLE,
     DLRM_REUSE_HIST,
-    NUM_HIST_BINS,
     Cluster,
     CostEstimator,
     NeuroShardError,
@@ -420,24 +418,26 @@ def load_table_stats(source: TableStats | str | Path | None) -> dict[str, dict[s
     return out
 
 
-def _stats_entry(name: str, entry: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+def _stats_entry(name: str, entry: Any, source: str | None) -> dict[str, Any]:
+    """The keys ``entry`` gives, validated by :meth:`TableSpec.from_record` (a shape it
+    lacks is filled with a placeholder for the check and left out of the result)."""
+    if not isinstance(entry, Mapping):
+        raise TableSpecError(f"expected an object, got {type(entry).__name__}",
+                             source=source, table=name)
+    record: dict[str, Any] = {**entry, "name": name}
+    for key, alias, placeholder in (("rows", "num_embeddings", 1),
+                                    ("dim", "embedding_dim", DIM_MULTIPLE)):
+        if key not in record and alias not in record:
+            record[key] = placeholder
+    spec = TableSpec.from_record(record, source=source or "table statistics")
     stats: dict[str, Any] = {}
-    if "pooling_factor" in entry:
-        pf = float(entry["pooling_factor"])
-        if not (math.isfinite(pf) and pf > 0):
-            raise TableSpecError(f"must be a positive number, got {pf}", source=source,
-                                 table=name, field_name="pooling_factor")
-        stats["pooling_factor"] = pf
+    if "pooling_factor" in entry or "features" in entry:
+        stats["pooling_factor"] = spec.pooling_factor
     if entry.get("reuse_hist") is not None:
-        hist = tuple(float(x) for x in entry["reuse_hist"])
-        if len(hist) != NUM_HIST_BINS or min(hist) < 0 or abs(sum(hist) - 1.0) > 1e-3:
-            raise TableSpecError(f"needs {NUM_HIST_BINS} non-negative fractions summing to 1",
-                                 source=source, table=name, field_name="reuse_hist")
-        stats["reuse_hist"] = hist
+        stats["reuse_hist"] = spec.reuse_hist
     for key, alias in (("rows", "num_embeddings"), ("dim", "embedding_dim")):
-        value = entry.get(key, entry.get(alias))
-        if value is not None:
-            stats[key] = int(value)
+        if key in entry or alias in entry:
+            stats[key] = getattr(spec, key)
     return stats
 
 
@@ -457,14 +457,15 @@ def table_specs(module: nn.Module, table_stats: TableStats | str | Path | None =
             if key in entry and entry[key] != actual:
                 logger.warning("table %r: statistics say %s=%d, the module has %d; using the "
                                "module's", name, key, entry[key], actual)
-        pf = entry.get("pooling_factor")
-        if pf is None and constraints and name in constraints:
-            pf = float(sum(constraints[name].pooling_factors))
-        specs.append(TableSpec(
-            name=name, rows=_rows(config), dim=int(config.embedding_dim),
-            pooling_factor=float(pf) if pf is not None else 1.0,
-            reuse_hist=tuple(entry.get("reuse_hist", DLRM_REUSE_HIST)),
-        ))
+        record: dict[str, Any] = {"name": name, "rows": _rows(config),
+                                  "dim": int(config.embedding_dim)}
+        if "pooling_factor" in entry:
+            record["pooling_factor"] = entry["pooling_factor"]
+        elif constraints and name in constraints and constraints[name].pooling_factors:
+            record["pooling_factor"] = float(sum(constraints[name].pooling_factors))
+        if "reuse_hist" in entry:
+            record["reuse_hist"] = entry["reuse_hist"]
+        specs.append(TableSpec.from_record(record, source="table statistics"))
     unused = sorted(set(stats) - {s.name for s in specs})
     if unused:
         logger.info("statistics for tables not in the module ignored: %s", ", ".join(unused))

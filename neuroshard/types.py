@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+import difflib
+from typing import Any, Literal, Mapping, Protocol, Sequence, get_args, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +30,16 @@ BYTES_PER_FLOAT = 4
 NUM_HIST_BINS = 17
 DIM_MULTIPLE = 4
 DEFAULT_BATCH_SIZE = 65_536
+MAX_ROWS = 1 << 40  # a trillion rows: anything above is a unit mistake, not a table
+MAX_DIM = 65_536
+MAX_POOLING_FACTOR = 1e6
+HIST_TOLERANCE = 1e-3  # a reuse histogram may sum to 1 +- this; it is renormalised
+
+ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_row_wise",
+                       "data_parallel"]
+ComputeKernel = Literal["fused", "fused_uvm_caching", "dense"]
+SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
+COMPUTE_KERNELS: tuple[str, ...] = get_args(ComputeKernel)
 
 # Access-count bin edges of the reuse histogram: (0,1], (1,2], (2,4], ..., (16384,32768],
 # and above 32768 -- 17 bins (shared/REFERENCE.md).
@@ -78,7 +89,7 @@ class TableSpecError(NeuroShardError, ValueError):
 
 
 class PlanFormatError(NeuroShardError, ValueError):
-    """A plan file or plan object breaks the ``neuroshard.plan/v1`` contract."""
+    """A plan file or plan object breaks the ``neuroshard.plan`` (v1 or v2) contract."""
 
 
 class PlanInfeasibleError(NeuroShardError):
@@ -109,14 +120,54 @@ class UnknownNameError(NeuroShardError, ValueError):
 
 
 @dataclass(frozen=True)
+class FeatureSpec:
+    """One input feature of a table: its name, mean ids per sample, and whether it carries
+    per-id weights (TorchRec's weighted features)."""
+
+    name: str
+    pooling_factor: float = 1.0
+    weighted: bool = False
+
+
+_TABLE_FIELDS = ("name", "rows", "dim", "pooling_factor", "reuse_hist", "features", "pooled",
+                 "module")
+_ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim"}
+
+
+@dataclass(frozen=True)
 class TableSpec:
-    """One embedding table: its shape and access statistics for one batch."""
+    """One embedding table: its shape and access statistics for one batch.
+
+    ``pooling_factor`` is the table's mean ids per sample, summed over its features.
+    ``features`` empty means one feature named after the table (see :attr:`feature_list`).
+    ``pooled`` is False for sequence tables (TorchRec ``EmbeddingCollection``), whose
+    outputs are one vector per id. ``module`` is the path of the TorchRec module that
+    holds the table ("" when unknown).
+    """
 
     name: str
     rows: int
     dim: int
     pooling_factor: float = 1.0
     reuse_hist: tuple[float, ...] = DLRM_REUSE_HIST
+    features: tuple[FeatureSpec, ...] = ()
+    pooled: bool = True
+    module: str = ""
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, source: str = "<tables>",
+                    index: int = 0, extra: Sequence[str] = ()) -> "TableSpec":
+        """Validate one table record (a dict from JSON, CSV, YAML, the pool or TorchRec).
+
+        The one validation every loader uses. Keys in ``extra`` are ignored (the caller
+        reads them); any other unknown key is an error that suggests the nearest known one.
+        Every problem raises :class:`TableSpecError` naming the source, table and field.
+        """
+        return _table_from_record(record, index, source, frozenset(extra))
+
+    @property
+    def feature_list(self) -> tuple[FeatureSpec, ...]:
+        return self.features or (FeatureSpec(self.name, self.pooling_factor),)
 
     @property
     def size_bytes(self) -> int:
@@ -130,18 +181,59 @@ class TableSpec:
         """The same table at another width: a column shard's compute view, or an augmented copy."""
         return replace(self, dim=dim)
 
-    def features(self) -> tuple[float, ...]:
+    def shard_view(self, rows: tuple[int, int] | None, width: int) -> "TableSpec":
+        """The compute view of a shard: ``width`` columns of the rows ``[start, end)``
+        (None: all rows). A row block takes its share of the ids in proportion to its rows."""
+        if rows is None or (rows[0] == 0 and rows[1] == self.rows):
+            return self.with_dim(width)
+        count = rows[1] - rows[0]
+        return replace(self, rows=count, dim=width,
+                       pooling_factor=self.pooling_factor * count / self.rows)
+
+    def feature_vector(self) -> tuple[float, ...]:
         """Raw feature vector in :data:`FEATURE_NAMES` order (17 reuse bins, dim, pooling, rows)."""
         return (*self.reuse_hist, float(self.dim), float(self.pooling_factor), float(self.rows))
+
+    def to_record(self) -> dict[str, Any]:
+        """The table as a config record (``from_record`` reads it back to an equal spec)."""
+        record: dict[str, Any] = {"name": self.name, "rows": self.rows, "dim": self.dim,
+                                  "pooling_factor": self.pooling_factor,
+                                  "reuse_hist": list(self.reuse_hist)}
+        if self.features:
+            record["features"] = [_feature_record(f) for f in self.features]
+        if not self.pooled:
+            record["pooled"] = False
+        if self.module:
+            record["module"] = self.module
+        return record
+
+
+def _feature_record(f: FeatureSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": f.name, "pooling_factor": f.pooling_factor}
+    if f.weighted:
+        out["weighted"] = True
+    return out
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """Devices to shard onto: count, memory cap of each, and the global batch size."""
+    """The devices to shard onto, as a topology of hosts.
+
+    ``num_devices`` devices in hosts of ``devices_per_host`` (device ``d`` is on host
+    ``d // devices_per_host``; default: one host). Per device: the HBM cap
+    ``memory_per_device_bytes`` (before any reserve) and the host memory (DDR) it may use,
+    ``host_memory_per_device_bytes`` (default none). Bandwidths per direction, in bytes
+    per ms, inside a host and across hosts (None: the cost backend's profile decides).
+    ``batch_size`` is global; TorchRec's per-rank batch is :attr:`per_rank_batch_size`.
+    """
 
     num_devices: int
     memory_per_device_bytes: tuple[int, ...]
     batch_size: int = DEFAULT_BATCH_SIZE
+    devices_per_host: int = 0
+    host_memory_per_device_bytes: tuple[int, ...] = ()
+    intra_host_bw_bytes_per_ms: float | None = None
+    inter_host_bw_bytes_per_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -153,11 +245,45 @@ class Cluster:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.devices_per_host:
+            object.__setattr__(self, "devices_per_host", self.num_devices)
+        if self.devices_per_host < 1 or self.num_devices % self.devices_per_host:
+            raise ValueError(f"devices_per_host must divide num_devices ({self.num_devices}), "
+                             f"got {self.devices_per_host}")
+        if not self.host_memory_per_device_bytes:
+            object.__setattr__(self, "host_memory_per_device_bytes", (0,) * self.num_devices)
+        if len(self.host_memory_per_device_bytes) != self.num_devices:
+            raise ValueError(
+                f"host_memory_per_device_bytes has {len(self.host_memory_per_device_bytes)} "
+                f"entries for {self.num_devices} devices")
+        if min(self.memory_per_device_bytes) < 0 or min(self.host_memory_per_device_bytes) < 0:
+            raise ValueError("memory caps must be >= 0 bytes")
+        for bw in (self.intra_host_bw_bytes_per_ms, self.inter_host_bw_bytes_per_ms):
+            if bw is not None and not (bw > 0 and math.isfinite(bw)):
+                raise ValueError(f"bandwidths must be positive and finite, got {bw}")
 
     @classmethod
     def uniform(cls, num_devices: int, memory_bytes: int,
-                batch_size: int = DEFAULT_BATCH_SIZE) -> "Cluster":
-        return cls(num_devices, (int(memory_bytes),) * num_devices, batch_size)
+                batch_size: int = DEFAULT_BATCH_SIZE, *, devices_per_host: int = 0,
+                host_memory_bytes: int = 0, **bandwidths: float | None) -> "Cluster":
+        """``num_devices`` alike devices of ``memory_bytes`` HBM (and ``host_memory_bytes``)."""
+        return cls(num_devices, (int(memory_bytes),) * num_devices, batch_size,
+                   devices_per_host, (int(host_memory_bytes),) * num_devices, **bandwidths)
+
+    @property
+    def num_hosts(self) -> int:
+        return self.num_devices // self.devices_per_host
+
+    def host_of(self, device: int) -> int:
+        return device // self.devices_per_host
+
+    def devices_of_host(self, host: int) -> range:
+        return range(host * self.devices_per_host, (host + 1) * self.devices_per_host)
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        """TorchRec's ``batch_size``: the global batch divided over the ranks."""
+        return self.batch_size // self.num_devices
 
     @property
     def total_memory_bytes(self) -> int:
@@ -166,16 +292,42 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Shard:
-    """A half-open column range ``[start, end)`` of one table, placed on one device."""
+    """A block of one table on one device: columns ``[start, end)`` and rows ``rows``
+    (half-open; None: every row), with the table's sharding type and compute kernel.
+
+    ``sharding_type`` None means inferred: ``table_wise`` when the table is one shard,
+    else ``column_wise`` (see :meth:`Plan.sharding_type_of`). ``cache_fraction`` is the share of the shard's rows
+    that ``fused_uvm_caching`` keeps in HBM (the rest lives in host memory).
+    """
 
     table: str
     start: int
     end: int
     device: int
+    rows: tuple[int, int] | None = None
+    sharding_type: ShardingType | None = None
+    compute_kernel: ComputeKernel = "fused"
+    cache_fraction: float | None = None
 
     @property
     def width(self) -> int:
         return self.end - self.start
+
+    def row_count(self, table: TableSpec) -> int:
+        return table.rows if self.rows is None else self.rows[1] - self.rows[0]
+
+    def hbm_bytes(self, table: TableSpec) -> int:
+        """Weights this shard keeps in HBM (the cached share for ``fused_uvm_caching``)."""
+        full = self.row_count(table) * self.width * BYTES_PER_FLOAT
+        if self.compute_kernel == "fused_uvm_caching":
+            return math.ceil(full * (self.cache_fraction or 0.0))
+        return full
+
+    def host_bytes(self, table: TableSpec) -> int:
+        """Weights this shard keeps in host memory (all of them for ``fused_uvm_caching``)."""
+        if self.compute_kernel == "fused_uvm_caching":
+            return self.row_count(table) * self.width * BYTES_PER_FLOAT
+        return 0
 
 
 @dataclass(frozen=True)
@@ -205,13 +357,26 @@ class PlanCost:
 
 @dataclass(frozen=True)
 class Plan:
-    """A sharding plan: every table's column shards and their devices, plus optional cost."""
+    """A sharding plan: every table's shards and their devices, plus optional cost.
+
+    A shard whose ``sharding_type`` is None has the type :meth:`sharding_type_of` infers
+    from the table's shards (the form column-wise searchers build and files are read to).
+    """
 
     tables: tuple[TableSpec, ...]
     shards: tuple[Shard, ...]
     cluster: Cluster
     cost: PlanCost | None = None
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def sharding_type_of(self, name: str) -> ShardingType:
+        """Table ``name``'s sharding type: its shards' own, else ``table_wise`` for one
+        shard spanning the table and ``column_wise`` for several."""
+        shards = self.shards_of(name)
+        given = {s.sharding_type for s in shards} - {None}
+        if given:
+            return given.pop()  # type: ignore[return-value]
+        return "table_wise" if len(shards) == 1 else "column_wise"
 
     def table(self, name: str) -> TableSpec:
         for t in self.tables:
@@ -220,21 +385,31 @@ class Plan:
         raise KeyError(name)
 
     def shards_of(self, name: str) -> tuple[Shard, ...]:
-        return tuple(sorted((s for s in self.shards if s.table == name), key=lambda s: s.start))
+        return tuple(sorted((s for s in self.shards if s.table == name),
+                            key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device)))
 
     def device_loads(self) -> list[list[TableSpec]]:
-        """For each device, the compute view of its shards (tables narrowed to shard width)."""
+        """For each device, the compute view of its shards (see :meth:`TableSpec.shard_view`)."""
         by_name = {t.name: t for t in self.tables}
         loads: list[list[TableSpec]] = [[] for _ in range(self.cluster.num_devices)]
         for s in self.shards:
-            loads[s.device].append(by_name[s.table].with_dim(s.width))
+            loads[s.device].append(by_name[s.table].shard_view(s.rows, s.width))
         return loads
 
     def memory_bytes(self) -> list[int]:
+        """Weights in HBM per device."""
         by_name = {t.name: t for t in self.tables}
         mem = [0] * self.cluster.num_devices
         for s in self.shards:
-            mem[s.device] += by_name[s.table].column_bytes(s.width)
+            mem[s.device] += s.hbm_bytes(by_name[s.table])
+        return mem
+
+    def host_memory_bytes(self) -> list[int]:
+        """Weights in host memory per device (``fused_uvm_caching`` shards)."""
+        by_name = {t.name: t for t in self.tables}
+        mem = [0] * self.cluster.num_devices
+        for s in self.shards:
+            mem[s.device] += s.host_bytes(by_name[s.table])
         return mem
 
     def dim_sums(self) -> list[int]:
@@ -245,6 +420,162 @@ class Plan:
 
     def with_cost(self, cost: PlanCost) -> "Plan":
         return replace(self, cost=cost)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _table_from_record(record: Mapping[str, Any], index: int, source: str,
+                       extra: frozenset[str]) -> TableSpec:
+    if not isinstance(record, Mapping):
+        raise TableSpecError(f"entry {index} is {type(record).__name__}, expected an object",
+                             source=source)
+    label = _label(record, index)
+    values: dict[str, Any] = {}
+    for key, value in record.items():
+        key = str(key)
+        if key in extra:
+            continue
+        canon = _ALIASES.get(key, key)
+        if canon not in _TABLE_FIELDS:
+            near = difflib.get_close_matches(canon, [*_TABLE_FIELDS, *_ALIASES, *extra], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TableSpecError(f"unknown field{hint}", source=source, table=label,
+                                 field_name=key)
+        if canon in values:
+            raise TableSpecError(f"given twice (as {key!r} and its alias)", source=source,
+                                 table=label, field_name=canon)
+        values[canon] = value
+    for required in ("name", "rows", "dim"):
+        if required not in values:
+            raise TableSpecError("missing", source=source, table=label, field_name=required)
+    name = values["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise TableSpecError("must be a non-empty string", source=source, table=label,
+                             field_name="name")
+    rows = _integer(values["rows"], source, name, "rows")
+    dim = _integer(values["dim"], source, name, "dim")
+    if not 0 < rows <= MAX_ROWS:
+        raise TableSpecError(f"must be between 1 and {MAX_ROWS}, got {rows}", source=source,
+                             table=name, field_name="rows")
+    if dim <= 0 or dim % DIM_MULTIPLE:
+        raise TableSpecError(f"must be a positive multiple of {DIM_MULTIPLE}, got {dim}",
+                             source=source, table=name, field_name="dim")
+    if dim > MAX_DIM:
+        raise TableSpecError(f"must be at most {MAX_DIM}, got {dim}", source=source,
+                             table=name, field_name="dim")
+    features = _features(values.get("features"), source, name)
+    if "pooling_factor" in values:
+        pooling = _pooling(values["pooling_factor"], source, name, "pooling_factor")
+        if features and not math.isclose(pooling, sum(f.pooling_factor for f in features),
+                                         rel_tol=1e-6):
+            raise TableSpecError(
+                f"is {pooling} but its features' pooling factors sum to "
+                f"{sum(f.pooling_factor for f in features)}", source=source, table=name,
+                field_name="pooling_factor")
+    else:
+        pooling = sum(f.pooling_factor for f in features) if features else 1.0
+    if features == (FeatureSpec(name, pooling),):
+        features = ()  # the default single feature: one canonical form
+    hist = values.get("reuse_hist")
+    reuse_hist = DLRM_REUSE_HIST if hist is None else _histogram(hist, source, name)
+    pooled = values.get("pooled", True)
+    if not isinstance(pooled, bool):
+        raise TableSpecError(f"must be true or false, got {pooled!r}", source=source,
+                             table=name, field_name="pooled")
+    module = values.get("module", "")
+    if not isinstance(module, str):
+        raise TableSpecError(f"must be a string, got {module!r}", source=source, table=name,
+                             field_name="module")
+    return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling,
+                     reuse_hist=reuse_hist, features=features, pooled=pooled, module=module)
+
+
+def _label(record: Mapping[str, Any], index: int) -> str:
+    name = record.get("name")
+    return name if isinstance(name, str) and name.strip() else f"#{index}"
+
+
+def _number(value: Any, source: str, table: str, field_name: str) -> float:
+    if isinstance(value, bool):
+        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table,
+                             field_name=field_name)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table,
+                             field_name=field_name) from None
+    if not math.isfinite(number):
+        raise TableSpecError(f"must be finite, got {value!r}", source=source, table=table,
+                             field_name=field_name)
+    return number
+
+
+def _integer(value: Any, source: str, table: str, field_name: str) -> int:
+    number = _number(value, source, table, field_name)
+    if number != int(number):
+        raise TableSpecError(f"must be a whole number, got {value!r}", source=source,
+                             table=table, field_name=field_name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, even past 2**53
+    return int(number)
+
+
+def _pooling(value: Any, source: str, table: str, field_name: str) -> float:
+    pooling = _number(value, source, table, field_name)
+    if not 0 < pooling <= MAX_POOLING_FACTOR:
+        raise TableSpecError(f"must be in (0, {MAX_POOLING_FACTOR:g}], got {pooling}",
+                             source=source, table=table, field_name=field_name)
+    return pooling
+
+
+def _features(value: Any, source: str, table: str) -> tuple[FeatureSpec, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise TableSpecError("must be a non-empty list of features", source=source,
+                             table=table, field_name="features")
+    out = []
+    for i, f in enumerate(value):
+        if isinstance(f, str):
+            f = {"name": f}
+        if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise TableSpecError(f"feature {i} needs a non-empty 'name'", source=source,
+                                 table=table, field_name="features")
+        unknown = set(f) - {"name", "pooling_factor", "weighted"}
+        if unknown:
+            raise TableSpecError(f"feature {f['name']!r} has unknown keys {sorted(unknown)}",
+                                 source=source, table=table, field_name="features")
+        weighted = f.get("weighted", False)
+        if not isinstance(weighted, bool):
+            raise TableSpecError(f"feature {f['name']!r}: 'weighted' must be true or false",
+                                 source=source, table=table, field_name="features")
+        out.append(FeatureSpec(f["name"], _pooling(f.get("pooling_factor", 1.0), source, table,
+                                                   "features.pooling_factor"), weighted))
+    if len({f.name for f in out}) != len(out):
+        raise TableSpecError("feature names repeat", source=source, table=table,
+                             field_name="features")
+    return tuple(out)
+
+
+def _histogram(value: Any, source: str, table: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TableSpecError(f"must be a list of {NUM_HIST_BINS} fractions", source=source,
+                             table=table, field_name="reuse_hist")
+    if len(value) != NUM_HIST_BINS:
+        raise TableSpecError(f"must have {NUM_HIST_BINS} bins, got {len(value)}",
+                             source=source, table=table, field_name="reuse_hist")
+    bins = [_number(v, source, table, "reuse_hist") for v in value]
+    if any(b < 0 for b in bins):
+        raise TableSpecError("fractions must be >= 0", source=source, table=table,
+                             field_name="reuse_hist")
+    total = sum(bins)
+    if abs(total - 1.0) > HIST_TOLERANCE:
+        raise TableSpecError(f"fractions must sum to 1, got {total:.4f}", source=source,
+                             table=table, field_name="reuse_hist")
+    if abs(total - 1.0) <= 1e-9:
+        return tuple(bins)  # already normalised: keep exact values so files round-trip
+    return tuple(b / total for b in bins)
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -308,8 +639,14 @@ class HardwareBackend(Protocol):
 
 @runtime_checkable
 class Searcher(Protocol):
-    """Chooses a plan for ``tables`` on ``cluster`` under ``estimator``'s costs."""
+    """Chooses a plan for ``tables`` on ``cluster`` under ``estimator``'s costs.
+
+    ``budget_s`` (None: the searcher's own pace) bounds the search's time; searchers that
+    cannot trade time for quality finish well inside any budget and may ignore it. The
+    planner checks feasibility before, and times, prices and labels the plan after.
+    """
 
     def __call__(self, tables: Sequence[TableSpec], cluster: Cluster,
-                 estimator: CostEstimator, *, seed: int = 0) -> Plan:
+                 estimator: CostEstimator, *, seed: int = 0,
+                 budget_s: float | None = None) -> Plan:
         ...

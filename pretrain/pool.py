@@ -325,32 +325,13 @@ def save_pool(path: str | Path, train: Sequence[TableSpec], test: Sequence[Table
 
 
 def _parse_table(raw: Any, source: str, index: int) -> TableSpec:
-    if not isinstance(raw, dict):
-        raise TableSpecError("expected an object", source=source, table=str(index))
-    name = raw.get("name", str(index))
-    missing = [k for k in _TABLE_KEYS if k not in raw]
-    if missing:
-        raise TableSpecError("missing field", source=source, table=name, field_name=missing[0])
-    try:
-        rows, dim = int(raw["rows"]), int(raw["dim"])
-        pooling = float(raw["pooling_factor"])
-        hist = tuple(float(x) for x in raw["reuse_hist"])
-    except (TypeError, ValueError) as exc:
-        raise TableSpecError(f"not a number: {exc}", source=source, table=name) from exc
-    if rows < 1:
-        raise TableSpecError(f"rows must be >= 1, got {rows}", source=source, table=name,
-                             field_name="rows")
-    if dim < DIM_MULTIPLE or dim % DIM_MULTIPLE:
-        raise TableSpecError(f"dim must be a positive multiple of {DIM_MULTIPLE}, got {dim}",
-                             source=source, table=name, field_name="dim")
-    if not pooling >= 0.0:
-        raise TableSpecError(f"pooling_factor must be >= 0, got {pooling}", source=source,
-                             table=name, field_name="pooling_factor")
-    if len(hist) != NUM_HIST_BINS or min(hist) < 0.0 or abs(sum(hist) - 1.0) > 1e-6:
-        raise TableSpecError(f"need {NUM_HIST_BINS} non-negative fractions summing to 1",
-                             source=source, table=name, field_name="reuse_hist")
-    return TableSpec(name=str(name), rows=rows, dim=dim, pooling_factor=pooling,
-                     reuse_hist=hist)
+    """One pool record: every field of :data:`_TABLE_KEYS` present, validated as any table."""
+    if isinstance(raw, dict):
+        missing = [k for k in _TABLE_KEYS if k not in raw]
+        if missing:
+            raise TableSpecError("missing", source=source, table=str(raw.get("name", index)),
+                                 field_name=missing[0])
+    return TableSpec.from_record(raw, source=source, index=index)
 
 
 def load_pool(split: str = "all", path: str | Path | None = None) -> list[TableSpec]:

@@ -29,7 +29,7 @@ def test_raw_then_transform_equals_table_features():
     tables = [make_table(f"t{i}", rows=10 ** (i + 2), dim=4 * (i + 1)) for i in range(4)]
     raw = raw_features(tables)
     assert raw.shape == (4, 20)
-    np.testing.assert_array_equal(raw, [t.features() for t in tables])
+    np.testing.assert_array_equal(raw, [t.feature_vector() for t in tables])
     assert raw[2, 17] == 12 and raw[3, 19] == 10 ** 5
     np.testing.assert_array_equal(transform_raw(raw), table_features(tables))
     assert raw_features([]).shape == (0, 20)

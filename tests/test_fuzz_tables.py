@@ -21,7 +21,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuroshard.tables import MAX_ROWS, load_tables
+from neuroshard.tables import load_tables
+from neuroshard.types import MAX_ROWS
 from neuroshard.types import DIM_MULTIPLE, NUM_HIST_BINS, TableSpec, TableSpecError
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,8 @@ HAND_MADE = [
     ("missing name", ".json", '[{"rows": 1, "dim": 4}]', "error"),
     ("missing rows", ".json", '[{"name": "t0", "dim": 4}]', "error"),
     ("missing dim", ".json", '[{"name": "t0", "rows": 1}]', "error"),
-    ("extra fields ignored", ".json", _j(_rec(owner="ads", weights=[1, 2])), "ok"),
+    ("unknown fields refused", ".json", _j(_rec(owner="ads", weights=[1, 2])), "error"),
+    ("misspelled field refused", ".json", _j(_rec(pooling_factr=2.0)), "error"),
     ("alias and field both", ".json", _j(_rec(num_embeddings=5)), "error"),
     ("torchrec spellings", ".json", '[{"name": "t0", "num_embeddings": 9, "embedding_dim": 8}]', "ok"),
     ("duplicate names", ".json", _j(_rec() + _rec()), "error"),
@@ -328,7 +330,7 @@ HAND_MADE = [
     ("csv header only", ".csv", "name,rows,dim\n", "error"),
     ("csv extra value", ".csv", "name,rows,dim\nt0,10,4,99\n", "error"),
     ("csv missing value", ".csv", "name,rows,dim\nt0,10\n", "error"),
-    ("csv extra column", ".csv", "name,rows,dim,owner\nt0,10,4,ads\n", "ok"),
+    ("csv unknown column refused", ".csv", "name,rows,dim,owner\nt0,10,4,ads\n", "error"),
     ("csv NaN", ".csv", "name,rows,dim\nt0,nan,4\n", "error"),
     ("csv inf", ".csv", "name,rows,dim\nt0,10,4\nt1,inf,4\n", "error"),
     ("csv 1e400", ".csv", "name,rows,dim\nt0,1e400,4\n", "error"),
@@ -348,7 +350,7 @@ HAND_MADE = [
     ("yaml set", ".yaml", "!!set {a, b}\n", "error"),
     ("yaml binary", ".yaml", "- {name: !!binary aGk=, rows: 1, dim: 4}\n", "error"),
     ("yaml recursive alias", ".yaml", "&a [*a]\n", "error"),
-    ("yaml self-referencing record", ".yaml", "- &r {name: t0, rows: 1, dim: 4, extra: *r}\n", "ok"),
+    ("yaml self-referencing record", ".yaml", "- &r {name: t0, rows: 1, dim: 4, extra: *r}\n", "error"),
     ("yaml tab indent", ".yaml", "-\t{name: t0}\n\t- x", "error"),
     ("yaml bool name", ".yaml", "- {name: yes, rows: 1, dim: 4}\n", "error"),
     ("yaml duplicate key", ".yaml", "- {name: t0, rows: 1, rows: 2, dim: 4}\n", "ok"),

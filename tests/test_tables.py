@@ -3,7 +3,7 @@ import json
 import pytest
 
 from neuroshard.tables import load_tables, save_tables
-from neuroshard.types import DLRM_REUSE_HIST, TableSpecError
+from neuroshard.types import DLRM_REUSE_HIST, FeatureSpec, TableSpec, TableSpecError
 
 from factories import make_table
 
@@ -95,3 +95,29 @@ def test_missing_file_and_binary(tmp_path):
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TableSpecError, match="UTF-8"):
         load_tables(path)
+
+
+def test_misspelled_field_is_an_error_that_suggests_the_known_name(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('[{"name": "a", "rows": 10, "dim": 4, "pooling_factr": 3}]')
+    with pytest.raises(TableSpecError, match=r"'pooling_factr'.*did you mean 'pooling_factor'"):
+        load_tables(path)
+
+
+def test_features_sum_to_the_table_pooling_factor_and_round_trip():
+    record = {"name": "a", "rows": 10, "dim": 8,
+              "features": [{"name": "f0", "pooling_factor": 2.5},
+                           {"name": "f1", "pooling_factor": 1.5, "weighted": True}]}
+    spec = TableSpec.from_record(record)
+    assert spec.pooling_factor == 4.0
+    assert [f.weighted for f in spec.features] == [False, True]
+    assert TableSpec.from_record(spec.to_record()) == spec
+    with pytest.raises(TableSpecError, match="features' pooling factors sum to 4"):
+        TableSpec.from_record({**record, "pooling_factor": 3.0})
+
+
+def test_one_default_feature_is_the_canonical_form():
+    spec = TableSpec.from_record({"name": "a", "rows": 10, "dim": 8, "pooling_factor": 2.0,
+                                  "features": [{"name": "a", "pooling_factor": 2.0}]})
+    assert spec == TableSpec("a", 10, 8, 2.0)
+    assert spec.feature_list == (FeatureSpec("a", 2.0),)
