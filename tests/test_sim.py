@@ -30,7 +30,7 @@ def test_implements_both_protocols_and_is_registered():
 
 
 def test_profiles_and_unknown_profile():
-    assert {"v100", "a100", "h100"} <= set(profile_names())
+    assert {"v100", "a100", "h100", "h200"} <= set(profile_names())
     assert profile_names() == sorted(PROFILES)
     with pytest.raises(UnknownNameError, match="h100"):
         SimBackend("tpu")
@@ -52,7 +52,8 @@ def test_reference_figures_are_in_the_documented_range():
 
 
 @pytest.mark.parametrize("profile, ref_ms, both_ms, a2a_ms", [
-    ("v100", 1.63, 10.54, 1.77), ("a100", 0.66, 4.93, 0.90), ("h100", 0.32, 2.30, 0.60)])
+    ("v100", 1.63, 10.54, 1.77), ("a100", 0.66, 4.93, 0.90), ("h100", 0.32, 2.30, 0.60),
+    ("h200", 0.24, 1.64, 0.60)])
 def test_documented_reference_figures_hold(profile, ref_ms, both_ms, a2a_ms):
     """The table in the module doc: a changed constant must update the doc."""
     sim = SimBackend(profile)
@@ -162,6 +163,18 @@ def test_faster_profiles_are_faster():
     assert one(v, REF) > one(a, REF) > one(h, REF)
     d = np.full((1, 4), 1000.0)
     assert v.bwd_comm_ms(d).max() > a.bwd_comm_ms(d).max() > h.bwd_comm_ms(d).max()
+
+
+def test_h200_is_h100_with_faster_bigger_hbm_and_the_l2_pytorch_reports():
+    h100, h200 = PROFILES["h100"], PROFILES["h200"]
+    assert h200.sm_count == h100.sm_count == 132
+    assert h200.hbm_bytes_per_ms == pytest.approx(4.8e9)  # 4.8 TB/s in bytes per ms
+    assert h200.hbm_capacity_bytes == 141 * 10**9 and h200.l2_bytes == 60 * 2**20
+    assert h200.nvlink_bytes_per_ms == h100.nvlink_bytes_per_ms == pytest.approx(450e6)
+    fast, slow = SimBackend("h200"), SimBackend("h100")
+    assert one(fast, REF) < one(slow, REF) and one(fast, REF, HOT) < one(slow, REF, HOT)
+    d = np.array([[900.0, 100.0, 500.0, 40.0, 0.0, 640.0, 320.0, 64.0]])
+    np.testing.assert_array_equal(fast.bwd_comm_ms(d), slow.bwd_comm_ms(d))
 
 
 def test_batched_equals_one_at_a_time():

@@ -87,21 +87,26 @@ it is about ``1.35 sigma``, we report the level itself) and ``repeats = 1``. Wit
 
 Constants and their sources
 ---------------------------
-Per profile (``v100`` = V100 SXM2, ``a100`` = A100 SXM4 40 GB, ``h100`` = H100 SXM5):
+Per profile (``v100`` = V100 SXM2, ``a100`` = A100 SXM4 40 GB, ``h100`` = H100 SXM5,
+``h200`` = H200 SXM):
 
-* HBM bandwidth 900 GB/s, 1,555 GB/s, 3.35 TB/s; HBM capacity 32, 40, 80 GB; L2 size
-  6 MB, 40 MB, 50 MB; SM count 80, 108, 132: NVIDIA's V100, A100 and H100 datasheets and
-  architecture whitepapers.
+* HBM bandwidth 900 GB/s, 1,555 GB/s, 3.35 TB/s, 4.8 TB/s; HBM capacity 32, 40, 80,
+  141 GB; L2 size 6 MB, 40 MB, 50 MB; SM count 80, 108, 132, 132: NVIDIA's V100, A100,
+  H100 and H200 datasheets and architecture whitepapers. H200 is H100's GH100 die with
+  HBM3e: the same SMs and L2 design. Its L2 is taken as 60 MB, the size PyTorch reports
+  (``torch.cuda.get_device_properties(0).L2_cache_size``) on the H200 this project
+  measures on; its copy bandwidth measured there is about 4.3 TB/s, 0.9 of the 4.8 TB/s
+  peak, in line with the stream efficiency below.
 * L2 bandwidth (approximate; the least certain hardware figure here): 2.1 TB/s for V100,
   the order of the L2 throughput measured by Jia et al., "Dissecting the NVIDIA Volta GPU
   Architecture via Microbenchmarking" (arXiv 1804.06826, 2018); 5.0 TB/s for A100, V100's
   figure times the 2.3x L2 read bandwidth NVIDIA's A100 whitepaper claims over V100;
-  7.0 TB/s for H100, an assumption (NVIDIA publishes no figure; third-party
+  7.0 TB/s for H100 and H200, an assumption (NVIDIA publishes no figure; third-party
   microbenchmarks such as Chips and Cheese's 2023 H100 article report several TB/s).
-* NVLink per GPU 300, 600, 900 GB/s bidirectional (NVLink 2, 3, 4; NVIDIA datasheets), so
-  150, 300, 450 GB/s per direction. Inter-host 100, 200, 400 Gb/s InfiniBand per GPU
-  (EDR, HDR, NDR, as in DGX-class systems): 12.5, 25, 50 GB/s per direction.
-  ``gpus_per_host = 8``.
+* NVLink per GPU 300, 600, 900, 900 GB/s bidirectional (NVLink 2, 3, 4, 4; NVIDIA
+  datasheets), so 150, 300, 450, 450 GB/s per direction. Inter-host 100, 200, 400,
+  400 Gb/s InfiniBand per GPU (EDR, HDR, NDR, NDR, as in DGX-class systems): 12.5, 25,
+  50, 50 GB/s per direction. ``gpus_per_host = 8``.
 * 64 resident warps per SM: CUDA's limit for compute capability 7.0, 8.0 and 9.0.
 * Kernel launch ~5 us: the usual order of CUDA launch overhead.
 
@@ -115,20 +120,21 @@ peer, 6 us per remote peer, 5 us per log2(N) synchronisation step; smooth-max po
 
 Reference figures (batch 65,536, noise 0, default DLRM reuse histogram)
 -----------------------------------------------------------------------
-==========================================  =========  =========  =========
-case                                        v100       a100       h100
-==========================================  =========  =========  =========
-1M rows x 128, pooling 10, compute (ms)     1.63       0.66       0.32
-the same table at width 32 / 4 (ms)         0.58/0.27  0.25/0.17  0.14/0.10
-5M rows x 128, pooling 50, compute (ms)     8.59       3.47       1.58
-both tables on one device (ms)              10.54      4.93       2.30
-all-to-all, 4 devices x 1000 columns (ms)   1.77       0.90       0.60
-all-to-all, 8 devices x 500 columns (ms)    1.05       0.54       0.37
-all-to-all, 16 devices x 500 columns (ms)   7.08       3.58       1.84
-==========================================  =========  =========  =========
+==========================================  =========  =========  =========  =========
+case                                        v100       a100       h100       h200
+==========================================  =========  =========  =========  =========
+1M rows x 128, pooling 10, compute (ms)     1.63       0.66       0.32       0.24
+the same table at width 32 / 4 (ms)         0.58/0.27  0.25/0.17  0.14/0.10  0.12/0.09
+5M rows x 128, pooling 50, compute (ms)     8.59       3.47       1.58       1.14
+both tables on one device (ms)              10.54      4.93       2.30       1.64
+all-to-all, 4 devices x 1000 columns (ms)   1.77       0.90       0.60       0.60
+all-to-all, 8 devices x 500 columns (ms)    1.05       0.54       0.37       0.37
+all-to-all, 16 devices x 500 columns (ms)   7.08       3.58       1.84       1.84
+==========================================  =========  =========  =========  =========
 
 The two tables together cost more than apart (shared L2); 16 devices span two hosts, so
-their all-to-all is bound by InfiniBand.
+their all-to-all is bound by InfiniBand. H200's all-to-alls equal H100's: same NVLink
+and NIC.
 """
 
 from __future__ import annotations
@@ -231,6 +237,11 @@ PROFILES: dict[str, SimProfile] = {
     "h100": SimProfile(
         name="h100", hbm_bytes_per_ms=3350 * GB_PER_S, hbm_capacity_bytes=80 * 10**9,
         l2_bytes=50 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
+        nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+    ),
+    "h200": SimProfile(
+        name="h200", hbm_bytes_per_ms=4800 * GB_PER_S, hbm_capacity_bytes=141 * 10**9,
+        l2_bytes=60 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
         nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
     ),
 }
