@@ -65,6 +65,42 @@ class FakeEstimator:
         return 0.05 + 0.002 * np.asarray(dim_sums, dtype=float) + gap
 
 
+def fake_plan_costs(plan) -> list[tuple[float, float, float]]:
+    """Each device's (compute, backward comm, forward comm) ms of ``plan`` under
+    :class:`FakeEstimator`, worked out shard by shard from the fake's formulas, without
+    the library's cost code: the reference that plan costs are checked against."""
+    import math
+
+    n = plan.cluster.num_devices
+    by_name = {t.name: t for t in plan.tables}
+    work, shards, dims = [0.0] * n, [0] * n, [0] * n
+    for s in plan.shards:
+        t = by_name[s.table]
+        work[s.device] += s.width * t.pooling_factor * math.log10(t.rows + 10) * 1e-4
+        shards[s.device] += 1
+        dims[s.device] += s.width
+    compute = [0.01 * k + w + 0.05 * w**1.5 if k else 0.0 for k, w in zip(shards, work)]
+    bwd = [0.05 + 0.002 * d for d in dims]
+    ready = [c + b for c, b in zip(compute, bwd)]
+    waits = [r - min(ready) for r in ready]
+    fwd = [0.05 + 0.002 * d + max(waits) - w for d, w in zip(dims, waits)]
+    return list(zip(compute, bwd, fwd))
+
+
+def assert_fake_plan_cost(plan, cost=None) -> None:
+    """``cost`` (default ``plan.cost``) is ``plan``'s cost under :class:`FakeEstimator`,
+    device by device (:func:`fake_plan_costs`; float rounding aside, the sums are the
+    same)."""
+    import pytest
+
+    cost = plan.cost if cost is None else cost
+    assert cost is not None and cost.model == FakeEstimator.name
+    expected = fake_plan_costs(plan)
+    got = [x for d in cost.devices for x in (d.compute_ms, d.bwd_comm_ms, d.fwd_comm_ms)]
+    assert got == pytest.approx([x for e in expected for x in e], rel=1e-12, abs=1e-15)
+    assert cost.max_ms == pytest.approx(max(map(sum, expected)), rel=1e-12)
+
+
 class FakeBackend:
     """A HardwareBackend over FakeEstimator, one sample at a time, with a fixed spread."""
 

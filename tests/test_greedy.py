@@ -1,6 +1,7 @@
 import pytest
 
-from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table,
+                       make_tables)
 from neuroshard.plan_io import validate_plan
 from neuroshard.search import greedy
 from neuroshard.search.greedy import (
@@ -24,7 +25,7 @@ def test_grid_covers_every_table_and_attaches_cost():
     plan = greedy_grid(tables, cluster, est)
     validate_plan(plan)
     assert len(plan.shards) == len(tables)  # table-wise by default
-    assert plan.cost == plan_cost(plan, FakeEstimator())
+    assert_fake_plan_cost(plan, plan_cost(plan, FakeEstimator()))
     assert plan.meta["searcher"] == "greedy-grid" and plan.meta["scale"] in GRID_SCALES
 
 
@@ -92,10 +93,19 @@ def test_grid_steps_are_batched_across_scales():
 
 
 def test_dim_cap_falls_back_when_no_device_fits_it():
-    # A 512-wide table exceeds total_dim / 2 at every scale; it still gets placed.
-    tables = [make_table("wide", dim=512)] + [make_table(f"t{i}", dim=16) for i in range(4)]
+    # Total dim 592 on 2 devices: the cap is 296 at scale 1.0. "hot" (the costliest) goes
+    # first, to device 0. "wide" (512 columns) fits the cap nowhere, so the cap is dropped
+    # for it alone and it goes where compute is lowest: the empty device 1. The small
+    # tables would be cheapest beside "wide" (its compute is a third of "hot"'s), but
+    # device 1 is over the cap, which still holds for them: all four go to device 0.
+    tables = ([make_table("hot", dim=16, pooling_factor=100.0),
+               make_table("wide", dim=512, pooling_factor=1.0)]
+              + [make_table(f"t{i}", dim=16, pooling_factor=1.0) for i in range(4)])
     plan = greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,))
     validate_plan(plan)
+    assert {s.table: s.device for s in plan.shards} == {
+        "hot": 0, "wide": 1, "t0": 0, "t1": 0, "t2": 0, "t3": 0}
+    assert plan.dim_sums() == [80, 512]
 
 
 def test_place_many_equals_placing_each_alone():
@@ -229,7 +239,7 @@ def neural_model(tmp_path_factory):
     import numpy as np
 
     from factories import FakeBackend
-    from neuroshard.costmodel import NeuralCostModel
+    from neuroshard.models.neural import NeuralCostModel
     from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
                                              sample_compute_loads)
     from neuroshard.pretrain.collect import collect
