@@ -67,8 +67,11 @@ def test_pool_wide_histogram_is_near_the_datasets(generated):
     assert err.max() <= HIST_BIN_TOLERANCE, (unique[: target.size], target)
     assert err.sum() <= HIST_L1_TOLERANCE
     assert unique.sum() == pytest.approx(1.0) and lookups.sum() == pytest.approx(1.0)
+    # The pool is seeded, so its accesses per unique index are one number: 6.732, as
+    # pool.py and pool.json state, against the dataset's 6.906 (2.5% under it).
     per_unique = sum(p.lookups for p in profiles) / sum(p.unique for p in profiles)
-    assert per_unique == pytest.approx(P.DATASET_ACCESSES_PER_UNIQUE, abs=1.0)
+    assert round(per_unique, 3) == 6.732
+    assert abs(per_unique / P.DATASET_ACCESSES_PER_UNIQUE - 1) < 0.03
 
 
 def test_reuse_profile_follows_rows_and_skew():
