@@ -3,18 +3,73 @@
 Cost models are trained on one backend's measurements; the fingerprint saved beside a
 model lets a later run tell whether its hardware and software match. No hostname, user
 or path goes into it, so it can be published with a model.
+
+:class:`Fingerprint` is the one way two fingerprints are compared: a model directory
+against the backend a plan asks for, collected Parquet rows against the backend about to
+add more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Collection, Mapping
 
 logger = logging.getLogger(__name__)
+
+# Keys that do not change what a model predicts (measurement noise, seeds, when and where).
+VOLATILE_KEYS = frozenset({"noise", "seed", "hostname", "created", "time"})
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A backend fingerprint as canonical JSON (an object with sorted keys), so it is
+    immutable, hashable and compares equal exactly when its content does."""
+
+    text: str = "{}"
+
+    @classmethod
+    def of(cls, value: "Fingerprint | Mapping[str, Any] | str | None") -> "Fingerprint":
+        """A fingerprint from a dict, a JSON string (as stored beside collected rows) or
+        ``None`` (empty); :class:`ValueError` when the JSON is not an object."""
+        if isinstance(value, Fingerprint):
+            return value
+        if value is None or value == "":
+            return cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"fingerprint is not JSON: {value[:80]!r}") from exc
+        if not isinstance(value, Mapping):
+            raise ValueError(f"fingerprint is not a JSON object: {value!r}")
+        return cls(json.dumps(dict(value), sort_keys=True, default=str))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(json.loads(self.text))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_dict().get(key, default)
+
+    def diff(self, other: "Fingerprint | Mapping[str, Any] | str | None", *,
+             ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+        """``(key, ours, theirs)`` for every key whose values differ, sorted by key
+        (``None`` where a side lacks the key); keys in ``ignore`` are not compared."""
+        ours, theirs = self.as_dict(), Fingerprint.of(other).as_dict()
+        keys = sorted((set(ours) | set(theirs)) - set(ignore))
+        return [(k, ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)]
+
+    def describe_diff(self, other: "Fingerprint | Mapping[str, Any] | str | None", *,
+                      ignore: Collection[str] = (),
+                      labels: tuple[str, str] = ("ours", "theirs")) -> list[str]:
+        """:meth:`diff` as ``"key: ours (label) vs theirs (label)"`` lines."""
+        return [f"{k}: {a!r} ({labels[0]}) vs {b!r} ({labels[1]})"
+                for k, a, b in self.diff(other, ignore=ignore)]
 
 # Distributions whose versions change measured timings; the first installed name wins.
 _PACKAGES: dict[str, tuple[str, ...]] = {

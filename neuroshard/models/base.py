@@ -1,0 +1,343 @@
+"""What every learned model shares: its directory on disk, and the cost-model base class.
+
+A model directory holds the model's weight files and ``meta.json``: its ``kind`` (the
+registry name that loads it), the feature schema, and for cost models the backend and
+its fingerprint, batch size, training-data hash, sample counts and metrics. ``meta.json``
+records the sha256 of every weight file; every file is written to a temporary name and
+renamed into place, so a directory is never half written, and a changed file is refused
+on load (:func:`checked_file`).
+
+:class:`CostModelBase` is the part of a learned :class:`~neuroshard.types.CostEstimator`
+that does not depend on how it predicts: fit-time provenance, the comm entry points,
+scoring against held-out data (:mod:`neuroshard.models.metrics`) and the ``meta.json``
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from neuroshard.features import FEATURE_NAMES, FEATURE_SCHEMA
+from neuroshard.fingerprint import VOLATILE_KEYS, Fingerprint
+from neuroshard.models.metrics import comm_breakdown, compute_breakdown, regression_metrics
+from neuroshard.samples import CommData, ComputeData, Split, split_random
+from neuroshard.types import HardwareBackend, ModelFileError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+TARGET_TRANSFORM = "log(ms + eps_ms), standardised"
+
+__all__ = [
+    "META_FILE", "TARGET_TRANSFORM", "CostModelBase", "atomic_write", "check_compatible",
+    "checked_file", "read_meta", "sha256", "since_first", "straggler_wait", "write_meta",
+]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_meta(out: Path, meta: Mapping[str, Any], files: Sequence[str]) -> Path:
+    """Write ``meta`` with the sha256 of each of ``files`` (names in ``out``) as
+    ``out/meta.json``, atomically; returns ``out``."""
+    doc = {**meta, "files": {f: sha256(out / f) for f in files}}
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text))
+    return out
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a model directory; :class:`ModelFileError` naming the file if bad."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing (not a model directory?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
+        raise ModelFileError(f"{path}: no 'kind' string entry")
+    for key in ("backend_fingerprint", "files", "architecture", "normalisation"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise ModelFileError(f"{path}: entry {key!r} is not an object")
+    return meta
+
+
+def checked_file(model_dir: Path, fname: str, checksums: Mapping[str, Any]) -> Path:
+    """``model_dir / fname``; :class:`ModelFileError` if it is missing or its checksum
+    differs from the one ``meta.json`` recorded."""
+    path = model_dir / fname
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing")
+    if fname in checksums and sha256(path) != checksums[fname]:
+        raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
+                             "(truncated, replaced or tampered with)")
+    return path
+
+
+def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
+                     backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+                     feature_schema: str = FEATURE_SCHEMA, kind: str | None = None) -> None:
+    """Raise :class:`ModelMismatchError` listing every way ``meta`` differs from the ask.
+
+    ``backend`` is a name (compared with the model's backend name), a backend object
+    (name and fingerprint) or a fingerprint dict. Fingerprint keys in
+    :data:`~neuroshard.fingerprint.VOLATILE_KEYS` (noise level, seeds) are not compared.
+    """
+    diffs = []
+    if kind is not None and meta.get("kind") != kind:
+        diffs.append(f"cost model {meta.get('kind')!r} (model) vs {kind!r} (asked)")
+    if meta.get("feature_schema") != feature_schema:
+        diffs.append(f"feature schema {meta.get('feature_schema')!r} (model) vs "
+                     f"{feature_schema!r} (this NeuroShard)")
+    if batch_size is not None and meta.get("batch_size") != batch_size:
+        diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
+    fingerprint = None
+    if isinstance(backend, str):
+        if meta.get("backend") != backend:
+            diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend!r} (asked)")
+    elif isinstance(backend, Mapping):
+        fingerprint = backend
+    elif backend is not None:
+        if meta.get("backend") != backend.name:
+            diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend.name!r} (asked)")
+        fingerprint = backend.fingerprint()
+    if fingerprint is not None:
+        trained = Fingerprint.of(meta.get("backend_fingerprint", {}))
+        diffs.extend("fingerprint " + line for line in trained.describe_diff(
+            fingerprint, ignore=VOLATILE_KEYS, labels=("model", "asked")))
+    if diffs:
+        raise ModelMismatchError(f"model {meta.get('name', '?')} does not match: "
+                                 + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------- comm helpers
+
+
+def since_first(waits_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each device's wait minus the earliest real device's (0 on padding)."""
+    lowest = np.where(mask, waits_ms, np.inf).min(axis=-1, keepdims=True)
+    lowest = np.where(np.isfinite(lowest), lowest, 0.0)
+    return np.where(mask, waits_ms - lowest, 0.0)
+
+
+def straggler_wait(waits_ms: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``max_j waits_j - waits_d`` over real devices (0 on padding)."""
+    highest = np.where(mask, waits_ms, -np.inf).max(axis=-1, keepdims=True)
+    highest = np.where(np.isfinite(highest), highest, 0.0)
+    return np.where(mask, highest - waits_ms, 0.0)
+
+
+# --------------------------------------------------------------------------- the base
+
+
+class CostModelBase:
+    """What every learned cost model shares: fit-time provenance and bookkeeping,
+    the comm entry points and scoring, and the ``meta.json`` and checksum handling.
+
+    A subclass sets ``kind`` and ``_fitted_attr`` (the attribute :meth:`fit` sets last)
+    and provides ``_comm(which, dim_sums, waits_ms, mask)``,
+    ``_predict_compute_data(data)`` (compute ms of every load of collected data) and
+    ``meta()`` (starting from :meth:`_base_meta`).
+    """
+
+    kind = "base"
+    _fitted_attr = "fitted_"
+    batch_size: int | None
+    seed: int
+    eps_ms: float
+
+    @property
+    def name(self) -> str:
+        h = getattr(self, "data_hash_", None) or "unfitted"
+        return f"{self.kind}-{getattr(self, 'backend_', 'unknown')}-{h[:8]}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, batch_size={self.batch_size})"
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, self._fitted_attr):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or "
+                               "load_cost_model()")
+
+    # ------------------------------------------------------------- fitting
+
+    def _begin_fit(self, compute: ComputeData, comm: CommData, *,
+                   compute_split: Split | None, comm_split: Split | None,
+                   backend_name: str | None, num_devices: int | None,
+                   ) -> tuple[Split, Split]:
+        """Record the backend, its fingerprint, the batch size and the device count from
+        the data; return the compute and comm splits (80/10/10 seeded by ``seed``)."""
+        fp = Fingerprint.of(compute.fingerprint)
+        if Fingerprint.of(comm.fingerprint) != fp:
+            logger.warning("compute and comm data come from different backend fingerprints")
+        fields = fp.as_dict()
+        self.backend_ = backend_name or str(fields.get("backend") or fields.get("name")
+                                            or "unknown")
+        self.backend_fingerprint_ = fields
+        if self.batch_size is None:
+            if "batch_size" not in fields:
+                raise ValueError("batch_size not given and not in the data's fingerprint")
+            self.batch_size = int(fields["batch_size"])
+        elif "batch_size" in fields and int(fields["batch_size"]) != self.batch_size:
+            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
+                                     f"at batch size {fields['batch_size']}")
+        self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
+        cs = compute_split or split_random(len(compute), self.seed)
+        ms = comm_split or split_random(len(comm), self.seed + 1)
+        return cs, ms
+
+    def _end_fit(self, compute: ComputeData, comm: CommData, cs: Split, ms: Split) -> None:
+        """Record the data hash, sample counts and validation/test metrics."""
+        self.data_hash_ = hashlib.sha256(
+            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
+        self.sample_counts_ = {
+            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
+                        "test": len(cs.test)},
+            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
+                     "test": len(ms.test)},
+        }
+        self.metrics_ = {
+            "compute": {"val": self.score_compute(compute.subset(cs.val)),
+                        "test": self.score_compute(compute.subset(cs.test))},
+            **{k: {"test": v} for k, v in self.score_comm(comm.subset(ms.test)).items()},
+        }
+
+    # ------------------------------------------------------------- predicting
+
+    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+              mask: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _predict_compute_data(self, data: ComputeData) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _comm_batch(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
+                    mask: np.ndarray | None) -> tuple[np.ndarray, Any, np.ndarray, bool]:
+        """``(dim_sums, waits_ms, mask, squeeze)`` as a batch of rows (one row added to a
+        1-d ask, ``squeeze`` then true), the mask all-true when not given."""
+        d = np.asarray(dim_sums, dtype=np.float64)
+        squeeze = d.ndim == 1
+        if squeeze:
+            d = d[None]
+            waits_ms = None if waits_ms is None else np.asarray(waits_ms)[None]
+        if mask is None:
+            mask = np.ones(d.shape, dtype=bool)
+        return d, waits_ms, mask, squeeze
+
+    def bwd_comm_ms(self, dim_sums: np.ndarray) -> np.ndarray:
+        """Backward all-to-all ms per device, shape ``dim_sums.shape`` (any device count)."""
+        return self._comm("bwd", dim_sums, None)
+
+    def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
+        """Forward all-to-all ms per device including the wait, shape ``dim_sums.shape``."""
+        return self._comm("fwd", dim_sums, waits_ms)
+
+    # ------------------------------------------------------------- scoring
+
+    def score_compute(self, data: ComputeData) -> dict[str, Any]:
+        """MAPE, Spearman and log-MSE of compute predictions on ``data``, overall and
+        by tables per load and load size
+        (:func:`~neuroshard.models.metrics.compute_breakdown`)."""
+        self._check_fitted()
+        if not len(data):
+            return regression_metrics(np.zeros(0), np.zeros(0))
+        pred = self._predict_compute_data(data)
+        return {**regression_metrics(pred, data.label_ms, self.eps_ms),
+                **compute_breakdown(pred, data, self.eps_ms)}
+
+    def score_comm(self, data: CommData) -> dict[str, dict[str, Any]]:
+        """Metrics of forward and backward comm predictions over every real device,
+        overall and by device count and dim sum
+        (:func:`~neuroshard.models.metrics.comm_breakdown`).
+
+        ``fwd_comm_less_wait`` scores the forward time less the straggler wait, the part
+        a model has to learn (the wait itself is given)."""
+        if not len(data):
+            empty = regression_metrics(np.zeros(0), np.zeros(0))
+            return {"fwd_comm": empty, "fwd_comm_less_wait": empty, "bwd_comm": empty}
+        m = data.mask
+        fwd = self._comm("fwd", data.dim_sums, data.waits_ms, m)
+        bwd = self._comm("bwd", data.dim_sums, None, m)
+        wait = straggler_wait(data.waits_ms, m)
+
+        def scored(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
+            return {**regression_metrics(pred[m], true[m], self.eps_ms),
+                    **comm_breakdown(pred, true, data.num_devices, data.dim_sums, m,
+                                     data.num_tables, self.eps_ms)}
+
+        return {"fwd_comm": scored(fwd, data.fwd_ms),
+                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
+                                                         (data.fwd_ms - wait)[m], self.eps_ms),
+                "bwd_comm": scored(bwd, data.bwd_ms)}
+
+    # ------------------------------------------------------------- files
+
+    def meta(self) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _base_meta(self) -> dict[str, Any]:
+        """The ``meta.json`` entries every kind writes (a subclass adds its own)."""
+        self._check_fitted()
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "feature_schema": FEATURE_SCHEMA,
+            "feature_names": list(FEATURE_NAMES),
+            "backend": self.backend_,
+            "backend_fingerprint": self.backend_fingerprint_,
+            "batch_size": self.batch_size,
+            "num_devices": self.num_devices_,
+            "training_data_hash": self.data_hash_,
+            "sample_counts": self.sample_counts_,
+            "metrics": self.metrics_,
+            "training": getattr(self, "training_summary_", {}),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "provenance": getattr(self, "provenance_", {}),
+        }
+
+    def _write_meta(self, out: Path, files: Sequence[str]) -> Path:
+        """Write ``meta.json`` (with the checksums of ``files``) atomically into ``out``."""
+        write_meta(out, self.meta(), files)
+        logger.info("saved %s to %s", self.name, out)
+        return out
+
+    def _load_base_meta(self, meta: Mapping[str, Any]) -> None:
+        """Set the fitted attributes every kind records from ``meta``."""
+        self.backend_ = str(meta["backend"])
+        self.backend_fingerprint_ = dict(meta.get("backend_fingerprint", {}))
+        self.num_devices_ = int(meta.get("num_devices", 0))
+        self.data_hash_ = str(meta.get("training_data_hash", ""))
+        self.sample_counts_ = meta.get("sample_counts", {})
+        self.metrics_ = meta.get("metrics", {})
+        self.training_summary_ = meta.get("training", {})
+        self.provenance_ = meta.get("provenance", {})

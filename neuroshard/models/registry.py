@@ -1,0 +1,169 @@
+"""One registry of model kinds, used to train and to load, and the choice of a cost model.
+
+A kind (``neural``, ``lightgbm``, ``surco-prior``) names a class imported only when used
+(torch for the neural model, lightgbm for the boosted one). :func:`model_class` gives the
+class to train; :func:`load_model` reads ``meta.json``, checks it against the ask and
+loads the directory with its kind's class. :func:`resolve_cost_model` is the one place
+that picks a cost model for a plan: an explicit directory, or the shipped model of a kind
+trained on a backend with the device count nearest the cluster's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from neuroshard.models.base import META_FILE, check_compatible, read_meta
+from neuroshard.types import (
+    CostEstimator,
+    HardwareBackend,
+    ModelFileError,
+    UnknownNameError,
+)
+
+__all__ = [
+    "DEFAULT_BACKEND", "DEFAULT_KIND", "ModelKind", "cost_model_kinds", "default_model_dir",
+    "load_cost_model", "load_model", "model_class", "model_kinds", "register_model_kind",
+    "resolve_cost_model", "shipped_models",
+]
+
+DEFAULT_KIND = "neural"
+DEFAULT_BACKEND = "sim"
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A registered kind: ``target`` is ``"module:Class"``, a class with
+    ``load(model_dir, meta)``; ``cost_model`` says whether it is a
+    :class:`~neuroshard.types.CostEstimator` (a plan can be priced with it)."""
+
+    name: str
+    target: str
+    cost_model: bool = True
+
+    def load_class(self) -> type:
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_KINDS: dict[str, ModelKind] = {
+    k.name: k for k in (
+        ModelKind("neural", "neuroshard.models.neural:NeuralCostModel"),
+        ModelKind("lightgbm", "neuroshard.models.lightgbm:LightGBMCostModel"),
+        ModelKind("surco-prior", "neuroshard.models.surrogate:SurrogatePrior",
+                  cost_model=False),
+    )
+}
+
+
+def register_model_kind(kind: str, target: str, *, cost_model: bool = True) -> None:
+    """Register ``target`` (``"module:Class"``) as the class of model directories whose
+    ``meta["kind"]`` is ``kind``."""
+    _KINDS[kind] = ModelKind(kind, target, cost_model)
+
+
+def model_kinds() -> list[str]:
+    """Every registered kind."""
+    return sorted(_KINDS)
+
+
+def cost_model_kinds() -> list[str]:
+    """The registered kinds that are cost models (a plan can be priced with them)."""
+    return sorted(k for k, v in _KINDS.items() if v.cost_model)
+
+
+def model_class(kind: str, *, cost_model: bool = True) -> type:
+    """The class of ``kind`` (imported now); :class:`UnknownNameError` listing the valid
+    kinds (cost models only, unless ``cost_model`` is false) otherwise."""
+    valid = cost_model_kinds() if cost_model else model_kinds()
+    if kind not in valid:
+        raise UnknownNameError(f"unknown cost model {kind!r}; valid: {', '.join(valid)}")
+    return _KINDS[kind].load_class()
+
+
+def load_model(model_dir: str | os.PathLike, *, kind: str | None = None,
+               batch_size: int | None = None,
+               backend: str | HardwareBackend | Mapping[str, Any] | None = None) -> Any:
+    """Load the model in ``model_dir`` (any registered kind), checked against the ask.
+
+    Raises :class:`ModelFileError` (naming the file) for a missing, truncated or
+    unreadable file or an unknown kind, and :class:`ModelMismatchError` when ``kind``,
+    ``batch_size`` or ``backend`` differ from what the model is.
+    """
+    meta = read_meta(model_dir)
+    check_compatible(meta, batch_size=batch_size, backend=backend, kind=kind)
+    found = _KINDS.get(meta["kind"])
+    if found is None:
+        raise ModelFileError(f"{Path(model_dir) / META_FILE}: unknown model kind "
+                             f"{meta['kind']!r}; known: {', '.join(model_kinds())}")
+    return found.load_class().load(model_dir, meta)
+
+
+def load_cost_model(model_dir: str | os.PathLike, *, batch_size: int | None = None,
+                    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+                    kind: str | None = None) -> CostEstimator:
+    """:func:`load_model` for cost models (neural, lightgbm): a directory holding another
+    kind of model is a :class:`ModelFileError`."""
+    meta = read_meta(model_dir)
+    found = _KINDS.get(meta["kind"])
+    if found is not None and not found.cost_model:
+        raise ModelFileError(f"{Path(model_dir) / META_FILE}: a {meta['kind']!r} model, not "
+                             f"a cost model ({', '.join(cost_model_kinds())})")
+    return load_model(model_dir, kind=kind, batch_size=batch_size, backend=backend)
+
+
+# --------------------------------------------------------------------------- shipped
+
+
+def shipped_models() -> dict[str, Path]:
+    """Model directories shipped in ``neuroshard.data/models``, by name."""
+    root = resources.files("neuroshard.data") / "models"
+    found = {}
+    for entry in root.iterdir():
+        if entry.is_dir() and (entry / META_FILE).is_file():
+            found[entry.name] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def default_model_dir(num_devices: int, backend: str = DEFAULT_BACKEND,
+                      kind: str = DEFAULT_KIND) -> Path:
+    """The shipped model of ``kind`` trained on ``backend`` with the device count nearest
+    ``num_devices`` (the smaller name on a tie)."""
+    candidates = []
+    for name, path in shipped_models().items():
+        meta = read_meta(path)
+        if meta.get("backend") == backend and meta.get("kind") == kind:
+            candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
+    if not candidates:
+        raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; "
+                             "pass --model DIR")
+    return min(candidates)[2]
+
+
+def resolve_cost_model(model_dir: str | os.PathLike | None = None, *,
+                       kind: str | None = None, backend: str | None = None,
+                       batch_size: int | None = None, num_devices: int | None = None,
+                       force: bool = False) -> CostEstimator:
+    """The cost model a plan should be priced with.
+
+    ``model_dir`` is loaded when given; otherwise the shipped model of ``kind`` (default
+    neural) trained on ``backend`` (default sim) nearest ``num_devices``. The model must
+    match ``batch_size``, ``backend`` and ``kind`` where they are given
+    (:class:`~neuroshard.types.ModelMismatchError` lists every difference), unless
+    ``force``. An unknown ``kind`` is an :class:`UnknownNameError`.
+    """
+    if kind is not None and kind not in cost_model_kinds():
+        raise UnknownNameError(f"unknown cost model {kind!r}; valid: "
+                               f"{', '.join(cost_model_kinds())}")
+    if model_dir is None:
+        if num_devices is None:
+            raise ValueError("resolve_cost_model needs model_dir or num_devices")
+        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND,
+                                      kind or DEFAULT_KIND)
+    if force:
+        return load_cost_model(model_dir)
+    return load_cost_model(model_dir, batch_size=batch_size, backend=backend, kind=kind)
