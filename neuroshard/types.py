@@ -108,6 +108,12 @@ class BackendError(NeuroShardError):
     """A hardware backend cannot run here (missing library, device) or a measurement failed."""
 
 
+class RayClusterError(NeuroShardError):
+    """The Ray cluster at an ``--address`` cannot be reached, refuses this client's token,
+    has no node on this machine, or cannot start a worker. Names the address and what to
+    check."""
+
+
 class UsageError(NeuroShardError, ValueError):
     """A command-line option or argument has a value the library cannot use."""
 
