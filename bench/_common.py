@@ -1,10 +1,17 @@
-"""What the bench scripts share: the task options, the tasks, the truth backend, p95."""
+"""What the bench scripts share: the task options, the tasks, the truth backend, p95, and
+:func:`emit`, which writes a results file headed by the command that reproduces it and the
+conditions it ran under (recorded here, never by hand)."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import math
+import os
+import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from neuroshard.backends import as_estimator, get_backend
@@ -54,16 +61,66 @@ def p95(values: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _now() -> dict:
+    return {"utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "load": os.getloadavg(), "monotonic": time.monotonic()}
+
+
+# Taken when a bench script imports this module, i.e. as it starts.
+_STARTED = _now()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The shell command that reruns this bench script from the repository root with
+    ``argv`` (default: the process's own arguments), under its ``OMP_NUM_THREADS``."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_path = script.relative_to(REPO).as_posix()
+    except ValueError:
+        script_path = f"bench/{script.name}"
+    args = argv if argv is not None else sys.argv[1:]
+    threads = os.environ.get("OMP_NUM_THREADS")
+    env = f"OMP_NUM_THREADS={threads} " if threads is not None else ""
+    return f"{env}.venv/bin/python {shlex.join([script_path, *map(str, args)])}"
+
+
+def conditions() -> str:
+    """One line on the machine and the code a bench ran on, from the start of the script
+    to now: date, git commit (and uncommitted changes), logical CPUs, OMP_NUM_THREADS,
+    1-minute load average at start and end, wall seconds."""
+    end = _now()
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    changed = [line for line in _git("status", "--porcelain", "--untracked-files=no",
+                                      "--", ".").splitlines() if line.strip()]
+    code = f"commit {commit}" + (f" with uncommitted changes in {len(changed)} tracked file(s)"
+                                 if changed else "")
+    return (f"Conditions: {_STARTED['utc']} to {end['utc']}; {code}; "
+            f"{os.cpu_count()} logical CPUs; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; 1-minute load "
+            f"average {_STARTED['load'][0]:.2f} at start, {end['load'][0]:.2f} at end; "
+            f"{end['monotonic'] - _STARTED['monotonic']:.0f} s.")
+
+
 def emit(text: str, out: Path | None, *, title: str | None = None,
          argv: list[str] | None = None) -> None:
-    """Print a bench's Markdown and write it to ``out`` when given, headed by ``title``
-    and the command that reproduces it (this script with ``argv``, default the process's
-    own arguments)."""
+    """Print a bench's Markdown and write it to ``out`` when given: first the command that
+    reproduces it (:func:`command_line`; ``argv`` default the process's own arguments),
+    then ``title``, the :func:`conditions` it ran under, and ``text``."""
     print(text)
     if out:
+        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        script = Path(sys.argv[0]).name
-        command = " ".join([f"bench/{script}", *(argv if argv is not None else sys.argv[1:])])
         head = f"# {title}\n\n" if title else ""
-        out.write_text(f"{head}Command: `OMP_NUM_THREADS=1 .venv/bin/python {command}`\n\n"
+        out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n"
                        f"{text}\n")
