@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from _common import add_task_args, emit, p95, task_setup, truth_name
-from neuroshard.costmodel import load_cost_model
-from neuroshard.planner import default_model_dir, plan_tables
+from neuroshard.models import resolve_cost_model
+from neuroshard.planner import plan_tables
 from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import PlanInfeasibleError
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cluster, truth, tasks = task_setup(args)
-    model_dir = args.model or default_model_dir(args.devices)
-    model = load_cost_model(model_dir, batch_size=cluster.batch_size)
+    model = resolve_cost_model(args.model, num_devices=args.devices,
+                               batch_size=cluster.batch_size)
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     budgets: dict[str, tuple[str, float]] = {n: (n, None) for n in names}
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):

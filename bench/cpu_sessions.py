@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from _common import add_task_args, emit, task_setup
-from neuroshard.costmodel import NeuralCostModel, load_cost_model
+from neuroshard.models import load_cost_model
+from neuroshard.models.metrics import noise_floor
+from neuroshard.models.neural import NeuralCostModel
 from neuroshard.planner import plan_tables
-from neuroshard.pretrain.dataset import ComputeData, load_comm, load_compute, sample_keys
-from neuroshard.pretrain.fidelity import noise_floor, session_noise_floor
+from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
+from neuroshard.pretrain.fidelity import session_noise_floor
+from neuroshard.samples import ComputeData
 
 SHIPPED = ["data/models/cpu-b4096-d4", "data/models/cpu-b4096-d4-lightgbm"]
 MODEL_KWARGS = {"train_batch_size": 64, "max_epochs": 1500, "patience": 100,

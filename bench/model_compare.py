@@ -14,8 +14,8 @@ samples collected fresh into a temporary directory:
 Candidates:
 
 * ``neural`` -- the shipped model (``--model``, loaded with ``load_cost_model``);
-* ``lightgbm`` -- :class:`neuroshard.lgbm.LightGBMCostModel` trained here on the training
-  data of ``--run`` (a ``pretrain`` output directory, e.g. the one the shipped model came
+* ``lightgbm`` -- :class:`neuroshard.models.lightgbm.LightGBMCostModel` trained here on
+  the training data of ``--run`` (a ``pretrain`` output directory, e.g. the one the shipped model came
   from) or, without ``--run``, on ``--train-compute`` / ``--train-comm`` samples of the
   train pool collected here at 4 devices;
 * ``torchrec`` -- TorchRec's ``EmbeddingPerfEstimator`` on table-wise, fused-kernel
@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     from neuroshard.backends.sim import SimBackend
-    from neuroshard.costmodel import load_cost_model
-    from neuroshard.lgbm import LightGBMCostModel
-    from neuroshard.pretrain.train import regression_metrics
+    from neuroshard.models import load_cost_model
+    from neuroshard.models.lightgbm import LightGBMCostModel
+    from neuroshard.models.metrics import regression_metrics
 
     started = time.perf_counter()
     timings = {}

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from _common import emit
-from neuroshard.costmodel import read_meta
-from neuroshard.pretrain.pipeline import pretrain
+from neuroshard.models import read_meta
+from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
 
 def _run(root: Path, name: str, data_from: Path | None, args: argparse.Namespace,
@@ -27,11 +27,11 @@ def _run(root: Path, name: str, data_from: Path | None, args: argparse.Namespace
     if data_from is not None:  # reuse the first run's measurements: only training differs
         out.mkdir(parents=True, exist_ok=True)
         (out / "data").symlink_to(data_from / "data", target_is_directory=True)
-    model_dir = pretrain(out, backend="sim", backend_kwargs={"noise": 0.03},
-                         compute_samples=args.compute_samples, comm_samples=args.comm_samples,
-                         holdout_samples=1000, retest_samples=300, workers=workers,
-                         progress=False,
-                         model_kwargs={"max_epochs": args.epochs, "patience": args.epochs})
+    model_dir = pretrain(PretrainConfig(
+        out, backend="sim", backend_kwargs={"noise": 0.03},
+        compute_samples=args.compute_samples, comm_samples=args.comm_samples,
+        holdout_samples=1000, retest_samples=300, workers=workers, progress=False,
+        model_kwargs={"max_epochs": args.epochs, "patience": args.epochs}))
     return read_meta(model_dir)
 
 

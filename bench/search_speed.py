@@ -14,7 +14,7 @@ Candidates, run interleaved on the same tasks:
 * ``greedy-grid`` -- the grid alone, table-wise.
 
 The estimator is ``--model DIR`` if given, else the shipped model for the device count
-(:func:`neuroshard.planner.shipped_models`), else (or with ``--sim-estimator``) the sim
+(:func:`neuroshard.models.shipped_models`), else (or with ``--sim-estimator``) the sim
 backend -- and the table's header says which: under the sim backend both neuroshard rows
 take the generic path.
 
@@ -46,8 +46,7 @@ import numpy as np
 from _common import emit
 from neuroshard.backends.sim import SimBackend
 from neuroshard.cli import parse_memory
-from neuroshard.costmodel import load_cost_model
-from neuroshard.planner import default_model_dir, shipped_models
+from neuroshard.models import default_model_dir, load_cost_model, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import get_searcher
 from neuroshard.search.scoring import WithoutEmbeddings

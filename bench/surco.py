@@ -2,7 +2,7 @@
 
 Tasks come from the test pool (10-60 tables, 4 devices x 4 GB by default, total size
 capped by ``default_max_total_bytes``). The searchers plan under one estimator -- the
-shipped model for the device count when ``neuroshard.planner.shipped_models()`` has one,
+shipped model for the device count when ``neuroshard.models.shipped_models()`` has one,
 else the sim backend itself (the table says which) -- and every plan is costed by the sim
 backend (h100 profile, noise 0). Reports, per searcher: mean cost, mean ratio to the best
 heuristic baseline, to the greedy grid and to NeuroShard (beam), wins and losses against
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import add_task_args, emit, p95, task_setup, truth_name
-from neuroshard.planner import default_estimator, shipped_models
+from neuroshard.models import resolve_cost_model, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher
 from neuroshard.search.scoring import plan_cost
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster, truth, tasks = task_setup(args)
     if shipped_models():
-        estimator = default_estimator(args.devices, cluster.batch_size)
+        estimator = resolve_cost_model(num_devices=args.devices, batch_size=cluster.batch_size)
         guide = f"shipped model {estimator.name}"
     else:
         estimator = truth

@@ -177,9 +177,9 @@ def plan(
 
     Example: neuroshard plan data/examples/tables.json --devices 4 --memory 4GB --out plan.json
     """
-    from neuroshard.costmodel import load_cost_model, model_kinds
+    from neuroshard.models import resolve_cost_model
     from neuroshard.plan_io import plan_to_dict, write_plan
-    from neuroshard.planner import default_model_dir, evaluate_plan, plan_tables
+    from neuroshard.planner import evaluate_plan, plan_tables
     from neuroshard.tables import load_tables
 
     from neuroshard.planner import check_fits
@@ -189,11 +189,8 @@ def plan(
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
     get_searcher(searcher)  # a bad name or an impossible task fails before the model loads
     check_fits(specs, cluster)
-    if cost_model is not None and cost_model not in model_kinds():
-        raise UsageError(f"--cost-model: {cost_model!r} is not one of {', '.join(model_kinds())}")
-    model_dir = model or default_model_dir(devices, backend or "sim", cost_model or "neural")
-    estimator = load_cost_model(model_dir, **({} if force else {
-        "batch_size": batch_size, "backend": backend, "kind": cost_model}))
+    estimator = resolve_cost_model(model, kind=cost_model, backend=backend, batch_size=batch_size,
+                                   num_devices=devices, force=force)
     result = plan_tables(specs, cluster, estimator, searcher, seed=seed, time_budget_s=time_budget)
     if out_path:
         write_plan(result, out_path)
@@ -225,7 +222,7 @@ def evaluate(
     Example: neuroshard evaluate plan.json --backend sim --profile h100
     """
     from neuroshard.backends import as_estimator, get_backend
-    from neuroshard.costmodel import load_cost_model
+    from neuroshard.models import load_cost_model
     from neuroshard.plan_io import cost_to_dict, read_plan
     from neuroshard.planner import evaluate_plan
 
@@ -266,19 +263,17 @@ def pretrain(
 
     Example: neuroshard pretrain --backend sim --profile h100 --devices 4 --out runs/h100-d4
     """
+    from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec
     from neuroshard.pretrain.pipeline import pretrain as run_pretrain
 
     if compute_members > 1 and cost_model != "neural":
         raise UsageError("--compute-members applies to --cost-model neural only")
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if backend == "sim":
-        kwargs.update(profile=profile, noise=noise, seed=seed)
-    model_dir = run_pretrain(out_dir, backend=backend, backend_kwargs=kwargs, num_devices=devices,
-                             compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
-                             cost_model=cost_model, workers=workers, address=address,
-                             rounds=rounds,
-                             model_kwargs={"compute_members": compute_members}
-                             if compute_members > 1 else None)
+    config = PretrainConfig(
+        out_dir, backend=backend_spec(backend, batch_size, profile=profile, noise=noise, seed=seed),
+        num_devices=devices, compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
+        cost_model=cost_model, workers=workers, address=address, rounds=rounds,
+        model_kwargs={"compute_members": compute_members} if compute_members > 1 else None)
+    model_dir = run_pretrain(config)
     out.print(f"model written to {model_dir}")
 
 
@@ -300,13 +295,12 @@ def collect(
 
     Example: neuroshard collect --backend cpu --kind compute --samples 2000 --workers 2 --out runs/cpu
     """
-    from neuroshard.pretrain.pipeline import collect_samples
+    from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec, collect_samples
 
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if backend == "sim":
-        kwargs["profile"] = profile
-    result = collect_samples(out_dir, kind=kind, samples=samples, backend=backend, backend_kwargs=kwargs,
-                             num_devices=devices, seed=seed, workers=workers, address=address)
+    config = PretrainConfig(out_dir, backend=backend_spec(backend, batch_size, profile=profile),
+                            num_devices=devices, compute_samples=samples, comm_samples=samples,
+                            seed=seed, workers=workers, address=address, chunk_size=64)
+    result = collect_samples(config, kind)
     out.print(f"{result.measured} measured, {result.skipped} already on disk, {result.failed} failed "
               f"of {result.total} {kind} samples in {result.out_dir}")
 
@@ -407,51 +401,20 @@ def model_report(
 
     Example: neuroshard model-report data/models/cpu-b4096-d4 --data data/datasets/cpu_b4096_r10
     """
-    from neuroshard.costmodel import read_meta
-    from neuroshard.pretrain.fidelity import bucket_order, session_fidelity
+    from neuroshard.models.metrics import report_header, report_summary, report_tables
+    from neuroshard.pretrain.fidelity import model_report as read_report
 
-    meta = read_meta(model_dir)
-    sessions = [session_fidelity(model_dir, d) for d in data or []]
+    meta, sessions = read_report(model_dir, data or [])
     if as_json:
-        report = {k: meta.get(k) for k in ("name", "kind", "backend", "batch_size",
-                                           "num_devices", "sample_counts", "metrics")}
-        out.print_json(json.dumps({**report, "sessions": sessions}))
+        out.print_json(json.dumps(report_summary(meta, sessions)))
         return
-    out.print(f"[bold]{meta.get('name')}[/bold] ({meta.get('kind')}), backend {meta.get('backend')}, "
-              f"batch {meta.get('batch_size')}, {meta.get('num_devices')} devices, "
-              f"schema {meta.get('feature_schema')}")
-    metrics = dict(meta.get("metrics") or {})
-    floors = metrics.pop("noise_floor", {})
-    table = Table(title="held-out error")
-    for column in ("model", "split", "n", "MSE(log)", "MAPE", "Spearman", "floor", "/floor"):
-        table.add_column(column, justify="right")
-    for part, splits in sorted(metrics.items()):
-        floor = (floors.get(part) or {}).get("floor_mape")
-        for split, m in sorted(splits.items()):
-            if isinstance(m, dict) and "mape" in m:
-                ratio = f"{m['mape'] / floor:.2f}" if floor else ""
-                table.add_row(part, split, str(m.get("n", "")), f"{m.get('mse_log', float('nan')):.4f}",
-                              f"{m['mape']:.2%}", f"{m.get('spearman', float('nan')):.4f}",
-                              f"{floor:.2%}" if floor is not None else "", ratio)
-    for session in sessions:
-        m, floor = session["compute"], (session["noise_floor"] or {}).get("floor_mape")
-        table.add_row("compute", Path(session["data"]).name, str(m["n"]),
-                      f"{m['mse_log']:.4f}", f"{m['mape']:.2%}", f"{m['spearman']:.4f}",
-                      f"{floor:.2%}" if floor else "", f"{m['mape'] / floor:.2f}" if floor else "")
-    out.print(table)
-    for part, split in (("compute", "test_pool"), ("compute", "test"), ("bwd_comm", "test"),
-                        ("fwd_comm", "test")):
-        m = (metrics.get(part) or {}).get(split) or {}
-        groups = {k: v for k, v in m.items() if k.startswith("by_") and v}
-        if not groups:
-            continue
-        table = Table(title=f"{part} {split} by bucket")
-        for column in ("by", "bucket", "samples", "MAPE", "Spearman"):
+    out.print(report_header(meta), markup=False, highlight=False)
+    for text_table in report_tables(meta, sessions):
+        table = Table(title=text_table.title)
+        for column in text_table.columns:
             table.add_column(column, justify="right")
-        for by, buckets in groups.items():
-            for bucket, b in sorted(buckets.items(), key=lambda kv: bucket_order(by, kv[0])):
-                table.add_row(by[3:], bucket, str(b.get("n", "")), f"{b['mape']:.2%}",
-                              f"{b.get('spearman', float('nan')):.4f}")
+        for row in text_table.rows:
+            table.add_row(*row)
         out.print(table)
 
 

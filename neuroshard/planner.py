@@ -1,21 +1,20 @@
-"""The library entry points: plan tables, evaluate a plan, find the shipped models.
+"""The library entry points: plan tables, evaluate a plan.
 
 ``Planner(cost_model=None, searcher=None)`` falls back to the shipped pre-trained model
-for the cluster's device count and to the ``neuroshard`` searcher (beam + greedy grid).
+for the cluster's device count (:func:`neuroshard.models.resolve_cost_model`) and to the
+``neuroshard`` searcher (beam + greedy grid).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from importlib import resources
-from pathlib import Path
 from typing import Any, Sequence
 
+from neuroshard.models import resolve_cost_model
 from neuroshard.types import (
     Cluster,
     CostEstimator,
-    ModelFileError,
     Plan,
     PlanCost,
     PlanInfeasibleError,
@@ -29,38 +28,6 @@ DEFAULT_SEARCHER = "neuroshard"
 
 # The option through which each budget-aware searcher bounds its own time.
 _BUDGET_OPTION = {"neuroshard": "time_budget_s", "surco": "time_limit_s"}
-
-
-def shipped_models() -> dict[str, Path]:
-    """Model directories shipped in ``neuroshard.data/models``, by name."""
-    root = resources.files("neuroshard.data") / "models"
-    found = {}
-    for entry in root.iterdir():
-        if entry.is_dir() and (entry / "meta.json").is_file():
-            found[entry.name] = Path(str(entry))
-    return dict(sorted(found.items()))
-
-
-def default_model_dir(num_devices: int, backend: str = "sim", cost_model: str = "neural") -> Path:
-    """The shipped ``cost_model`` model (its kind: neural or lightgbm) trained on ``backend``
-    with the device count nearest ``num_devices``."""
-    from neuroshard.costmodel import read_meta
-
-    candidates = []
-    for name, path in shipped_models().items():
-        meta = read_meta(path)
-        if meta.get("backend") == backend and meta.get("kind") == cost_model:
-            candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
-    if not candidates:
-        raise ModelFileError(f"no shipped {cost_model} model for backend {backend!r}; "
-                             "pass --model DIR")
-    return min(candidates)[2]
-
-
-def default_estimator(num_devices: int, batch_size: int | None = None, backend: str = "sim") -> CostEstimator:
-    from neuroshard.costmodel import load_cost_model
-
-    return load_cost_model(default_model_dir(num_devices, backend), batch_size=batch_size)
 
 
 def check_fits(tables: Sequence[TableSpec], cluster: Cluster) -> None:
@@ -95,7 +62,8 @@ def plan_tables(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     if time_budget_s is not None and not time_budget_s > 0:
         raise UsageError(f"time budget must be positive, got {time_budget_s}")
     check_fits(tables, cluster)
-    estimator = estimator or default_estimator(cluster.num_devices, cluster.batch_size)
+    estimator = estimator or resolve_cost_model(num_devices=cluster.num_devices,
+                                                batch_size=cluster.batch_size)
     options = {}
     if time_budget_s is not None and searcher in _BUDGET_OPTION:
         options[_BUDGET_OPTION[searcher]] = time_budget_s

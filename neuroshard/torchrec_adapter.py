@@ -519,9 +519,9 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
 
 
 def _default_estimator(num_devices: int, batch_size: int) -> CostEstimator:
-    from neuroshard.planner import default_estimator
+    from neuroshard.models import resolve_cost_model
 
-    return default_estimator(num_devices, batch_size)
+    return resolve_cost_model(num_devices=num_devices, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- planner
@@ -538,7 +538,7 @@ class NeuroShardPlanner(ShardingPlanner):
         searcher: a searcher name for :func:`neuroshard.planner.plan_tables`, or any
             :class:`~neuroshard.types.Searcher` callable.
         estimator: the cost model; default the shipped one for this device count and
-            batch size (:func:`neuroshard.planner.default_estimator`).
+            batch size (:func:`neuroshard.models.resolve_cost_model`).
         batch_size: global batch size the costs are for.
         constraints: TorchRec parameter constraints, read for pooling factors only.
         memory_headroom: fraction of each device's memory to leave unplanned.

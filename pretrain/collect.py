@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuroshard.features import FEATURE_NAMES, FEATURE_SCHEMA, raw_features
+from neuroshard.fingerprint import Fingerprint
 from neuroshard.pretrain.augment import CommSample, ComputeSample
 from neuroshard.types import HardwareBackend, NeuroShardError
 
@@ -43,7 +44,8 @@ PART_GLOB = "part-*.parquet"
 
 __all__ = [
     "BackendSpec", "CollectResult", "DatasetError", "check_fingerprint", "collect",
-    "collect_chunk", "existing_keys", "part_files", "pending_samples", "write_part",
+    "collect_chunk", "existing_keys", "part_files", "pending_samples", "read_part",
+    "write_part",
 ]
 
 
@@ -185,7 +187,9 @@ def part_files(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(d.glob(PART_GLOB)) if d.is_dir() else []
 
 
-def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One part file (only ``columns`` when given); :class:`DatasetError` naming it when
+    it cannot be read."""
     try:
         return pq.read_table(path, columns=columns)
     except Exception as exc:  # noqa: BLE001 -- any unreadable part is the same problem
@@ -196,28 +200,24 @@ def existing_keys(out_dir: str | os.PathLike) -> set[str]:
     """Keys of every row already written under ``out_dir``."""
     keys: set[str] = set()
     for path in part_files(out_dir):
-        keys.update(_read_part(path, ["key"]).column("key").to_pylist())
+        keys.update(read_part(path, ["key"]).column("key").to_pylist())
     return keys
 
 
 def _existing_fingerprint(out_dir: Path) -> tuple[Path, str] | None:
     for path in part_files(out_dir):
-        col = _read_part(path, ["fingerprint"]).column("fingerprint")
+        col = read_part(path, ["fingerprint"]).column("fingerprint")
         if len(col):
             return path, col[0].as_py()
     return None
 
 
-def _fingerprint_diff(a: str, b: str) -> str:
+def _fingerprint_diff(on_disk: str, now: str) -> str:
     try:
-        da, db = json.loads(a), json.loads(b)
-    except json.JSONDecodeError:
-        return f"{a} != {b}"
-    if not (isinstance(da, dict) and isinstance(db, dict)):
-        return f"{a} != {b}"
-    keys = sorted(set(da) | set(db))
-    return "; ".join(f"{k}: {da.get(k)!r} (on disk) vs {db.get(k)!r} (now)"
-                     for k in keys if da.get(k) != db.get(k))
+        lines = Fingerprint.of(on_disk).describe_diff(now, labels=("on disk", "now"))
+    except ValueError:  # not a JSON object: show both as they are
+        return f"{on_disk} != {now}"
+    return "; ".join(lines)
 
 
 def check_fingerprint(out_dir: str | os.PathLike, fingerprint: str, backend_name: str) -> None:

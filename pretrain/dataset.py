@@ -1,119 +1,30 @@
-"""Read collected Parquet back into arrays for training, and split it.
+"""Read collected Parquet back into arrays for training.
 
 :func:`load_compute` and :func:`load_comm` read every part file under a directory (as
 written by :mod:`neuroshard.pretrain.collect`), order rows by key so the result does not
 depend on how the collection was chunked or resumed, and optionally keep only a given
-set of keys. :func:`split_random` splits 80/10/10 by a seeded permutation;
-:func:`split_by_tables` holds out the rows whose tables all come from a named pool.
+set of keys. They return the core's :class:`~neuroshard.samples.ComputeData` and
+:class:`~neuroshard.samples.CommData`, which the models fit on and which
+:mod:`neuroshard.samples` splits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from dataclasses import dataclass
-from typing import Collection, Iterable, NamedTuple
+from typing import Collection
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from neuroshard.features import NUM_FEATURES, pad_loads, transform_raw
-from neuroshard.pretrain.collect import DatasetError, SCHEMAS, _read_part, part_files
+from neuroshard.features import NUM_FEATURES
+from neuroshard.pretrain.collect import SCHEMAS, DatasetError, part_files, read_part
+from neuroshard.samples import CommData, ComputeData
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CommData", "ComputeData", "Split", "load_comm", "load_compute", "sample_keys",
-    "split_by_tables", "split_random",
-]
-
-
-class Split(NamedTuple):
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def _hash_arrays(keys: np.ndarray, *arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update("\n".join(keys.tolist()).encode())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True, eq=False)
-class ComputeData:
-    """Compute samples: ragged tables per row (``offsets``) and one label per row."""
-
-    keys: np.ndarray  # (n,) str
-    offsets: np.ndarray  # (n + 1,) int64: row i's tables are features[offsets[i]:offsets[i+1]]
-    features: np.ndarray  # (total tables, 20) float64, raw
-    table_names: np.ndarray  # (total tables,) str
-    label_ms: np.ndarray  # (n,)
-    spread: np.ndarray  # (n,)
-    fingerprint: str  # backend fingerprint (JSON) of the rows
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def num_tables(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def names_of(self, i: int) -> list[str]:
-        return self.table_names[self.offsets[i]: self.offsets[i + 1]].tolist()
-
-    def subset(self, idx: Iterable[int]) -> "ComputeData":
-        idx = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx, dtype=np.int64)
-        counts = np.diff(self.offsets)[idx]
-        starts = self.offsets[:-1][idx]
-        take = (np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-                + np.arange(counts.sum()))
-        return ComputeData(self.keys[idx], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                           self.features[take], self.table_names[take], self.label_ms[idx],
-                           self.spread[idx], self.fingerprint)
-
-    def padded(self, max_tables: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Transformed features ``(n, maxT, 20)`` float32 and mask ``(n, maxT)``."""
-        feats = transform_raw(self.features)
-        return pad_loads([feats[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])],
-                         max_tables)
-
-    def data_hash(self) -> str:
-        return _hash_arrays(self.keys, self.label_ms)
-
-
-@dataclass(frozen=True, eq=False)
-class CommData:
-    """Comm samples padded to the largest device count; ``mask`` marks real devices."""
-
-    keys: np.ndarray  # (n,) str
-    num_devices: np.ndarray  # (n,) int
-    dim_sums: np.ndarray  # (n, maxN) float64
-    waits_ms: np.ndarray  # (n, maxN)
-    fwd_ms: np.ndarray  # (n, maxN)
-    bwd_ms: np.ndarray  # (n, maxN)
-    mask: np.ndarray  # (n, maxN) bool
-    fingerprint: str
-    num_tables: np.ndarray | None = None  # (n,) shards in the plan each sample came from
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def subset(self, idx: Iterable[int]) -> "CommData":
-        idx = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx, dtype=np.int64)
-        width = int(self.num_devices[idx].max()) if len(idx) else 1
-        return CommData(self.keys[idx], self.num_devices[idx],
-                        *(a[idx, :width] for a in (self.dim_sums, self.waits_ms, self.fwd_ms,
-                                                   self.bwd_ms, self.mask)),
-                        fingerprint=self.fingerprint,
-                        num_tables=None if self.num_tables is None else self.num_tables[idx])
-
-    def data_hash(self) -> str:
-        return _hash_arrays(self.keys, self.fwd_ms[self.mask], self.bwd_ms[self.mask])
+__all__ = ["load_comm", "load_compute", "sample_keys"]
 
 
 def _read_dir(data_dir: str | os.PathLike, kind: str,
@@ -124,7 +35,7 @@ def _read_dir(data_dir: str | os.PathLike, kind: str,
     schema = SCHEMAS[kind]
     tables = []
     for p in parts:
-        t = _read_part(p)
+        t = read_part(p)
         missing = [n for n in schema.names if n not in t.column_names]
         if missing:
             raise DatasetError(f"{p}: not {kind} data (missing columns {missing})")
@@ -168,7 +79,7 @@ def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
         raise DatasetError(f"{data_dir}: no part files")
     out: dict[int, str] = {}
     for p in parts:
-        t = _read_part(p)
+        t = read_part(p)
         if "index" not in t.column_names or "key" not in t.column_names:
             raise DatasetError(f"{p}: no index and key columns")
         for index, key in zip(t.column("index").to_pylist(), t.column("key").to_pylist()):
@@ -228,39 +139,3 @@ def load_comm(data_dir: str | os.PathLike, keys: Collection[str] | None = None) 
         fingerprint=_first_fingerprint(t),
         num_tables=t.column("num_tables").to_numpy().astype(np.int64),
     )
-
-
-def split_random(n: int, seed: int = 0,
-                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Split:
-    """Train/val/test indices from a seeded permutation of ``range(n)``."""
-    if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1: {fractions}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
-    return Split(np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_val]),
-                 np.sort(perm[n_train + n_val:]))
-
-
-def split_by_tables(data: ComputeData, test_names: Collection[str], seed: int = 0,
-                    val_fraction: float = 0.1) -> Split:
-    """Rows whose tables all lie in ``test_names`` are the test set.
-
-    Rows with no table in ``test_names`` are split into train and validation by a seeded
-    permutation; rows mixing both pools are dropped, so no test table is seen in training.
-    """
-    names = set(test_names)
-    in_test = np.fromiter((n in names for n in data.table_names), dtype=bool,
-                          count=len(data.table_names))
-    cum = np.concatenate([[0], np.cumsum(in_test, dtype=np.int64)])
-    n_in = cum[data.offsets[1:]] - cum[data.offsets[:-1]]
-    counts = data.num_tables
-    test = np.flatnonzero((n_in == counts) & (counts > 0))
-    rest = np.flatnonzero(n_in == 0)
-    dropped = len(data) - len(test) - len(rest)
-    if dropped:
-        logger.info("split_by_tables: dropped %d rows mixing both pools", dropped)
-    perm = np.random.default_rng(seed).permutation(rest)
-    n_val = int(round(val_fraction * len(rest)))
-    return Split(np.sort(perm[n_val:]), np.sort(perm[:n_val]), test)
-

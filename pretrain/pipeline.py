@@ -1,6 +1,6 @@
 """Pre-training end to end: augment, collect (resumable), train, save a model directory.
 
-``pretrain(out_dir)`` leaves::
+``pretrain(PretrainConfig(out_dir))`` leaves::
 
     out_dir/data/compute/part-*.parquet          compute samples of the training tables
     out_dir/data/comm/part-*.parquet             comm samples
@@ -9,6 +9,10 @@
     out_dir/train/                               training checkpoints (resume)
     out_dir/model/{compute.pt, comm.pt, meta.json}
 
+Everything a run is asked for is one frozen :class:`PretrainConfig`; ``pretrain(config)``
+and ``collect_samples(config, kind)`` (one sample set, as ``pretrain`` would draw it) are
+the library calls behind ``neuroshard pretrain`` and ``neuroshard collect``.
+
 Sampling is seeded and sequential, so a rerun draws the same samples with the same keys:
 an interrupted run resumes collection where it stopped, and a run asking for more
 samples measures only the new ones. Training reads exactly the samples of this run.
@@ -16,14 +20,13 @@ samples measures only the new ones. Training reads exactly the samples of this r
 Metrics in ``meta.json``: ``compute.test`` on a random 10% of the training-table samples,
 ``compute.test_pool`` on loads built only from held-out tables (by default the pool's
 test half, never seen in training), ``fwd_comm.test`` and ``bwd_comm.test``; each with
-breakdowns (:mod:`~neuroshard.pretrain.fidelity`). ``noise_floor`` compares the retest
+breakdowns (:mod:`~neuroshard.models.metrics`). ``noise_floor`` compares the retest
 with the first measurement of the same samples: the error no model can go below.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,7 +35,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from neuroshard.costmodel import NeuralCostModel
+from neuroshard.models import cost_model_kinds, model_class
+from neuroshard.models.metrics import noise_floor
+from neuroshard.models.training import file_checkpointed
 from neuroshard.pretrain.augment import (
     DEFAULT_MEMORY_CAP_BYTES,
     augment_tables,
@@ -40,77 +45,56 @@ from neuroshard.pretrain.augment import (
     sample_compute_loads,
     shrink_tables,
 )
-from neuroshard.pretrain.collect import BackendSpec, collect, resolve_backend
+from neuroshard.pretrain.collect import BackendSpec, CollectResult, collect, resolve_backend
 from neuroshard.pretrain.dataset import load_comm, load_compute
-from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET, noise_floor
-from neuroshard.pretrain.train import file_checkpointed
+from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
 from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["collect_samples", "pretrain"]
+__all__ = ["PretrainConfig", "backend_spec", "collect_samples", "pretrain"]
 
 # Independent random streams per sample kind, so changing one count leaves the others' keys.
 _STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
 
 
-def _model_class(cost_model: str) -> type:
-    if cost_model == "neural":
-        return NeuralCostModel
-    if cost_model == "lightgbm":
-        from neuroshard.lgbm import LightGBMCostModel
+def backend_spec(name: str, batch_size: int, *, profile: str | None = None,
+                 noise: float | None = None, seed: int | None = None) -> BackendSpec:
+    """The backend ``name`` at ``batch_size``; ``profile``, ``noise`` and ``seed`` are the
+    sim backend's options (given ones are passed to ``sim`` and dropped for others)."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if name == "sim":
+        kwargs.update({k: v for k, v in (("profile", profile), ("noise", noise),
+                                         ("seed", seed)) if v is not None})
+    return BackendSpec(name, kwargs)
 
-        return LightGBMCostModel
-    raise UnknownNameError(f"unknown cost model {cost_model!r}; valid: lightgbm, neural")
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What a pretrain run measures, on what, and what it trains.
 
-def pretrain(out_dir: str | os.PathLike, *,
-             backend: str | HardwareBackend | BackendSpec = "sim",
-             backend_kwargs: Mapping[str, Any] | None = None,
-             num_devices: int = 4,
-             comm_device_counts: Sequence[int] | None = None,
-             compute_samples: int = 20_000,
-             comm_samples: int = 8_000,
-             holdout_samples: int = 2_000,
-             retest_samples: int = 200,
-             seed: int = 0,
-             tables: Sequence[TableSpec] | None = None,
-             holdout_tables: Sequence[TableSpec] | None = None,
-             memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES,
-             max_tables: int = 40,
-             shrink_copies: int = 1,
-             chunk_size: int = 256,
-             rounds: int = 1,
-             model_kwargs: Mapping[str, Any] | None = None,
-             cost_model: str = "neural",
-             workers: int = 0,
-             address: str | None = None,
-             progress: bool = True) -> Path:
-    """Collect training data on ``backend``, train a cost model, save it.
-
-    ``cost_model`` is ``"neural"`` (:class:`NeuralCostModel`) or ``"lightgbm"``
-    (:class:`~neuroshard.lgbm.LightGBMCostModel`, same data and directory layout).
+    ``backend`` is a registered name (with ``backend_kwargs``), a :class:`BackendSpec`
+    (:func:`backend_spec`) or a backend object (in-process collection only).
+    ``cost_model`` is a cost-model kind of :func:`neuroshard.models.model_class`
+    (``"neural"`` or ``"lightgbm"``, same data and directory layout); ``model_kwargs`` go
+    to its constructor (with ``seed``).
 
     ``tables`` default to the pool's train half and ``holdout_tables`` then default to its
     test half (``load_pool``); with explicit ``tables`` there is no held-out pool unless
     given. Comm samples use ``num_devices`` devices, or a device count drawn from
-    ``comm_device_counts`` per sample. The comm nets accept any count but are accurate
-    near the counts they saw: on the sim (h100), a model trained at 4 devices is off by
-    0.6% at 4, 9% at 8 and 35% at 2; trained on (2, 4, 8, 16) it is within 3% at 2 to 8
-    and 15% at 16, where devices span two hosts (which devices share a host is not an
-    input). Returns the model directory ``out_dir/model``.
+    ``comm_device_counts`` per sample. The comm nets accept any count but are most
+    accurate near the counts they saw (which devices share a host is not an input).
 
     ``workers`` > 0 or an ``address`` collects on Ray actors
     (:func:`~neuroshard.pretrain.ray_jobs.collect_ray`: an embedded local cluster, or the
     cluster at ``address``) and trains the neural nets data-parallel on as many Ray Train
     workers (:mod:`~neuroshard.pretrain.ray_train`); otherwise both run in this process.
-    Training checkpoints go to ``out_dir/train``: rerunning an interrupted ``pretrain``
-    skips the samples on disk and resumes each net from its last checkpoint.
 
     Compute loads are drawn from the training tables plus ``shrink_copies`` hotter copies
     of each (:func:`~neuroshard.pretrain.augment.shrink_tables`), all at every dim of
-    :func:`~neuroshard.pretrain.augment.augment_tables`. Held-out loads use the held-out
-    tables as they are.
+    :func:`~neuroshard.pretrain.augment.augment_tables`; they have 1 to ``max_tables``
+    tables, which should cover the shards a device holds in the plans the search scores
+    (more than the paper's 15). Held-out loads use the held-out tables as they are.
 
     The first ``retest_samples`` held-out compute samples (training samples when there
     are none) and comm samples are measured a second time; the two runs give the noise
@@ -118,60 +102,106 @@ def pretrain(out_dir: str | os.PathLike, *,
 
     ``rounds`` > 1 interleaves the collection: round r measures the r-th slice of every
     set (training, comm, held-out) and retests what earlier rounds measured. Real
-    hardware drifts between windows minutes apart: on the shared 2-core VM this was built
-    on, a whole retest was 3.6% faster after a 3,000-sample collection, and in an
-    interleaved session one window's retests came back 52% slower. With one round the
-    held-out set, measured in one window after the training data, is off the training
-    data by that window's drift, and every retest shares the end window's. Interleaved,
-    all sets see the same mix of windows, and the floor covers them.
+    hardware drifts between windows minutes apart; with one round the held-out set,
+    measured in one window after the training data, is off the training data by that
+    window's drift, and every retest shares the end window's. Interleaved, all sets see
+    the same mix of windows, and the floor covers them.
 
-    Loads have 1 to ``max_tables`` tables. The paper's 15 is too few for the search: a
-    device of a 60-table task on 4 devices holds 15 shards on average and more in skewed
-    candidates, and a model trained on at most 15 is off by 25% at 16-30 tables and by
-    more than 100% at 31-45 (sim backend, h100); with 40 the error stays at the noise level.
+    ``chunk_size`` samples go to each Parquet part (the unit a resumed collection skips).
+    """
+
+    out_dir: Path
+    backend: str | HardwareBackend | BackendSpec = "sim"
+    backend_kwargs: Mapping[str, Any] | None = None
+    num_devices: int = 4
+    comm_device_counts: Sequence[int] | None = None
+    compute_samples: int = 20_000
+    comm_samples: int = 8_000
+    holdout_samples: int = 2_000
+    retest_samples: int = 200
+    seed: int = 0
+    tables: Sequence[TableSpec] | None = None
+    holdout_tables: Sequence[TableSpec] | None = None
+    memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES
+    max_tables: int = 40
+    shrink_copies: int = 1
+    chunk_size: int = 256
+    rounds: int = 1
+    model_kwargs: Mapping[str, Any] | None = None
+    cost_model: str = "neural"
+    workers: int = 0
+    address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.cost_model not in cost_model_kinds():  # fails before anything is collected
+            raise UnknownNameError(f"unknown cost model {self.cost_model!r}; valid: "
+                                   f"{', '.join(cost_model_kinds())}")
+        if self.backend_kwargs and not isinstance(self.backend, str):
+            raise ValueError("backend_kwargs only apply to a backend given by name")
+
+    def backend_spec(self) -> HardwareBackend | BackendSpec:
+        """The backend as a :class:`BackendSpec` (or the object given)."""
+        if isinstance(self.backend, str):
+            return BackendSpec(self.backend, dict(self.backend_kwargs or {}))
+        return self.backend
+
+    def training_tables(self) -> tuple[list[TableSpec], list[TableSpec]]:
+        """The training tables and the held-out ones (the pool's halves by default)."""
+        tables, holdout = self.tables, self.holdout_tables
+        if tables is None:
+            from neuroshard.pretrain.pool import load_pool
+
+            tables = load_pool("train")
+            if holdout is None:
+                holdout = load_pool("test")
+        if not tables:
+            raise ValueError("pretrain needs at least one table")
+        return list(tables), list(holdout or [])
+
+    @property
+    def comm_counts(self) -> list[int]:
+        """The device counts comm samples are drawn from."""
+        return list(self.comm_device_counts) if self.comm_device_counts else [self.num_devices]
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Collect training data as ``config`` asks, train a cost model, save it; returns the
+    model directory ``out_dir/model``.
+
+    Training checkpoints go to ``out_dir/train``: rerunning an interrupted ``pretrain``
+    skips the samples on disk and resumes each net from its last checkpoint.
     """
     started = time.perf_counter()
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    out = Path(out_dir)
-    model_cls = _model_class(cost_model)  # an unknown name fails before collecting
-    if tables is None:
-        from neuroshard.pretrain.pool import load_pool
-
-        tables = load_pool("train")
-        if holdout_tables is None:
-            holdout_tables = load_pool("test")
-    tables = list(tables)
-    if not tables:
-        raise ValueError("pretrain needs at least one table")
-    if isinstance(backend, str):
-        backend = BackendSpec(backend, dict(backend_kwargs or {}))
-    elif backend_kwargs:
-        raise ValueError("backend_kwargs only apply to a backend given by name")
+    model_cls = model_class(config.cost_model)
+    out = config.out_dir
+    tables, holdout_tables = config.training_tables()
+    backend = config.backend_spec()
     be = resolve_backend(backend)
-    counts = list(comm_device_counts) if comm_device_counts else [num_devices]
+    rounds, chunk_size, progress = config.rounds, config.chunk_size, config.progress
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    compute_set = _compute_samples(tables, compute_samples, seed=seed, max_tables=max_tables,
-                                   memory_cap_bytes=memory_cap_bytes, shrink_copies=shrink_copies)
-    comm_set = sample_comm_tasks(tables, comm_samples, np.random.default_rng([seed, _STREAM_COMM]),
-                                 counts)
+    compute_set = _compute_samples(config, tables, config.compute_samples)
+    comm_set = _comm_samples(config, tables, config.comm_samples)
     holdout_set = []
-    if holdout_tables and holdout_samples > 0:
-        holdout_set = sample_compute_loads(augment_tables(list(holdout_tables)), holdout_samples,
-                                           np.random.default_rng([seed, _STREAM_HOLDOUT]),
-                                           max_tables=max_tables,
-                                           memory_cap_bytes=memory_cap_bytes)
+    if holdout_tables and config.holdout_samples > 0:
+        holdout_set = sample_compute_loads(augment_tables(holdout_tables), config.holdout_samples,
+                                           np.random.default_rng([config.seed, _STREAM_HOLDOUT]),
+                                           max_tables=config.max_tables,
+                                           memory_cap_bytes=config.memory_cap_bytes)
     timings["sample_s"] = time.perf_counter() - t0
     logger.info("%d tables: %d compute, %d comm, %d held-out samples", len(tables),
                 len(compute_set), len(comm_set), len(holdout_set))
 
     t0 = time.perf_counter()
     data = out / "data"
-    run = _collector(be, backend, workers, address)
-    retests = {"compute": _retest(holdout_set or compute_set, retest_samples),
-               "comm": _retest(comm_set, retest_samples)}
+    run = _collector(be, backend, config.workers, config.address)
+    retests = {"compute": _retest(holdout_set or compute_set, config.retest_samples),
+               "comm": _retest(comm_set, config.retest_samples)}
     jobs = [_Job(compute_set, data / "compute", "compute", "compute samples"),
             _Job(comm_set, data / "comm", "comm", "comm samples")]
     if holdout_set:
@@ -192,10 +222,11 @@ def pretrain(out_dir: str | os.PathLike, *,
     t0 = time.perf_counter()
     compute_data = load_compute(data / "compute", {s.key for s in compute_set})
     comm_data = load_comm(data / "comm", {s.key for s in comm_set})
-    kwargs = {"seed": seed, **dict(model_kwargs or {})}
-    with _trainer(cost_model, out / "train", workers, address) as fit_kwargs:
+    kwargs = {"seed": config.seed, **dict(config.model_kwargs or {})}
+    with _trainer(config.cost_model, out / "train", config.workers,
+                  config.address) as fit_kwargs:
         model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
-                                        num_devices=num_devices, **fit_kwargs)
+                                        num_devices=config.num_devices, **fit_kwargs)
     timings["train_s"] = time.perf_counter() - t0
     if holdout_set:
         holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
@@ -207,14 +238,14 @@ def pretrain(out_dir: str | os.PathLike, *,
     timings["total_s"] = time.perf_counter() - started
     model.provenance_ = {
         "pipeline": "neuroshard.pretrain.pipeline.pretrain",
-        "seed": seed,
-        "num_devices": num_devices,
-        "comm_device_counts": counts,
+        "seed": config.seed,
+        "num_devices": config.num_devices,
+        "comm_device_counts": config.comm_counts,
         "num_tables": len(tables),
-        "num_holdout_tables": len(holdout_tables or []),
-        "memory_cap_bytes": memory_cap_bytes,
-        "max_tables": max_tables,
-        "shrink_copies": shrink_copies,
+        "num_holdout_tables": len(holdout_tables),
+        "memory_cap_bytes": config.memory_cap_bytes,
+        "max_tables": config.max_tables,
+        "shrink_copies": config.shrink_copies,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     model_dir = model.save(out / "model")
@@ -300,32 +331,38 @@ def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
 @contextmanager
 def _trainer(cost_model: str, checkpoint_dir: Path, workers: int,
              address: str | None) -> Iterator[dict[str, Any]]:
-    """The ``fit`` keywords that train the neural nets resumably: on Ray Train when
-    ``workers`` or ``address`` ask for Ray, else in this process with file checkpoints."""
+    """The ``fit`` keywords that train the neural nets resumably (the injected
+    ``trainer``): on Ray Train when ``workers`` or ``address`` ask for Ray, else in this
+    process with file checkpoints."""
     if cost_model != "neural":
         if workers or address:
             logger.info("%s trains in this process; Ray only collects", cost_model)
         yield {}
         return
     if not workers and not address:
-        yield {"train_fn": file_checkpointed(checkpoint_dir)}
+        yield {"trainer": file_checkpointed(checkpoint_dir)}
         return
     from neuroshard.pretrain.ray_train import ray_training
 
     with ray_training(workers=max(workers, 1), storage_dir=checkpoint_dir,
-                      address=address) as train_fn:
-        yield {"train_fn": train_fn}
+                      address=address) as trainer:
+        yield {"trainer": trainer}
 
 
-def _compute_samples(tables: Sequence[TableSpec], n: int, *, seed: int, max_tables: int,
-                     memory_cap_bytes: int, shrink_copies: int) -> list:
+def _compute_samples(config: PretrainConfig, tables: Sequence[TableSpec], n: int) -> list:
     variants = list(tables)
-    if shrink_copies > 0:
-        variants += shrink_tables(tables, np.random.default_rng([seed, _STREAM_SHRINK]),
-                                  copies=shrink_copies)
+    if config.shrink_copies > 0:
+        variants += shrink_tables(tables, np.random.default_rng([config.seed, _STREAM_SHRINK]),
+                                  copies=config.shrink_copies)
     return sample_compute_loads(augment_tables(variants), n,
-                                np.random.default_rng([seed, _STREAM_COMPUTE]),
-                                max_tables=max_tables, memory_cap_bytes=memory_cap_bytes)
+                                np.random.default_rng([config.seed, _STREAM_COMPUTE]),
+                                max_tables=config.max_tables,
+                                memory_cap_bytes=config.memory_cap_bytes)
+
+
+def _comm_samples(config: PretrainConfig, tables: Sequence[TableSpec], n: int) -> list:
+    return sample_comm_tasks(tables, n, np.random.default_rng([config.seed, _STREAM_COMM]),
+                             config.comm_counts)
 
 
 def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str | None):
@@ -333,34 +370,28 @@ def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str |
     if not workers and not address:
         return lambda samples, out, **kw: collect(samples, backend, out, **kw)
     if not isinstance(spec, BackendSpec):
-        raise ValueError("Ray collection needs the backend by name (a BackendSpec), not an object")
+        raise ValueError("Ray collection needs the backend by name (a BackendSpec), "
+                         "not an object")
     from neuroshard.pretrain.ray_jobs import collect_ray
 
     return lambda samples, out, **kw: collect_ray(samples, spec, out, workers=max(workers, 1),
                                                   address=address, **kw)
 
 
-def collect_samples(out_dir: str | os.PathLike, *, kind: str, samples: int,
-                    backend: str = "sim", backend_kwargs: Mapping[str, Any] | None = None,
-                    num_devices: int = 4, seed: int = 0, workers: int = 0,
-                    address: str | None = None, max_tables: int = 40,
-                    memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES, shrink_copies: int = 1,
-                    chunk_size: int = 64, progress: bool = True):
-    """Draw ``samples`` samples of ``kind`` from the pool's train half as ``pretrain`` does
-    (same seeds, so the keys match) and measure them into ``out_dir`` (resumable)."""
+def collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
+    """Draw the ``kind`` samples (``compute`` or ``comm``) of the training tables as
+    ``pretrain`` does (same seeds and counts, so the keys match) and measure them into
+    ``config.out_dir`` itself (resumable)."""
     if kind not in ("compute", "comm"):
         raise UnknownNameError(f"unknown sample kind {kind!r}; valid: compute, comm")
-    from neuroshard.pretrain.pool import load_pool
-
-    tables = load_pool("train")
-    spec = BackendSpec(backend, dict(backend_kwargs or {}))
+    tables, _ = config.training_tables()
     if kind == "compute":
-        drawn = _compute_samples(tables, samples, seed=seed, max_tables=max_tables,
-                                 memory_cap_bytes=memory_cap_bytes, shrink_copies=shrink_copies)
+        drawn = _compute_samples(config, tables, config.compute_samples)
     else:
-        drawn = sample_comm_tasks(tables, samples, np.random.default_rng([seed, _STREAM_COMM]),
-                                  [num_devices])
-    be = spec if (workers or address) else resolve_backend(spec)
-    run = _collector(be, spec, workers, address)
-    return run(drawn, Path(out_dir), kind=kind, chunk_size=chunk_size, progress=progress,
-               description=f"{kind} samples")
+        drawn = _comm_samples(config, tables, config.comm_samples)
+    spec = config.backend_spec()
+    ray = bool(config.workers or config.address)
+    run = _collector(spec if ray else resolve_backend(spec), spec, config.workers,
+                     config.address)
+    return run(drawn, config.out_dir, kind=kind, chunk_size=config.chunk_size,
+               progress=config.progress, description=f"{kind} samples")

@@ -1,9 +1,10 @@
 """Data-parallel training of the cost-model nets on Ray Train, resumable from checkpoints.
 
-:func:`ray_training` gives a :class:`~neuroshard.pretrain.train.TrainFn`: each net is
+:func:`ray_training` gives a :class:`~neuroshard.models.training.TrainFn`: each net is
 trained by a :class:`ray.train.torch.TorchTrainer` whose workers run the same
-:func:`~neuroshard.pretrain.train.fit_net` as single-process training, on a gloo process
-group, each on its share of every minibatch (see :mod:`neuroshard.pretrain.train`).
+:func:`~neuroshard.models.training.fit_net` as single-process training, on a gloo process
+group, each on its share of every minibatch (see :mod:`neuroshard.models.training`). The
+pipeline injects it into :meth:`~neuroshard.models.neural.NeuralCostModel.fit`.
 
 Rank 0 reports the training state to Ray Train every ``checkpoint_every`` epochs. A run
 is named after the net, its data and its config, under ``storage_dir``: starting the same
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from neuroshard.pretrain.train import (
+from neuroshard.models.training import (
     Batches,
     TrainConfig,
     TrainFn,
@@ -85,7 +86,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
 @contextmanager
 def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str | None = None,
                  checkpoint_every: int = 10) -> Iterator[TrainFn]:
-    """Yield a :class:`~neuroshard.pretrain.train.TrainFn` that trains on ``workers`` Ray
+    """Yield a :class:`~neuroshard.models.training.TrainFn` that trains on ``workers`` Ray
     Train workers, saving every ``checkpoint_every`` epochs under ``storage_dir``.
 
     Ray is started (or joined at ``address``) once for every net trained in the block and

@@ -4,9 +4,8 @@ Without a time budget this is exactly :func:`~neuroshard.search.beam.beam_search
 ``time_budget_s``, the beam gets ``1 - polish_fraction`` of it and SurCo
 (:func:`~neuroshard.search.surco.surco_plan`) spends the rest re-placing the beam's own
 column shards, starting from the beam's plan; the cheaper of the two under the estimator
-wins, so the result is never worse than the beam's. On 20 test-pool tasks at 4 devices
-the polish gave 0.995x the beam's cost and was never worse (bench/results/surco_d4.md,
-``beam+surco``); at 8 devices it did not improve on the beam.
+wins, so the result is never worse than the beam's. How much the polish gains is
+measured in ``bench/results/surco_d4.md`` (``beam+surco``).
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ it under the surrogate, or when the time budget is spent.
 
 **Variants.** ``"zero"`` fits ``c`` by finite differences each round (``S x D`` estimator
 loads per round). ``"prior"`` predicts ``c[s, d]`` from shard features and device context
-with a small network (:class:`SurrogatePrior`, trained by :func:`fit_surrogate_prior` on
-the ``c`` the zero variant fitted on training-pool tasks), so a round costs ``D``
+with a small network (:class:`~neuroshard.models.surrogate.SurrogatePrior`, trained by
+:func:`fit_surrogate_prior` on the ``c`` the zero variant fitted on training-pool tasks and
+saved as a model directory), so a round costs ``D``
 estimator loads (for the intercepts) plus ``S`` single-shard loads once: worth it when
 the estimator is a slow hardware backend. Without a ``prior_path`` the prior variant
 uses each shard's single-shard compute as ``c[s, d]`` (no fitting at all).
@@ -71,24 +72,24 @@ bound under the surrogate, the real cost of the solution and the trust radius.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from neuroshard.features import FEATURE_SCHEMA, NUM_FEATURES, table_features
+from neuroshard.features import table_features
+from neuroshard.models import load_model
+from neuroshard.models.surrogate import KIND as PRIOR_KIND
+from neuroshard.models.surrogate import SurrogatePrior, pair_features
 from neuroshard.search.greedy import check_fits, place, shard_specs, to_plan
 from neuroshard.search.scoring import finish_plan, plan_cost
 from neuroshard.types import (
     Cluster,
     CostEstimator,
-    ModelFileError,
     Plan,
     PlanInfeasibleError,
     TableSpec,
@@ -107,10 +108,6 @@ _STATUS = {0: "optimal", 1: "time_limit", 2: "infeasible", 3: "unbounded", 4: "o
 # Per device, the lines (K, 2) of (slope in ms per column, intercept in ms) of a convex
 # piecewise-linear envelope in the device's dim sum.
 Lines = tuple[np.ndarray, ...]
-
-PRIOR_WEIGHTS = "prior.pt"
-PRIOR_META = "prior.json"
-PRIOR_FORMAT = "neuroshard.surco-prior/v1"
 
 
 # --------------------------------------------------------------------------- surrogate
@@ -375,189 +372,6 @@ def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.nd
                  time.perf_counter() - started)
 
 
-# --------------------------------------------------------------------------- the prior
-
-
-def pair_features(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int,
-                  single_ms: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-    """Inputs of :class:`SurrogatePrior`, ``(S * D, F)`` rows in ``(s, d)`` order.
-
-    Per pair: the shard's 20 model features; the mean features of the *other* shards on
-    device ``d``; ``log1p`` of their count, dim sum and GiB; whether ``s`` sits on ``d``;
-    ``log`` of the shard's single-shard compute (ms).
-    """
-    feats = table_features(specs) if features is None else features
-    num_shards = len(specs)
-    widths = np.asarray([s.dim for s in specs], dtype=float)
-    gib = np.asarray([s.size_bytes for s in specs], dtype=float) / _GIB
-    placed = devices >= 0
-    sums = np.zeros((num_devices, feats.shape[1]))
-    np.add.at(sums, devices[placed], feats[placed])
-    count = np.bincount(devices[placed], minlength=num_devices).astype(float)
-    dim = np.bincount(devices[placed], weights=widths[placed], minlength=num_devices)
-    mem = np.bincount(devices[placed], weights=gib[placed], minlength=num_devices)
-    on = (devices[:, None] == np.arange(num_devices)[None, :]).astype(float)  # (S, D)
-    o_sums = sums[None, :, :] - on[:, :, None] * feats[:, None, :]
-    o_count = count[None, :] - on
-    o_mean = o_sums / np.maximum(o_count, 1.0)[:, :, None]
-    o_dim = dim[None, :] - on * widths[:, None]
-    o_mem = mem[None, :] - on * gib[:, None]
-    own = np.broadcast_to(feats[:, None, :], (num_shards, num_devices, feats.shape[1]))
-    single = np.broadcast_to(np.log(np.maximum(single_ms, 1e-9))[:, None],
-                             (num_shards, num_devices))
-    out = np.concatenate([own, o_mean, np.log1p(o_count)[..., None],
-                          np.log1p(np.maximum(o_dim, 0.0))[..., None],
-                          np.log1p(np.maximum(o_mem, 0.0))[..., None], on[..., None],
-                          single[..., None]], axis=-1)
-    return out.reshape(num_shards * num_devices, -1).astype(np.float32)
-
-
-NUM_PAIR_FEATURES = 2 * NUM_FEATURES + 5
-
-
-class SurrogatePrior:
-    """A small MLP predicting ``c[s, d] / single_ms[s]`` from :func:`pair_features`.
-
-    Hyperparameters in ``__init__``; :meth:`fit` learns the attributes ending in ``_``.
-    """
-
-    def __init__(self, *, hidden: Sequence[int] = (64, 64), lr: float = 1e-3,
-                 epochs: int = 200, batch_size: int = 256, val_fraction: float = 0.1,
-                 seed: int = 0):
-        self.hidden = tuple(hidden)
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.seed = seed
-
-    def _net(self):
-        from torch import nn
-
-        sizes = [NUM_PAIR_FEATURES, *self.hidden, 1]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "SurrogatePrior":
-        """Train on pair features ``X`` and ratios ``y`` (fitted ``c`` over single compute);
-        the best epoch on a held-out ``val_fraction`` is kept."""
-        import torch
-
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y, dtype=np.float32).reshape(-1)
-        if X.ndim != 2 or X.shape[1] != NUM_PAIR_FEATURES or len(X) != len(y) or len(y) < 2:
-            raise ValueError(f"need X (n, {NUM_PAIR_FEATURES}) and y (n,) with n >= 2, got "
-                             f"{X.shape} and {y.shape}")
-        rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(y))
-        n_val = max(1, int(round(self.val_fraction * len(y))))
-        val = order[:n_val]
-        train = order[n_val:] if len(y) > n_val else order  # tiny sets: train on all
-        self.x_mean_ = X[train].mean(axis=0)
-        self.x_std_ = np.where(X[train].std(axis=0) > 1e-6, X[train].std(axis=0), 1.0)
-        self.y_mean_ = float(y[train].mean())
-        self.y_std_ = float(max(y[train].std(), 1e-6))
-        xt = torch.from_numpy((X - self.x_mean_) / self.x_std_)
-        yt = torch.from_numpy((y - self.y_mean_) / self.y_std_)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            net = self._net()
-            opt = torch.optim.Adam(net.parameters(), lr=self.lr)
-            best = (math.inf, None, -1)
-            tr = torch.from_numpy(train)
-            for epoch in range(self.epochs):
-                net.train()
-                perm = tr[torch.randperm(len(tr))]
-                for i in range(0, len(perm), self.batch_size):
-                    idx = perm[i:i + self.batch_size]
-                    loss = torch.mean((net(xt[idx]).squeeze(-1) - yt[idx]) ** 2)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                net.eval()
-                with torch.no_grad():
-                    v = float(torch.mean((net(xt[val]).squeeze(-1) - yt[val]) ** 2))
-                if v < best[0]:
-                    best = (v, {k: t.clone() for k, t in net.state_dict().items()}, epoch)
-        net.load_state_dict(best[1])
-        self.net_ = net.eval()
-        self.best_epoch_ = best[2]
-        pred = self.predict(X[val])
-        self.val_mae_ = float(np.mean(np.abs(pred - y[val])))
-        self.num_pairs_ = int(len(y))
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted ratios ``c / single_ms`` for pair features ``X``."""
-        import torch
-
-        if not hasattr(self, "net_"):
-            raise RuntimeError("SurrogatePrior is not fitted: call fit() or load()")
-        x = torch.from_numpy(((np.asarray(X, dtype=np.float32) - self.x_mean_) / self.x_std_)
-                             .astype(np.float32))
-        with torch.no_grad():
-            out = self.net_(x).squeeze(-1).numpy().astype(float)
-        return out * self.y_std_ + self.y_mean_
-
-    def save(self, path: str | os.PathLike, **meta: Any) -> Path:
-        """Write ``prior.pt`` (state_dict) and ``prior.json`` (schema, normalisation,
-        hyperparameters, ``meta``) into the directory ``path``."""
-        import torch
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.net_.state_dict(), out / PRIOR_WEIGHTS)
-        doc = {"format": PRIOR_FORMAT, "feature_schema": FEATURE_SCHEMA,
-               "num_pair_features": NUM_PAIR_FEATURES, "hidden": list(self.hidden),
-               "hyperparameters": {"lr": self.lr, "epochs": self.epochs,
-                                   "batch_size": self.batch_size,
-                                   "val_fraction": self.val_fraction, "seed": self.seed},
-               "x_mean": self.x_mean_.tolist(), "x_std": self.x_std_.tolist(),
-               "y_mean": self.y_mean_, "y_std": self.y_std_, "num_pairs": self.num_pairs_,
-               "best_epoch": self.best_epoch_, "val_mae_ratio": self.val_mae_, **meta}
-        tmp = out / (PRIOR_META + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / PRIOR_META)
-        logger.info("saved surrogate prior (%d pairs, val MAE %.3f) to %s",
-                    self.num_pairs_, self.val_mae_, out)
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "SurrogatePrior":
-        import torch
-
-        d = Path(path)
-        try:
-            doc = json.loads((d / PRIOR_META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelFileError(f"{d / PRIOR_META}: unreadable ({exc})") from exc
-        if doc.get("format") != PRIOR_FORMAT or doc.get("feature_schema") != FEATURE_SCHEMA \
-                or doc.get("num_pair_features") != NUM_PAIR_FEATURES:
-            raise ModelFileError(f"{d / PRIOR_META}: not a {PRIOR_FORMAT} prior for feature "
-                                 f"schema {FEATURE_SCHEMA}")
-        prior = cls(hidden=doc["hidden"], **doc.get("hyperparameters", {}))
-        try:
-            state = torch.load(d / PRIOR_WEIGHTS, map_location="cpu", weights_only=True)
-            net = prior._net()
-            net.load_state_dict(state)
-        except Exception as exc:  # noqa: BLE001 -- any unreadable checkpoint is one error
-            raise ModelFileError(f"{d / PRIOR_WEIGHTS}: unreadable or wrong shape ({exc})") \
-                from exc
-        prior.net_ = net.eval()
-        prior.x_mean_ = np.asarray(doc["x_mean"], dtype=np.float32)
-        prior.x_std_ = np.asarray(doc["x_std"], dtype=np.float32)
-        prior.y_mean_, prior.y_std_ = float(doc["y_mean"]), float(doc["y_std"])
-        prior.num_pairs_ = int(doc.get("num_pairs", 0))
-        prior.best_epoch_ = int(doc.get("best_epoch", -1))
-        prior.val_mae_ = float(doc.get("val_mae_ratio", math.nan))
-        prior.meta_ = doc
-        return prior
-
-
 # --------------------------------------------------------------------------- the search
 
 
@@ -719,7 +533,8 @@ def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
     error = check_fits(specs, cluster)
     if error is not None:
         raise error
-    prior = SurrogatePrior.load(prior_path) if variant == "prior" and prior_path else None
+    prior = (load_model(prior_path, kind=PRIOR_KIND) if variant == "prior" and prior_path
+             else None)
     try:
         placement = place(specs, cluster, estimator)
         start = np.asarray(placement.devices, dtype=np.int64)
@@ -746,12 +561,14 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
                         estimator: CostEstimator, out_path: str | os.PathLike, *,
                         rounds: int = 3, time_limit_s: float = 2.0, seed: int = 0,
                         **hyperparameters: Any) -> SurrogatePrior:
-    """Train a :class:`SurrogatePrior` and save it to the directory ``out_path``.
+    """Train a :class:`~neuroshard.models.surrogate.SurrogatePrior` and save it to the
+    model directory ``out_path``.
 
     Runs the zero variant on each task (table-wise, from its greedy grid plan) and keeps,
     for every fit, the pairs (:func:`pair_features`, fitted ``c[s, d]`` over the shard's
     single-shard compute). ``tasks`` should come from the training pool
-    (``load_pool("train")``) so test tables stay unseen.
+    (``load_pool("train")``) so test tables stay unseen. ``hyperparameters`` go to
+    the prior's constructor.
     """
     X_parts: list[np.ndarray] = []
     y_parts: list[np.ndarray] = []
@@ -787,6 +604,6 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
 
 
 __all__ = [
-    "SurrogatePrior", "Surrogate", "fit_comm", "fit_compute", "fit_surrogate_prior",
-    "pair_features", "solve_surrogate", "surco_plan",
+    "Surrogate", "fit_comm", "fit_compute", "fit_surrogate_prior", "solve_surrogate",
+    "surco_plan",
 ]

@@ -58,14 +58,14 @@ def test_collect_resumes(run, tmp_path):
 
 def test_model_report_shows_noise_floor_and_buckets(run, tmp_path):
     from factories import make_tables
-    from neuroshard.pretrain.pipeline import pretrain
+    from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
     tables = make_tables(30, seed=4)
-    model_dir = pretrain(tmp_path, backend="sim", backend_kwargs={"noise": 0.05, "seed": 1},
-                         tables=tables[:20], holdout_tables=tables[20:], compute_samples=300,
-                         comm_samples=100, holdout_samples=100, retest_samples=40,
-                         max_tables=8, progress=False,
-                         model_kwargs={"max_epochs": 5, "train_batch_size": 64})
+    model_dir = pretrain(PretrainConfig(
+        tmp_path, backend="sim", backend_kwargs={"noise": 0.05, "seed": 1},
+        tables=tables[:20], holdout_tables=tables[20:], compute_samples=300,
+        comm_samples=100, holdout_samples=100, retest_samples=40, max_tables=8,
+        progress=False, model_kwargs={"max_epochs": 5, "train_batch_size": 64}))
     text = run("model-report", model_dir)
     assert "floor" in text and "MSE(log)" in text
     assert "compute test_pool by bucket" in text and "bwd_comm test by bucket" in text

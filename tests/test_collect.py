@@ -9,8 +9,8 @@ from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
 from neuroshard.pretrain.collect import (BackendSpec, DatasetError, collect, collect_chunk,
                                          existing_keys, part_files)
-from neuroshard.pretrain.dataset import (load_comm, load_compute, sample_keys,
-                                         split_by_tables, split_random)
+from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
+from neuroshard.samples import split_by_tables, split_random
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import torch
 
 from factories import (FakeBackend, check_fitted_cost_model, collect_fake_data,
                        make_mixed_loads, make_tables)
-from neuroshard.costmodel import (COMM_FILE, COMPUTE_FILE, META_FILE, NeuralCostModel,
-                                  check_compatible, load_cost_model, read_meta)
+from neuroshard.models import META_FILE, check_compatible, load_cost_model, read_meta
+from neuroshard.models.neural import COMM_FILE, COMPUTE_FILE, NeuralCostModel
 from neuroshard.pretrain.augment import sample_comm_tasks
 from neuroshard.types import ModelFileError, ModelMismatchError
 

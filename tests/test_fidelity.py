@@ -6,21 +6,19 @@ import pytest
 from factories import FakeBackend, make_tables
 from neuroshard.backends.sim import SimBackend
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
-from neuroshard.pretrain.dataset import ComputeData
-from neuroshard.pretrain.fidelity import (
+from neuroshard.models import read_meta, shipped_models
+from neuroshard.models.metrics import (
     MIN_BUCKET,
     comm_breakdown,
     compute_breakdown,
     load_bytes,
     noise_floor,
-    session_fidelity,
-    session_noise_floor,
 )
-from neuroshard.costmodel import read_meta
+from neuroshard.pretrain.fidelity import session_fidelity, session_noise_floor
 from neuroshard.features import raw_features
-from neuroshard.planner import shipped_models
 from neuroshard.pretrain.collect import collect
-from neuroshard.pretrain.pipeline import pretrain
+from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
+from neuroshard.samples import ComputeData
 from neuroshard.types import ModelMismatchError, Timing
 
 
@@ -94,10 +92,10 @@ class _Jittery(FakeBackend):
 def test_a_session_scores_as_its_own_pretrain_did(tmp_path):
     tables = make_tables(30, seed=11)
     held = [replace(t, name=f"held_{t.name}") for t in make_tables(15, seed=12)]
-    model_dir = pretrain(tmp_path, backend=_Jittery(), tables=tables, holdout_tables=held,
-                         compute_samples=80, comm_samples=30, holdout_samples=40,
-                         retest_samples=12, chunk_size=9, rounds=2, progress=False,
-                         max_tables=10, model_kwargs={"max_epochs": 3})
+    model_dir = pretrain(PretrainConfig(
+        tmp_path, backend=_Jittery(), tables=tables, holdout_tables=held,
+        compute_samples=80, comm_samples=30, holdout_samples=40, retest_samples=12,
+        chunk_size=9, rounds=2, progress=False, max_tables=10, model_kwargs={"max_epochs": 3}))
     meta = read_meta(model_dir)
     floor = session_noise_floor(tmp_path / "data")
     assert floor["n"] == 12 and floor["floor_mape"] > 0

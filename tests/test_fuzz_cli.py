@@ -47,7 +47,7 @@ class Case:
 @pytest.fixture(scope="module")
 def model_dir():
     """The shipped model the CLI falls back to at 4 devices (batch 65,536)."""
-    from neuroshard.planner import default_model_dir
+    from neuroshard.models import default_model_dir
 
     return default_model_dir(4)
 

@@ -7,11 +7,12 @@ pytest.importorskip("lightgbm")
 
 from factories import (FakeBackend, FakeEstimator, check_fitted_cost_model, collect_fake_data,
                        make_mixed_loads, make_tables)
-from neuroshard.costmodel import META_FILE, load_cost_model, model_kinds
-from neuroshard.lgbm import (BWD_COLUMNS, COMPUTE_COLUMNS, FWD_COLUMNS, MODEL_FILES,
-                             LightGBMCostModel, comm_features, load_features)
+from neuroshard.models import META_FILE, load_cost_model, model_kinds
+from neuroshard.models.lightgbm import (BWD_COLUMNS, COMPUTE_COLUMNS, FWD_COLUMNS,
+                                        MODEL_FILES, LightGBMCostModel, comm_features,
+                                        load_features)
 from neuroshard.features import raw_features
-from neuroshard.pretrain.train import regression_metrics
+from neuroshard.models.metrics import regression_metrics
 from neuroshard.types import ModelFileError
 
 
@@ -165,7 +166,7 @@ def test_tampered_file_fails_its_checksum(model_dir, tmp_path):
 def test_pretrain_pipeline_trains_and_saves_a_lightgbm_model(tmp_path):
     from dataclasses import replace
 
-    from neuroshard.pretrain.pipeline import pretrain
+    from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
     from neuroshard.types import UnknownNameError
 
     train = make_tables(30, seed=11)
@@ -174,10 +175,10 @@ def test_pretrain_pipeline_trains_and_saves_a_lightgbm_model(tmp_path):
                 compute_samples=500, comm_samples=200, holdout_samples=100, seed=0,
                 chunk_size=500, progress=False, max_tables=15,
                 model_kwargs={"n_estimators": 200, "num_leaves": 15})
-    model_dir = pretrain(tmp_path, cost_model="lightgbm", **args)
+    model_dir = pretrain(PretrainConfig(tmp_path, cost_model="lightgbm", **args))
     assert {p.name for p in model_dir.iterdir()} == {*MODEL_FILES.values(), META_FILE}
     model = load_cost_model(model_dir, batch_size=65_536, backend="fake")
     assert isinstance(model, LightGBMCostModel)
     assert model.metrics_["compute"]["test_pool"]["n"] == 100
     with pytest.raises(UnknownNameError, match="lightgbm, neural"):
-        pretrain(tmp_path / "x", cost_model="xgboost", **args)
+        pretrain(PretrainConfig(tmp_path / "x", cost_model="xgboost", **args))

@@ -3,9 +3,9 @@ from dataclasses import replace
 import pytest
 
 from factories import FakeBackend, make_tables
-from neuroshard.costmodel import load_cost_model, read_meta
+from neuroshard.models import load_cost_model, read_meta
 from neuroshard.pretrain.collect import part_files
-from neuroshard.pretrain.pipeline import pretrain
+from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
 
 def _pools():
@@ -22,7 +22,7 @@ def _run(out_dir, **kw):
                 chunk_size=200, progress=False, max_tables=15,
                 model_kwargs={"max_epochs": 100, "patience": 15, "train_batch_size": 64})
     args.update(kw)
-    return pretrain(out_dir, **args)
+    return pretrain(PretrainConfig(out_dir, **args))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 import pytest
 
-from neuroshard.planner import Planner, check_fits, default_model_dir, plan_tables
+from neuroshard.models import default_model_dir
+from neuroshard.planner import Planner, check_fits, plan_tables
 from neuroshard.types import PlanInfeasibleError, TableSpec, UsageError
 
 from factories import GB, FakeEstimator, make_cluster, make_tables

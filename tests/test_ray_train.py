@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("ray")
 
 from factories import kill_9_when, run_to_end, start_job  # noqa: E402
-from neuroshard.pretrain.train import Dense, TrainConfig, fit_net  # noqa: E402
+from neuroshard.models.training import Dense, TrainConfig, fit_net  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +80,16 @@ def test_ray_training_resumes_after_kill_9_and_matches_one_process(tmp_path):
 
 def test_pretrain_with_workers_trains_on_ray_train(tmp_path):
     from factories import make_tables
-    from neuroshard.costmodel import read_meta
-    from neuroshard.pretrain.pipeline import pretrain
+    from neuroshard.models import read_meta
+    from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
     tables = make_tables(30, seed=4)
-    model_dir = pretrain(tmp_path, backend="sim", backend_kwargs={"noise": 0.03},
-                         tables=tables[:20], holdout_tables=tables[20:], compute_samples=400,
-                         comm_samples=150, holdout_samples=100, retest_samples=20,
-                         max_tables=8, progress=False, workers=2,
-                         model_kwargs={"max_epochs": 12, "patience": 12,
-                                       "train_batch_size": 64})
+    model_dir = pretrain(PretrainConfig(
+        tmp_path, backend="sim", backend_kwargs={"noise": 0.03},
+        tables=tables[:20], holdout_tables=tables[20:], compute_samples=400,
+        comm_samples=150, holdout_samples=100, retest_samples=20, max_tables=8,
+        progress=False, workers=2,
+        model_kwargs={"max_epochs": 12, "patience": 12, "train_batch_size": 64}))
     meta = read_meta(model_dir)
     assert meta["training"]["compute"]["epochs_run"] == 12
     assert meta["metrics"]["compute"]["test_pool"]["n"] == 100

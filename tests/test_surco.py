@@ -18,13 +18,13 @@ from neuroshard.search.scoring import plan_cost
 from neuroshard.search import surco
 from neuroshard.search.surco import (
     Solve,
-    SurrogatePrior,
     _lower_hull_lines,
     fit_comm,
     fit_compute,
     fit_surrogate_prior,
     surco_plan,
 )
+from neuroshard.models.surrogate import SurrogatePrior
 from neuroshard.types import Cluster, PlanInfeasibleError, TableSpec
 
 FAST = {"rounds": 3, "time_limit_s": 3.0}
@@ -215,8 +215,8 @@ def test_prior_variant(tmp_path):
     est = FakeEstimator()
     train = [make_tables(12, seed=s) for s in (10, 11)]
     prior = fit_surrogate_prior(train, cluster, est, tmp_path / "prior", rounds=2,
-                                time_limit_s=1.0, epochs=15)
-    assert prior.num_pairs_ > 0 and (tmp_path / "prior" / "prior.json").is_file()
+                                time_limit_s=1.0, max_epochs=15)
+    assert prior.num_pairs_ > 0 and (tmp_path / "prior" / "meta.json").is_file()
     loaded = SurrogatePrior.load(tmp_path / "prior")
     x = np.random.default_rng(0).normal(size=(5, loaded.x_mean_.shape[0])).astype(np.float32)
     assert np.allclose(loaded.predict(x), prior.predict(x), atol=1e-6)

@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from neuroshard.pretrain.train import (
+from neuroshard.models.metrics import regression_metrics
+from neuroshard.models.training import (
     Dense,
     FileCheckpointer,
     TrainConfig,
     file_checkpointed,
     fit_net,
-    regression_metrics,
     torch_threads,
 )
 
@@ -106,7 +106,7 @@ def test_torch_threads_restores():
 
 
 def test_ragged_batches_gather_each_rows_items():
-    from neuroshard.pretrain.train import Ragged
+    from neuroshard.models.training import Ragged
 
     items = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     data = Ragged(items, torch.tensor([0, 2, 3, 6]), torch.tensor([10.0, 20.0, 30.0]))
