@@ -19,9 +19,10 @@ def test_wheel_ships_data_and_one_namespace(tmp_path):
     assert "neuroshard/data/tables/pool.json" in names
     assert any(n.startswith("neuroshard/data/models/") and n.endswith("meta.json") for n in names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = ("import neuroshard, neuroshard.planner as p, neuroshard.pretrain.pool as pool;"
+    code = ("import neuroshard, neuroshard.planner, neuroshard.models as m;"
+            "import neuroshard.pretrain.pool as pool;"
             "assert str(tmp) in neuroshard.__file__, neuroshard.__file__;"
-            "assert len(pool.load_pool('test')) > 0; assert p.shipped_models(); print('ok')")
+            "assert len(pool.load_pool('test')) > 0; assert m.shipped_models(); print('ok')")
     done = subprocess.run([sys.executable, "-c", f"tmp={str(tmp_path / 'site')!r};" + code],
                           env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
                           cwd=tmp_path, capture_output=True, text=True)
