@@ -48,17 +48,8 @@ def _tiny_model(root):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny neural model fitted on FakeBackend data, else a shipped neural model."""
-    try:
-        return _tiny_model(tmp_path_factory.mktemp("tiny_model"))
-    except Exception as e:  # noqa: BLE001 -- pretrain is being finished by others
-        from neuroshard.costmodel import read_meta
-        from neuroshard.planner import shipped_models
-
-        for path in shipped_models().values():
-            if read_meta(path).get("kind") == "neural":
-                return path
-        pytest.skip(f"cannot fit a tiny model ({e!r}) and no neural model is shipped")
+    """A tiny neural model fitted on FakeBackend data (a failure to fit fails the tests)."""
+    return _tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture()
@@ -230,7 +221,8 @@ def test_the_payloads_really_would_run(tmp_path):
 @pytest.mark.parametrize("container", ["torch zip", "pickle"])
 @pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload], ids=["os.system", "open"])
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_malicious_checkpoint_runs_nothing(model_copy, tmp_path, name, payload, container, checksums):
+def test_malicious_checkpoint_runs_nothing(model_copy, tmp_path, name, payload, container,
+                                           checksums):
     marker = tmp_path / "pwned"
     (model_copy / name).write_bytes(_evil(payload, marker, container))
     _checksums(model_copy, checksums)
@@ -287,12 +279,11 @@ def test_feature_schema_mismatch(model_copy, schema):
 
 
 def test_backend_mismatch(model_copy):
-    backend = _meta(model_copy)["backend"]
-    with pytest.raises(ModelMismatchError, match="backend"):
-        load_cost_model(model_copy, backend="sim" if backend != "sim" else "cpu")
-    if backend == "fake":
-        with pytest.raises(ModelMismatchError, match="fingerprint batch_size"):
-            load_cost_model(model_copy, backend=FakeBackend(batch_size=1024))
+    assert _meta(model_copy)["backend"] == "fake"
+    with pytest.raises(ModelMismatchError, match="backend 'fake' \\(model\\) vs 'sim'"):
+        load_cost_model(model_copy, backend="sim")
+    with pytest.raises(ModelMismatchError, match="fingerprint batch_size"):
+        load_cost_model(model_copy, backend=FakeBackend(batch_size=1024))
 
 
 def test_mismatch_lists_every_difference(model_copy):
@@ -303,20 +294,59 @@ def test_mismatch_lists_every_difference(model_copy):
     assert "feature schema" in text and "batch size" in text and "backend" in text
 
 
-# Every meta.json entry replaced by junk: the load succeeds or raises one of the two
-# model errors, nothing else. Entries whose junk escapes as another exception are
-# known bugs in neuroshard/costmodel.py (not ours to fix), marked xfail.
+# Every meta.json entry replaced by junk. An entry the loader reads must make every junk
+# value that is not a valid value of that entry fail with ModelFileError or
+# ModelMismatchError, whatever is asked; a junk value that loads fails the test. An entry
+# the loader does not read (a description of the model) may hold anything, but must then
+# leave the predictions exactly as they were.
 META_JUNK = [None, 0, -1, 1.5, "x", [], {}, [1, 2], [-1], {"a": 1}, True, float("nan")]
-META_KEYS = [
-    "kind", "name", "feature_schema", "feature_names", "backend", "backend_fingerprint",
-    "batch_size", "num_devices", "fwd_target", "files", "files.compute.pt", "architecture",
-    "architecture.num_features", "architecture.table_hidden", "architecture.embed_dim",
-    "architecture.head_hidden", "architecture.comm_encoder", "architecture.comm_head",
-    "normalisation", "normalisation.eps_ms", "normalisation.feature_mean",
-    "normalisation.feature_std", "normalisation.target", "normalisation.target.compute",
-    "normalisation.dim_scale", "normalisation.wait_scale", "hyperparameters",
-    "hyperparameters.lr", "metrics", "sample_counts",
+META_READ = [
+    "kind", "feature_schema", "backend", "backend_fingerprint", "batch_size", "num_devices",
+    "fwd_target", "files", "files.compute.pt", "architecture", "architecture.num_features",
+    "architecture.table_hidden", "architecture.embed_dim", "architecture.head_hidden",
+    "architecture.comm_encoder", "architecture.comm_head", "normalisation",
+    "normalisation.eps_ms", "normalisation.feature_mean", "normalisation.feature_std",
+    "normalisation.target", "normalisation.target.compute", "normalisation.dim_scale",
+    "normalisation.wait_scale",
 ]
+META_DESCRIPTIVE = ["name", "feature_names", "hyperparameters", "hyperparameters.lr",
+                    "metrics", "sample_counts"]
+
+
+def _pairs(key, *junks):
+    return {(key, repr(junk)) for junk in junks}
+
+
+# Junk that is a valid value of its entry: a backend may have any name; a fingerprint
+# and the checksums are objects of any keys; num_devices 0 is "unknown" (what an old
+# meta.json without it reads as); a target normalisation is a (mean, std > 0) pair; any
+# positive finite number is a usable epsilon and scale.
+META_VALID = (_pairs("backend", "x") | _pairs("backend_fingerprint", {}, {"a": 1})
+              | _pairs("files", {}, {"a": 1}) | _pairs("num_devices", 0)
+              | _pairs("normalisation.target.compute", [1, 2])
+              | _pairs("normalisation.eps_ms", 1.5) | _pairs("normalisation.dim_scale", 1.5)
+              | _pairs("normalisation.wait_scale", 1.5))
+# Junk the loader accepts today: NeuralCostModel.load does not validate these entries
+# yet. Strict xfail: once the loader refuses one, its case passes, fails as XPASS, and
+# must leave this list.
+META_JUNK_ACCEPTED = (
+    _pairs("backend", None, 0, -1, 1.5, [], {}, [1, 2], [-1], {"a": 1}, True, float("nan"))
+    | _pairs("batch_size", 0, -1, 1.5, True) | _pairs("num_devices", -1, 1.5, True)
+    | _pairs("normalisation.eps_ms", 0, -1, True, float("nan"))
+    | _pairs("normalisation.dim_scale", 0, -1, True, float("nan"))
+    | _pairs("normalisation.wait_scale", 0, -1, True, float("nan")))
+
+
+def _junk_cases():
+    for key in META_READ + META_DESCRIPTIVE:
+        for junk in META_JUNK:
+            case = (key, repr(junk))
+            if case in META_VALID:
+                continue
+            marks = ()
+            if case in META_JUNK_ACCEPTED:
+                marks = pytest.mark.xfail(strict=True, reason=f"the loader accepts {key}={junk!r}")
+            yield pytest.param(key, junk, marks=marks, id=f"{key}={junk!r}")
 
 
 def _set(meta, dotted, value):
@@ -331,17 +361,27 @@ def _set(meta, dotted, value):
     obj[keys[-1]] = value
 
 
+def _asks():
+    return ({}, {"batch_size": 65_536, "backend": "fake"}, {"backend": FakeBackend()})
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("key", META_KEYS)
-def test_meta_entry_replaced_by_junk(model_dir, tmp_path, key):
-    original = _meta(model_dir)
-    for i, junk in enumerate(META_JUNK):
-        d = shutil.copytree(model_dir, tmp_path / f"m{i}")
-        meta = json.loads(json.dumps(original))
-        _set(meta, key, junk)
-        _write_meta(d, meta)
-        for kwargs in ({}, {"batch_size": 65_536, "backend": "fake"}, {"backend": FakeBackend()}):
+@pytest.mark.parametrize(("key", "junk"), list(_junk_cases()))
+def test_meta_entry_replaced_by_junk(model_dir, tmp_path, key, junk):
+    meta = _meta(model_dir)
+    _set(meta, key, junk)
+    d = shutil.copytree(model_dir, tmp_path / "m")
+    _write_meta(d, meta)
+    if key in META_DESCRIPTIVE:  # refused, or loaded and predicting as before
+        loads = [make_tables(3, seed=1), make_tables(7, seed=2)]
+        expected = load_cost_model(model_dir).compute_ms(loads)
+        for ask in _asks():
             try:
-                load_cost_model(d, **kwargs)
+                model = load_cost_model(d, **ask)
             except (ModelFileError, ModelMismatchError):
-                pass
+                continue
+            np.testing.assert_array_equal(model.compute_ms(loads), expected)
+        return
+    for ask in _asks():
+        with pytest.raises((ModelFileError, ModelMismatchError)):
+            load_cost_model(d, **ask)
