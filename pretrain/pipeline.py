@@ -48,7 +48,7 @@ from neuroshard.pretrain.augment import (
 from neuroshard.pretrain.collect import BackendSpec, CollectResult, collect, resolve_backend
 from neuroshard.pretrain.dataset import load_comm, load_compute
 from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
-from neuroshard.types import HardwareBackend, TableSpec, UnknownNameError
+from neuroshard.types import BackendError, HardwareBackend, TableSpec, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -208,15 +208,20 @@ def pretrain(config: PretrainConfig) -> Path:
         jobs.append(_Job(holdout_set, data / "compute_holdout", "compute", "held-out samples"))
     jobs += [_Job(samples, data / f"{kind}_retest", kind, f"{kind} retest", retest=True)
              for kind, samples in retests.items() if samples]
+    # samples each job's last pass left unmeasured (a pass covers every earlier one's)
+    missing: dict[str, tuple[int, int]] = {}
     for r in range(1, rounds + 1):
         for job in jobs:
             head = job.head(r, rounds)
             if head:
-                run(job.samples[:head], job.out, kind=job.kind, chunk_size=chunk_size,
-                    progress=progress, description=job.describe(r, rounds))
+                got = run(job.samples[:head], job.out, kind=job.kind, chunk_size=chunk_size,
+                          progress=progress, description=job.describe(r, rounds))
+                missing[job.description] = (got.failed, len(job.samples))
     for job in (j for j in jobs if j.retest):  # the rounds measured every original
-        run(job.samples, job.out, kind=job.kind, chunk_size=chunk_size, progress=progress,
-            description=job.description)
+        got = run(job.samples, job.out, kind=job.kind, chunk_size=chunk_size,
+                  progress=progress, description=job.description)
+        missing[job.description] = (got.failed, len(job.samples))
+    _fail_if_missing(missing, data)
     timings["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -281,6 +286,19 @@ class _Job:
 
     def describe(self, r: int, rounds: int) -> str:
         return self.description if rounds == 1 else f"{self.description} ({r}/{rounds})"
+
+
+def _fail_if_missing(missing: Mapping[str, tuple[int, int]], data: Path) -> None:
+    """:class:`BackendError` when a collection left samples unmeasured (Ray gave up on
+    their chunks): a model trained on less than was asked for, and on a set thinned where
+    the backend failed, is not the model asked for."""
+    lost = {what: (n, total) for what, (n, total) in missing.items() if n}
+    if lost:
+        sets = ", ".join(f"{n} of {total} {what}" for what, (n, total) in lost.items())
+        raise BackendError(f"{sum(n for n, _ in lost.values())} samples were not measured "
+                           f"after every retry ({sets}); nothing was trained. Rerun the same "
+                           f"command: it resumes, measuring only the samples missing under "
+                           f"{data}")
 
 
 def _retest(samples: Sequence[Any], n: int) -> list[Any]:

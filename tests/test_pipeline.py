@@ -37,9 +37,14 @@ def test_tiny_pretrain_end_to_end_and_resume(tmp_path):
     assert meta["num_devices"] == 4 and meta["backend"] == "fake"
     held_out = meta["metrics"]["compute"]["test_pool"]
     assert held_out["n"] == 300
-    assert held_out["mape"] < 0.35 and held_out["spearman"] > 0.9
-    assert meta["metrics"]["bwd_comm"]["test"]["mape"] < 0.35
-    assert meta["metrics"]["fwd_comm"]["test"]["mape"] < 0.35
+    # FakeBackend is exact (its noise floor is 0, asserted below) and training is seeded,
+    # so these errors are the model's alone. At seed 0: held-out tables 15.5% MAPE,
+    # Spearman 0.992; compute test split 5.9%; comm 1.5% backward, 0.85% forward. The
+    # bounds leave room for float differences between torch builds, none for noise.
+    assert held_out["mape"] < 0.2 and held_out["spearman"] > 0.985
+    assert meta["metrics"]["compute"]["test"]["mape"] < 0.08
+    assert meta["metrics"]["bwd_comm"]["test"]["mape"] < 0.02
+    assert meta["metrics"]["fwd_comm"]["test"]["mape"] < 0.012
     # breakdowns cover the held-out loads; the fake backend is exact, so a retest pairs
     # each sample with itself and finds no noise
     assert sum(m["n"] for m in held_out["by_tables"].values()) <= 300
@@ -108,3 +113,35 @@ def test_rounds_interleave_sets_and_retest_after_the_first_measurement(tmp_path)
 def test_pretrain_rejects_zero_rounds(tmp_path):
     with pytest.raises(ValueError, match="rounds"):
         _run(tmp_path, rounds=0)
+
+
+def test_samples_ray_gave_up_on_stop_the_run_and_a_rerun_measures_only_them(tmp_path,
+                                                                             monkeypatch):
+    from neuroshard.pretrain import pipeline
+    from neuroshard.pretrain.collect import CollectResult, collect
+    from neuroshard.types import BackendError
+
+    def gives_up_on_seven_comm_samples(backend, spec, workers, address):
+        # collect_ray's contract: chunks that fail every retry are left off the disk and
+        # counted in CollectResult.failed
+        def run(samples, out, **kw):
+            lost = 7 if kw["description"] == "comm samples" else 0
+            got = collect(samples[:len(samples) - lost], backend, out, **kw)
+            return CollectResult(out, got.measured, got.skipped, len(samples), lost)
+        return run
+
+    sizes = dict(compute_samples=60, comm_samples=30, holdout_samples=30, retest_samples=10,
+                 model_kwargs={"max_epochs": 2})
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_collector", gives_up_on_seven_comm_samples)
+        with pytest.raises(BackendError) as err:
+            _run(tmp_path, **sizes)
+    message = str(err.value)
+    assert message.startswith("7 samples were not measured")
+    assert "7 of 30 comm samples" in message and "Rerun the same command" in message
+    assert not (tmp_path / "model").exists() and not (tmp_path / "train").exists()
+
+    be = _RecordingBackend()  # the rerun resumes: only the 7 missing samples are measured
+    meta = read_meta(_run(tmp_path, backend=be, **sizes))
+    assert [what for what, _ in be.log] == ["comm"] * 7
+    assert meta["sample_counts"]["comm"]["total"] == 30
