@@ -34,7 +34,7 @@ from _common import add_task_args, emit, task_setup
 from neuroshard.models import load_cost_model
 from neuroshard.models.metrics import noise_floor
 from neuroshard.models.neural import NeuralCostModel
-from neuroshard.planner import plan_tables
+from neuroshard.planner import Planner
 from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.pretrain.fidelity import session_noise_floor
 from neuroshard.samples import ComputeData
@@ -73,7 +73,7 @@ def plan_seconds(models: list, tasks: list, cluster, repeats: int) -> tuple[list
             runs = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                plan_tables(task, cluster, model, "neuroshard")
+                Planner(model, "neuroshard").plan(task, cluster)
                 runs.append(time.perf_counter() - t0)
             seconds[i].append(statistics.median(runs))
             noise.append((max(runs) - min(runs)) / statistics.median(runs))

@@ -34,6 +34,7 @@ import numpy as np
 from neuroshard.backends.sim import SimBackend
 from neuroshard.cli import parse_memory
 from neuroshard.pretrain.pool import load_pool
+from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.oracle import oracle_plan
 from neuroshard.search.scoring import plan_cost
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                          min_tables=args.min_tables, max_tables=args.max_tables,
                          max_total_bytes=default_max_total_bytes(args.devices, memory))
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
-    searchers = {n: get_searcher(n) for n in names}
+    for n in names:
+        get_searcher(n)  # fail early on a bad name
 
     ratio = {n: np.full(len(tasks), np.nan) for n in names}
     seconds = {n: [] for n in names}
@@ -83,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     cost_ms = {n: np.full(len(tasks), np.nan) for n in names}
     for i, task in enumerate(tasks):
         plans, costs = [], {}
-        for n, search in searchers.items():
+        for n in names:
             start = time.perf_counter()
             try:
-                plan = search(task, cluster, est, seed=args.seed + i)
+                plan = Planner(est, n, seed=args.seed + i).plan(task, cluster)
             except PlanInfeasibleError as e:
                 logger.warning("%s: no plan for task %d: %s", n, i, e)
                 continue
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         oracle = oracle_plan(task, cluster, truth, seed=args.seed + i, max_evals=args.max_evals,
                              starts=plans)
+        oracle = oracle.with_cost(plan_cost(oracle, truth))
         oracle_s.append(time.perf_counter() - start)
         best = oracle.cost.max_ms
         oracle_ms[i] = best

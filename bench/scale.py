@@ -9,7 +9,7 @@ the table also gives the RSS before the search (interpreter, torch, model, table
 search's own share is the difference. Candidates:
 
 * ``neuroshard`` -- the default search, unbounded;
-* ``neuroshard-budget`` -- the same with ``time_budget_s=--budget``
+* ``neuroshard-budget`` -- the same with ``budget_s=--budget``
   (:func:`neuroshard.search.beam.beam_search`: fewer beam children or steps when time
   runs short; the unsplit greedy grid always completes);
 * ``torchrec`` -- TorchRec's ``EmbeddingShardingPlanner``
@@ -56,7 +56,7 @@ def run_child(args: argparse.Namespace) -> dict:
     """Plan one task with one candidate; the measurements as a dict."""
     from neuroshard.backends.sim import SimBackend
     from neuroshard.pretrain.pool import load_pool
-    from neuroshard.search import get_searcher
+    from neuroshard.planner import Planner
     from neuroshard.search.scoring import plan_cost
 
     num_tables, num_devices = parse_sizes(args.size)[0]
@@ -76,15 +76,14 @@ def run_child(args: argparse.Namespace) -> dict:
             import torchrec  # noqa: F401
         except ImportError as e:
             return {**out, "skipped": f"torchrec baseline unavailable ({e})"}
-        search = lambda: torchrec_plan(tables, cluster, est)  # noqa: E731
+        planner = Planner(est, torchrec_plan)
     else:
-        options = {"time_budget_s": args.budget} if args.child == "neuroshard-budget" else {}
-        searcher = get_searcher("neuroshard", **options)
-        search = lambda: searcher(tables, cluster, est)  # noqa: E731
+        budget = args.budget if args.child == "neuroshard-budget" else None
+        planner = Planner(est, "neuroshard", budget_s=budget)
     rss_before = _rss_bytes()
     start = time.perf_counter()
     try:
-        plan = search()
+        plan = planner.plan(tables, cluster)
     except Exception as e:  # noqa: BLE001 -- report any planner failure as the row's result
         return {**out, "seconds": time.perf_counter() - start,
                 "failed": f"{type(e).__name__}: {str(e)[:300]}"}

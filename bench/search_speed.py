@@ -48,7 +48,7 @@ from neuroshard.backends.sim import SimBackend
 from neuroshard.cli import parse_memory
 from neuroshard.models import default_model_dir, load_cost_model, shipped_models
 from neuroshard.pretrain.pool import load_pool
-from neuroshard.search import get_searcher
+from neuroshard.planner import Planner
 from neuroshard.search.scoring import WithoutEmbeddings
 from neuroshard.tasks import default_max_total_bytes, sample_task
 from neuroshard.types import Cluster, CostEstimator, PlanInfeasibleError, TableSpec
@@ -152,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, (tables, cluster) in enumerate(tasks):
             for _ in range(args.repeats):
                 for n in names:
-                    searcher = get_searcher("greedy-grid" if n == "greedy-grid" else "neuroshard")
+                    searcher = "greedy-grid" if n == "greedy-grid" else "neuroshard"
                     estimator = WithoutEmbeddings(est) if n == "neuroshard-generic" else est
                     start, start_cpu = time.perf_counter(), time.process_time()
                     try:
-                        plan = searcher(tables, cluster, estimator)
+                        plan = Planner(estimator, searcher).plan(tables, cluster)
                     except PlanInfeasibleError as e:
                         logger.warning("%s infeasible on task %d: %s", n, i, e)
                         continue

@@ -38,6 +38,7 @@ import numpy as np
 from _common import add_task_args, emit, p95, task_setup, truth_name
 from neuroshard.models import resolve_cost_model, shipped_models
 from neuroshard.pretrain.pool import load_pool
+from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher
 from neuroshard.search.scoring import plan_cost
 from neuroshard.search.surco import fit_surrogate_prior
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         guide = f"the sim/{args.profile} backend itself (no shipped model)"
     cap = default_max_total_bytes(args.devices, cluster.memory_per_device_bytes[0])
 
-    surco_options = {"rounds": args.rounds, "time_limit_s": args.time_limit,
+    surco_options = {"rounds": args.rounds, "budget_s": args.time_limit,
                      "mip_rel_gap": args.mip_rel_gap}
     searchers = {"surco": get_searcher("surco", **surco_options)}
     prior_note = ""
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 search = get_searcher("surco", splits=splits, **surco_options)
                 extra_s = beam_plan.meta["search_seconds"]
             try:
-                plan = search(task, cluster, estimator, seed=args.seed + i)
+                plan = Planner(estimator, search, seed=args.seed + i).plan(task, cluster)
             except PlanInfeasibleError:
                 continue
             if n == "neuroshard":

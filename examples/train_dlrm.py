@@ -9,7 +9,7 @@
 The model: an EmbeddingBagCollection over a few tables (``sparse.ebc``), a bottom MLP on
 13 dense features, their concatenation, and a top MLP to one logit, trained with BCE on
 synthetic clicks. The tables are sharded by a NeuroShard plan
-(:class:`~neuroshard.torchrec_adapter.NeuroShardPlanner`, planned once in this process)
+(:class:`~neuroshard.torchrec_planner.NeuroShardPlanner`, planned once in this process)
 or by TorchRec's ``EmbeddingShardingPlanner`` for comparison; embeddings are trained
 with TorchRec's fused exact SGD, the MLPs with SGD under DDP.
 
@@ -134,7 +134,8 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    from neuroshard.torchrec_adapter import NeuroShardPlanner, cluster_topology
+    from neuroshard.torchrec_adapter import cluster_topology
+    from neuroshard.torchrec_planner import NeuroShardPlanner
 
     model = build_model(tables, torch.device("meta"))
     topology = cluster_topology(Cluster.uniform(world_size, memory_bytes, batch_size), "cpu")

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input (a table
 config, plan file, option or argument); 3 no plan fits the memory caps; 4 a model file is
-unreadable or does not match the request; 5 a hardware backend cannot run here.
+unreadable or does not match the request; 5 a hardware backend cannot run here; 6 the Ray
+cluster at --address cannot be reached or refuses this client (token, no node here).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from typer._click import exceptions as click  # typer vendors click; its exceptions live here
 import typer
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from neuroshard.types import (
     BackendError,
+    RayClusterError,
     Cluster,
     ModelFileError,
     ModelMismatchError,
@@ -34,6 +36,7 @@ from neuroshard.types import (
 )
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
+EXIT_CLUSTER = 6
 
 
 
@@ -96,6 +99,8 @@ def _exit_code(e: NeuroShardError) -> int:
         return EXIT_MODEL
     if isinstance(e, BackendError):
         return EXIT_BACKEND
+    if isinstance(e, RayClusterError):
+        return EXIT_CLUSTER
     return EXIT_INPUT
 
 
@@ -179,19 +184,19 @@ def plan(
     """
     from neuroshard.models import resolve_cost_model
     from neuroshard.plan_io import plan_to_dict, write_plan
-    from neuroshard.planner import evaluate_plan, plan_tables
+    from neuroshard.planner import Planner
     from neuroshard.tables import load_tables
-
-    from neuroshard.planner import check_fits
-    from neuroshard.search import get_searcher
 
     specs = load_tables(tables)
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
-    get_searcher(searcher)  # a bad name or an impossible task fails before the model loads
-    check_fits(specs, cluster)
-    estimator = resolve_cost_model(model, kind=cost_model, backend=backend, batch_size=batch_size,
-                                   num_devices=devices, force=force)
-    result = plan_tables(specs, cluster, estimator, searcher, seed=seed, time_budget_s=time_budget)
+
+    def model_for(c: Cluster) -> Any:
+        return resolve_cost_model(model, kind=cost_model, backend=backend,
+                                  batch_size=c.batch_size, num_devices=c.num_devices,
+                                  force=force)
+
+    planner = Planner(model_for, searcher, budget_s=time_budget, seed=seed)
+    result = planner.plan(specs, cluster)
     if out_path:
         write_plan(result, out_path)
     if torchrec_out:
@@ -201,7 +206,7 @@ def plan(
     if as_json:
         out.print_json(json.dumps(plan_to_dict(result)))
         return
-    print_cost_table(result, result.cost or evaluate_plan(result, estimator),
+    print_cost_table(result, cast(PlanCost, result.cost),
                      f"{len(specs)} tables on {devices} devices ({searcher}, "
                      f"{result.meta.get('search_seconds', 0):.2f} s)")
     if out_path:
@@ -211,7 +216,7 @@ def plan(
 @app.command()
 @handles_errors
 def evaluate(
-    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v1)."),
+    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v2 or v1)."),
     backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100."),
     model: Optional[Path] = typer.Option(None, "--model", help="Score with this model instead of a backend."),
@@ -255,7 +260,8 @@ def pretrain(
     seed: int = typer.Option(0, "--seed"),
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
     workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
-    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Ray Train checkpoints: a path every node reaches, or a URI like s3://bucket/prefix (default: OUT/train)."),
     rounds: int = typer.Option(1, "--rounds", min=1, help="Interleave training, held-out and retest samples over this many rounds (real hardware drifts)."),
     compute_members: int = typer.Option(1, "--compute-members", min=1, help="Neural: average this many compute nets (an ensemble)."),
 ) -> None:
@@ -271,7 +277,8 @@ def pretrain(
     config = PretrainConfig(
         out_dir, backend=backend_spec(backend, batch_size, profile=profile, noise=noise, seed=seed),
         num_devices=devices, compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
-        cost_model=cost_model, workers=workers, address=address, rounds=rounds,
+        cost_model=cost_model, workers=workers, address=address, storage=storage,
+        rounds=rounds,
         model_kwargs={"compute_members": compute_members} if compute_members > 1 else None)
     model_dir = run_pretrain(config)
     out.print(f"model written to {model_dir}")
@@ -288,7 +295,7 @@ def collect(
     batch_size: int = typer.Option(65_536, "--batch-size", min=1),
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
     workers: int = typer.Option(0, "--workers", min=0, help="Ray workers (0: in this process)."),
-    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's address."),
+    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Measure pretraining samples on a backend into Parquet; rerun to resume.
@@ -326,7 +333,7 @@ def report(
 @app.command()
 @handles_errors
 def convert(
-    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v1)."),
+    plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v2 or v1)."),
     to: str = typer.Option("torchrec", "--to", help="Target format: torchrec."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Where to write (plan.pt)."),
     module_path: str = typer.Option("", "--module-path",
@@ -364,7 +371,7 @@ def profile(
     Example: neuroshard profile lookups.parquet --dim 64 --out tables.json
     """
     from neuroshard.profile import profile_tables
-    from neuroshard.tables import save_tables, table_to_record
+    from neuroshard.tables import save_tables
 
     if dim % 4:
         raise UsageError(f"--dim must be a multiple of 4, got {dim}")
@@ -372,7 +379,7 @@ def profile(
     if out_path:
         save_tables(specs, out_path)
     if as_json:
-        out.print_json(json.dumps([table_to_record(t) for t in specs]))
+        out.print_json(json.dumps([t.to_record() for t in specs]))
         return
     table = Table(title=f"{len(specs)} tables from {input_path}")
     for column in ("table", "rows", "dim", "pooling factor", "accessed once"):

@@ -1,15 +1,13 @@
-"""NeuroShard inside TorchRec: plan conversion, a drop-in planner and a shard estimator.
+"""NeuroShard inside TorchRec: plan conversion and a shard estimator.
 
-Three bridges between :class:`~neuroshard.types.Plan` and TorchRec 1.9:
+Bridges between :class:`~neuroshard.types.Plan` and TorchRec 1.9 (the drop-in planner,
+:class:`~neuroshard.torchrec_planner.NeuroShardPlanner`, builds on them):
 
 * :func:`to_sharding_plan` / :func:`from_sharding_plan` convert between our plan (column
   shards on devices) and TorchRec's :class:`~torchrec.distributed.types.ShardingPlan`
   (per-module, per-table :class:`~torchrec.distributed.types.ParameterSharding`), so a
   NeuroShard plan runs under ``DistributedModelParallel`` and a TorchRec plan can be
   scored by our cost models and backends.
-* :class:`NeuroShardPlanner` is a TorchRec ``ShardingPlanner``: hand it to
-  ``DistributedModelParallel(plan=planner.collective_plan(model, sharders))`` instead of
-  ``EmbeddingShardingPlanner``.
 * :class:`NeuroShardEstimator` is a TorchRec ``ShardEstimator`` backed by any NeuroShard
   :class:`~neuroshard.types.CostEstimator`, so TorchRec's own proposers and partitioner
   can search with our learned costs.
@@ -32,6 +30,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from neuroshard.models import resolve_cost_model
 from neuroshard.types import (
     BYTES_PER_FLOAT,
     DEFAULT_BATCH_SIZE,
@@ -42,7 +41,6 @@ from neuroshard.types import (
     NeuroShardError,
     Plan,
     PlanFormatError,
-    Searcher,
     Shard,
     TableSpec,
     TableSpecError,
@@ -50,7 +48,6 @@ from neuroshard.types import (
 
 try:
     import torch
-    import torch.distributed as dist
     from torch import nn
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
@@ -63,10 +60,8 @@ try:
     )
     from torchrec.distributed.types import (
         EmbeddingModuleShardingPlan,
-        ModuleSharder,
         ParameterSharding,
         ShardingPlan,
-        ShardingPlanner,
         ShardingType,
     )
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -519,102 +514,7 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
 
 
 def _default_estimator(num_devices: int, batch_size: int) -> CostEstimator:
-    from neuroshard.models import resolve_cost_model
-
     return resolve_cost_model(num_devices=num_devices, batch_size=batch_size)
-
-
-# --------------------------------------------------------------------------- planner
-
-
-class NeuroShardPlanner(ShardingPlanner):
-    """A TorchRec ``ShardingPlanner`` that plans with NeuroShard.
-
-    Args:
-        topology: the devices; memory caps are HBM (``compute_device`` cuda) or DDR (cpu).
-        table_stats: per-table pooling factors and reuse histograms (see
-            :func:`load_table_stats`); tables without statistics fall back to
-            ``constraints``' pooling factors, then 1.0.
-        searcher: a searcher name for :func:`neuroshard.planner.plan_tables`, or any
-            :class:`~neuroshard.types.Searcher` callable.
-        estimator: the cost model; default the shipped one for this device count and
-            batch size (:func:`neuroshard.models.resolve_cost_model`).
-        batch_size: global batch size the costs are for.
-        constraints: TorchRec parameter constraints, read for pooling factors only.
-        memory_headroom: fraction of each device's memory to leave unplanned.
-        seed: passed to callable searchers.
-
-    After :meth:`plan`, ``last_plan`` holds the NeuroShard :class:`Plan` (with its cost).
-    """
-
-    def __init__(self, topology: Topology, *,
-                 table_stats: TableStats | str | Path | None = None,
-                 searcher: str | Searcher = "neuroshard",
-                 estimator: CostEstimator | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE,
-                 constraints: Mapping[str, ParameterConstraints] | None = None,
-                 memory_headroom: float = 0.0,
-                 seed: int = 0) -> None:
-        self.topology = topology
-        self.table_stats = load_table_stats(table_stats)
-        self.searcher = searcher
-        self.estimator = estimator
-        self.batch_size = batch_size
-        self.constraints = dict(constraints or {})
-        self.memory_headroom = memory_headroom
-        self.seed = seed
-        self.cluster = topology_cluster(topology, batch_size, memory_headroom)
-        self.last_plan: Plan | None = None
-
-    def _estimator(self) -> CostEstimator:
-        if self.estimator is None:
-            self.estimator = _default_estimator(self.cluster.num_devices, self.batch_size)
-        return self.estimator
-
-    def plan(self, module: nn.Module,
-             sharders: Sequence[ModuleSharder[nn.Module]] | None = None) -> ShardingPlan:
-        if sharders and not any(
-            issubclass(s.module_type, EmbeddingBagCollection) for s in sharders
-        ):
-            raise NeuroShardError(
-                "none of the sharders shards an EmbeddingBagCollection; NeuroShard plans "
-                "EBC tables only"
-            )
-        tables = table_specs(module, self.table_stats, self.constraints)
-        estimator = self._estimator()
-        if callable(self.searcher):
-            plan = self.searcher(tables, self.cluster, estimator, seed=self.seed)
-        else:
-            from neuroshard.planner import plan_tables
-
-            plan = plan_tables(tables, self.cluster, estimator=estimator, searcher=self.searcher,
-                               seed=self.seed)
-        self.last_plan = plan
-        if plan.cost is not None:
-            logger.info("NeuroShard plan for %d tables on %d devices: %.3f ms by %s",
-                        len(tables), self.cluster.num_devices, plan.cost.max_ms,
-                        plan.cost.model)
-        return to_sharding_plan(
-            plan, module, device_type="cpu" if self.topology.compute_device == "cpu" else "cuda",
-            local_world_size=self.topology.local_world_size,
-        )
-
-    def collective_plan(self, module: nn.Module,
-                        sharders: Sequence[ModuleSharder[nn.Module]] | None = None,
-                        pg: "dist.ProcessGroup | None" = None) -> ShardingPlan:
-        """Plan on rank 0 of ``pg`` (default: the world) and broadcast to every rank."""
-        if not dist.is_initialized():
-            raise NeuroShardError("collective_plan needs an initialized process group; "
-                                  "use plan() in a single process")
-        group = pg if pg is not None else dist.group.WORLD
-        box: list[ShardingPlan | None] = [None]
-        if dist.get_rank(group) == 0:
-            box[0] = self.plan(module, sharders)
-        if dist.get_world_size(group) > 1:
-            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        if box[0] is None:
-            raise NeuroShardError("rank 0 sent no sharding plan")
-        return box[0]
 
 
 # --------------------------------------------------------------------------- estimator
@@ -697,7 +597,7 @@ class NeuroShardEstimator(ShardEstimator):
 
 
 __all__ = [
-    "FWD_COMPUTE_SHARE", "NeuroShardEstimator", "NeuroShardPlanner", "cluster_topology",
+    "FWD_COMPUTE_SHARE", "NeuroShardEstimator", "cluster_topology",
     "copy_unsharded_weights", "embedding_bag_collections", "from_sharding_plan",
     "load_table_stats", "table_specs", "to_sharding_plan", "topology_cluster",
 ]

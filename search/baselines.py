@@ -9,13 +9,11 @@ those of the paper's baselines (:data:`KEYS`): ``dim``, ``size`` (rows x dim), `
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from neuroshard.search.greedy import check_fits, no_room, to_plan
-from neuroshard.search.scoring import finish_plan
+from neuroshard.search.greedy import no_room, to_plan
 from neuroshard.types import (
     Cluster,
     CostEstimator,
@@ -47,16 +45,13 @@ def _key_fn(key: str | TableKey) -> TableKey:
 
 
 def greedy_baseline(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                    key: str | TableKey, seed: int = 0) -> Plan:
+                    key: str | TableKey, seed: int = 0, budget_s: float | None = None) -> Plan:
     """Greedy by ``key`` (a name in :data:`KEYS` or a function of a table).
 
-    The estimator only scores the result; ``seed`` is unused (the greedy is deterministic).
+    The estimator is unused; so are ``seed`` (the greedy is deterministic) and
+    ``budget_s`` (it takes milliseconds).
     """
-    started = time.perf_counter()
     key_fn = _key_fn(key)
-    error = check_fits(tables, cluster)
-    if error is not None:
-        raise error
     values = [key_fn(t) for t in tables]
     order = sorted(range(len(tables)), key=lambda i: -values[i])
     free = list(cluster.memory_per_device_bytes)
@@ -71,9 +66,7 @@ def greedy_baseline(tables: Sequence[TableSpec], cluster: Cluster, estimator: Co
         devices[i] = d
         free[d] -= need
         load[d] += values[i]
-    plan = to_plan(tables, cluster, tables, devices)
-    name = key if isinstance(key, str) else getattr(key, "__name__", "custom")
-    return finish_plan(plan, estimator, searcher=name, started=started)
+    return to_plan(tables, cluster, tables, devices)
 
 
 def greedy_by(key: str | TableKey) -> Searcher:
@@ -81,7 +74,7 @@ def greedy_by(key: str | TableKey) -> Searcher:
     key_fn = _key_fn(key)
 
     def search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-               seed: int = 0) -> Plan:
+               seed: int = 0, budget_s: float | None = None) -> Plan:
         return greedy_baseline(tables, cluster, estimator, key=key, seed=seed)
 
     search.__name__ = f"greedy_by_{key if isinstance(key, str) else key_fn.__name__}"
@@ -89,16 +82,13 @@ def greedy_by(key: str | TableKey) -> Searcher:
 
 
 def random_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0) -> Plan:
+                seed: int = 0, budget_s: float | None = None) -> Plan:
     """Each table on a device drawn uniformly among those with room for it, seeded.
 
     A draw that paints itself into a corner is retried (same random stream) up to
     :data:`RANDOM_ATTEMPTS` times before :class:`PlanInfeasibleError`.
     """
-    started = time.perf_counter()
-    error = check_fits(tables, cluster)
-    if error is not None:
-        raise error
+    error: PlanInfeasibleError | None = None
     rng = np.random.default_rng(seed)
     for _ in range(RANDOM_ATTEMPTS):
         free = list(cluster.memory_per_device_bytes)
@@ -112,6 +102,5 @@ def random_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
             free[d] -= t.size_bytes
             devices.append(d)
         else:
-            plan = to_plan(tables, cluster, tables, devices)
-            return finish_plan(plan, estimator, searcher="random", started=started)
+            return to_plan(tables, cluster, tables, devices)
     raise PlanInfeasibleError(f"{error} (after {RANDOM_ATTEMPTS} random attempts)")

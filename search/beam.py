@@ -11,7 +11,7 @@ call, the ``width`` cheapest form the next beam, and the cheapest plan seen anyw
 the unsplit start included, is returned.
 
 Narrowed shard specs are built once per (table, width) and reused by every state. With
-``time_budget_s`` the beam places only the children the remaining time affords (see
+``budget_s`` the beam places only the children the remaining time affords (see
 :func:`beam_search`); for 1,000 tables on 128 devices a step of ~50 children costs several
 seconds, so a budget bounds the search's time without touching the unsplit placement.
 """
@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Sequence
 
 from neuroshard.search.greedy import Placement, place_many, to_plan
-from neuroshard.search.scoring import Scorer, finish_plan
+from neuroshard.search.scoring import Scorer
 from neuroshard.types import (
     DIM_MULTIPLE,
     Cluster,
@@ -134,10 +135,10 @@ def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
 
 def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
                 seed: int = 0, width: int = 3, max_splits: int = 10,
-                top_k: int = CANDIDATES_PER_KEY, time_budget_s: float | None = None) -> Plan:
+                top_k: int = CANDIDATES_PER_KEY, budget_s: float | None = None) -> Plan:
     """NeuroShard's search: beam over column splits, greedy grid placement of each.
 
-    ``time_budget_s`` (default None: no limit) bounds the search's own time. The unsplit
+    ``budget_s`` (default None: no limit) bounds the search's own time. The unsplit
     placement is always computed; before each beam step the step's time is projected from
     the previous step's seconds per child, and when it would overrun the budget only the
     most promising children are placed (those of better-ranked beam states first, then
@@ -151,8 +152,8 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     """
     if width < 1 or max_splits < 0:
         raise ValueError(f"need width >= 1 and max_splits >= 0, got {width} and {max_splits}")
-    if time_budget_s is not None and time_budget_s <= 0:
-        raise ValueError(f"time_budget_s must be positive, got {time_budget_s}")
+    if budget_s is not None and budget_s <= 0:
+        raise ValueError(f"budget_s must be positive, got {budget_s}")
     started = time.perf_counter()
     scorer = Scorer(estimator)
     cache: dict[tuple[int, int], TableSpec] = {}
@@ -173,13 +174,13 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
         if not candidates:
             break
         children = [child for _, child in candidates]
-        if time_budget_s is not None:
-            left_s = time_budget_s - (time.perf_counter() - started)
+        if budget_s is not None:
+            left_s = budget_s - (time.perf_counter() - started)
             children = affordable(candidates, left_s, per_child_s)
             if len(children) < len(candidates):
                 skipped += len(candidates) - len(children)
                 logger.info("beam step %d: time budget %.1f s leaves room for %d of %d "
-                            "children", step + 1, time_budget_s, len(children),
+                            "children", step + 1, budget_s, len(children),
                             len(candidates))
             if not children:
                 break
@@ -202,6 +203,6 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
                  steps, len(seen) - skipped, scorer.compute_calls, scorer.loads_computed)
     meta = {"splits": len(specs) - len(tables), "states_scored": len(seen) - skipped,
             "beam_steps": steps, "scale": best.scale}
-    if time_budget_s is not None:
+    if budget_s is not None:
         meta["budget_cut"] = skipped
-    return finish_plan(plan, estimator, searcher="neuroshard", started=started, **meta)
+    return replace(plan, meta=meta)

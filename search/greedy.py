@@ -19,14 +19,14 @@ a step is one head call on the distinct (state, device) rows; with any other est
 from __future__ import annotations
 
 import logging
-import time
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from neuroshard.search.scoring import EMPTY_LOAD, LoadKey, Scorer, finish_plan
+from neuroshard.feasibility import format_bytes, infeasibility
+from neuroshard.search.scoring import EMPTY_LOAD, LoadKey, Scorer
 from neuroshard.types import (
     DIM_MULTIPLE,
     Cluster,
@@ -62,39 +62,12 @@ class Placement:
 # --------------------------------------------------------------------------- memory errors
 
 
-def _bytes(n: int) -> str:
-    return f"{n} bytes ({n / 2**30:.2f} GiB)"
-
-
-def check_fits(specs: Sequence[TableSpec], cluster: Cluster) -> PlanInfeasibleError | None:
-    """The error when ``specs`` cannot fit ``cluster`` whatever the placement, else None.
-
-    ``specs`` are whole tables or column shards (tables narrowed to the shard width).
-    """
-    largest = max(cluster.memory_per_device_bytes)
-    total = cluster.total_memory_bytes
-    too_big = [s for s in specs if s.size_bytes > largest]
-    if too_big:
-        names = ", ".join(f"{s.name!r} (width {s.dim}: {_bytes(s.size_bytes)})" for s in too_big)
-        return PlanInfeasibleError(
-            f"larger than any device: {names}; largest device memory {_bytes(largest)}, "
-            f"total {_bytes(total)} on {cluster.num_devices} devices"
-        )
-    need = sum(s.size_bytes for s in specs)
-    if need > total:
-        return PlanInfeasibleError(
-            f"{len(specs)} tables need {_bytes(need)} but the {cluster.num_devices} devices "
-            f"have {_bytes(total)} in total"
-        )
-    return None
-
-
 def no_room(spec: TableSpec, free_bytes: Sequence[int]) -> PlanInfeasibleError:
     """The error when no device has room left for ``spec`` in a partial placement."""
     return PlanInfeasibleError(
         f"no device has room for table {spec.name!r} (width {spec.dim}: "
-        f"{_bytes(spec.size_bytes)} needed); largest free device memory "
-        f"{_bytes(max(free_bytes))}, {_bytes(sum(free_bytes))} free in total"
+        f"{format_bytes(spec.size_bytes)} needed); largest free device memory "
+        f"{format_bytes(max(free_bytes))}, {format_bytes(sum(free_bytes))} free in total"
     )
 
 
@@ -219,7 +192,7 @@ def place_many(problems: Sequence[Sequence[TableSpec]], cluster: Cluster, scorer
         single = singles[offset:offset + len(specs)]
         offset += len(specs)
         orders.append(sorted(range(len(specs)), key=lambda j: -single[j]))
-        error = check_fits(specs, cluster)
+        error = infeasibility(specs, cluster)
         if error is not None:
             results[p] = error
         else:
@@ -493,17 +466,17 @@ def place(shard_specs: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
 
 
 def greedy_grid(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, splits: Mapping[str, Sequence[int]] | None = None,
+                seed: int = 0, budget_s: float | None = None,
+                splits: Mapping[str, Sequence[int]] | None = None,
                 scales: Sequence[float] = GRID_SCALES) -> Plan:
     """Greedy grid search over ``tables`` split as ``splits`` (default: table-wise).
 
-    Deterministic; ``seed`` is accepted for the :class:`~neuroshard.types.Searcher` signature.
+    Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
+    :class:`~neuroshard.types.Searcher` signature.
     """
-    started = time.perf_counter()
     specs = shard_specs(tables, splits)
     placement = place(specs, cluster, estimator, scales=scales)
     logger.debug("greedy grid: %d shards, best scale %.2f, cost %.4f ms",
                  len(specs), placement.scale, placement.cost_ms)
     plan = to_plan(tables, cluster, specs, placement.devices)
-    return finish_plan(plan, estimator, searcher="greedy-grid", started=started,
-                       scale=placement.scale)
+    return replace(plan, meta={"scale": placement.scale})

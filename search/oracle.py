@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
 from neuroshard.search.beam import beam_search
-from neuroshard.search.greedy import check_fits, greedy_grid, to_plan
-from neuroshard.search.scoring import LoadKey, Scorer, finish_plan
+from neuroshard.feasibility import infeasibility
+from neuroshard.search.greedy import greedy_grid, to_plan
+from neuroshard.search.scoring import LoadKey, Scorer
 from neuroshard.types import (
     DIM_MULTIPLE,
     Cluster,
@@ -166,7 +167,7 @@ def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
         raise ValueError(f"{count} table-wise placements of {n} tables on {num_devices} "
                          f"devices exceed the limit of {limit}")
     caps = cluster.memory_per_device_bytes
-    error = check_fits(tables, cluster)
+    error = infeasibility(tables, cluster)
     if error is not None:
         raise error
     sizes = [t.size_bytes for t in tables]
@@ -335,18 +336,19 @@ def _plan_of(tables: Sequence[TableSpec], cluster: Cluster, state: ShardState) -
 
 
 def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, max_evals: int = MAX_EVALS,
+                seed: int = 0, budget_s: float | None = None, max_evals: int = MAX_EVALS,
                 exhaustive_limit: int = EXHAUSTIVE_LIMIT, starts: Sequence[Plan] = (),
                 kick_moves: int = KICK_MOVES) -> Plan:
     """The best plan found by exhaustive table-wise placement (when at most
     ``exhaustive_limit`` placements) and iterated local search with column splits (up to
     ``max_evals`` plans scored), costed by ``estimator``. ``starts`` are extra plans of the
     same tables and cluster to search from. Seeded by ``seed``; see the module doc.
+    ``budget_s`` is accepted for the :class:`~neuroshard.types.Searcher` signature:
+    ``max_evals`` bounds the work.
 
     ``meta`` records ``exhaustive`` (whether the table-wise optimum is exact),
     ``tablewise_ms`` (its cost, or None), ``evals`` and ``starts``.
     """
-    started = time.perf_counter()
     if max_evals < 0:
         raise ValueError(f"max_evals must be >= 0, got {max_evals}")
     tables = list(tables)
@@ -361,7 +363,7 @@ def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     enumerated = 0
     symmetric = devices_interchangeable(cluster, estimator, seed=seed)
     if placement_count(len(tables), cluster.num_devices, symmetric) <= exhaustive_limit \
-            and check_fits(tables, cluster) is None:
+            and infeasibility(tables, cluster) is None:
         try:
             devices, tablewise_ms, enumerated = exhaustive_tablewise(
                 tables, cluster, estimator, symmetric=symmetric, limit=exhaustive_limit)
@@ -402,7 +404,6 @@ def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
                 "%d kicks, best %.4f ms", len(tables), "exact" if exhaustive else "no",
                 f"{tablewise_ms:.4f} ms" if tablewise_ms is not None else "-", search.evals,
                 kicks, search.cost[best])
-    return finish_plan(plan, estimator, searcher="oracle", started=started,
-                       exhaustive=exhaustive, tablewise_ms=tablewise_ms,
-                       placements_enumerated=enumerated, evals=search.evals,
-                       starts=len(seeds), kicks=kicks)
+    return replace(plan, meta={"exhaustive": exhaustive, "tablewise_ms": tablewise_ms,
+                               "placements_enumerated": enumerated, "evals": search.evals,
+                               "starts": len(seeds), "kicks": kicks})

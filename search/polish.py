@@ -1,7 +1,7 @@
 """NeuroShard's default search: the beam, then, when time allows, a SurCo polish.
 
 Without a time budget this is exactly :func:`~neuroshard.search.beam.beam_search`. With
-``time_budget_s``, the beam gets ``1 - polish_fraction`` of it and SurCo
+``budget_s``, the beam gets ``1 - polish_fraction`` of it and SurCo
 (:func:`~neuroshard.search.surco.surco_plan`) spends the rest re-placing the beam's own
 column shards, starting from the beam's plan; the cheaper of the two under the estimator
 wins, so the result is never worse than the beam's. How much the polish gains is
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 from neuroshard.search.beam import beam_search
+from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, CostEstimator, Plan, TableSpec
 
 logger = logging.getLogger(__name__)
@@ -23,24 +25,27 @@ MIN_POLISH_S = 0.5  # below this SurCo's solver cannot do useful work
 
 
 def neuroshard_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                      seed: int = 0, time_budget_s: float | None = None,
-                      polish_fraction: float = 0.5, **beam_options) -> Plan:
-    if time_budget_s is None:
+                      seed: int = 0, budget_s: float | None = None,
+                      polish_fraction: float = 0.5, **beam_options: Any) -> Plan:
+    """The beam; with ``budget_s``, ``1 - polish_fraction`` of it for the beam and the rest
+    for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower."""
+    if budget_s is None:
         return beam_search(tables, cluster, estimator, seed=seed, **beam_options)
     started = time.perf_counter()
     beam = beam_search(tables, cluster, estimator, seed=seed,
-                       time_budget_s=time_budget_s * (1 - polish_fraction), **beam_options)
-    left_s = time_budget_s - (time.perf_counter() - started)
+                       budget_s=budget_s * (1 - polish_fraction), **beam_options)
+    left_s = budget_s - (time.perf_counter() - started)
     if left_s < MIN_POLISH_S:
         return beam
     from neuroshard.search.surco import surco_plan
 
     splits = {t.name: tuple(s.width for s in beam.shards_of(t.name)) for t in beam.tables}
     polished = surco_plan(tables, cluster, estimator, seed=seed, splits=splits,
-                          time_limit_s=left_s * 0.8)
-    beam_ms, polished_ms = beam.cost.max_ms, polished.cost.max_ms
+                          budget_s=left_s * 0.8)
+    beam_ms = plan_cost(beam, estimator).max_ms
+    polished_ms = plan_cost(polished, estimator).max_ms
     logger.info("SurCo polish: %.4f ms -> %.4f ms in %.2f s", beam_ms, polished_ms, left_s)
     best = polished if polished_ms < beam_ms else beam
-    return Plan(best.tables, best.shards, best.cluster, best.cost,
-                {**beam.meta, "polish": {"beam_ms": beam_ms, "surco_ms": polished_ms,
-                                         "kept": "surco" if best is polished else "beam"}})
+    return replace(best, meta={**beam.meta, "polish": {
+        "beam_ms": beam_ms, "surco_ms": polished_ms,
+        "kept": "surco" if best is polished else "beam"}})

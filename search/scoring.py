@@ -34,9 +34,7 @@ from it in the last float32 bits.
 from __future__ import annotations
 
 import logging
-import time
 from bisect import bisect_right
-from dataclasses import replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -77,18 +75,6 @@ def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
             for c, f, b, m in zip(compute, fwd[0], bwd[0], plan.memory_bytes())
         ),
     )
-
-
-def finish_plan(plan: Plan, estimator: CostEstimator, *, searcher: str, started: float,
-                **meta) -> Plan:
-    """``plan`` with its :func:`plan_cost` and ``meta`` (searcher name, search seconds, extras).
-
-    ``started`` is a :func:`time.perf_counter` reading taken when the search began.
-    """
-    cost = plan_cost(plan, estimator)
-    seconds = time.perf_counter() - started
-    return replace(plan, cost=cost,
-                   meta={**meta, "searcher": searcher, "search_seconds": seconds})
 
 
 def is_additive(estimator: CostEstimator) -> bool:

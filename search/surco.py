@@ -76,7 +76,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -85,8 +85,9 @@ from neuroshard.features import table_features
 from neuroshard.models import load_model
 from neuroshard.models.surrogate import KIND as PRIOR_KIND
 from neuroshard.models.surrogate import SurrogatePrior, pair_features
-from neuroshard.search.greedy import check_fits, place, shard_specs, to_plan
-from neuroshard.search.scoring import finish_plan, plan_cost
+from neuroshard.feasibility import infeasibility
+from neuroshard.search.greedy import place, shard_specs, to_plan
+from neuroshard.search.scoring import plan_cost
 from neuroshard.types import (
     Cluster,
     CostEstimator,
@@ -99,6 +100,7 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("zero", "prior")
 COMM_GRID_POINTS = 9  # dim-sum samples per device for the comm envelopes
+DEFAULT_BUDGET_S = 10.0  # solver seconds when the planner gives no budget
 MIN_SOLVE_S = 0.2  # the least time limit a round's solve is given (s)
 _GIB = float(1 << 30)
 
@@ -498,17 +500,17 @@ def _search(tables: Sequence[TableSpec], specs: Sequence[TableSpec], cluster: Cl
 
 
 def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-               seed: int = 0, rounds: int = 5, time_limit_s: float = 10.0,
+               seed: int = 0, budget_s: float | None = None, rounds: int = 5,
                splits: Mapping[str, Sequence[int]] | None = None, variant: str = "zero",
                prior_path: str | os.PathLike | None = None, mip_rel_gap: float = 1e-3,
                trust_radius: int | None = None) -> Plan:
     """SurCo-style search from the greedy grid plan (see the module doc).
 
-    ``rounds`` surrogate fits and MILP solves at most, sharing ``time_limit_s`` seconds of
+    ``rounds`` surrogate fits and MILP solves at most, sharing ``budget_s`` seconds of
     solver time: each round's solve (and its LP relaxation) is limited to the time left
     over the rounds left (at least 0.2 s), so time a quick solve leaves passes to the next;
     a solve stops at a relative gap of ``mip_rel_gap``. The search's own time is about
-    ``time_limit_s`` plus the estimator calls.
+    ``budget_s`` (default :data:`DEFAULT_BUDGET_S`) plus the estimator calls.
 
     ``splits`` maps table names to shard widths (default: table-wise). ``variant`` is
     ``"zero"`` (finite-difference fits) or ``"prior"`` (costs predicted by the
@@ -526,11 +528,11 @@ def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    time_limit_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     if rounds < 1 or time_limit_s <= 0:
         raise ValueError(f"need rounds >= 1 and time_limit_s > 0, got {rounds}, {time_limit_s}")
-    started = time.perf_counter()
     specs = shard_specs(tables, splits)
-    error = check_fits(specs, cluster)
+    error = infeasibility(specs, cluster)
     if error is not None:
         raise error
     prior = (load_model(prior_path, kind=PRIOR_KIND) if variant == "prior" and prior_path
@@ -550,11 +552,11 @@ def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
     logger.info("surco (%s): %d rounds, start %.4f ms, best %.4f ms", variant, len(history),
                 start_ms, best_ms)
     plan = to_plan(tables, cluster, specs, best)
-    return finish_plan(plan, estimator, searcher="surco", started=started, surco={
+    return replace(plan, meta={"surco": {
         "variant": variant, "prior": str(prior_path) if prior is not None else None,
         "start_ms": start_ms, "best_ms": best_ms, "rounds": history,
         "proved_optimal": sum(h["status"] == "optimal" for h in solved),
-        "time_limit_s": time_limit_s, "mip_rel_gap": mip_rel_gap})
+        "time_limit_s": time_limit_s, "mip_rel_gap": mip_rel_gap}})
 
 
 def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
@@ -574,7 +576,7 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
     y_parts: list[np.ndarray] = []
     for i, tables in enumerate(tasks):
         specs = shard_specs(tables)
-        if check_fits(specs, cluster) is not None:
+        if infeasibility(specs, cluster) is not None:
             logger.info("prior task %d does not fit the cluster; skipped", i)
             continue
         single = _single_ms(specs, estimator)

@@ -57,11 +57,13 @@ def _one_line(message: str, limit: int = 600) -> str:
 
 
 def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator,
-                  *, seed: int = 0, cost_source: str = "torchrec",
+                  *, seed: int = 0, budget_s: float | None = None,
+                  cost_source: str = "torchrec",
                   compute_device: str = "cuda") -> Plan:
     """TorchRec's plan for ``tables`` on ``cluster``, costed by ``estimator``.
 
-    ``seed`` is accepted for the searcher interface; TorchRec's planner is deterministic.
+    ``seed`` and ``budget_s`` are accepted for the searcher interface; TorchRec's planner
+    is deterministic and has no time bound.
     ``cost_source`` picks the per-shard costs TorchRec searches with: its own analytic
     model (``"torchrec"``) or ``estimator`` through ``NeuroShardEstimator``
     (``"neuroshard"``). ``compute_device="cpu"`` plans against DDR caps instead of HBM.
@@ -81,7 +83,6 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 
     from neuroshard.plan_io import validate_plan
-    from neuroshard.search.scoring import plan_cost
     from neuroshard.torchrec_adapter import (
         NeuroShardEstimator,
         cluster_topology,
@@ -131,6 +132,4 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     seconds = time.perf_counter() - started
     logger.info("torchrec (%s costs) planned %d tables on %d devices in %.2f s",
                 cost_source, len(tables), cluster.num_devices, seconds)
-    return replace(plan, cost=plan_cost(plan, estimator),
-                   meta={"searcher": "torchrec", "cost_source": cost_source,
-                         "search_seconds": seconds})
+    return replace(plan, meta={"cost_source": cost_source})

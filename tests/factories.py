@@ -32,6 +32,13 @@ def make_tables(n: int, seed: int = 0) -> list[TableSpec]:
     ]
 
 
+def priced(plan, estimator):
+    """A searcher's plain plan with its cost under ``estimator``, as the planner prices it."""
+    from neuroshard.search.scoring import plan_cost
+
+    return plan.with_cost(plan_cost(plan, estimator))
+
+
 def make_cluster(num_devices: int = 4, memory_gb: float = 4.0,
                  batch_size: int = 65_536) -> Cluster:
     return Cluster.uniform(num_devices, int(memory_gb * GB), batch_size)

@@ -1,6 +1,6 @@
 import pytest
 
-from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table,
+from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table, priced,
                        make_tables)
 from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
@@ -18,8 +18,8 @@ def hot_tables():
 @pytest.mark.parametrize("num_devices", [4, 8])
 def test_width_one_without_splits_equals_greedy_grid(num_devices):
     tables, cluster = make_tables(30, seed=6), make_cluster(num_devices)
-    beam = beam_search(tables, cluster, FakeEstimator(), width=1, max_splits=0)
-    grid = greedy_grid(tables, cluster, FakeEstimator())
+    beam = priced(beam_search(tables, cluster, FakeEstimator(), width=1, max_splits=0), FakeEstimator())
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     assert beam == grid  # shards, tables, cluster and cost; meta is not compared
     assert beam.meta["splits"] == 0
 
@@ -28,15 +28,15 @@ def test_width_one_without_splits_equals_greedy_grid(num_devices):
 @pytest.mark.parametrize("num_devices", [4, 8])
 def test_beam_is_never_worse_than_greedy_grid(seed, num_devices):
     tables, cluster = make_tables(20, seed=seed), make_cluster(num_devices)
-    beam = beam_search(tables, cluster, FakeEstimator(), max_splits=4)
-    grid = greedy_grid(tables, cluster, FakeEstimator())
+    beam = priced(beam_search(tables, cluster, FakeEstimator(), max_splits=4), FakeEstimator())
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     assert beam.cost.max_ms <= grid.cost.max_ms * (1 + 1e-12)
 
 
 def test_beam_splits_a_hot_table_and_beats_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
-    beam = beam_search(tables, cluster, FakeEstimator())
-    grid = greedy_grid(tables, cluster, FakeEstimator())
+    beam = priced(beam_search(tables, cluster, FakeEstimator()), FakeEstimator())
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     validate_plan(beam)
     assert len(beam.shards_of("hot")) > 1
     assert beam.meta["splits"] > 0
@@ -47,12 +47,12 @@ def test_beam_splits_a_hot_table_and_beats_the_grid():
 def test_beam_splits_stay_multiples_of_four_and_cover_columns():
     tables = [make_table("a", dim=24, pooling_factor=80.0), make_table("b", dim=8),
               make_table("c", dim=12, pooling_factor=50.0)]
-    plan = beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10)
+    plan = priced(beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10), FakeEstimator())
     validate_plan(plan)
 
 
 def test_max_splits_bounds_the_number_of_splits():
-    plan = beam_search(hot_tables(), make_cluster(8), FakeEstimator(), max_splits=2)
+    plan = priced(beam_search(hot_tables(), make_cluster(8), FakeEstimator(), max_splits=2), FakeEstimator())
     assert plan.meta["splits"] <= 2
 
 
@@ -62,7 +62,7 @@ def test_table_larger_than_any_device_is_split_to_fit():
     cluster = make_cluster(4, memory_gb=1)
     with pytest.raises(PlanInfeasibleError, match="'big'"):
         greedy_grid(tables, cluster, FakeEstimator())
-    plan = beam_search(tables, cluster, FakeEstimator(), max_splits=0)
+    plan = priced(beam_search(tables, cluster, FakeEstimator(), max_splits=0), FakeEstimator())
     validate_plan(plan)
     assert [s.width for s in plan.shards_of("big")] == [64, 64]
     assert max(plan.memory_bytes()) <= 1 * GB
@@ -77,8 +77,8 @@ def test_table_that_cannot_be_split_to_fit_is_named():
 
 def test_beam_is_deterministic():
     tables, cluster = make_tables(15, seed=9), make_cluster(4)
-    a = beam_search(tables, cluster, FakeEstimator(), max_splits=3)
-    b = beam_search(tables, cluster, FakeEstimator(), max_splits=3, seed=7)
+    a = priced(beam_search(tables, cluster, FakeEstimator(), max_splits=3), FakeEstimator())
+    b = priced(beam_search(tables, cluster, FakeEstimator(), max_splits=3, seed=7), FakeEstimator())
     assert a == b
 
 
@@ -126,20 +126,20 @@ def test_beam_additive_path_equals_generic_path(num_devices):
 
 def test_time_budget_keeps_a_valid_plan_no_worse_than_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
-    grid = greedy_grid(tables, cluster, FakeEstimator())
-    tight = beam_search(tables, cluster, FakeEstimator(), time_budget_s=1e-6)
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
+    tight = priced(beam_search(tables, cluster, FakeEstimator(), budget_s=1e-6), FakeEstimator())
     validate_plan(tight)
     assert tight.meta["beam_steps"] == 0 and tight.meta["budget_cut"] > 0
     assert tight.shards == grid.shards
-    roomy = beam_search(tables, cluster, FakeEstimator(), time_budget_s=600.0)
-    free = beam_search(tables, cluster, FakeEstimator())
+    roomy = priced(beam_search(tables, cluster, FakeEstimator(), budget_s=600.0), FakeEstimator())
+    free = priced(beam_search(tables, cluster, FakeEstimator()), FakeEstimator())
     assert roomy.meta["budget_cut"] == 0 and roomy.shards == free.shards
     assert "budget_cut" not in free.meta
 
 
 def test_time_budget_must_be_positive():
-    with pytest.raises(ValueError, match="time_budget_s"):
-        beam_search(hot_tables(), make_cluster(4), FakeEstimator(), time_budget_s=0)
+    with pytest.raises(ValueError, match="budget_s"):
+        beam_search(hot_tables(), make_cluster(4), FakeEstimator(), budget_s=0)
 
 
 def test_affordable_children_are_the_most_promising():

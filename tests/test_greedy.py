@@ -1,6 +1,6 @@
 import pytest
 
-from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table,
+from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table, priced,
                        make_tables)
 from neuroshard.plan_io import validate_plan
 from neuroshard.search import greedy
@@ -20,13 +20,13 @@ def rows_for(gib: float, dim: int) -> int:
     return int(gib * GB) // (dim * 4)
 
 
-def test_grid_covers_every_table_and_attaches_cost():
+def test_grid_covers_every_table_and_records_its_scale():
     tables, cluster, est = make_tables(20), make_cluster(4), FakeEstimator()
-    plan = greedy_grid(tables, cluster, est)
+    plan = priced(greedy_grid(tables, cluster, est), est)
     validate_plan(plan)
     assert len(plan.shards) == len(tables)  # table-wise by default
     assert_fake_plan_cost(plan, plan_cost(plan, FakeEstimator()))
-    assert plan.meta["searcher"] == "greedy-grid" and plan.meta["scale"] in GRID_SCALES
+    assert plan.meta["scale"] in GRID_SCALES
 
 
 def test_grid_respects_memory_caps():
@@ -36,7 +36,7 @@ def test_grid_respects_memory_caps():
     tables = [make_table(f"t{i}", rows=rows_for(0.45, dim), dim=dim,
                          pooling_factor=200.0 if i == 0 else 1.0) for i in range(8)]
     cluster = make_cluster(4, memory_gb=1)
-    plan = greedy_grid(tables, cluster, FakeEstimator())
+    plan = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     assert max(plan.memory_bytes()) <= 1 * GB
     assert sorted(plan.memory_bytes()) == [2 * tables[0].size_bytes] * 4
 
@@ -63,7 +63,7 @@ def test_grid_reports_total_memory_shortfall():
 def test_grid_balances_equal_tables():
     tables = [make_table(f"t{i}", rows=100_000, dim=32, pooling_factor=10.0)
               for i in range(16)]
-    plan = greedy_grid(tables, make_cluster(4), FakeEstimator())
+    plan = priced(greedy_grid(tables, make_cluster(4), FakeEstimator()), FakeEstimator())
     compute = [d.compute_ms for d in plan.cost.devices]
     assert max(compute) / min(compute) < 1.05
     assert plan.dim_sums() == [128] * 4
@@ -71,16 +71,16 @@ def test_grid_balances_equal_tables():
 
 def test_grid_balances_mixed_tables_better_than_one_device():
     tables, est = make_tables(40, seed=1), FakeEstimator()
-    plan = greedy_grid(tables, make_cluster(8), est)
+    plan = priced(greedy_grid(tables, make_cluster(8), est), est)
     compute = [d.compute_ms for d in plan.cost.devices]
     assert max(compute) / min(compute) < 1.5
 
 
 def test_grid_keeps_the_best_scale():
     tables, cluster = make_tables(30, seed=2), make_cluster(4)
-    best = greedy_grid(tables, cluster, FakeEstimator())
-    each = [greedy_grid(tables, cluster, FakeEstimator(), scales=(s,)).cost.max_ms
-            for s in GRID_SCALES]
+    best = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
+    each = [plan_cost(greedy_grid(tables, cluster, FakeEstimator(), scales=(s,)),
+                      FakeEstimator()).max_ms for s in GRID_SCALES]
     assert best.cost.max_ms == pytest.approx(min(each), rel=1e-12)
     assert best.meta["scale"] == GRID_SCALES[each.index(min(each))]
 
@@ -101,7 +101,7 @@ def test_dim_cap_falls_back_when_no_device_fits_it():
     tables = ([make_table("hot", dim=16, pooling_factor=100.0),
                make_table("wide", dim=512, pooling_factor=1.0)]
               + [make_table(f"t{i}", dim=16, pooling_factor=1.0) for i in range(4)])
-    plan = greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,))
+    plan = priced(greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,)), FakeEstimator())
     validate_plan(plan)
     assert {s.table: s.device for s in plan.shards} == {
         "hot": 0, "wide": 1, "t0": 0, "t1": 0, "t2": 0, "t3": 0}
@@ -134,7 +134,7 @@ def test_place_many_returns_errors_instead_of_raising():
 
 def test_splits_give_column_shards_of_the_given_widths():
     tables = [make_table("a", dim=64), make_table("b", dim=32)]
-    plan = greedy_grid(tables, make_cluster(4), FakeEstimator(), splits={"a": (32, 16, 16)})
+    plan = priced(greedy_grid(tables, make_cluster(4), FakeEstimator(), splits={"a": (32, 16, 16)}), FakeEstimator())
     validate_plan(plan)
     assert [s.width for s in plan.shards_of("a")] == [32, 16, 16]
     assert [s.width for s in plan.shards_of("b")] == [32]
@@ -151,9 +151,9 @@ def test_dim_cap_spreads_cheap_wide_tables():
     tables = [make_table("hot", dim=8, pooling_factor=1000.0)] + [
         make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)]
     cluster = make_cluster(2)
-    uncapped = greedy_grid(tables, cluster, FakeEstimator(), scales=(10.0,))
+    uncapped = priced(greedy_grid(tables, cluster, FakeEstimator(), scales=(10.0,)), FakeEstimator())
     assert [len(load) for load in uncapped.device_loads()] in ([1, 6], [6, 1])
-    capped = greedy_grid(tables, cluster, FakeEstimator(), scales=(1.0,))
+    capped = priced(greedy_grid(tables, cluster, FakeEstimator(), scales=(1.0,)), FakeEstimator())
     assert sorted(len(load) for load in capped.device_loads()) == [3, 4]
 
 
@@ -266,7 +266,7 @@ def test_neural_model_takes_the_additive_path_with_the_same_costs(neural_model, 
     keys = place_many(problems, cluster, Scorer(Opaque(neural_model)))
     # Sums of float32 embeddings in another order: the same placements up to near-ties.
     assert [a.cost_ms for a in arrays] == pytest.approx([k.cost_ms for k in keys], rel=1e-4)
-    plan = greedy_grid(tables, cluster, neural_model)
+    plan = priced(greedy_grid(tables, cluster, neural_model), neural_model)
     assert plan.cost.max_ms == pytest.approx(arrays[0].cost_ms, rel=1e-5)
 
 

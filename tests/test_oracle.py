@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
+from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
 from neuroshard.plan_io import validate_plan
 from neuroshard.search.greedy import greedy_grid, to_plan
 from neuroshard.search.oracle import (
@@ -111,7 +111,7 @@ def test_oracle_finds_the_optimum_known_by_construction():
               for i, pf in enumerate(works)]
     cluster = make_cluster(2)
     assert plan_cost(greedy_grid(tables, cluster, est), est).max_ms == 28.0
-    plan = oracle_plan(tables, cluster, est, max_evals=3000)
+    plan = priced(oracle_plan(tables, cluster, est, max_evals=3000), est)
     validate_plan(plan)
     cost = plan_cost(plan, est)
     assert cost.max_ms == 24.0 and plan.meta["tablewise_ms"] == 24.0
@@ -123,7 +123,7 @@ def test_oracle_finds_the_optimum_known_by_construction():
     # 12, 12, 8 give at best 12+8 | 12 = 20, and no plan can do better.
     tables = [make_table("a", rows=1000, dim=8, pooling_factor=3.0),
               make_table("b", rows=1000, dim=4, pooling_factor=2.0)]
-    plan = oracle_plan(tables, cluster, est, max_evals=3000)
+    plan = priced(oracle_plan(tables, cluster, est, max_evals=3000), est)
     validate_plan(plan)
     assert plan.meta["tablewise_ms"] == 24.0
     assert plan_cost(plan, est).max_ms == 20.0
@@ -133,7 +133,7 @@ def test_oracle_finds_the_optimum_known_by_construction():
 def test_oracle_splits_a_hot_table_beyond_the_tablewise_optimum():
     tables = [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [
         make_table(f"t{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(5)]
-    plan = oracle_plan(tables, make_cluster(4), FakeEstimator(), max_evals=3000)
+    plan = priced(oracle_plan(tables, make_cluster(4), FakeEstimator(), max_evals=3000), FakeEstimator())
     validate_plan(plan)
     assert len(plan.shards_of("hot")) > 1
     assert plan.cost.max_ms < 0.9 * plan.meta["tablewise_ms"]
@@ -142,7 +142,7 @@ def test_oracle_splits_a_hot_table_beyond_the_tablewise_optimum():
 def test_oracle_without_exhaustive_part_and_with_a_table_too_big_for_a_device():
     rows = int(1.6 * GB) // (128 * 4)
     tables = [make_table("big", rows=rows, dim=128)] + make_tables(5, seed=1)
-    plan = oracle_plan(tables, make_cluster(4, memory_gb=1), FakeEstimator(), max_evals=1000)
+    plan = priced(oracle_plan(tables, make_cluster(4, memory_gb=1), FakeEstimator(), max_evals=1000), FakeEstimator())
     validate_plan(plan)
     assert not plan.meta["exhaustive"] and plan.meta["tablewise_ms"] is None
     small = oracle_plan(make_tables(10), make_cluster(4), FakeEstimator(), max_evals=500,
@@ -153,13 +153,13 @@ def test_oracle_without_exhaustive_part_and_with_a_table_too_big_for_a_device():
 
 def test_oracle_is_seeded():
     tables, cluster = make_tables(7, seed=6), make_cluster(4)
-    a = oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1)
-    b = oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1)
+    a = priced(oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator())
+    b = priced(oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator())
     assert a == b
 
 
 def test_oracle_rejects_start_plans_of_other_tables():
     tables, cluster = make_tables(5), make_cluster(2)
-    other = greedy_grid(make_tables(4), cluster, FakeEstimator())
+    other = priced(greedy_grid(make_tables(4), cluster, FakeEstimator()), FakeEstimator())
     with pytest.raises(ValueError, match="start plans"):
         oracle_plan(tables, cluster, FakeEstimator(), max_evals=10, starts=[other])

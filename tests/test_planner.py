@@ -1,10 +1,12 @@
 import pytest
 
+from neuroshard.feasibility import check_fits
 from neuroshard.models import default_model_dir
-from neuroshard.planner import Planner, check_fits, plan_tables
+from neuroshard.planner import Planner
+from neuroshard.search import get_searcher
 from neuroshard.types import PlanInfeasibleError, TableSpec, UsageError
 
-from factories import GB, FakeEstimator, make_cluster, make_tables
+from factories import FakeEstimator, make_cluster, make_tables
 
 
 def test_planner_defaults_to_the_shipped_model_and_neuroshard():
@@ -16,13 +18,15 @@ def test_planner_defaults_to_the_shipped_model_and_neuroshard():
 
 def test_time_budget_reaches_the_beam():
     tables = make_tables(30)
-    budgeted = plan_tables(tables, make_cluster(4), FakeEstimator(), time_budget_s=1e-6)
+    budgeted = Planner(FakeEstimator(), budget_s=1e-6).plan(tables, make_cluster(4))
     assert "budget_cut" in budgeted.meta and budgeted.meta["budget_cut"] > 0
-    assert "budget_cut" not in plan_tables(tables, make_cluster(4), FakeEstimator()).meta
-    # fast searchers ignore it rather than fail
-    plan_tables(tables, make_cluster(4), FakeEstimator(), "lookup", time_budget_s=1.0)
-    with pytest.raises(UsageError):
-        plan_tables(tables, make_cluster(4), FakeEstimator(), time_budget_s=0)
+    assert "budget_cut" not in Planner(FakeEstimator()).plan(tables, make_cluster(4)).meta
+    # fast searchers take it and finish well inside it
+    fast = Planner(FakeEstimator(), "lookup", budget_s=1.0).plan(tables, make_cluster(4))
+    assert fast.meta["search_seconds"] < 1.0
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError, match="time budget"):
+            Planner(FakeEstimator(), budget_s=bad)
 
 
 def test_check_fits_names_the_culprits():
@@ -33,10 +37,33 @@ def test_check_fits_names_the_culprits():
         check_fits(tables, make_cluster(2, 1))
 
 
+def test_the_planner_checks_feasibility_before_the_model_loads():
+    loads = []
+
+    def model_for(cluster):
+        loads.append(cluster)
+        return FakeEstimator()
+
+    with pytest.raises(PlanInfeasibleError):
+        Planner(model_for).plan([TableSpec("huge", rows=10**9, dim=128)], make_cluster(4, 1))
+    assert loads == []
+    Planner(model_for).plan(make_tables(6), make_cluster(2))
+    assert len(loads) == 1
+
+
+def test_the_planner_prices_and_labels_any_searcher_once():
+    tables, cluster = make_tables(8), make_cluster(2)
+    plain = get_searcher("greedy-grid")(tables, cluster, FakeEstimator())
+    assert plain.cost is None and "searcher" not in plain.meta
+    plan = Planner(FakeEstimator(), get_searcher("greedy-grid")).plan(tables, cluster)
+    assert plan.shards == plain.shards
+    assert plan.cost is not None and plan.meta["searcher"] == "greedy-grid"
+
+
 def test_neuroshard_with_time_polishes_with_surco_and_is_never_worse():
     tables, cluster = make_tables(14, seed=3), make_cluster(4)
-    beam = plan_tables(tables, cluster, FakeEstimator())
-    polished = plan_tables(tables, cluster, FakeEstimator(), time_budget_s=6.0)
+    beam = Planner(FakeEstimator()).plan(tables, cluster)
+    polished = Planner(FakeEstimator(), budget_s=6.0).plan(tables, cluster)
     assert polished.meta["polish"]["kept"] in ("beam", "surco")
     assert polished.cost.max_ms <= beam.cost.max_ms + 1e-12
     assert polished.meta["polish"]["beam_ms"] == pytest.approx(beam.cost.max_ms, rel=1e-9)

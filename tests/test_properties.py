@@ -1,4 +1,4 @@
-"""Properties of every registered searcher, through ``neuroshard.planner.plan_tables``.
+"""Properties of every registered searcher, through ``neuroshard.planner.Planner``.
 
 For any valid tables (1..25 of them, rows 1..5e6, dims multiples of 4 up to 256, pooling
 0.1..100) and cluster (1..8 devices, caps from far too small to roomy, not necessarily
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from factories import GB, FakeEstimator
 from neuroshard.plan_io import validate_plan
-from neuroshard.planner import evaluate_plan, plan_tables
+from neuroshard.planner import Planner, evaluate_plan
 from neuroshard.search import searcher_names
 from neuroshard.types import NUM_HIST_BINS, Cluster, PlanInfeasibleError, TableSpec
 
@@ -99,7 +99,7 @@ def check_outcome(name, specs, cluster, bad_messages=None):
     """
     estimator = FakeEstimator(cluster.batch_size)
     try:
-        plan = plan_tables(specs, cluster, estimator, name, seed=0)
+        plan = Planner(estimator, name).plan(specs, cluster)
     except PlanInfeasibleError as e:
         message = str(e)
         if not (names_a_table(message, specs) and "bytes" in message):

@@ -1,10 +1,9 @@
-import time
 
 import numpy as np
 import pytest
 
 from factories import FakeEstimator, make_cluster, make_table, make_tables
-from neuroshard.search.scoring import EMPTY_LOAD, Scorer, WithoutEmbeddings, finish_plan, plan_cost
+from neuroshard.search.scoring import EMPTY_LOAD, Scorer, WithoutEmbeddings, plan_cost
 from neuroshard.types import Plan, Shard
 
 
@@ -120,16 +119,6 @@ def test_load_keys_are_multisets_of_shards():
     built = Scorer.add(Scorer.add(EMPTY_LOAD, scorer.item(b)), scorer.item(a))
     assert built == scorer.key([a, b])
     assert scorer.dim_sum(scorer.key([a4, a4, b])) == 16
-
-
-def test_finish_plan_attaches_cost_and_meta():
-    a = make_table("a", dim=8)
-    plan = Plan((a,), (Shard("a", 0, 8, 0),), make_cluster(2))
-    done = finish_plan(plan, LinearEstimator(), searcher="x", started=time.perf_counter(),
-                       extra=1)
-    assert done.cost == plan_cost(plan, LinearEstimator())
-    assert done.meta["searcher"] == "x" and done.meta["extra"] == 1
-    assert 0 <= done.meta["search_seconds"] < 60
 
 
 # --------------------------------------------------------------------------- additive path

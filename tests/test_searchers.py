@@ -1,6 +1,7 @@
 import pytest
 
 from factories import FakeEstimator, assert_fake_plan_cost, make_cluster, make_tables
+from neuroshard.planner import Planner
 from neuroshard.search import (
     BASELINES,
     DEFAULT_SEARCHER,
@@ -17,7 +18,8 @@ def test_every_searcher_returns_a_valid_costed_plan(name, num_devices):
     tables, cluster = make_tables(30), make_cluster(num_devices)
     searcher = get_searcher(name)
     assert isinstance(searcher, Searcher)
-    plan = searcher(tables, cluster, FakeEstimator(), seed=0)
+    assert searcher(tables, cluster, FakeEstimator(), seed=0, budget_s=None).cost is None
+    plan = Planner(FakeEstimator(), name).plan(tables, cluster)
 
     assert plan.tables == tuple(tables) and plan.cluster == cluster
     for t in tables:

@@ -31,12 +31,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E
 from neuroshard.torchrec_adapter import (  # noqa: E402
     FWD_COMPUTE_SHARE,
     NeuroShardEstimator,
-    NeuroShardPlanner,
     embedding_bag_collections,
     from_sharding_plan,
     table_specs,
     to_sharding_plan,
 )
+from neuroshard.torchrec_planner import NeuroShardPlanner  # noqa: E402
 from neuroshard.types import (  # noqa: E402
     DLRM_REUSE_HIST,
     Cluster,
@@ -214,7 +214,7 @@ def test_column_type_with_row_split_shard_is_refused():
 
 
 def _stub_searcher(calls):
-    def search(tables, cluster, estimator, *, seed=0):
+    def search(tables, cluster, estimator, *, seed=0, budget_s=None):
         calls.append((list(tables), cluster, estimator, seed))
         return Plan(tuple(tables), tuple(Shard(t.name, 0, t.dim, i % cluster.num_devices)
                                          for i, t in enumerate(tables)), cluster)

@@ -97,11 +97,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from neuroshard.torchrec_adapter import (
-        NeuroShardPlanner,
-        cluster_topology,
-        copy_unsharded_weights,
-    )
+    from neuroshard.torchrec_adapter import cluster_topology, copy_unsharded_weights
+    from neuroshard.torchrec_planner import NeuroShardPlanner
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
@@ -123,7 +120,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
             model = ebc
         prefix = "sparse.ebc." if nested else ""
 
-        def fixed_plan(tables, cluster, estimator, *, seed=0):
+        def fixed_plan(tables, cluster, estimator, *, seed=0, budget_s=None):
             assert [t.name for t in tables] == [t.name for t in TABLES]
             return _plan(world)
 
