@@ -8,17 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from factories import make_table
+
 from neuroshard.backends import get_backend
 from neuroshard.backends.cuda import (
     CudaBackend,
     FusedShards,
     FusedTimer,
+    check_fused_kernel,
     generate_batches,
     resolve_kernel,
 )
-from neuroshard.backends.tbe import LEARNING_RATE
 from neuroshard.indices import generate_batch
 from neuroshard.types import BackendError, HardwareBackend, Timing
 
@@ -85,6 +85,18 @@ def test_fused_step_counts_unique_rows_itself_or_from_caller():
     given = [int(torch.unique(i).numel()) for i, _ in batches]
     assert [g.unique for g in counted.groups] == [
         sum(given[i] for i in g.members) for g in counted.groups]
+
+
+def test_self_check_on_cpu_reports_errors_and_no_graphs():
+    found = check_fused_kernel("cpu", batch_size=256)
+    assert found["forward_max_abs_error"] < 1e-5 and found["update_max_abs_error"] < 1e-5
+    assert not found["graphs_ok"] and math.isnan(found["graph_max_abs_error"])
+
+
+def test_self_check_fails_a_wrong_update(monkeypatch):
+    monkeypatch.setattr("neuroshard.backends.cuda.LEARNING_RATE", 0.02)  # the kernel uses 0.01
+    with pytest.raises(BackendError, match="off nn.EmbeddingBag"):
+        check_fused_kernel("cpu", batch_size=64)
 
 
 def test_fused_rejects_short_buffers():
@@ -214,40 +226,10 @@ def test_cuda_device_without_a_gpu_explains():
 
 
 @needs_cuda
-def test_cuda_fused_step_matches_reference():
-    shapes, batches = _load(256)
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(1)
-    weights = torch.randn(sum(r * w for r, w in shapes), generator=gen).to(dev)
-    grad = torch.randn(256 * GRAD_PER_BAG, generator=gen).to(dev)
-    on_gpu = [(i.to(dev), o.to(dev)) for i, o in batches]
-    shards = FusedShards(shapes, on_gpu, weights, grad, 256, lr=LEARNING_RATE)
-    before = [shards.weight(i).cpu() for i in range(len(shapes))]
-    expected = [_reference(before[i], *batches[i], shards.output_grad(i).cpu(), LEARNING_RATE)
-                for i in range(len(shapes))]
-    shards.step()
-    for i in range(len(shapes)):
-        torch.testing.assert_close(shards.weight(i).cpu(), expected[i][1], rtol=1e-5,
-                                   atol=1e-5)
-
-
-@needs_cuda
-def test_cuda_graph_replay_equals_eager_steps():
-    shapes, batches = _load(512)
-    dev = torch.device("cuda")
-    on_gpu = [(i.to(dev), o.to(dev)) for i, o in batches]
-    grad = torch.randn(512 * GRAD_PER_BAG, device=dev)
-    start = torch.randn(sum(r * w for r, w in shapes), device=dev)
-    eager_w, graph_w = start.clone(), start.clone()
-    eager = FusedShards(shapes, on_gpu, eager_w, grad, 512)
-    timer = FusedTimer("cuda", batch_size=512)
-    replay = timer._graphed(FusedShards(shapes, on_gpu, graph_w, grad, 512))
-    assert timer.graph_failures == 0
-    for _ in range(2):  # _graphed ran one eager warm-up step already
-        eager.step()
-    replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(graph_w, eager_w, rtol=1e-4, atol=1e-4)
+def test_cuda_self_check_passes_with_graphs_in_a_shared_pool():
+    found = check_fused_kernel("cuda", batch_size=1024)
+    assert found["update_max_abs_error"] < 1e-4 and found["forward_max_abs_error"] < 1e-4
+    assert found["graphs_ok"] and found["graph_max_abs_error"] < 1e-4
 
 
 @needs_cuda

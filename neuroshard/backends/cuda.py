@@ -29,8 +29,8 @@ indices offset by each table's first row and their bags laid out table after tab
 A batch fixes the number of distinct rows it touches; it is counted once when a load is
 built, so every shape in the step is static and the step can be captured as a CUDA graph.
 Timing is :class:`~neuroshard.backends.tbe.ComputeTimer`'s: CUDA events around each
-replay after the warm-ups (and, before capture, one eager run on a side stream); the
-label is the median of the repeats, the spread ``(p75 - p25) / median``. When a capture
+replay after the warm-up replays; the label is the median of the repeats, the spread
+``(p75 - p25) / median``. When a capture
 fails, that load runs eagerly instead, graphs are switched off for the rest of the run
 and :attr:`FusedTimer.graph_failures` counts it.
 
@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from neuroshard.backends.tbe import (
+    _LRU,
     INDEX_CACHE_BYTES,
     LEARNING_RATE,
     MODULE_CACHE_BYTES,
@@ -61,11 +62,15 @@ from neuroshard.backends.tbe import (
     TimedBackend,
     _index_key,
     _index_seed,
-    _LRU,
     _Prepared,
 )
 from neuroshard.indices import generate_batch
-from neuroshard.types import BYTES_PER_FLOAT, DEFAULT_BATCH_SIZE, BackendError, TableSpec
+from neuroshard.types import (
+    BYTES_PER_FLOAT,
+    DEFAULT_BATCH_SIZE,
+    BackendError,
+    TableSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +130,18 @@ def check_cuda(kernel: str) -> None:
 class _Group:
     """The shards of one width: a stacked weight slab and TBE-style lookups."""
 
-    __slots__ = ("width", "members", "row_base", "slab", "indices", "offsets", "bags",
-                 "grad", "lookups", "unique")
+    __slots__ = (
+        "bags",
+        "grad",
+        "indices",
+        "lookups",
+        "members",
+        "offsets",
+        "row_base",
+        "slab",
+        "unique",
+        "width",
+    )
 
     def __init__(self, width: int, members: list[int]):
         self.width, self.members = width, members
@@ -209,16 +224,9 @@ class FusedShards:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes this load holds: its lookups, and the step's temporaries."""
-        total = 0
-        for g in self.groups:
-            bags = len(g.members) * self.batch_size
-            held = (2 * g.lookups + bags + 1) * _INDEX_BYTES
-            work = (g.lookups * (5 * _INDEX_BYTES + 1 + g.width * BYTES_PER_FLOAT)
-                    + g.unique * (_INDEX_BYTES + g.width * BYTES_PER_FLOAT)
-                    + bags * (g.width * BYTES_PER_FLOAT + _INDEX_BYTES))
-            total += held + work
-        return total
+        """Device bytes this load holds between steps: its lookups and bag ids."""
+        return sum((2 * g.lookups + len(g.members) * self.batch_size + 1) * _INDEX_BYTES
+                   for g in self.groups)
 
     # ------------------------------------------------------------------ compute
 
@@ -256,6 +264,75 @@ class FusedShards:
         touched = torch.empty(g.unique, dtype=torch.int64, device=self.device)
         touched.scatter_(0, run, rows)
         g.slab.index_add_(0, touched, sums, alpha=-self.lr)
+
+
+# Shards of the self-check: (rows, width, pooling factor); two widths, a hot small table.
+_CHECK_SHAPES = ((5_000, 64, 8.0), (300, 64, 20.0), (20_000, 16, 2.0), (40, 8, 30.0))
+
+
+def check_fused_kernel(device: str = "cpu", batch_size: int = 512,
+                       tolerance: float = 1e-4) -> dict[str, Any]:
+    """Run :class:`FusedShards` on ``device`` against ``torch.nn.EmbeddingBag`` and a
+    plain SGD step on the CPU; on a GPU also replay two loads from CUDA graphs captured
+    in the timer's shared pool against eager steps of the same loads.
+
+    Returns the largest absolute errors (``forward``, ``update``, ``graph``, the last
+    NaN off a GPU) and ``graphs_ok``. Raises :class:`BackendError` when the eager
+    forward or update is off by more than ``tolerance``: timings of a wrong kernel are
+    worthless. A graph mismatch is only reported, so a caller can time eager steps.
+    """
+    from neuroshard.types import TableSpec
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(r, w) for r, w, _ in _CHECK_SHAPES]
+    cpu_batches = []
+    for i, (rows, width, pooling) in enumerate(_CHECK_SHAPES):
+        idx, off = generate_batch(TableSpec(f"check{i}", rows, width, pooling), batch_size, i)
+        cpu_batches.append((torch.from_numpy(idx), torch.from_numpy(off)))
+    batches = [(i.to(dev), o.to(dev)) for i, o in cpu_batches]
+    start = torch.randn(sum(r * w for r, w in shapes), generator=gen)
+    grad = torch.randn(batch_size * 2 * 64, generator=gen).to(dev)
+    shards = FusedShards(shapes, batches, start.clone().to(dev), grad, batch_size)
+    before = [shards.weight(i).cpu().clone() for i in range(len(shapes))]
+    pooled = [p.cpu() for p in shards.forward()]
+    shards.step()
+    errors = {"forward": 0.0, "update": 0.0, "graph": float("nan")}
+    for i, (rows, width) in enumerate(shapes):
+        bag = torch.nn.EmbeddingBag(rows, width, mode="sum", include_last_offset=True,
+                                    _weight=before[i].clone())
+        out = bag(*cpu_batches[i])
+        out.backward(shards.output_grad(i).cpu())
+        with torch.no_grad():
+            expected = bag.weight - LEARNING_RATE * bag.weight.grad
+        errors["forward"] = max(errors["forward"], float((pooled[i] - out.detach()).abs().max()))
+        errors["update"] = max(errors["update"],
+                               float((shards.weight(i).cpu() - expected).abs().max()))
+    if max(errors["forward"], errors["update"]) > tolerance:
+        raise BackendError(f"the fused kernel on {device} is off nn.EmbeddingBag + SGD: "
+                           f"forward by {errors['forward']:g}, update by {errors['update']:g}")
+    graphs_ok = False
+    if dev.type == "cuda":
+        timer = FusedTimer(device, batch_size=batch_size)
+        halves = [(0, 2), (2, 4)]
+        eager, replays = [], []
+        for lo, hi in halves:
+            part = shapes[lo:hi]
+            numel = sum(r * w for r, w in part)
+            w0 = torch.randn(numel, generator=gen).to(dev)
+            eager.append(FusedShards(part, batches[lo:hi], w0.clone(), grad, batch_size))
+            graphed = FusedShards(part, batches[lo:hi], w0.clone(), grad, batch_size)
+            replays.append((graphed, timer._graphed(graphed)))
+        eager[0].step()  # the first capture ran one eager warm-up step
+        for (_, replay), ref in zip(replays, eager):  # replays in capture order
+            replay()
+            ref.step()
+        torch.cuda.synchronize()
+        errors["graph"] = max(
+            float((g.weight(i) - e.weight(i)).abs().max())
+            for (g, _), e in zip(replays, eager) for i in range(len(e._where)))
+        graphs_ok = timer.graph_failures == 0 and errors["graph"] <= tolerance
+    return {**{f"{k}_max_abs_error": v for k, v in errors.items()}, "graphs_ok": graphs_ok}
 
 
 # --------------------------------------------------------------------------- index batches
@@ -310,6 +387,9 @@ class FusedTimer(ComputeTimer):
         self.graph_failures = 0
         self._device_batches = _LRU(device_index_cache_bytes)
         self._unique: dict[tuple, int] = {}
+        self._pool: Any = None  # one memory pool shared by every captured graph
+        self._stream: Any = None  # the stream graphs are captured on
+        self._captures = 0
 
     def preload(self, batches: Mapping[tuple, Batch]) -> None:
         """Put index batches from :func:`generate_batches` (same batch size and seed) into
@@ -367,17 +447,32 @@ class FusedTimer(ComputeTimer):
         return count
 
     def _graphed(self, shards: FusedShards) -> Callable[[], None]:
-        """``shards.step`` as a CUDA graph's replay; the eager step if capture fails."""
+        """``shards.step`` as a CUDA graph's replay; the eager step if capture fails.
+
+        Every graph captures into one shared memory pool. That is safe here because a
+        step's temporaries are made and used up within the step: no graph reads memory
+        another graph's replay wrote, only the weights, indices and gradients allocated
+        outside the capture. So the pool grows to the largest step's workspace, not the
+        sum over the cached graphs. The capture calls ``CUDAGraph.capture_begin`` /
+        ``capture_end`` directly: ``torch.cuda.graph`` would run a full garbage
+        collection and empty the allocator's cache before every capture, once per load.
+        """
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                shards.step()  # warm-up outside the capture
-            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+                self._stream = torch.cuda.Stream()
+            stream = self._stream
+            stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    shards.step()
+                with torch.cuda.stream(stream):
+                    if not self._captures:
+                        shards.step()  # warm-up outside the first capture
+                    graph.capture_begin(pool=self._pool)
+                    try:
+                        shards.step()
+                    finally:
+                        graph.capture_end()
             except RuntimeError as exc:
                 self.graph_failures += 1
                 self.graphs = False
@@ -385,6 +480,8 @@ class FusedTimer(ComputeTimer):
                 logger.warning("CUDA graph capture failed (%s); timing eager steps from now "
                                "on", exc)
                 return shards.step
+            torch.cuda.current_stream().wait_stream(stream)
+            self._captures += 1
         return graph.replay
 
 
