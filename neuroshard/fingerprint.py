@@ -42,10 +42,11 @@ class Fingerprint:
         if value is None or value == "":
             return cls()
         if isinstance(value, str):
+            text = value
             try:
-                value = json.loads(value)
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"fingerprint is not JSON: {value[:80]!r}") from exc
+                raise ValueError(f"fingerprint is not JSON: {text[:80]!r}") from exc
         if not isinstance(value, Mapping):
             raise ValueError(f"fingerprint is not a JSON object: {value!r}")
         return cls(json.dumps(dict(value), sort_keys=True, default=str))

@@ -104,9 +104,9 @@ class CommData:
     def subset(self, idx: Iterable[int]) -> "CommData":
         idx = _indices(idx)
         width = int(self.num_devices[idx].max()) if len(idx) else 1
-        return CommData(self.keys[idx], self.num_devices[idx],
-                        *(a[idx, :width] for a in (self.dim_sums, self.waits_ms, self.fwd_ms,
-                                                   self.bwd_ms, self.mask)),
+        return CommData(self.keys[idx], self.num_devices[idx], self.dim_sums[idx, :width],
+                        self.waits_ms[idx, :width], self.fwd_ms[idx, :width],
+                        self.bwd_ms[idx, :width], self.mask[idx, :width],
                         fingerprint=self.fingerprint,
                         num_tables=None if self.num_tables is None else self.num_tables[idx])
 

@@ -37,8 +37,9 @@ META_FILE = "meta.json"
 TARGET_TRANSFORM = "log(ms + eps_ms), standardised"
 
 __all__ = [
-    "META_FILE", "TARGET_TRANSFORM", "CostModelBase", "atomic_write", "check_compatible",
-    "checked_file", "read_meta", "sha256", "since_first", "straggler_wait", "write_meta",
+    "META_FILE", "TARGET_TRANSFORM", "CostModelBase", "atomic_write", "atomic_write_text",
+    "check_compatible", "checked_file", "read_meta", "sha256", "since_first", "straggler_wait",
+    "write_meta",
 ]
 
 
@@ -53,7 +54,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -65,12 +66,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """:func:`atomic_write` of ``text``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_meta(out: Path, meta: Mapping[str, Any], files: Sequence[str]) -> Path:
     """Write ``meta`` with the sha256 of each of ``files`` (names in ``out``) as
     ``out/meta.json``, atomically; returns ``out``."""
     doc = {**meta, "files": {f: sha256(out / f) for f in files}}
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write_text(out / META_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -174,6 +179,15 @@ class CostModelBase:
     batch_size: int | None
     seed: int
     eps_ms: float
+    meta_: dict[str, Any]  # meta.json of a loaded model
+
+    @property
+    def fitted_batch_size(self) -> int:
+        """The DLRM batch size the model's costs are for (set by fit or load)."""
+        if self.batch_size is None:
+            raise RuntimeError(f"{type(self).__name__} has no batch size: call fit() or "
+                               "load_cost_model()")
+        return self.batch_size
 
     @property
     def name(self) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from neuroshard.models.base import (
     META_FILE,
     TARGET_TRANSFORM,
     CostModelBase,
-    atomic_write,
+    atomic_write_text,
     checked_file,
     read_meta,
     since_first,
@@ -225,7 +225,7 @@ class LightGBMCostModel(CostModelBase):
 
         train = lgb.Dataset(x_tr, self._to_target(y_tr), feature_name=list(columns),
                             free_raw_data=True)
-        callbacks = [lgb.log_evaluation(0)]
+        callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
         valid_sets = []
         if len(x_va):
             valid_sets = [lgb.Dataset(x_va, self._to_target(y_va), reference=train)]
@@ -283,12 +283,13 @@ class LightGBMCostModel(CostModelBase):
         return np.maximum(np.exp(np.asarray(y, dtype=np.float64)) - self.eps_ms, 0.0)
 
     def _compute_x(self, data: ComputeData) -> np.ndarray:
-        return load_features(data.features, data.offsets, self.batch_size)
+        return load_features(data.features, data.offsets, self.fitted_batch_size)
 
     def _predict(self, which: str, x: np.ndarray) -> np.ndarray:
         if not len(x):
             return np.zeros(0)
-        return self._from_target(self.boosters_[which].predict(x, num_threads=self.num_threads))
+        return self._from_target(
+            np.asarray(self.boosters_[which].predict(x, num_threads=self.num_threads)))
 
     # ------------------------------------------------------------- inference
 
@@ -297,7 +298,7 @@ class LightGBMCostModel(CostModelBase):
         out = np.zeros(len(counts))
         busy = counts > 0
         if busy.any():
-            x = load_features(raw, offsets, self.batch_size)
+            x = load_features(raw, offsets, self.fitted_batch_size)
             out[busy] = self._predict("compute", x[busy])
         return out
 
@@ -317,7 +318,7 @@ class LightGBMCostModel(CostModelBase):
         x = comm_features(d, w, mask)
         out = np.zeros(d.shape)
         out[mask] = self._predict(which, x[mask])
-        if which == "fwd":
+        if which == "fwd" and w is not None:
             out = out + straggler_wait(w, mask)
         out = np.where(mask, out, 0.0)
         return out[0] if squeeze else out
@@ -348,8 +349,7 @@ class LightGBMCostModel(CostModelBase):
         out = Path(model_dir)
         out.mkdir(parents=True, exist_ok=True)
         for which, fname in MODEL_FILES.items():
-            text = self.boosters_[which].model_to_string()
-            atomic_write(out / fname, lambda tmp: tmp.write_text(text))
+            atomic_write_text(out / fname, self.boosters_[which].model_to_string())
         return self._write_meta(out, tuple(MODEL_FILES.values()))
 
     @classmethod

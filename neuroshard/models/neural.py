@@ -310,7 +310,7 @@ class NeuralCostModel(CostModelBase):
         """Numpy copies of the weights for inference."""
         from neuroshard.models.training import NumpyMLP
 
-        nets = self.nets_
+        nets: dict[str, Any] = self.nets_
         compute = nets["compute"]
         members = list(compute.members) if hasattr(compute, "members") else [compute]
         self.np_tables_ = [NumpyMLP(m.table) for m in members]
@@ -342,7 +342,7 @@ class NeuralCostModel(CostModelBase):
         summed = np.asarray(summed, dtype=np.float32).reshape(-1, self.embedding_width)
         e = self.embed_dim
         y = sum(head(summed[:, i * e:(i + 1) * e])[:, 0] for i, head in enumerate(self.np_heads_))
-        out = self._from_target(y / len(self.np_heads_), "compute")
+        out = self._from_target(np.asarray(y) / len(self.np_heads_), "compute")
         if counts is not None:
             out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
         return out

@@ -45,7 +45,7 @@ class ModelKind:
     target: str
     cost_model: bool = True
 
-    def load_class(self) -> type:
+    def load_class(self) -> Any:
         module, attr = self.target.split(":")
         return getattr(importlib.import_module(module), attr)
 

@@ -87,6 +87,7 @@ class SurrogatePrior:
     """
 
     kind = KIND
+    meta_: dict[str, Any]  # meta.json of a loaded prior
 
     def __init__(self, *, hidden: Sequence[int] = (64, 64), lr: float = 1e-3,
                  max_epochs: int = 200, patience: int = 30, batch_size: int = 256,

@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence, cast
 
 import numpy as np
 import torch
@@ -60,9 +60,9 @@ def mlp(sizes: Sequence[int], final_relu: bool = False) -> nn.Sequential:
 class NumpyMLP:
     """Inference copy of an ``nn.Sequential`` of Linear/ReLU layers, in float32 numpy."""
 
-    def __init__(self, seq: nn.Sequential):
+    def __init__(self, seq: nn.Module):
         self.layers: list[tuple[np.ndarray, np.ndarray, bool]] = []
-        mods = list(seq)
+        mods = list(cast(nn.Sequential, seq))
         for i, mod in enumerate(mods):
             if isinstance(mod, nn.Linear):
                 relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
@@ -206,20 +206,22 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+def _average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
     """All-reduce the gradients of ``params`` in one flat buffer and divide by ``world``."""
     import torch.distributed as dist
 
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset: offset + n].view_as(g))
         offset += n
 
 
