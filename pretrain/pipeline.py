@@ -339,7 +339,7 @@ def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
              if s.key in row_again and _first_key(s) in row_first]
     a_rows = [i for i, _ in pairs]
     b_rows = [j for _, j in pairs]
-    if first_mask is None:
+    if first_mask is None or again_mask is None:
         return first[a_rows], again[b_rows]
     a = [first[i][first_mask[i]] for i in a_rows]
     b = [again[j][again_mask[j]] for j in b_rows]
