@@ -218,7 +218,7 @@ def plan(
 def evaluate(
     plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v2 or v1)."),
     backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
-    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100."),
+    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100, h200."),
     model: Optional[Path] = typer.Option(None, "--model", help="Score with this model instead of a backend."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
