@@ -11,7 +11,8 @@ import torch
 from factories import make_table
 from neuroshard.backends import get_backend
 from neuroshard.backends.cpu import CpuBackend
-from neuroshard.backends.tbe import ComputeTimer, summarize
+from neuroshard.backends.tbe import ComputeTimer
+from neuroshard.backends.timing import summarize
 from neuroshard.types import BackendError, HardwareBackend, Timing
 
 BATCH = 1024

@@ -18,6 +18,7 @@ def test_wheel_ships_data_and_one_namespace(tmp_path):
     assert top == {"neuroshard"}
     assert "neuroshard/data/tables/pool.json" in names
     assert any(n.startswith("neuroshard/data/models/") and n.endswith("meta.json") for n in names)
+    assert not any("/datasets/" in n for n in names), "measured datasets stay out of the wheel"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("import neuroshard, neuroshard.planner, neuroshard.models as m;"
             "import neuroshard.pretrain.pool as pool;"

@@ -36,7 +36,7 @@ import weakref
 from datetime import timedelta
 from typing import Any, Sequence
 
-from neuroshard.backends.tbe import summarize
+from neuroshard.backends.timing import summarize
 from neuroshard.types import DEFAULT_BATCH_SIZE, BackendError, Timing
 
 logger = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from neuroshard.backends.timing import summarize
 from neuroshard.fingerprint import hardware_fingerprint
 from neuroshard.indices import generate_batch
 from neuroshard.types import BYTES_PER_FLOAT, DEFAULT_BATCH_SIZE, BackendError, TableSpec, Timing
@@ -51,15 +52,6 @@ LEARNING_RATE = 0.01
 # Default byte budgets of the caches (host memory for indices; module weights on CUDA).
 INDEX_CACHE_BYTES = 1 << 30
 MODULE_CACHE_BYTES = 8 << 30
-
-
-def summarize(samples_ms: Sequence[float]) -> Timing:
-    """Median and relative interquartile spread of timed repeats."""
-    arr = np.asarray(samples_ms, dtype=float)
-    median = float(np.median(arr))
-    p25, p75 = np.percentile(arr, [25, 75])
-    spread = float((p75 - p25) / median) if median > 0 else 0.0
-    return Timing(median_ms=median, spread=spread, repeats=len(arr))
 
 
 def _index_key(spec: TableSpec) -> tuple:
