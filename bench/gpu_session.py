@@ -130,7 +130,7 @@ class SessionConfig:
     retest_samples: int = 150
     comm_samples: int = 2_000
     rounds: int = 10
-    chunk_size: int = 50
+    chunk_size: int = 100
     max_tables: int = 40
     memory_cap_bytes: int = 4 * GB
     num_devices: int = 8
@@ -141,7 +141,7 @@ class SessionConfig:
     graphs: bool = True
     row_cap: int | None = None
     workers: int = field(default_factory=lambda: max(1, _cores() - 1))
-    train_threads: int = field(default_factory=lambda: max(1, min(8, _cores())))
+    train_threads: int = field(default_factory=lambda: max(1, min(4, _cores())))
     max_epochs: int = 1_000
     seed: int = 0
     comm_profile: str = "h200"
