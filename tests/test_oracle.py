@@ -116,7 +116,7 @@ def test_oracle_finds_the_optimum_known_by_construction():
     cost = plan_cost(plan, est)
     assert cost.max_ms == 24.0 and plan.meta["tablewise_ms"] == 24.0
     assert [d.compute_ms for d in cost.devices] == [24.0, 24.0]
-    assert plan.meta["exhaustive"] and plan.meta["evals"] >= 3000
+    assert plan.meta["exhaustive"]
 
     # Width 8 and pooling 3 make "a" worth 24, split at most once into two halves of 12
     # (4 wide); "b" is worth 8. Table-wise the best is 24; with "a" split, the pieces
