@@ -12,7 +12,7 @@ Transform (schema ``table20/v1``): reuse bins as they are, ``log2(dim)``,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

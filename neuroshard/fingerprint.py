@@ -16,9 +16,10 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Collection, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Fingerprint:
     text: str = "{}"
 
     @classmethod
-    def of(cls, value: "Fingerprint | Mapping[str, Any] | str | None") -> "Fingerprint":
+    def of(cls, value: Fingerprint | Mapping[str, Any] | str | None) -> Fingerprint:
         """A fingerprint from a dict, a JSON string (as stored beside collected rows) or
         ``None`` (empty); :class:`ValueError` when the JSON is not an object."""
         if isinstance(value, Fingerprint):
@@ -57,7 +58,7 @@ class Fingerprint:
     def get(self, key: str, default: Any = None) -> Any:
         return self.as_dict().get(key, default)
 
-    def diff(self, other: "Fingerprint | Mapping[str, Any] | str | None", *,
+    def diff(self, other: Fingerprint | Mapping[str, Any] | str | None, *,
              ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
         """``(key, ours, theirs)`` for every key whose values differ, sorted by key
         (``None`` where a side lacks the key); keys in ``ignore`` are not compared."""
@@ -65,7 +66,7 @@ class Fingerprint:
         keys = sorted((set(ours) | set(theirs)) - set(ignore))
         return [(k, ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)]
 
-    def describe_diff(self, other: "Fingerprint | Mapping[str, Any] | str | None", *,
+    def describe_diff(self, other: Fingerprint | Mapping[str, Any] | str | None, *,
                       ignore: Collection[str] = (),
                       labels: tuple[str, str] = ("ours", "theirs")) -> list[str]:
         """:meth:`diff` as ``"key: ours (label) vs theirs (label)"`` lines."""

@@ -10,9 +10,11 @@ these containers. :func:`split_random` splits 80/10/10 by a seeded permutation;
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Collection, Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,7 +65,7 @@ class ComputeData:
     def names_of(self, i: int) -> list[str]:
         return self.table_names[self.offsets[i]: self.offsets[i + 1]].tolist()
 
-    def subset(self, idx: Iterable[int]) -> "ComputeData":
+    def subset(self, idx: Iterable[int]) -> ComputeData:
         idx = _indices(idx)
         counts = np.diff(self.offsets)[idx]
         starts = self.offsets[:-1][idx]
@@ -77,8 +79,7 @@ class ComputeData:
     def padded(self, max_tables: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Transformed features ``(n, maxT, 20)`` float32 and mask ``(n, maxT)``."""
         feats = transform_raw(self.features)
-        return pad_loads([feats[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])],
-                         max_tables)
+        return pad_loads([feats[a:b] for a, b in itertools.pairwise(self.offsets)], max_tables)
 
     def data_hash(self) -> str:
         return _hash_arrays(self.keys, self.label_ms)
@@ -101,7 +102,7 @@ class CommData:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def subset(self, idx: Iterable[int]) -> "CommData":
+    def subset(self, idx: Iterable[int]) -> CommData:
         idx = _indices(idx)
         width = int(self.num_devices[idx].max()) if len(idx) else 1
         return CommData(self.keys[idx], self.num_devices[idx], self.dim_sums[idx, :width],

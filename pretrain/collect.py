@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -302,8 +303,15 @@ class _Bar:
         self._progress = None
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                                   TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.text import Text
 
         class RateColumn(ProgressColumn):
@@ -316,7 +324,7 @@ class _Bar:
                                   TimeRemainingColumn())
         self._task = self._progress.add_task(description, total=total, completed=completed)
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         if self._progress is not None:
             self._progress.start()
         return self

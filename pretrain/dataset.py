@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Collection
+from collections.abc import Collection
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +82,8 @@ def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
         t = read_part(p)
         if "index" not in t.column_names or "key" not in t.column_names:
             raise DatasetError(f"{p}: no index and key columns")
-        for index, key in zip(t.column("index").to_pylist(), t.column("key").to_pylist()):
+        for index, key in zip(t.column("index").to_pylist(), t.column("key").to_pylist(),
+                              strict=True):
             if out.setdefault(index, key) != key:
                 raise DatasetError(f"{p}: sample index {index} has two keys, {out[index]} "
                                    f"and {key} (runs with other seeds in one directory?)")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def session_noise_floor(data_dir: str | os.PathLike,
              if i - RETEST_INDEX_OFFSET in first]
     a = held if held is not None else load_compute(d / "compute_holdout")
     b = load_compute(d / "compute_retest")
-    a_ms, b_ms = dict(zip(a.keys, a.label_ms)), dict(zip(b.keys, b.label_ms))
+    a_ms = dict(zip(a.keys, a.label_ms, strict=True))
+    b_ms = dict(zip(b.keys, b.label_ms, strict=True))
     return noise_floor(np.array([a_ms[k] for k, _ in pairs]),
                        np.array([b_ms[k] for _, k in pairs]))
 

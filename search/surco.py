@@ -76,16 +76,17 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from neuroshard.feasibility import infeasibility
 from neuroshard.features import table_features
 from neuroshard.models import load_model
 from neuroshard.models.surrogate import KIND as PRIOR_KIND
 from neuroshard.models.surrogate import SurrogatePrior, pair_features
-from neuroshard.feasibility import infeasibility
 from neuroshard.search.greedy import place, shard_specs, to_plan
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import (
@@ -131,8 +132,8 @@ class Surrogate:
         compute = self.intercept_ms + np.bincount(
             devices, weights=self.compute_ms[rows, devices], minlength=num_devices)
         dims = np.bincount(devices, weights=widths, minlength=num_devices)
-        bwd = [_envelope(lines, w) for lines, w in zip(self.bwd_lines, dims)]
-        fwd = [_envelope(lines, w) for lines, w in zip(self.fwd_lines, dims)]
+        bwd = [_envelope(lines, w) for lines, w in zip(self.bwd_lines, dims, strict=True)]
+        fwd = [_envelope(lines, w) for lines, w in zip(self.fwd_lines, dims, strict=True)]
         return float(np.max(compute + bwd) + np.max(fwd))
 
 
@@ -170,7 +171,7 @@ def _lower_hull_lines(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
                 break
         hull.append(i)
     lines = []
-    for a, b in zip(hull, hull[1:]):
+    for a, b in itertools.pairwise(hull):
         slope = (ys[b] - ys[a]) / (xs[b] - xs[a])
         lines.append((slope, ys[a] - slope * xs[a]))
     return np.asarray(lines, dtype=float)
@@ -225,9 +226,9 @@ def fit_comm(estimator: CostEstimator, dims: np.ndarray, total_dim: float,
     dims = np.asarray(dims, dtype=float)
     if num_devices == 1:
         row = np.array([[total_dim]])
-        bwd = float(np.asarray(estimator.bwd_comm_ms(row))[0, 0])
-        fwd = float(np.asarray(estimator.fwd_comm_ms(row, np.zeros_like(row)))[0, 0])
-        return (np.array([[0.0, bwd]]),), (np.array([[0.0, fwd]]),)
+        bwd_ms = float(np.asarray(estimator.bwd_comm_ms(row))[0, 0])
+        fwd_ms = float(np.asarray(estimator.fwd_comm_ms(row, np.zeros_like(row)))[0, 0])
+        return (np.array([[0.0, bwd_ms]]),), (np.array([[0.0, fwd_ms]]),)
     grids, rows = [], []
     for d in range(num_devices):
         grid = np.unique(np.concatenate([np.linspace(0.0, total_dim, points), [dims[d]]]))
@@ -359,8 +360,8 @@ def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.nd
         x = np.asarray(res.x[:nx]).reshape(num_shards, num_devices)
         devices = x.argmax(axis=1).astype(np.int64)
         objective_ms = float(res.fun)
-        gap = getattr(res, "mip_gap", None)
-        gap = math.nan if gap is None else float(gap)
+        raw_gap = getattr(res, "mip_gap", None)
+        gap = math.nan if raw_gap is None else float(raw_gap)
     dual = getattr(res, "mip_dual_bound", None)
     dual = math.nan if dual is None else float(dual)
     lp_bound = math.nan
@@ -417,10 +418,9 @@ def _search(tables: Sequence[TableSpec], specs: Sequence[TableSpec], cluster: Cl
     best = start if start is not None else np.full(len(specs), -1, dtype=np.int64)
     best_ms = start_ms
     history: list[dict[str, Any]] = []
-    single = feats = None
-    if variant == "prior":
-        single = _single_ms(specs, estimator)
-        feats = table_features(specs)
+    prior_variant = variant == "prior"
+    single = _single_ms(specs, estimator) if prior_variant else np.zeros(len(specs))
+    feats = table_features(specs) if prior_variant else None
     radius = trust_radius if start is not None else None
     deadline = time.perf_counter() + time_limit_s
     for r in range(rounds):
@@ -582,7 +582,8 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
         single = _single_ms(specs, estimator)
         feats = table_features(specs)
 
-        def record(devices: np.ndarray, c: np.ndarray) -> None:
+        def record(devices: np.ndarray, c: np.ndarray, specs: list[TableSpec] = specs,
+                   single: np.ndarray = single, feats: np.ndarray = feats) -> None:
             X_parts.append(pair_features(specs, devices, cluster.num_devices, single, feats))
             y_parts.append((c / np.maximum(single, 1e-9)[:, None]).reshape(-1))
 

@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
-
 from factories import GB, make_table, make_tables
-from neuroshard.pretrain.augment import (CommSample, ComputeSample, augment_tables,
-                                         sample_comm_tasks, sample_compute_loads)
+
+from neuroshard.pretrain.augment import (
+    CommSample,
+    ComputeSample,
+    augment_tables,
+    sample_comm_tasks,
+    sample_compute_loads,
+)
 
 
 def _dims(tables):

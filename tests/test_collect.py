@@ -3,12 +3,18 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from factories import FakeBackend, make_tables
+
 from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
-from neuroshard.pretrain.collect import (BackendSpec, DatasetError, collect, collect_chunk,
-                                         existing_keys, part_files)
+from neuroshard.pretrain.collect import (
+    BackendSpec,
+    DatasetError,
+    collect,
+    collect_chunk,
+    existing_keys,
+    part_files,
+)
 from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.samples import split_by_tables, split_random
 
@@ -146,7 +152,7 @@ def test_split_random_is_seeded_80_10_10():
     assert (len(a.train), len(a.val), len(a.test)) == (800, 100, 100)
     assert len(np.unique(np.concatenate(a))) == 1000
     b = split_random(1000, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a.test, split_random(1000, seed=4).test)
 
 

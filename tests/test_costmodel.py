@@ -3,9 +3,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from factories import (
+    FakeBackend,
+    check_fitted_cost_model,
+    collect_fake_data,
+    make_mixed_loads,
+    make_tables,
+)
 
-from factories import (FakeBackend, check_fitted_cost_model, collect_fake_data,
-                       make_mixed_loads, make_tables)
 from neuroshard.models import META_FILE, check_compatible, load_cost_model, read_meta
 from neuroshard.models.neural import COMM_FILE, COMPUTE_FILE, NeuralCostModel
 from neuroshard.pretrain.augment import sample_comm_tasks
@@ -47,7 +52,7 @@ def test_numpy_inference_matches_torch_nets(model):
 
     loads = [load for load in make_mixed_loads() if load]
     x = model._table_inputs(table_features([t for load in loads for t in load]))
-    row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(l) for l in loads]))
+    row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(ld) for ld in loads]))
     with torch.inference_mode():
         y = model.nets_["compute"](torch.from_numpy(x), row, len(loads))
     np.testing.assert_allclose(model._from_target(y.numpy(), "compute"), model.compute_ms(loads),
@@ -181,7 +186,7 @@ def test_an_ensemble_averages_its_members_in_log_space(data, tmp_path):
     flat = [t for load in loads for t in load]
     assert ens.shard_embeddings(flat).shape == (len(flat), 3 * 32)
     x = torch.from_numpy(ens._table_inputs(table_features(flat)))
-    row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(l) for l in loads]))
+    row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(ld) for ld in loads]))
     with torch.inference_mode():
         each = np.stack([m(x, row, len(loads)).numpy() for m in ens.nets_["compute"].members])
     assert np.ptp(each, axis=0).min() > 0  # members start apart and stay apart

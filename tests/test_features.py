@@ -2,10 +2,17 @@ import math
 
 import numpy as np
 import pytest
-
 from factories import make_table
-from neuroshard.features import (FEATURE_NAMES, FEATURE_SCHEMA, NUM_FEATURES, pad_loads,
-                                 raw_features, table_features, transform_raw)
+
+from neuroshard.features import (
+    FEATURE_NAMES,
+    FEATURE_SCHEMA,
+    NUM_FEATURES,
+    pad_loads,
+    raw_features,
+    table_features,
+    transform_raw,
+)
 from neuroshard.types import DLRM_REUSE_HIST
 
 

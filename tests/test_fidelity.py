@@ -2,10 +2,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from factories import FakeBackend, make_tables
+
 from neuroshard.backends.sim import SimBackend
-from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
+from neuroshard.features import raw_features
 from neuroshard.models import read_meta, shipped_models
 from neuroshard.models.metrics import (
     MIN_BUCKET,
@@ -14,9 +14,9 @@ from neuroshard.models.metrics import (
     load_bytes,
     noise_floor,
 )
-from neuroshard.pretrain.fidelity import session_fidelity, session_noise_floor
-from neuroshard.features import raw_features
+from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
 from neuroshard.pretrain.collect import collect
+from neuroshard.pretrain.fidelity import session_fidelity, session_noise_floor
 from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 from neuroshard.samples import ComputeData
 from neuroshard.types import ModelMismatchError, Timing
@@ -57,7 +57,8 @@ def test_comm_breakdown_by_device_count_and_dim_sum():
     assert out["by_devices"]["4"]["mape"] == 0 and out["by_devices"]["8"]["n"] == 40
     assert out["by_devices"]["8"]["mape"] == pytest.approx(0.2)
     assert set(out["by_dim_sum"]) == {"256-1023"}
-    assert out["by_tables"]["2-5"]["n"] == 20 and out["by_tables"]["21-40"]["mape"] == pytest.approx(0.2)
+    assert out["by_tables"]["2-5"]["n"] == 20
+    assert out["by_tables"]["21-40"]["mape"] == pytest.approx(0.2)
     assert "by_tables" not in comm_breakdown(pred, true, np.array([4] * 10), dims, mask)
 
 

@@ -5,13 +5,26 @@ import pytest
 
 pytest.importorskip("lightgbm")
 
-from factories import (FakeBackend, FakeEstimator, check_fitted_cost_model, collect_fake_data,
-                       make_mixed_loads, make_tables)
-from neuroshard.models import META_FILE, load_cost_model, model_kinds
-from neuroshard.models.lightgbm import (BWD_COLUMNS, COMPUTE_COLUMNS, FWD_COLUMNS,
-                                        MODEL_FILES, LightGBMCostModel, comm_features,
-                                        load_features)
+from factories import (
+    FakeBackend,
+    FakeEstimator,
+    check_fitted_cost_model,
+    collect_fake_data,
+    make_mixed_loads,
+    make_tables,
+)
+
 from neuroshard.features import raw_features
+from neuroshard.models import META_FILE, load_cost_model, model_kinds
+from neuroshard.models.lightgbm import (
+    BWD_COLUMNS,
+    COMPUTE_COLUMNS,
+    FWD_COLUMNS,
+    MODEL_FILES,
+    LightGBMCostModel,
+    comm_features,
+    load_features,
+)
 from neuroshard.models.metrics import regression_metrics
 from neuroshard.types import ModelFileError
 

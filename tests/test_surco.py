@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
-
 from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
+
+from neuroshard.models.surrogate import SurrogatePrior
 from neuroshard.plan_io import validate_plan
-from neuroshard.search import get_searcher
+from neuroshard.search import get_searcher, surco
 from neuroshard.search.greedy import greedy_grid, shard_specs, to_plan
 from neuroshard.search.scoring import plan_cost
-from neuroshard.search import surco
 from neuroshard.search.surco import (
     Solve,
     _lower_hull_lines,
@@ -24,7 +24,6 @@ from neuroshard.search.surco import (
     fit_surrogate_prior,
     surco_plan,
 )
-from neuroshard.models.surrogate import SurrogatePrior
 from neuroshard.types import Cluster, PlanInfeasibleError, TableSpec
 
 FAST = {"rounds": 3, "budget_s": 3.0}
@@ -53,7 +52,8 @@ def _assert_valid(plan, tables, cluster, estimator):
     validate_plan(plan)  # coverage, widths, device range, memory caps
     assert plan.tables == tuple(tables) and plan.cluster == cluster
     assert {s.table for s in plan.shards} == {t.name for t in tables}
-    assert all(m <= cap for m, cap in zip(plan.memory_bytes(), cluster.memory_per_device_bytes))
+    assert all(m <= cap for m, cap in zip(plan.memory_bytes(), cluster.memory_per_device_bytes,
+                                          strict=True))
     assert plan.cost is None or plan.cost == plan_cost(plan, estimator)
 
 
@@ -183,7 +183,7 @@ def test_tiny_additive_instance_reaches_brute_force_optimum():
 
 
 def test_fit_compute_is_finite_differences():
-    tables, cluster = make_tables(6, seed=1), make_cluster(2)
+    tables = make_tables(6, seed=1)
     specs = shard_specs(tables)
     est = FakeEstimator()
     devices = np.array([0, 1, 0, 1, 1, 0])
@@ -223,7 +223,8 @@ def test_prior_variant(tmp_path):
     tables = make_tables(16, seed=20)
     greedy = priced(greedy_grid(tables, cluster, est), est)
     for path in (tmp_path / "prior", None):
-        plan = priced(surco_plan(tables, cluster, est, variant="prior", prior_path=path, **FAST), est)
+        plan = priced(surco_plan(tables, cluster, est, variant="prior", prior_path=path,
+                                 **FAST), est)
         _assert_valid(plan, tables, cluster, est)
         assert plan.cost.max_ms <= greedy.cost.max_ms + 1e-12
         assert plan.meta["surco"]["variant"] == "prior"

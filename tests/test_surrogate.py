@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from factories import make_tables
+
 from neuroshard.models import META_FILE, load_cost_model, load_model, read_meta
 from neuroshard.models.surrogate import (
     KIND,

@@ -63,7 +63,7 @@ def test_patience_stops_early_and_restores_best():
 def test_fit_net_is_seeded():
     a, _ = _fit(seed=3, max_epochs=5)
     b, _ = _fit(seed=3, max_epochs=5)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -159,14 +159,14 @@ def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
     res = fit_net(resumed, train, val, config, checkpointer=FileCheckpointer(tmp_path / "c.pt"))
     assert res.resumed_after == 11
     assert res.history == ref.history and res.best_epoch == ref.best_epoch
-    for p, q in zip(whole.parameters(), resumed.parameters()):
+    for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
     # a finished run started again returns the same weights without training
     again = Lin()
     res2 = fit_net(again, train, val, config, checkpointer=FileCheckpointer(tmp_path / "c.pt"))
     assert res2.history == ref.history and res2.resumed_after == config.max_epochs - 1
-    for p, q in zip(whole.parameters(), again.parameters()):
+    for p, q in zip(whole.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

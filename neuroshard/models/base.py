@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -335,7 +336,7 @@ class CostModelBase:
             "sample_counts": self.sample_counts_,
             "metrics": self.metrics_,
             "training": getattr(self, "training_summary_", {}),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "provenance": getattr(self, "provenance_", {}),
         }
 

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -220,7 +221,7 @@ class LightGBMCostModel(CostModelBase):
                 "deterministic": True, "force_row_wise": True}
 
     def _train(self, which: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-               y_va: np.ndarray, columns: Sequence[str]) -> "lightgbm.Booster":
+               y_va: np.ndarray, columns: Sequence[str]) -> lightgbm.Booster:
         import lightgbm as lgb
 
         train = lgb.Dataset(x_tr, self._to_target(y_tr), feature_name=list(columns),
@@ -242,7 +243,7 @@ class LightGBMCostModel(CostModelBase):
     def fit(self, compute: ComputeData, comm: CommData, *,
             compute_split: Split | None = None, comm_split: Split | None = None,
             backend_name: str | None = None, num_devices: int | None = None,
-            ) -> "LightGBMCostModel":
+            ) -> LightGBMCostModel:
         """Train the three regressors on collected data; test metrics go to ``metrics_``.
 
         Same contract as :meth:`NeuralCostModel.fit`: splits default to 80/10/10 by a
@@ -354,7 +355,7 @@ class LightGBMCostModel(CostModelBase):
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-             ) -> "LightGBMCostModel":
+             ) -> LightGBMCostModel:
         """A fitted model from ``model_dir`` (``meta`` if already read)."""
         import lightgbm as lgb
 

@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def _bucketed(pred: np.ndarray, true: np.ndarray, value: np.ndarray,
     return out
 
 
-def load_bytes(data: "ComputeData") -> np.ndarray:
+def load_bytes(data: ComputeData) -> np.ndarray:
     """Each load's weight bytes (fp32): the sum of rows x dim x 4 over its tables."""
     per_table = data.features[:, _ROWS] * data.features[:, _DIM] * 4.0
     sums = np.zeros(len(data))
@@ -136,7 +137,7 @@ def load_bytes(data: "ComputeData") -> np.ndarray:
     return sums
 
 
-def compute_breakdown(pred_ms: np.ndarray, data: "ComputeData",
+def compute_breakdown(pred_ms: np.ndarray, data: ComputeData,
                       eps_ms: float = 1e-3) -> dict[str, Any]:
     """Compute metrics ``by_tables`` (tables per load) and ``by_size`` (load bytes)."""
     pred, true = np.asarray(pred_ms, dtype=float), data.label_ms

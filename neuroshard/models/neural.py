@@ -34,9 +34,10 @@ constants, file checksums) written through :mod:`neuroshard.models.base`; the re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ FWD_TARGETS = ("residual", "total")
 __all__ = ["COMM_FILE", "COMPUTE_FILE", "FWD_TARGETS", "NeuralCostModel", "build_nets"]
 
 
-def build_nets(arch: Mapping[str, Any]) -> dict[str, "torch.nn.Module"]:
+def build_nets(arch: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     """The three nets of an architecture description (as stored in meta.json)."""
     import torch
     from torch import nn
@@ -210,7 +211,7 @@ class NeuralCostModel(CostModelBase):
     def fit(self, compute: ComputeData, comm: CommData, *,
             compute_split: Split | None = None, comm_split: Split | None = None,
             backend_name: str | None = None, num_devices: int | None = None,
-            trainer: "TrainFn | None" = None) -> "NeuralCostModel":
+            trainer: TrainFn | None = None) -> NeuralCostModel:
         """Train the three nets on collected data and record test metrics in ``metrics_``.
 
         Splits default to 80/10/10 by a permutation seeded with ``seed``; the validation
@@ -286,7 +287,7 @@ class NeuralCostModel(CostModelBase):
             return comm.fwd_ms
         return comm.fwd_ms - straggler_wait(comm.waits_ms, comm.mask)
 
-    def _compute_tensors(self, data: ComputeData) -> "Ragged":
+    def _compute_tensors(self, data: ComputeData) -> Ragged:
         import torch
 
         from neuroshard.models.training import Ragged
@@ -295,7 +296,7 @@ class NeuralCostModel(CostModelBase):
         return Ragged(torch.from_numpy(x), torch.from_numpy(data.offsets),
                       torch.from_numpy(self._to_target(data.label_ms, "compute")))
 
-    def _comm_tensors(self, data: CommData, which: str) -> "Dense":
+    def _comm_tensors(self, data: CommData, which: str) -> Dense:
         import torch
 
         from neuroshard.models.training import Dense
@@ -433,7 +434,7 @@ class NeuralCostModel(CostModelBase):
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-             ) -> "NeuralCostModel":
+             ) -> NeuralCostModel:
         """A fitted model from ``model_dir`` (``meta`` if already read)."""
         import torch
 

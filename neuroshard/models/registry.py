@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from neuroshard.models.base import META_FILE, check_compatible, read_meta
 from neuroshard.types import (

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,7 +114,7 @@ class SurrogatePrior:
         # Flatten: one prediction per row, shaped like the target
         return nn.Sequential(*mlp([NUM_PAIR_FEATURES, *self.hidden, 1]), nn.Flatten(0))
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "SurrogatePrior":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> SurrogatePrior:
         """Train on pair features ``X`` and ratios ``y`` (fitted ``c`` over single compute);
         the best epoch on a held-out ``val_fraction`` is kept."""
         import torch
@@ -195,7 +196,7 @@ class SurrogatePrior:
 
     @classmethod
     def load(cls, path: str | os.PathLike,
-             meta: Mapping[str, Any] | None = None) -> "SurrogatePrior":
+             meta: Mapping[str, Any] | None = None) -> SurrogatePrior:
         """A fitted prior from the directory ``path`` (``meta`` if already read)."""
         import torch
 

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ def mlp(sizes: Sequence[int], final_relu: bool = False) -> nn.Sequential:
     """Linear layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]`` with a ReLU between
     each two (and after the last when ``final_relu``)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or final_relu:
             layers.append(nn.ReLU())
@@ -175,8 +177,8 @@ class TrainFn(Protocol):
     """What a cost model calls to train one of its nets (:func:`fit_net` or a
     distributed stand-in with the same contract)."""
 
-    def __call__(self, net: nn.Module, train: "Batches", val: "Batches", config: "TrainConfig",
-                 label: str) -> "TrainResult": ...
+    def __call__(self, net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
+                 label: str) -> TrainResult: ...
 
 
 class FileCheckpointer:
@@ -236,7 +238,7 @@ def _any_rank(flag: bool, world: int) -> bool:
     return bool(t.item() > 0)
 
 
-def _as_batches(data: "Batches | tuple") -> Batches:
+def _as_batches(data: Batches | tuple) -> Batches:
     return data if isinstance(data, (Dense, Ragged)) else Dense(*data)
 
 
@@ -269,7 +271,7 @@ def _loss_on(net: nn.Module, data: Batches, chunk: int = 8192) -> float:
     return total / max(denom, 1.0)
 
 
-def fit_net(net: nn.Module, train: "Batches | tuple", val: "Batches | tuple",
+def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
             config: TrainConfig = TrainConfig(), label: str = "net",
             checkpointer: Checkpointer | None = None) -> TrainResult:
     """Train ``net`` in place and leave it holding its best-validation-epoch weights.
@@ -377,7 +379,7 @@ def fit_net(net: nn.Module, train: "Batches | tuple", val: "Batches | tuple",
     return TrainResult(best_epoch, best_loss, epoch + 1, seconds, history, resumed_after)
 
 
-def _digest_tensors(h: "hashlib._Hash", tensors: list[torch.Tensor]) -> None:
+def _digest_tensors(h: hashlib._Hash, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().contiguous().numpy().tobytes())
