@@ -1,0 +1,136 @@
+"""Do two revisions plan the same? Plan costs of every searcher, task by task.
+
+Runs the deterministic searchers on the same seeded tasks (the compare_searchers task set)
+in the working tree and in a base revision (exported with ``git archive`` into a temporary
+folder and laid out as the installed package), each in its own process, costs every plan
+by the sim backend, and prints per searcher how many plan costs are identical and the
+mean ratio of the current cost to the base cost. A refactor should print 1.000000.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_equivalence.py --base 172ff92 \
+        --device-counts 4,8 --tasks 100 --out bench/results/plan_equivalence.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from _common import REPO, add_task_args, emit
+
+SEARCHERS = ("neuroshard", "greedy-grid", "torchrec", "random", "dim", "size", "lookup",
+             "size-lookup")
+
+# Runs in the child: plans with whichever planner API the revision has.
+CHILD = r"""
+import json, sys
+sys.path.insert(0, BENCH)
+from _common import add_task_args, task_setup
+import argparse
+from neuroshard.search.scoring import plan_cost
+from neuroshard.types import PlanInfeasibleError
+p = argparse.ArgumentParser(); add_task_args(p)
+args = p.parse_args(ARGV)
+cluster, truth, tasks = task_setup(args)
+try:
+    from neuroshard.planner import Planner
+    def plan(task, name, seed):
+        return Planner(searcher=name, seed=seed).plan(task, cluster)
+    Planner(searcher="greedy-grid")  # the one-path planner: searcher and budget_s
+    import inspect
+    if "budget_s" not in inspect.signature(Planner).parameters:
+        raise ImportError
+except ImportError:
+    from neuroshard.costmodel import load_cost_model
+    from neuroshard.planner import default_model_dir, plan_tables
+    model = load_cost_model(default_model_dir(args.devices), batch_size=cluster.batch_size)
+    def plan(task, name, seed):
+        return plan_tables(task, cluster, model, name, seed=seed)
+out = {}
+for name in SEARCHERS:
+    costs = []
+    for i, task in enumerate(tasks):
+        try:
+            costs.append(plan_cost(plan(task, name, args.seed + i), truth).max_ms)
+        except PlanInfeasibleError:
+            costs.append(None)
+    out[name] = costs
+json.dump(out, sys.stdout)
+"""
+
+
+def export(rev: str, dest: Path) -> Path:
+    """``rev`` of this repository laid out as installed: ``dest/pkg/neuroshard`` with
+    pretrain/, search/ and data/ inside, and the revision's bench/ at ``dest/src/bench``."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True,
+                             capture_output=True).stdout
+    archive_path = dest / "rev.tar"
+    archive_path.write_bytes(archive)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(src, filter="data")
+    pkg = dest / "pkg" / "neuroshard"
+    shutil.copytree(src / "neuroshard", pkg)
+    for sub in ("pretrain", "search", "data"):
+        shutil.copytree(src / sub, pkg / sub)
+    return dest
+
+
+def run(pythonpath: Path | None, bench: Path, argv: list[str]) -> dict[str, list]:
+    code = (CHILD.replace("BENCH", repr(str(bench))).replace("ARGV", repr(argv))
+            .replace("SEARCHERS", repr(SEARCHERS)))
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"planning failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_task_args(p)
+    p.set_defaults(tasks=100)
+    p.add_argument("--base", required=True, help="git revision to compare against")
+    p.add_argument("--device-counts", default="4,8", help="comma-separated; overrides --devices")
+    args = p.parse_args(argv)
+    lines = [f"Base revision {args.base}; tasks: {args.tasks} from the {args.split} pool, "
+             f"{args.min_tables}-{args.max_tables} tables, {args.memory} per device, seed "
+             f"{args.seed}; every plan costed by sim/{args.profile} (noise 0); the default "
+             "shipped model guides both.", "",
+             "| devices | searcher | identical plan costs | mean cost ratio (current / base) |",
+             "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="equivalence-") as tmp:
+        base = export(args.base, Path(tmp))
+        for devices in [int(d) for d in args.device_counts.split(",")]:
+            child_argv = ["--tasks", str(args.tasks), "--devices", str(devices), "--memory",
+                          args.memory, "--split", args.split, "--min-tables",
+                          str(args.min_tables), "--max-tables", str(args.max_tables),
+                          "--profile", args.profile, "--seed", str(args.seed)]
+            old = run(base / "pkg", base / "src" / "bench", child_argv)
+            new = run(None, REPO / "bench", child_argv)
+            for name in SEARCHERS:
+                a = np.array([np.nan if c is None else c for c in old[name]])
+                b = np.array([np.nan if c is None else c for c in new[name]])
+                same = int(np.sum((a == b) | (np.isnan(a) & np.isnan(b))))
+                both = ~np.isnan(a) & ~np.isnan(b)
+                ratio = float(np.mean(b[both] / a[both])) if both.any() else float("nan")
+                lines.append(f"| {devices} | {name} | {same}/{len(a)} | {ratio:.6f} |")
+            print(f"{devices} devices done", file=sys.stderr)
+    emit("\n".join(lines), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
