@@ -24,8 +24,13 @@ NUM_FEATURES = len(FEATURE_NAMES)
 _DIM, _POOLING, _ROWS = NUM_HIST_BINS, NUM_HIST_BINS + 1, NUM_HIST_BINS + 2
 
 __all__ = [
-    "FEATURE_NAMES", "FEATURE_SCHEMA", "NUM_FEATURES", "pad_loads", "raw_features",
-    "table_features", "transform_raw",
+    "FEATURE_NAMES",
+    "FEATURE_SCHEMA",
+    "NUM_FEATURES",
+    "pad_loads",
+    "raw_features",
+    "table_features",
+    "transform_raw",
 ]
 
 
@@ -55,8 +60,9 @@ def table_features(tables: Sequence[TableSpec]) -> np.ndarray:
     return transform_raw(raw_features(tables))
 
 
-def pad_loads(loads: Sequence[np.ndarray] | Sequence[Sequence[TableSpec]],
-              max_tables: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_loads(
+    loads: Sequence[np.ndarray] | Sequence[Sequence[TableSpec]], max_tables: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pad a batch of loads into ``(B, maxT, F)`` float32 features and a ``(B, maxT)`` mask.
 
     Each load is either a sequence of :class:`TableSpec` (transformed here) or an array of
@@ -66,7 +72,8 @@ def pad_loads(loads: Sequence[np.ndarray] | Sequence[Sequence[TableSpec]],
     """
     feats = [
         np.asarray(load, dtype=np.float32).reshape(-1, NUM_FEATURES)
-        if isinstance(load, np.ndarray) else table_features(load)
+        if isinstance(load, np.ndarray)
+        else table_features(load)
         for load in loads
     ]
     longest = max((len(f) for f in feats), default=0)

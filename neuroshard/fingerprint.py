@@ -58,26 +58,39 @@ class Fingerprint:
     def get(self, key: str, default: Any = None) -> Any:
         return self.as_dict().get(key, default)
 
-    def diff(self, other: Fingerprint | Mapping[str, Any] | str | None, *,
-             ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+    def diff(
+        self, other: Fingerprint | Mapping[str, Any] | str | None, *, ignore: Collection[str] = ()
+    ) -> list[tuple[str, Any, Any]]:
         """``(key, ours, theirs)`` for every key whose values differ, sorted by key
         (``None`` where a side lacks the key); keys in ``ignore`` are not compared."""
         ours, theirs = self.as_dict(), Fingerprint.of(other).as_dict()
         keys = sorted((set(ours) | set(theirs)) - set(ignore))
         return [(k, ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)]
 
-    def describe_diff(self, other: Fingerprint | Mapping[str, Any] | str | None, *,
-                      ignore: Collection[str] = (),
-                      labels: tuple[str, str] = ("ours", "theirs")) -> list[str]:
+    def describe_diff(
+        self,
+        other: Fingerprint | Mapping[str, Any] | str | None,
+        *,
+        ignore: Collection[str] = (),
+        labels: tuple[str, str] = ("ours", "theirs"),
+    ) -> list[str]:
         """:meth:`diff` as ``"key: ours (label) vs theirs (label)"`` lines."""
-        return [f"{k}: {a!r} ({labels[0]}) vs {b!r} ({labels[1]})"
-                for k, a, b in self.diff(other, ignore=ignore)]
+        return [
+            f"{k}: {a!r} ({labels[0]}) vs {b!r} ({labels[1]})"
+            for k, a, b in self.diff(other, ignore=ignore)
+        ]
+
 
 # Distributions whose versions change measured timings; the first installed name wins.
 _PACKAGES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
-    "fbgemm_gpu": ("fbgemm-gpu", "fbgemm-gpu-cpu", "fbgemm-gpu-nightly",
-                   "fbgemm-gpu-nightly-cpu", "fbgemm-gpu-genai"),
+    "fbgemm_gpu": (
+        "fbgemm-gpu",
+        "fbgemm-gpu-cpu",
+        "fbgemm-gpu-nightly",
+        "fbgemm-gpu-nightly-cpu",
+        "fbgemm-gpu-genai",
+    ),
     "torchrec": ("torchrec", "torchrec-nightly"),
     "numpy": ("numpy",),
 }

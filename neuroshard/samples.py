@@ -63,18 +63,25 @@ class ComputeData:
         return np.diff(self.offsets)
 
     def names_of(self, i: int) -> list[str]:
-        return self.table_names[self.offsets[i]: self.offsets[i + 1]].tolist()
+        return self.table_names[self.offsets[i] : self.offsets[i + 1]].tolist()
 
     def subset(self, idx: Iterable[int]) -> ComputeData:
         idx = _indices(idx)
         counts = np.diff(self.offsets)[idx]
         starts = self.offsets[:-1][idx]
-        take = (np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-                + np.arange(counts.sum()))
+        take = np.repeat(
+            starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+        ) + np.arange(counts.sum())
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return ComputeData(self.keys[idx], offsets, self.features[take],
-                           self.table_names[take], self.label_ms[idx], self.spread[idx],
-                           self.fingerprint)
+        return ComputeData(
+            self.keys[idx],
+            offsets,
+            self.features[take],
+            self.table_names[take],
+            self.label_ms[idx],
+            self.spread[idx],
+            self.fingerprint,
+        )
 
     def padded(self, max_tables: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Transformed features ``(n, maxT, 20)`` float32 and mask ``(n, maxT)``."""
@@ -105,39 +112,50 @@ class CommData:
     def subset(self, idx: Iterable[int]) -> CommData:
         idx = _indices(idx)
         width = int(self.num_devices[idx].max()) if len(idx) else 1
-        return CommData(self.keys[idx], self.num_devices[idx], self.dim_sums[idx, :width],
-                        self.waits_ms[idx, :width], self.fwd_ms[idx, :width],
-                        self.bwd_ms[idx, :width], self.mask[idx, :width],
-                        fingerprint=self.fingerprint,
-                        num_tables=None if self.num_tables is None else self.num_tables[idx])
+        return CommData(
+            self.keys[idx],
+            self.num_devices[idx],
+            self.dim_sums[idx, :width],
+            self.waits_ms[idx, :width],
+            self.fwd_ms[idx, :width],
+            self.bwd_ms[idx, :width],
+            self.mask[idx, :width],
+            fingerprint=self.fingerprint,
+            num_tables=None if self.num_tables is None else self.num_tables[idx],
+        )
 
     def data_hash(self) -> str:
         return _hash_arrays(self.keys, self.fwd_ms[self.mask], self.bwd_ms[self.mask])
 
 
-def split_random(n: int, seed: int = 0,
-                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Split:
+def split_random(
+    n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> Split:
     """Train/val/test indices from a seeded permutation of ``range(n)``."""
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError("fractions must be three non-negative numbers summing to 1: "
-                         f"{fractions}")
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1: {fractions}")
     perm = np.random.default_rng(seed).permutation(n)
     n_train = int(round(fractions[0] * n))
     n_val = int(round(fractions[1] * n))
-    return Split(np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_val]),
-                 np.sort(perm[n_train + n_val:]))
+    return Split(
+        np.sort(perm[:n_train]),
+        np.sort(perm[n_train : n_train + n_val]),
+        np.sort(perm[n_train + n_val :]),
+    )
 
 
-def split_by_tables(data: ComputeData, test_names: Collection[str], seed: int = 0,
-                    val_fraction: float = 0.1) -> Split:
+def split_by_tables(
+    data: ComputeData, test_names: Collection[str], seed: int = 0, val_fraction: float = 0.1
+) -> Split:
     """Rows whose tables all lie in ``test_names`` are the test set.
 
     Rows with no table in ``test_names`` are split into train and validation by a seeded
     permutation; rows mixing both pools are dropped, so no test table is seen in training.
     """
     names = set(test_names)
-    in_test = np.fromiter((n in names for n in data.table_names), dtype=bool,
-                          count=len(data.table_names))
+    in_test = np.fromiter(
+        (n in names for n in data.table_names), dtype=bool, count=len(data.table_names)
+    )
     cum = np.concatenate([[0], np.cumsum(in_test, dtype=np.int64)])
     n_in = cum[data.offsets[1:]] - cum[data.offsets[:-1]]
     counts = data.num_tables

@@ -35,8 +35,13 @@ DEFAULT_MEMORY_CAP_BYTES = 4 * GB
 MIN_ROWS = 100  # the public data's floor (rows = max index + 1, at least 100)
 
 __all__ = [
-    "CommSample", "ComputeSample", "augment_tables", "sample_comm_tasks",
-    "sample_compute_loads", "shrink_tables", "shift_reuse_hist",
+    "CommSample",
+    "ComputeSample",
+    "augment_tables",
+    "sample_comm_tasks",
+    "sample_compute_loads",
+    "shrink_tables",
+    "shift_reuse_hist",
 ]
 
 
@@ -46,8 +51,13 @@ def _digest(payload: object) -> str:
 
 
 def _table_payload(t: TableSpec) -> list:
-    return [t.name, t.rows, t.dim, round(float(t.pooling_factor), 9),
-            [round(float(x), 9) for x in t.reuse_hist]]
+    return [
+        t.name,
+        t.rows,
+        t.dim,
+        round(float(t.pooling_factor), 9),
+        [round(float(x), 9) for x in t.reuse_hist],
+    ]
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,9 @@ class CommSample:
 
     @cached_property
     def key(self) -> str:
-        return "m" + _digest([self.index, list(self.dim_sums),
-                              [round(w, 9) for w in self.waits_ms]])
+        return "m" + _digest(
+            [self.index, list(self.dim_sums), [round(w, 9) for w in self.waits_ms]]
+        )
 
     @property
     def num_devices(self) -> int:
@@ -114,9 +125,14 @@ def shift_reuse_hist(hist: Sequence[float], bins: int) -> tuple[float, ...]:
     return tuple(float(x) for x in out)
 
 
-def shrink_tables(tables: Sequence[TableSpec], rng: np.random.Generator, *,
-                  factors: Sequence[int] = (4, 16, 64), copies: int = 1,
-                  min_rows: int = MIN_ROWS) -> list[TableSpec]:
+def shrink_tables(
+    tables: Sequence[TableSpec],
+    rng: np.random.Generator,
+    *,
+    factors: Sequence[int] = (4, 16, 64),
+    copies: int = 1,
+    min_rows: int = MIN_ROWS,
+) -> list[TableSpec]:
     """``copies`` hotter copies of each table: ``rows // f`` rows (``f`` drawn from
     ``factors``, powers of 2) and the reuse histogram shifted ``log2 f`` bins hotter, the
     pooling factor and dim unchanged. Named ``"<name>@rows/<f>"``; a copy that would have
@@ -130,16 +146,28 @@ def shrink_tables(tables: Sequence[TableSpec], rng: np.random.Generator, *,
             f = int(f)
             if t.rows // f < min_rows:
                 continue
-            out.append(TableSpec(name=f"{t.name}@rows/{f}", rows=t.rows // f, dim=t.dim,
-                                 pooling_factor=t.pooling_factor,
-                                 reuse_hist=shift_reuse_hist(t.reuse_hist, f.bit_length() - 1)))
+            out.append(
+                TableSpec(
+                    name=f"{t.name}@rows/{f}",
+                    rows=t.rows // f,
+                    dim=t.dim,
+                    pooling_factor=t.pooling_factor,
+                    reuse_hist=shift_reuse_hist(t.reuse_hist, f.bit_length() - 1),
+                )
+            )
     return out
 
 
-def sample_compute_loads(tables: Sequence[TableSpec], n: int, rng: np.random.Generator, *,
-                         max_tables: int = 15, min_tables: int = 1,
-                         memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES,
-                         start_index: int = 0) -> list[ComputeSample]:
+def sample_compute_loads(
+    tables: Sequence[TableSpec],
+    n: int,
+    rng: np.random.Generator,
+    *,
+    max_tables: int = 15,
+    min_tables: int = 1,
+    memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES,
+    start_index: int = 0,
+) -> list[ComputeSample]:
     """``n`` loads of ``min_tables``..``max_tables`` distinct entries of ``tables``.
 
     Pass augmented tables (:func:`augment_tables`). Each load draws its table count
@@ -182,13 +210,20 @@ def _split_dims(dims: list[int], splits: int, rng: np.random.Generator) -> list[
     return dims
 
 
-def sample_comm_tasks(tables: Sequence[TableSpec], n: int, rng: np.random.Generator,
-                      num_devices: int | Sequence[int], *, min_tables: int = 10,
-                      max_tables: int = 60, max_splits: int = 10,
-                      wait_range_ms: tuple[float, float] = (1.0, 20.0),
-                      zero_wait_fraction: float = 0.2,
-                      concentration_log10_range: tuple[float, float] = (-1.0, 2.0),
-                      start_index: int = 0) -> list[CommSample]:
+def sample_comm_tasks(
+    tables: Sequence[TableSpec],
+    n: int,
+    rng: np.random.Generator,
+    num_devices: int | Sequence[int],
+    *,
+    min_tables: int = 10,
+    max_tables: int = 60,
+    max_splits: int = 10,
+    wait_range_ms: tuple[float, float] = (1.0, 20.0),
+    zero_wait_fraction: float = 0.2,
+    concentration_log10_range: tuple[float, float] = (-1.0, 2.0),
+    start_index: int = 0,
+) -> list[CommSample]:
     """``n`` random plans' per-device dim sums and waits.
 
     Each sample: a task of ``min_tables``..``max_tables`` distinct tables (fewer when the
@@ -221,6 +256,12 @@ def sample_comm_tasks(tables: Sequence[TableSpec], n: int, rng: np.random.Genera
             waits = np.zeros(n_dev)
         else:
             waits = np.round(rng.uniform(*wait_range_ms, size=n_dev), 6)
-        out.append(CommSample(start_index + i, tuple(int(x) for x in dim_sums),
-                              tuple(float(w) for w in waits), num_tables=len(dims)))
+        out.append(
+            CommSample(
+                start_index + i,
+                tuple(int(x) for x in dim_sums),
+                tuple(float(w) for w in waits),
+                num_tables=len(dims),
+            )
+        )
     return out

@@ -44,8 +44,16 @@ Kind = Literal["compute", "comm"]
 PART_GLOB = "part-*.parquet"
 
 __all__ = [
-    "BackendSpec", "CollectResult", "DatasetError", "check_fingerprint", "collect",
-    "collect_chunk", "existing_keys", "part_files", "pending_samples", "read_part",
+    "BackendSpec",
+    "CollectResult",
+    "DatasetError",
+    "check_fingerprint",
+    "collect",
+    "collect_chunk",
+    "existing_keys",
+    "part_files",
+    "pending_samples",
+    "read_part",
     "write_part",
 ]
 
@@ -55,30 +63,34 @@ class DatasetError(NeuroShardError):
 
 
 SCHEMAS: dict[str, pa.Schema] = {
-    "compute": pa.schema([
-        ("key", pa.string()),
-        ("index", pa.int64()),
-        ("num_tables", pa.int32()),
-        ("table_names", pa.list_(pa.string())),
-        ("features", pa.list_(pa.list_(pa.float64()))),
-        ("label_ms", pa.float64()),
-        ("spread", pa.float64()),
-        ("repeats", pa.int32()),
-        ("fingerprint", pa.string()),
-    ]),
-    "comm": pa.schema([
-        ("key", pa.string()),
-        ("index", pa.int64()),
-        ("num_devices", pa.int32()),
-        ("num_tables", pa.int32()),
-        ("dim_sums", pa.list_(pa.int64())),
-        ("waits_ms", pa.list_(pa.float64())),
-        ("fwd_ms", pa.list_(pa.float64())),
-        ("bwd_ms", pa.list_(pa.float64())),
-        ("fwd_spread", pa.list_(pa.float64())),
-        ("bwd_spread", pa.list_(pa.float64())),
-        ("fingerprint", pa.string()),
-    ]),
+    "compute": pa.schema(
+        [
+            ("key", pa.string()),
+            ("index", pa.int64()),
+            ("num_tables", pa.int32()),
+            ("table_names", pa.list_(pa.string())),
+            ("features", pa.list_(pa.list_(pa.float64()))),
+            ("label_ms", pa.float64()),
+            ("spread", pa.float64()),
+            ("repeats", pa.int32()),
+            ("fingerprint", pa.string()),
+        ]
+    ),
+    "comm": pa.schema(
+        [
+            ("key", pa.string()),
+            ("index", pa.int64()),
+            ("num_devices", pa.int32()),
+            ("num_tables", pa.int32()),
+            ("dim_sums", pa.list_(pa.int64())),
+            ("waits_ms", pa.list_(pa.float64())),
+            ("fwd_ms", pa.list_(pa.float64())),
+            ("bwd_ms", pa.list_(pa.float64())),
+            ("fwd_spread", pa.list_(pa.float64())),
+            ("bwd_spread", pa.list_(pa.float64())),
+            ("fingerprint", pa.string()),
+        ]
+    ),
 }
 
 
@@ -160,9 +172,12 @@ def _check_kind(samples: Sequence[Any], kind: str) -> None:
         raise TypeError(f"kind={kind!r} needs {cls.__name__} samples, got {type(bad).__name__}")
 
 
-def collect_chunk(samples: Sequence[ComputeSample | CommSample],
-                  backend: HardwareBackend | BackendSpec | str, kind: Kind = "compute",
-                  on_sample: Callable[[], None] | None = None) -> list[dict]:
+def collect_chunk(
+    samples: Sequence[ComputeSample | CommSample],
+    backend: HardwareBackend | BackendSpec | str,
+    kind: Kind = "compute",
+    on_sample: Callable[[], None] | None = None,
+) -> list[dict]:
     """Measure ``samples`` on ``backend`` and return their rows (nothing is written).
 
     ``backend`` may be a spec, rebuilt here: that is what a worker process receives.
@@ -242,8 +257,9 @@ def pending_samples(samples: Sequence[Any], done: set[str]) -> list[Any]:
     return pending
 
 
-def start_collection(samples: Sequence[Any], out_dir: str | os.PathLike, kind: Kind,
-                     chunk_size: int) -> tuple[Path, list[Any], int]:
+def start_collection(
+    samples: Sequence[Any], out_dir: str | os.PathLike, kind: Kind, chunk_size: int
+) -> tuple[Path, list[Any], int]:
     """Checks shared by every collector; returns the output folder (created), the samples
     still to measure and how many are already on disk."""
     _check_kind(samples, kind)
@@ -260,11 +276,13 @@ def write_part(rows: Sequence[dict], out_dir: str | os.PathLike, kind: Kind) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(rows), schema=SCHEMAS[kind])
-    table = table.replace_schema_metadata({
-        "neuroshard.kind": kind,
-        "neuroshard.feature_schema": FEATURE_SCHEMA,
-        "neuroshard.feature_names": json.dumps(list(FEATURE_NAMES)),
-    })
+    table = table.replace_schema_metadata(
+        {
+            "neuroshard.kind": kind,
+            "neuroshard.feature_schema": FEATURE_SCHEMA,
+            "neuroshard.feature_names": json.dumps(list(FEATURE_NAMES)),
+        }
+    )
     keys = "\n".join(r["key"] for r in rows)
     first = min((int(r["index"]) for r in rows), default=0)
     final = out / f"part-{first:09d}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}.parquet"
@@ -293,7 +311,7 @@ class CollectResult:
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i: i + size]
+        yield items[i : i + size]
 
 
 class _Bar:
@@ -319,9 +337,14 @@ class _Bar:
                 speed = task.speed
                 return Text(f"{speed:.1f}/s" if speed else "-/s")
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
-                                  TimeRemainingColumn())
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self._task = self._progress.add_task(description, total=total, completed=completed)
 
     def __enter__(self) -> _Bar:
@@ -338,10 +361,16 @@ class _Bar:
             self._progress.advance(self._task, n)
 
 
-def collect(samples: Sequence[ComputeSample | CommSample],
-            backend: HardwareBackend | BackendSpec | str, out_dir: str | os.PathLike, *,
-            kind: Kind = "compute", chunk_size: int = 128, progress: bool = True,
-            description: str | None = None) -> CollectResult:
+def collect(
+    samples: Sequence[ComputeSample | CommSample],
+    backend: HardwareBackend | BackendSpec | str,
+    out_dir: str | os.PathLike,
+    *,
+    kind: Kind = "compute",
+    chunk_size: int = 128,
+    progress: bool = True,
+    description: str | None = None,
+) -> CollectResult:
     """Measure every sample not yet under ``out_dir`` and write its rows there.
 
     Writes one part file per ``chunk_size`` samples as it goes; a rerun with the same
@@ -349,8 +378,14 @@ def collect(samples: Sequence[ComputeSample | CommSample],
     fingerprint differs from the one on disk (:class:`DatasetError`).
     """
     out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
-    logger.info("collect %s into %s: %d samples, %d on disk, %d to measure",
-                kind, out, len(samples), skipped, len(pending))
+    logger.info(
+        "collect %s into %s: %d samples, %d on disk, %d to measure",
+        kind,
+        out,
+        len(samples),
+        skipped,
+        len(pending),
+    )
     if not pending:
         return CollectResult(out, 0, skipped, len(samples))
 

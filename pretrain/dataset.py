@@ -27,8 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_comm", "load_compute", "sample_keys"]
 
 
-def _read_dir(data_dir: str | os.PathLike, kind: str,
-              keys: Collection[str] | None) -> pa.Table:
+def _read_dir(data_dir: str | os.PathLike, kind: str, keys: Collection[str] | None) -> pa.Table:
     parts = part_files(data_dir)
     if not parts:
         raise DatasetError(f"{data_dir}: no part files ({kind} data not collected?)")
@@ -42,19 +41,25 @@ def _read_dir(data_dir: str | os.PathLike, kind: str,
         tables.append(t.select(schema.names).cast(schema))
     table = pa.concat_tables(tables)
     if keys is not None:
-        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys),
-                                                                              pa.string())))
+        table = table.filter(
+            pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string()))
+        )
     table = table.take(pc.sort_indices(table, [("key", "ascending")]))
     key_arr = np.asarray(table.column("key").to_pylist(), dtype=object)
     if len(key_arr) > 1:
         dup = key_arr[1:] == key_arr[:-1]
         if dup.any():
-            logger.warning("%s: %d duplicate keys, keeping the first of each", data_dir,
-                           int(dup.sum()))
+            logger.warning(
+                "%s: %d duplicate keys, keeping the first of each", data_dir, int(dup.sum())
+            )
             table = table.filter(pa.array(np.concatenate([[True], ~dup])))
     if keys is not None and table.num_rows < len(keys):
-        logger.warning("%s: %d of %d requested keys not on disk", data_dir,
-                       len(keys) - table.num_rows, len(keys))
+        logger.warning(
+            "%s: %d of %d requested keys not on disk",
+            data_dir,
+            len(keys) - table.num_rows,
+            len(keys),
+        )
     fps = set(pc.unique(table.column("fingerprint")).to_pylist())
     if len(fps) > 1:
         raise DatasetError(f"{data_dir}: rows from {len(fps)} different backend fingerprints")
@@ -82,16 +87,18 @@ def sample_keys(data_dir: str | os.PathLike) -> dict[int, str]:
         t = read_part(p)
         if "index" not in t.column_names or "key" not in t.column_names:
             raise DatasetError(f"{p}: no index and key columns")
-        for index, key in zip(t.column("index").to_pylist(), t.column("key").to_pylist(),
-                              strict=True):
+        for index, key in zip(
+            t.column("index").to_pylist(), t.column("key").to_pylist(), strict=True
+        ):
             if out.setdefault(index, key) != key:
-                raise DatasetError(f"{p}: sample index {index} has two keys, {out[index]} "
-                                   f"and {key} (runs with other seeds in one directory?)")
+                raise DatasetError(
+                    f"{p}: sample index {index} has two keys, {out[index]} "
+                    f"and {key} (runs with other seeds in one directory?)"
+                )
     return out
 
 
-def load_compute(data_dir: str | os.PathLike,
-                 keys: Collection[str] | None = None) -> ComputeData:
+def load_compute(data_dir: str | os.PathLike, keys: Collection[str] | None = None) -> ComputeData:
     """Compute rows under ``data_dir`` (only ``keys`` when given), ordered by key."""
     t = _read_dir(data_dir, "compute", keys)
     offsets, per_table = _list_offsets(t.column("features"))

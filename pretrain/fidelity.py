@@ -35,8 +35,9 @@ __all__ = ["RETEST_INDEX_OFFSET", "model_report", "session_fidelity", "session_n
 RETEST_INDEX_OFFSET = 1 << 40
 
 
-def session_noise_floor(data_dir: str | os.PathLike,
-                        held: ComputeData | None = None) -> dict[str, float] | None:
+def session_noise_floor(
+    data_dir: str | os.PathLike, held: ComputeData | None = None
+) -> dict[str, float] | None:
     """Noise floor of the held-out compute samples a ``pretrain`` run measured twice
     (``compute_holdout`` against ``compute_retest`` under its ``data/`` directory, paired
     by sample index); ``None`` when it has no retests. ``held``: the ``compute_holdout``
@@ -45,18 +46,19 @@ def session_noise_floor(data_dir: str | os.PathLike,
     if not part_files(d / "compute_retest"):
         return None
     first, again = sample_keys(d / "compute_holdout"), sample_keys(d / "compute_retest")
-    pairs = [(first[i - RETEST_INDEX_OFFSET], key) for i, key in sorted(again.items())
-             if i - RETEST_INDEX_OFFSET in first]
+    pairs = [
+        (first[i - RETEST_INDEX_OFFSET], key)
+        for i, key in sorted(again.items())
+        if i - RETEST_INDEX_OFFSET in first
+    ]
     a = held if held is not None else load_compute(d / "compute_holdout")
     b = load_compute(d / "compute_retest")
     a_ms = dict(zip(a.keys, a.label_ms, strict=True))
     b_ms = dict(zip(b.keys, b.label_ms, strict=True))
-    return noise_floor(np.array([a_ms[k] for k, _ in pairs]),
-                       np.array([b_ms[k] for _, k in pairs]))
+    return noise_floor(np.array([a_ms[k] for k, _ in pairs]), np.array([b_ms[k] for _, k in pairs]))
 
 
-def session_fidelity(model_dir: str | os.PathLike,
-                     data_dir: str | os.PathLike) -> dict[str, Any]:
+def session_fidelity(model_dir: str | os.PathLike, data_dir: str | os.PathLike) -> dict[str, Any]:
     """The compute error of the model in ``model_dir`` on the held-out loads of a
     ``pretrain`` run's ``data/`` directory, with breakdowns, beside that run's noise floor.
 
@@ -67,15 +69,19 @@ def session_fidelity(model_dir: str | os.PathLike,
     d = Path(data_dir)
     held = load_compute(d / "compute_holdout")
     model: Any = load_cost_model(model_dir, backend=json.loads(held.fingerprint))
-    return {"data": str(d), "compute": model.score_compute(held),
-            "noise_floor": session_noise_floor(d, held)}
+    return {
+        "data": str(d),
+        "compute": model.score_compute(held),
+        "noise_floor": session_noise_floor(d, held),
+    }
 
 
 Report = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
-def model_report(model_dir: str | os.PathLike,
-                 data_dirs: Sequence[str | os.PathLike] = ()) -> Report:
+def model_report(
+    model_dir: str | os.PathLike, data_dirs: Sequence[str | os.PathLike] = ()
+) -> Report:
     """A model's ``meta.json`` and its :func:`session_fidelity` on each of ``data_dirs``
     (lay them out with :func:`~neuroshard.models.metrics.report_tables` or
     :func:`~neuroshard.models.metrics.report_summary`)."""

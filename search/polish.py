@@ -25,28 +25,50 @@ logger = logging.getLogger(__name__)
 MIN_POLISH_S = 0.5  # below this SurCo's solver cannot do useful work
 
 
-def neuroshard_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                      seed: int = 0, budget_s: float | None = None,
-                      polish_fraction: float = 0.5, **beam_options: Any) -> Plan:
+def neuroshard_search(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    polish_fraction: float = 0.5,
+    **beam_options: Any,
+) -> Plan:
     """The beam; with ``budget_s``, ``1 - polish_fraction`` of it for the beam and the rest
     for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower."""
     if budget_s is None:
         return beam_search(tables, cluster, estimator, seed=seed, **beam_options)
     started = time.perf_counter()
-    beam = beam_search(tables, cluster, estimator, seed=seed,
-                       budget_s=budget_s * (1 - polish_fraction), **beam_options)
+    beam = beam_search(
+        tables,
+        cluster,
+        estimator,
+        seed=seed,
+        budget_s=budget_s * (1 - polish_fraction),
+        **beam_options,
+    )
     left_s = budget_s - (time.perf_counter() - started)
     if left_s < MIN_POLISH_S:
         return beam
     from neuroshard.search.surco import surco_plan
 
     splits = {t.name: tuple(s.width for s in beam.shards_of(t.name)) for t in beam.tables}
-    polished = surco_plan(tables, cluster, estimator, seed=seed, splits=splits,
-                          budget_s=left_s * 0.8)
+    polished = surco_plan(
+        tables, cluster, estimator, seed=seed, splits=splits, budget_s=left_s * 0.8
+    )
     beam_ms = plan_cost(beam, estimator).max_ms
     polished_ms = plan_cost(polished, estimator).max_ms
     logger.info("SurCo polish: %.4f ms -> %.4f ms in %.2f s", beam_ms, polished_ms, left_s)
     best = polished if polished_ms < beam_ms else beam
-    return replace(best, meta={**beam.meta, "polish": {
-        "beam_ms": beam_ms, "surco_ms": polished_ms,
-        "kept": "surco" if best is polished else "beam"}})
+    return replace(
+        best,
+        meta={
+            **beam.meta,
+            "polish": {
+                "beam_ms": beam_ms,
+                "surco_ms": polished_ms,
+                "kept": "surco" if best is polished else "beam",
+            },
+        },
+    )

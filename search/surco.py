@@ -130,7 +130,8 @@ class Surrogate:
         num_devices = len(self.intercept_ms)
         rows = np.arange(len(devices))
         compute = self.intercept_ms + np.bincount(
-            devices, weights=self.compute_ms[rows, devices], minlength=num_devices)
+            devices, weights=self.compute_ms[rows, devices], minlength=num_devices
+        )
         dims = np.bincount(devices, weights=widths, minlength=num_devices)
         bwd = [_envelope(lines, w) for lines, w in zip(self.bwd_lines, dims, strict=True)]
         fwd = [_envelope(lines, w) for lines, w in zip(self.fwd_lines, dims, strict=True)]
@@ -177,8 +178,7 @@ def _lower_hull_lines(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return np.asarray(lines, dtype=float)
 
 
-def _loads(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int
-           ) -> list[list[int]]:
+def _loads(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int) -> list[list[int]]:
     loads: list[list[int]] = [[] for _ in range(num_devices)]
     for s, d in enumerate(devices.tolist()):
         if d >= 0:
@@ -186,8 +186,9 @@ def _loads(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int
     return loads
 
 
-def fit_compute(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int,
-                estimator: CostEstimator) -> tuple[np.ndarray, np.ndarray]:
+def fit_compute(
+    specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int, estimator: CostEstimator
+) -> tuple[np.ndarray, np.ndarray]:
     """Finite-difference ``c[s, d]`` and intercepts ``k_d`` around ``devices`` (``-1``:
     shard not placed), from one ``compute_ms`` call over ``S x D + D`` loads."""
     loads = _loads(specs, devices, num_devices)
@@ -209,17 +210,20 @@ def fit_compute(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: in
     return c, _intercepts(current, c, devices, num_devices)
 
 
-def _intercepts(current_ms: np.ndarray, c: np.ndarray, devices: np.ndarray,
-                num_devices: int) -> np.ndarray:
+def _intercepts(
+    current_ms: np.ndarray, c: np.ndarray, devices: np.ndarray, num_devices: int
+) -> np.ndarray:
     """``k_d`` making the surrogate compute exact at ``devices``."""
     placed = devices >= 0
-    own = np.bincount(devices[placed], weights=c[np.flatnonzero(placed), devices[placed]],
-                      minlength=num_devices)
+    own = np.bincount(
+        devices[placed], weights=c[np.flatnonzero(placed), devices[placed]], minlength=num_devices
+    )
     return np.asarray(current_ms, dtype=float) - own
 
 
-def fit_comm(estimator: CostEstimator, dims: np.ndarray, total_dim: float,
-             points: int = COMM_GRID_POINTS) -> tuple[Lines, Lines]:
+def fit_comm(
+    estimator: CostEstimator, dims: np.ndarray, total_dim: float, points: int = COMM_GRID_POINTS
+) -> tuple[Lines, Lines]:
     """Per device, the lower convex envelopes of backward comm and of forward comm without
     waits as functions of its dim sum (two estimator calls for all devices)."""
     num_devices = len(dims)
@@ -271,10 +275,18 @@ class Solve:
     seconds: float
 
 
-def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.ndarray,
-                    cluster: Cluster, *, time_limit_s: float, mip_rel_gap: float = 1e-3,
-                    incumbent: np.ndarray | None = None, radius: int | None = None,
-                    relax: bool = True) -> Solve:
+def solve_surrogate(
+    surrogate: Surrogate,
+    widths: np.ndarray,
+    sizes_bytes: np.ndarray,
+    cluster: Cluster,
+    *,
+    time_limit_s: float,
+    mip_rel_gap: float = 1e-3,
+    incumbent: np.ndarray | None = None,
+    radius: int | None = None,
+    relax: bool = True,
+) -> Solve:
     """Minimise the surrogate over table-wise placements with HiGHS (see the module doc).
 
     ``radius`` (with ``incumbent``) bounds how many shards may leave their incumbent device.
@@ -311,30 +323,47 @@ def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.nd
         add_row(xcol[s], np.ones(num_devices), 1.0, 1.0)
     total_dim = float(widths_f.sum())
     negative = np.minimum(surrogate.compute_ms, 0.0)
-    floor = (surrogate.intercept_ms[None, :] + surrogate.compute_ms + negative.sum(axis=0)
-             - negative)  # (S, D): least surrogate compute of d with s on it
+    floor = (
+        surrogate.intercept_ms[None, :] + surrogate.compute_ms + negative.sum(axis=0) - negative
+    )  # (S, D): least surrogate compute of d with s on it
     for s in range(num_shards):
-        bwd = [_envelope_min(surrogate.bwd_lines[d], widths_f[s], total_dim)
-               for d in range(num_devices)]
-        fwd = [_envelope_min(surrogate.fwd_lines[d], widths_f[s], total_dim)
-               for d in range(num_devices)]
+        bwd = [
+            _envelope_min(surrogate.bwd_lines[d], widths_f[s], total_dim)
+            for d in range(num_devices)
+        ]
+        fwd = [
+            _envelope_min(surrogate.fwd_lines[d], widths_f[s], total_dim)
+            for d in range(num_devices)
+        ]
         add_row(np.append(xcol[s], col_zc), np.append(floor[s] + bwd, -1.0), -np.inf, 0.0)
         add_row(np.append(xcol[s], col_zf), np.append(fwd, -1.0), -np.inf, 0.0)
     for d in range(num_devices):
         add_row(xcol[:, d], gib, -np.inf, cluster.memory_per_device_bytes[d] / _GIB)
-        add_row(np.append(xcol[:, d], [col_b + d, col_zc]),
-                np.append(surrogate.compute_ms[:, d], [1.0, -1.0]),
-                -np.inf, -float(surrogate.intercept_ms[d]))
+        add_row(
+            np.append(xcol[:, d], [col_b + d, col_zc]),
+            np.append(surrogate.compute_ms[:, d], [1.0, -1.0]),
+            -np.inf,
+            -float(surrogate.intercept_ms[d]),
+        )
         for lines, epi in ((surrogate.bwd_lines[d], col_b + d), (surrogate.fwd_lines[d], col_zf)):
             for slope, icpt in lines:
-                add_row(np.append(xcol[:, d], epi), np.append(slope * widths_f, -1.0),
-                        -np.inf, -float(icpt))
+                add_row(
+                    np.append(xcol[:, d], epi),
+                    np.append(slope * widths_f, -1.0),
+                    -np.inf,
+                    -float(icpt),
+                )
     if incumbent is not None and radius is not None:
-        add_row(xcol[np.arange(num_shards), incumbent], np.ones(num_shards),
-                float(num_shards - radius), np.inf)
+        add_row(
+            xcol[np.arange(num_shards), incumbent],
+            np.ones(num_shards),
+            float(num_shards - radius),
+            np.inf,
+        )
 
-    A = csr_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                  shape=(nrows, nvars))
+    A = csr_array(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nrows, nvars)
+    )
     constraints = LinearConstraint(A, np.asarray(lo), np.asarray(hi))
     objective = np.zeros(nvars)
     objective[[col_zc, col_zf]] = 1.0
@@ -342,17 +371,18 @@ def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.nd
     ub = np.full(nvars, np.inf)
     lb[:nx] = 0.0
     caps = np.asarray(cluster.memory_per_device_bytes, dtype=np.int64)
-    ub[:nx] = np.where(np.asarray(sizes_bytes, dtype=np.int64)[:, None] > caps[None, :],
-                       0.0, 1.0).reshape(-1)  # a shard never goes where it cannot fit
+    ub[:nx] = np.where(
+        np.asarray(sizes_bytes, dtype=np.int64)[:, None] > caps[None, :], 0.0, 1.0
+    ).reshape(-1)  # a shard never goes where it cannot fit
     bounds = Bounds(lb, ub)
     integrality = np.zeros(nvars)
     integrality[:nx] = 1
 
     started = time.perf_counter()
-    options = {"time_limit": float(time_limit_s), "mip_rel_gap": float(mip_rel_gap),
-               "disp": False}
-    res = milp(objective, integrality=integrality, bounds=bounds, constraints=constraints,
-               options=options)
+    options = {"time_limit": float(time_limit_s), "mip_rel_gap": float(mip_rel_gap), "disp": False}
+    res = milp(
+        objective, integrality=integrality, bounds=bounds, constraints=constraints, options=options
+    )
     status = _STATUS.get(int(res.status), "other")
     devices = None
     objective_ms = gap = math.nan
@@ -366,13 +396,16 @@ def solve_surrogate(surrogate: Surrogate, widths: np.ndarray, sizes_bytes: np.nd
     dual = math.nan if dual is None else float(dual)
     lp_bound = math.nan
     if relax and status != "infeasible":
-        lp = milp(objective, integrality=np.zeros(nvars), bounds=bounds,
-                  constraints=constraints, options={"time_limit": float(time_limit_s),
-                                                    "disp": False})
+        lp = milp(
+            objective,
+            integrality=np.zeros(nvars),
+            bounds=bounds,
+            constraints=constraints,
+            options={"time_limit": float(time_limit_s), "disp": False},
+        )
         if lp.status == 0:
             lp_bound = float(lp.fun)
-    return Solve(devices, status, objective_ms, gap, dual, lp_bound,
-                 time.perf_counter() - started)
+    return Solve(devices, status, objective_ms, gap, dual, lp_bound, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- the search
@@ -382,8 +415,9 @@ def _single_ms(specs: Sequence[TableSpec], estimator: CostEstimator) -> np.ndarr
     return np.asarray(estimator.compute_ms([[s] for s in specs]), dtype=float)
 
 
-def _current_ms(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int,
-                estimator: CostEstimator) -> np.ndarray:
+def _current_ms(
+    specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int, estimator: CostEstimator
+) -> np.ndarray:
     loads = _loads(specs, devices, num_devices)
     busy = [d for d, load in enumerate(loads) if load]
     out = np.zeros(num_devices)
@@ -398,17 +432,27 @@ def _infeasible(specs: Sequence[TableSpec], cluster: Cluster, why: str) -> PlanI
     return PlanInfeasibleError(
         f"{why}: {len(specs)} shards need {need} bytes ({need / _GIB:.2f} GiB) on "
         f"{cluster.num_devices} devices of {list(cluster.memory_per_device_bytes)} bytes; "
-        "largest: " + ", ".join(f"{s.name!r} (width {s.dim}: {s.size_bytes} bytes)"
-                                for s in biggest))
+        "largest: "
+        + ", ".join(f"{s.name!r} (width {s.dim}: {s.size_bytes} bytes)" for s in biggest)
+    )
 
 
-def _search(tables: Sequence[TableSpec], specs: Sequence[TableSpec], cluster: Cluster,
-            estimator: CostEstimator, *,
-            rounds: int, time_limit_s: float, mip_rel_gap: float, variant: str,
-            prior: SurrogatePrior | None, start: np.ndarray | None, start_ms: float,
-            trust_radius: int | None = None,
-            record: Callable[[np.ndarray, np.ndarray], None] | None = None
-            ) -> tuple[np.ndarray, float, list[dict[str, Any]]]:
+def _search(
+    tables: Sequence[TableSpec],
+    specs: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    rounds: int,
+    time_limit_s: float,
+    mip_rel_gap: float,
+    variant: str,
+    prior: SurrogatePrior | None,
+    start: np.ndarray | None,
+    start_ms: float,
+    trust_radius: int | None = None,
+    record: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, float, list[dict[str, Any]]]:
     """The SurCo loop over shard ``specs``; returns the best devices, its real cost, and
     one record per round. ``start`` (None: nothing placed) is the incumbent to begin with."""
     num_devices = cluster.num_devices
@@ -435,61 +479,92 @@ def _search(tables: Sequence[TableSpec], specs: Sequence[TableSpec], cluster: Cl
             if record is not None:
                 record(best, c)
         else:
-            ratio = (prior.predict(pair_features(specs, best, num_devices, single, feats))
-                     .reshape(len(specs), num_devices) if prior is not None
-                     else np.ones((len(specs), num_devices)))
+            ratio = (
+                prior.predict(pair_features(specs, best, num_devices, single, feats)).reshape(
+                    len(specs), num_devices
+                )
+                if prior is not None
+                else np.ones((len(specs), num_devices))
+            )
             c = ratio * single[:, None]
-            k = _intercepts(_current_ms(specs, best, num_devices, estimator), c, best,
-                            num_devices)
+            k = _intercepts(_current_ms(specs, best, num_devices, estimator), c, best, num_devices)
         dims = np.bincount(best[best >= 0], weights=widths[best >= 0], minlength=num_devices)
         bwd_lines, fwd_lines = fit_comm(estimator, dims, total_dim)
         surrogate = Surrogate(c, k, bwd_lines, fwd_lines)
         fit_s = time.perf_counter() - fit_started
         placed = bool((best >= 0).all())
-        sol = solve_surrogate(surrogate, widths, sizes, cluster, time_limit_s=limit_s,
-                              mip_rel_gap=mip_rel_gap, incumbent=best if placed else None,
-                              radius=radius)
+        sol = solve_surrogate(
+            surrogate,
+            widths,
+            sizes,
+            cluster,
+            time_limit_s=limit_s,
+            mip_rel_gap=mip_rel_gap,
+            incumbent=best if placed else None,
+            radius=radius,
+        )
         entry: dict[str, Any] = {
-            "round": r, "status": sol.status, "surrogate_ms": sol.objective_ms,
+            "round": r,
+            "status": sol.status,
+            "surrogate_ms": sol.objective_ms,
             "incumbent_surrogate_ms": surrogate.value(best, widths) if placed else math.nan,
-            "mip_gap": sol.mip_gap, "dual_bound_ms": sol.dual_bound_ms,
-            "lp_bound_ms": sol.lp_bound_ms, "trust_radius": radius,
+            "mip_gap": sol.mip_gap,
+            "dual_bound_ms": sol.dual_bound_ms,
+            "lp_bound_ms": sol.lp_bound_ms,
+            "trust_radius": radius,
             "time_limit_s": round(limit_s, 3),
-            "fit_seconds": round(fit_s, 4), "solve_seconds": round(sol.seconds, 4),
+            "fit_seconds": round(fit_s, 4),
+            "solve_seconds": round(sol.seconds, 4),
         }
         history.append(entry)
         if sol.status == "infeasible" and not placed:
-            raise _infeasible(specs, cluster, "the memory caps admit no placement (MILP "
-                              "proved infeasible)")
+            raise _infeasible(
+                specs, cluster, "the memory caps admit no placement (MILP proved infeasible)"
+            )
         if sol.devices is None:
             entry["real_ms"] = math.nan
             logger.info("surco round %d: no solution (%s)", r, sol.status)
             if not placed:
-                raise _infeasible(specs, cluster, f"no placement found within the "
-                                  f"{limit_s:.1f} s solver limit")
+                raise _infeasible(
+                    specs, cluster, f"no placement found within the {limit_s:.1f} s solver limit"
+                )
             break
         mem = np.bincount(sol.devices, weights=sizes, minlength=num_devices)
         if (mem > np.asarray(cluster.memory_per_device_bytes)).any():  # solver tolerance
             entry["real_ms"] = math.nan
-            logger.warning("surco round %d: solution breaks a memory cap by solver "
-                           "tolerance; dropped", r)
+            logger.warning(
+                "surco round %d: solution breaks a memory cap by solver tolerance; dropped", r
+            )
             if not placed:
                 raise _infeasible(specs, cluster, "no placement within the memory caps found")
             break
         moved = int((sol.devices != best).sum()) if placed else len(specs)
         entry["moved"] = moved
-        real_ms = best_ms if moved == 0 else plan_cost(
-            to_plan(tables, cluster, specs, sol.devices), estimator).max_ms
+        real_ms = (
+            best_ms
+            if moved == 0
+            else plan_cost(to_plan(tables, cluster, specs, sol.devices), estimator).max_ms
+        )
         entry["real_ms"] = real_ms
         entry["improved"] = improved = real_ms < best_ms
-        logger.debug("surco round %d: %s, surrogate %.4f (LP %.4f), real %.4f vs best %.4f, "
-                     "%d moved", r, sol.status, sol.objective_ms, sol.lp_bound_ms, real_ms,
-                     best_ms, moved)
+        logger.debug(
+            "surco round %d: %s, surrogate %.4f (LP %.4f), real %.4f vs best %.4f, %d moved",
+            r,
+            sol.status,
+            sol.objective_ms,
+            sol.lp_bound_ms,
+            real_ms,
+            best_ms,
+            moved,
+        )
         if improved:
             best, best_ms = sol.devices, real_ms
             radius = trust_radius
-        elif moved == 0 or (sol.status == "optimal" and entry["incumbent_surrogate_ms"]
-                            <= sol.objective_ms + 1e-9 * max(1.0, abs(sol.objective_ms))):
+        elif moved == 0 or (
+            sol.status == "optimal"
+            and entry["incumbent_surrogate_ms"]
+            <= sol.objective_ms + 1e-9 * max(1.0, abs(sol.objective_ms))
+        ):
             # The incumbent is optimal under its own surrogate, and a smaller trust region
             # cannot beat that: later rounds would refit and re-solve the same problem.
             logger.debug("surco round %d: the incumbent is optimal under the surrogate", r)
@@ -499,11 +574,20 @@ def _search(tables: Sequence[TableSpec], specs: Sequence[TableSpec], cluster: Cl
     return best, best_ms, history
 
 
-def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-               seed: int = 0, budget_s: float | None = None, rounds: int = 5,
-               splits: Mapping[str, Sequence[int]] | None = None, variant: str = "zero",
-               prior_path: str | os.PathLike | None = None, mip_rel_gap: float = 1e-3,
-               trust_radius: int | None = None) -> Plan:
+def surco_plan(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    rounds: int = 5,
+    splits: Mapping[str, Sequence[int]] | None = None,
+    variant: str = "zero",
+    prior_path: str | os.PathLike | None = None,
+    mip_rel_gap: float = 1e-3,
+    trust_radius: int | None = None,
+) -> Plan:
     """SurCo-style search from the greedy grid plan (see the module doc).
 
     ``rounds`` surrogate fits and MILP solves at most, sharing ``budget_s`` seconds of
@@ -535,8 +619,7 @@ def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
     error = infeasibility(specs, cluster)
     if error is not None:
         raise error
-    prior = (load_model(prior_path, kind=PRIOR_KIND) if variant == "prior" and prior_path
-             else None)
+    prior = load_model(prior_path, kind=PRIOR_KIND) if variant == "prior" and prior_path else None
     try:
         placement = place(specs, cluster, estimator)
         start = np.asarray(placement.devices, dtype=np.int64)
@@ -545,24 +628,56 @@ def surco_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
         logger.info("greedy grid found no placement (%s); solving from scratch", exc)
         start, start_ms = None, math.inf
     best, best_ms, history = _search(
-        tables, specs, cluster, estimator, rounds=rounds, time_limit_s=time_limit_s,
-        mip_rel_gap=mip_rel_gap, variant=variant, prior=prior, start=start,
-        start_ms=start_ms, trust_radius=trust_radius)
+        tables,
+        specs,
+        cluster,
+        estimator,
+        rounds=rounds,
+        time_limit_s=time_limit_s,
+        mip_rel_gap=mip_rel_gap,
+        variant=variant,
+        prior=prior,
+        start=start,
+        start_ms=start_ms,
+        trust_radius=trust_radius,
+    )
     solved = [h for h in history if h["status"] in ("optimal", "time_limit")]
-    logger.info("surco (%s): %d rounds, start %.4f ms, best %.4f ms", variant, len(history),
-                start_ms, best_ms)
+    logger.info(
+        "surco (%s): %d rounds, start %.4f ms, best %.4f ms",
+        variant,
+        len(history),
+        start_ms,
+        best_ms,
+    )
     plan = to_plan(tables, cluster, specs, best)
-    return replace(plan, meta={"surco": {
-        "variant": variant, "prior": str(prior_path) if prior is not None else None,
-        "start_ms": start_ms, "best_ms": best_ms, "rounds": history,
-        "proved_optimal": sum(h["status"] == "optimal" for h in solved),
-        "time_limit_s": time_limit_s, "mip_rel_gap": mip_rel_gap}})
+    return replace(
+        plan,
+        meta={
+            "surco": {
+                "variant": variant,
+                "prior": str(prior_path) if prior is not None else None,
+                "start_ms": start_ms,
+                "best_ms": best_ms,
+                "rounds": history,
+                "proved_optimal": sum(h["status"] == "optimal" for h in solved),
+                "time_limit_s": time_limit_s,
+                "mip_rel_gap": mip_rel_gap,
+            }
+        },
+    )
 
 
-def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
-                        estimator: CostEstimator, out_path: str | os.PathLike, *,
-                        rounds: int = 3, time_limit_s: float = 2.0, seed: int = 0,
-                        **hyperparameters: Any) -> SurrogatePrior:
+def fit_surrogate_prior(
+    tasks: Sequence[Sequence[TableSpec]],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    out_path: str | os.PathLike,
+    *,
+    rounds: int = 3,
+    time_limit_s: float = 2.0,
+    seed: int = 0,
+    **hyperparameters: Any,
+) -> SurrogatePrior:
     """Train a :class:`~neuroshard.models.surrogate.SurrogatePrior` and save it to the
     model directory ``out_path``.
 
@@ -582,8 +697,13 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
         single = _single_ms(specs, estimator)
         feats = table_features(specs)
 
-        def record(devices: np.ndarray, c: np.ndarray, specs: list[TableSpec] = specs,
-                   single: np.ndarray = single, feats: np.ndarray = feats) -> None:
+        def record(
+            devices: np.ndarray,
+            c: np.ndarray,
+            specs: list[TableSpec] = specs,
+            single: np.ndarray = single,
+            feats: np.ndarray = feats,
+        ) -> None:
             X_parts.append(pair_features(specs, devices, cluster.num_devices, single, feats))
             y_parts.append((c / np.maximum(single, 1e-9)[:, None]).reshape(-1))
 
@@ -593,20 +713,39 @@ def fit_surrogate_prior(tasks: Sequence[Sequence[TableSpec]], cluster: Cluster,
             continue
         start = np.asarray(placement.devices, dtype=np.int64)
         start_ms = plan_cost(to_plan(tables, cluster, specs, start), estimator).max_ms
-        _search(tables, specs, cluster, estimator, rounds=rounds, time_limit_s=time_limit_s,
-                mip_rel_gap=1e-3, variant="zero", prior=None, start=start,
-                start_ms=start_ms, record=record)
+        _search(
+            tables,
+            specs,
+            cluster,
+            estimator,
+            rounds=rounds,
+            time_limit_s=time_limit_s,
+            mip_rel_gap=1e-3,
+            variant="zero",
+            prior=None,
+            start=start,
+            start_ms=start_ms,
+            record=record,
+        )
     if not X_parts:
         raise ValueError("no training pairs: every task was infeasible or tasks is empty")
     X, y = np.concatenate(X_parts), np.concatenate(y_parts)
     prior = SurrogatePrior(seed=seed, **hyperparameters).fit(X, y)
-    prior.save(out_path, estimator=getattr(estimator, "name", "?"),
-               batch_size=getattr(estimator, "batch_size", None),
-               num_devices=cluster.num_devices, num_tasks=len(tasks))
+    prior.save(
+        out_path,
+        estimator=getattr(estimator, "name", "?"),
+        batch_size=getattr(estimator, "batch_size", None),
+        num_devices=cluster.num_devices,
+        num_tasks=len(tasks),
+    )
     return prior
 
 
 __all__ = [
-    "Surrogate", "fit_comm", "fit_compute", "fit_surrogate_prior", "solve_surrogate",
+    "Surrogate",
+    "fit_comm",
+    "fit_compute",
+    "fit_surrogate_prior",
+    "solve_surrogate",
     "surco_plan",
 ]

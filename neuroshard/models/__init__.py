@@ -28,7 +28,18 @@ from neuroshard.models.registry import (
 )
 
 __all__ = [
-    "META_FILE", "CostModelBase", "ModelKind", "check_compatible", "cost_model_kinds",
-    "default_model_dir", "load_cost_model", "load_model", "model_class", "model_kinds",
-    "read_meta", "register_model_kind", "resolve_cost_model", "shipped_models",
+    "META_FILE",
+    "CostModelBase",
+    "ModelKind",
+    "check_compatible",
+    "cost_model_kinds",
+    "default_model_dir",
+    "load_cost_model",
+    "load_model",
+    "model_class",
+    "model_kinds",
+    "read_meta",
+    "register_model_kind",
+    "resolve_cost_model",
+    "shipped_models",
 ]

@@ -38,8 +38,17 @@ META_FILE = "meta.json"
 TARGET_TRANSFORM = "log(ms + eps_ms), standardised"
 
 __all__ = [
-    "META_FILE", "TARGET_TRANSFORM", "CostModelBase", "atomic_write", "atomic_write_text",
-    "check_compatible", "checked_file", "read_meta", "sha256", "since_first", "straggler_wait",
+    "META_FILE",
+    "TARGET_TRANSFORM",
+    "CostModelBase",
+    "atomic_write",
+    "atomic_write_text",
+    "check_compatible",
+    "checked_file",
+    "read_meta",
+    "sha256",
+    "since_first",
+    "straggler_wait",
     "write_meta",
 ]
 
@@ -104,14 +113,20 @@ def checked_file(model_dir: Path, fname: str, checksums: Mapping[str, Any]) -> P
     if not path.is_file():
         raise ModelFileError(f"{path}: missing")
     if fname in checksums and sha256(path) != checksums[fname]:
-        raise ModelFileError(f"{path}: checksum differs from {META_FILE} "
-                             "(truncated, replaced or tampered with)")
+        raise ModelFileError(
+            f"{path}: checksum differs from {META_FILE} (truncated, replaced or tampered with)"
+        )
     return path
 
 
-def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
-                     backend: str | HardwareBackend | Mapping[str, Any] | None = None,
-                     feature_schema: str = FEATURE_SCHEMA, kind: str | None = None) -> None:
+def check_compatible(
+    meta: Mapping[str, Any],
+    *,
+    batch_size: int | None = None,
+    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+    feature_schema: str = FEATURE_SCHEMA,
+    kind: str | None = None,
+) -> None:
     """Raise :class:`ModelMismatchError` listing every way ``meta`` differs from the ask.
 
     ``backend`` is a name (compared with the model's backend name), a backend object
@@ -122,8 +137,10 @@ def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
     if kind is not None and meta.get("kind") != kind:
         diffs.append(f"cost model {meta.get('kind')!r} (model) vs {kind!r} (asked)")
     if meta.get("feature_schema") != feature_schema:
-        diffs.append(f"feature schema {meta.get('feature_schema')!r} (model) vs "
-                     f"{feature_schema!r} (this NeuroShard)")
+        diffs.append(
+            f"feature schema {meta.get('feature_schema')!r} (model) vs "
+            f"{feature_schema!r} (this NeuroShard)"
+        )
     if batch_size is not None and meta.get("batch_size") != batch_size:
         diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
     fingerprint = None
@@ -138,11 +155,16 @@ def check_compatible(meta: Mapping[str, Any], *, batch_size: int | None = None,
         fingerprint = backend.fingerprint()
     if fingerprint is not None:
         trained = Fingerprint.of(meta.get("backend_fingerprint", {}))
-        diffs.extend("fingerprint " + line for line in trained.describe_diff(
-            fingerprint, ignore=VOLATILE_KEYS, labels=("model", "asked")))
+        diffs.extend(
+            "fingerprint " + line
+            for line in trained.describe_diff(
+                fingerprint, ignore=VOLATILE_KEYS, labels=("model", "asked")
+            )
+        )
     if diffs:
-        raise ModelMismatchError(f"model {meta.get('name', '?')} does not match: "
-                                 + "; ".join(diffs))
+        raise ModelMismatchError(
+            f"model {meta.get('name', '?')} does not match: " + "; ".join(diffs)
+        )
 
 
 # --------------------------------------------------------------------------- comm helpers
@@ -186,8 +208,9 @@ class CostModelBase:
     def fitted_batch_size(self) -> int:
         """The DLRM batch size the model's costs are for (set by fit or load)."""
         if self.batch_size is None:
-            raise RuntimeError(f"{type(self).__name__} has no batch size: call fit() or "
-                               "load_cost_model()")
+            raise RuntimeError(
+                f"{type(self).__name__} has no batch size: call fit() or load_cost_model()"
+            )
         return self.batch_size
 
     @property
@@ -200,31 +223,41 @@ class CostModelBase:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, self._fitted_attr):
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or "
-                               "load_cost_model()")
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call fit() or load_cost_model()"
+            )
 
     # ------------------------------------------------------------- fitting
 
-    def _begin_fit(self, compute: ComputeData, comm: CommData, *,
-                   compute_split: Split | None, comm_split: Split | None,
-                   backend_name: str | None, num_devices: int | None,
-                   ) -> tuple[Split, Split]:
+    def _begin_fit(
+        self,
+        compute: ComputeData,
+        comm: CommData,
+        *,
+        compute_split: Split | None,
+        comm_split: Split | None,
+        backend_name: str | None,
+        num_devices: int | None,
+    ) -> tuple[Split, Split]:
         """Record the backend, its fingerprint, the batch size and the device count from
         the data; return the compute and comm splits (80/10/10 seeded by ``seed``)."""
         fp = Fingerprint.of(compute.fingerprint)
         if Fingerprint.of(comm.fingerprint) != fp:
             logger.warning("compute and comm data come from different backend fingerprints")
         fields = fp.as_dict()
-        self.backend_ = backend_name or str(fields.get("backend") or fields.get("name")
-                                            or "unknown")
+        self.backend_ = backend_name or str(
+            fields.get("backend") or fields.get("name") or "unknown"
+        )
         self.backend_fingerprint_ = fields
         if self.batch_size is None:
             if "batch_size" not in fields:
                 raise ValueError("batch_size not given and not in the data's fingerprint")
             self.batch_size = int(fields["batch_size"])
         elif "batch_size" in fields and int(fields["batch_size"]) != self.batch_size:
-            raise ModelMismatchError(f"batch_size={self.batch_size} but the data was collected "
-                                     f"at batch size {fields['batch_size']}")
+            raise ModelMismatchError(
+                f"batch_size={self.batch_size} but the data was collected "
+                f"at batch size {fields['batch_size']}"
+            )
         self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
         cs = compute_split or split_random(len(compute), self.seed)
         ms = comm_split or split_random(len(comm), self.seed + 1)
@@ -233,31 +266,48 @@ class CostModelBase:
     def _end_fit(self, compute: ComputeData, comm: CommData, cs: Split, ms: Split) -> None:
         """Record the data hash, sample counts and validation/test metrics."""
         self.data_hash_ = hashlib.sha256(
-            (compute.data_hash() + comm.data_hash()).encode()).hexdigest()[:16]
+            (compute.data_hash() + comm.data_hash()).encode()
+        ).hexdigest()[:16]
         self.sample_counts_ = {
-            "compute": {"total": len(compute), "train": len(cs.train), "val": len(cs.val),
-                        "test": len(cs.test)},
-            "comm": {"total": len(comm), "train": len(ms.train), "val": len(ms.val),
-                     "test": len(ms.test)},
+            "compute": {
+                "total": len(compute),
+                "train": len(cs.train),
+                "val": len(cs.val),
+                "test": len(cs.test),
+            },
+            "comm": {
+                "total": len(comm),
+                "train": len(ms.train),
+                "val": len(ms.val),
+                "test": len(ms.test),
+            },
         }
         self.metrics_ = {
-            "compute": {"val": self.score_compute(compute.subset(cs.val)),
-                        "test": self.score_compute(compute.subset(cs.test))},
+            "compute": {
+                "val": self.score_compute(compute.subset(cs.val)),
+                "test": self.score_compute(compute.subset(cs.test)),
+            },
             **{k: {"test": v} for k, v in self.score_comm(comm.subset(ms.test)).items()},
         }
 
     # ------------------------------------------------------------- predicting
 
-    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-              mask: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+    def _comm(
+        self,
+        which: str,
+        dim_sums: np.ndarray,
+        waits_ms: np.ndarray | None,
+        mask: np.ndarray | None = None,
+    ) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def _predict_compute_data(self, data: ComputeData) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     @staticmethod
-    def _comm_batch(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-                    mask: np.ndarray | None) -> tuple[np.ndarray, Any, np.ndarray, bool]:
+    def _comm_batch(
+        dim_sums: np.ndarray, waits_ms: np.ndarray | None, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, Any, np.ndarray, bool]:
         """``(dim_sums, waits_ms, mask, squeeze)`` as a batch of rows (one row added to a
         1-d ask, ``squeeze`` then true), the mask all-true when not given."""
         d = np.asarray(dim_sums, dtype=np.float64)
@@ -287,8 +337,10 @@ class CostModelBase:
         if not len(data):
             return regression_metrics(np.zeros(0), np.zeros(0))
         pred = self._predict_compute_data(data)
-        return {**regression_metrics(pred, data.label_ms, self.eps_ms),
-                **compute_breakdown(pred, data, self.eps_ms)}
+        return {
+            **regression_metrics(pred, data.label_ms, self.eps_ms),
+            **compute_breakdown(pred, data, self.eps_ms),
+        }
 
     def score_comm(self, data: CommData) -> dict[str, dict[str, Any]]:
         """Metrics of forward and backward comm predictions over every real device,
@@ -306,14 +358,20 @@ class CostModelBase:
         wait = straggler_wait(data.waits_ms, m)
 
         def scored(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
-            return {**regression_metrics(pred[m], true[m], self.eps_ms),
-                    **comm_breakdown(pred, true, data.num_devices, data.dim_sums, m,
-                                     data.num_tables, self.eps_ms)}
+            return {
+                **regression_metrics(pred[m], true[m], self.eps_ms),
+                **comm_breakdown(
+                    pred, true, data.num_devices, data.dim_sums, m, data.num_tables, self.eps_ms
+                ),
+            }
 
-        return {"fwd_comm": scored(fwd, data.fwd_ms),
-                "fwd_comm_less_wait": regression_metrics((fwd - wait)[m],
-                                                         (data.fwd_ms - wait)[m], self.eps_ms),
-                "bwd_comm": scored(bwd, data.bwd_ms)}
+        return {
+            "fwd_comm": scored(fwd, data.fwd_ms),
+            "fwd_comm_less_wait": regression_metrics(
+                (fwd - wait)[m], (data.fwd_ms - wait)[m], self.eps_ms
+            ),
+            "bwd_comm": scored(bwd, data.bwd_ms),
+        }
 
     # ------------------------------------------------------------- files
 

@@ -57,11 +57,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPUTE_COLUMNS", "FWD_COLUMNS", "BWD_COLUMNS", "LightGBMCostModel",
-           "comm_features", "load_features"]
+__all__ = [
+    "COMPUTE_COLUMNS",
+    "FWD_COLUMNS",
+    "BWD_COLUMNS",
+    "LightGBMCostModel",
+    "comm_features",
+    "load_features",
+]
 
-MODEL_FILES = {"compute": "compute.lgb.txt", "bwd": "bwd_comm.lgb.txt",
-               "fwd": "fwd_comm.lgb.txt"}
+MODEL_FILES = {"compute": "compute.lgb.txt", "bwd": "bwd_comm.lgb.txt", "fwd": "fwd_comm.lgb.txt"}
 _DIM, _POOLING, _ROWS = NUM_HIST_BINS, NUM_HIST_BINS + 1, NUM_HIST_BINS + 2
 # Typical access count of an index in each reuse bin: geometric middle of (2^(k-1), 2^k],
 # 1 for the first bin and 2^15.5 for the open last one.
@@ -70,17 +75,36 @@ _HOT_FROM_BIN = 5  # bins 5.. hold indices accessed more than 16 times per batch
 
 COMPUTE_COLUMNS: tuple[str, ...] = (
     "num_shards",
-    "dim_sum", "dim_max", "dim_mean",
-    "pooling_sum", "pooling_max", "pooling_mean",
-    "lookups_sum", "lookups_max", "lookups_mean",
-    "log_rows_min", "log_rows_max", "log_rows_mean",
-    "log_bytes_sum", "log_bytes_max",
-    "log_touched_bytes_sum", "log_touched_bytes_max",
+    "dim_sum",
+    "dim_max",
+    "dim_mean",
+    "pooling_sum",
+    "pooling_max",
+    "pooling_mean",
+    "lookups_sum",
+    "lookups_max",
+    "lookups_mean",
+    "log_rows_min",
+    "log_rows_max",
+    "log_rows_mean",
+    "log_bytes_sum",
+    "log_bytes_max",
+    "log_touched_bytes_sum",
+    "log_touched_bytes_max",
     "hot_lookup_share",
 ) + tuple(f"lookup_weighted_reuse_{i}" for i in range(NUM_HIST_BINS))
-BWD_COLUMNS: tuple[str, ...] = ("dim_sum", "num_devices", "total_dim_sum", "dim_share",
-                                "others_mean", "others_max", "others_min", "sent_dims",
-                                "received_dims", "max_sent_received_dims")
+BWD_COLUMNS: tuple[str, ...] = (
+    "dim_sum",
+    "num_devices",
+    "total_dim_sum",
+    "dim_share",
+    "others_mean",
+    "others_max",
+    "others_min",
+    "sent_dims",
+    "received_dims",
+    "max_sent_received_dims",
+)
 FWD_COLUMNS: tuple[str, ...] = BWD_COLUMNS + ("wait_since_first_ms", "max_wait_since_first_ms")
 
 
@@ -131,20 +155,31 @@ def load_features(raw: np.ndarray, offsets: np.ndarray, batch_size: int) -> np.n
     weights = np.maximum(lookups_sum, 1e-12)[:, None]
     cols = [
         cnt,
-        seg_sum(dim), seg_max(dim), seg_sum(dim) / cnt,
-        seg_sum(pooling), seg_max(pooling), seg_sum(pooling) / cnt,
-        lookups_sum, seg_max(lookups), lookups_sum / cnt,
-        seg_min(log_rows), seg_max(log_rows), seg_sum(log_rows) / cnt,
-        np.log10(seg_sum(bytes_)), np.log10(seg_max(bytes_)),
-        np.log10(seg_sum(touched) + 1.0), np.log10(seg_max(touched) + 1.0),
+        seg_sum(dim),
+        seg_max(dim),
+        seg_sum(dim) / cnt,
+        seg_sum(pooling),
+        seg_max(pooling),
+        seg_sum(pooling) / cnt,
+        lookups_sum,
+        seg_max(lookups),
+        lookups_sum / cnt,
+        seg_min(log_rows),
+        seg_max(log_rows),
+        seg_sum(log_rows) / cnt,
+        np.log10(seg_sum(bytes_)),
+        np.log10(seg_max(bytes_)),
+        np.log10(seg_sum(touched) + 1.0),
+        np.log10(seg_max(touched) + 1.0),
         seg_sum(hot_share * lookups) / weights[:, 0],
     ]
     out[busy] = np.column_stack(cols + [seg_sum(hist * lookups[:, None]) / weights])
     return out
 
 
-def comm_features(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-                  mask: np.ndarray) -> np.ndarray:
+def comm_features(
+    dim_sums: np.ndarray, waits_ms: np.ndarray | None, mask: np.ndarray
+) -> np.ndarray:
     """Per-device features ``(B, N, len(BWD_COLUMNS or FWD_COLUMNS))`` (forward with waits)."""
     d = np.where(mask, np.asarray(dim_sums, dtype=np.float64), 0.0)
     n_dev = mask.sum(axis=-1, keepdims=True)
@@ -163,9 +198,18 @@ def comm_features(dim_sums: np.ndarray, waits_ms: np.ndarray | None,
     # pooled outputs and sends the rest; it receives 1/N of every other device's
     sent = d * (n_dev - 1) / np.maximum(n_dev, 1)
     received = (total - d) / np.maximum(n_dev, 1)
-    cols = [d, np.broadcast_to(n_dev, d.shape), np.broadcast_to(total, d.shape),
-            d / np.maximum(total, 1.0), others_mean, others_max, others_min,
-            sent, received, np.maximum(sent, received)]
+    cols = [
+        d,
+        np.broadcast_to(n_dev, d.shape),
+        np.broadcast_to(total, d.shape),
+        d / np.maximum(total, 1.0),
+        others_mean,
+        others_max,
+        others_min,
+        sent,
+        received,
+        np.maximum(sent, received),
+    ]
     if waits_ms is not None:
         gap = since_first(np.asarray(waits_ms, dtype=np.float64), mask)
         cols += [gap, np.broadcast_to(gap.max(axis=-1, keepdims=True), d.shape)]
@@ -186,12 +230,22 @@ class LightGBMCostModel(CostModelBase):
     kind = "lightgbm"
     _fitted_attr = "boosters_"
 
-    def __init__(self, *, batch_size: int | None = None, n_estimators: int = 2000,
-                 learning_rate: float = 0.05, num_leaves: int = 63,
-                 min_child_samples: int = 10, subsample: float = 0.8,
-                 colsample_bytree: float = 0.9, reg_lambda: float = 0.0,
-                 early_stopping_rounds: int = 50, seed: int = 0, num_threads: int = 1,
-                 eps_ms: float = 1e-3):
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = None,
+        n_estimators: int = 2000,
+        learning_rate: float = 0.05,
+        num_leaves: int = 63,
+        min_child_samples: int = 10,
+        subsample: float = 0.8,
+        colsample_bytree: float = 0.9,
+        reg_lambda: float = 0.0,
+        early_stopping_rounds: int = 50,
+        seed: int = 0,
+        num_threads: int = 1,
+        eps_ms: float = 1e-3,
+    ):
         self.batch_size = batch_size
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -206,33 +260,67 @@ class LightGBMCostModel(CostModelBase):
         self.eps_ms = eps_ms
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "n_estimators", "learning_rate", "num_leaves", "min_child_samples", "subsample",
-            "colsample_bytree", "reg_lambda", "early_stopping_rounds", "seed", "num_threads")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "n_estimators",
+                "learning_rate",
+                "num_leaves",
+                "min_child_samples",
+                "subsample",
+                "colsample_bytree",
+                "reg_lambda",
+                "early_stopping_rounds",
+                "seed",
+                "num_threads",
+            )
+        }
 
     # ------------------------------------------------------------- fitting
 
     def _params(self) -> dict[str, Any]:
-        return {"objective": "regression", "learning_rate": self.learning_rate,
-                "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_child_samples,
-                "bagging_fraction": self.subsample, "bagging_freq": 1 if self.subsample < 1 else 0,
-                "feature_fraction": self.colsample_bytree, "lambda_l2": self.reg_lambda,
-                "seed": self.seed, "num_threads": self.num_threads, "verbosity": -1,
-                "deterministic": True, "force_row_wise": True}
+        return {
+            "objective": "regression",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
+            "bagging_fraction": self.subsample,
+            "bagging_freq": 1 if self.subsample < 1 else 0,
+            "feature_fraction": self.colsample_bytree,
+            "lambda_l2": self.reg_lambda,
+            "seed": self.seed,
+            "num_threads": self.num_threads,
+            "verbosity": -1,
+            "deterministic": True,
+            "force_row_wise": True,
+        }
 
-    def _train(self, which: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-               y_va: np.ndarray, columns: Sequence[str]) -> lightgbm.Booster:
+    def _train(
+        self,
+        which: str,
+        x_tr: np.ndarray,
+        y_tr: np.ndarray,
+        x_va: np.ndarray,
+        y_va: np.ndarray,
+        columns: Sequence[str],
+    ) -> lightgbm.Booster:
         import lightgbm as lgb
 
-        train = lgb.Dataset(x_tr, self._to_target(y_tr), feature_name=list(columns),
-                            free_raw_data=True)
+        train = lgb.Dataset(
+            x_tr, self._to_target(y_tr), feature_name=list(columns), free_raw_data=True
+        )
         callbacks: list[Callable[..., Any]] = [lgb.log_evaluation(0)]
         valid_sets = []
         if len(x_va):
             valid_sets = [lgb.Dataset(x_va, self._to_target(y_va), reference=train)]
             callbacks.append(lgb.early_stopping(self.early_stopping_rounds, verbose=False))
-        booster = lgb.train(self._params(), train, num_boost_round=self.n_estimators,
-                            valid_sets=valid_sets, callbacks=callbacks)
+        booster = lgb.train(
+            self._params(),
+            train,
+            num_boost_round=self.n_estimators,
+            valid_sets=valid_sets,
+            callbacks=callbacks,
+        )
         best = booster.best_iteration or booster.current_iteration()
         logger.info("%s: %d trees (best of %d)", which, best, booster.current_iteration())
         if best and best < booster.current_iteration():
@@ -240,28 +328,47 @@ class LightGBMCostModel(CostModelBase):
             booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
         return booster
 
-    def fit(self, compute: ComputeData, comm: CommData, *,
-            compute_split: Split | None = None, comm_split: Split | None = None,
-            backend_name: str | None = None, num_devices: int | None = None,
-            ) -> LightGBMCostModel:
+    def fit(
+        self,
+        compute: ComputeData,
+        comm: CommData,
+        *,
+        compute_split: Split | None = None,
+        comm_split: Split | None = None,
+        backend_name: str | None = None,
+        num_devices: int | None = None,
+    ) -> LightGBMCostModel:
         """Train the three regressors on collected data; test metrics go to ``metrics_``.
 
         Same contract as :meth:`NeuralCostModel.fit`: splits default to 80/10/10 by a
         permutation seeded with ``seed``; validation stops boosting, test gives metrics.
         """
-        cs, ms = self._begin_fit(compute, comm, compute_split=compute_split,
-                                 comm_split=comm_split, backend_name=backend_name,
-                                 num_devices=num_devices)
+        cs, ms = self._begin_fit(
+            compute,
+            comm,
+            compute_split=compute_split,
+            comm_split=comm_split,
+            backend_name=backend_name,
+            num_devices=num_devices,
+        )
         tr, va = compute.subset(cs.train), compute.subset(cs.val)
-        boosters = {"compute": self._train(
-            "compute", self._compute_x(tr), tr.label_ms, self._compute_x(va), va.label_ms,
-            COMPUTE_COLUMNS)}
+        boosters = {
+            "compute": self._train(
+                "compute",
+                self._compute_x(tr),
+                tr.label_ms,
+                self._compute_x(va),
+                va.label_ms,
+                COMPUTE_COLUMNS,
+            )
+        }
         ctr, cva = comm.subset(ms.train), comm.subset(ms.val)
         for which, columns in (("bwd", BWD_COLUMNS), ("fwd", FWD_COLUMNS)):
             xs, ys = [], []
             for part in (ctr, cva):
-                x = comm_features(part.dim_sums, part.waits_ms if which == "fwd" else None,
-                                  part.mask)
+                x = comm_features(
+                    part.dim_sums, part.waits_ms if which == "fwd" else None, part.mask
+                )
                 y = self._fwd_label(part) if which == "fwd" else part.bwd_ms
                 xs.append(x[part.mask])
                 ys.append(y[part.mask])
@@ -269,8 +376,9 @@ class LightGBMCostModel(CostModelBase):
         self.boosters_ = boosters
 
         self._end_fit(compute, comm, cs, ms)
-        self.training_summary_ = {k: {"num_trees": b.current_iteration()}
-                                  for k, b in boosters.items()}
+        self.training_summary_ = {
+            k: {"num_trees": b.current_iteration()} for k, b in boosters.items()
+        }
         return self
 
     @staticmethod
@@ -290,7 +398,8 @@ class LightGBMCostModel(CostModelBase):
         if not len(x):
             return np.zeros(0)
         return self._from_target(
-            np.asarray(self.boosters_[which].predict(x, num_threads=self.num_threads)))
+            np.asarray(self.boosters_[which].predict(x, num_threads=self.num_threads))
+        )
 
     # ------------------------------------------------------------- inference
 
@@ -308,11 +417,15 @@ class LightGBMCostModel(CostModelBase):
         self._check_fitted()
         counts = np.fromiter((len(load) for load in loads), dtype=np.int64, count=len(loads))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return self._compute_from_raw(raw_features([t for load in loads for t in load]),
-                                      offsets)
+        return self._compute_from_raw(raw_features([t for load in loads for t in load]), offsets)
 
-    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-              mask: np.ndarray | None = None) -> np.ndarray:
+    def _comm(
+        self,
+        which: str,
+        dim_sums: np.ndarray,
+        waits_ms: np.ndarray | None,
+        mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         self._check_fitted()
         d, waits_ms, mask, squeeze = self._comm_batch(dim_sums, waits_ms, mask)
         w = None if waits_ms is None else np.asarray(waits_ms, dtype=np.float64)
@@ -335,8 +448,11 @@ class LightGBMCostModel(CostModelBase):
         """What ``meta.json`` records (without the file checksums)."""
         return {
             **self._base_meta(),
-            "aggregate_features": {"compute": list(COMPUTE_COLUMNS), "bwd": list(BWD_COLUMNS),
-                                   "fwd": list(FWD_COLUMNS)},
+            "aggregate_features": {
+                "compute": list(COMPUTE_COLUMNS),
+                "bwd": list(BWD_COLUMNS),
+                "fwd": list(FWD_COLUMNS),
+            },
             "target_transform": TARGET_TRANSFORM.replace(", standardised", ""),
             "fwd_target": "residual",
             "normalisation": {"eps_ms": self.eps_ms},
@@ -354,8 +470,11 @@ class LightGBMCostModel(CostModelBase):
         return self._write_meta(out, tuple(MODEL_FILES.values()))
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-             ) -> LightGBMCostModel:
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        meta: Mapping[str, Any] | None = None,
+    ) -> LightGBMCostModel:
         """A fitted model from ``model_dir`` (``meta`` if already read)."""
         import lightgbm as lgb
 
@@ -364,16 +483,26 @@ class LightGBMCostModel(CostModelBase):
         try:
             if meta["kind"] != cls.kind:
                 raise ValueError(f"kind {meta['kind']!r} is not {cls.kind!r}")
-            hyper = {k: v for k, v in dict(meta.get("hyperparameters", {})).items()
-                     if k in cls().__dict__}
-            model = cls(batch_size=int(meta["batch_size"]),
-                        eps_ms=float(meta["normalisation"]["eps_ms"]), **hyper)
+            hyper = {
+                k: v
+                for k, v in dict(meta.get("hyperparameters", {})).items()
+                if k in cls().__dict__
+            }
+            model = cls(
+                batch_size=int(meta["batch_size"]),
+                eps_ms=float(meta["normalisation"]["eps_ms"]),
+                **hyper,
+            )
             agg = meta["aggregate_features"]
-            for which, columns in (("compute", COMPUTE_COLUMNS), ("bwd", BWD_COLUMNS),
-                                   ("fwd", FWD_COLUMNS)):
+            for which, columns in (
+                ("compute", COMPUTE_COLUMNS),
+                ("bwd", BWD_COLUMNS),
+                ("fwd", FWD_COLUMNS),
+            ):
                 if list(agg[which]) != list(columns):
-                    raise ValueError(f"{which} features {agg[which]} are not this "
-                                     f"NeuroShard's {list(columns)}")
+                    raise ValueError(
+                        f"{which} features {agg[which]} are not this NeuroShard's {list(columns)}"
+                    )
             model._load_base_meta(meta)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFileError(f"{d / META_FILE}: bad or missing entry ({exc!r})") from exc
@@ -388,8 +517,9 @@ class LightGBMCostModel(CostModelBase):
                 raise ModelFileError(f"{path}: unreadable LightGBM model ({exc})") from exc
             expected = {"compute": COMPUTE_COLUMNS, "bwd": BWD_COLUMNS, "fwd": FWD_COLUMNS}[which]
             if booster.num_feature() != len(expected):
-                raise ModelFileError(f"{path}: {booster.num_feature()} features, expected "
-                                     f"{len(expected)}")
+                raise ModelFileError(
+                    f"{path}: {booster.num_feature()} features, expected {len(expected)}"
+                )
             boosters[which] = booster
         model.boosters_ = boosters
         model.meta_ = meta
@@ -400,4 +530,3 @@ def _lightgbm_version() -> str:
     import lightgbm
 
     return str(lightgbm.__version__)
-

@@ -119,8 +119,11 @@ def build_nets(arch: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
 
 def _widths(values: Any, what: str) -> list[int]:
     """Layer widths from meta.json: a list of positive integers."""
-    if not isinstance(values, list) or not values or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
         raise ValueError(f"architecture {what}: expected positive integers, got {values!r}")
     return list(values)
 
@@ -136,15 +139,28 @@ class NeuralCostModel(CostModelBase):
     kind = "neural"
     _fitted_attr = "nets_"
 
-    def __init__(self, *, batch_size: int | None = None, table_hidden: Sequence[int] = (128,),
-                 embed_dim: int = 32, head_hidden: Sequence[int] = (64,),
-                 comm_encoder: Sequence[int] = (64, 64), comm_head: Sequence[int] = (64, 32, 16),
-                 lr: float = 1e-3, train_batch_size: int = 512,
-                 comm_train_batch_size: int = 128, max_epochs: int = 300,
-                 patience: int = 30, seed: int = 0, num_threads: int = 1,
-                 eps_ms: float = 1e-3, fwd_target: str = "residual",
-                 max_seconds_per_net: float | None = None,
-                 lr_decay_patience: int | None = None, compute_members: int = 1):
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = None,
+        table_hidden: Sequence[int] = (128,),
+        embed_dim: int = 32,
+        head_hidden: Sequence[int] = (64,),
+        comm_encoder: Sequence[int] = (64, 64),
+        comm_head: Sequence[int] = (64, 32, 16),
+        lr: float = 1e-3,
+        train_batch_size: int = 512,
+        comm_train_batch_size: int = 128,
+        max_epochs: int = 300,
+        patience: int = 30,
+        seed: int = 0,
+        num_threads: int = 1,
+        eps_ms: float = 1e-3,
+        fwd_target: str = "residual",
+        max_seconds_per_net: float | None = None,
+        lr_decay_patience: int | None = None,
+        compute_members: int = 1,
+    ):
         if compute_members < 1:
             raise ValueError(f"compute_members must be >= 1, got {compute_members}")
         self.batch_size = batch_size
@@ -169,10 +185,15 @@ class NeuralCostModel(CostModelBase):
     # ------------------------------------------------------------- description
 
     def _architecture(self) -> dict[str, Any]:
-        return {"num_features": NUM_FEATURES, "table_hidden": list(self.table_hidden),
-                "embed_dim": self.embed_dim, "head_hidden": list(self.head_hidden),
-                "comm_encoder": list(self.comm_encoder), "comm_head": list(self.comm_head),
-                "compute_members": self.compute_members}
+        return {
+            "num_features": NUM_FEATURES,
+            "table_hidden": list(self.table_hidden),
+            "embed_dim": self.embed_dim,
+            "head_hidden": list(self.head_hidden),
+            "comm_encoder": list(self.comm_encoder),
+            "comm_head": list(self.comm_head),
+            "compute_members": self.compute_members,
+        }
 
     @property
     def embedding_width(self) -> int:
@@ -184,8 +205,9 @@ class NeuralCostModel(CostModelBase):
     def _table_inputs(self, feats: np.ndarray) -> np.ndarray:
         return ((feats - self.feature_mean_) / self.feature_std_).astype(np.float32)
 
-    def _comm_inputs(self, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-                     mask: np.ndarray | None = None) -> np.ndarray:
+    def _comm_inputs(
+        self, dim_sums: np.ndarray, waits_ms: np.ndarray | None, mask: np.ndarray | None = None
+    ) -> np.ndarray:
         """Per-device inputs ``(B, N, 2 or 3)``: dim sum / scale, 1/N, [wait gap / scale]."""
         d = np.asarray(dim_sums, dtype=np.float64)
         if mask is None:
@@ -193,8 +215,9 @@ class NeuralCostModel(CostModelBase):
         n_dev = mask.sum(axis=-1, keepdims=True).clip(min=1)
         cols = [d / self.dim_scale_, np.broadcast_to(1.0 / n_dev, d.shape)]
         if waits_ms is not None:
-            cols.append(since_first(np.asarray(waits_ms, dtype=np.float64), mask)
-                        / self.wait_scale_)
+            cols.append(
+                since_first(np.asarray(waits_ms, dtype=np.float64), mask) / self.wait_scale_
+            )
         x = np.stack(cols, axis=-1)
         return np.where(mask[..., None], x, 0.0).astype(np.float32)
 
@@ -208,10 +231,17 @@ class NeuralCostModel(CostModelBase):
 
     # ------------------------------------------------------------- fitting
 
-    def fit(self, compute: ComputeData, comm: CommData, *,
-            compute_split: Split | None = None, comm_split: Split | None = None,
-            backend_name: str | None = None, num_devices: int | None = None,
-            trainer: TrainFn | None = None) -> NeuralCostModel:
+    def fit(
+        self,
+        compute: ComputeData,
+        comm: CommData,
+        *,
+        compute_split: Split | None = None,
+        comm_split: Split | None = None,
+        backend_name: str | None = None,
+        num_devices: int | None = None,
+        trainer: TrainFn | None = None,
+    ) -> NeuralCostModel:
         """Train the three nets on collected data and record test metrics in ``metrics_``.
 
         Splits default to 80/10/10 by a permutation seeded with ``seed``; the validation
@@ -227,9 +257,14 @@ class NeuralCostModel(CostModelBase):
         if self.fwd_target not in FWD_TARGETS:
             raise ValueError(f"fwd_target must be one of {FWD_TARGETS}, got {self.fwd_target!r}")
 
-        cs, ms = self._begin_fit(compute, comm, compute_split=compute_split,
-                                 comm_split=comm_split, backend_name=backend_name,
-                                 num_devices=num_devices)
+        cs, ms = self._begin_fit(
+            compute,
+            comm,
+            compute_split=compute_split,
+            comm_split=comm_split,
+            backend_name=backend_name,
+            num_devices=num_devices,
+        )
 
         # normalisation from the training rows only
         tr_compute = compute.subset(cs.train)
@@ -246,37 +281,57 @@ class NeuralCostModel(CostModelBase):
         gaps = since_first(tr_comm.waits_ms, tr_comm.mask)
         self.wait_scale_ = float(max(gaps[tr_comm.mask].mean(), 1.0))
         self.target_stats_ = {}
-        for which, y in (("compute", tr_compute.label_ms),
-                         ("fwd", self._fwd_label(tr_comm)[tr_comm.mask]),
-                         ("bwd", tr_comm.bwd_ms[tr_comm.mask])):
+        for which, y in (
+            ("compute", tr_compute.label_ms),
+            ("fwd", self._fwd_label(tr_comm)[tr_comm.mask]),
+            ("bwd", tr_comm.bwd_ms[tr_comm.mask]),
+        ):
             t = np.log(np.maximum(y, 0.0) + self.eps_ms)
             self.target_stats_[which] = (float(t.mean()), float(max(t.std(), 1e-6)))
 
         with torch.random.fork_rng():  # seeded initialisation, global RNG left alone
             torch.manual_seed(self.seed)
             self.nets_ = build_nets(self._architecture())
-        config = TrainConfig(lr=self.lr, batch_size=self.train_batch_size,
-                             max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
-                             num_threads=self.num_threads, max_seconds=self.max_seconds_per_net,
-                             lr_decay_patience=self.lr_decay_patience)
+        config = TrainConfig(
+            lr=self.lr,
+            batch_size=self.train_batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            seed=self.seed,
+            num_threads=self.num_threads,
+            max_seconds=self.max_seconds_per_net,
+            lr_decay_patience=self.lr_decay_patience,
+        )
         train_fn = trainer or fit_net
         self.training_ = {}
         self.training_["compute"] = train_fn(
-            self.nets_["compute"], self._compute_tensors(compute.subset(cs.train)),
-            self._compute_tensors(compute.subset(cs.val)), config, "compute")
+            self.nets_["compute"],
+            self._compute_tensors(compute.subset(cs.train)),
+            self._compute_tensors(compute.subset(cs.val)),
+            config,
+            "compute",
+        )
         # A few thousand comm samples give few steps per epoch at 512; smaller batches
         # reach the noise floor in the same number of epochs.
         comm_config = replace(config, batch_size=self.comm_train_batch_size)
         for which in ("bwd", "fwd"):
             self.training_[which] = train_fn(
-                self.nets_[which], self._comm_tensors(comm.subset(ms.train), which),
-                self._comm_tensors(comm.subset(ms.val), which), comm_config, f"{which} comm")
+                self.nets_[which],
+                self._comm_tensors(comm.subset(ms.train), which),
+                self._comm_tensors(comm.subset(ms.val), which),
+                comm_config,
+                f"{which} comm",
+            )
         self._extract()
 
         self._end_fit(compute, comm, cs, ms)
         self.training_summary_ = {
-            k: {"best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
-                "best_val_loss": r.best_val_loss, "seconds": round(r.seconds, 2)}
+            k: {
+                "best_epoch": r.best_epoch,
+                "epochs_run": r.epochs_run,
+                "best_val_loss": r.best_val_loss,
+                "seconds": round(r.seconds, 2),
+            }
             for k, r in self.training_.items()
         }
         return self
@@ -293,8 +348,11 @@ class NeuralCostModel(CostModelBase):
         from neuroshard.models.training import Ragged
 
         x = self._table_inputs(transform_raw(data.features))
-        return Ragged(torch.from_numpy(x), torch.from_numpy(data.offsets),
-                      torch.from_numpy(self._to_target(data.label_ms, "compute")))
+        return Ragged(
+            torch.from_numpy(x),
+            torch.from_numpy(data.offsets),
+            torch.from_numpy(self._to_target(data.label_ms, "compute")),
+        )
 
     def _comm_tensors(self, data: CommData, which: str) -> Dense:
         import torch
@@ -316,8 +374,9 @@ class NeuralCostModel(CostModelBase):
         members = list(compute.members) if hasattr(compute, "members") else [compute]
         self.np_tables_ = [NumpyMLP(m.table) for m in members]
         self.np_heads_ = [NumpyMLP(m.head) for m in members]
-        self.np_comm_ = {w: (NumpyMLP(nets[w].encoder), NumpyMLP(nets[w].head))
-                         for w in ("fwd", "bwd")}
+        self.np_comm_ = {
+            w: (NumpyMLP(nets[w].encoder), NumpyMLP(nets[w].head)) for w in ("fwd", "bwd")
+        }
 
     # ------------------------------------------------------------- inference
 
@@ -334,15 +393,16 @@ class NeuralCostModel(CostModelBase):
             return self.np_tables_[0](x)
         return np.concatenate([table(x) for table in self.np_tables_], axis=1)
 
-    def compute_from_embeddings(self, summed: np.ndarray,
-                                counts: np.ndarray | None = None) -> np.ndarray:
+    def compute_from_embeddings(
+        self, summed: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
         """Compute ms from summed shard embeddings ``(B, embedding_width)``; rows whose
         ``counts`` (shards per device, optional) are 0 cost 0. Members are averaged in
         the log space they were trained in."""
         self._check_fitted()
         summed = np.asarray(summed, dtype=np.float32).reshape(-1, self.embedding_width)
         e = self.embed_dim
-        y = sum(head(summed[:, i * e:(i + 1) * e])[:, 0] for i, head in enumerate(self.np_heads_))
+        y = sum(head(summed[:, i * e : (i + 1) * e])[:, 0] for i, head in enumerate(self.np_heads_))
         out = self._from_target(np.asarray(y) / len(self.np_heads_), "compute")
         if counts is not None:
             out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
@@ -366,8 +426,13 @@ class NeuralCostModel(CostModelBase):
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
         return self.compute_from_embeddings(summed, counts)
 
-    def _comm(self, which: str, dim_sums: np.ndarray, waits_ms: np.ndarray | None,
-              mask: np.ndarray | None = None) -> np.ndarray:
+    def _comm(
+        self,
+        which: str,
+        dim_sums: np.ndarray,
+        waits_ms: np.ndarray | None,
+        mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         self._check_fitted()
         d, waits_ms, mask, squeeze = self._comm_batch(dim_sums, waits_ms, mask)
         x = self._comm_inputs(d, waits_ms, mask)
@@ -386,8 +451,9 @@ class NeuralCostModel(CostModelBase):
     # ------------------------------------------------------------- scoring
 
     def _predict_compute_data(self, data: ComputeData) -> np.ndarray:
-        return self._compute_from_shards(self.shard_embeddings_raw(data.features),
-                                         np.diff(data.offsets))
+        return self._compute_from_shards(
+            self.shard_embeddings_raw(data.features), np.diff(data.offsets)
+        )
 
     def shard_embeddings_raw(self, raw: np.ndarray) -> np.ndarray:
         """:meth:`shard_embeddings` from raw feature rows ``(n, 20)`` (collected data)."""
@@ -411,11 +477,15 @@ class NeuralCostModel(CostModelBase):
                 "wait_scale": self.wait_scale_,
             },
             "architecture": self._architecture(),
-            "hyperparameters": {"lr": self.lr, "train_batch_size": self.train_batch_size,
-                                "comm_train_batch_size": self.comm_train_batch_size,
-                                "max_epochs": self.max_epochs, "patience": self.patience,
-                                "lr_decay_patience": self.lr_decay_patience,
-                                "seed": self.seed},
+            "hyperparameters": {
+                "lr": self.lr,
+                "train_batch_size": self.train_batch_size,
+                "comm_train_batch_size": self.comm_train_batch_size,
+                "max_epochs": self.max_epochs,
+                "patience": self.patience,
+                "lr_decay_patience": self.lr_decay_patience,
+                "seed": self.seed,
+            },
         }
 
     def save(self, model_dir: str | os.PathLike) -> Path:
@@ -427,14 +497,18 @@ class NeuralCostModel(CostModelBase):
         out.mkdir(parents=True, exist_ok=True)
         compute_state = self.nets_["compute"].state_dict()
         atomic_write(out / COMPUTE_FILE, lambda tmp: torch.save(compute_state, tmp))
-        comm_state = {f"{w}.{k}": v for w in ("fwd", "bwd")
-                      for k, v in self.nets_[w].state_dict().items()}
+        comm_state = {
+            f"{w}.{k}": v for w in ("fwd", "bwd") for k, v in self.nets_[w].state_dict().items()
+        }
         atomic_write(out / COMM_FILE, lambda tmp: torch.save(comm_state, tmp))
         return self._write_meta(out, (COMPUTE_FILE, COMM_FILE))
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-             ) -> NeuralCostModel:
+    def load(
+        cls,
+        model_dir: str | os.PathLike,
+        meta: Mapping[str, Any] | None = None,
+    ) -> NeuralCostModel:
         """A fitted model from ``model_dir`` (``meta`` if already read)."""
         import torch
 
@@ -445,39 +519,56 @@ class NeuralCostModel(CostModelBase):
             for key in ("table_hidden", "head_hidden", "comm_encoder", "comm_head"):
                 arch[key] = _widths(arch[key], key)
             arch["embed_dim"] = _widths([arch["embed_dim"]], "embed_dim")[0]
-            arch["compute_members"] = _widths([arch.get("compute_members", 1)],
-                                              "compute_members")[0]
+            arch["compute_members"] = _widths([arch.get("compute_members", 1)], "compute_members")[
+                0
+            ]
             norm = meta["normalisation"]
             hyper = meta.get("hyperparameters", {})
-            model = cls(batch_size=int(meta["batch_size"]), table_hidden=arch["table_hidden"],
-                        embed_dim=arch["embed_dim"], head_hidden=arch["head_hidden"],
-                        comm_encoder=arch["comm_encoder"], comm_head=arch["comm_head"],
-                        compute_members=arch["compute_members"], eps_ms=float(norm["eps_ms"]),
-                        fwd_target=str(meta.get("fwd_target", "total")),
-                        **{k: hyper[k] for k in ("lr", "train_batch_size",
-                                                 "comm_train_batch_size", "max_epochs",
-                                                 "patience", "lr_decay_patience", "seed")
-                           if k in hyper})
+            model = cls(
+                batch_size=int(meta["batch_size"]),
+                table_hidden=arch["table_hidden"],
+                embed_dim=arch["embed_dim"],
+                head_hidden=arch["head_hidden"],
+                comm_encoder=arch["comm_encoder"],
+                comm_head=arch["comm_head"],
+                compute_members=arch["compute_members"],
+                eps_ms=float(norm["eps_ms"]),
+                fwd_target=str(meta.get("fwd_target", "total")),
+                **{
+                    k: hyper[k]
+                    for k in (
+                        "lr",
+                        "train_batch_size",
+                        "comm_train_batch_size",
+                        "max_epochs",
+                        "patience",
+                        "lr_decay_patience",
+                        "seed",
+                    )
+                    if k in hyper
+                },
+            )
             if model.fwd_target not in FWD_TARGETS:
                 raise ValueError(f"fwd_target {model.fwd_target!r} not in {FWD_TARGETS}")
             if int(arch["num_features"]) != NUM_FEATURES:
                 raise ValueError(f"num_features {arch['num_features']} != {NUM_FEATURES}")
             model.feature_mean_ = np.asarray(norm["feature_mean"], dtype=np.float64)
             model.feature_std_ = np.asarray(norm["feature_std"], dtype=np.float64)
-            if model.feature_mean_.shape != (NUM_FEATURES,) or \
-                    model.feature_std_.shape != (NUM_FEATURES,):
+            if model.feature_mean_.shape != (NUM_FEATURES,) or model.feature_std_.shape != (
+                NUM_FEATURES,
+            ):
                 raise ValueError("feature normalisation has the wrong length")
             target = norm["target"]
-            model.target_stats_ = {k: (float(target[k][0]), float(target[k][1]))
-                                   for k in ("compute", "fwd", "bwd")}
+            model.target_stats_ = {
+                k: (float(target[k][0]), float(target[k][1])) for k in ("compute", "fwd", "bwd")
+            }
             if not all(np.isfinite(v).all() and v[1] > 0 for v in model.target_stats_.values()):
                 raise ValueError("target normalisation is not finite and positive")
             model.dim_scale_ = float(norm["dim_scale"])
             model.wait_scale_ = float(norm["wait_scale"])
             model._load_base_meta(meta)
             nets = build_nets(arch)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError,
-                RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
             raise ModelFileError(f"{d / META_FILE}: bad or missing entry ({exc!r})") from exc
 
         checksums = meta.get("files", {})
@@ -491,16 +582,19 @@ class NeuralCostModel(CostModelBase):
         try:
             nets["compute"].load_state_dict(states[COMPUTE_FILE])
         except Exception as exc:  # noqa: BLE001
-            raise ModelFileError(f"{d / COMPUTE_FILE}: does not fit the architecture in "
-                                 f"{META_FILE} ({exc})") from exc
+            raise ModelFileError(
+                f"{d / COMPUTE_FILE}: does not fit the architecture in {META_FILE} ({exc})"
+            ) from exc
         comm_state = states[COMM_FILE]
         for w in ("fwd", "bwd"):
             try:
-                nets[w].load_state_dict({k[len(w) + 1:]: v for k, v in comm_state.items()
-                                         if k.startswith(w + ".")})
+                nets[w].load_state_dict(
+                    {k[len(w) + 1 :]: v for k, v in comm_state.items() if k.startswith(w + ".")}
+                )
             except Exception as exc:  # noqa: BLE001
-                raise ModelFileError(f"{d / COMM_FILE}: {w} net does not fit the architecture "
-                                     f"in {META_FILE} ({exc})") from exc
+                raise ModelFileError(
+                    f"{d / COMM_FILE}: {w} net does not fit the architecture in {META_FILE} ({exc})"
+                ) from exc
         for net in nets.values():
             net.eval()
         model.nets_ = nets

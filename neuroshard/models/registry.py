@@ -27,9 +27,18 @@ from neuroshard.types import (
 )
 
 __all__ = [
-    "DEFAULT_BACKEND", "DEFAULT_KIND", "ModelKind", "cost_model_kinds", "default_model_dir",
-    "load_cost_model", "load_model", "model_class", "model_kinds", "register_model_kind",
-    "resolve_cost_model", "shipped_models",
+    "DEFAULT_BACKEND",
+    "DEFAULT_KIND",
+    "ModelKind",
+    "cost_model_kinds",
+    "default_model_dir",
+    "load_cost_model",
+    "load_model",
+    "model_class",
+    "model_kinds",
+    "register_model_kind",
+    "resolve_cost_model",
+    "shipped_models",
 ]
 
 DEFAULT_KIND = "neural"
@@ -52,11 +61,11 @@ class ModelKind:
 
 
 _KINDS: dict[str, ModelKind] = {
-    k.name: k for k in (
+    k.name: k
+    for k in (
         ModelKind("neural", "neuroshard.models.neural:NeuralCostModel"),
         ModelKind("lightgbm", "neuroshard.models.lightgbm:LightGBMCostModel"),
-        ModelKind("surco-prior", "neuroshard.models.surrogate:SurrogatePrior",
-                  cost_model=False),
+        ModelKind("surco-prior", "neuroshard.models.surrogate:SurrogatePrior", cost_model=False),
     )
 }
 
@@ -86,9 +95,13 @@ def model_class(kind: str, *, cost_model: bool = True) -> type:
     return _KINDS[kind].load_class()
 
 
-def load_model(model_dir: str | os.PathLike, *, kind: str | None = None,
-               batch_size: int | None = None,
-               backend: str | HardwareBackend | Mapping[str, Any] | None = None) -> Any:
+def load_model(
+    model_dir: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    batch_size: int | None = None,
+    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+) -> Any:
     """Load the model in ``model_dir`` (any registered kind), checked against the ask.
 
     Raises :class:`ModelFileError` (naming the file) for a missing, truncated or
@@ -99,21 +112,29 @@ def load_model(model_dir: str | os.PathLike, *, kind: str | None = None,
     check_compatible(meta, batch_size=batch_size, backend=backend, kind=kind)
     found = _KINDS.get(meta["kind"])
     if found is None:
-        raise ModelFileError(f"{Path(model_dir) / META_FILE}: unknown model kind "
-                             f"{meta['kind']!r}; known: {', '.join(model_kinds())}")
+        raise ModelFileError(
+            f"{Path(model_dir) / META_FILE}: unknown model kind "
+            f"{meta['kind']!r}; known: {', '.join(model_kinds())}"
+        )
     return found.load_class().load(model_dir, meta)
 
 
-def load_cost_model(model_dir: str | os.PathLike, *, batch_size: int | None = None,
-                    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
-                    kind: str | None = None) -> CostEstimator:
+def load_cost_model(
+    model_dir: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    backend: str | HardwareBackend | Mapping[str, Any] | None = None,
+    kind: str | None = None,
+) -> CostEstimator:
     """:func:`load_model` for cost models (neural, lightgbm): a directory holding another
     kind of model is a :class:`ModelFileError`."""
     meta = read_meta(model_dir)
     found = _KINDS.get(meta["kind"])
     if found is not None and not found.cost_model:
-        raise ModelFileError(f"{Path(model_dir) / META_FILE}: a {meta['kind']!r} model, not "
-                             f"a cost model ({', '.join(cost_model_kinds())})")
+        raise ModelFileError(
+            f"{Path(model_dir) / META_FILE}: a {meta['kind']!r} model, not "
+            f"a cost model ({', '.join(cost_model_kinds())})"
+        )
     return load_model(model_dir, kind=kind, batch_size=batch_size, backend=backend)
 
 
@@ -130,8 +151,9 @@ def shipped_models() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def default_model_dir(num_devices: int, backend: str = DEFAULT_BACKEND,
-                      kind: str = DEFAULT_KIND) -> Path:
+def default_model_dir(
+    num_devices: int, backend: str = DEFAULT_BACKEND, kind: str = DEFAULT_KIND
+) -> Path:
     """The shipped model of ``kind`` trained on ``backend`` with the device count nearest
     ``num_devices`` (the smaller name on a tie)."""
     candidates = []
@@ -140,15 +162,19 @@ def default_model_dir(num_devices: int, backend: str = DEFAULT_BACKEND,
         if meta.get("backend") == backend and meta.get("kind") == kind:
             candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
     if not candidates:
-        raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; "
-                             "pass --model DIR")
+        raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; pass --model DIR")
     return min(candidates)[2]
 
 
-def resolve_cost_model(model_dir: str | os.PathLike | None = None, *,
-                       kind: str | None = None, backend: str | None = None,
-                       batch_size: int | None = None, num_devices: int | None = None,
-                       force: bool = False) -> CostEstimator:
+def resolve_cost_model(
+    model_dir: str | os.PathLike | None = None,
+    *,
+    kind: str | None = None,
+    backend: str | None = None,
+    batch_size: int | None = None,
+    num_devices: int | None = None,
+    force: bool = False,
+) -> CostEstimator:
     """The cost model a plan should be priced with.
 
     ``model_dir`` is loaded when given; otherwise the shipped model of ``kind`` (default
@@ -158,13 +184,13 @@ def resolve_cost_model(model_dir: str | os.PathLike | None = None, *,
     ``force``. An unknown ``kind`` is an :class:`UnknownNameError`.
     """
     if kind is not None and kind not in cost_model_kinds():
-        raise UnknownNameError(f"unknown cost model {kind!r}; valid: "
-                               f"{', '.join(cost_model_kinds())}")
+        raise UnknownNameError(
+            f"unknown cost model {kind!r}; valid: {', '.join(cost_model_kinds())}"
+        )
     if model_dir is None:
         if num_devices is None:
             raise ValueError("resolve_cost_model needs model_dir or num_devices")
-        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND,
-                                      kind or DEFAULT_KIND)
+        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND)
     if force:
         return load_cost_model(model_dir)
     return load_cost_model(model_dir, batch_size=batch_size, backend=backend, kind=kind)

@@ -46,8 +46,13 @@ NUM_PAIR_FEATURES = 2 * NUM_FEATURES + 5
 _GIB = float(1 << 30)
 
 
-def pair_features(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: int,
-                  single_ms: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+def pair_features(
+    specs: Sequence[TableSpec],
+    devices: np.ndarray,
+    num_devices: int,
+    single_ms: np.ndarray,
+    features: np.ndarray | None = None,
+) -> np.ndarray:
     """Inputs of :class:`SurrogatePrior`, ``(S * D, F)`` rows in ``(s, d)`` order.
 
     Per pair: the shard's 20 model features; the mean features of the *other* shards on
@@ -72,12 +77,21 @@ def pair_features(specs: Sequence[TableSpec], devices: np.ndarray, num_devices: 
     o_dim = dim[None, :] - on * widths[:, None]
     o_mem = mem[None, :] - on * gib[:, None]
     own = np.broadcast_to(feats[:, None, :], (num_shards, num_devices, feats.shape[1]))
-    single = np.broadcast_to(np.log(np.maximum(single_ms, 1e-9))[:, None],
-                             (num_shards, num_devices))
-    out = np.concatenate([own, o_mean, np.log1p(o_count)[..., None],
-                          np.log1p(np.maximum(o_dim, 0.0))[..., None],
-                          np.log1p(np.maximum(o_mem, 0.0))[..., None], on[..., None],
-                          single[..., None]], axis=-1)
+    single = np.broadcast_to(
+        np.log(np.maximum(single_ms, 1e-9))[:, None], (num_shards, num_devices)
+    )
+    out = np.concatenate(
+        [
+            own,
+            o_mean,
+            np.log1p(o_count)[..., None],
+            np.log1p(np.maximum(o_dim, 0.0))[..., None],
+            np.log1p(np.maximum(o_mem, 0.0))[..., None],
+            on[..., None],
+            single[..., None],
+        ],
+        axis=-1,
+    )
     return out.reshape(num_shards * num_devices, -1).astype(np.float32)
 
 
@@ -90,9 +104,18 @@ class SurrogatePrior:
     kind = KIND
     meta_: dict[str, Any]  # meta.json of a loaded prior
 
-    def __init__(self, *, hidden: Sequence[int] = (64, 64), lr: float = 1e-3,
-                 max_epochs: int = 200, patience: int = 30, batch_size: int = 256,
-                 val_fraction: float = 0.1, seed: int = 0, num_threads: int = 1):
+    def __init__(
+        self,
+        *,
+        hidden: Sequence[int] = (64, 64),
+        lr: float = 1e-3,
+        max_epochs: int = 200,
+        patience: int = 30,
+        batch_size: int = 256,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_threads: int = 1,
+    ):
         self.hidden = tuple(hidden)
         self.lr = lr
         self.max_epochs = max_epochs
@@ -103,8 +126,18 @@ class SurrogatePrior:
         self.num_threads = num_threads
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("lr", "max_epochs", "patience", "batch_size",
-                                              "val_fraction", "seed", "num_threads")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "lr",
+                "max_epochs",
+                "patience",
+                "batch_size",
+                "val_fraction",
+                "seed",
+                "num_threads",
+            )
+        }
 
     def _net(self) -> Any:
         from torch import nn
@@ -124,8 +157,10 @@ class SurrogatePrior:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float32).reshape(-1)
         if X.ndim != 2 or X.shape[1] != NUM_PAIR_FEATURES or len(X) != len(y) or len(y) < 2:
-            raise ValueError(f"need X (n, {NUM_PAIR_FEATURES}) and y (n,) with n >= 2, got "
-                             f"{X.shape} and {y.shape}")
+            raise ValueError(
+                f"need X (n, {NUM_PAIR_FEATURES}) and y (n,) with n >= 2, got "
+                f"{X.shape} and {y.shape}"
+            )
         order = np.random.default_rng(self.seed).permutation(len(y))
         n_val = max(1, int(round(self.val_fraction * len(y))))
         val = order[:n_val]
@@ -140,12 +175,18 @@ class SurrogatePrior:
         with torch.random.fork_rng():  # seeded initialisation, global RNG left alone
             torch.manual_seed(self.seed)
             net = self._net()
-        config = TrainConfig(lr=self.lr, batch_size=self.batch_size,
-                             max_epochs=self.max_epochs, patience=self.patience,
-                             seed=self.seed, num_threads=self.num_threads)
+        config = TrainConfig(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            seed=self.seed,
+            num_threads=self.num_threads,
+        )
         tr, va = torch.from_numpy(train), torch.from_numpy(val)
-        result = fit_net(net, Dense((xt[tr],), yt[tr]), Dense((xt[va],), yt[va]), config,
-                         "surco prior")
+        result = fit_net(
+            net, Dense((xt[tr],), yt[tr]), Dense((xt[va],), yt[va]), config, "surco prior"
+        )
         self.net_ = net
         self.best_epoch_ = result.best_epoch
         self.val_mae_ = float(np.mean(np.abs(self.predict(X[val]) - y[val])))
@@ -158,8 +199,9 @@ class SurrogatePrior:
 
         if not hasattr(self, "net_"):
             raise RuntimeError("SurrogatePrior is not fitted: call fit() or load()")
-        x = torch.from_numpy(((np.asarray(X, dtype=np.float32) - self.x_mean_) / self.x_std_)
-                             .astype(np.float32))
+        x = torch.from_numpy(
+            ((np.asarray(X, dtype=np.float32) - self.x_mean_) / self.x_std_).astype(np.float32)
+        )
         with torch.no_grad():
             out = self.net_(x).numpy().astype(float)
         return out * self.y_std_ + self.y_mean_
@@ -169,15 +211,23 @@ class SurrogatePrior:
     def meta(self, **extra: Any) -> dict[str, Any]:
         """What ``meta.json`` records (without the file checksums); ``extra`` (what it was
         trained for: estimator, device count, tasks) goes under ``provenance``."""
-        return {"kind": self.kind, "feature_schema": FEATURE_SCHEMA,
-                "num_pair_features": NUM_PAIR_FEATURES,
-                "architecture": {"hidden": list(self.hidden)},
-                "hyperparameters": self._hyperparameters(),
-                "normalisation": {"x_mean": self.x_mean_.tolist(),
-                                  "x_std": self.x_std_.tolist(),
-                                  "y_mean": self.y_mean_, "y_std": self.y_std_},
-                "num_pairs": self.num_pairs_, "best_epoch": self.best_epoch_,
-                "val_mae_ratio": self.val_mae_, "provenance": dict(extra)}
+        return {
+            "kind": self.kind,
+            "feature_schema": FEATURE_SCHEMA,
+            "num_pair_features": NUM_PAIR_FEATURES,
+            "architecture": {"hidden": list(self.hidden)},
+            "hyperparameters": self._hyperparameters(),
+            "normalisation": {
+                "x_mean": self.x_mean_.tolist(),
+                "x_std": self.x_std_.tolist(),
+                "y_mean": self.y_mean_,
+                "y_std": self.y_std_,
+            },
+            "num_pairs": self.num_pairs_,
+            "best_epoch": self.best_epoch_,
+            "val_mae_ratio": self.val_mae_,
+            "provenance": dict(extra),
+        }
 
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
         """Write ``prior.pt`` (state_dict) and ``meta.json`` into the directory ``path``."""
@@ -190,13 +240,16 @@ class SurrogatePrior:
         state = self.net_.state_dict()
         atomic_write(out / PRIOR_FILE, lambda tmp: torch.save(state, tmp))
         write_meta(out, self.meta(**extra), (PRIOR_FILE,))
-        logger.info("saved surrogate prior (%d pairs, val MAE %.3f) to %s",
-                    self.num_pairs_, self.val_mae_, out)
+        logger.info(
+            "saved surrogate prior (%d pairs, val MAE %.3f) to %s",
+            self.num_pairs_,
+            self.val_mae_,
+            out,
+        )
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike,
-             meta: Mapping[str, Any] | None = None) -> SurrogatePrior:
+    def load(cls, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> SurrogatePrior:
         """A fitted prior from the directory ``path`` (``meta`` if already read)."""
         import torch
 
@@ -205,16 +258,21 @@ class SurrogatePrior:
         check_compatible(meta, kind=KIND)
         try:
             if meta.get("num_pair_features") != NUM_PAIR_FEATURES:
-                raise ValueError(f"num_pair_features {meta.get('num_pair_features')!r} != "
-                                 f"{NUM_PAIR_FEATURES}")
-            hyper = {k: v for k, v in dict(meta.get("hyperparameters", {})).items()
-                     if k in cls().__dict__}
+                raise ValueError(
+                    f"num_pair_features {meta.get('num_pair_features')!r} != {NUM_PAIR_FEATURES}"
+                )
+            hyper = {
+                k: v
+                for k, v in dict(meta.get("hyperparameters", {})).items()
+                if k in cls().__dict__
+            }
             prior = cls(hidden=[int(h) for h in meta["architecture"]["hidden"]], **hyper)
             norm = meta["normalisation"]
             prior.x_mean_ = np.asarray(norm["x_mean"], dtype=np.float32)
             prior.x_std_ = np.asarray(norm["x_std"], dtype=np.float32)
-            if prior.x_mean_.shape != (NUM_PAIR_FEATURES,) or \
-                    prior.x_std_.shape != (NUM_PAIR_FEATURES,):
+            if prior.x_mean_.shape != (NUM_PAIR_FEATURES,) or prior.x_std_.shape != (
+                NUM_PAIR_FEATURES,
+            ):
                 raise ValueError("feature normalisation has the wrong length")
             prior.y_mean_, prior.y_std_ = float(norm["y_mean"]), float(norm["y_std"])
             prior.num_pairs_ = int(meta.get("num_pairs", 0))

@@ -43,9 +43,22 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batches", "Checkpointer", "Dense", "FileCheckpointer", "NumpyMLP", "Ragged",
-           "TrainConfig", "TrainFn", "TrainResult", "file_checkpointed", "fit_net", "mlp",
-           "run_name", "torch_threads"]
+__all__ = [
+    "Batches",
+    "Checkpointer",
+    "Dense",
+    "FileCheckpointer",
+    "NumpyMLP",
+    "Ragged",
+    "TrainConfig",
+    "TrainFn",
+    "TrainResult",
+    "file_checkpointed",
+    "fit_net",
+    "mlp",
+    "run_name",
+    "torch_threads",
+]
 
 
 def mlp(sizes: Sequence[int], final_relu: bool = False) -> nn.Sequential:
@@ -68,8 +81,13 @@ class NumpyMLP:
         for i, mod in enumerate(mods):
             if isinstance(mod, nn.Linear):
                 relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
-                self.layers.append((mod.weight.detach().numpy().T.astype(np.float32).copy(),
-                                    mod.bias.detach().numpy().astype(np.float32).copy(), relu))
+                self.layers.append(
+                    (
+                        mod.weight.detach().numpy().T.astype(np.float32).copy(),
+                        mod.bias.detach().numpy().astype(np.float32).copy(),
+                        relu,
+                    )
+                )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         for w, b, relu in self.layers:
@@ -120,16 +138,23 @@ class Dense:
     """Rows of equally shaped tensors: ``net(*inputs[idx])`` predicts ``target[idx]``;
     ``weight`` (the target's shape, or None) masks padding out of the loss."""
 
-    def __init__(self, inputs: Sequence[torch.Tensor], target: torch.Tensor,
-                 weight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        inputs: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ):
         self.inputs, self.target, self.weight = tuple(inputs), target, weight
 
     def __len__(self) -> int:
         return len(self.target)
 
     def batch(self, idx: torch.Tensor | slice):
-        return (tuple(x[idx] for x in self.inputs), self.target[idx],
-                None if self.weight is None else self.weight[idx])
+        return (
+            tuple(x[idx] for x in self.inputs),
+            self.target[idx],
+            None if self.weight is None else self.weight[idx],
+        )
 
 
 class Ragged:
@@ -177,8 +202,9 @@ class TrainFn(Protocol):
     """What a cost model calls to train one of its nets (:func:`fit_net` or a
     distributed stand-in with the same contract)."""
 
-    def __call__(self, net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-                 label: str) -> TrainResult: ...
+    def __call__(
+        self, net: nn.Module, train: Batches, val: Batches, config: TrainConfig, label: str
+    ) -> TrainResult: ...
 
 
 class FileCheckpointer:
@@ -223,7 +249,7 @@ def _average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
     offset = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[offset: offset + n].view_as(g))
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -242,8 +268,9 @@ def _as_batches(data: Batches | tuple) -> Batches:
     return data if isinstance(data, (Dense, Ragged)) else Dense(*data)
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor | None) -> torch.Tensor:
+def _masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
     """Mean squared error; a ``pred`` with one more (last) dimension than ``target`` holds
     one prediction per ensemble member, each held to the same target."""
     if pred.dim() == target.dim() + 1:
@@ -271,9 +298,14 @@ def _loss_on(net: nn.Module, data: Batches, chunk: int = 8192) -> float:
     return total / max(denom, 1.0)
 
 
-def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
-            config: TrainConfig = TrainConfig(), label: str = "net",
-            checkpointer: Checkpointer | None = None) -> TrainResult:
+def fit_net(
+    net: nn.Module,
+    train: Batches | tuple,
+    val: Batches | tuple,
+    config: TrainConfig = TrainConfig(),
+    label: str = "net",
+    checkpointer: Checkpointer | None = None,
+) -> TrainResult:
     """Train ``net`` in place and leave it holding its best-validation-epoch weights.
 
     ``train`` and ``val`` are :class:`Dense` or :class:`Ragged` data, or a tuple
@@ -299,7 +331,8 @@ def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
     sched = None
     if config.lr_decay_patience is not None:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, factor=0.5, patience=config.lr_decay_patience, min_lr=config.lr / 64)
+            opt, factor=0.5, patience=config.lr_decay_patience, min_lr=config.lr / 64
+        )
     best_state = copy.deepcopy(net.state_dict())
     best_loss, best_epoch = float("inf"), -1
     history: list[tuple[float, float]] = []
@@ -317,18 +350,32 @@ def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
         first_epoch, done = int(saved["epoch"]) + 1, bool(saved["done"])
         spent = float(saved["seconds"])
         resumed_after = first_epoch - 1
-        logger.info("%s: resuming after epoch %d (best %d, val loss %.5f)%s", label,
-                    first_epoch - 1, best_epoch, best_loss, ", already finished" if done else "")
+        logger.info(
+            "%s: resuming after epoch %d (best %d, val loss %.5f)%s",
+            label,
+            first_epoch - 1,
+            best_epoch,
+            best_loss,
+            ", already finished" if done else "",
+        )
 
     def save(epoch: int, finished: bool) -> None:
         if checkpointer is None:
             return
-        state = {"net": net.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict() if sched is not None else None,
-                 "gen": gen.get_state(), "best_state": best_state, "best_loss": best_loss,
-                 "best_epoch": best_epoch, "history": [list(h) for h in history],
-                 "epoch": epoch, "done": finished, "resumed_after": resumed_after,
-                 "seconds": spent + time.perf_counter() - start}
+        state = {
+            "net": net.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict() if sched is not None else None,
+            "gen": gen.get_state(),
+            "best_state": best_state,
+            "best_loss": best_loss,
+            "best_epoch": best_epoch,
+            "history": [list(h) for h in history],
+            "epoch": epoch,
+            "done": finished,
+            "resumed_after": resumed_after,
+            "seconds": spent + time.perf_counter() - start,
+        }
         checkpointer.save(state, epoch=epoch, val_loss=history[-1][1] if history else best_loss)
 
     start = time.perf_counter()
@@ -339,7 +386,7 @@ def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
             perm = torch.randperm(n, generator=gen)
             run, seen = 0.0, 0
             for i in range(0, n, config.batch_size):
-                idx = perm[i: i + config.batch_size][rank::world]
+                idx = perm[i : i + config.batch_size][rank::world]
                 opt.zero_grad(set_to_none=True)
                 if len(idx):
                     inputs, target, weight = train.batch(idx)
@@ -361,11 +408,14 @@ def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
                 best_state = copy.deepcopy(net.state_dict())
             elif epoch - best_epoch >= config.patience:
                 break
-            over = (config.max_seconds is not None
-                    and spent + time.perf_counter() - start > config.max_seconds)
+            over = (
+                config.max_seconds is not None
+                and spent + time.perf_counter() - start > config.max_seconds
+            )
             if _any_rank(over, world):
-                logger.info("%s: stopping at the %.0f s budget (epoch %d)", label,
-                            config.max_seconds, epoch)
+                logger.info(
+                    "%s: stopping at the %.0f s budget (epoch %d)", label, config.max_seconds, epoch
+                )
                 break
             if (epoch + 1) % max(config.checkpoint_every, 1) == 0:
                 save(epoch, False)
@@ -374,8 +424,14 @@ def fit_net(net: nn.Module, train: Batches | tuple, val: Batches | tuple,
     net.load_state_dict(best_state)
     net.eval()
     seconds = spent + time.perf_counter() - start
-    logger.info("%s: best epoch %d of %d, val loss %.5f, %.1f s", label, best_epoch,
-                epoch + 1, best_loss, seconds)
+    logger.info(
+        "%s: best epoch %d of %d, val loss %.5f, %.1f s",
+        label,
+        best_epoch,
+        epoch + 1,
+        best_loss,
+        seconds,
+    )
     return TrainResult(best_epoch, best_loss, epoch + 1, seconds, history, resumed_after)
 
 
@@ -391,8 +447,7 @@ def _batch_tensors(data: Batches) -> list[torch.Tensor]:
     return [*data.inputs, data.target] + ([] if data.weight is None else [data.weight])
 
 
-def run_name(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-             label: str) -> str:
+def run_name(net: nn.Module, train: Batches, val: Batches, config: TrainConfig, label: str) -> str:
     """``label-<hash>``: the same net (shapes and initial weights), data and config give
     the same name, so a restarted training finds its own checkpoints and no other's."""
     h = hashlib.sha256(repr(sorted(asdict(config).items())).encode())
@@ -407,8 +462,9 @@ def file_checkpointed(checkpoint_dir: str | os.PathLike) -> TrainFn:
     restarted training of the same net on the same data resumes where it stopped."""
     root = Path(checkpoint_dir)
 
-    def train(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-              label: str) -> TrainResult:
+    def train(
+        net: nn.Module, train: Batches, val: Batches, config: TrainConfig, label: str
+    ) -> TrainResult:
         name = run_name(net, train, val, config, label)
         return fit_net(net, train, val, config, label, FileCheckpointer(root / f"{name}.pt"))
 
