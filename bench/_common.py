@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from neuroshard.backends import as_estimator, get_backend
-from neuroshard.cli import parse_memory
+from neuroshard.units import parse_memory
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, CostEstimator, TableSpec

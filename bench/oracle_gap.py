@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from neuroshard.backends.sim import SimBackend
-from neuroshard.cli import parse_memory
+from neuroshard.units import parse_memory
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher, searcher_names

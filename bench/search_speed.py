@@ -45,7 +45,7 @@ import numpy as np
 
 from _common import emit
 from neuroshard.backends.sim import SimBackend
-from neuroshard.cli import parse_memory
+from neuroshard.units import parse_memory
 from neuroshard.models import default_model_dir, load_cost_model, shipped_models
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.planner import Planner

@@ -11,17 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, cast
 
-from typer._click import exceptions as click  # typer vendors click; its exceptions live here
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 from rich.table import Table
 
+from neuroshard.units import parse_memory_list
 from neuroshard.types import (
     BackendError,
     RayClusterError,
@@ -39,25 +38,30 @@ EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 
 EXIT_CLUSTER = 6
 
 
+def _is(error: Exception, name: str) -> bool:
+    """Whether ``error`` is click's ``name`` (typer vendors click privately; match by name)."""
+    return any(c.__name__ == name for c in type(error).__mro__)
+
 
 class _OneLineErrors(TyperGroup):
     """Usage errors as one line on stderr (exit 2) instead of click's usage block and panel."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        if not standalone_mode:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.pop("standalone_mode", True):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.NoArgsIsHelpError as e:
-            e.show()
-            sys.exit(EXIT_INPUT)
-        except click.ClickException as e:
-            hint = " (see --help)" if isinstance(e, click.UsageError) else ""
-            err.print(f"error: {e.format_message()}{hint}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(EXIT_INPUT)
         except typer.Abort:
             err.print("aborted")
             sys.exit(EXIT_INTERNAL)
+        except typer.TyperException as e:
+            if _is(e, "NoArgsIsHelpError"):
+                e.show()  # type: ignore[attr-defined]
+                sys.exit(EXIT_INPUT)
+            hint = " (see --help)" if _is(e, "UsageError") else ""
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            err.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(EXIT_INPUT)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -66,31 +70,6 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   help="Embedding-table sharding with pre-trained neural cost models.")
 out = Console()
 err = Console(stderr=True)
-
-_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
-          "gb": 1 << 30, "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
-
-
-def parse_memory(text: str) -> int:
-    """'4GB' -> 4 GiB in bytes (GB and GiB both mean 2**30, as in TorchRec); plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"--memory: {text!r} is not a memory size like 4GB, 512MiB or 1073741824")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not 0 < value < 1 << 60:
-        raise UsageError(f"--memory: {text!r} is out of range")
-    return int(value)
-
-
-def parse_memory_list(text: str, num_devices: int) -> tuple[int, ...]:
-    parts = [p for p in text.split(",") if p.strip()]
-    caps = tuple(parse_memory(p) for p in parts)
-    if len(caps) == 1:
-        return caps * num_devices
-    if len(caps) != num_devices:
-        raise UsageError(f"--memory lists {len(caps)} caps for {num_devices} devices")
-    return caps
-
 
 def _exit_code(e: NeuroShardError) -> int:
     if isinstance(e, PlanInfeasibleError):
