@@ -23,11 +23,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, add_task_args, emit
 
-SEARCHERS = ("neuroshard", "greedy-grid", "torchrec", "random", "dim", "size", "lookup",
-             "size-lookup")
+SEARCHERS = (
+    "neuroshard",
+    "greedy-grid",
+    "torchrec",
+    "random",
+    "dim",
+    "size",
+    "lookup",
+    "size-lookup",
+)
 
 # Runs in the child: plans with whichever planner API the revision has.
 CHILD = r"""
@@ -72,8 +79,9 @@ def export(rev: str, dest: Path) -> Path:
     pretrain/, search/ and data/ inside, and the revision's bench/ at ``dest/src/bench``."""
     src = dest / "src"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=REPO, check=True, capture_output=True
+    ).stdout
     archive_path = dest / "rev.tar"
     archive_path.write_bytes(archive)
     with tarfile.open(archive_path) as tar:
@@ -86,13 +94,22 @@ def export(rev: str, dest: Path) -> Path:
 
 
 def run(pythonpath: Path | None, bench: Path, argv: list[str]) -> dict[str, list]:
-    code = (CHILD.replace("BENCH", repr(str(bench))).replace("ARGV", repr(argv))
-            .replace("SEARCHERS", repr(SEARCHERS)))
+    code = (
+        CHILD.replace("BENCH", repr(str(bench)))
+        .replace("ARGV", repr(argv))
+        .replace("SEARCHERS", repr(SEARCHERS))
+    )
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    done = subprocess.run([sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tempfile.gettempdir(),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise SystemExit(f"planning failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
@@ -105,19 +122,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="git revision to compare against")
     p.add_argument("--device-counts", default="4,8", help="comma-separated; overrides --devices")
     args = p.parse_args(argv)
-    lines = [f"Base revision {args.base}; tasks: {args.tasks} from the {args.split} pool, "
-             f"{args.min_tables}-{args.max_tables} tables, {args.memory} per device, seed "
-             f"{args.seed}; every plan costed by sim/{args.profile} (noise 0); the default "
-             "shipped model guides both.", "",
-             "| devices | searcher | identical plan costs | mean cost ratio (current / base) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"Base revision {args.base}; tasks: {args.tasks} from the {args.split} pool, "
+        f"{args.min_tables}-{args.max_tables} tables, {args.memory} per device, seed "
+        f"{args.seed}; every plan costed by sim/{args.profile} (noise 0); the default "
+        "shipped model guides both.",
+        "",
+        "| devices | searcher | identical plan costs | mean cost ratio (current / base) |",
+        "|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory(prefix="equivalence-") as tmp:
         base = export(args.base, Path(tmp))
         for devices in [int(d) for d in args.device_counts.split(",")]:
-            child_argv = ["--tasks", str(args.tasks), "--devices", str(devices), "--memory",
-                          args.memory, "--split", args.split, "--min-tables",
-                          str(args.min_tables), "--max-tables", str(args.max_tables),
-                          "--profile", args.profile, "--seed", str(args.seed)]
+            child_argv = [
+                "--tasks",
+                str(args.tasks),
+                "--devices",
+                str(devices),
+                "--memory",
+                args.memory,
+                "--split",
+                args.split,
+                "--min-tables",
+                str(args.min_tables),
+                "--max-tables",
+                str(args.max_tables),
+                "--profile",
+                args.profile,
+                "--seed",
+                str(args.seed),
+            ]
             old = run(base / "pkg", base / "src" / "bench", child_argv)
             new = run(None, REPO / "bench", child_argv)
             for name in SEARCHERS:

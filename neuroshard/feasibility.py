@@ -6,7 +6,7 @@ Used by the planner on a whole task (tables may still be split column-wise, down
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from neuroshard.types import DIM_MULTIPLE, Cluster, PlanInfeasibleError, TableSpec
 
@@ -16,8 +16,9 @@ def format_bytes(n: int) -> str:
     return f"{n} bytes ({n / 2**30:.2f} GiB)"
 
 
-def infeasibility(specs: Sequence[TableSpec], cluster: Cluster, *,
-                  splittable: bool = False) -> PlanInfeasibleError | None:
+def infeasibility(
+    specs: Sequence[TableSpec], cluster: Cluster, *, splittable: bool = False
+) -> PlanInfeasibleError | None:
     """The error when ``specs`` cannot fit ``cluster`` whatever the placement, else None.
 
     ``specs`` are whole tables or column shards (tables narrowed to the shard width). With
@@ -32,13 +33,18 @@ def infeasibility(specs: Sequence[TableSpec], cluster: Cluster, *,
 
     too_big = [s for s in specs if smallest_piece(s) > largest]
     if too_big:
-        what = "even a 4-column shard is larger than any device" if splittable \
+        what = (
+            "even a 4-column shard is larger than any device"
+            if splittable
             else "larger than any device"
-        names = ", ".join(f"{s.name!r} (width {s.dim}: {format_bytes(s.size_bytes)})"
-                          for s in too_big)
+        )
+        names = ", ".join(
+            f"{s.name!r} (width {s.dim}: {format_bytes(s.size_bytes)})" for s in too_big
+        )
         return PlanInfeasibleError(
             f"{what}: {names}; largest device memory {format_bytes(largest)}, "
-            f"total {format_bytes(total)} on {cluster.num_devices} devices")
+            f"total {format_bytes(total)} on {cluster.num_devices} devices"
+        )
     need = sum(s.size_bytes for s in specs)
     if need > total:
         biggest = sorted(specs, key=lambda s: -s.size_bytes)[:3]
@@ -46,7 +52,9 @@ def infeasibility(specs: Sequence[TableSpec], cluster: Cluster, *,
             f"{len(specs)} tables need {format_bytes(need)} but the {cluster.num_devices} "
             "devices "
             f"have {format_bytes(total)} in total (largest: "
-            + ", ".join(f"{s.name!r} {format_bytes(s.size_bytes)}" for s in biggest) + ")")
+            + ", ".join(f"{s.name!r} {format_bytes(s.size_bytes)}" for s in biggest)
+            + ")"
+        )
     return None
 
 

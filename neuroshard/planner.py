@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from neuroshard.feasibility import check_fits
 from neuroshard.models import resolve_cost_model
@@ -47,12 +48,17 @@ class Planner:
     then times, prices and labels the searcher's plain plan once.
     """
 
-    def __init__(self, cost_model: CostEstimator | Callable[[Cluster], CostEstimator] | None = None,
-                 searcher: Searcher | str = DEFAULT_SEARCHER, budget_s: float | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        cost_model: CostEstimator | Callable[[Cluster], CostEstimator] | None = None,
+        searcher: Searcher | str = DEFAULT_SEARCHER,
+        budget_s: float | None = None,
+        seed: int = 0,
+    ):
         if budget_s is not None and not (budget_s > 0 and math.isfinite(budget_s)):
-            raise UsageError(f"time budget must be a positive, finite number of seconds, "
-                             f"got {budget_s}")
+            raise UsageError(
+                f"time budget must be a positive, finite number of seconds, got {budget_s}"
+            )
         self.cost_model = cost_model
         self.searcher = searcher
         self.budget_s = budget_s
@@ -67,8 +73,9 @@ class Planner:
     def estimator_for(self, cluster: Cluster) -> CostEstimator:
         """The cost model plans on ``cluster`` are priced with."""
         if self.cost_model is None:
-            return resolve_cost_model(num_devices=cluster.num_devices,
-                                      batch_size=cluster.batch_size)
+            return resolve_cost_model(
+                num_devices=cluster.num_devices, batch_size=cluster.batch_size
+            )
         if isinstance(self.cost_model, CostEstimator):
             return self.cost_model
         return self.cost_model(cluster)
@@ -84,8 +91,16 @@ class Planner:
         budget = {} if self.budget_s is None else {"budget_s": self.budget_s}
         plan = search(list(tables), cluster, estimator, seed=self.seed, **budget)
         seconds = time.perf_counter() - start
-        log.info("searcher %s planned %d tables on %d devices in %.3f s", self.searcher_name,
-                 len(tables), cluster.num_devices, seconds)
-        meta: dict[str, Any] = {**plan.meta, "searcher": self.searcher_name,
-                                "search_seconds": round(seconds, 4)}
+        log.info(
+            "searcher %s planned %d tables on %d devices in %.3f s",
+            self.searcher_name,
+            len(tables),
+            cluster.num_devices,
+            seconds,
+        )
+        meta: dict[str, Any] = {
+            **plan.meta,
+            "searcher": self.searcher_name,
+            "search_seconds": round(seconds, 4),
+        }
         return replace(plan, cost=plan_cost(plan, estimator), meta=meta)

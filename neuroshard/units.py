@@ -9,16 +9,25 @@ import re
 
 from neuroshard.types import UsageError
 
-_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
-          "gb": 1 << 30, "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_memory(text: str, *, option: str = "--memory") -> int:
     """``'4GB'`` -> 4 GiB in bytes. Raises :class:`UsageError` naming ``option``."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"{option}: {text!r} is not a memory size like 4GB, 512MiB or "
-                         "1073741824")
+        raise UsageError(f"{option}: {text!r} is not a memory size like 4GB, 512MiB or 1073741824")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not 1 <= value < 1 << 60:
         raise UsageError(f"{option}: {text!r} is out of range (1 byte to 2**60 bytes)")

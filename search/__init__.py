@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import Searcher, UnknownNameError
@@ -56,6 +57,10 @@ def get_searcher(name: str = DEFAULT_SEARCHER, **options: Any) -> Searcher:
 
 
 __all__ = [
-    "BASELINES", "DEFAULT_SEARCHER", "Scorer", "get_searcher", "plan_cost",
+    "BASELINES",
+    "DEFAULT_SEARCHER",
+    "Scorer",
+    "get_searcher",
+    "plan_cost",
     "searcher_names",
 ]

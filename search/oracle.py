@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 
-from neuroshard.search.beam import beam_search
 from neuroshard.feasibility import infeasibility
+from neuroshard.search.beam import beam_search
 from neuroshard.search.greedy import greedy_grid, to_plan
 from neuroshard.search.scoring import LoadKey, Scorer
 from neuroshard.types import (
@@ -87,11 +87,12 @@ def placement_count(num_tables: int, num_devices: int, symmetric: bool) -> int:
     """Table-wise placements to enumerate (before memory pruning)."""
     if symmetric:
         return sum(_stirling2(num_tables, k) for k in range(min(num_tables, num_devices) + 1))
-    return num_devices ** num_tables
+    return num_devices**num_tables
 
 
-def devices_interchangeable(cluster: Cluster, estimator: CostEstimator, *, seed: int = 0,
-                            trials: int = 8) -> bool:
+def devices_interchangeable(
+    cluster: Cluster, estimator: CostEstimator, *, seed: int = 0, trials: int = 8
+) -> bool:
     """Whether relabelling devices cannot change a plan's cost: equal memory caps, and
     comm that permutes with the devices (probed on random dim sums and waits)."""
     caps = cluster.memory_per_device_bytes
@@ -106,8 +107,7 @@ def devices_interchangeable(cluster: Cluster, estimator: CostEstimator, *, seed:
     perm = rng.permutation(n)
     if np.array_equal(perm, np.arange(n)):
         perm = np.roll(perm, 1)
-    for fn, args in ((estimator.bwd_comm_ms, (dims,)),
-                     (estimator.fwd_comm_ms, (dims, waits))):
+    for fn, args in ((estimator.bwd_comm_ms, (dims,)), (estimator.fwd_comm_ms, (dims, waits))):
         base = np.asarray(fn(*args), dtype=float)
         moved = np.asarray(fn(*(a[:, perm] for a in args)), dtype=float)
         if not np.allclose(moved, base[:, perm], rtol=1e-9, atol=1e-12):
@@ -143,8 +143,13 @@ def _enumerate(sizes: Sequence[int], caps: Sequence[int], symmetric: bool) -> np
             if sel.size:
                 grown_used = used[sel]
                 grown_used[:, d] += size
-                parts.append((np.hstack((rows[sel], np.full((sel.size, 1), d, np.int8))),
-                              grown_used, np.maximum(top[sel], d)))
+                parts.append(
+                    (
+                        np.hstack((rows[sel], np.full((sel.size, 1), d, np.int8))),
+                        grown_used,
+                        np.maximum(top[sel], d),
+                    )
+                )
         if not parts:
             return np.zeros((0, len(sizes)), dtype=np.int8)
         rows = np.concatenate([p[0] for p in parts])
@@ -153,9 +158,14 @@ def _enumerate(sizes: Sequence[int], caps: Sequence[int], symmetric: bool) -> np
     return rows
 
 
-def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
-                         estimator: CostEstimator, *, symmetric: bool | None = None,
-                         limit: int = EXHAUSTIVE_LIMIT) -> tuple[tuple[int, ...], float, int]:
+def exhaustive_tablewise(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    symmetric: bool | None = None,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> tuple[tuple[int, ...], float, int]:
     """The cheapest table-wise placement: ``(device of each table, cost_ms, placements
     scored)``. Raises :class:`PlanInfeasibleError` when no table-wise placement fits and
     ``ValueError`` when there are more than ``limit`` placements to enumerate."""
@@ -164,8 +174,10 @@ def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
         symmetric = devices_interchangeable(cluster, estimator)
     count = placement_count(n, num_devices, symmetric)
     if count > limit:
-        raise ValueError(f"{count} table-wise placements of {n} tables on {num_devices} "
-                         f"devices exceed the limit of {limit}")
+        raise ValueError(
+            f"{count} table-wise placements of {n} tables on {num_devices} "
+            f"devices exceed the limit of {limit}"
+        )
     caps = cluster.memory_per_device_bytes
     error = infeasibility(tables, cluster)
     if error is not None:
@@ -175,8 +187,9 @@ def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
     dims = _subset_sums([t.dim for t in tables])
     placements = _enumerate(sizes, caps, symmetric)
     if not len(placements):
-        raise PlanInfeasibleError(f"no table-wise placement of {n} tables fits "
-                                  f"{num_devices} devices of {max(caps)} bytes")
+        raise PlanInfeasibleError(
+            f"no table-wise placement of {n} tables fits {num_devices} devices of {max(caps)} bytes"
+        )
     # Compute of every subset that fits some device, one estimator call.
     compute = np.zeros(len(memory))
     fits = np.flatnonzero((memory <= max(caps)) & (np.arange(len(memory)) > 0))
@@ -186,23 +199,27 @@ def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
     bits = np.int64(1) << np.arange(n, dtype=np.int64)
     best_ms, best_row = math.inf, -1
     for lo in range(0, len(placements), _CHUNK):
-        chunk = placements[lo:lo + _CHUNK]
-        masks = np.stack([((chunk == d) * bits).sum(axis=1) for d in range(num_devices)],
-                         axis=1)
+        chunk = placements[lo : lo + _CHUNK]
+        masks = np.stack([((chunk == d) * bits).sum(axis=1) for d in range(num_devices)], axis=1)
         device_compute = compute[masks]
         device_dims = dims[masks].astype(float)
         bwd = np.asarray(estimator.bwd_comm_ms(device_dims), dtype=float)
         ready = device_compute + bwd
-        fwd = np.asarray(estimator.fwd_comm_ms(device_dims, ready - ready.min(axis=1,
-                                                                           keepdims=True)),
-                         dtype=float)
+        fwd = np.asarray(
+            estimator.fwd_comm_ms(device_dims, ready - ready.min(axis=1, keepdims=True)),
+            dtype=float,
+        )
         cost = (device_compute + fwd + bwd).max(axis=1)
         k = int(cost.argmin())
         if cost[k] < best_ms:
             best_ms, best_row = float(cost[k]), lo + k
-    logger.debug("exhaustive table-wise: %d placements (%s), %d subsets priced, best %.4f ms",
-                 len(placements), "symmetric" if symmetric else "all labellings", len(fits),
-                 best_ms)
+    logger.debug(
+        "exhaustive table-wise: %d placements (%s), %d subsets priced, best %.4f ms",
+        len(placements),
+        "symmetric" if symmetric else "all labellings",
+        len(fits),
+        best_ms,
+    )
     return tuple(int(d) for d in placements[best_row]), best_ms, len(placements)
 
 
@@ -212,8 +229,13 @@ def exhaustive_tablewise(tables: Sequence[TableSpec], cluster: Cluster,
 class _LocalSearch:
     """Neighbourhoods and batched scoring of :data:`ShardState` plans."""
 
-    def __init__(self, tables: Sequence[TableSpec], cluster: Cluster, scorer: Scorer,
-                 rng: np.random.Generator):
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        cluster: Cluster,
+        scorer: Scorer,
+        rng: np.random.Generator,
+    ):
         self.tables, self.cluster, self.scorer, self.rng = tables, cluster, scorer, rng
         self.num_devices = cluster.num_devices
         self.caps = cluster.memory_per_device_bytes
@@ -225,7 +247,8 @@ class _LocalSearch:
         found = self._items.get((table, width))
         if found is None:
             found = self._items[(table, width)] = self.scorer.item(
-                self.tables[table].with_dim(width))
+                self.tables[table].with_dim(width)
+            )
         return found
 
     def memory(self, state: ShardState) -> list[int]:
@@ -245,7 +268,7 @@ class _LocalSearch:
         new = list(dict.fromkeys(s for s in states if s not in self.cost))
         if new:
             values = self.scorer.score([self.keys(s) for s in new]).tolist()
-            self.cost.update(zip(new, values))
+            self.cost.update(zip(new, values, strict=True))
             self.evals += len(new)
         return [self.cost[s] for s in states]
 
@@ -261,7 +284,7 @@ class _LocalSearch:
 
         for k, (t, w, d) in enumerate(shards):
             size = tables[t].column_bytes(w)
-            rest = shards[:k] + shards[k + 1:]
+            rest = shards[:k] + shards[k + 1 :]
             for e in range(num_devices):
                 if e != d and used[e] + size <= caps[e]:
                     emit(rest + [(t, w, e)])  # move
@@ -280,10 +303,14 @@ class _LocalSearch:
                             emit(others + [(t, w + v, g)])
                 if f != d and (u, v) != (t, w):  # swap
                     other_size = tables[u].column_bytes(v)
-                    if (used[d] - size + other_size <= caps[d]
-                            and used[f] - other_size + size <= caps[f]):
-                        emit([s for i, s in enumerate(shards) if i not in (k, j)]
-                             + [(t, w, f), (u, v, d)])
+                    if (
+                        used[d] - size + other_size <= caps[d]
+                        and used[f] - other_size + size <= caps[f]
+                    ):
+                        emit(
+                            [s for i, s in enumerate(shards) if i not in (k, j)]
+                            + [(t, w, f), (u, v, d)]
+                        )
         out.discard(state)
         return list(out)
 
@@ -313,8 +340,11 @@ class _LocalSearch:
                 j = int(self.rng.integers(len(shards)))
                 u, v, f = shards[j]
                 other = self.tables[u].column_bytes(v)
-                if f != d and used[d] - size + other <= self.caps[d] \
-                        and used[f] - other + size <= self.caps[f]:
+                if (
+                    f != d
+                    and used[d] - size + other <= self.caps[d]
+                    and used[f] - other + size <= self.caps[f]
+                ):
                     shards[k], shards[j] = (t, w, f), (u, v, d)
                 continue
             e = int(self.rng.integers(self.num_devices))
@@ -335,10 +365,18 @@ def _plan_of(tables: Sequence[TableSpec], cluster: Cluster, state: ShardState) -
 # --------------------------------------------------------------------------- the oracle
 
 
-def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, budget_s: float | None = None, max_evals: int = MAX_EVALS,
-                exhaustive_limit: int = EXHAUSTIVE_LIMIT, starts: Sequence[Plan] = (),
-                kick_moves: int = KICK_MOVES) -> Plan:
+def oracle_plan(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    max_evals: int = MAX_EVALS,
+    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
+    starts: Sequence[Plan] = (),
+    kick_moves: int = KICK_MOVES,
+) -> Plan:
     """The best plan found by exhaustive table-wise placement (when at most
     ``exhaustive_limit`` placements) and iterated local search with column splits (up to
     ``max_evals`` plans scored), costed by ``estimator``. ``starts`` are extra plans of the
@@ -362,14 +400,22 @@ def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     exhaustive = False
     enumerated = 0
     symmetric = devices_interchangeable(cluster, estimator, seed=seed)
-    if placement_count(len(tables), cluster.num_devices, symmetric) <= exhaustive_limit \
-            and infeasibility(tables, cluster) is None:
+    if (
+        placement_count(len(tables), cluster.num_devices, symmetric) <= exhaustive_limit
+        and infeasibility(tables, cluster) is None
+    ):
         try:
             devices, tablewise_ms, enumerated = exhaustive_tablewise(
-                tables, cluster, estimator, symmetric=symmetric, limit=exhaustive_limit)
+                tables, cluster, estimator, symmetric=symmetric, limit=exhaustive_limit
+            )
             exhaustive = True
-            seeds.append(tuple(sorted((i, t.dim, d)
-                                      for i, (t, d) in enumerate(zip(tables, devices)))))
+            seeds.append(
+                tuple(
+                    sorted(
+                        (i, t.dim, d) for i, (t, d) in enumerate(zip(tables, devices, strict=True))
+                    )
+                )
+            )
         except PlanInfeasibleError:
             pass  # no table-wise plan fits: splits are needed, the beam finds them
     if not exhaustive:
@@ -400,10 +446,24 @@ def oracle_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
             best = state
             logger.debug("oracle kick %d: %.4f ms", kicks, search.cost[best])
     plan = _plan_of(tables, cluster, best)
-    logger.info("oracle: %d tables, %s table-wise optimum %s, %d local-search evals, "
-                "%d kicks, best %.4f ms", len(tables), "exact" if exhaustive else "no",
-                f"{tablewise_ms:.4f} ms" if tablewise_ms is not None else "-", search.evals,
-                kicks, search.cost[best])
-    return replace(plan, meta={"exhaustive": exhaustive, "tablewise_ms": tablewise_ms,
-                               "placements_enumerated": enumerated, "evals": search.evals,
-                               "starts": len(seeds), "kicks": kicks})
+    logger.info(
+        "oracle: %d tables, %s table-wise optimum %s, %d local-search evals, "
+        "%d kicks, best %.4f ms",
+        len(tables),
+        "exact" if exhaustive else "no",
+        f"{tablewise_ms:.4f} ms" if tablewise_ms is not None else "-",
+        search.evals,
+        kicks,
+        search.cost[best],
+    )
+    return replace(
+        plan,
+        meta={
+            "exhaustive": exhaustive,
+            "tablewise_ms": tablewise_ms,
+            "placements_enumerated": enumerated,
+            "evals": search.evals,
+            "starts": len(seeds),
+            "kicks": kicks,
+        },
+    )

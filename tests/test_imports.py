@@ -19,20 +19,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The installed layout: pretrain/ and search/ install as neuroshard.pretrain / .search.
-PACKAGE_DIRS = {"neuroshard": ROOT / "neuroshard", "neuroshard.pretrain": ROOT / "pretrain",
-                "neuroshard.search": ROOT / "search"}
+PACKAGE_DIRS = {
+    "neuroshard": ROOT / "neuroshard",
+    "neuroshard.pretrain": ROOT / "pretrain",
+    "neuroshard.search": ROOT / "search",
+}
 
-APP = {"neuroshard", "neuroshard.planner", "neuroshard.cli", "neuroshard.report",
-       "neuroshard.torchrec_planner"}
+APP = {
+    "neuroshard",
+    "neuroshard.planner",
+    "neuroshard.cli",
+    "neuroshard.report",
+    "neuroshard.torchrec_planner",
+}
 LAYERS = {"core": 0, "models": 1, "adapter": 2, "search": 3, "pretrain": 3, "app": 4}
 
 
 def layer_of(module: str) -> str:
     if module in APP:
         return "app"
-    for prefix, layer in (("neuroshard.models", "models"), ("neuroshard.search", "search"),
-                          ("neuroshard.pretrain", "pretrain"),
-                          ("neuroshard.torchrec_adapter", "adapter")):
+    for prefix, layer in (
+        ("neuroshard.models", "models"),
+        ("neuroshard.search", "search"),
+        ("neuroshard.pretrain", "pretrain"),
+        ("neuroshard.torchrec_adapter", "adapter"),
+    ):
         if module == prefix or module.startswith(prefix + "."):
             return layer
     return "core"
@@ -86,10 +97,13 @@ def test_the_walker_sees_imports_inside_functions():
 
 
 def test_every_import_points_down_the_layers():
-    wrong = sorted(f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})"
-                   for a, targets in graph().items() for b in targets
-                   if LAYERS[layer_of(b)] > LAYERS[layer_of(a)]
-                   or {layer_of(a), layer_of(b)} == {"search", "pretrain"})
+    wrong = sorted(
+        f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})"
+        for a, targets in graph().items()
+        for b in targets
+        if LAYERS[layer_of(b)] > LAYERS[layer_of(a)]
+        or {layer_of(a), layer_of(b)} == {"search", "pretrain"}
+    )
     assert not wrong, "\n".join(wrong)
 
 
@@ -103,7 +117,7 @@ def test_no_import_cycle_between_modules():
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -116,8 +130,12 @@ def test_no_import_cycle_between_modules():
 
 
 # Import name -> the distribution that provides it, where they differ.
-DISTRIBUTIONS = {"yaml": "pyyaml", "fbgemm_gpu": "fbgemm-gpu-cpu", "grpc": "grpcio",
-                 "sklearn": "scikit-learn"}
+DISTRIBUTIONS = {
+    "yaml": "pyyaml",
+    "fbgemm_gpu": "fbgemm-gpu-cpu",
+    "grpc": "grpcio",
+    "sklearn": "scikit-learn",
+}
 
 
 def declared() -> set[str]:
@@ -139,9 +157,13 @@ def test_every_third_party_import_is_declared():
     missing = set()
     for path in modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module
-                     and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top == "neuroshard":
