@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -89,6 +89,9 @@ class PretrainConfig:
     (:func:`~neuroshard.pretrain.ray_jobs.collect_ray`: an embedded local cluster, or the
     cluster at ``address``) and trains the neural nets data-parallel on as many Ray Train
     workers (:mod:`~neuroshard.pretrain.ray_train`); otherwise both run in this process.
+    Ray Train keeps the nets' checkpoints under ``storage`` (default ``out_dir/train``): on
+    a cluster of several machines, a path every node reaches (a shared file system) or a
+    URI such as ``s3://bucket/prefix``.
 
     Compute loads are drawn from the training tables plus ``shrink_copies`` hotter copies
     of each (:func:`~neuroshard.pretrain.augment.shrink_tables`), all at every dim of
@@ -131,6 +134,7 @@ class PretrainConfig:
     cost_model: str = "neural"
     workers: int = 0
     address: str | None = None
+    storage: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -175,6 +179,21 @@ def pretrain(config: PretrainConfig) -> Path:
     Training checkpoints go to ``out_dir/train``: rerunning an interrupted ``pretrain``
     skips the samples on disk and resumes each net from its last checkpoint.
     """
+    with _ray_session(config):
+        return _pretrain(config)
+
+
+def _ray_session(config: PretrainConfig) -> Any:
+    """One Ray session (embedded, or the cluster at ``address``) for every Ray job of the
+    run, joined before anything is sampled so that a bad address fails at once."""
+    if not (config.workers or config.address):
+        return nullcontext()
+    from neuroshard.pretrain.ray_jobs import ray_session
+
+    return ray_session(config.workers, config.address)
+
+
+def _pretrain(config: PretrainConfig) -> Path:
     started = time.perf_counter()
     model_cls = model_class(config.cost_model)
     out = config.out_dir
@@ -229,7 +248,7 @@ def pretrain(config: PretrainConfig) -> Path:
     comm_data = load_comm(data / "comm", {s.key for s in comm_set})
     kwargs = {"seed": config.seed, **dict(config.model_kwargs or {})}
     with _trainer(config.cost_model, out / "train", config.workers,
-                  config.address) as fit_kwargs:
+                  config.address, config.storage) as fit_kwargs:
         model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
                                         num_devices=config.num_devices, **fit_kwargs)
     timings["train_s"] = time.perf_counter() - t0
@@ -347,8 +366,8 @@ def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
 
 
 @contextmanager
-def _trainer(cost_model: str, checkpoint_dir: Path, workers: int,
-             address: str | None) -> Iterator[dict[str, Any]]:
+def _trainer(cost_model: str, checkpoint_dir: Path, workers: int, address: str | None,
+             storage: str | None = None) -> Iterator[dict[str, Any]]:
     """The ``fit`` keywords that train the neural nets resumably (the injected
     ``trainer``): on Ray Train when ``workers`` or ``address`` ask for Ray, else in this
     process with file checkpoints."""
@@ -362,7 +381,7 @@ def _trainer(cost_model: str, checkpoint_dir: Path, workers: int,
         return
     from neuroshard.pretrain.ray_train import ray_training
 
-    with ray_training(workers=max(workers, 1), storage_dir=checkpoint_dir,
+    with ray_training(workers=max(workers, 1), storage_dir=storage or checkpoint_dir,
                       address=address) as trainer:
         yield {"trainer": trainer}
 

@@ -13,8 +13,11 @@ and every worker resumes from the latest one. A finished run, started again, ret
 weights without training.
 
 The embedded local cluster starts with one CPU per worker, as for collection
-(:func:`~neuroshard.pretrain.ray_jobs.collect_ray`); ``address`` joins an existing cluster,
-which then needs ``storage_dir`` on storage every node can reach.
+(:func:`~neuroshard.pretrain.ray_jobs.collect_ray`); ``address`` joins an existing cluster
+(:func:`~neuroshard.pretrain.ray_jobs.connect_ray`). Ray Train's workers, wherever they
+run, write and read the checkpoints under ``storage_dir`` themselves, so on a cluster of
+several machines it must be storage every node reaches at the same path (a shared file
+system) or a URI such as ``s3://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from neuroshard.models.training import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ray_training"]
+__all__ = ["ray_training", "storage_location"]
 
 _STATE_FILE = "state.pt"
 
@@ -99,10 +102,10 @@ def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str |
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     import ray
 
-    from neuroshard.pretrain.ray_jobs import _init_ray
+    from neuroshard.pretrain.ray_jobs import init_ray
 
-    storage = Path(storage_dir).resolve()
-    owned = _init_ray(workers, address)
+    storage = storage_location(storage_dir)
+    owned = init_ray(workers, address)
     try:
         yield partial(_train_on_ray, workers=workers, storage=storage,
                       checkpoint_every=checkpoint_every)
@@ -111,8 +114,17 @@ def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str |
             ray.shutdown()
 
 
+def storage_location(storage: str | os.PathLike) -> str:
+    """Ray Train's ``storage_path`` for ``storage``: a URI (``scheme://...``) as given, a
+    local or shared path made absolute (every node resolves it alike)."""
+    text = os.fspath(storage)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().resolve())
+
+
 def _train_on_ray(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-                  label: str, *, workers: int, storage: Path,
+                  label: str, *, workers: int, storage: str,
                   checkpoint_every: int) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,7 +139,7 @@ def _train_on_ray(net: nn.Module, train: Batches, val: Batches, config: TrainCon
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )

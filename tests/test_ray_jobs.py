@@ -183,6 +183,62 @@ def test_chunk_failing_every_retry_is_reported_not_fatal(tmp_path, ray_cluster, 
     assert "giving up" in caplog.text
 
 
+class BrokenBackend(SimBackend):
+    """Cannot be built on the worker, like a cuda backend on a machine without a GPU."""
+
+    def __init__(self, **kwargs):
+        raise RuntimeError("no device here")
+
+
+def test_more_workers_than_the_cluster_holds_still_finish(tmp_path, ray_cluster):
+    """A worker the cluster has no room for never starts; the others do the job."""
+    samples = make_samples(40, seed=11)
+    res = collect_ray(samples, BackendSpec("sim", {"batch_size": 4096}), tmp_path,
+                      kind="compute", workers=3, chunk_size=5, progress=False)
+    assert (res.measured, res.failed) == (40, 0)
+    assert sorted(disk_keys(tmp_path)) == sorted(s.key for s in samples)
+
+
+def test_no_worker_can_start_is_a_cluster_error(tmp_path, ray_cluster):
+    from neuroshard.types import RayClusterError
+
+    samples = make_samples(10, seed=12)
+    started = time.monotonic()
+    with pytest.raises(RayClusterError, match="no Ray worker started within 2 s"):
+        collect_ray(samples, BackendSpec("sim"), tmp_path, kind="compute", workers=1,
+                    gpus_per_worker=1, start_timeout_s=2, progress=False)
+    assert time.monotonic() - started < 30
+    assert not disk_keys(tmp_path)
+
+
+def test_backend_that_cannot_start_is_a_backend_error(tmp_path, ray_cluster):
+    from neuroshard.types import BackendError
+
+    with pytest.raises(BackendError, match="test_ray_jobs:BrokenBackend.*no device here"):
+        collect_ray(make_samples(10, seed=13), BackendSpec("test_ray_jobs:BrokenBackend"),
+                    tmp_path, kind="compute", workers=2, progress=False)
+
+
+def test_bad_or_unreachable_address_fails_at_once(monkeypatch):
+    import socket
+
+    from neuroshard.pretrain.ray_jobs import connect_ray
+    from neuroshard.types import RayClusterError, UsageError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this test sends no token
+    for bad in ("ray://10.0.0.5:10001", "10.0.0.5", "10.0.0.5:http", "10.0.0.5:70000"):
+        with pytest.raises(UsageError, match="HOST:PORT"):
+            connect_ray(bad)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RayClusterError, match=f"no Ray cluster answers at 127.0.0.1:{port}.*"
+                                              "--node-ip-address"):
+        connect_ray(f"localhost:{port}")
+    assert time.monotonic() - started < 10
+
+
 def test_rejects_bad_arguments(tmp_path):
     samples = make_samples(3)
     with pytest.raises(ValueError, match="workers"):

@@ -95,3 +95,12 @@ def test_pretrain_with_workers_trains_on_ray_train(tmp_path):
     assert meta["metrics"]["compute"]["test_pool"]["n"] == 100
     runs = sorted(p.name for p in (tmp_path / "train").iterdir() if p.is_dir())
     assert [r.split("-")[0] for r in runs] == ["bwd", "compute", "fwd"]  # one Ray run per net
+
+
+def test_storage_location_keeps_uris_and_makes_paths_absolute(tmp_path, monkeypatch):
+    from neuroshard.pretrain.ray_train import storage_location
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_location("s3://bucket/runs") == "s3://bucket/runs"
+    assert storage_location("ckpt") == str((tmp_path / "ckpt").resolve())
+    assert storage_location(tmp_path / "a" / ".." / "b") == str((tmp_path / "b").resolve())
