@@ -59,6 +59,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     for key in _BANDWIDTH_KEYS:
         if getattr(cluster, key) is not None:
             doc[key] = getattr(cluster, key)
+    doc["hbm_reserve_fraction"] = cluster.hbm_reserve_fraction
+    doc["optimizer"] = cluster.optimizer
     doc["tables"] = [_table_to_dict(plan, t) for t in plan.tables]
     if plan.cost is not None:
         doc["cost"] = cost_to_dict(plan.cost)
@@ -167,6 +169,10 @@ def _cluster_from_dict(doc: Mapping[str, Any], v2: bool) -> Cluster:
         for key in _BANDWIDTH_KEYS:
             if doc.get(key) is not None:
                 extra[key] = _number(doc, key)
+        if doc.get("hbm_reserve_fraction") is not None:
+            extra["hbm_reserve_fraction"] = _number(doc, "hbm_reserve_fraction")
+        if doc.get("optimizer") is not None:
+            extra["optimizer"] = str(doc["optimizer"])
     try:
         return Cluster(num_devices, tuple(memory), _int(doc, "batch_size"), **extra)
     except ValueError as e:
@@ -228,7 +234,8 @@ def validate_plan(plan: Plan) -> None:
     widths are multiples of 4; ``table_wise`` is one shard, ``column_wise`` keeps all rows,
     ``row_wise`` and ``table_row_wise`` keep all columns, ``table_row_wise`` stays on one
     host; ``cache_fraction`` in (0, 1] exactly for ``fused_uvm_caching``. Per device:
-    HBM and host-memory weights within their caps.
+    HBM and host-memory footprints (weights and the cluster's optimizer state) within their
+    caps, the HBM cap less the cluster's ``hbm_reserve_fraction``.
     """
     problems: list[str] = []
     names = {t.name for t in plan.tables}
@@ -241,8 +248,10 @@ def validate_plan(plan: Plan) -> None:
     for t in plan.tables:
         problems.extend(_table_problems(plan, t))
     if not problems:
-        caps = (("HBM", plan.memory_bytes(), plan.cluster.memory_per_device_bytes),
-                ("host memory", plan.host_memory_bytes(), plan.cluster.host_memory_per_device_bytes))
+        reserve = plan.cluster.hbm_reserve_fraction
+        hbm = f"HBM (after a {reserve:.0%} reserve)" if reserve else "HBM"
+        caps = ((hbm, plan.memory_bytes(), plan.cluster.hbm_budget_bytes),
+                ("host memory", plan.host_memory_bytes(), plan.cluster.host_budget_bytes))
         for what, used_list, cap_list in caps:
             for device, (used, cap) in enumerate(zip(used_list, cap_list)):
                 if used > cap:

@@ -22,7 +22,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 import difflib
-from typing import Any, Literal, Mapping, Protocol, Sequence, get_args, runtime_checkable
+from typing import (
+    Any,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Protocol,
+    Sequence,
+    get_args,
+    runtime_checkable,
+)
 
 import numpy as np
 
@@ -40,6 +49,11 @@ ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_row_wise"
 ComputeKernel = Literal["fused", "fused_uvm_caching", "dense"]
 SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
 COMPUTE_KERNELS: tuple[str, ...] = get_args(ComputeKernel)
+Optimizer = Literal["sgd", "rowwise_adagrad", "adam"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# Share of each device's HBM kept for what is not embeddings (the dense part, buffers,
+# activations) unless told otherwise: TorchRec's HeuristicalStorageReservation default.
+DEFAULT_RESERVE_FRACTION = 0.15
 
 # Access-count bin edges of the reuse histogram: (0,1], (1,2], (2,4], ..., (16384,32768],
 # and above 32768 -- 17 bins (shared/REFERENCE.md).
@@ -94,6 +108,11 @@ class PlanFormatError(NeuroShardError, ValueError):
 
 class PlanInfeasibleError(NeuroShardError):
     """No plan fits the memory caps. Names the tables and the bytes needed vs available."""
+
+
+class ConstraintError(PlanInfeasibleError):
+    """A placement constraint cannot hold, or asks for what the planner cannot place
+    (yet). Names the table and the constraint."""
 
 
 class ModelMismatchError(NeuroShardError):
@@ -214,6 +233,24 @@ class TableSpec:
         return record
 
 
+def optimizer_state_bytes(rows: int, width: int, optimizer: str = "sgd") -> int:
+    """Optimizer state of a block of ``rows`` x ``width`` weights: none for SGD, one float
+    per row for row-wise Adagrad, two floats per element (first and second moments) for
+    Adam (TorchRec's storage estimate counts the same)."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "rowwise_adagrad":
+        return rows * BYTES_PER_FLOAT
+    if optimizer == "adam":
+        return 2 * rows * width * BYTES_PER_FLOAT
+    raise UnknownNameError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def embedding_bytes(rows: int, width: int, optimizer: str = "sgd") -> int:
+    """Footprint of a block of ``rows`` x ``width`` FP32 weights with its optimizer state."""
+    return rows * width * BYTES_PER_FLOAT + optimizer_state_bytes(rows, width, optimizer)
+
+
 def _feature_record(f: FeatureSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"name": f.name, "pooling_factor": f.pooling_factor}
     if f.weighted:
@@ -231,6 +268,12 @@ class Cluster:
     ``host_memory_per_device_bytes`` (default none). Bandwidths per direction, in bytes
     per ms, inside a host and across hosts (None: the cost backend's profile decides).
     ``batch_size`` is global; TorchRec's per-rank batch is :attr:`per_rank_batch_size`.
+
+    Training settings that size the embeddings' footprint: ``hbm_reserve_fraction`` of
+    every device's HBM is kept for what is not embeddings (default 0 here; the planner
+    sets :data:`DEFAULT_RESERVE_FRACTION` unless told otherwise), so the HBM left to
+    shards is :attr:`hbm_budget_bytes`; ``optimizer`` (``sgd``, ``rowwise_adagrad``,
+    ``adam``) adds its state to each shard (:func:`embedding_bytes`).
     """
 
     num_devices: int
@@ -240,6 +283,8 @@ class Cluster:
     host_memory_per_device_bytes: tuple[int, ...] = ()
     intra_host_bw_bytes_per_ms: float | None = None
     inter_host_bw_bytes_per_ms: float | None = None
+    hbm_reserve_fraction: float = 0.0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -267,6 +312,12 @@ class Cluster:
         for bw in (self.intra_host_bw_bytes_per_ms, self.inter_host_bw_bytes_per_ms):
             if bw is not None and not (bw > 0 and math.isfinite(bw)):
                 raise ValueError(f"bandwidths must be positive and finite, got {bw}")
+        if not 0.0 <= self.hbm_reserve_fraction < 1.0:
+            raise ValueError(
+                f"hbm_reserve_fraction must be in [0, 1), got {self.hbm_reserve_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
 
     @classmethod
     def uniform(cls, num_devices: int, memory_bytes: int,
@@ -295,6 +346,17 @@ class Cluster:
     def total_memory_bytes(self) -> int:
         return sum(self.memory_per_device_bytes)
 
+    @property
+    def hbm_budget_bytes(self) -> tuple[int, ...]:
+        """Per device, the HBM left to embeddings: the cap less the reserve."""
+        keep = 1.0 - self.hbm_reserve_fraction
+        return tuple(int(c * keep) for c in self.memory_per_device_bytes)
+
+    @property
+    def host_budget_bytes(self) -> tuple[int, ...]:
+        """Per device, the host memory left to embeddings (no reserve is taken from it)."""
+        return self.host_memory_per_device_bytes
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -322,18 +384,36 @@ class Shard:
     def row_count(self, table: TableSpec) -> int:
         return table.rows if self.rows is None else self.rows[1] - self.rows[0]
 
-    def hbm_bytes(self, table: TableSpec) -> int:
-        """Weights this shard keeps in HBM (the cached share for ``fused_uvm_caching``)."""
-        full = self.row_count(table) * self.width * BYTES_PER_FLOAT
-        if self.compute_kernel == "fused_uvm_caching":
-            return math.ceil(full * (self.cache_fraction or 0.0))
-        return full
+    def hbm_bytes(self, table: TableSpec, optimizer: str = "sgd") -> int:
+        """Weights and ``optimizer`` state this shard keeps in HBM (the cached share for
+        ``fused_uvm_caching``)."""
+        return shard_hbm_bytes(self.row_count(table), self.width, self.compute_kernel,
+                               self.cache_fraction, optimizer)
 
-    def host_bytes(self, table: TableSpec) -> int:
-        """Weights this shard keeps in host memory (all of them for ``fused_uvm_caching``)."""
-        if self.compute_kernel == "fused_uvm_caching":
-            return self.row_count(table) * self.width * BYTES_PER_FLOAT
-        return 0
+    def host_bytes(self, table: TableSpec, optimizer: str = "sgd") -> int:
+        """Weights and ``optimizer`` state this shard keeps in host memory (all of them for
+        ``fused_uvm_caching``, none otherwise)."""
+        return shard_host_bytes(self.row_count(table), self.width, self.compute_kernel,
+                                optimizer)
+
+
+def shard_hbm_bytes(rows: int, width: int, kernel: str = "fused",
+                    cache_fraction: float | None = None, optimizer: str = "sgd") -> int:
+    """HBM footprint of a ``rows`` x ``width`` shard on ``kernel``: weights and optimizer
+    state, or for ``fused_uvm_caching`` the ``cache_fraction`` of them that its HBM cache
+    holds (TorchRec's storage estimate scales both by its caching ratio too)."""
+    full = embedding_bytes(rows, width, optimizer)
+    if kernel == "fused_uvm_caching":
+        return math.ceil(full * (cache_fraction or 0.0))
+    return full
+
+
+def shard_host_bytes(rows: int, width: int, kernel: str = "fused",
+                     optimizer: str = "sgd") -> int:
+    """Host-memory footprint of a shard: all of it for ``fused_uvm_caching``, else none."""
+    if kernel == "fused_uvm_caching":
+        return embedding_bytes(rows, width, optimizer)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -395,27 +475,36 @@ class Plan:
                             key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device)))
 
     def device_loads(self) -> list[list[TableSpec]]:
-        """For each device, the compute view of its shards (see :meth:`TableSpec.shard_view`)."""
+        """For each device, the compute view of its shards (see :meth:`TableSpec.shard_view`;
+        a ``data_parallel`` replica looks up the ids of its device's share of the batch
+        only, ``1 / num_devices`` of them)."""
         by_name = {t.name: t for t in self.tables}
+        replicated = {s.table for s in self.shards if s.sharding_type == "data_parallel"}
         loads: list[list[TableSpec]] = [[] for _ in range(self.cluster.num_devices)]
         for s in self.shards:
-            loads[s.device].append(by_name[s.table].shard_view(s.rows, s.width))
+            table = by_name[s.table]
+            if s.table in replicated:
+                view = replace(table, pooling_factor=table.pooling_factor
+                               / self.cluster.num_devices)
+            else:
+                view = table.shard_view(s.rows, s.width)
+            loads[s.device].append(view)
         return loads
 
     def memory_bytes(self) -> list[int]:
-        """Weights in HBM per device."""
+        """Weights and optimizer state (the cluster's optimizer) in HBM per device."""
         by_name = {t.name: t for t in self.tables}
         mem = [0] * self.cluster.num_devices
         for s in self.shards:
-            mem[s.device] += s.hbm_bytes(by_name[s.table])
+            mem[s.device] += s.hbm_bytes(by_name[s.table], self.cluster.optimizer)
         return mem
 
     def host_memory_bytes(self) -> list[int]:
-        """Weights in host memory per device (``fused_uvm_caching`` shards)."""
+        """Weights and optimizer state in host memory per device (``fused_uvm_caching``)."""
         by_name = {t.name: t for t in self.tables}
         mem = [0] * self.cluster.num_devices
         for s in self.shards:
-            mem[s.device] += s.host_bytes(by_name[s.table])
+            mem[s.device] += s.host_bytes(by_name[s.table], self.cluster.optimizer)
         return mem
 
     def dim_sums(self) -> list[int]:
@@ -426,6 +515,98 @@ class Plan:
 
     def with_cost(self, cost: PlanCost) -> "Plan":
         return replace(self, cost=cost)
+
+
+@dataclass(frozen=True)
+class TableConstraint:
+    """What one table's placement must respect; an empty field leaves the planner free.
+
+    ``sharding_types`` and ``compute_kernels``: those allowed; ``devices``: the devices
+    its shards may sit on (a pin); ``hosts``: the hosts they may sit on;
+    ``cache_fraction``: the share of rows a ``fused_uvm_caching`` HBM cache holds (None:
+    the planner picks).
+    """
+
+    sharding_types: tuple[str, ...] = ()
+    compute_kernels: tuple[str, ...] = ()
+    devices: tuple[int, ...] = ()
+    hosts: tuple[int, ...] = ()
+    cache_fraction: float | None = None
+
+    def allows_type(self, sharding_type: str) -> bool:
+        return not self.sharding_types or sharding_type in self.sharding_types
+
+    def allows_kernel(self, kernel: str) -> bool:
+        return not self.compute_kernels or kernel in self.compute_kernels
+
+    def allowed_devices(self, cluster: Cluster) -> tuple[int, ...]:
+        """The devices this table's shards may sit on, pins and host pins together."""
+        devices = self.devices or tuple(range(cluster.num_devices))
+        if self.hosts:
+            devices = tuple(d for d in devices if cluster.host_of(d) in self.hosts)
+        return devices
+
+
+NO_CONSTRAINT = TableConstraint()
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Placement constraints of a planning task: per table by name (``tables``), and
+    groups of tables that must share a device (``colocate``: every table of a group is
+    placed table-wise, all on one device). :meth:`check` refuses, with
+    :class:`ConstraintError`, what no plan could honour on its face."""
+
+    tables: Mapping[str, TableConstraint] = field(default_factory=dict, hash=False)
+    colocate: tuple[tuple[str, ...], ...] = ()
+
+    def of(self, name: str) -> TableConstraint:
+        return self.tables.get(name, NO_CONSTRAINT)
+
+    def check(self, tables: Sequence[TableSpec], cluster: Cluster) -> None:
+        """Raise :class:`ConstraintError` naming the table and the constraint when a
+        constraint names an unknown table, type, kernel, device or host, allows no
+        device, or contradicts another (co-location needs table-wise placement)."""
+        names = {t.name for t in tables}
+        for name, c in self.tables.items():
+            where = f"table {name!r}"
+            if name not in names:
+                raise ConstraintError(f"{where}: constrained but not in the task")
+            bad = [x for x in c.sharding_types if x not in SHARDING_TYPES]
+            if bad:
+                raise ConstraintError(f"{where}: unknown sharding types {bad}; valid: "
+                                      f"{', '.join(SHARDING_TYPES)}")
+            bad = [x for x in c.compute_kernels if x not in COMPUTE_KERNELS]
+            if bad:
+                raise ConstraintError(f"{where}: unknown compute kernels {bad}; valid: "
+                                      f"{', '.join(COMPUTE_KERNELS)}")
+            bad = [d for d in c.devices if not 0 <= d < cluster.num_devices]
+            if bad:
+                raise ConstraintError(f"{where}: pinned to devices {bad}, the cluster has "
+                                      f"{cluster.num_devices}")
+            bad = [h for h in c.hosts if not 0 <= h < cluster.num_hosts]
+            if bad:
+                raise ConstraintError(f"{where}: pinned to hosts {bad}, the cluster has "
+                                      f"{cluster.num_hosts}")
+            if not c.allowed_devices(cluster):
+                raise ConstraintError(f"{where}: devices {list(c.devices)} and hosts "
+                                      f"{list(c.hosts)} leave no device")
+            if c.cache_fraction is not None and not 0.0 < c.cache_fraction <= 1.0:
+                raise ConstraintError(f"{where}: cache_fraction must be in (0, 1], got "
+                                      f"{c.cache_fraction}")
+        seen: dict[str, int] = {}
+        for i, group in enumerate(self.colocate):
+            for name in group:
+                if name not in names:
+                    raise ConstraintError(f"co-location group {list(group)}: table {name!r} "
+                                          "is not in the task")
+                if name in seen:
+                    raise ConstraintError(f"table {name!r} is in two co-location groups")
+                seen[name] = i
+                if not self.of(name).allows_type("table_wise"):
+                    raise ConstraintError(
+                        f"table {name!r}: co-located tables are placed table-wise, but its "
+                        f"sharding types are {list(self.of(name).sharding_types)}")
 
 
 # --------------------------------------------------------------------------- validation
@@ -587,15 +768,65 @@ def _histogram(value: Any, source: str, table: str) -> tuple[float, ...]:
 # --------------------------------------------------------------------------- interfaces
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What plans move per device beyond the pooled all-to-all of their table- and
+    column-wise shards (which :meth:`CostEstimator.fwd_comm_ms` and ``bwd_comm_ms`` price
+    from dim sums). Each field is an array of shape ``(..., num_devices)``, one row per
+    candidate plan, in bytes (or counts) per training iteration; :mod:`neuroshard.traffic`
+    works them out per sharding type and documents each formula.
+
+    ``fwd_*`` / ``bwd_*``: the forward and backward collectives of row-wise,
+    table-row-wise and data-parallel tables: bytes on the busiest link of each level
+    (``intra``: NVLink inside a host, ``inter``: the NIC across hosts), collective launches
+    (``calls``) and synchronisation steps (``steps``: log2 of each group's size, summed).
+    ``ids_*``: the input all-to-all of ids, the larger of send and receive per level.
+    ``host_bytes``: what ``fused_uvm_caching`` shards fetch and write back over the host
+    link (their cache misses).
+    """
+
+    fwd_intra_bytes: np.ndarray
+    fwd_inter_bytes: np.ndarray
+    bwd_intra_bytes: np.ndarray
+    bwd_inter_bytes: np.ndarray
+    fwd_calls: np.ndarray
+    fwd_steps: np.ndarray
+    bwd_calls: np.ndarray
+    bwd_steps: np.ndarray
+    ids_intra_bytes: np.ndarray
+    ids_inter_bytes: np.ndarray
+    host_bytes: np.ndarray
+
+
+class ExtraCosts(NamedTuple):
+    """The ms :class:`Traffic` costs per device, each ``(..., num_devices)``: forward and
+    backward collectives, the input all-to-all (before overlap) and host-link transfers."""
+
+    fwd_ms: np.ndarray
+    bwd_ms: np.ndarray
+    input_ms: np.ndarray
+    host_ms: np.ndarray
+
+
 @runtime_checkable
 class CostEstimator(Protocol):
     """Costs of a plan's pieces, in ms, batched.
 
     ``loads`` is a batch of device loads; a load is the list of shards on one device, each
-    shard given as a :class:`TableSpec` whose ``dim`` is the shard's width.
+    shard given as a :class:`TableSpec` whose ``dim`` is the shard's width (and, for a row
+    block, its rows and its share of the ids: :meth:`TableSpec.shard_view`).
     ``dim_sums`` and ``waits_ms`` are ``(batch, num_devices)`` arrays: per device, the sum
-    of its shard widths, and how long it reached the forward all-to-all after the first
-    device did (its compute + backward comm minus the smallest across devices).
+    of its table- and column-wise shard widths, and how long it reached the forward
+    all-to-all after the first device did (its compute + backward comm minus the smallest
+    across devices).
+
+    Two optional methods, found with ``getattr`` (the learned models have neither):
+
+    * ``for_cluster(cluster) -> CostEstimator``: the estimator for that topology (the sim
+      backend takes the cluster's hosts and bandwidths);
+    * ``extra_ms(traffic: Traffic) -> ExtraCosts``: prices what the other sharding types
+      and kernels move. Without it, :func:`neuroshard.traffic.analytic_extra_ms` prices it
+      from the cluster's bandwidths (or the defaults documented there).
     """
 
     name: str
