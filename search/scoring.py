@@ -11,6 +11,28 @@ and the plan cost is the max over devices of their sum. :func:`plan_cost` comput
 one :class:`~neuroshard.types.Plan`; it serves the search (with a learned model) and
 ``neuroshard evaluate`` (with a hardware backend) alike.
 
+**The whole sharding space.** Dim sums count the table- and column-wise shards only (the
+pooled all-to-all the estimators price, as the learned models were trained). What the
+other types and kernels move (:mod:`neuroshard.traffic`: row-wise and table-row-wise
+reduce-scatters and all-gathers, the cross-host all-to-all, the data-parallel
+all-reduce, the input all-to-all of ids, ``fused_uvm_caching`` misses over the host
+link) is priced by the estimator's ``extra_ms`` when it has one (the sim backend), else
+analytically from the cluster's bandwidths (:func:`neuroshard.traffic.analytic_extra_ms`),
+and enters the same formula:
+
+* compute += host-link ms (cache misses are fetched by the kernel);
+* backward comm += the backward collectives; the waits include them;
+* forward comm = the estimator's forward all-to-all with the wait for stragglers (when
+  no device has a table- or column-wise shard, the wait alone: every device meets the
+  others at its first collective) + the forward collectives;
+* the input all-to-all overlaps the previous iteration (TorchRec's pipelined training):
+  only what outlasts the device's compute + comm is added, to its forward comm.
+
+An estimator with ``for_cluster(cluster)`` is bound to the plan's cluster first (the sim
+takes its hosts and bandwidths). For a plan of table- and column-wise ``fused`` shards
+every extra term is 0 on one host (its input all-to-all hides behind the compute), so
+such plans cost exactly what they did before these types existed.
+
 :class:`Scorer` computes the same numbers for many candidate assignments at once, as the
 searches need: a device's load is an opaque hashable :data:`LoadKey`, compute is cached
 per key, and a batch of candidates costs one ``compute_ms`` call over its uncached loads
@@ -35,11 +57,29 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_right
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from neuroshard.types import CostEstimator, DeviceCost, Plan, PlanCost, TableSpec
+from neuroshard.traffic import (
+    ALLTOALL_TYPES,
+    NUM_FIXED,
+    analytic_extra_ms,
+    finish,
+    output_values,
+    plan_traffic,
+)
+from neuroshard.types import (
+    Cluster,
+    CostEstimator,
+    DeviceCost,
+    ExtraCosts,
+    Plan,
+    PlanCost,
+    TableSpec,
+    Traffic,
+    embedding_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +98,80 @@ def _comm_ms(estimator: CostEstimator, compute_ms: np.ndarray,
     return bwd, fwd
 
 
+ExtraPricer = Callable[[Traffic], ExtraCosts]
+
+
+def bind(estimator: CostEstimator, cluster: Cluster) -> tuple[CostEstimator, ExtraPricer]:
+    """``estimator`` for ``cluster`` (its ``for_cluster`` when it has one) and the price of
+    extra traffic (its ``extra_ms``, else the analytic price at the cluster's bandwidths)."""
+    for_cluster = getattr(estimator, "for_cluster", None)
+    bound = for_cluster(cluster) if callable(for_cluster) else estimator
+    extra = getattr(bound, "extra_ms", None)
+    if callable(extra):
+        return bound, extra
+    return bound, lambda traffic: analytic_extra_ms(traffic, cluster)
+
+
+def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.ndarray,
+                 extra: ExtraCosts | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compute, backward and forward comm ``(batch, num_devices)`` of stacked plans with
+    per-device estimator compute, all-to-all dim sums and extra costs (the module doc's
+    formula; ``extra`` None: the all-to-all alone)."""
+    if extra is None:
+        bwd, fwd = _comm_ms(estimator, compute_ms, dim_sums)
+        return compute_ms, bwd, fwd
+    compute_ms = compute_ms + extra.host_ms
+    a2a = (dim_sums > 0).any(axis=1)
+    bwd = np.zeros(compute_ms.shape)
+    if a2a.all():
+        bwd = np.asarray(estimator.bwd_comm_ms(dim_sums), dtype=float)
+    elif a2a.any():
+        bwd[a2a] = np.asarray(estimator.bwd_comm_ms(dim_sums[a2a]), dtype=float)
+    bwd = bwd + extra.bwd_ms
+    ready_ms = compute_ms + bwd
+    waits_ms = ready_ms - ready_ms.min(axis=1, keepdims=True)
+    if a2a.all():
+        fwd = np.asarray(estimator.fwd_comm_ms(dim_sums, waits_ms), dtype=float)
+    else:
+        fwd = waits_ms.max(axis=1, keepdims=True) - waits_ms
+        if a2a.any():
+            fwd[a2a] = np.asarray(estimator.fwd_comm_ms(dim_sums[a2a], waits_ms[a2a]),
+                                  dtype=float)
+    fwd = fwd + extra.fwd_ms
+    exposed = np.maximum(extra.input_ms - (compute_ms + fwd + bwd), 0.0)
+    return compute_ms, bwd, fwd + exposed
+
+
+def alltoall_dim_sums(plan: Plan) -> list[float]:
+    """Per device, the values per sample its table- and column-wise shards send in the
+    pooled all-to-all (:func:`neuroshard.traffic.output_values`)."""
+    by_name = {t.name: t for t in plan.tables}
+    kinds = {t.name: plan.sharding_type_of(t.name) for t in plan.tables}
+    sums = [0.0] * plan.cluster.num_devices
+    for s in plan.shards:
+        if kinds[s.table] in ALLTOALL_TYPES:
+            sums[s.device] += output_values(by_name[s.table], s.width)
+    return sums
+
+
 def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
     """Per-device compute, comm and memory of ``plan`` under ``estimator``."""
+    estimator, extra_ms = bind(estimator, plan.cluster)
     loads = plan.device_loads()
     busy = [i for i, load in enumerate(loads) if load]
     compute = np.zeros(len(loads))
     if busy:
         compute[busy] = np.asarray(estimator.compute_ms([loads[i] for i in busy]), dtype=float)
-    dim_sums = np.asarray([plan.dim_sums()], dtype=float)
-    bwd, fwd = _comm_ms(estimator, compute[None], dim_sums)
+    dim_sums = np.asarray([alltoall_dim_sums(plan)], dtype=float)
+    extra = extra_ms(plan_traffic(plan))
+    compute, bwd, fwd = device_costs(estimator, compute[None], dim_sums, extra)
+    compute = compute[0]
     return PlanCost(
         model=estimator.name,
         devices=tuple(
             DeviceCost(compute_ms=float(c), fwd_comm_ms=float(f), bwd_comm_ms=float(b),
                        memory_bytes=int(m))
-            for c, f, b, m in zip(compute, fwd[0], bwd[0], plan.memory_bytes())
+            for c, f, b, m in zip(compute, fwd[0], bwd[0], plan.memory_bytes(), strict=True)
         ),
     )
 
@@ -86,25 +185,42 @@ def is_additive(estimator: CostEstimator) -> bool:
 class Scorer:
     """Batched, cached costs of candidate assignments under one estimator.
 
-    An *item* is a column shard's compute view (a :class:`TableSpec` narrowed to the
-    shard's width), interned to a small int by :meth:`item`. A device load is a
-    :data:`LoadKey`, built from :data:`EMPTY_LOAD` with :meth:`add`. An *assignment* is one
-    candidate plan: a sequence of ``num_devices`` load keys.
+    An *item* is a shard's compute view (a :class:`TableSpec` narrowed to the shard's
+    width, and to its rows and their share of the ids for a row block), interned to a
+    small int by :meth:`item`, with what it needs and moves: its HBM and host-memory
+    footprint, the values per sample it sends in the pooled all-to-all (its width; 0 for
+    the types that do not use it), the ids it receives and its host-link bytes. A device
+    load is a :data:`LoadKey`, built from :data:`EMPTY_LOAD` with :meth:`add`. An
+    *assignment* is one candidate plan: a sequence of ``num_devices`` load keys.
 
+    ``cluster`` (None: the all-to-all alone, as before other types existed) binds the
+    estimator to the topology and prices the extra traffic (:func:`bind`); an
+    assignment's fixed traffic (its row-wise, table-row-wise and data-parallel
+    collectives, :func:`neuroshard.traffic.fixed_traffic`) is passed to :meth:`score`.
     ``additive=None`` detects an additive estimator (:func:`is_additive`); ``False``
     forces the generic path (the estimator's ``compute_ms`` on whole loads).
     """
 
-    def __init__(self, estimator: CostEstimator, *, additive: bool | None = None):
+    def __init__(self, estimator: CostEstimator, *, additive: bool | None = None,
+                 cluster: Cluster | None = None):
+        self.cluster = cluster
+        self._extra: ExtraPricer | None = None
+        if cluster is not None:
+            estimator, self._extra = bind(estimator, cluster)
         self.estimator = estimator
         self.additive = is_additive(estimator) if additive is None else bool(additive)
         if self.additive and not is_additive(estimator):
             raise ValueError(f"estimator {getattr(estimator, 'name', estimator)!r} has no "
                              "shard_embeddings / compute_from_embeddings")
-        self._ids: dict[tuple[str, int], int] = {}
+        self.batch_size = cluster.batch_size if cluster is not None else estimator.batch_size
+        self.optimizer = cluster.optimizer if cluster is not None else "sgd"
+        self._ids: dict[tuple, int] = {}
         self._specs: list[TableSpec] = []
-        self._widths: list[int] = []
+        self._widths: list[float] = []
         self._bytes: list[int] = []
+        self._host_need: list[int] = []
+        self._lookups: list[float] = []
+        self._host_link: list[float] = []
         self._compute_ms: dict[LoadKey, float] = {EMPTY_LOAD: 0.0}
         self._emb: np.ndarray | None = None  # (capacity, E) float32, rows of embedded items
         self._embedded = 0  # items 0 .. _embedded-1 have rows in _emb
@@ -114,15 +230,30 @@ class Scorer:
 
     # -- items and keys
 
-    def item(self, spec: TableSpec) -> int:
-        """The id of the shard ``spec`` (table name and width identify it)."""
-        ident = (spec.name, spec.dim)
+    def item(self, spec: TableSpec, *, hbm_bytes: int | None = None, host_bytes: int = 0,
+             alltoall: float | None = None, ids: float | None = None,
+             host_link_bytes: float = 0.0) -> int:
+        """The id of the shard whose compute view is ``spec``. By default a table- or
+        column-wise ``fused`` shard: its weights and optimizer state in HBM, its width in
+        the all-to-all (:func:`~neuroshard.traffic.output_values`), the ids of its
+        lookups, nothing over the host link; keywords say otherwise."""
+        if hbm_bytes is None:
+            hbm_bytes = embedding_bytes(spec.rows, spec.dim, self.optimizer)
+        if alltoall is None:
+            alltoall = output_values(spec, spec.dim)
+        if ids is None:
+            ids = self.batch_size * spec.pooling_factor
+        ident = (spec.name, spec.dim, spec.rows, spec.pooling_factor, hbm_bytes, host_bytes,
+                 alltoall, ids, host_link_bytes)
         found = self._ids.get(ident)
         if found is None:
             found = self._ids[ident] = len(self._specs)
             self._specs.append(spec)
-            self._widths.append(spec.dim)
-            self._bytes.append(spec.size_bytes)
+            self._widths.append(alltoall)
+            self._bytes.append(hbm_bytes)
+            self._host_need.append(host_bytes)
+            self._lookups.append(ids)
+            self._host_link.append(host_link_bytes)
         return found
 
     @property
@@ -130,12 +261,31 @@ class Scorer:
         return len(self._specs)
 
     def widths(self) -> np.ndarray:
-        """Width (columns) of every item so far, indexed by item id."""
-        return np.asarray(self._widths, dtype=np.int64)
+        """Values per sample each item sends in the all-to-all (its width for a table- or
+        column-wise shard of a pooled table), indexed by item id."""
+        return np.asarray(self._widths, dtype=float)
 
     def sizes_bytes(self) -> np.ndarray:
-        """Memory (bytes) of every item so far, indexed by item id."""
+        """HBM footprint (bytes) of every item so far, indexed by item id."""
         return np.asarray(self._bytes, dtype=np.int64)
+
+    def host_sizes_bytes(self) -> np.ndarray:
+        """Host-memory footprint (bytes) of every item so far, indexed by item id."""
+        return np.asarray(self._host_need, dtype=np.int64)
+
+    def lookups(self) -> np.ndarray:
+        """Ids each item receives per iteration, indexed by item id."""
+        return np.asarray(self._lookups, dtype=float)
+
+    def host_link_bytes(self) -> np.ndarray:
+        """Bytes each item moves over the host link per iteration, indexed by item id."""
+        return np.asarray(self._host_link, dtype=float)
+
+    def hbm_need(self, item: int) -> int:
+        return self._bytes[item]
+
+    def host_need(self, item: int) -> int:
+        return self._host_need[item]
 
     def spec(self, item: int) -> TableSpec:
         return self._specs[item]
@@ -150,9 +300,14 @@ class Scorer:
         """The load key of a device holding ``specs``."""
         return tuple(sorted(self.item(s) for s in specs))
 
-    def dim_sum(self, key: LoadKey) -> int:
+    def dim_sum(self, key: LoadKey) -> float:
         widths = self._widths
         return sum(widths[i] for i in key)
+
+    def key_traffic(self, key: LoadKey) -> tuple[float, float]:
+        """Ids received and host-link bytes of a device holding ``key``."""
+        lookups, link = self._lookups, self._host_link
+        return sum(lookups[i] for i in key), sum(link[i] for i in key)
 
     # -- additive estimators
 
@@ -201,7 +356,7 @@ class Scorer:
                 values = self.estimator.compute_ms([[specs[i] for i in k] for k in missing])
                 self.compute_calls += 1
                 self.loads_computed += len(missing)
-            cache.update(zip(missing, np.asarray(values, dtype=float).tolist()))
+            cache.update(zip(missing, np.asarray(values, dtype=float).tolist(), strict=True))
         return np.fromiter((cache[k] for k in keys), dtype=float, count=len(keys))
 
     def _compute_additive(self, keys: Sequence[LoadKey]) -> np.ndarray:
@@ -230,37 +385,71 @@ class Scorer:
                                                          np.ones(missing.size))
         return self._single_ms[wanted]
 
+    def _extras(self, shape: tuple[int, int], lookups: np.ndarray | None,
+                host_link: np.ndarray | None, fixed: np.ndarray | None) -> ExtraCosts | None:
+        """The extra costs of stacked plans (None without a cluster)."""
+        if self._extra is None or self.cluster is None:
+            return None
+        if fixed is None:
+            fixed = np.zeros((shape[0], NUM_FIXED, shape[1]))
+        fixed = np.broadcast_to(np.asarray(fixed, dtype=float), (shape[0], NUM_FIXED, shape[1]))
+        lookups = np.zeros(shape) if lookups is None else np.asarray(lookups, dtype=float)
+        host_link = np.zeros(shape) if host_link is None else np.asarray(host_link, dtype=float)
+        return self._extra(finish(fixed, lookups, host_link, self.cluster))
+
+    def costs(self, compute_ms: np.ndarray, dim_sums: np.ndarray, *,
+              lookups: np.ndarray | None = None, host_link: np.ndarray | None = None,
+              fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Compute (host-link time included), backward and forward comm, each ``(batch,
+        num_devices)``, of stacked plans with per-device estimator compute, all-to-all
+        dim sums, ids received and host-link bytes, and fixed traffic ``(batch or 1,
+        NUM_FIXED, num_devices)`` (default none)."""
+        compute_ms = np.asarray(compute_ms, dtype=float)
+        dim_sums = np.asarray(dim_sums, dtype=float)
+        extra = self._extras(compute_ms.shape, lookups, host_link, fixed)
+        return device_costs(self.estimator, compute_ms, dim_sums, extra)
+
     def comm(self, compute_ms: np.ndarray, dim_sums: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:
         """Backward and forward comm, each ``(batch, num_devices)``, of stacked plans with
-        per-device ``compute_ms`` and ``dim_sums``."""
-        return _comm_ms(self.estimator, np.asarray(compute_ms, dtype=float),
-                        np.asarray(dim_sums, dtype=float))
+        per-device ``compute_ms`` and ``dim_sums`` (no extra traffic)."""
+        _, bwd, fwd = self.costs(compute_ms, dim_sums)
+        return bwd, fwd
 
-    def plan_ms(self, compute_ms: np.ndarray, dim_sums: np.ndarray) -> np.ndarray:
-        """Plan cost (max over devices, ms) of stacked plans, ``(batch,)``."""
+    def plan_ms(self, compute_ms: np.ndarray, dim_sums: np.ndarray, *,
+                lookups: np.ndarray | None = None, host_link: np.ndarray | None = None,
+                fixed: np.ndarray | None = None) -> np.ndarray:
+        """Plan cost (max over devices, ms) of stacked plans, ``(batch,)`` (see :meth:`costs`)."""
         compute_ms = np.asarray(compute_ms, dtype=float)
         if not len(compute_ms):
             return np.zeros(0)
-        bwd, fwd = self.comm(compute_ms, dim_sums)
+        compute_ms, bwd, fwd = self.costs(compute_ms, dim_sums, lookups=lookups,
+                                          host_link=host_link, fixed=fixed)
         return (compute_ms + fwd + bwd).max(axis=1)  # DeviceCost.total_ms order
 
-    def device_costs(self, assignments: Sequence[Sequence[LoadKey]]
+    def device_costs(self, assignments: Sequence[Sequence[LoadKey]],
+                     fixed: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Compute, backward comm and forward comm, each ``(len(assignments), num_devices)``."""
+        """Compute, backward comm and forward comm, each ``(len(assignments), num_devices)``;
+        ``fixed``: each assignment's fixed traffic (or one for all)."""
         num_devices = len(assignments[0])
         flat = [k for a in assignments for k in a]
-        compute = self.compute(flat).reshape(len(assignments), num_devices)
+        shape = (len(assignments), num_devices)
+        compute = self.compute(flat).reshape(shape)
         dim_sums = np.fromiter((self.dim_sum(k) for k in flat), dtype=float,
-                               count=len(flat)).reshape(compute.shape)
-        bwd, fwd = _comm_ms(self.estimator, compute, dim_sums)
-        return compute, bwd, fwd
+                               count=len(flat)).reshape(shape)
+        lookups = host_link = None
+        if self.cluster is not None:
+            moved = np.asarray([self.key_traffic(k) for k in flat], dtype=float)
+            lookups, host_link = moved[:, 0].reshape(shape), moved[:, 1].reshape(shape)
+        return self.costs(compute, dim_sums, lookups=lookups, host_link=host_link, fixed=fixed)
 
-    def score(self, assignments: Sequence[Sequence[LoadKey]]) -> np.ndarray:
+    def score(self, assignments: Sequence[Sequence[LoadKey]],
+              fixed: np.ndarray | None = None) -> np.ndarray:
         """Plan cost (max over devices, ms) of each candidate assignment."""
         if not assignments:
             return np.zeros(0)
-        compute, bwd, fwd = self.device_costs(assignments)
+        compute, bwd, fwd = self.device_costs(assignments, fixed)
         return (compute + fwd + bwd).max(axis=1)  # DeviceCost.total_ms order
 
 
@@ -279,3 +468,11 @@ class WithoutEmbeddings:
 
     def fwd_comm_ms(self, dim_sums, waits_ms):
         return self.inner.fwd_comm_ms(dim_sums, waits_ms)
+
+    def __getattr__(self, name: str):
+        """The inner estimator's optional ``for_cluster`` (wrapped again) and ``extra_ms``."""
+        if name == "for_cluster" and callable(getattr(self.inner, "for_cluster", None)):
+            return lambda cluster: WithoutEmbeddings(self.inner.for_cluster(cluster))
+        if name == "extra_ms" and callable(getattr(self.inner, "extra_ms", None)):
+            return self.inner.extra_ms
+        raise AttributeError(name)

@@ -75,6 +75,27 @@ without the wait. The **forward** all-to-all of device ``d`` also includes waiti
 stragglers, ``max_j waits_j - waits_d``, where ``waits`` says how late each device reached
 the collective. One device has no all-to-all: 0 (plus its wait, which is 0).
 
+Topology: called directly, the backend takes ``gpus_per_host`` from its profile (8). Plans
+are priced through :meth:`SimBackend.for_cluster`, which takes the cluster's
+``devices_per_host`` and, when the cluster gives them, its intra- and inter-host
+bandwidths per direction, so the same dims cost more when a host boundary cuts the
+all-to-all.
+
+The other sharding types and kernels (:meth:`SimBackend.extra_ms`)
+-------------------------------------------------------------------
+Row-wise and table-row-wise reduce-scatters and all-gathers, the cross-host all-to-all
+of table-row-wise tables, the data-parallel all-reduce, the input all-to-all of ids and
+``fused_uvm_caching`` misses: their bytes per device are worked out, with their sources,
+in :mod:`neuroshard.traffic`; the sim prices them with :func:`neuroshard.traffic.price`
+on this profile's links: bytes over ``alltoall_efficiency`` x NVLink or NIC bandwidth per
+direction (a ring that spans hosts runs at the NIC's speed), plus ``kernel_launch_ms`` per
+collective and ``sync_ms`` per doubling of its group; host-link bytes over
+``host_link_efficiency`` x the host link. A row block's compute is the compute of its
+view (:meth:`~neuroshard.types.TableSpec.shard_view`): its rows, and lookups and unique
+rows in proportion to its share of the ids; a data-parallel replica looks up
+``1 / N`` of the table's ids; a ``fused_uvm_caching`` shard computes as in HBM (hits at
+HBM rates) and its misses cross the host link.
+
 Noise
 -----
 With ``noise = sigma > 0`` every transfer or compute time is multiplied by
@@ -88,7 +109,7 @@ it is about ``1.35 sigma``, we report the level itself) and ``repeats = 1``. Wit
 Constants and their sources
 ---------------------------
 Per profile (``v100`` = V100 SXM2, ``a100`` = A100 SXM4 40 GB, ``h100`` = H100 SXM5,
-``h200`` = H200 SXM):
+``h200`` = H200 SXM; ``gh200`` below):
 
 * HBM bandwidth 900 GB/s, 1,555 GB/s, 3.35 TB/s, 4.8 TB/s; HBM capacity 32, 40, 80,
   141 GB; L2 size 6 MB, 40 MB, 50 MB; SM count 80, 108, 132, 132: NVIDIA's V100, A100,
@@ -109,9 +130,14 @@ Per profile (``v100`` = V100 SXM2, ``a100`` = A100 SXM4 40 GB, ``h100`` = H100 S
   50, 50 GB/s per direction. ``gpus_per_host = 8``.
 * 64 resident warps per SM: CUDA's limit for compute capability 7.0, 8.0 and 9.0.
 * Kernel launch ~5 us: the usual order of CUDA launch overhead.
+* Host link per direction: PCIe 3.0, 4.0, 5.0, 5.0 x16 for V100, A100, H100, H200
+  (15.75, 31.5, 63, 63 GB/s: 8, 16, 32 GT/s per lane with 128b/130b coding, PCI-SIG
+  specifications). ``gh200`` (Grace Hopper superchip, 96 GB HBM3 at 4 TB/s, the H100's
+  SMs and L2; NVIDIA's GH200 datasheet) reaches host memory over NVLink-C2C, 900 GB/s
+  bidirectional, 450 GB/s per direction.
 
 Modelling assumptions (same on every profile, not published figures): gather efficiency
-0.5 of peak HBM for random rows, stream efficiency 0.85; usable L2 fraction 0.5 (A100 and
+0.5 of peak HBM for random rows, stream efficiency 0.85; host-link efficiency 0.75; usable L2 fraction 0.5 (A100 and
 H100 split L2 into two partitions, and the cache also holds indices, outputs and
 gradients); 2 rows in flight per warp; loaded HBM latency 600 ns and L2 latency 250 ns;
 small-dim penalty 0.5; footprint penalty 0.05 per doubling over 32 MiB; 3 us per table;
@@ -141,18 +167,23 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from neuroshard.traffic import BIN_ACCESS_COUNTS, LinkSpeeds, price
 from neuroshard.types import (
     BYTES_PER_FLOAT,
     DEFAULT_BATCH_SIZE,
     DLRM_REUSE_HIST,
     NUM_HIST_BINS,
+    Cluster,
+    ExtraCosts,
     TableSpec,
     Timing,
+    Traffic,
     UnknownNameError,
 )
 
@@ -161,10 +192,6 @@ logger = logging.getLogger(__name__)
 GB_PER_S = 1e9 / 1e3  # bytes per ms in one GB/s
 GBIT_PER_S = GB_PER_S / 8
 
-# Representative access count of each reuse-histogram bin (see module doc).
-BIN_ACCESS_COUNTS: np.ndarray = np.array(
-    [1.0, 2.0] + [2.0 ** (k - 0.5) for k in range(2, NUM_HIST_BINS - 1)] + [2.0**16]
-)
 
 
 @dataclass(frozen=True)
@@ -179,6 +206,7 @@ class SimProfile:
     sm_count: int
     nvlink_bytes_per_ms: float  # per direction, per GPU
     inter_host_bytes_per_ms: float  # per direction, per GPU
+    host_link_bytes_per_ms: float  # GPU <-> host memory, per direction
     gpus_per_host: int = 8
     warps_per_sm: int = 64
     kernel_launch_ms: float = 0.005
@@ -200,6 +228,7 @@ class SimProfile:
     index_bytes: int = 8
     sort_bytes_per_lookup: float = 192.0
     alltoall_efficiency: float = 0.75
+    host_link_efficiency: float = 0.75
     alpha_intra_ms: float = 0.002
     alpha_inter_ms: float = 0.006
     sync_ms: float = 0.005
@@ -228,21 +257,31 @@ PROFILES: dict[str, SimProfile] = {
         name="v100", hbm_bytes_per_ms=900 * GB_PER_S, hbm_capacity_bytes=32 * 10**9,
         l2_bytes=6 * _MB, l2_bytes_per_ms=2100 * GB_PER_S, sm_count=80,
         nvlink_bytes_per_ms=150 * GB_PER_S, inter_host_bytes_per_ms=100 * GBIT_PER_S,
+        host_link_bytes_per_ms=15.75 * GB_PER_S,
     ),
     "a100": SimProfile(
         name="a100", hbm_bytes_per_ms=1555 * GB_PER_S, hbm_capacity_bytes=40 * 10**9,
         l2_bytes=40 * _MB, l2_bytes_per_ms=5000 * GB_PER_S, sm_count=108,
         nvlink_bytes_per_ms=300 * GB_PER_S, inter_host_bytes_per_ms=200 * GBIT_PER_S,
+        host_link_bytes_per_ms=31.5 * GB_PER_S,
     ),
     "h100": SimProfile(
         name="h100", hbm_bytes_per_ms=3350 * GB_PER_S, hbm_capacity_bytes=80 * 10**9,
         l2_bytes=50 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
         nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        host_link_bytes_per_ms=63 * GB_PER_S,
     ),
     "h200": SimProfile(
         name="h200", hbm_bytes_per_ms=4800 * GB_PER_S, hbm_capacity_bytes=141 * 10**9,
         l2_bytes=60 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
         nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        host_link_bytes_per_ms=63 * GB_PER_S,
+    ),
+    "gh200": SimProfile(
+        name="gh200", hbm_bytes_per_ms=4000 * GB_PER_S, hbm_capacity_bytes=96 * 10**9,
+        l2_bytes=50 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
+        nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        host_link_bytes_per_ms=450 * GB_PER_S,
     ),
 }
 
@@ -337,6 +376,32 @@ class SimBackend:
         base = self._noisy(self._alltoall_ms(dim_sums))
         waits = np.asarray(waits_ms, dtype=float).reshape(base.shape)
         return base + (waits.max(axis=-1, keepdims=True) - waits)
+
+    def for_cluster(self, cluster: Cluster) -> SimBackend:
+        """This backend on ``cluster``'s topology: its hosts (``devices_per_host``) and,
+        where it gives them, its bandwidths per direction; the noise stream is shared."""
+        profile = replace(
+            self.profile, gpus_per_host=cluster.devices_per_host,
+            nvlink_bytes_per_ms=cluster.intra_host_bw_bytes_per_ms
+            or self.profile.nvlink_bytes_per_ms,
+            inter_host_bytes_per_ms=cluster.inter_host_bw_bytes_per_ms
+            or self.profile.inter_host_bytes_per_ms)
+        if profile == self.profile:
+            return self
+        bound = SimBackend(profile, self.batch_size, self.noise, self.seed)
+        bound._rng = self._rng
+        return bound
+
+    def extra_ms(self, traffic: Traffic) -> ExtraCosts:
+        """What the other sharding types and kernels move, priced on this profile's links
+        (:func:`neuroshard.traffic.price` with its NVLink, NIC and host-link bandwidths,
+        all-to-all efficiency, launch and synchronisation costs), with noise."""
+        prof = self.profile
+        speeds = LinkSpeeds(prof.nvlink_bytes_per_ms, prof.inter_host_bytes_per_ms,
+                            prof.host_link_bytes_per_ms, prof.alltoall_efficiency,
+                            prof.host_link_efficiency, prof.kernel_launch_ms, prof.sync_ms)
+        return ExtraCosts(*(self._noisy(np.asarray(x, dtype=float))
+                            for x in price(traffic, speeds)))
 
     # ----------------------------------------------------------------- HardwareBackend
 
