@@ -121,18 +121,18 @@ def connect_ray(address: str) -> None:
       token exists, but a client given an explicit address sends its token only under
       ``RAY_AUTH_MODE=token``. With ``RAY_AUTH_MODE`` unset and a token at hand
       (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), this process
-      turns token mode on, as ``ray start`` does.
+      turns token mode on, as ``ray start --head`` does.
     * Loopback: Ray rewrites ``127.0.0.1`` or ``localhost`` into this machine's outward
       address, where a cluster whose nodes were started with ``--node-ip-address
       127.0.0.1`` does not listen. A loopback address is used as given.
     """
+    import ray
+
     host, port = _split_address(address)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     token, source = _client_token()
     alive = _probe_head(target, token, source)
     _check_local_node(target, alive)
-    import ray
-
     with _loopback_kept(host):
         try:
             ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
@@ -165,8 +165,10 @@ def _client_token() -> tuple[str | None, str]:
     mode = os.environ.get(_AUTH_MODE_VAR, "").strip().lower()
     token, source = _find_token()
     if not mode and token is not None:
-        _enable_token_mode()
-        mode = "token"
+        os.environ[_AUTH_MODE_VAR] = mode = "token"
+        logger.info("a Ray token is at hand and %s is unset: token authentication on",
+                    _AUTH_MODE_VAR)
+    _refresh_ray_auth()
     if mode == "token" and token is None:
         raise RayClusterError(f"{_AUTH_MODE_VAR}=token but this client has no token: set "
                               f"{_TOKEN_VAR} or {_TOKEN_PATH_VAR}, or put the cluster's token "
@@ -196,18 +198,22 @@ def _find_token() -> tuple[str | None, str]:
     return (token or None), str(default)
 
 
-def _enable_token_mode() -> None:
-    """``RAY_AUTH_MODE=token`` for this process (and the processes it starts)."""
-    os.environ[_AUTH_MODE_VAR] = "token"
-    try:  # Ray caches its config at import; reread it, as ray.init does for its own cluster
-        from ray._raylet import Config
+def _refresh_ray_auth() -> None:
+    """Make Ray reread ``RAY_AUTH_MODE`` and the token: it caches both (its config at
+    import, the token when first used, say by an earlier embedded cluster in this
+    process), as ``ray.init`` does for a cluster of its own. Not while connected: ray.init
+    refuses a second connection anyway."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
 
         Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
     except (ImportError, AttributeError):
-        logger.debug("cannot refresh Ray's config; token mode may need RAY_AUTH_MODE=token",
-                     exc_info=True)
-    logger.info("a Ray token is at hand and %s is unset: token authentication on",
-                _AUTH_MODE_VAR)
+        logger.debug("cannot refresh Ray's auth settings", exc_info=True)
 
 
 def _probe_head(target: str, token: str | None, source: str) -> list[str]:
@@ -261,9 +267,12 @@ def _check_local_node(target: str, alive: Sequence[str]) -> None:
     search for a minute before failing."""
     try:
         from ray._private.services import find_node_ids
-    except ImportError:
+
+        local = set(find_node_ids())  # Ray's own scan of this machine's raylets
+    except Exception:  # noqa: BLE001 -- no scan, no check: ray.init finds out itself
+        logger.debug("cannot list this machine's Ray nodes", exc_info=True)
         return
-    if not set(find_node_ids()) & set(alive):
+    if not local & set(alive):
         raise RayClusterError(
             f"no node of the Ray cluster at {target} ({len(alive)} alive) runs on this "
             "machine, and Ray runs the job's driver on a node: run neuroshard on the head, "
