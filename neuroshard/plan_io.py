@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from neuroshard.atomic import write_text_atomic
-from neuroshard.tables import tables_from_records
+from neuroshard.paths import input_problem
+from neuroshard.tables import tables_from_records, unique_keys
 from neuroshard.types import (
     COMPUTE_KERNELS,
     DIM_MULTIPLE,
@@ -43,6 +44,7 @@ PLAN_FORMAT = "neuroshard.plan/v2"
 PLAN_FORMAT_V1 = "neuroshard.plan/v1"
 _PLACEMENT_KEYS = ("shards", "sharding_type", "compute_kernel", "cache_fraction")
 _BANDWIDTH_KEYS = ("intra_host_bw_bytes_per_ms", "inter_host_bw_bytes_per_ms")
+MAX_DEVICES = 4096  # as the CLI's --devices
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -115,8 +117,14 @@ def write_plan(plan: Plan, path: str | Path) -> None:
 def read_plan(path: str | Path) -> Plan:
     """Read and validate a plan file; every problem is a :class:`PlanFormatError` naming the file."""
     path = Path(path)
+    problem = input_problem(path)
+    if problem is not None:
+        raise PlanFormatError(f"{path}: {problem}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant,
+                         object_pairs_hook=unique_keys(str(path)))
+    except TableSpecError as e:  # a key given twice
+        raise PlanFormatError(str(e)) from None
     except FileNotFoundError:
         raise PlanFormatError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -126,12 +134,18 @@ def read_plan(path: str | Path) -> Plan:
             f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise PlanFormatError(f"{path}: malformed JSON: nested too deeply") from None
+    except ValueError as e:  # NaN / Infinity, or an integer of too many digits
+        raise PlanFormatError(f"{path}: malformed JSON: {e}") from None
     try:
         plan = plan_from_dict(doc)
         validate_plan(plan)
     except PlanFormatError as e:
         raise PlanFormatError(f"{path}: {e}") from None
     return plan
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid number")
 
 
 def plan_from_dict(doc: Any) -> Plan:
@@ -155,12 +169,18 @@ def plan_from_dict(doc: Any) -> Plan:
     for table, record in zip(tables, records):
         shards.extend(_shards_from_dict(table, record, v2))
     cost = _cost_from_dict(doc["cost"]) if doc.get("cost") is not None else None
+    if cost is not None and len(cost.devices) != cluster.num_devices:
+        raise PlanFormatError(f"field 'cost' has {len(cost.devices)} devices, the plan "
+                              f"{cluster.num_devices}")
     meta = doc.get("meta") if isinstance(doc.get("meta"), Mapping) else {}
     return Plan(tuple(tables), tuple(shards), cluster, cost, meta)
 
 
 def _cluster_from_dict(doc: Mapping[str, Any], v2: bool) -> Cluster:
     num_devices = _int(doc, "num_devices")
+    if not 1 <= num_devices <= MAX_DEVICES:
+        raise PlanFormatError(f"field 'num_devices' must be between 1 and {MAX_DEVICES}, "
+                              f"got {num_devices}")
     memory = _int_list(doc, "memory_per_device_bytes")
     extra: dict[str, Any] = {}
     if v2:
@@ -366,7 +386,7 @@ def _number(doc: Mapping[str, Any], key: str) -> float:
 
 def _cost_from_dict(doc: Any) -> PlanCost:
     try:
-        return PlanCost(
+        cost = PlanCost(
             model=str(doc["model"]),
             devices=tuple(
                 DeviceCost(float(d["compute_ms"]), float(d["fwd_comm_ms"]),
@@ -374,5 +394,16 @@ def _cost_from_dict(doc: Any) -> PlanCost:
                 for d in doc["devices"]
             ),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise PlanFormatError(f"field 'cost' is malformed: {e!r}") from None
+    if not cost.devices:
+        raise PlanFormatError("field 'cost' has no devices")
+    for i, d in enumerate(cost.devices):
+        for key in ("compute_ms", "fwd_comm_ms", "bwd_comm_ms"):
+            ms = getattr(d, key)
+            if not (math.isfinite(ms) and ms >= 0):
+                raise PlanFormatError(f"field 'cost': device {i} has {key} {ms}, not a "
+                                      "finite non-negative number of ms")
+        if d.memory_bytes < 0:
+            raise PlanFormatError(f"field 'cost': device {i} has negative memory_bytes")
+    return cost

@@ -24,6 +24,11 @@ Input formats, chosen by content (Parquet by suffix ``.parquet`` / ``.pq``):
    (the row looked up), one row per lookup. Bags with no lookups do not appear in it, so
    the number of bags is the number of distinct ``sample`` values in the whole file.
 
+The specs are validated as any table config is (:func:`~neuroshard.tables.tables_from_records`:
+names unique, printable and non-empty, rows and dims in range), so what ``profile``
+writes, ``plan`` reads. Table keys that are not strings (say the integer ``5``) become
+their text (``"5"``); two keys with one text are an error.
+
 ``torch.save`` files are read with ``torch.load(weights_only=True)``: no code in the file
 runs. For KeyedJaggedTensors, torchrec's ``KeyedJaggedTensor`` and ``JaggedTensor`` are
 allowed as safe classes for that one load (restored from their attributes, no code run).
@@ -33,13 +38,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from neuroshard.indices import access_counts, histogram_of_counts
-from neuroshard.types import NUM_HIST_BINS, TableSpec, TableSpecError
+from neuroshard.paths import input_problem
+from neuroshard.types import MAX_ROWS, NUM_HIST_BINS, TableSpec, TableSpecError
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +81,20 @@ def profile_tables(input_path: str | os.PathLike, batch_size: int | None = None,
         dim = dims if isinstance(dims, int) else dims.get(t.name, DEFAULT_DIM)
         given_rows = None if rows is None else rows.get(t.name)
         specs.append(_spec(t, source, batch_size, int(dim), given_rows))
-    logger.info("profiled %d tables from %s", len(specs), source)
-    return specs
+    from neuroshard.tables import tables_from_records
+
+    # the one validation every table config gets: what profile writes, plan reads
+    checked = tables_from_records([s.to_record() for s in specs], source=source)
+    logger.info("profiled %d tables from %s", len(checked), source)
+    return checked
 
 
 def read_lookups(path: str | os.PathLike) -> Iterator[Lookups]:
     """Each table's lookups from a file in one of the three formats (validated)."""
     source = os.fspath(path)
-    if not os.path.isfile(source):
-        raise TableSpecError("no such file", source=source)
+    problem = input_problem(source)
+    if problem is not None:
+        raise TableSpecError(problem, source=source)
     if source.lower().endswith(PARQUET_SUFFIXES):
         yield from _read_parquet(source)
         return
@@ -109,6 +121,9 @@ def _spec(t: Lookups, source: str, batch_size: int | None, dim: int,
         raise TableSpecError(f"dim must be >= 1, got {dim}", source=source, table=t.name,
                              field_name="dim")
     top = int(t.indices.max()) if t.indices.size else -1
+    if top >= MAX_ROWS:
+        raise TableSpecError(f"index {top} is beyond {MAX_ROWS} rows (a unit or id mistake?)",
+                             source=source, table=t.name, field_name="rows")
     if given_rows is not None:
         if top >= given_rows:
             raise TableSpecError(f"index {top} out of range for {given_rows} rows",
@@ -257,6 +272,13 @@ def _read_parquet(source: str) -> Iterator[Lookups]:
         raise TableSpecError("no rows", source=source)
     if frame[list(PARQUET_COLUMNS)].isna().any().any():
         raise TableSpecError("missing values in table/sample/id", source=source)
+    for column in ("table", "sample"):
+        bad = frame[column].map(lambda v: not isinstance(v, (str, int, np.integer))
+                                or isinstance(v, bool))
+        if bad.any():
+            value = frame[column][bad].iloc[0]
+            raise TableSpecError(f"column {column!r} must hold strings or integers, got "
+                                 f"{type(value).__name__} {value!r:.40}", source=source)
     ids = _as_int64(frame["id"].to_numpy(), source, "*", "id")
     # Bags are (table, sample); every table has one bag per distinct sample of the file.
     _, sample_rank = np.unique(frame["sample"].to_numpy(), return_inverse=True)

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from neuroshard.atomic import write_bytes_atomic, write_text_atomic
+from neuroshard.paths import check_output
 from neuroshard.types import (
     CostEstimator,
     HardwareBackend,
@@ -61,9 +63,9 @@ def write_report(plans: Sequence[tuple[str, Plan, PlanCost]], out_path: str | os
     png = render_png(plans)
     try:
         if out.suffix.lower() == ".png":
-            out.write_bytes(png)
+            write_bytes_atomic(out, png)
         else:
-            out.write_text(_html_page(plans, png), encoding="utf-8")
+            write_text_atomic(out, _html_page(plans, png))
     except OSError as e:
         raise NeuroShardError(f"{out}: cannot write report: {e.strerror or e}") from None
     logger.info("wrote report of %d plan(s) to %s", len(plans), out)
@@ -81,10 +83,14 @@ def report_from_files(paths: Sequence[str | os.PathLike], out_path: str | os.Pat
     :func:`~neuroshard.planner.evaluate_plan`. A plan without a stored cost is scored on
     ``backend``, or on ``sim`` if none is given. ``labels`` default to each plan's
     searcher (``meta["searcher"]``), else its file name.
+
+    Two plans of different tables (names or shapes) are reported with a warning: their
+    costs price different work. ``out_path`` may not be one of the plan files.
     """
     from neuroshard.plan_io import read_plan
 
     _checked_out_path(out_path)  # fail before scoring, which may take a while
+    check_output(out_path, paths)
     paths = [Path(p) for p in paths]
     if not paths:
         raise NeuroShardError("a report needs at least one plan file")
@@ -93,6 +99,9 @@ def report_from_files(paths: Sequence[str | os.PathLike], out_path: str | os.Pat
     if labels is not None and len(labels) != len(paths):
         raise NeuroShardError(f"{len(labels)} labels for {len(paths)} plans")
     plans = [read_plan(p) for p in paths]
+    if len(plans) == 2 and _table_shapes(plans[0]) != _table_shapes(plans[1]):
+        logger.warning("%s and %s plan different tables (names or shapes): their costs "
+                       "price different work", paths[0], paths[1])
     names = list(labels) if labels is not None else _default_labels(paths, plans)
     entries = []
     for name, plan in zip(names, plans):
@@ -216,9 +225,14 @@ def _check_plans(plans: Sequence[tuple[str, Plan, PlanCost]]) -> None:
             raise PlanFormatError(f"{label}: cost has {len(cost.devices)} devices, plan has "
                                   f"{plan.cluster.num_devices}")
         for i, d in enumerate(cost.devices):
-            if not all(math.isfinite(v) for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms)):
+            if not all(math.isfinite(v) and v >= 0
+                       for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms)):
                 raise PlanFormatError(f"{label}: device {i} has a cost that is not a finite "
-                                      "number of ms")
+                                      "non-negative number of ms")
+
+
+def _table_shapes(plan: Plan) -> set[tuple[str, int, int]]:
+    return {(t.name, t.rows, t.dim) for t in plan.tables}
 
 
 def _require_matplotlib() -> None:

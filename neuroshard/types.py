@@ -20,6 +20,7 @@ Pluggable parts, each a small protocol with implementations behind a registry:
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field, replace
 import difflib
 from typing import (
@@ -42,6 +43,8 @@ DEFAULT_BATCH_SIZE = 65_536
 MAX_ROWS = 1 << 40  # a trillion rows: anything above is a unit mistake, not a table
 MAX_DIM = 65_536
 MAX_POOLING_FACTOR = 1e6
+MAX_BATCH_SIZE = 1 << 40  # global batch; anything above is a unit mistake
+MAX_NAME_LENGTH = 256
 HIST_TOLERANCE = 1e-3  # a reuse histogram may sum to 1 +- this; it is renormalised
 
 ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_row_wise",
@@ -123,6 +126,12 @@ class ModelFileError(NeuroShardError):
     """A model directory is missing, truncated or tampered with."""
 
 
+class InvalidCostError(ModelMismatchError):
+    """A cost model (or backend) gave a cost that is not a finite, non-negative number of
+    ms, or nothing for a device that holds shards: the model is broken or asked far from
+    what it was trained on. Names the device and the value."""
+
+
 class BackendError(NeuroShardError):
     """A hardware backend cannot run here (missing library, device) or a measurement failed."""
 
@@ -139,6 +148,10 @@ class UsageError(NeuroShardError, ValueError):
 
 class UnknownNameError(NeuroShardError, ValueError):
     """A registry was asked for a name it does not have; the message lists valid names."""
+
+
+class FolderBusyError(UsageError):
+    """Another run holds an output folder's lock; names the folder and the holder's pid."""
 
 
 # --------------------------------------------------------------------------- specs
@@ -294,8 +307,9 @@ class Cluster:
                 f"memory_per_device_bytes has {len(self.memory_per_device_bytes)} entries "
                 f"for {self.num_devices} devices"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, "
+                             f"got {self.batch_size}")
         if not self.devices_per_host:
             object.__setattr__(self, "devices_per_host", self.num_devices)
         if self.devices_per_host < 1 or self.num_devices % self.devices_per_host:
@@ -439,6 +453,24 @@ class PlanCost:
     def max_ms(self) -> float:
         """Plan cost: max over devices of compute + backward comm + forward comm."""
         return max(d.total_ms for d in self.devices)
+
+    def check(self, plan: "Plan") -> "PlanCost":
+        """``self`` if every cost is a finite number of ms, none negative, and every device
+        holding shards has a positive compute cost; :class:`InvalidCostError` naming the
+        first bad device and value otherwise (never print such a cost as an answer)."""
+        busy = {s.device for s in plan.shards}
+        for i, d in enumerate(self.devices):
+            for what, ms in (("compute", d.compute_ms), ("forward comm", d.fwd_comm_ms),
+                             ("backward comm", d.bwd_comm_ms)):
+                if not math.isfinite(ms) or ms < 0:
+                    raise InvalidCostError(f"{self.model} gave device {i} a {what} cost of "
+                                           f"{ms} ms, not a finite non-negative number")
+            if i in busy and not d.compute_ms > 0:
+                raise InvalidCostError(f"{self.model} gave device {i} a compute cost of "
+                                       f"{d.compute_ms} ms for its shards (not positive)")
+        if not self.max_ms > 0:
+            raise InvalidCostError(f"{self.model} gave the plan a cost of {self.max_ms} ms")
+        return self
 
 
 @dataclass(frozen=True)
@@ -640,6 +672,7 @@ def _table_from_record(record: Mapping[str, Any], index: int, source: str,
     if not isinstance(name, str) or not name.strip():
         raise TableSpecError("must be a non-empty string", source=source, table=label,
                              field_name="name")
+    _check_name(name, source, name, "name")
     rows = _integer(values["rows"], source, name, "rows")
     dim = _integer(values["dim"], source, name, "dim")
     if not 0 < rows <= MAX_ROWS:
@@ -676,6 +709,21 @@ def _table_from_record(record: Mapping[str, Any], index: int, source: str,
                              field_name="module")
     return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling,
                      reuse_hist=reuse_hist, features=features, pooled=pooled, module=module)
+
+
+_LINE_BREAKING = ("Cc", "Zl", "Zp", "Cs")  # control characters, line breaks, lone surrogates
+
+
+def _check_name(name: str, source: str, table: str, field_name: str) -> None:
+    """Names go into files, logs and one-line errors: no control characters, line breaks
+    or lone surrogates, no surrounding spaces, at most :data:`MAX_NAME_LENGTH` characters.
+    Export formats add their own rules (TorchRec's: ``check_torchrec_names``)."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise TableSpecError(f"longer than {MAX_NAME_LENGTH} characters", source=source,
+                             table=table[:40] + "...", field_name=field_name)
+    if name != name.strip() or any(unicodedata.category(c) in _LINE_BREAKING for c in name):
+        raise TableSpecError(f"{name!r} has control characters or surrounding spaces",
+                             source=source, table=table, field_name=field_name)
 
 
 def _label(record: Mapping[str, Any], index: int) -> str:
@@ -729,6 +777,7 @@ def _features(value: Any, source: str, table: str) -> tuple[FeatureSpec, ...]:
         if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) or not f["name"]:
             raise TableSpecError(f"feature {i} needs a non-empty 'name'", source=source,
                                  table=table, field_name="features")
+        _check_name(f["name"], source, table, "features")
         unknown = set(f) - {"name", "pooling_factor", "weighted"}
         if unknown:
             raise TableSpecError(f"feature {f['name']!r} has unknown keys {sorted(unknown)}",

@@ -1,10 +1,16 @@
 """Run training samples through a hardware backend, writing Parquet as it goes.
 
 Layout: ``out_dir/part-<first index>-<hash of keys>.parquet``, one file per chunk of
-samples, each written to a temporary file in ``out_dir`` and renamed into place, so a
-part is either complete or absent. A rerun reads the keys already present and measures
-only the rest: a collection that stops (crash, Ctrl-C, lost machine) resumes without
-losing or duplicating rows.
+samples, each written to a uniquely named temporary file in ``out_dir`` and renamed into
+place, so a part is either complete or absent. A rerun reads the keys already present and
+measures only the rest: a collection that stops (crash, Ctrl-C, lost machine) resumes
+without losing or duplicating rows.
+
+A folder's settings are fixed by its first run: ``out_dir/collection.json`` records the
+sample kind and the backend (name and fingerprint: profile, batch size, noise, seed...);
+a later run with any other setting is refused (:class:`DatasetError` naming both), even
+when it has nothing left to measure. One run at a time writes into a folder
+(:func:`~neuroshard.paths.folder_lock`).
 
 Rows (``kind="compute"``): ``key``, ``index``, ``num_tables``, ``table_names``,
 ``features`` (one list of the 20 raw :data:`~neuroshard.features.FEATURE_NAMES` values per
@@ -20,11 +26,9 @@ back to :func:`write_part`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +37,10 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuroshard.atomic import atomic_write, write_text_atomic
 from neuroshard.features import FEATURE_NAMES, FEATURE_SCHEMA, raw_features
 from neuroshard.fingerprint import Fingerprint
+from neuroshard.paths import folder_lock
 from neuroshard.pretrain.augment import CommSample, ComputeSample
 from neuroshard.types import HardwareBackend, NeuroShardError
 
@@ -47,7 +53,9 @@ __all__ = [
     "BackendSpec",
     "CollectResult",
     "DatasetError",
+    "SETTINGS_FILE",
     "check_fingerprint",
+    "claim_folder",
     "collect",
     "collect_chunk",
     "existing_keys",
@@ -60,6 +68,11 @@ __all__ = [
 
 class DatasetError(NeuroShardError):
     """Collected data is unreadable, or mixes backends. The message names the file."""
+
+
+SETTINGS_FILE = "collection.json"
+# Fingerprint keys that say when or where, not what was measured: left out of settings.
+_UNSETTLED_KEYS = ("hostname", "created", "time")
 
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -101,16 +114,19 @@ SCHEMAS: dict[str, pa.Schema] = {
 class BackendSpec:
     """A backend by name and keyword arguments, rebuildable in another process.
 
-    ``name`` is a registered backend (``"sim"``) or an import path ``"module:factory"``.
+    ``name`` is a registered backend (``"sim"``, or a plug-in's entry point name: see
+    :mod:`neuroshard.backends`); a string is never imported. A program may pass its own
+    ``factory`` (a module-level callable, so that it pickles for a Ray worker), which
+    ``build`` calls with ``kwargs`` instead of looking ``name`` up.
     """
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    factory: Callable[..., HardwareBackend] | None = None
 
     def build(self) -> HardwareBackend:
-        if ":" in self.name:
-            module, attr = self.name.split(":", 1)
-            return getattr(importlib.import_module(module), attr)(**dict(self.kwargs))
+        if self.factory is not None:
+            return self.factory(**dict(self.kwargs))
         from neuroshard.backends import get_backend
 
         return get_backend(self.name, **dict(self.kwargs))
@@ -236,6 +252,81 @@ def _fingerprint_diff(on_disk: str, now: str) -> str:
     return "; ".join(lines)
 
 
+def folder_settings(kind: str, backend: HardwareBackend) -> dict[str, Any]:
+    """What a collection folder fixes on its first run: the sample kind, the backend's
+    name and its fingerprint (less when and where it ran)."""
+    fp = {k: v for k, v in json.loads(fingerprint_json(backend)).items()
+          if k not in _UNSETTLED_KEYS}
+    return {"kind": kind, "backend": backend.name, "fingerprint": fp}
+
+
+def _settings_of_parts(out: Path) -> dict[str, Any] | None:
+    """The settings a folder written before ``collection.json`` existed implies."""
+    for path in part_files(out):
+        table = read_part(path, ["fingerprint"])
+        kind = (table.schema.metadata or {}).get(b"neuroshard.kind", b"").decode() or None
+        settings: dict[str, Any] = {"kind": kind} if kind else {}
+        if len(table):
+            try:
+                fp = Fingerprint.of(table.column("fingerprint")[0].as_py()).as_dict()
+            except ValueError:
+                fp = None
+            if fp is not None:
+                settings["fingerprint"] = {k: v for k, v in fp.items()
+                                           if k not in _UNSETTLED_KEYS}
+        return settings or None
+    return None
+
+
+def claim_folder(out_dir: str | os.PathLike, settings: Mapping[str, Any],
+                 *, file_name: str = SETTINGS_FILE) -> None:
+    """Record ``settings`` as ``out_dir``'s on its first run; on a later run, refuse any
+    that differ from the recorded ones (:class:`DatasetError` naming both). Settings the
+    record lacks are added to it; ones a run does not give are not compared."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / file_name
+    recorded: dict[str, Any] | None = None
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DatasetError(f"{path}: unreadable ({exc}); it records the settings of "
+                               "this folder's first run") from None
+        if not isinstance(recorded, dict):
+            raise DatasetError(f"{path}: not a JSON object")
+    elif file_name == SETTINGS_FILE:
+        recorded = _settings_of_parts(out)
+    diffs = []
+    for key, value in settings.items():
+        if recorded is not None and key in recorded and recorded[key] != value:
+            diffs.extend(_setting_diff(key, recorded[key], value))
+    diffs.sort(key=lambda line: line.split(" ", 1)[0].count("."))  # plain settings first
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise DatasetError(f"{out}: its first run used other settings ({path.name}): "
+                           + "; ".join(diffs[:3]) + more + ". Use another folder, or the "
+                           "first run's settings")
+    merged = {**(recorded or {}), **{k: v for k, v in settings.items()
+                                     if recorded is None or k not in recorded}}
+    if not path.exists() or merged != recorded:
+        write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True, default=str)
+                          + "\n")
+
+
+def _setting_diff(key: str, before: Any, now: Any) -> list[str]:
+    """The differing leaves of two settings, ``key.sub`` first run vs this run."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [line for k in sorted({*before, *now}, key=str) if before.get(k) != now.get(k)
+                for line in _setting_diff(f"{key}.{k}", before.get(k), now.get(k))]
+    return [f"{key} {_short(before)} (first run) vs {_short(now)} (this run)"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_fingerprint(out_dir: str | os.PathLike, fingerprint: str, backend_name: str) -> None:
     """Raise :class:`DatasetError` if ``out_dir`` holds rows of another backend."""
     prior = _existing_fingerprint(Path(out_dir))
@@ -286,15 +377,7 @@ def write_part(rows: Sequence[dict], out_dir: str | os.PathLike, kind: Kind) -> 
     keys = "\n".join(r["key"] for r in rows)
     first = min((int(r["index"]) for r in rows), default=0)
     final = out / f"part-{first:09d}-{hashlib.sha256(keys.encode()).hexdigest()[:12]}.parquet"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=out)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final
+    return atomic_write(final, lambda tmp: pq.write_table(table, tmp))
 
 
 # --------------------------------------------------------------------------- driver
@@ -374,9 +457,22 @@ def collect(
     """Measure every sample not yet under ``out_dir`` and write its rows there.
 
     Writes one part file per ``chunk_size`` samples as it goes; a rerun with the same
-    samples skips the keys already present. Refuses to add rows from a backend whose
-    fingerprint differs from the one on disk (:class:`DatasetError`).
+    samples skips the keys already present. Refuses a folder another run is writing into
+    (:class:`~neuroshard.types.FolderBusyError`) and one whose first run had another kind
+    or backend, or whose rows come from a backend with another fingerprint
+    (:class:`DatasetError`), whether or not anything is left to measure.
     """
+    _check_kind(samples, kind)
+    with folder_lock(out_dir):
+        be = resolve_backend(backend)
+        claim_folder(out_dir, folder_settings(kind, be))
+        check_fingerprint(out_dir, fingerprint_json(be), be.name)
+        return _collect(samples, be, Path(out_dir), kind, chunk_size, progress, description)
+
+
+def _collect(samples: Sequence[ComputeSample | CommSample], be: HardwareBackend, out_dir: Path,
+             kind: Kind, chunk_size: int, progress: bool,
+             description: str | None) -> CollectResult:
     out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
     logger.info(
         "collect %s into %s: %d samples, %d on disk, %d to measure",
@@ -388,9 +484,6 @@ def collect(
     )
     if not pending:
         return CollectResult(out, 0, skipped, len(samples))
-
-    be = resolve_backend(backend)
-    check_fingerprint(out, fingerprint_json(be), be.name)
     measured = 0
     with _Bar(progress, description or f"{kind} samples", len(samples), skipped) as bar:
         for chunk in _chunks(pending, chunk_size):

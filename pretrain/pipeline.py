@@ -17,6 +17,12 @@ Sampling is seeded and sequential, so a rerun draws the same samples with the sa
 an interrupted run resumes collection where it stopped, and a run asking for more
 samples measures only the new ones. Training reads exactly the samples of this run.
 
+A run folder's settings are fixed by its first run (``out_dir/pretrain.json``: backend and
+its fingerprint -- profile, batch size, noise --, seed, device counts, tables, load
+limits); a rerun with other settings is refused with both named, before anything is
+measured or trained. One run at a time writes into a folder (a lock; a second run is
+refused at once, naming the holder's pid).
+
 Metrics in ``meta.json``: ``compute.test`` on a random 10% of the training-table samples,
 ``compute.test_pool`` on loads built only from held-out tables (by default the pool's
 test half, never seen in training), ``fwd_comm.test`` and ``bwd_comm.test``; each with
@@ -26,18 +32,22 @@ with the first measurement of the same samples: the error no model can go below.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from neuroshard.models import cost_model_kinds, model_class
 from neuroshard.models.metrics import noise_floor
 from neuroshard.models.training import file_checkpointed
+from neuroshard.paths import check_output_dir, folder_lock
 from neuroshard.pretrain.augment import (
     DEFAULT_MEMORY_CAP_BYTES,
     augment_tables,
@@ -45,10 +55,23 @@ from neuroshard.pretrain.augment import (
     sample_compute_loads,
     shrink_tables,
 )
-from neuroshard.pretrain.collect import BackendSpec, CollectResult, collect, resolve_backend
+from neuroshard.pretrain.collect import (
+    BackendSpec,
+    CollectResult,
+    claim_folder,
+    collect,
+    folder_settings,
+    resolve_backend,
+)
 from neuroshard.pretrain.dataset import load_comm, load_compute
 from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
-from neuroshard.types import BackendError, HardwareBackend, TableSpec, UnknownNameError
+from neuroshard.types import (
+    BackendError,
+    HardwareBackend,
+    TableSpec,
+    UnknownNameError,
+    UsageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +163,13 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+            raise UsageError(f"rounds must be >= 1, got {self.rounds}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
+        smallest = min(self.compute_samples, self.comm_samples)
+        if self.rounds > max(smallest, 1):
+            raise UsageError(f"{self.rounds} rounds for {smallest} samples: every round "
+                             "measures at least one sample of each set; use fewer rounds")
         if self.cost_model not in cost_model_kinds():  # fails before anything is collected
             raise UnknownNameError(f"unknown cost model {self.cost_model!r}; valid: "
                                    f"{', '.join(cost_model_kinds())}")
@@ -179,7 +208,8 @@ def pretrain(config: PretrainConfig) -> Path:
     Training checkpoints go to ``out_dir/train``: rerunning an interrupted ``pretrain``
     skips the samples on disk and resumes each net from its last checkpoint.
     """
-    with _ray_session(config):
+    check_output_dir(config.out_dir)
+    with folder_lock(config.out_dir), _ray_session(config):
         return _pretrain(config)
 
 
@@ -200,6 +230,8 @@ def _pretrain(config: PretrainConfig) -> Path:
     tables, holdout_tables = config.training_tables()
     backend = config.backend_spec()
     be = resolve_backend(backend)
+    claim_folder(out, _run_settings(config, be, tables, holdout_tables),
+                 file_name=RUN_SETTINGS_FILE)
     rounds, chunk_size, progress = config.rounds, config.chunk_size, config.progress
     timings: dict[str, float] = {}
 
@@ -227,6 +259,8 @@ def _pretrain(config: PretrainConfig) -> Path:
         jobs.append(_Job(holdout_set, data / "compute_holdout", "compute", "held-out samples"))
     jobs += [_Job(samples, data / f"{kind}_retest", kind, f"{kind} retest", retest=True)
              for kind, samples in retests.items() if samples]
+    for job in jobs:  # every collector, Ray's included, keeps to the folder's settings
+        claim_folder(job.out, folder_settings(job.kind, be))
     # samples each job's last pass left unmeasured (a pass covers every earlier one's)
     missing: dict[str, tuple[int, int]] = {}
     for r in range(1, rounds + 1):
@@ -281,6 +315,25 @@ def _pretrain(config: PretrainConfig) -> Path:
                 if "test_pool" in m["compute"] else "no test pool",
                 m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
     return model_dir
+
+
+RUN_SETTINGS_FILE = "pretrain.json"
+
+
+def _run_settings(config: PretrainConfig, be: HardwareBackend, tables: Sequence[TableSpec],
+                  holdout: Sequence[TableSpec]) -> dict[str, Any]:
+    """What a run folder fixes on its first run: everything that decides which samples
+    are drawn and what they measure (sample counts may grow; the model trained may vary)."""
+    def digest(specs: Sequence[TableSpec]) -> str:
+        text = json.dumps([t.to_record() for t in specs], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    backend = folder_settings("compute", be)
+    return {"backend": backend["backend"], "fingerprint": backend["fingerprint"],
+            "seed": config.seed, "comm_device_counts": config.comm_counts,
+            "max_tables": config.max_tables, "memory_cap_bytes": config.memory_cap_bytes,
+            "shrink_copies": config.shrink_copies, "tables": digest(tables),
+            "holdout_tables": digest(holdout)}
 
 
 @dataclass(frozen=True)
@@ -421,6 +474,12 @@ def collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
     ``config.out_dir`` itself (resumable)."""
     if kind not in ("compute", "comm"):
         raise UnknownNameError(f"unknown sample kind {kind!r}; valid: compute, comm")
+    check_output_dir(config.out_dir)
+    with folder_lock(config.out_dir):
+        return _collect_samples(config, kind)
+
+
+def _collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
     tables, _ = config.training_tables()
     if kind == "compute":
         drawn = _compute_samples(config, tables, config.compute_samples)
@@ -428,7 +487,16 @@ def collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
         drawn = _comm_samples(config, tables, config.comm_samples)
     spec = config.backend_spec()
     ray = bool(config.workers or config.address)
-    run = _collector(spec if ray else resolve_backend(spec), spec, config.workers,
-                     config.address)
+    if not ray:
+        be = resolve_backend(spec)
+    else:  # Ray workers build the backend; here only if it can be (no GPU on a head)
+        try:
+            be = resolve_backend(spec)
+        except BackendError as exc:
+            logger.info("backend not built here (%s): the workers check its fingerprint", exc)
+            be = None
+    settings = {"kind": kind} if be is None else folder_settings(kind, be)
+    claim_folder(config.out_dir, settings)
+    run = _collector(be if be is not None else spec, spec, config.workers, config.address)
     return run(drawn, config.out_dir, kind=kind, chunk_size=config.chunk_size,
                progress=config.progress, description=f"{kind} samples")

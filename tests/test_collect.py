@@ -94,7 +94,7 @@ def test_other_backend_fingerprint_refused(tmp_path, compute_samples):
 
 
 def test_collect_chunk_is_pure_and_takes_a_spec(compute_samples, tmp_path):
-    spec = BackendSpec("factories:FakeBackend", {"batch_size": 65_536})
+    spec = BackendSpec("fake", {"batch_size": 65_536}, factory=FakeBackend)
     rows = collect_chunk(compute_samples[:3], spec, "compute")
     assert [r["key"] for r in rows] == [s.key for s in compute_samples[:3]]
     assert not list(tmp_path.iterdir())

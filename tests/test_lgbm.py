@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -154,7 +155,7 @@ def test_damaged_directory_raises_model_file_error_naming_the_file(model_dir, tm
         # garbage of any kind, checksum matching or not, names the file
         target.write_text("tree\nnot a model\n")
         meta = json.loads((d / META_FILE).read_text())
-        del meta["files"]
+        meta["files"][target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
         (d / META_FILE).write_text(json.dumps(meta))
     elif damage == "missing":
         target.unlink()

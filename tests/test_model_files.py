@@ -4,8 +4,9 @@ A truncated, corrupted or malicious checkpoint must give ModelFileError and run 
 (checkpoints load with ``weights_only=True``); a model trained for another batch size,
 backend or feature schema must give ModelMismatchError. Each case is tried twice where
 it matters: with the checksums in ``meta.json`` (which catch any change to the files) and
-with an attacker who also rewrote those checksums or deleted them, so the checkpoint
-reader itself is what has to refuse.
+with an attacker who also rewrote those checksums, so the checkpoint reader itself is
+what has to refuse, or deleted them, which refuses the directory before any file is read
+(issue 18: a model directory without checksums is never loaded).
 """
 
 from __future__ import annotations
@@ -78,7 +79,14 @@ def _checksums(d, how):
 def _expect_file_error(d, name, **kwargs):
     with pytest.raises(ModelFileError) as err:
         load_cost_model(d, **kwargs)
-    assert name in str(err.value), f"{name} not named in: {err.value}"
+    try:
+        checksums = isinstance(_meta(d), dict) and "files" in _meta(d)
+    except (ValueError, UnicodeDecodeError, OSError):  # meta.json itself is the damage
+        checksums = True
+    if not checksums and name not in str(err.value):  # refused before a file is read
+        assert "records no checksum" in str(err.value), err.value
+    else:
+        assert name in str(err.value), f"{name} not named in: {err.value}"
 
 
 def test_the_intact_copy_loads(model_copy):
@@ -113,7 +121,7 @@ def test_damaged_checkpoint(model_copy, name, damage, checksums):
         try:
             load_cost_model(model_copy)
         except ModelFileError as e:
-            assert name in str(e)
+            assert name in str(e) or "records no checksum" in str(e)
         return
     _expect_file_error(model_copy, name)
 
@@ -322,7 +330,7 @@ def _pairs(key, *junks):
 # meta.json without it reads as); a target normalisation is a (mean, std > 0) pair; any
 # positive finite number is a usable epsilon and scale.
 META_VALID = (_pairs("backend", "x") | _pairs("backend_fingerprint", {}, {"a": 1})
-              | _pairs("files", {}, {"a": 1}) | _pairs("num_devices", 0)
+              | _pairs("num_devices", 0)
               | _pairs("normalisation.target.compute", [1, 2])
               | _pairs("normalisation.eps_ms", 1.5) | _pairs("normalisation.dim_scale", 1.5)
               | _pairs("normalisation.wait_scale", 1.5))
@@ -330,9 +338,7 @@ META_VALID = (_pairs("backend", "x") | _pairs("backend_fingerprint", {}, {"a": 1
 # yet. Strict xfail: once the loader refuses one, its case passes, fails as XPASS, and
 # must leave this list.
 META_JUNK_ACCEPTED = (
-    _pairs("backend", None, 0, -1, 1.5, [], {}, [1, 2], [-1], {"a": 1}, True, float("nan"))
-    | _pairs("batch_size", 0, -1, 1.5, True) | _pairs("num_devices", -1, 1.5, True)
-    | _pairs("normalisation.eps_ms", 0, -1, True, float("nan"))
+    _pairs("normalisation.eps_ms", 0, -1, True, float("nan"))
     | _pairs("normalisation.dim_scale", 0, -1, True, float("nan"))
     | _pairs("normalisation.wait_scale", 0, -1, True, float("nan")))
 

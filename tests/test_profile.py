@@ -124,7 +124,7 @@ def test_unsafe_or_garbage_files_are_refused(tmp_path):
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(TableSpecError, match="garbage.pt"):
         profile_tables(garbage)
-    with pytest.raises(TableSpecError, match="no such file"):
+    with pytest.raises(TableSpecError, match="file not found"):
         profile_tables(tmp_path / "missing.pt")
 
 

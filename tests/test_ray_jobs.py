@@ -1,7 +1,7 @@
 """collect_ray: every key once over several workers, resume after a real kill -9, retries.
 
-The fake backends below are built inside Ray workers from ``"test_ray_jobs:<name>"``
-specs, so the tests put this folder on the workers' ``PYTHONPATH``.
+The fake backends below are built inside Ray workers from specs whose ``factory`` is the
+class (pickled by reference), so the tests put this folder on the workers' ``PYTHONPATH``.
 """
 
 import logging
@@ -85,7 +85,8 @@ def make_samples(n: int, seed: int = 0):
 
 def kill_job_args():
     """The long job of the kill -9 test; the subprocess and the rerun both call this."""
-    return make_samples(400, seed=7), BackendSpec("test_ray_jobs:SlowSim", {"delay_s": 0.02})
+    return make_samples(400, seed=7), BackendSpec("test_ray_jobs:SlowSim", {"delay_s": 0.02},
+                                                  SlowSim)
 
 
 def disk_keys(out_dir) -> list[str]:
@@ -150,7 +151,8 @@ def test_resumes_after_kill_9(tmp_path, ray_cluster):
 def test_failed_chunk_is_retried(tmp_path, ray_cluster, caplog):
     samples = make_samples(40, seed=3)
     with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
-        res = collect_ray(samples, BackendSpec("test_ray_jobs:FlakyOnce"), tmp_path,
+        res = collect_ray(samples, BackendSpec("test_ray_jobs:FlakyOnce", {}, FlakyOnce),
+                          tmp_path,
                           kind="compute", workers=2, chunk_size=5, max_retries=1,
                           progress=False)
     assert res.failed == 0 and res.measured == 40
@@ -160,7 +162,8 @@ def test_failed_chunk_is_retried(tmp_path, ray_cluster, caplog):
 
 def test_dead_worker_is_replaced_and_its_chunks_retried(tmp_path, ray_cluster, caplog):
     samples = make_samples(30, seed=5)
-    spec = BackendSpec("test_ray_jobs:DiesOnce", {"marker": str(tmp_path / "died")})
+    spec = BackendSpec("test_ray_jobs:DiesOnce", {"marker": str(tmp_path / "died")},
+                       DiesOnce)
     with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
         res = collect_ray(samples, spec, tmp_path / "data", kind="compute", workers=2,
                           chunk_size=5, progress=False)
@@ -175,7 +178,8 @@ def test_chunk_failing_every_retry_is_reported_not_fatal(tmp_path, ray_cluster, 
     bad = samples[0].tables[0].name
     n_bad = sum(any(t.name == bad for t in s.tables) for s in samples)
     with caplog.at_level(logging.WARNING, logger="neuroshard.pretrain.ray_jobs"):
-        res = collect_ray(samples, BackendSpec("test_ray_jobs:FailsOnTable", {"bad": bad}),
+        res = collect_ray(samples, BackendSpec("test_ray_jobs:FailsOnTable", {"bad": bad},
+                                                     FailsOnTable),
                           tmp_path, kind="compute", workers=2, chunk_size=1, max_retries=2,
                           progress=False)
     assert res.failed == n_bad and res.measured == 40 - n_bad
@@ -215,7 +219,8 @@ def test_backend_that_cannot_start_is_a_backend_error(tmp_path, ray_cluster):
     from neuroshard.types import BackendError
 
     with pytest.raises(BackendError, match="test_ray_jobs:BrokenBackend.*no device here"):
-        collect_ray(make_samples(10, seed=13), BackendSpec("test_ray_jobs:BrokenBackend"),
+        collect_ray(make_samples(10, seed=13), BackendSpec("test_ray_jobs:BrokenBackend", {},
+                                                                  BrokenBackend),
                     tmp_path, kind="compute", workers=2, progress=False)
 
 

@@ -3,9 +3,14 @@
 A model directory holds the model's weight files and ``meta.json``: its ``kind`` (the
 registry name that loads it), the feature schema, and for cost models the backend and
 its fingerprint, batch size, training-data hash, sample counts and metrics. ``meta.json``
-records the sha256 of every weight file; every file is written to a temporary name and
-renamed into place, so a directory is never half written, and a changed file is refused
+records the sha256 of every weight file; every file is written to a uniquely named
+temporary file and renamed into place (:mod:`neuroshard.atomic`), so a directory is never
+half written, and a changed file, or one ``meta.json`` records no checksum for, is refused
 on load (:func:`checked_file`).
+
+A cost model also records the ranges of its training inputs (``training_ranges``: tables
+per device, rows, dims, pooling factors, device counts, batch size), so that a plan far
+outside them can be reported (:meth:`CostModelBase.out_of_range`).
 
 :class:`CostModelBase` is the part of a learned :class:`~neuroshard.types.CostEstimator`
 that does not depend on how it predicts: fit-time provenance, the comm entry points,
@@ -19,18 +24,20 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from neuroshard.atomic import atomic_write, write_text_atomic
 from neuroshard.features import FEATURE_NAMES, FEATURE_SCHEMA
 from neuroshard.fingerprint import VOLATILE_KEYS, Fingerprint
 from neuroshard.models.metrics import comm_breakdown, compute_breakdown, regression_metrics
 from neuroshard.samples import CommData, ComputeData, Split, split_random
-from neuroshard.types import HardwareBackend, ModelFileError, ModelMismatchError
+from neuroshard.types import HardwareBackend, ModelFileError, ModelMismatchError, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,18 @@ __all__ = [
     "since_first",
     "straggler_wait",
     "write_meta",
+    "RANGE_NAMES",
 ]
+
+# What ``training_ranges`` records, and how each range reads in a message.
+RANGE_NAMES = {
+    "tables_per_device": "tables per device",
+    "rows": "rows per shard",
+    "dim": "shard width (dim)",
+    "pooling_factor": "pooling factor",
+    "devices": "devices",
+    "batch_size": "batch size",
+}
 
 
 # --------------------------------------------------------------------------- files
@@ -64,21 +82,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
-    """:func:`atomic_write` of ``text``."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """:func:`~neuroshard.atomic.atomic_write` of ``text`` (a unique temporary name)."""
+    return write_text_atomic(path, text)
 
 
 def write_meta(out: Path, meta: Mapping[str, Any], files: Sequence[str]) -> Path:
@@ -95,24 +101,88 @@ def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"{path}: missing (not a model directory?)")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: unreadable ({exc})") from exc
+        meta = json.loads(path.read_text(), object_pairs_hook=_unique_keys(path))
+    except ModelFileError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
         raise ModelFileError(f"{path}: no 'kind' string entry")
-    for key in ("backend_fingerprint", "files", "architecture", "normalisation"):
+    for key in (
+        "backend_fingerprint",
+        "files",
+        "architecture",
+        "normalisation",
+        "metrics",
+        "sample_counts",
+        "provenance",
+        "training_ranges",
+    ):
         if key in meta and not isinstance(meta[key], dict):
             raise ModelFileError(f"{path}: entry {key!r} is not an object")
+    for key in ("backend", "name"):  # a feature_schema of any value is a mismatch
+        if key in meta and not isinstance(meta[key], str):
+            raise ModelFileError(f"{path}: entry {key!r} is not a string: {meta[key]!r}")
+    if "batch_size" in meta and not _is_int(meta["batch_size"], low=1):
+        raise ModelFileError(
+            f"{path}: entry 'batch_size' is not a positive integer: {meta['batch_size']!r}"
+        )
+    if "num_devices" in meta and not _is_int(meta["num_devices"], low=0):
+        raise ModelFileError(
+            f"{path}: entry 'num_devices' is not an integer >= 0: {meta['num_devices']!r}"
+        )
+    if "files" in meta and not all(isinstance(v, str) for v in meta["files"].values()):
+        raise ModelFileError(f"{path}: entry 'files' holds a checksum that is not a string")
+    _check_ranges(meta.get("training_ranges", {}), path)
     return meta
 
 
+def _unique_keys(path: Path) -> object:
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ModelFileError(f"{path}: key {key!r} given twice in one object")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _is_int(value: object, *, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_ranges(ranges: Mapping[str, object], path: Path) -> None:
+    for key, value in ranges.items():
+        ok = (
+            key in RANGE_NAMES
+            and isinstance(value, list)
+            and len(value) == 2
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value
+            )
+            and value[0] <= value[1]
+        )
+        if not ok:
+            raise ModelFileError(
+                f"{path}: entry 'training_ranges.{key}' is not a known [low, high] range: {value!r}"
+            )
+
+
 def checked_file(model_dir: Path, fname: str, checksums: Mapping[str, Any]) -> Path:
-    """``model_dir / fname``; :class:`ModelFileError` if it is missing or its checksum
-    differs from the one ``meta.json`` recorded."""
+    """``model_dir / fname``; :class:`ModelFileError` if it is missing, ``meta.json``
+    records no checksum for it, or its checksum differs from the recorded one."""
     path = model_dir / fname
     if not path.is_file():
         raise ModelFileError(f"{path}: missing")
-    if fname in checksums and sha256(path) != checksums[fname]:
+    if not isinstance(checksums, Mapping) or fname not in checksums:
+        raise ModelFileError(
+            f"{path}: {META_FILE} records no checksum for it (entry 'files'); a model "
+            "directory must list every weight file with its sha256"
+        )
+    if sha256(path) != checksums[fname]:
         raise ModelFileError(
             f"{path}: checksum differs from {META_FILE} (truncated, replaced or tampered with)"
         )
@@ -259,6 +329,7 @@ class CostModelBase:
                 f"at batch size {fields['batch_size']}"
             )
         self.num_devices_ = int(num_devices or np.bincount(comm.num_devices).argmax())
+        self.training_ranges_ = training_ranges(compute, comm, self.batch_size)
         cs = compute_split or split_random(len(compute), self.seed)
         ms = comm_split or split_random(len(comm), self.seed + 1)
         return cs, ms
@@ -396,6 +467,7 @@ class CostModelBase:
             "training": getattr(self, "training_summary_", {}),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "provenance": getattr(self, "provenance_", {}),
+            "training_ranges": getattr(self, "training_ranges_", {}),
         }
 
     def _write_meta(self, out: Path, files: Sequence[str]) -> Path:
@@ -414,3 +486,71 @@ class CostModelBase:
         self.metrics_ = meta.get("metrics", {})
         self.training_summary_ = meta.get("training", {})
         self.provenance_ = meta.get("provenance", {})
+        self.training_ranges_ = meta_ranges(meta)
+
+    # ------------------------------------------------------------- ranges
+
+    def out_of_range(self, plan: Plan) -> list[str]:
+        """One line for each way ``plan`` lies outside the inputs this model was trained
+        on (tables per device, rows, shard widths, pooling factors, devices, batch size);
+        empty when it lies inside every known range. Predictions out there are
+        extrapolations: report them (``--strict`` refuses them)."""
+        ranges = getattr(self, "training_ranges_", {})
+        loads = [load for load in plan.device_loads() if load]
+        seen = {
+            "tables_per_device": [len(load) for load in loads],
+            "rows": [t.rows for load in loads for t in load],
+            "dim": [t.dim for load in loads for t in load],
+            "pooling_factor": [t.pooling_factor for load in loads for t in load],
+            "devices": [plan.cluster.num_devices],
+            "batch_size": [plan.cluster.batch_size],
+        }
+        lines = []
+        for key, values in seen.items():
+            if key not in ranges or not values:
+                continue
+            low, high = ranges[key]
+            below, above = min(values), max(values)
+            if below < low or above > high:
+                got = f"{below:g}" if below == above else f"{below:g} to {above:g}"
+                lines.append(
+                    f"{RANGE_NAMES[key]} {got} outside the model's training range "
+                    f"[{low:g}, {high:g}]"
+                )
+        return lines
+
+
+def training_ranges(compute: ComputeData, comm: CommData, batch_size: int) -> dict[str, list]:
+    """The ``[low, high]`` of every input a model fits on (see :data:`RANGE_NAMES`)."""
+    ranges: dict[str, list] = {"batch_size": [int(batch_size), int(batch_size)]}
+    counts = np.diff(compute.offsets)
+    feats = np.asarray(compute.features, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
+    if len(counts) and len(feats):
+        ranges["tables_per_device"] = [int(counts.min()), int(counts.max())]
+        for key in ("rows", "dim", "pooling_factor"):
+            column = feats[:, FEATURE_NAMES.index(key)]
+            ranges[key] = [float(column.min()), float(column.max())]
+    if len(comm):
+        devices = np.asarray(comm.num_devices)
+        ranges["devices"] = [int(devices.min()), int(devices.max())]
+    return ranges
+
+
+def meta_ranges(meta: Mapping[str, Any]) -> dict[str, list]:
+    """The training ranges ``meta.json`` records; for a model saved before they were
+    recorded, what its provenance tells (tables per device up to ``max_tables``, the comm
+    device counts, the batch size). Ranges it cannot tell stay unknown (absent)."""
+    if meta.get("training_ranges"):
+        return {k: list(v) for k, v in meta["training_ranges"].items()}
+    ranges: dict[str, list] = {}
+    prov = meta.get("provenance") or {}
+    if _is_int(prov.get("max_tables"), low=1):
+        ranges["tables_per_device"] = [1, prov["max_tables"]]
+    counts = prov.get("comm_device_counts")
+    if isinstance(counts, list) and counts and all(_is_int(c, low=1) for c in counts):
+        ranges["devices"] = [min(counts), max(counts)]
+    elif _is_int(meta.get("num_devices"), low=1):
+        ranges["devices"] = [meta["num_devices"], meta["num_devices"]]
+    if _is_int(meta.get("batch_size"), low=1):
+        ranges["batch_size"] = [meta["batch_size"], meta["batch_size"]]
+    return ranges

@@ -26,11 +26,19 @@ A model directory holds ``compute.lgb.txt``, ``bwd_comm.lgb.txt`` and
 ``"lightgbm"`` and the same metadata as the neural model (feature schema, backend and
 fingerprint, batch size, device count, data hash, sample counts, metrics, file
 checksums). :func:`~neuroshard.models.load_cost_model` loads it by that kind.
+
+LightGBM's own text parser trusts its input: a truncated or edited model file can abort
+or crash the process (``[LightGBM] [Fatal] Model format error``, then a segfault). So a
+model file is checked here first, tree by tree (:func:`check_model_text`: sizes, counts,
+numbers, child links forming one tree), and LightGBM is handed only the header and
+trees that passed; any problem is a :class:`~neuroshard.types.ModelFileError` naming the
+file and the tree.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -62,6 +70,7 @@ __all__ = [
     "FWD_COLUMNS",
     "BWD_COLUMNS",
     "LightGBMCostModel",
+    "check_model_text",
     "comm_features",
     "load_features",
 ]
@@ -511,11 +520,12 @@ class LightGBMCostModel(CostModelBase):
         boosters = {}
         for which, fname in MODEL_FILES.items():
             path = checked_file(d, fname, checksums)
+            expected = {"compute": COMPUTE_COLUMNS, "bwd": BWD_COLUMNS, "fwd": FWD_COLUMNS}[which]
+            text = check_model_text(path.read_bytes(), str(path), expected)
             try:
-                booster = lgb.Booster(model_str=path.read_text())
+                booster = lgb.Booster(model_str=text)
             except Exception as exc:  # noqa: BLE001 -- any unreadable model is one error
                 raise ModelFileError(f"{path}: unreadable LightGBM model ({exc})") from exc
-            expected = {"compute": COMPUTE_COLUMNS, "bwd": BWD_COLUMNS, "fwd": FWD_COLUMNS}[which]
             if booster.num_feature() != len(expected):
                 raise ModelFileError(
                     f"{path}: {booster.num_feature()} features, expected {len(expected)}"
@@ -524,6 +534,177 @@ class LightGBMCostModel(CostModelBase):
         model.boosters_ = boosters
         model.meta_ = meta
         return model
+
+
+# --------------------------------------------------------------------------- model text
+
+_TREE_INTS = ("split_feature", "decision_type", "left_child", "right_child")
+_TREE_FLOATS = ("split_gain", "threshold", "internal_value", "internal_weight")
+# Every key LightGBM writes for a tree of a boosted regression model, in its order.
+_TREE_KEYS = (
+    "num_leaves",
+    "num_cat",
+    "split_feature",
+    "split_gain",
+    "threshold",
+    "decision_type",
+    "left_child",
+    "right_child",
+    "leaf_value",
+    "leaf_weight",
+    "leaf_count",
+    "internal_value",
+    "internal_weight",
+    "internal_count",
+    "is_linear",
+    "shrinkage",
+)
+_MAX_LEAVES = 1 << 17
+
+
+def check_model_text(blob: bytes, source: str, feature_names: Sequence[str]) -> str:
+    """The text of a LightGBM regression model as LightGBM should parse it: its header
+    and its trees, each checked (:class:`ModelFileError` naming ``source`` and the tree
+    otherwise); the sections after the trees (feature importances, training parameters)
+    are left out, as prediction does not read them.
+
+    Checked: the header (``tree``, one class, a regression objective, ``feature_names``
+    equal to ``feature_names``, ``tree_sizes``); every tree where ``tree_sizes`` puts it,
+    numbered in order, with ``num_leaves``, no categorical splits and no linear leaves,
+    every array of the length its leaf count implies, finite numbers, split features in
+    range, and child links that reach every node and leaf exactly once from the root;
+    ``end of trees`` right after the last tree.
+    """
+
+    def bad(message: str) -> ModelFileError:
+        return ModelFileError(f"{source}: not a valid LightGBM model: {message}")
+
+    try:
+        text = blob.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise bad(f"a byte that is not ASCII at offset {exc.start}") from None
+    head_end = text.find("\n\n")
+    if not text.startswith("tree\n") or head_end < 0:
+        raise bad("no 'tree' header")
+    header = _key_values(text[:head_end].split("\n")[1:], "header", bad)
+    if header.get("num_class") != "1" or header.get("num_tree_per_iteration") != "1":
+        raise bad("not a single-output model (num_class, num_tree_per_iteration)")
+    if not header.get("objective", "").startswith("regression"):
+        raise bad(f"objective {header.get('objective')!r} is not regression")
+    names = header.get("feature_names", "").split(" ")
+    if names != list(feature_names):
+        raise bad(
+            f"feature_names {names[:3]}... are not this NeuroShard's "
+            f"({len(feature_names)} features)"
+        )
+    if header.get("max_feature_idx") != str(len(feature_names) - 1):
+        raise bad(
+            f"max_feature_idx {header.get('max_feature_idx')!r}, expected {len(feature_names) - 1}"
+        )
+    sizes = _numbers(header.get("tree_sizes", ""), int, "tree_sizes", bad)
+    if not sizes or min(sizes) <= 0:
+        raise bad("no tree_sizes")
+    start = text.find("Tree=0\n", head_end)
+    if start < 0 or text[head_end:start].strip("\n"):
+        raise bad("no 'Tree=0' after the header")
+    pos = start
+    for i, size in enumerate(sizes):
+        block = text[pos : pos + size]
+        if len(block) < size or not block.startswith(f"Tree={i}\n"):
+            raise bad(f"tree {i} is not where tree_sizes puts it (truncated or edited)")
+        _check_tree(block.split("\n")[1:], i, len(feature_names), bad)
+        pos += size
+    if not text[pos:].lstrip("\n").startswith("end of trees\n"):
+        raise bad(f"no 'end of trees' after tree {len(sizes) - 1}")
+    return text[:pos] + "end of trees\n\npandas_categorical:null\n"
+
+
+def _key_values(
+    lines: Sequence[str], where: str, bad: Callable[[str], ModelFileError]
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            if where == "header" and line == "average_output":
+                raise bad("a random-forest model (average_output), not a boosted one")
+            raise bad(f"{where}: line {line[:40]!r} is not key=value")
+        if key in out:
+            raise bad(f"{where}: {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def _numbers(value: str, kind: type, what: str, bad: Callable[[str], ModelFileError]) -> list:
+    if not value:
+        return []
+    try:
+        numbers = [kind(v) for v in value.split(" ")]
+    except ValueError:
+        raise bad(f"{what}: not a list of {kind.__name__}s") from None
+    if kind is float and not all(math.isfinite(x) for x in numbers):
+        raise bad(f"{what}: a number that is not finite")
+    return numbers
+
+
+def _check_tree(
+    lines: Sequence[str], i: int, num_features: int, bad: Callable[[str], ModelFileError]
+) -> None:
+    where = f"tree {i}"
+    kv = _key_values(lines, where, bad)
+    if tuple(kv) != _TREE_KEYS:
+        missing = [k for k in _TREE_KEYS if k not in kv]
+        extra = [k for k in kv if k not in _TREE_KEYS]
+        raise bad(
+            f"{where}: keys differ from a LightGBM regression tree's (missing "
+            f"{missing or 'none'}, unexpected {extra or 'none'}, or out of order)"
+        )
+    leaves = _numbers(kv["num_leaves"], int, f"{where} num_leaves", bad)
+    if len(leaves) != 1 or not 1 <= leaves[0] <= _MAX_LEAVES:
+        raise bad(f"{where}: num_leaves out of range")
+    n = leaves[0]
+    if kv["num_cat"] != "0" or kv["is_linear"] != "0":
+        raise bad(f"{where}: categorical splits or linear leaves (never trained here)")
+    if len(_numbers(kv["shrinkage"], float, f"{where} shrinkage", bad)) != 1:
+        raise bad(f"{where}: shrinkage is not one number")
+    arrays: dict[str, list] = {}
+    for key, kind, lengths in (
+        *((k, int, (n - 1,)) for k in _TREE_INTS),
+        *((k, float, (n - 1,)) for k in _TREE_FLOATS),
+        ("internal_count", int, (n - 1,)),
+        ("leaf_value", float, (n,)),
+        ("leaf_weight", float, (n,) if n > 1 else (0, 1)),
+        ("leaf_count", int, (n,)),
+    ):
+        arrays[key] = _numbers(kv[key], kind, f"{where} {key}", bad)
+        if len(arrays[key]) not in lengths:
+            raise bad(f"{where}: {key} has {len(arrays[key])} values, expected {lengths[0]}")
+    if n == 1:
+        return
+    if not all(0 <= f < num_features for f in arrays["split_feature"]):
+        raise bad(f"{where}: a split on a feature out of range")
+    if not all(0 <= d < 16 and not d & 1 and (d >> 2) & 3 < 3 for d in arrays["decision_type"]):
+        raise bad(f"{where}: a decision_type that is not a numerical split")
+    # every internal node and every leaf reached exactly once from the root
+    nodes, leaves_seen, stack = {0}, set(), [0]
+    left, right = arrays["left_child"], arrays["right_child"]
+    while stack:
+        node = stack.pop()
+        for child in (left[node], right[node]):
+            if child >= 0:
+                if child >= n - 1 or child in nodes:
+                    raise bad(f"{where}: child links do not form a tree")
+                nodes.add(child)
+                stack.append(child)
+            else:
+                leaf = ~child
+                if leaf >= n or leaf in leaves_seen:
+                    raise bad(f"{where}: child links do not form a tree")
+                leaves_seen.add(leaf)
+    if len(nodes) != n - 1 or len(leaves_seen) != n:
+        raise bad(f"{where}: child links do not reach every node and leaf")
 
 
 def _lightgbm_version() -> str:

@@ -10,6 +10,7 @@ trained on a backend with the device count nearest the cluster's.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Mapping
@@ -76,14 +77,51 @@ def register_model_kind(kind: str, target: str, *, cost_model: bool = True) -> N
     _KINDS[kind] = ModelKind(kind, target, cost_model)
 
 
+ENTRY_POINT_GROUP = "neuroshard.model_kinds"
+
+
+def _kinds() -> dict[str, ModelKind]:
+    """The registered kinds and those installed packages declare as entry points in the
+    group ``neuroshard.model_kinds`` (name = kind, value = ``module:Class``; a class
+    with ``cost_model = False`` is not a cost model). Registered kinds win a clash."""
+    found = dict(_KINDS)
+    for ep in _entry_points():
+        if ep.name not in found:
+            found[ep.name] = _PluginKind(ep.name, ep.value, ep)
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _entry_points() -> tuple[Any, ...]:
+    from importlib.metadata import entry_points
+
+    return tuple(entry_points(group=ENTRY_POINT_GROUP))
+
+
+@dataclass(frozen=True)
+class _PluginKind(ModelKind):
+    entry_point: Any = None
+
+    def load_class(self) -> Any:
+        return self.entry_point.load()
+
+    @property
+    def is_cost_model(self) -> bool:
+        return bool(getattr(self.load_class(), "cost_model", True))
+
+
+def _is_cost_model(kind: ModelKind) -> bool:
+    return kind.is_cost_model if isinstance(kind, _PluginKind) else kind.cost_model
+
+
 def model_kinds() -> list[str]:
-    """Every registered kind."""
-    return sorted(_KINDS)
+    """Every registered kind (plug-ins included)."""
+    return sorted(_kinds())
 
 
 def cost_model_kinds() -> list[str]:
     """The registered kinds that are cost models (a plan can be priced with them)."""
-    return sorted(k for k, v in _KINDS.items() if v.cost_model)
+    return sorted(k for k, v in _kinds().items() if _is_cost_model(v))
 
 
 def model_class(kind: str, *, cost_model: bool = True) -> type:
@@ -92,7 +130,7 @@ def model_class(kind: str, *, cost_model: bool = True) -> type:
     valid = cost_model_kinds() if cost_model else model_kinds()
     if kind not in valid:
         raise UnknownNameError(f"unknown cost model {kind!r}; valid: {', '.join(valid)}")
-    return _KINDS[kind].load_class()
+    return _kinds()[kind].load_class()
 
 
 def load_model(
@@ -110,7 +148,7 @@ def load_model(
     """
     meta = read_meta(model_dir)
     check_compatible(meta, batch_size=batch_size, backend=backend, kind=kind)
-    found = _KINDS.get(meta["kind"])
+    found = _kinds().get(meta["kind"])
     if found is None:
         raise ModelFileError(
             f"{Path(model_dir) / META_FILE}: unknown model kind "
@@ -129,8 +167,8 @@ def load_cost_model(
     """:func:`load_model` for cost models (neural, lightgbm): a directory holding another
     kind of model is a :class:`ModelFileError`."""
     meta = read_meta(model_dir)
-    found = _KINDS.get(meta["kind"])
-    if found is not None and not found.cost_model:
+    found = _kinds().get(meta["kind"])
+    if found is not None and not _is_cost_model(found):
         raise ModelFileError(
             f"{Path(model_dir) / META_FILE}: a {meta['kind']!r} model, not "
             f"a cost model ({', '.join(cost_model_kinds())})"

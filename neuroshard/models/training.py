@@ -41,6 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuroshard.atomic import atomic_write
+from neuroshard.types import ModelFileError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -214,15 +217,28 @@ class FileCheckpointer:
         self.path = Path(path)
 
     def load(self) -> dict[str, Any] | None:
+        """The saved state, None when there is none; :class:`ModelFileError` naming the
+        file when it cannot be read (delete it to start that net afresh)."""
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or not a checkpoint
+            raise ModelFileError(
+                f"{self.path}: unreadable training checkpoint "
+                f"({type(exc).__name__}); delete it to train that net "
+                "from the start"
+            ) from exc
+        if not isinstance(state, dict):
+            raise ModelFileError(
+                f"{self.path}: not a training checkpoint; delete it to "
+                "train that net from the start"
+            )
+        return state
 
     def save(self, state: dict[str, Any], *, epoch: int, val_loss: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))  # a unique temp name
 
 
 def _world() -> tuple[int, int]:
