@@ -56,10 +56,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_FILE = ROOT / "bench" / "gpu_tasks" / "tasks_d8.json"
@@ -148,12 +149,26 @@ class SessionConfig:
     tasks_file: Path = TASKS_FILE
 
     @classmethod
-    def quick(cls, out: Path, **overrides: Any) -> "SessionConfig":
+    def quick(cls, out: Path, **overrides: Any) -> SessionConfig:
         """A CPU dry run of every stage in about a minute (meaningless figures)."""
-        small = dict(device="cpu", batch_size=256, budget_s=150.0, compute_samples=60,
-                     holdout_samples=16, retest_samples=8, comm_samples=200, rounds=2,
-                     chunk_size=10, tasks=2, warmups=1, repeats=3, row_cap=20_000,
-                     workers=2, train_threads=1, max_epochs=40)
+        small = dict(
+            device="cpu",
+            batch_size=256,
+            budget_s=150.0,
+            compute_samples=60,
+            holdout_samples=16,
+            retest_samples=8,
+            comm_samples=200,
+            rounds=2,
+            chunk_size=10,
+            tasks=2,
+            warmups=1,
+            repeats=3,
+            row_cap=20_000,
+            workers=2,
+            train_threads=1,
+            max_epochs=40,
+        )
         return cls(out=out, **{**small, **overrides})
 
 
@@ -191,23 +206,35 @@ class Clock:
 # --------------------------------------------------------------------------- tasks file
 
 
-def make_torchrec_plans(path: Path = TASKS_FILE, *, tasks: int = 20, num_devices: int = 8,
-                        memory_bytes: int = 4 * GB, batch_size: int = 65_536,
-                        min_tables: int = 20, max_tables: int = 60, seed: int = 0) -> Path:
+def make_torchrec_plans(
+    path: Path = TASKS_FILE,
+    *,
+    tasks: int = 20,
+    num_devices: int = 8,
+    memory_bytes: int = 4 * GB,
+    batch_size: int = 65_536,
+    min_tables: int = 20,
+    max_tables: int = 60,
+    seed: int = 0,
+) -> Path:
     """Draw the session's tasks from the test pool and plan each with TorchRec's planner
     (which needs torchrec: run it here, not on the GPU machine); write them to ``path``."""
-    from neuroshard.pretrain.pool import load_pool
-
     from neuroshard.backends.sim import SimBackend
     from neuroshard.plan_io import plan_to_dict
     from neuroshard.planner import Planner
+    from neuroshard.pretrain.pool import load_pool
     from neuroshard.tasks import default_max_total_bytes, sample_tasks
     from neuroshard.types import Cluster
 
     cluster = Cluster.uniform(num_devices, memory_bytes, batch_size)
-    drawn = sample_tasks(load_pool("test"), tasks, seed=seed, min_tables=min_tables,
-                         max_tables=max_tables,
-                         max_total_bytes=default_max_total_bytes(num_devices, memory_bytes))
+    drawn = sample_tasks(
+        load_pool("test"),
+        tasks,
+        seed=seed,
+        min_tables=min_tables,
+        max_tables=max_tables,
+        max_total_bytes=default_max_total_bytes(num_devices, memory_bytes),
+    )
     costs = SimBackend("h200", batch_size=batch_size)  # only prices the plans in the file
     entries = []
     for i, task in enumerate(drawn):
@@ -218,10 +245,18 @@ def make_torchrec_plans(path: Path = TASKS_FILE, *, tasks: int = 20, num_devices
                 table.pop(key, None)
         entries.append({"tables": [t.name for t in task], "torchrec": doc})
         logger.info("task %d: %d tables planned by torchrec", i, len(task))
-    doc = {"format": TASKS_FORMAT, "pool": "test", "seed": seed, "num_devices": num_devices,
-           "memory_per_device_bytes": memory_bytes, "batch_size": batch_size,
-           "min_tables": min_tables, "max_tables": max_tables,
-           "made_by": "bench/gpu_session.py --make-torchrec-plans", "tasks": entries}
+    doc = {
+        "format": TASKS_FORMAT,
+        "pool": "test",
+        "seed": seed,
+        "num_devices": num_devices,
+        "memory_per_device_bytes": memory_bytes,
+        "batch_size": batch_size,
+        "min_tables": min_tables,
+        "max_tables": max_tables,
+        "made_by": "bench/gpu_session.py --make-torchrec-plans",
+        "tasks": entries,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n")
@@ -245,10 +280,13 @@ def load_tasks(path: Path, test_pool: Sequence[Any]) -> tuple[dict[str, Any], li
             raise ValueError(f"{path}: task {i} names tables not in the test pool: {missing[:3]}")
         task = [by_name[n] for n in entry["tables"]]
         plan = plan_from_dict(entry["torchrec"])
-        if {(t.name, t.rows, t.dim) for t in plan.tables} != {(t.name, t.rows, t.dim)
-                                                               for t in task}:
-            raise ValueError(f"{path}: task {i}'s TorchRec plan has other tables or table "
-                             "shapes than the test pool (was the pool regenerated?)")
+        if {(t.name, t.rows, t.dim) for t in plan.tables} != {
+            (t.name, t.rows, t.dim) for t in task
+        }:
+            raise ValueError(
+                f"{path}: task {i}'s TorchRec plan has other tables or table "
+                "shapes than the test pool (was the pool regenerated?)"
+            )
         tasks.append(task)
         torchrec.append(replace(plan, tables=tuple(by_name[t.name] for t in plan.tables)))
     return doc, tasks, torchrec
@@ -281,6 +319,7 @@ def capped(tables: Sequence[Any], row_cap: int | None) -> list[Any]:
 def draw_samples(cfg: SessionConfig, train: Sequence[Any], test: Sequence[Any]) -> list[Job]:
     """Training, held-out and retest loads, drawn with ``pretrain``'s seeds and streams."""
     import numpy as np
+
     from neuroshard.pretrain.augment import (
         augment_tables,
         sample_compute_loads,
@@ -289,26 +328,36 @@ def draw_samples(cfg: SessionConfig, train: Sequence[Any], test: Sequence[Any]) 
     from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
 
     variants = list(train) + shrink_tables(train, np.random.default_rng([cfg.seed, 4]), copies=1)
-    training = sample_compute_loads(augment_tables(variants), cfg.compute_samples,
-                                    np.random.default_rng([cfg.seed, 1]),
-                                    max_tables=cfg.max_tables,
-                                    memory_cap_bytes=cfg.memory_cap_bytes)
-    holdout = sample_compute_loads(augment_tables(list(test)), cfg.holdout_samples,
-                                   np.random.default_rng([cfg.seed, 3]),
-                                   max_tables=cfg.max_tables,
-                                   memory_cap_bytes=cfg.memory_cap_bytes)
-    retest = [replace(s, index=s.index + RETEST_INDEX_OFFSET)
-              for s in holdout[:cfg.retest_samples]]
-    return [Job("compute", training), Job("compute_holdout", holdout),
-            Job("compute_retest", retest, retest=True)]
+    training = sample_compute_loads(
+        augment_tables(variants),
+        cfg.compute_samples,
+        np.random.default_rng([cfg.seed, 1]),
+        max_tables=cfg.max_tables,
+        memory_cap_bytes=cfg.memory_cap_bytes,
+    )
+    holdout = sample_compute_loads(
+        augment_tables(list(test)),
+        cfg.holdout_samples,
+        np.random.default_rng([cfg.seed, 3]),
+        max_tables=cfg.max_tables,
+        memory_cap_bytes=cfg.memory_cap_bytes,
+    )
+    retest = [
+        replace(s, index=s.index + RETEST_INDEX_OFFSET) for s in holdout[: cfg.retest_samples]
+    ]
+    return [
+        Job("compute", training),
+        Job("compute_holdout", holdout),
+        Job("compute_retest", retest, retest=True),
+    ]
 
 
-def collect_rounds(backend: Any, jobs: Sequence[Job], data: Path, cfg: SessionConfig,
-                   clock: Clock) -> dict[str, int]:
+def collect_rounds(
+    backend: Any, jobs: Sequence[Job], data: Path, cfg: SessionConfig, clock: Clock
+) -> dict[str, int]:
     """Measure the jobs in ``cfg.rounds`` interleaved rounds, a chunk at a time, until the
     collection deadline; returns the samples measured per job."""
     from neuroshard.pretrain.collect import collect
-
     from neuroshard.types import BackendError
 
     done = {job.name: 0 for job in jobs}
@@ -316,8 +365,15 @@ def collect_rounds(backend: Any, jobs: Sequence[Job], data: Path, cfg: SessionCo
 
     def measure(job: Job, end: int) -> None:
         try:
-            got = collect(job.samples[:end], backend, data / job.name, kind="compute",
-                          chunk_size=cfg.chunk_size, progress=False, description=job.name)
+            got = collect(
+                job.samples[:end],
+                backend,
+                data / job.name,
+                kind="compute",
+                chunk_size=cfg.chunk_size,
+                progress=False,
+                description=job.name,
+            )
             failed[job.name] += got.failed
         except BackendError as exc:  # e.g. out of memory: lose the chunk, not the session
             logger.error("%s up to %d: %s", job.name, end, exc)
@@ -351,6 +407,7 @@ def collect_rounds(backend: Any, jobs: Sequence[Job], data: Path, cfg: SessionCo
 def retest_pairs(data: Path, retests: Sequence[Any]) -> tuple[Any, Any]:
     """First and second label of every retest found on disk."""
     import numpy as np
+
     from neuroshard.pretrain.dataset import load_compute
     from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
 
@@ -376,24 +433,26 @@ def preflight(backend: Any, cfg: SessionConfig, sample_load: Sequence[Any]) -> d
 
     found = check_fused_kernel(cfg.device)
     if backend.timer.graphs and not found["graphs_ok"]:
-        logger.warning("CUDA graph replays differ from eager steps (%s): timing eager steps",
-                       found)
+        logger.warning("CUDA graph replays differ from eager steps (%s): timing eager steps", found)
         backend.graphs = backend.timer.graphs = False  # before any row carries the fingerprint
     started = time.monotonic()
     timing = backend.measure_compute(capped(sample_load, cfg.row_cap))
-    return {**found, "graphs": backend.timer.graphs,
-            "graph_failures": backend.timer.graph_failures,
-            "sample_tables": len(sample_load), "sample_ms": timing.median_ms,
-            "sample_spread": timing.spread,
-            "sample_seconds": round(time.monotonic() - started, 3)}
+    return {
+        **found,
+        "graphs": backend.timer.graphs,
+        "graph_failures": backend.timer.graph_failures,
+        "sample_tables": len(sample_load),
+        "sample_ms": timing.median_ms,
+        "sample_spread": timing.spread,
+        "sample_seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def train_model(cfg: SessionConfig, data: Path, backend_name: str, clock: Clock) -> Any:
     """The neural model on the GPU compute samples and the sim comm samples."""
-    from neuroshard.pretrain.dataset import load_comm, load_compute
-
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import fit_net
+    from neuroshard.pretrain.dataset import load_comm, load_compute
 
     compute = load_compute(data / "compute")
     comm = load_comm(data / "comm")
@@ -404,20 +463,30 @@ def train_model(cfg: SessionConfig, data: Path, backend_name: str, clock: Clock)
         config = replace(config, max_seconds=seconds.get(label, 0.2 * left))
         return fit_net(net, train, val, config, label)
 
-    model = NeuralCostModel(seed=cfg.seed, num_threads=cfg.train_threads,
-                            max_epochs=cfg.max_epochs, patience=60, train_batch_size=64,
-                            lr_decay_patience=20)
-    return model.fit(compute, comm, backend_name=backend_name, num_devices=cfg.num_devices,
-                     trainer=budgeted)
+    model = NeuralCostModel(
+        seed=cfg.seed,
+        num_threads=cfg.train_threads,
+        max_epochs=cfg.max_epochs,
+        patience=60,
+        train_batch_size=64,
+        lr_decay_patience=20,
+    )
+    return model.fit(
+        compute, comm, backend_name=backend_name, num_devices=cfg.num_devices, trainer=budgeted
+    )
 
 
-def plan_tasks(tasks: Sequence[Sequence[Any]], torchrec: Sequence[Any], cluster: Any,
-               model: Any, cfg: SessionConfig) -> tuple[list[str], list[dict[str, Any]]]:
+def plan_tasks(
+    tasks: Sequence[Sequence[Any]],
+    torchrec: Sequence[Any],
+    cluster: Any,
+    model: Any,
+    cfg: SessionConfig,
+) -> tuple[list[str], list[dict[str, Any]]]:
     """Every searcher's plan of every task (TorchRec's from the tasks file)."""
+    from neuroshard.planner import Planner
     from neuroshard.search import BASELINES
     from neuroshard.search.scoring import plan_cost
-
-    from neuroshard.planner import Planner
     from neuroshard.types import PlanInfeasibleError
 
     names = ["neuroshard", "greedy-grid", *BASELINES]
@@ -434,8 +503,13 @@ def plan_tasks(tasks: Sequence[Sequence[Any]], torchrec: Sequence[Any], cluster:
     return names + ["torchrec"], plans
 
 
-def measure_plans(backend: Any, plans: Sequence[dict[str, Any]], names: Sequence[str],
-                  cfg: SessionConfig, clock: Clock) -> list[dict[str, Any]]:
+def measure_plans(
+    backend: Any,
+    plans: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    cfg: SessionConfig,
+    clock: Clock,
+) -> list[dict[str, Any]]:
     """Every device load of every plan, passes x tasks x device index x plans (rotated
     per task and pass), until the measurement deadline."""
     from neuroshard.types import BackendError
@@ -458,8 +532,17 @@ def measure_plans(backend: Any, plans: Sequence[dict[str, Any]], names: Sequence
                     except BackendError as exc:  # the plan gets no figure in this pass
                         logger.error("task %d, %s, device %d: %s", i, n, d, exc)
                         continue
-                    rows.append({"pass": p, "task": i, "searcher": n, "device": d,
-                                 "shards": len(load), "ms": t.median_ms, "spread": t.spread})
+                    rows.append(
+                        {
+                            "pass": p,
+                            "task": i,
+                            "searcher": n,
+                            "device": d,
+                            "shards": len(load),
+                            "ms": t.median_ms,
+                            "spread": t.spread,
+                        }
+                    )
         logger.info("plan pass %d done at %.0f s", p + 1, clock.now())
     return rows
 
@@ -467,14 +550,15 @@ def measure_plans(backend: Any, plans: Sequence[dict[str, Any]], names: Sequence
 # --------------------------------------------------------------------------- results
 
 
-def plan_figures(rows: Sequence[dict[str, Any]], names: Sequence[str], plans: Sequence[dict],
-                 cfg: SessionConfig) -> dict[str, Any]:
+def plan_figures(
+    rows: Sequence[dict[str, Any]], names: Sequence[str], plans: Sequence[dict], cfg: SessionConfig
+) -> dict[str, Any]:
     """Max-device compute per plan and pass; ratios to the best heuristic and TorchRec per
     pass; the noise floor between passes."""
     import numpy as np
-    from neuroshard.search import BASELINES
 
     from neuroshard.models.metrics import noise_floor
+    from neuroshard.search import BASELINES
 
     per: dict[tuple[int, int, str], dict[int, float]] = {}
     for r in rows:
@@ -484,8 +568,9 @@ def plan_figures(rows: Sequence[dict[str, Any]], names: Sequence[str], plans: Se
     out: dict[str, Any] = {"passes": {}}
     heuristics = [n for n in BASELINES if n in names]
     for p in passes:
-        tasks = [i for i in range(len(plans))
-                 if all((p, i, n) in maxes for n in names if n in plans[i])]
+        tasks = [
+            i for i in range(len(plans)) if all((p, i, n) in maxes for n in names if n in plans[i])
+        ]
         if not tasks:
             continue
         cost = {n: np.array([maxes.get((p, i, n), np.nan) for i in tasks]) for n in names}
@@ -503,8 +588,9 @@ def plan_figures(rows: Sequence[dict[str, Any]], names: Sequence[str], plans: Se
             "neuroshard_over_greedy_grid": means["neuroshard"] / means["greedy-grid"],
             "neuroshard_wins_vs_torchrec": float(np.mean(ns < cost["torchrec"])),
         }
-    both = [(maxes[(0, i, n)], maxes[(1, i, n)]) for (p, i, n) in maxes
-            if p == 0 and (1, i, n) in maxes]
+    both = [
+        (maxes[(0, i, n)], maxes[(1, i, n)]) for (p, i, n) in maxes if p == 0 and (1, i, n) in maxes
+    ]
     if both:
         a, b = np.array(both).T
         out["plan_noise_floor"] = noise_floor(a, b)
@@ -518,8 +604,9 @@ def plan_figures(rows: Sequence[dict[str, Any]], names: Sequence[str], plans: Se
     return out
 
 
-def predicted_vs_measured(rows: Sequence[dict[str, Any]], plans: Sequence[dict],
-                          model: Any, cfg: SessionConfig) -> dict[str, Any]:
+def predicted_vs_measured(
+    rows: Sequence[dict[str, Any]], plans: Sequence[dict], model: Any, cfg: SessionConfig
+) -> dict[str, Any]:
     """The model's compute for every measured device load of the first pass, scored."""
     import numpy as np
 
@@ -528,8 +615,10 @@ def predicted_vs_measured(rows: Sequence[dict[str, Any]], plans: Sequence[dict],
     first = [r for r in rows if r["pass"] == 0 and r["shards"] > 0]
     if not first:
         return {}
-    loads = [capped(plans[r["task"]][r["searcher"]].device_loads()[r["device"]], cfg.row_cap)
-             for r in first]
+    loads = [
+        capped(plans[r["task"]][r["searcher"]].device_loads()[r["device"]], cfg.row_cap)
+        for r in first
+    ]
     pred = np.asarray(model.compute_ms(loads), dtype=float)
     true = np.array([r["ms"] for r in first])
     return regression_metrics(pred, true, 1e-3)
@@ -541,52 +630,76 @@ def _pct(x: Any) -> str:
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
     """``results.json`` and a Markdown summary ``results.md``."""
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True,
-                                                 default=str) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(results, indent=2, sort_keys=True, default=str) + "\n"
+    )
     m = results.get("model", {})
     hw = results.get("hardware", {})
-    lines = [f"# GPU session ({results['mode']})", "",
-             f"Command: `{results['command']}`", "",
-             f"Device: {hw.get('gpu') or hw.get('processor')}; kernel {hw.get('kernel')}, "
-             f"graphs {hw.get('graphs')} (capture failures {hw.get('graph_failures')}); "
-             f"batch {results['config']['batch_size']}; torch {hw.get('torch')}.", "",
-             "## Samples", "",
-             "| set | measured | asked |", "|---|---|---|"]
+    lines = [
+        f"# GPU session ({results['mode']})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Device: {hw.get('gpu') or hw.get('processor')}; kernel {hw.get('kernel')}, "
+        f"graphs {hw.get('graphs')} (capture failures {hw.get('graph_failures')}); "
+        f"batch {results['config']['batch_size']}; torch {hw.get('torch')}.",
+        "",
+        "## Samples",
+        "",
+        "| set | measured | asked |",
+        "|---|---|---|",
+    ]
     for name, n in results.get("collected", {}).items():
         lines.append(f"| {name} | {n} | {results['asked'][name]} |")
-    lines += ["", "## Compute model (held-out test-pool loads)", "",
-              "| metric | value |", "|---|---|",
-              f"| MAPE | {_pct(m.get('mape'))} |",
-              f"| Spearman | {m.get('spearman', float('nan')):.4f} |",
-              f"| noise floor (floor MAPE of {m.get('retest_pairs', 0)} retests) | "
-              f"{_pct(m.get('floor_mape'))} |",
-              f"| MAPE / floor | {m.get('mape_over_floor', float('nan')):.2f} |",
-              f"| MAPE on training-pool test split | {_pct(m.get('train_test_mape'))} |",
-              "", "Comm nets: trained on sim/h200 samples (one GPU cannot measure a "
-              "collective).", ""]
+    lines += [
+        "",
+        "## Compute model (held-out test-pool loads)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| MAPE | {_pct(m.get('mape'))} |",
+        f"| Spearman | {m.get('spearman', float('nan')):.4f} |",
+        f"| noise floor (floor MAPE of {m.get('retest_pairs', 0)} retests) | "
+        f"{_pct(m.get('floor_mape'))} |",
+        f"| MAPE / floor | {m.get('mape_over_floor', float('nan')):.2f} |",
+        f"| MAPE on training-pool test split | {_pct(m.get('train_test_mape'))} |",
+        "",
+        "Comm nets: trained on sim/h200 samples (one GPU cannot measure a collective).",
+        "",
+    ]
     plans = results.get("plans", {})
     for p, fig in sorted(plans.get("passes", {}).items()):
-        lines += [f"## Plans, pass {int(p) + 1}: measured max-device compute "
-                  f"({fig['tasks']} tasks)", "", "| searcher | mean max-device ms |",
-                  "|---|---|"]
+        lines += [
+            f"## Plans, pass {int(p) + 1}: measured max-device compute ({fig['tasks']} tasks)",
+            "",
+            "| searcher | mean max-device ms |",
+            "|---|---|",
+        ]
         lines += [f"| {n} | {v:.4f} |" for n, v in fig["mean_max_ms"].items()]
-        lines += ["",
-                  f"* NeuroShard / best heuristic ({fig['best_heuristic']}): "
-                  f"{fig['neuroshard_over_best_heuristic']:.3f} (per-task best: "
-                  f"{fig['neuroshard_over_per_task_best_heuristic']:.3f})",
-                  f"* NeuroShard / TorchRec: {fig['neuroshard_over_torchrec']:.3f} "
-                  f"(NeuroShard lower on {100 * fig['neuroshard_wins_vs_torchrec']:.0f}% "
-                  "of tasks)",
-                  f"* NeuroShard / greedy grid: {fig['neuroshard_over_greedy_grid']:.3f}", ""]
+        lines += [
+            "",
+            f"* NeuroShard / best heuristic ({fig['best_heuristic']}): "
+            f"{fig['neuroshard_over_best_heuristic']:.3f} (per-task best: "
+            f"{fig['neuroshard_over_per_task_best_heuristic']:.3f})",
+            f"* NeuroShard / TorchRec: {fig['neuroshard_over_torchrec']:.3f} "
+            f"(NeuroShard lower on {100 * fig['neuroshard_wins_vs_torchrec']:.0f}% "
+            "of tasks)",
+            f"* NeuroShard / greedy grid: {fig['neuroshard_over_greedy_grid']:.3f}",
+            "",
+        ]
     if "plan_noise_floor" in plans:
-        lines.append(f"Noise floor of a plan's max-device compute between passes: "
-                     f"{_pct(plans['plan_noise_floor']['floor_mape'])} (retest MAPE "
-                     f"{_pct(plans['plan_noise_floor']['mape'])}); of one device load: "
-                     f"{_pct(plans.get('load_noise_floor', {}).get('floor_mape'))}.")
+        lines.append(
+            f"Noise floor of a plan's max-device compute between passes: "
+            f"{_pct(plans['plan_noise_floor']['floor_mape'])} (retest MAPE "
+            f"{_pct(plans['plan_noise_floor']['mape'])}); of one device load: "
+            f"{_pct(plans.get('load_noise_floor', {}).get('floor_mape'))}."
+        )
     pv = results.get("plan_prediction", {})
     if pv:
-        lines.append(f"Model on the plans' device loads (pass 1): MAPE {_pct(pv.get('mape'))}, "
-                     f"Spearman {pv.get('spearman', float('nan')):.4f}.")
+        lines.append(
+            f"Model on the plans' device loads (pass 1): MAPE {_pct(pv.get('mape'))}, "
+            f"Spearman {pv.get('spearman', float('nan')):.4f}."
+        )
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stages"].items()]
     lines.append(f"| total | {results['total_s']:.1f} |")
@@ -601,32 +714,35 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
     out = cfg.out
     data = out / "data"
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"mode": "quick (CPU dry run)" if cfg.device == "cpu"
-                               else "full", "command": command,
-                               "config": {k: (str(v) if isinstance(v, Path) else v)
-                                          for k, v in asdict(cfg).items()}}
+    results: dict[str, Any] = {
+        "mode": "quick (CPU dry run)" if cfg.device == "cpu" else "full",
+        "command": command,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    }
 
     def progress() -> None:  # what a session that dies later still leaves behind
         results["stages"] = dict(clock.stages)
         results["total_s"] = round(clock.now(), 1)
-        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True,
-                                                     default=str) + "\n")
+        (out / "results.json").write_text(
+            json.dumps(results, indent=2, sort_keys=True, default=str) + "\n"
+        )
 
     clock = Clock(cfg.budget_s, progress)
 
     with clock.stage("setup"):
         import numpy as np
-        from neuroshard.pretrain.pool import load_pool
 
+        from neuroshard.pretrain.pool import load_pool
         from neuroshard.types import Cluster
 
         train_pool = capped(load_pool("train"), cfg.row_cap)
         test_pool = load_pool("test")
         jobs = draw_samples(cfg, train_pool, capped(test_pool, cfg.row_cap))
         header, tasks, torchrec = load_tasks(cfg.tasks_file, test_pool)
-        tasks, torchrec = tasks[:cfg.tasks], torchrec[:cfg.tasks]
-        cluster = Cluster.uniform(cfg.num_devices, int(header["memory_per_device_bytes"]),
-                                  cfg.batch_size)
+        tasks, torchrec = tasks[: cfg.tasks], torchrec[: cfg.tasks]
+        cluster = Cluster.uniform(
+            cfg.num_devices, int(header["memory_per_device_bytes"]), cfg.batch_size
+        )
         results["asked"] = {j.name: len(j.samples) for j in jobs}
 
     with clock.stage("indices"):
@@ -634,17 +750,23 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
 
         measured = {t for job in jobs for s in job.samples for t in s.tables}
         measured |= set(capped([t for task in tasks for t in task], cfg.row_cap))
-        batches = generate_batches(measured, cfg.batch_size, seed=cfg.seed,
-                                   workers=cfg.workers)
+        batches = generate_batches(measured, cfg.batch_size, seed=cfg.seed, workers=cfg.workers)
         results["index_batches"] = len(batches)
 
     with clock.stage("preflight"):
         from neuroshard.backends.cuda import CudaBackend
 
-        backend = CudaBackend(cfg.batch_size, kernel="auto", warmups=cfg.warmups,
-                              repeats=cfg.repeats, device=cfg.device, graphs=cfg.graphs,
-                              index_cache_bytes=64 * GB, module_cache_bytes=8 * GB,
-                              device_index_cache_bytes=48 * GB)
+        backend = CudaBackend(
+            cfg.batch_size,
+            kernel="auto",
+            warmups=cfg.warmups,
+            repeats=cfg.repeats,
+            device=cfg.device,
+            graphs=cfg.graphs,
+            index_cache_bytes=64 * GB,
+            module_cache_bytes=8 * GB,
+            device_index_cache_bytes=48 * GB,
+        )
         backend.preload(batches)
         del batches
         backend.reserve(cfg.memory_cap_bytes if cfg.row_cap is None else 256 << 20)
@@ -653,26 +775,33 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
     with clock.stage("collect"):
         results["collected"] = collect_rounds(backend, jobs, data, cfg, clock)
         if not results["collected"]["compute"] or not results["collected"]["compute_holdout"]:
-            raise RuntimeError(f"no training or held-out samples measured by the collection "
-                               f"deadline ({clock.deadline(cfg.collect_share):.0f} s): "
-                               f"{results['collected']}; give the session more --budget-s")
+            raise RuntimeError(
+                f"no training or held-out samples measured by the collection "
+                f"deadline ({clock.deadline(cfg.collect_share):.0f} s): "
+                f"{results['collected']}; give the session more --budget-s"
+            )
 
     with clock.stage("comm"):
+        from neuroshard.backends.sim import SimBackend
         from neuroshard.pretrain.augment import sample_comm_tasks
         from neuroshard.pretrain.collect import collect
 
-        from neuroshard.backends.sim import SimBackend
-
-        comm = sample_comm_tasks(train_pool, cfg.comm_samples,
-                                 np.random.default_rng([cfg.seed, 2]), [cfg.num_devices])
-        collect(comm, SimBackend(cfg.comm_profile, batch_size=cfg.batch_size), data / "comm",
-                kind="comm", chunk_size=1_000, progress=False)
+        comm = sample_comm_tasks(
+            train_pool, cfg.comm_samples, np.random.default_rng([cfg.seed, 2]), [cfg.num_devices]
+        )
+        collect(
+            comm,
+            SimBackend(cfg.comm_profile, batch_size=cfg.batch_size),
+            data / "comm",
+            kind="comm",
+            chunk_size=1_000,
+            progress=False,
+        )
         results["asked"]["comm"] = results["collected"]["comm"] = len(comm)
 
     with clock.stage("train"):
-        from neuroshard.pretrain.dataset import load_compute
-
         from neuroshard.models.metrics import noise_floor
+        from neuroshard.pretrain.dataset import load_compute
 
         model = train_model(cfg, data, backend.name, clock)
         holdout = load_compute(data / "compute_holdout")
@@ -683,21 +812,30 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
         model.metrics_["noise_floor"] = {"compute": floor}
         model.sample_counts_["compute_holdout"] = len(holdout)
         model.provenance_ = {
-            "pipeline": "bench/gpu_session.py", "seed": cfg.seed,
-            "num_devices": cfg.num_devices, "max_tables": cfg.max_tables,
-            "memory_cap_bytes": cfg.memory_cap_bytes, "shrink_copies": 1,
+            "pipeline": "bench/gpu_session.py",
+            "seed": cfg.seed,
+            "num_devices": cfg.num_devices,
+            "max_tables": cfg.max_tables,
+            "memory_cap_bytes": cfg.memory_cap_bytes,
+            "shrink_copies": 1,
             "compute": f"measured on this device ({backend.name}, kernel {backend.kernel})",
-            "comm": (f"sim backend, profile {cfg.comm_profile}: one GPU cannot measure a "
-                     "collective, so the comm nets learn the simulator's all-to-all"),
+            "comm": (
+                f"sim backend, profile {cfg.comm_profile}: one GPU cannot measure a "
+                "collective, so the comm nets learn the simulator's all-to-all"
+            ),
             "collected": results["collected"],
         }
         model.save(out / "model")
         results["model"] = {
-            "name": model.name, "mape": scored["mape"], "spearman": scored["spearman"],
-            "floor_mape": floor["floor_mape"], "retest_mape": floor["mape"],
+            "name": model.name,
+            "mape": scored["mape"],
+            "spearman": scored["spearman"],
+            "floor_mape": floor["floor_mape"],
+            "retest_mape": floor["mape"],
             "retest_pairs": len(a),
             "mape_over_floor": scored["mape"] / floor["floor_mape"]
-            if floor["floor_mape"] and floor["floor_mape"] > 0 else float("nan"),
+            if floor["floor_mape"] and floor["floor_mape"] > 0
+            else float("nan"),
             "train_test_mape": model.metrics_["compute"]["test"]["mape"],
             "training": getattr(model, "training_summary_", {}),
         }
@@ -706,17 +844,22 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
         from neuroshard.plan_io import plan_to_dict
 
         names, plans = plan_tasks(tasks, torchrec, cluster, model, cfg)
-        (out / "plans.json").write_text(json.dumps(
-            [{n: plan_to_dict(p) for n, p in row.items()} for row in plans]) + "\n")
+        (out / "plans.json").write_text(
+            json.dumps([{n: plan_to_dict(p) for n, p in row.items()} for row in plans]) + "\n"
+        )
         results["search_seconds"] = {
-            n: float(np.median([row[n].meta.get("search_seconds", 0.0)
-                                for row in plans if n in row])) for n in names}
+            n: float(
+                np.median([row[n].meta.get("search_seconds", 0.0) for row in plans if n in row])
+            )
+            for n in names
+        }
 
     with clock.stage("measure"):
         rows = measure_plans(backend, plans, names, cfg, clock)
         with open(out / "plan_loads.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, ["pass", "task", "searcher", "device", "shards", "ms",
-                                        "spread"])
+            writer = csv.DictWriter(
+                f, ["pass", "task", "searcher", "device", "shards", "ms", "spread"]
+            )
             writer.writeheader()
             writer.writerows(rows)
         results["plan_loads_measured"] = len(rows)
@@ -727,9 +870,13 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
         fp = backend.fingerprint()
         results["hardware"] = {
             "gpu": (fp.get("gpu") or {}).get("name") if cfg.device != "cpu" else None,
-            "processor": fp.get("processor"), "kernel": backend.kernel,
-            "graphs": backend.timer.graphs, "graph_failures": backend.timer.graph_failures,
-            "torch": fp.get("versions", {}).get("torch"), "fingerprint": fp}
+            "processor": fp.get("processor"),
+            "kernel": backend.kernel,
+            "graphs": backend.timer.graphs,
+            "graph_failures": backend.timer.graph_failures,
+            "torch": fp.get("versions", {}).get("torch"),
+            "fingerprint": fp,
+        }
     backend.close()
     results["stages"] = dict(clock.stages)
     results["total_s"] = round(clock.now(), 1)
@@ -742,16 +889,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="output folder (the dataset, model, results)")
     p.add_argument("--quick", action="store_true", help="CPU dry run of every stage")
-    p.add_argument("--make-torchrec-plans", action="store_true",
-                   help=f"draw the tasks and write TorchRec's plans to {TASKS_FILE}")
+    p.add_argument(
+        "--make-torchrec-plans",
+        action="store_true",
+        help=f"draw the tasks and write TorchRec's plans to {TASKS_FILE}",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget")
     p.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu")
     p.add_argument("--no-graphs", action="store_true", help="time eager steps")
     p.add_argument("--tasks", type=int, default=None, help="the first N tasks of the file")
     args = p.parse_args(argv)
     use_checkout()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
     if args.make_torchrec_plans:
         print(make_torchrec_plans())
         return 0
@@ -763,14 +914,22 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = getattr(args, key)
     if args.no_graphs:
         overrides["graphs"] = False
-    cfg = (SessionConfig.quick(args.out, **overrides) if args.quick
-           else SessionConfig(out=args.out, **overrides))
+    cfg = (
+        SessionConfig.quick(args.out, **overrides)
+        if args.quick
+        else SessionConfig(out=args.out, **overrides)
+    )
     cfg.out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(cfg.out / "session.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     logging.getLogger().addHandler(handler)
-    command = " ".join([Path(sys.executable).name, "bench/gpu_session.py",
-                        *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        [
+            Path(sys.executable).name,
+            "bench/gpu_session.py",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
     try:
         run_session(cfg, command)
     except BaseException:

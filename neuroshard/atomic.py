@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` to a fresh temporary file beside ``path``, then rename it into place.
 
     The file gets the permissions a plain ``open(path, "w")`` would (umask applied).

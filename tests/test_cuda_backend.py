@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from factories import make_table
 
 from neuroshard.backends import get_backend
 from neuroshard.backends.cuda import (
@@ -22,6 +21,8 @@ from neuroshard.backends.cuda import (
 from neuroshard.indices import generate_batch
 from neuroshard.types import BackendError, HardwareBackend, Timing
 
+from factories import make_table
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 # (rows, width, pooling factor): two widths, one of them shared by three shards, one hot
@@ -33,18 +34,25 @@ GRAD_PER_BAG = max(3 * 8, 2 * 16)  # floats per bag of the largest group's outpu
 def _load(batch: int, seed: int = 0) -> tuple[list[tuple[int, int]], list]:
     shapes, batches = [], []
     for i, (rows, width, pooling) in enumerate(SHAPES):
-        idx, off = generate_batch(make_table(f"s{i}", rows=rows, dim=width,
-                                             pooling_factor=pooling), batch, seed + i)
+        idx, off = generate_batch(
+            make_table(f"s{i}", rows=rows, dim=width, pooling_factor=pooling), batch, seed + i
+        )
         shapes.append((rows, width))
         batches.append((torch.from_numpy(idx), torch.from_numpy(off)))
     return shapes, batches
 
 
-def _reference(weight: torch.Tensor, idx: torch.Tensor, off: torch.Tensor,
-               grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(
+    weight: torch.Tensor, idx: torch.Tensor, off: torch.Tensor, grad: torch.Tensor, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled output and SGD-updated weights from nn.EmbeddingBag and a dense gradient."""
-    bag = torch.nn.EmbeddingBag(weight.shape[0], weight.shape[1], mode="sum",
-                                include_last_offset=True, _weight=weight.clone())
+    bag = torch.nn.EmbeddingBag(
+        weight.shape[0],
+        weight.shape[1],
+        mode="sum",
+        include_last_offset=True,
+        _weight=weight.clone(),
+    )
     out = bag(idx, off)
     out.backward(grad)
     with torch.no_grad():
@@ -61,8 +69,9 @@ def test_fused_step_matches_embedding_bag_and_sgd(batch):
     grad = torch.randn(batch * GRAD_PER_BAG, generator=gen)
     shards = FusedShards(shapes, batches, weights, grad, batch, lr=0.5)
     before = [shards.weight(i).clone() for i in range(len(shapes))]
-    expected = [_reference(before[i], *batches[i], shards.output_grad(i), 0.5)
-                for i in range(len(shapes))]
+    expected = [
+        _reference(before[i], *batches[i], shards.output_grad(i), 0.5) for i in range(len(shapes))
+    ]
     for i, pooled in enumerate(shards.forward()):
         assert pooled.shape == (batch, shapes[i][1])
         torch.testing.assert_close(pooled, expected[i][0], rtol=1e-6, atol=1e-6)
@@ -84,7 +93,8 @@ def test_fused_step_counts_unique_rows_itself_or_from_caller():
     counted = FusedShards(shapes, batches, weights, grad, 32)
     given = [int(torch.unique(i).numel()) for i, _ in batches]
     assert [g.unique for g in counted.groups] == [
-        sum(given[i] for i in g.members) for g in counted.groups]
+        sum(given[i] for i in g.members) for g in counted.groups
+    ]
 
 
 def test_self_check_on_cpu_reports_errors_and_no_graphs():
@@ -126,9 +136,11 @@ def test_more_lookups_cost_more():
 
 
 def test_preloaded_batches_are_the_ones_the_timer_would_generate():
-    tables = [make_table("a", rows=300, dim=8, pooling_factor=2),
-              make_table("b", rows=300, dim=16, pooling_factor=2),  # same lookups as a
-              make_table("c", rows=900, dim=8, pooling_factor=5)]
+    tables = [
+        make_table("a", rows=300, dim=8, pooling_factor=2),
+        make_table("b", rows=300, dim=16, pooling_factor=2),  # same lookups as a
+        make_table("c", rows=900, dim=8, pooling_factor=5),
+    ]
     batches = generate_batches(tables, 64, seed=3, workers=2)
     assert len(batches) == 2  # a and b differ only in width: one batch
     timer = FusedTimer("cpu", batch_size=64, warmups=0, repeats=1, seed=3)
@@ -209,9 +221,11 @@ def test_imports_without_optional_packages():
         "print(b.kernel, b.measure_compute([make_table(rows=20, dim=4)]).repeats)\n"
     )
     import os
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["fused", "1"]
 
@@ -235,8 +249,12 @@ def test_cuda_self_check_passes_with_graphs_in_a_shared_pool():
 @needs_cuda
 def test_cuda_backend_times_with_graphs():
     b = CudaBackend(batch_size=4096, kernel="fused", warmups=2, repeats=5)
-    t = b.measure_compute([make_table(rows=10_000, dim=64, pooling_factor=8),
-                           make_table(rows=2_000, dim=32, pooling_factor=20)])
+    t = b.measure_compute(
+        [
+            make_table(rows=10_000, dim=64, pooling_factor=8),
+            make_table(rows=2_000, dim=32, pooling_factor=20),
+        ]
+    )
     assert t.repeats == 5 and t.median_ms > 0
     assert b.graphs and b.timer.graph_failures == 0
     assert b.fingerprint()["gpu"]["name"]

@@ -14,11 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_session
-from gpu_session import Job, load_tasks, plan_figures
-from neuroshard.pretrain.pool import load_pool
+from neuroshard.plan_io import validate_plan  # noqa: E402
+from neuroshard.pretrain.pool import load_pool  # noqa: E402
 
-from neuroshard.plan_io import validate_plan
+import gpu_session  # noqa: E402
+from gpu_session import Job, load_tasks, plan_figures  # noqa: E402
 
 # Run in a child: hide the optional packages the GPU machine lacks and the editable
 # install, so neuroshard and its mapped subpackages import from the checkout alone.
@@ -86,11 +86,14 @@ def _jobs(n: int = 12) -> list[Job]:
     from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
 
     tables = load_pool("train")[:30]
-    loads = [ComputeSample(i, tuple(tables[i:i + 3])) for i in range(n)]
-    held = [ComputeSample(100 + i, tuple(tables[i + 1:i + 2])) for i in range(n // 2)]
+    loads = [ComputeSample(i, tuple(tables[i : i + 3])) for i in range(n)]
+    held = [ComputeSample(100 + i, tuple(tables[i + 1 : i + 2])) for i in range(n // 2)]
     retest = [ComputeSample(s.index + RETEST_INDEX_OFFSET, s.tables) for s in held[:3]]
-    return [Job("compute", loads), Job("compute_holdout", held),
-            Job("compute_retest", retest, retest=True)]
+    return [
+        Job("compute", loads),
+        Job("compute_holdout", held),
+        Job("compute_retest", retest, retest=True),
+    ]
 
 
 def test_collection_interleaves_rounds_and_stops_at_the_deadline(tmp_path):
@@ -98,7 +101,7 @@ def test_collection_interleaves_rounds_and_stops_at_the_deadline(tmp_path):
 
     cfg = gpu_session.SessionConfig(out=tmp_path, rounds=3, chunk_size=2)
     sim = SimBackend("h200", batch_size=1024)
-    done = gpu_session.collect_rounds(sim, _jobs(), tmp_path, cfg, _Deadline(10 ** 6))
+    done = gpu_session.collect_rounds(sim, _jobs(), tmp_path, cfg, _Deadline(10**6))
     assert done == {"compute": 12, "compute_holdout": 6, "compute_retest": 3}
     a, b = gpu_session.retest_pairs(tmp_path, _jobs()[2].samples)
     np.testing.assert_allclose(a, b)  # the sim without noise measures alike twice
@@ -120,15 +123,31 @@ def _rows(costs: dict[str, list[float]], passes: int = 2, devices: int = 2) -> l
             for i, c in enumerate(per_task):
                 for d in range(devices):
                     ms = c * (1.0 + 0.01 * p) if d == 0 else c / 2
-                    rows.append({"pass": p, "task": i, "searcher": n, "device": d,
-                                 "shards": 1, "ms": ms, "spread": 0.0})
+                    rows.append(
+                        {
+                            "pass": p,
+                            "task": i,
+                            "searcher": n,
+                            "device": d,
+                            "shards": 1,
+                            "ms": ms,
+                            "spread": 0.0,
+                        }
+                    )
     return rows
 
 
 def test_plan_figures_ratios_and_noise_floor():
-    costs = {"neuroshard": [8.0, 9.0], "greedy-grid": [9.0, 9.0], "random": [20.0, 20.0],
-             "dim": [12.0, 15.0], "size": [11.0, 10.0], "lookup": [10.0, 12.0],
-             "size-lookup": [13.0, 13.0], "torchrec": [10.0, 10.0]}
+    costs = {
+        "neuroshard": [8.0, 9.0],
+        "greedy-grid": [9.0, 9.0],
+        "random": [20.0, 20.0],
+        "dim": [12.0, 15.0],
+        "size": [11.0, 10.0],
+        "lookup": [10.0, 12.0],
+        "size-lookup": [13.0, 13.0],
+        "torchrec": [10.0, 10.0],
+    }
     names = list(costs)
     plans = [{n: None for n in names}, {n: None for n in names}]
     cfg = gpu_session.SessionConfig(out=Path("unused"), num_devices=2)
@@ -139,7 +158,8 @@ def test_plan_figures_ratios_and_noise_floor():
     assert first["neuroshard_over_best_heuristic"] == pytest.approx(8.5 / 10.5)
     # per task the best heuristic is lookup (10) then size (10)
     assert first["neuroshard_over_per_task_best_heuristic"] == pytest.approx(
-        np.mean([8 / 10, 9 / 10]))
+        np.mean([8 / 10, 9 / 10])
+    )
     assert first["neuroshard_over_greedy_grid"] == pytest.approx(8.5 / 9.0)
     assert first["neuroshard_over_torchrec"] == pytest.approx(0.85)
     assert first["neuroshard_wins_vs_torchrec"] == 1.0
@@ -148,10 +168,20 @@ def test_plan_figures_ratios_and_noise_floor():
 
 
 def test_plan_figures_skip_plans_missing_a_device():
-    costs = {n: [5.0] for n in ("neuroshard", "greedy-grid", "random", "dim", "size",
-                                "lookup", "size-lookup", "torchrec")}
-    rows = [r for r in _rows(costs, passes=1) if not (r["searcher"] == "dim"
-                                                      and r["device"] == 1)]
+    costs = {
+        n: [5.0]
+        for n in (
+            "neuroshard",
+            "greedy-grid",
+            "random",
+            "dim",
+            "size",
+            "lookup",
+            "size-lookup",
+            "torchrec",
+        )
+    }
+    rows = [r for r in _rows(costs, passes=1) if not (r["searcher"] == "dim" and r["device"] == 1)]
     cfg = gpu_session.SessionConfig(out=Path("unused"), num_devices=2)
     fig = plan_figures(rows, list(costs), [{n: None for n in costs}], cfg)
     assert fig["passes"] == {}  # the one task is incomplete: no figure from it
@@ -161,13 +191,34 @@ def test_plan_figures_skip_plans_missing_a_device():
 def test_quick_session_runs_end_to_end_without_optional_packages(tmp_path):
     out = tmp_path / "session"
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(ROOT / "bench" / "gpu_session.py"), "--quick",
-         "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            str(ROOT / "bench" / "gpu_session.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["mode"].startswith("quick")
-    assert set(results["stages"]) == {"setup", "indices", "preflight", "collect", "comm",
-                                      "train", "plan", "measure", "report"}
+    assert set(results["stages"]) == {
+        "setup",
+        "indices",
+        "preflight",
+        "collect",
+        "comm",
+        "train",
+        "plan",
+        "measure",
+        "report",
+    }
     assert results["preflight"]["update_max_abs_error"] < 1e-4
     assert results["collected"]["compute"] == results["asked"]["compute"]
     assert results["collected"]["compute_retest"] == results["asked"]["compute_retest"]

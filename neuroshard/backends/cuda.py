@@ -47,8 +47,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,19 +110,24 @@ def check_cuda(kernel: str) -> None:
     """Raise BackendError unless a GPU and (for ``kernel="fbgemm"``) a CUDA fbgemm-gpu exist."""
     if not torch.cuda.is_available():
         build = torch.version.cuda and f"CUDA {torch.version.cuda}" or "no CUDA (CPU-only build)"
-        raise BackendError(f"the cuda backend needs a CUDA GPU: torch {torch.__version__} has "
-                           f"{build} and sees {torch.cuda.device_count()} GPU(s)")
+        raise BackendError(
+            f"the cuda backend needs a CUDA GPU: torch {torch.__version__} has "
+            f"{build} and sees {torch.cuda.device_count()} GPU(s)"
+        )
     if kernel == "fbgemm":
         try:
             import fbgemm_gpu
         except Exception as exc:
-            raise BackendError(f"the cuda backend's fbgemm kernel needs fbgemm-gpu (CUDA "
-                               f"build): {exc}; or use kernel='fused'") from exc
+            raise BackendError(
+                f"the cuda backend's fbgemm kernel needs fbgemm-gpu (CUDA "
+                f"build): {exc}; or use kernel='fused'"
+            ) from exc
         variant = str(getattr(fbgemm_gpu, "__variant__", "unknown"))
         if variant.lower() == "cpu":
             raise BackendError(
                 "the installed fbgemm-gpu is the CPU build (fbgemm-gpu-cpu); the cuda "
-                "backend needs the CUDA build (pip package fbgemm-gpu) or kernel='fused'")
+                "backend needs the CUDA build (pip package fbgemm-gpu) or kernel='fused'"
+            )
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -142,6 +148,14 @@ class _Group:
         "unique",
         "width",
     )
+    bags: torch.Tensor
+    grad: torch.Tensor
+    indices: torch.Tensor
+    lookups: int
+    offsets: torch.Tensor
+    row_base: list[int]
+    slab: torch.Tensor
+    unique: int
 
     def __init__(self, width: int, members: list[int]):
         self.width, self.members = width, members
@@ -159,10 +173,16 @@ class FusedShards:
     distinct rows in each shard's indices (counted here when not given).
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, int]],
-                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 weights: torch.Tensor, grad: torch.Tensor, batch_size: int,
-                 lr: float = LEARNING_RATE, unique_counts: Sequence[int] | None = None):
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        weights: torch.Tensor,
+        grad: torch.Tensor,
+        batch_size: int,
+        lr: float = LEARNING_RATE,
+        unique_counts: Sequence[int] | None = None,
+    ):
         if len(shapes) != len(batches):
             raise BackendError(f"{len(shapes)} shard shapes but {len(batches)} index batches")
         self.batch_size, self.lr = int(batch_size), float(lr)
@@ -174,8 +194,9 @@ class FusedShards:
             by_width.setdefault(int(width), []).append(i)
         need = sum(int(r) * int(w) for r, w in shapes)
         if weights.numel() < need:
-            raise BackendError(f"weight buffer holds {weights.numel()} floats, the shards "
-                               f"need {need}")
+            raise BackendError(
+                f"weight buffer holds {weights.numel()} floats, the shards need {need}"
+            )
         self.groups: list[_Group] = []
         self._where: dict[int, tuple[_Group, int]] = {}  # shard -> (group, position)
         start = 0
@@ -185,25 +206,30 @@ class FusedShards:
             rows = [int(shapes[i][0]) for i in g.members]
             g.row_base = np.concatenate(([0], np.cumsum(rows)[:-1])).astype(np.int64).tolist()
             total_rows = sum(rows)
-            g.slab = weights[start:start + total_rows * width].view(total_rows, width)
+            g.slab = weights[start : start + total_rows * width].view(total_rows, width)
             start += total_rows * width
             idx = [batches[i][0] for i in g.members]
             offs = [batches[i][1] for i in g.members]
             g.lookups = int(sum(int(x.numel()) for x in idx))
             base = np.concatenate(([0], np.cumsum([int(x.numel()) for x in idx])[:-1]))
-            g.indices = torch.cat([x + rb for x, rb in zip(idx, g.row_base)]) if idx else \
-                torch.empty(0, dtype=torch.int64, device=self.device)
+            g.indices = (
+                torch.cat([x + rb for x, rb in zip(idx, g.row_base)])
+                if idx
+                else torch.empty(0, dtype=torch.int64, device=self.device)
+            )
             last = torch.tensor([g.lookups], dtype=torch.int64, device=self.device)
             g.offsets = torch.cat([o[:-1] + int(b) for o, b in zip(offs, base)] + [last])
             num_bags = len(g.members) * B
             g.bags = torch.repeat_interleave(
-                torch.arange(num_bags, device=self.device), g.offsets.diff(),
-                output_size=g.lookups)
+                torch.arange(num_bags, device=self.device), g.offsets.diff(), output_size=g.lookups
+            )
             if grad.numel() < num_bags * width:
-                raise BackendError(f"gradient buffer holds {grad.numel()} floats, a group "
-                                   f"of {len(g.members)} shards of width {width} needs "
-                                   f"{num_bags * width}")
-            g.grad = grad[:num_bags * width].view(num_bags, width)
+                raise BackendError(
+                    f"gradient buffer holds {grad.numel()} floats, a group "
+                    f"of {len(g.members)} shards of width {width} needs "
+                    f"{num_bags * width}"
+                )
+            g.grad = grad[: num_bags * width].view(num_bags, width)
             g.unique = int(sum(int(unique_counts[i]) for i in g.members))
             for pos, i in enumerate(g.members):
                 self._where[i] = (g, pos)
@@ -214,19 +240,21 @@ class FusedShards:
     def weight(self, shard: int) -> torch.Tensor:
         """Shard ``shard``'s ``(rows, width)`` weights: a view into its group's slab."""
         g, pos = self._where[shard]
-        rows = (g.row_base[pos + 1] if pos + 1 < len(g.members) else g.slab.shape[0])
-        return g.slab[g.row_base[pos]:rows]
+        rows = g.row_base[pos + 1] if pos + 1 < len(g.members) else g.slab.shape[0]
+        return g.slab[g.row_base[pos] : rows]
 
     def output_grad(self, shard: int) -> torch.Tensor:
         """The ``(B, width)`` gradient :meth:`step` uses for shard ``shard``'s output."""
         g, pos = self._where[shard]
-        return g.grad[pos * self.batch_size:(pos + 1) * self.batch_size]
+        return g.grad[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     @property
     def nbytes(self) -> int:
         """Device bytes this load holds between steps: its lookups and bag ids."""
-        return sum((2 * g.lookups + len(g.members) * self.batch_size + 1) * _INDEX_BYTES
-                   for g in self.groups)
+        return sum(
+            (2 * g.lookups + len(g.members) * self.batch_size + 1) * _INDEX_BYTES
+            for g in self.groups
+        )
 
     # ------------------------------------------------------------------ compute
 
@@ -237,7 +265,7 @@ class FusedShards:
             for g in self.groups:
                 pooled = self._pooled(g)
                 for pos, i in enumerate(g.members):
-                    out[i] = pooled[pos * self.batch_size:(pos + 1) * self.batch_size]
+                    out[i] = pooled[pos * self.batch_size : (pos + 1) * self.batch_size]
         return out  # type: ignore[return-value]
 
     def step(self) -> None:
@@ -251,8 +279,9 @@ class FusedShards:
     __call__ = step
 
     def _pooled(self, g: _Group) -> torch.Tensor:
-        return torch.nn.functional.embedding_bag(g.indices, g.slab, g.offsets, mode="sum",
-                                                 include_last_offset=True)
+        return torch.nn.functional.embedding_bag(
+            g.indices, g.slab, g.offsets, mode="sum", include_last_offset=True
+        )
 
     def _update(self, g: _Group) -> None:
         rows, order = torch.sort(g.indices)
@@ -270,8 +299,9 @@ class FusedShards:
 _CHECK_SHAPES = ((5_000, 64, 8.0), (300, 64, 20.0), (20_000, 16, 2.0), (40, 8, 30.0))
 
 
-def check_fused_kernel(device: str = "cpu", batch_size: int = 512,
-                       tolerance: float = 1e-4) -> dict[str, Any]:
+def check_fused_kernel(
+    device: str = "cpu", batch_size: int = 512, tolerance: float = 1e-4
+) -> dict[str, Any]:
     """Run :class:`FusedShards` on ``device`` against ``torch.nn.EmbeddingBag`` and a
     plain SGD step on the CPU; on a GPU also replay two loads from CUDA graphs captured
     in the timer's shared pool against eager steps of the same loads.
@@ -299,18 +329,25 @@ def check_fused_kernel(device: str = "cpu", batch_size: int = 512,
     shards.step()
     errors = {"forward": 0.0, "update": 0.0, "graph": float("nan")}
     for i, (rows, width) in enumerate(shapes):
-        bag = torch.nn.EmbeddingBag(rows, width, mode="sum", include_last_offset=True,
-                                    _weight=before[i].clone())
+        bag = torch.nn.EmbeddingBag(
+            rows, width, mode="sum", include_last_offset=True, _weight=before[i].clone()
+        )
         out = bag(*cpu_batches[i])
         out.backward(shards.output_grad(i).cpu())
+        bag_grad = bag.weight.grad
+        if bag_grad is None:
+            raise BackendError("the reference EmbeddingBag produced no gradient")
         with torch.no_grad():
-            expected = bag.weight - LEARNING_RATE * bag.weight.grad
+            expected = bag.weight - LEARNING_RATE * bag_grad
         errors["forward"] = max(errors["forward"], float((pooled[i] - out.detach()).abs().max()))
-        errors["update"] = max(errors["update"],
-                               float((shards.weight(i).cpu() - expected).abs().max()))
+        errors["update"] = max(
+            errors["update"], float((shards.weight(i).cpu() - expected).abs().max())
+        )
     if max(errors["forward"], errors["update"]) > tolerance:
-        raise BackendError(f"the fused kernel on {device} is off nn.EmbeddingBag + SGD: "
-                           f"forward by {errors['forward']:g}, update by {errors['update']:g}")
+        raise BackendError(
+            f"the fused kernel on {device} is off nn.EmbeddingBag + SGD: "
+            f"forward by {errors['forward']:g}, update by {errors['update']:g}"
+        )
     graphs_ok = False
     if dev.type == "cuda":
         timer = FusedTimer(device, batch_size=batch_size)
@@ -330,7 +367,9 @@ def check_fused_kernel(device: str = "cpu", batch_size: int = 512,
         torch.cuda.synchronize()
         errors["graph"] = max(
             float((g.weight(i) - e.weight(i)).abs().max())
-            for (g, _), e in zip(replays, eager) for i in range(len(e._where)))
+            for (g, _), e in zip(replays, eager)
+            for i in range(len(e._where))
+        )
         graphs_ok = timer.graph_failures == 0 and errors["graph"] <= tolerance
     return {**{f"{k}_max_abs_error": v for k, v in errors.items()}, "graphs_ok": graphs_ok}
 
@@ -343,8 +382,9 @@ def _generate(args: tuple[TableSpec, int, int]) -> Batch:
     return generate_batch(spec, batch_size, seed)
 
 
-def generate_batches(tables: Iterable[TableSpec], batch_size: int, *, seed: int = 0,
-                     workers: int = 1) -> dict[tuple, Batch]:
+def generate_batches(
+    tables: Iterable[TableSpec], batch_size: int, *, seed: int = 0, workers: int = 1
+) -> dict[tuple, Batch]:
     """The index batches a timer with ``seed`` would generate for ``tables``, keyed as it
     keys them, on ``workers`` processes (forked: call it before CUDA is initialised).
     Hand the result to :meth:`FusedTimer.preload`."""
@@ -354,8 +394,9 @@ def generate_batches(tables: Iterable[TableSpec], batch_size: int, *, seed: int 
     jobs = [(t, int(batch_size), _index_seed(seed, k)) for k, t in todo.items()]
     if workers <= 1 or len(jobs) < 2:
         return dict(zip(todo, map(_generate, jobs)))
-    with ProcessPoolExecutor(min(workers, len(jobs)),
-                             mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
+    ) as pool:
         return dict(zip(todo, pool.map(_generate, jobs, chunksize=4)))
 
 
@@ -370,18 +411,35 @@ class FusedTimer(ComputeTimer):
 
     kernels = ("fused", "fbgemm", "torch")
 
-    def __init__(self, device: str = "cpu", kernel: str = "fused",
-                 batch_size: int = DEFAULT_BATCH_SIZE, warmups: int = 5, repeats: int = 10,
-                 threads: int = 1, seed: int = 0, index_cache_bytes: int = INDEX_CACHE_BYTES,
-                 module_cache_bytes: int = MODULE_CACHE_BYTES, graphs: bool = True,
-                 device_index_cache_bytes: int = DEVICE_INDEX_CACHE_BYTES):
+    def __init__(
+        self,
+        device: str = "cpu",
+        kernel: str = "fused",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        seed: int = 0,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
+        module_cache_bytes: int = MODULE_CACHE_BYTES,
+        graphs: bool = True,
+        device_index_cache_bytes: int = DEVICE_INDEX_CACHE_BYTES,
+    ):
         if kernel not in self.kernels:
             raise BackendError(f"unknown kernel {kernel!r}; valid: {', '.join(self.kernels)}")
         # The base validates and dispatches "fbgemm" and "torch"; "fused" builds through
         # the non-fbgemm branch, overridden below.
-        super().__init__(device, "torch" if kernel == "fused" else kernel, batch_size,
-                         warmups, repeats, threads, seed, index_cache_bytes,
-                         module_cache_bytes)
+        super().__init__(
+            device,
+            "torch" if kernel == "fused" else kernel,
+            batch_size,
+            warmups,
+            repeats,
+            threads,
+            seed,
+            index_cache_bytes,
+            module_cache_bytes,
+        )
         self.kernel = kernel
         self.graphs = bool(graphs) and self.is_cuda
         self.graph_failures = 0
@@ -396,8 +454,9 @@ class FusedTimer(ComputeTimer):
         the host cache, so no measurement waits for one to be generated."""
         for key, (idx, off) in batches.items():
             if len(off) != self.batch_size + 1:
-                raise BackendError(f"index batch of {len(off) - 1} bags, the timer runs "
-                                   f"batch {self.batch_size}")
+                raise BackendError(
+                    f"index batch of {len(off) - 1} bags, the timer runs batch {self.batch_size}"
+                )
             self._indices.put(key, (idx, off), idx.nbytes + off.nbytes)
 
     def reserve(self, weight_bytes: int) -> None:
@@ -423,8 +482,15 @@ class FusedTimer(ComputeTimer):
             widths[int(t.dim)] = widths.get(int(t.dim), 0) + int(t.dim)
         grad = self._grad(max(widths.values())).view(-1)
         weights = self._weights(sum(int(t.rows) * int(t.dim) for t in load))
-        shards = FusedShards([(int(t.rows), int(t.dim)) for t in load], tensors, weights,
-                             grad, self.batch_size, LEARNING_RATE, unique)
+        shards = FusedShards(
+            [(int(t.rows), int(t.dim)) for t in load],
+            tensors,
+            weights,
+            grad,
+            self.batch_size,
+            LEARNING_RATE,
+            unique,
+        )
         step: Callable[[], None] = shards.step
         if self.graphs:
             step = self._graphed(shards)
@@ -435,8 +501,10 @@ class FusedTimer(ComputeTimer):
             return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
         hit = self._device_batches.get(key)
         if hit is None:
-            hit = (torch.from_numpy(batch[0]).to(self.device),
-                   torch.from_numpy(batch[1]).to(self.device))
+            hit = (
+                torch.from_numpy(batch[0]).to(self.device),
+                torch.from_numpy(batch[1]).to(self.device),
+            )
             self._device_batches.put(key, hit, (batch[0].nbytes + batch[1].nbytes))
         return hit
 
@@ -477,8 +545,9 @@ class FusedTimer(ComputeTimer):
                 self.graph_failures += 1
                 self.graphs = False
                 torch.cuda.synchronize()
-                logger.warning("CUDA graph capture failed (%s); timing eager steps from now "
-                               "on", exc)
+                logger.warning(
+                    "CUDA graph capture failed (%s); timing eager steps from now on", exc
+                )
                 return shards.step
             torch.cuda.current_stream().wait_stream(stream)
             self._captures += 1
@@ -501,13 +570,23 @@ class CudaBackend(TimedBackend):
     name = "cuda"
     device = "cuda"
 
-    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, kernel: str = "auto",
-                 warmups: int = 5, repeats: int = 10, threads: int = 1, seed: int = 0,
-                 comm_warmups: int | None = None, comm_repeats: int | None = None,
-                 index_cache_bytes: int = INDEX_CACHE_BYTES,
-                 module_cache_bytes: int = MODULE_CACHE_BYTES, *, device: str = "cuda",
-                 graphs: bool = True,
-                 device_index_cache_bytes: int = DEVICE_INDEX_CACHE_BYTES):
+    def __init__(
+        self,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        kernel: str = "auto",
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        seed: int = 0,
+        comm_warmups: int | None = None,
+        comm_repeats: int | None = None,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
+        module_cache_bytes: int = MODULE_CACHE_BYTES,
+        *,
+        device: str = "cuda",
+        graphs: bool = True,
+        device_index_cache_bytes: int = DEVICE_INDEX_CACHE_BYTES,
+    ):
         on_gpu = torch.device(device).type == "cuda"
         if not on_gpu and torch.device(device).type != "cpu":
             raise BackendError(f"the cuda backend runs on 'cuda[:N]' or 'cpu', not {device!r}")
@@ -515,18 +594,39 @@ class CudaBackend(TimedBackend):
         if on_gpu:
             check_cuda(kernel)
         elif kernel == "fbgemm":
-            raise BackendError("device='cpu' runs the 'fused' or 'torch' kernel; the cpu "
-                               "backend times fbgemm on the CPU")
+            raise BackendError(
+                "device='cpu' runs the 'fused' or 'torch' kernel; the cpu "
+                "backend times fbgemm on the CPU"
+            )
         self.device = device
         self.name = "cuda" if on_gpu else "cpu"
         self.graphs = bool(graphs) and on_gpu and kernel == "fused"
-        super().__init__(batch_size, "torch" if kernel == "fused" else kernel, warmups,
-                         repeats, threads, seed, comm_warmups, comm_repeats,
-                         index_cache_bytes=0, module_cache_bytes=0)
+        super().__init__(
+            batch_size,
+            "torch" if kernel == "fused" else kernel,
+            warmups,
+            repeats,
+            threads,
+            seed,
+            comm_warmups,
+            comm_repeats,
+            index_cache_bytes=0,
+            module_cache_bytes=0,
+        )
         self.kernel = kernel
-        self._compute = FusedTimer(device, kernel, batch_size, warmups, repeats, threads, seed,
-                                   index_cache_bytes, module_cache_bytes, self.graphs,
-                                   device_index_cache_bytes)
+        self._compute = FusedTimer(
+            device,
+            kernel,
+            batch_size,
+            warmups,
+            repeats,
+            threads,
+            seed,
+            index_cache_bytes,
+            module_cache_bytes,
+            self.graphs,
+            device_index_cache_bytes,
+        )
 
     @property
     def timer(self) -> FusedTimer:

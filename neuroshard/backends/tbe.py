@@ -35,7 +35,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +57,11 @@ MODULE_CACHE_BYTES = 8 << 30
 
 def _index_key(spec: TableSpec) -> tuple:
     """What the lookups of a table depend on: everything but its name and width."""
-    return (int(spec.rows), round(float(spec.pooling_factor), 9),
-            tuple(round(float(x), 9) for x in spec.reuse_hist))
+    return (
+        int(spec.rows),
+        round(float(spec.pooling_factor), 9),
+        tuple(round(float(x), 9) for x in spec.reuse_hist),
+    )
 
 
 def _index_seed(seed: int, key: tuple) -> int:
@@ -110,11 +114,17 @@ def _import_tbe() -> dict[str, Any]:
     except Exception as exc:  # ImportError, or an OSError from a mismatched .so
         raise BackendError(
             f"the 'fbgemm' kernel needs fbgemm-gpu (fbgemm-gpu-cpu on CPU): {exc}; "
-            "install it or use kernel='torch'") from exc
-    return dict(module=SplitTableBatchedEmbeddingBagsCodegen, EmbOptimType=EmbOptimType,
-                SparseType=SparseType, EmbeddingLocation=EmbeddingLocation,
-                PoolingMode=PoolingMode, ComputeDevice=ComputeDevice,
-                variant=str(getattr(fbgemm_gpu, "__variant__", "unknown")))
+            "install it or use kernel='torch'"
+        ) from exc
+    return dict(
+        module=SplitTableBatchedEmbeddingBagsCodegen,
+        EmbOptimType=EmbOptimType,
+        SparseType=SparseType,
+        EmbeddingLocation=EmbeddingLocation,
+        PoolingMode=PoolingMode,
+        ComputeDevice=ComputeDevice,
+        variant=str(getattr(fbgemm_gpu, "__variant__", "unknown")),
+    )
 
 
 class _Prepared:
@@ -133,16 +143,25 @@ class ComputeTimer:
     intra-op thread count during timing (CPU). Byte budgets bound the caches.
     """
 
-    def __init__(self, device: str = "cpu", kernel: str = "fbgemm",
-                 batch_size: int = DEFAULT_BATCH_SIZE, warmups: int = 5, repeats: int = 10,
-                 threads: int = 1, seed: int = 0, index_cache_bytes: int = INDEX_CACHE_BYTES,
-                 module_cache_bytes: int = MODULE_CACHE_BYTES):
+    def __init__(
+        self,
+        device: str = "cpu",
+        kernel: str = "fbgemm",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        seed: int = 0,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
+        module_cache_bytes: int = MODULE_CACHE_BYTES,
+    ):
         if kernel not in KERNELS:
             raise BackendError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
         if batch_size < 1 or warmups < 0 or repeats < 1 or threads < 1:
             raise BackendError(
                 f"need batch_size >= 1, warmups >= 0, repeats >= 1, threads >= 1; got "
-                f"{batch_size}, {warmups}, {repeats}, {threads}")
+                f"{batch_size}, {warmups}, {repeats}, {threads}"
+            )
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda and self.device.index is None:
@@ -153,7 +172,7 @@ class ComputeTimer:
         self.threads, self.seed = int(threads), int(seed)
         self._tbe = _import_tbe() if kernel == "fbgemm" else None
         self._indices = _LRU(index_cache_bytes)  # index key -> (indices, offsets) numpy
-        self._loads = _LRU(module_cache_bytes)   # load key -> _Prepared
+        self._loads = _LRU(module_cache_bytes)  # load key -> _Prepared
         self._arena = torch.empty(0, dtype=torch.float32, device=self.device)
         self._grad_arena = torch.empty(0, dtype=torch.float32, device=self.device)
 
@@ -165,14 +184,18 @@ class ComputeTimer:
             return Timing(0.0, 0.0, self.repeats)
         for t in load:
             if t.rows < 1 or t.dim < 1 or t.pooling_factor < 0:
-                raise BackendError(f"cannot time table {t.name!r}: rows={t.rows}, dim={t.dim}, "
-                                   f"pooling_factor={t.pooling_factor}")
+                raise BackendError(
+                    f"cannot time table {t.name!r}: rows={t.rows}, dim={t.dim}, "
+                    f"pooling_factor={t.pooling_factor}"
+                )
         try:
             prepared = self._prepare(load)
             return summarize(self._time(prepared.step))
         except (RuntimeError, AssertionError) as exc:  # out of memory, kernel's own checks
-            raise BackendError(f"measuring {len(load)} shards on {self.device} with the "
-                               f"{self.kernel} kernel failed: {exc}") from exc
+            raise BackendError(
+                f"measuring {len(load)} shards on {self.device} with the "
+                f"{self.kernel} kernel failed: {exc}"
+            ) from exc
 
     def clear(self) -> None:
         """Drop cached modules, index batches and the weight arena."""
@@ -212,8 +235,7 @@ class ComputeTimer:
         if self._grad_arena.numel() < numel:
             self._loads.clear()
             self._grad_arena = torch.empty(0, dtype=torch.float32, device=self.device)
-            self._grad_arena = torch.full((numel,), 1e-3, dtype=torch.float32,
-                                          device=self.device)
+            self._grad_arena = torch.full((numel,), 1e-3, dtype=torch.float32, device=self.device)
         return self._grad_arena[:numel].view(self.batch_size, width)
 
     def _prepare(self, load: Sequence[TableSpec]) -> _Prepared:
@@ -225,13 +247,20 @@ class ComputeTimer:
             build = self._build_fbgemm if self.kernel == "fbgemm" else self._build_torch
             prepared = build(load, batches)
             self._loads.put(key, prepared, prepared.nbytes)
-            logger.debug("built %s load of %d shards in %.3f s", self.kernel, len(load),
-                         time.perf_counter() - started)
+            logger.debug(
+                "built %s load of %d shards in %.3f s",
+                self.kernel,
+                len(load),
+                time.perf_counter() - started,
+            )
         return prepared
 
-    def _build_fbgemm(self, load: Sequence[TableSpec],
-                      batches: list[tuple[np.ndarray, np.ndarray]]) -> _Prepared:
+    def _build_fbgemm(
+        self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
+    ) -> _Prepared:
         tbe = self._tbe
+        if tbe is None:
+            raise BackendError("the fbgemm kernel was not imported for this timer")
         where, what = tbe["EmbeddingLocation"], tbe["ComputeDevice"]
         location = where.DEVICE if self.is_cuda else where.HOST
         compute = what.CUDA if self.is_cuda else what.CPU
@@ -256,7 +285,7 @@ class ComputeTimer:
         offsets = np.empty(len(load) * B + 1, dtype=np.int64)
         base = 0
         for t, (idx, off) in enumerate(batches):
-            offsets[t * B:(t + 1) * B] = off[:-1] + base
+            offsets[t * B : (t + 1) * B] = off[:-1] + base
             base += len(idx)
         offsets[-1] = base
         indices = torch.from_numpy(np.concatenate([b[0] for b in batches])).to(self.device)
@@ -272,19 +301,29 @@ class ComputeTimer:
             nbytes += weight_numel * BYTES_PER_FLOAT
         return _Prepared(step, nbytes)
 
-    def _build_torch(self, load: Sequence[TableSpec],
-                     batches: list[tuple[np.ndarray, np.ndarray]]) -> _Prepared:
+    def _build_torch(
+        self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
+    ) -> _Prepared:
         flat = self._weights(sum(int(t.rows) * int(t.dim) for t in load))
         bags, inputs, grads = [], [], []
         start = 0
         for t, (idx, off) in zip(load, batches):
             size = int(t.rows) * int(t.dim)
-            weight = flat[start:start + size].view(int(t.rows), int(t.dim))
+            weight = flat[start : start + size].view(int(t.rows), int(t.dim))
             start += size
-            bags.append(torch.nn.EmbeddingBag(int(t.rows), int(t.dim), mode="sum", sparse=True,
-                                              include_last_offset=True, _weight=weight))
-            inputs.append((torch.from_numpy(idx).to(self.device),
-                           torch.from_numpy(off).to(self.device)))
+            bags.append(
+                torch.nn.EmbeddingBag(
+                    int(t.rows),
+                    int(t.dim),
+                    mode="sum",
+                    sparse=True,
+                    include_last_offset=True,
+                    _weight=weight,
+                )
+            )
+            inputs.append(
+                (torch.from_numpy(idx).to(self.device), torch.from_numpy(off).to(self.device))
+            )
             grads.append(self._grad(int(t.dim)))
         params = [b.weight for b in bags]
         optimizer = torch.optim.SGD(params, lr=LEARNING_RATE)
@@ -322,8 +361,10 @@ class ComputeTimer:
         with torch.cuda.device(self.device):
             for _ in range(self.warmups):
                 step()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(self.repeats)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(self.repeats)
+            ]
             torch.cuda.synchronize()
             for start, end in events:
                 start.record()
@@ -344,11 +385,19 @@ class TimedBackend:
     name = "timed"
     device = "cpu"
 
-    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, kernel: str = "fbgemm",
-                 warmups: int = 5, repeats: int = 10, threads: int = 1, seed: int = 0,
-                 comm_warmups: int | None = None, comm_repeats: int | None = None,
-                 index_cache_bytes: int = INDEX_CACHE_BYTES,
-                 module_cache_bytes: int = MODULE_CACHE_BYTES):
+    def __init__(
+        self,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        kernel: str = "fbgemm",
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        seed: int = 0,
+        comm_warmups: int | None = None,
+        comm_repeats: int | None = None,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
+        module_cache_bytes: int = MODULE_CACHE_BYTES,
+    ):
         from neuroshard.backends.comm import CommTimer
 
         self.batch_size = int(batch_size)
@@ -356,30 +405,50 @@ class TimedBackend:
         self.warmups, self.repeats = int(warmups), int(repeats)
         self.comm_warmups = self.warmups if comm_warmups is None else int(comm_warmups)
         self.comm_repeats = self.repeats if comm_repeats is None else int(comm_repeats)
-        self._compute = ComputeTimer(self.device, kernel, batch_size, warmups, repeats,
-                                     threads, seed, index_cache_bytes, module_cache_bytes)
-        self._comm = CommTimer(device=self.device, batch_size=batch_size,
-                               warmups=self.comm_warmups, repeats=self.comm_repeats,
-                               threads=threads)
+        self._compute = ComputeTimer(
+            self.device,
+            kernel,
+            batch_size,
+            warmups,
+            repeats,
+            threads,
+            seed,
+            index_cache_bytes,
+            module_cache_bytes,
+        )
+        self._comm = CommTimer(
+            device=self.device,
+            batch_size=batch_size,
+            warmups=self.comm_warmups,
+            repeats=self.comm_repeats,
+            threads=threads,
+        )
 
     def measure_compute(self, load: Sequence[TableSpec]) -> Timing:
         return self._compute.measure(load)
 
-    def measure_comm(self, dim_sums: Sequence[int],
-                     waits_ms: Sequence[float]) -> tuple[list[Timing], list[Timing]]:
+    def measure_comm(
+        self, dim_sums: Sequence[int], waits_ms: Sequence[float]
+    ) -> tuple[list[Timing], list[Timing]]:
         return self._comm.measure_comm(dim_sums, waits_ms)
 
     def fingerprint(self) -> dict[str, Any]:
         return hardware_fingerprint(
-            self.name, self.batch_size, kernel=self.kernel, threads=self.threads,
-            warmups=self.warmups, repeats=self.repeats, comm=self._comm.process_group_backend)
+            self.name,
+            self.batch_size,
+            kernel=self.kernel,
+            threads=self.threads,
+            warmups=self.warmups,
+            repeats=self.repeats,
+            comm=self._comm.process_group_backend,
+        )
 
     def close(self) -> None:
         """Stop the comm worker processes and free cached modules."""
         self._comm.close()
         self._compute.clear()
 
-    def __enter__(self) -> "TimedBackend":
+    def __enter__(self) -> TimedBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
