@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,6 +83,7 @@ class Cluster:
     token_file: Path
     env: dict[str, str]
     nodes: list[Node] = field(default_factory=list)
+    remove_root: bool = False  # a temporary root of its own, removed by stop()
 
     def start_node(self, name: str, *args: str) -> Node:
         temp_dir = self.root / name
@@ -110,14 +112,16 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             kill_9_session(node.proc)
+        if self.remove_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head and a second node, one CPU each, token authentication on."""
-    root = tmp_path_factory.mktemp("rc")
-    if len(str(root)) + len("/node2") + _SOCKET_SUFFIX_CHARS > _UNIX_SOCKET_MAX_CHARS:
-        root = Path(tempfile.mkdtemp(prefix="nsr"))  # a deep tmp path: sockets would not fit
+def start_cluster(root: Path) -> Cluster:
+    """A head and a second node under ``root``, one CPU each, token authentication on;
+    the caller stops it (:meth:`Cluster.stop`). Stopped already when this raises."""
+    remove_root = len(str(root)) + len("/node2") + _SOCKET_SUFFIX_CHARS > _UNIX_SOCKET_MAX_CHARS
+    if remove_root:  # a deep tmp path: the nodes' sockets would not fit
+        root = Path(tempfile.mkdtemp(prefix="nsr"))
     token_file = root / "token"
     token_file.write_text(secrets.token_hex(32))
     port = _free_port()
@@ -125,12 +129,23 @@ def cluster(tmp_path_factory):
            "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    c = Cluster(root, f"{LOOPBACK}:{port}", token_file, env)
+    c = Cluster(root, f"{LOOPBACK}:{port}", token_file, env, remove_root=remove_root)
     try:
         c.start_node("head", "--head", f"--port={port}", "--include-dashboard=false",
                      f"--dashboard-port={_free_port()}",
                      f"--ray-client-server-port={_free_port()}")
         c.start_node("node2", f"--address={c.address}")
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """:func:`start_cluster`, stopped by session id after the module's tests."""
+    c = start_cluster(tmp_path_factory.mktemp("rc"))
+    try:
         yield c
     finally:
         c.stop()
@@ -178,6 +193,25 @@ def test_pretrain_collects_and_trains_on_both_nodes(cluster, tmp_path):
     _assert_loopback_only(*cluster.nodes[:2])
 
 
+def collect_slowly(address: str, out: str, samples: int) -> None:
+    """The collection the lost-node test runs in a subprocess, as ``neuroshard collect``
+    would with ``--workers 2 --address``, on a sim slowed to 20 ms per sample so that it
+    lasts long enough to lose a node in it."""
+    import logging
+
+    from test_ray_jobs import SlowSim
+
+    from neuroshard.pretrain.collect import BackendSpec
+    from neuroshard.pretrain.pipeline import PretrainConfig, collect_samples
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    res = collect_samples(PretrainConfig(
+        Path(out), backend=BackendSpec("slow-sim", {"delay_s": 0.02}, factory=SlowSim),
+        compute_samples=samples, workers=2, address=address, chunk_size=64,
+        progress=False), "compute")
+    print(f"{res.measured} measured, {res.skipped} already on disk, {res.failed} failed")
+
+
 def test_collection_survives_a_lost_node_and_reruns_exactly(cluster, tmp_path):
     """SIGKILL the second node's raylet mid-collection: its chunks are measured again on
     the head, and a rerun finds every sample on disk once."""
@@ -188,9 +222,8 @@ def test_collection_survives_a_lost_node_and_reruns_exactly(cluster, tmp_path):
     head, node2 = cluster.nodes[0], cluster.nodes[1]
     assert node2.proc.poll() is None, "the second node is not running"
     out, samples = tmp_path / "data", 640  # 10 chunks of 64
-    cmd = [sys.executable, "-m", "neuroshard.cli", "collect", "--backend",
-           "test_ray_jobs:SlowSim", "--kind", "compute", "--samples", str(samples),
-           "--workers", "2", "--address", cluster.address, "--out", str(out)]
+    cmd = [sys.executable, "-c", "from test_ray_cluster import collect_slowly\n"
+           f"collect_slowly({cluster.address!r}, {str(out)!r}, {samples})\n"]
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     workers_before = len(node2.actor_logs("_Worker"))
     log = tmp_path / "collect.log"
