@@ -142,13 +142,13 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
     sharders = [EmbeddingBagCollectionSharder()]
     if plan_path is not None:
         from neuroshard.plan_io import read_plan
-        from neuroshard.torchrec_adapter import to_sharding_plan
+        from neuroshard.torchrec_adapter import load_sharding_plan
 
         ns_plan = read_plan(plan_path)
         if ns_plan.cluster.num_devices != world_size:
             raise SystemExit(f"{plan_path} is for {ns_plan.cluster.num_devices} devices, "
                              f"not {world_size}")
-        return to_sharding_plan(ns_plan, model, device_type="cpu"), ns_plan
+        return load_sharding_plan(plan_path, model, device_type="cpu"), ns_plan
     if planner == "torchrec":
         # its default search, with the fused kernel and the sharding types that kernel
         # runs on CPU (row-wise needs reduce-scatter, which gloo lacks)
@@ -167,8 +167,11 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
         backend = get_backend(cost_model, batch_size=batch_size)
         estimator = as_estimator(backend)
     try:
+        # TorchRec's batch_size is per rank; the shipped model for this CPU topology is
+        # the CPU-measured one, which prices a global batch of 4,096
         ns = NeuroShardPlanner(topology, table_stats={t.name: t for t in tables},
-                               searcher=searcher, estimator=estimator, batch_size=batch_size)
+                               searcher=searcher, estimator=estimator,
+                               batch_size=batch_size // world_size)
         plan = ns.plan(model, sharders)
     finally:
         if backend is not None and hasattr(backend, "close"):
@@ -224,7 +227,8 @@ def _worker(rank: int, args: argparse.Namespace, tables, sharding_plan, port: in
             stage_ms.append(float(t[0]))
             losses.append(float(t[1]) / args.world_size)
             if rank == 0:
-                logger.info("step %d loss %.4f embedding stage %.2f ms (rank 0: fwd %.2f, bwd %.2f)",
+                logger.info("step %d loss %.4f embedding stage %.2f ms "
+                            "(rank 0: fwd %.2f, bwd %.2f)",
                             step, losses[-1], stage_ms[-1], fwd_ms, bwd_ms)
         if rank == 0:
             timed = np.asarray(stage_ms[args.warmup:])
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the summary")
-    parser.add_argument("--batch-size", type=int, default=8192, help="global batch")
+    parser.add_argument("--batch-size", type=int, default=4096,
+                        help="global batch (the shipped CPU model prices 4,096)")
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--planner", choices=("neuroshard", "torchrec"), default="neuroshard")
     parser.add_argument("--searcher", default="neuroshard", help="NeuroShard searcher name")
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="'shipped' (pre-trained model) or a backend name, e.g. 'cpu'")
     parser.add_argument("--memory-gb", type=float, default=2.0, help="memory cap per rank")
     parser.add_argument("--tables", type=Path, help="table config (default: 8 built-in tables)")
-    parser.add_argument("--plan", type=Path, help="use this NeuroShard plan file instead of planning")
+    parser.add_argument("--plan", type=Path,
+                        help="use this NeuroShard plan file instead of planning")
     parser.add_argument("--save-plan", type=Path, help="write the NeuroShard plan here")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--seed", type=int, default=0)

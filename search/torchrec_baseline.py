@@ -107,7 +107,7 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
             estimator=[
                 NeuroShardEstimator(topology, constraints, estimator,
                                     table_stats={t.name: t for t in tables},
-                                    batch_size=cluster.batch_size),
+                                    batch_size=batch_size),
                 EmbeddingStorageEstimator(topology=topology, constraints=constraints),
             ],
         )

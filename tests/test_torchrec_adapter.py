@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchrec")
 
-from factories import FakeEstimator, make_cluster, make_table  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed._shard.metadata import ShardMetadata  # noqa: E402
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec  # noqa: E402
@@ -21,7 +18,6 @@ from torchrec.distributed.planner.types import (  # noqa: E402
 )
 from torchrec.distributed.types import (  # noqa: E402
     EmbeddingModuleShardingPlan,
-    ModuleSharder,
     ParameterSharding,
     ShardingPlan,
 )
@@ -33,19 +29,21 @@ from neuroshard.torchrec_adapter import (  # noqa: E402
     NeuroShardEstimator,
     embedding_bag_collections,
     from_sharding_plan,
+    module_tables,
     table_specs,
     to_sharding_plan,
 )
-from neuroshard.torchrec_planner import NeuroShardPlanner  # noqa: E402
 from neuroshard.types import (  # noqa: E402
     DLRM_REUSE_HIST,
     Cluster,
-    NeuroShardError,
     Plan,
     PlanFormatError,
     Shard,
+    TableSpec,
     TableSpecError,
 )
+
+from factories import FakeEstimator, make_cluster, make_table  # noqa: E402
 
 META = torch.device("meta")
 
@@ -101,7 +99,8 @@ def test_table_wise_round_trip():
     ps = sp.plan[""]["t1"]
     assert (ps.sharding_type, ps.compute_kernel, ps.ranks) == ("table_wise", "fused", [0])
     (md,) = ps.sharding_spec.shards
-    assert (md.shard_offsets, md.shard_sizes, str(md.placement)) == ([0, 0], [200, 32], "rank:0/cpu")
+    assert (md.shard_offsets, md.shard_sizes, str(md.placement)) == \
+        ([0, 0], [200, 32], "rank:0/cpu")
     assert sp.plan[""]["t0"].ranks == [2] and sp.plan[""]["t2"].ranks == [2]
     back = from_sharding_plan(sp, module, tables=TW_TABLES, cluster=TW_PLAN.cluster)
     assert back == TW_PLAN
@@ -114,7 +113,8 @@ def test_uneven_column_wise_round_trip_nested_modules():
     assert set(sp.plan) == {"sparse.ebc", "user_ebc"}
     wide = sp.plan["sparse.ebc"]["wide"]
     assert (wide.sharding_type, wide.compute_kernel, wide.ranks) == ("column_wise", "fused", [1, 0])
-    assert [(m.shard_offsets, m.shard_sizes, str(m.placement)) for m in wide.sharding_spec.shards] == [
+    assert [(m.shard_offsets, m.shard_sizes, str(m.placement))
+            for m in wide.sharding_spec.shards] == [
         ([0, 0], [64, 32], "rank:1/cpu"), ([0, 32], [64, 64], "rank:0/cpu")]
     pair = sp.plan["sparse.ebc"]["pair"]
     assert pair.ranks == [2, 2]
@@ -128,7 +128,8 @@ def test_uneven_column_wise_round_trip_nested_modules():
 def test_round_trip_is_order_insensitive_in_shards():
     shuffled = Plan(CW_PLAN.tables, tuple(reversed(CW_PLAN.shards)), CW_PLAN.cluster)
     module = TwoTower(CW_TABLES[:2], CW_TABLES[2:])
-    back = from_sharding_plan(to_sharding_plan(shuffled, module), module, CW_TABLES, CW_PLAN.cluster)
+    back = from_sharding_plan(to_sharding_plan(shuffled, module), module, CW_TABLES,
+                              CW_PLAN.cluster)
     assert back == CW_PLAN
 
 
@@ -182,10 +183,23 @@ def test_column_shards_must_be_multiples_of_four_and_tile_the_table():
         to_sharding_plan(far, module)
 
 
-def test_duplicate_table_names_across_ebcs_are_refused():
-    module = TwoTower([make_table("x", rows=4, dim=4)], [make_table("x", rows=4, dim=4)])
-    with pytest.raises(TableSpecError, match="two EmbeddingBagCollections"):
+def test_reused_table_names_are_keyed_by_module_path():
+    module = TwoTower([make_table("x", rows=4, dim=4)], [make_table("x", rows=8, dim=8)])
+    assert list(module_tables(module)) == ["sparse.ebc.x", "user_ebc.x"]
+    with pytest.raises(TableSpecError, match="sparse.ebc.x, user_ebc.x"):
         to_sharding_plan(Plan((), (), make_cluster(1)), module)
+    specs = table_specs(module)
+    assert [(t.name, t.module, t.rows) for t in specs] == [
+        ("sparse.ebc.x", "sparse.ebc", 4), ("user_ebc.x", "user_ebc", 8)]
+    plan = Plan(tuple(specs), (Shard("sparse.ebc.x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)),
+                make_cluster(2))
+    sp = to_sharding_plan(plan, module)
+    assert (sp.plan["sparse.ebc"]["x"].ranks, sp.plan["user_ebc"]["x"].ranks) == ([1], [0])
+    assert from_sharding_plan(sp, module, specs, plan.cluster) == plan
+    # a plan made with the table's own name and its module path still matches
+    short = Plan((TableSpec("x", rows=4, dim=4, module="sparse.ebc"), specs[1]),
+                 (Shard("x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)), make_cluster(2))
+    assert to_sharding_plan(short, module) == sp
 
 
 @pytest.mark.parametrize("sharding_type", ["row_wise", "table_row_wise", "data_parallel",
@@ -210,88 +224,7 @@ def test_column_type_with_row_split_shard_is_refused():
         from_sharding_plan(sp, ebc_of([t]))
 
 
-# --------------------------------------------------------------------------- planner
-
-
-def _stub_searcher(calls):
-    def search(tables, cluster, estimator, *, seed=0, budget_s=None):
-        calls.append((list(tables), cluster, estimator, seed))
-        return Plan(tuple(tables), tuple(Shard(t.name, 0, t.dim, i % cluster.num_devices)
-                                         for i, t in enumerate(tables)), cluster)
-    return search
-
-
-def test_planner_builds_tables_and_cluster_from_module_and_topology(tmp_path):
-    tables = [make_table(f"t{i}", rows=100 * (i + 1), dim=8 * (i + 1)) for i in range(4)]
-    module = TwoTower(tables[:3], tables[3:])
-    hist = tuple([1.0] + [0.0] * 16)
-    calls = []
-    est = FakeEstimator()
-    planner = NeuroShardPlanner(
-        topology(2, "cpu", cap=123_456_789), searcher=_stub_searcher(calls), estimator=est,
-        table_stats={"t0": {"pooling_factor": 9.0, "reuse_hist": hist},
-                     "t1": make_table("t1", pooling_factor=4.0)},
-        constraints={"t2": ParameterConstraints(pooling_factors=[2.0, 3.0])},
-        batch_size=4096, seed=7,
-    )
-    sp = planner.plan(module, [EmbeddingBagCollectionSharder()])
-    (seen, cluster, used, seed), = calls
-    assert [(t.name, t.rows, t.dim, t.pooling_factor) for t in seen] == [
-        ("t0", 100, 8, 9.0), ("t1", 200, 16, 4.0), ("t2", 300, 24, 5.0), ("t3", 400, 32, 1.0)]
-    assert seen[0].reuse_hist == hist and seen[3].reuse_hist == DLRM_REUSE_HIST
-    assert cluster == Cluster(2, (123_456_789, 123_456_789), 4096)
-    assert used is est and seed == 7
-    assert sp.plan["sparse.ebc"]["t1"].ranks == [1]
-    assert sp.plan["user_ebc"]["t3"].ranks == [1]
-    assert planner.last_plan is not None and len(planner.last_plan.tables) == 4
-
-
-def test_planner_reads_a_table_file_and_uses_hbm_on_cuda(tmp_path):
-    tables = [make_table("a", rows=50, dim=16, pooling_factor=11.0),
-              make_table("b", rows=60, dim=32, pooling_factor=3.0)]
-    path = tmp_path / "tables.json"
-    path.write_text(json.dumps([{"name": t.name, "rows": t.rows, "dim": t.dim,
-                                 "pooling_factor": t.pooling_factor} for t in tables]))
-    calls = []
-    planner = NeuroShardPlanner(topology(2, "cuda", cap=1 << 20), table_stats=path,
-                                searcher=_stub_searcher(calls), estimator=FakeEstimator())
-    sp = planner.plan(ebc_of(tables), [EmbeddingBagCollectionSharder()])
-    assert [t.pooling_factor for t in calls[0][0]] == [11.0, 3.0]
-    assert calls[0][1].memory_per_device_bytes == (1 << 20, 1 << 20)
-    assert str(sp.plan[""]["b"].sharding_spec.shards[0].placement) == "rank:1/cuda:1"
-
-
-def test_planner_with_a_registered_searcher():
-    pytest.importorskip("neuroshard.planner")
-    tables = [make_table(f"t{i}", rows=1000, dim=32, pooling_factor=float(i + 1)) for i in range(6)]
-    module = ebc_of(tables)
-    planner = NeuroShardPlanner(topology(2, "cpu", cap=1 << 30), searcher="greedy-grid",
-                                estimator=FakeEstimator(), batch_size=65_536)
-    sp = planner.plan(module, [EmbeddingBagCollectionSharder()])
-    assert planner.last_plan.cost is not None
-    assert from_sharding_plan(sp, module, planner.last_plan.tables, planner.cluster).shards == \
-        tuple(s for t in planner.last_plan.tables for s in planner.last_plan.shards_of(t.name))
-
-
-def test_planner_refuses_sharders_without_an_ebc_sharder():
-    class OtherSharder(ModuleSharder):
-        module_type = nn.Linear
-
-        def shard(self, *args, **kwargs):  # pragma: no cover
-            raise NotImplementedError
-
-        def shardable_parameters(self, module):  # pragma: no cover
-            return {}
-
-    planner = NeuroShardPlanner(topology(2), searcher=_stub_searcher([]), estimator=FakeEstimator())
-    with pytest.raises(NeuroShardError, match="EmbeddingBagCollection"):
-        planner.plan(ebc_of(TW_TABLES), [OtherSharder()])
-
-
-def test_collective_plan_needs_a_process_group():
-    planner = NeuroShardPlanner(topology(2), searcher=_stub_searcher([]), estimator=FakeEstimator())
-    with pytest.raises(NeuroShardError, match="process group"):
-        planner.collective_plan(ebc_of(TW_TABLES), [EmbeddingBagCollectionSharder()])
+# --------------------------------------------------------------------------- table specs
 
 
 def test_table_specs_ignore_stats_shapes_but_keep_module_shapes(caplog):
@@ -318,8 +251,8 @@ def test_shard_estimator_sets_perf_from_the_cost_model():
                                                 pooling_factors=[t.pooling_factor])
                    for t in tables}
     est = FakeEstimator()
-    ours = NeuroShardEstimator(topo, constraints, est)
-    enumerator = EmbeddingEnumerator(topology=topo, batch_size=512, constraints=constraints,
+    ours = NeuroShardEstimator(topo, constraints, est, batch_size=16_384)
+    enumerator = EmbeddingEnumerator(topology=topo, batch_size=16_384, constraints=constraints,
                                      estimator=[ours, EmbeddingStorageEstimator(topo, constraints)])
     calls_before = est.compute_calls
     options = enumerator.enumerate(ebc_of(tables), [EmbeddingBagCollectionSharder()])
@@ -345,7 +278,8 @@ def test_shard_estimator_sets_perf_from_the_cost_model():
 def test_from_sharding_plan_reads_shards_listed_out_of_column_order():
     t = make_table("t", rows=10, dim=96)
     ps = ParameterSharding("column_wise", "fused", [3, 1], EnumerableShardingSpec([
-        ShardMetadata([0, 32], [10, 64], "rank:3/cpu"), ShardMetadata([0, 0], [10, 32], "rank:1/cpu")]))
+        ShardMetadata([0, 32], [10, 64], "rank:3/cpu"),
+        ShardMetadata([0, 0], [10, 32], "rank:1/cpu")]))
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
     back = from_sharding_plan(sp, ebc_of([t]), [t], make_cluster(4))
     assert back.shards == (Shard("t", 0, 32, 1), Shard("t", 32, 96, 3))
@@ -356,8 +290,13 @@ def test_cluster_and_topology_convert_both_ways(device):
     from neuroshard.torchrec_adapter import cluster_topology, topology_cluster
 
     cluster = Cluster(3, (1 << 30, 2 << 30, 3 << 30), batch_size=8192)
+    if device == "cuda":  # host memory travels as DDR
+        cluster = Cluster(3, cluster.memory_per_device_bytes, 8192,
+                          host_memory_per_device_bytes=(4 << 30, 5 << 30, 6 << 30))
     topo = cluster_topology(cluster, device)
     assert (topo.world_size, topo.compute_device) == (3, device)
     assert topology_cluster(topo, batch_size=8192) == cluster
+    hosts = Cluster.uniform(4, 1 << 30, 8192, devices_per_host=2)
+    assert topology_cluster(cluster_topology(hosts, "cpu"), 8192) == hosts
     half = topology_cluster(topo, batch_size=8192, memory_headroom=0.5)
     assert half.memory_per_device_bytes == tuple(c // 2 for c in cluster.memory_per_device_bytes)

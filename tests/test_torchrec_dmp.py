@@ -12,6 +12,14 @@ uneven column splits, two shards of one table on one rank) obtained through
   global batch, mean of the ranks' losses) its shards hold the same weights as the copy's
   columns (to 1e-6: the fused update rounds differently in the last bit).
 
+A second scenario, at 2 ranks, is a TorchRec user's model: an EBC nested at
+``sparse_arch.embedding_bag_collection`` (a table with two features), a weighted EBC and an
+``EmbeddingCollection`` whose table reuses a name, planned by ``NeuroShardPlanner`` under a
+``table_wise`` constraint, written as plan JSON and loaded for the model with
+``load_sharding_plan`` (no unpickling): every module is sharded (none left whole on every
+rank), the ranks together hold exactly the plan's shards, and the outputs equal the
+unsharded modules'.
+
 Ranks write what they saw to JSON; the test process asserts.
 """
 
@@ -30,8 +38,9 @@ pytest.importorskip("torchrec")
 
 import torch.multiprocessing as mp  # noqa: E402
 
-from factories import FakeEstimator  # noqa: E402
 from neuroshard.types import Cluster, Plan, Shard, TableSpec  # noqa: E402
+
+from factories import FakeEstimator  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +182,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
                 nr, nc = s.metadata.shard_sizes
                 want = ref_weights[name][r0:r0 + nr, c0:c0 + nc]
                 weight_diff = max(weight_diff, (s.tensor.detach() - want).abs().max().item())
-                moved = max(moved, (want - initial[name][r0:r0 + nr, c0:c0 + nc]).abs().max().item())
+                start = initial[name][r0:r0 + nr, c0:c0 + nc]
+                moved = max(moved, (want - start).abs().max().item())
         result = {"placement": placement, "fwd_diff": fwd_diff, "fwd_equal": fwd_equal,
                   "weight_diff": weight_diff, "moved": moved}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -207,4 +217,157 @@ def test_dmp_matches_unsharded(tmp_path, world, nested):
         assert sorted(got["placement"]) == want, f"rank {rank} holds the wrong shards"
         assert got["fwd_equal"], f"rank {rank}: pooled embeddings differ by {got['fwd_diff']}"
         assert got["moved"] > 1e-3, f"rank {rank}: the step left its shards unchanged"
-        assert got["weight_diff"] <= 1e-6, f"rank {rank}: weights after one step differ by {got['weight_diff']}"
+        assert got["weight_diff"] <= 1e-6, \
+            f"rank {rank}: weights after one step differ by {got['weight_diff']}"
+
+
+# --------------------------------------------------------------------------- every module
+
+SEQ_DIM = 16
+
+
+def _modules_model(device):
+    """A DLRM-like model: an EBC at ``sparse_arch.embedding_bag_collection`` (``t0`` with
+    two features), a weighted EBC, and an EmbeddingCollection whose table reuses the name
+    ``t0``."""
+    from torch import nn
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    model = nn.Module()
+    model.sparse_arch = nn.Module()
+    model.sparse_arch.embedding_bag_collection = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t0", num_embeddings=50, embedding_dim=32,
+                           feature_names=["f_t0a", "f_t0b"]),
+        EmbeddingBagConfig(name="t1", num_embeddings=40, embedding_dim=64,
+                           feature_names=["f_t1"]),
+        EmbeddingBagConfig(name="t2", num_embeddings=30, embedding_dim=16,
+                           feature_names=["f_t2"]),
+    ], device=device)
+    model.weighted = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="w", num_embeddings=20, embedding_dim=8, feature_names=["f_w"]),
+    ], is_weighted=True, device=device)
+    model.seq = EmbeddingCollection(tables=[
+        EmbeddingConfig(name="t0", num_embeddings=25, embedding_dim=SEQ_DIM,
+                        feature_names=["s_t0"]),
+    ], device=device)
+    return model
+
+
+def _kjt(keys, rows, rank, weighted=False):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(300 + rank)
+    lengths = torch.randint(0, 4, (len(keys) * LOCAL_BATCH,), generator=g)
+    values = torch.cat([torch.randint(0, r, (int(n),), generator=g)
+                        for r, n in zip([r for r in rows for _ in range(LOCAL_BATCH)],
+                                        lengths, strict=True)])
+    weights = torch.rand(values.shape, generator=g) if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    import logging
+
+    import torch.distributed as dist
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from neuroshard.plan_io import write_plan
+    from neuroshard.torchrec_adapter import (
+        cluster_topology,
+        copy_unsharded_weights,
+        load_sharding_plan,
+    )
+    from neuroshard.torchrec_planner import NeuroShardPlanner
+
+    logging.basicConfig(level=logging.INFO, filename=str(Path(out_dir, f"log{rank}.txt")))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _modules_model(torch.device("cpu"))
+        ref = _modules_model(torch.device("cpu"))
+        ref.load_state_dict(model.state_dict())
+        sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+        planner = NeuroShardPlanner(
+            cluster_topology(Cluster.uniform(world, 1 << 30), "cpu"), searcher="neuroshard",
+            estimator=FakeEstimator(), batch_size=65_536 // world,
+            constraints={"t1": ParameterConstraints(sharding_types=["table_wise"])})
+        path = Path(out_dir, "plan.json")
+        if rank == 0:
+            planner.plan(model, sharders)
+            write_plan(planner.last_plan, path)
+        dist.barrier()
+        sharding_plan = load_sharding_plan(path, model, device_type="cpu")  # JSON, no pickle
+        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=sharding_plan,
+                                       sharders=sharders)
+        parts = {"sparse_arch.embedding_bag_collection": ["f_t0a", "f_t0b", "f_t1", "f_t2"],
+                 "weighted": ["f_w"], "seq": ["s_t0"]}
+        rows = {"f_t0a": 50, "f_t0b": 50, "f_t1": 40, "f_t2": 30, "f_w": 20, "s_t0": 25}
+        result = {"types": {}, "equal": {}, "placement": []}
+        for path_, keys in parts.items():
+            sharded = dmp.module.get_submodule(path_)
+            result["types"][path_] = type(sharded).__name__
+            unsharded = ref.get_submodule(path_)
+            assert not copy_unsharded_weights(sharded, unsharded.state_dict())
+            kjt = _kjt(keys, [rows[k] for k in keys], rank, weighted=path_ == "weighted")
+            out = sharded(kjt)
+            out = out.wait() if hasattr(out, "wait") else out
+            want = unsharded(kjt)
+            result["equal"][path_] = all(
+                torch.allclose(out[k].values() if path_ == "seq" else out[k],
+                               want[k].values() if path_ == "seq" else want[k], atol=1e-6)
+                for k in keys)
+            for key, value in sharded.state_dict().items():
+                for s in value.local_shards():
+                    md = s.metadata
+                    result["placement"].append([path_, key, *md.shard_offsets, *md.shard_sizes,
+                                                md.placement.rank()])
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dmp_shards_every_module_from_plan_json(tmp_path):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    world = 2
+    ctx = mp.start_processes(_modules_worker, args=(world, _free_port(), str(tmp_path)),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + 80.0
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail("DMP of every module did not finish in 80 s")
+    from neuroshard.plan_io import read_plan
+
+    plan = read_plan(tmp_path / "plan.json")
+    names = {t.name: t for t in plan.tables}
+    assert set(names) == {"sparse_arch.embedding_bag_collection.t0", "t1", "t2", "w", "seq.t0"}
+    assert names["seq.t0"].pooled is False and names["seq.t0"].module == "seq"
+    assert names["sparse_arch.embedding_bag_collection.t0"].pooling_factor == 2.0  # 2 features
+    assert len(plan.shards_of("t1")) == 1  # the table_wise constraint
+    held = []
+    for rank in range(world):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["types"] == {"sparse_arch.embedding_bag_collection":
+                                "ShardedEmbeddingBagCollection",
+                                "weighted": "ShardedEmbeddingBagCollection",
+                                "seq": "ShardedEmbeddingCollection"}
+        assert all(got["equal"].values()), f"rank {rank}: outputs differ: {got['equal']}"
+        held += got["placement"]
+    # every table's shards, over both ranks, are the plan's: nothing left unsharded
+    by_key = {("sparse_arch.embedding_bag_collection", "embedding_bags.t0.weight"):
+              "sparse_arch.embedding_bag_collection.t0",
+              ("sparse_arch.embedding_bag_collection", "embedding_bags.t1.weight"): "t1",
+              ("sparse_arch.embedding_bag_collection", "embedding_bags.t2.weight"): "t2",
+              ("weighted", "embedding_bags.w.weight"): "w",
+              ("seq", "embeddings.t0.weight"): "seq.t0"}
+    got = sorted([by_key[(p, k)], c0, w, r] for p, k, _, c0, _, w, r in held)
+    want = sorted([s.table, s.start, s.width, s.device] for s in plan.shards)
+    assert got == want

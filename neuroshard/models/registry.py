@@ -30,7 +30,9 @@ from neuroshard.types import (
 __all__ = [
     "DEFAULT_BACKEND",
     "DEFAULT_KIND",
+    "DEVICE_BACKENDS",
     "ModelKind",
+    "backend_for_device",
     "cost_model_kinds",
     "default_model_dir",
     "load_cost_model",
@@ -44,6 +46,11 @@ __all__ = [
 
 DEFAULT_KIND = "neural"
 DEFAULT_BACKEND = "sim"
+
+# The backends whose shipped models price each compute device (TorchRec's
+# ``Topology.compute_device``), preferred first: a CPU topology gets a model measured on
+# CPUs; a GPU one a model measured on CUDA, else the simulated GPU's.
+DEVICE_BACKENDS: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("cuda", "sim")}
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,22 @@ def default_model_dir(
     return min(candidates)[2]
 
 
+def backend_for_device(compute_device: str, kind: str = DEFAULT_KIND) -> str:
+    """The backend of the shipped ``kind`` models that price ``compute_device`` (the first
+    of :data:`DEVICE_BACKENDS` with one); :class:`ModelFileError` naming the device and
+    the devices that have one otherwise."""
+    shipped = {read_meta(path).get("backend") for path in shipped_models().values()
+               if read_meta(path).get("kind") == kind}
+    for backend in DEVICE_BACKENDS.get(compute_device, ()):
+        if backend in shipped:
+            return backend
+    covered = sorted(d for d, backends in DEVICE_BACKENDS.items() if shipped & set(backends))
+    raise ModelFileError(
+        f"no shipped {kind} model for compute device {compute_device!r} (shipped models "
+        f"cover: {', '.join(covered) or 'none'}); pass a model trained on that hardware"
+    )
+
+
 def resolve_cost_model(
     model_dir: str | os.PathLike | None = None,
     *,
@@ -212,6 +235,7 @@ def resolve_cost_model(
     batch_size: int | None = None,
     num_devices: int | None = None,
     force: bool = False,
+    compute_device: str | None = None,
 ) -> CostEstimator:
     """The cost model a plan should be priced with.
 
@@ -219,7 +243,8 @@ def resolve_cost_model(
     neural) trained on ``backend`` (default sim) nearest ``num_devices``. The model must
     match ``batch_size``, ``backend`` and ``kind`` where they are given
     (:class:`~neuroshard.types.ModelMismatchError` lists every difference), unless
-    ``force``. An unknown ``kind`` is an :class:`UnknownNameError`.
+    ``force``. Without ``backend``, ``compute_device`` (``cpu``, ``cuda``) picks it
+    (:func:`backend_for_device`). An unknown ``kind`` is an :class:`UnknownNameError`.
     """
     if kind is not None and kind not in cost_model_kinds():
         raise UnknownNameError(
@@ -228,6 +253,8 @@ def resolve_cost_model(
     if model_dir is None:
         if num_devices is None:
             raise ValueError("resolve_cost_model needs model_dir or num_devices")
+        if backend is None and compute_device is not None:
+            backend = backend_for_device(compute_device, kind or DEFAULT_KIND)
         model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND)
     if force:
         return load_cost_model(model_dir)
