@@ -92,9 +92,10 @@ def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str |
     """Yield a :class:`~neuroshard.models.training.TrainFn` that trains on ``workers`` Ray
     Train workers, saving every ``checkpoint_every`` epochs under ``storage_dir``.
 
-    Ray is started (or joined at ``address``) once for every net trained in the block and
-    shut down after it. A save costs about 2 s on a 2-core machine (Ray Train's report and
-    persistence), so saving every epoch would dominate small nets' training time.
+    Ray is started (or joined at ``address``) once for every net trained in the block,
+    unless it already runs (a pretrain's session), and shut down after it. A save goes
+    through Ray Train's report and persistence, which take seconds, so saving every epoch
+    would dominate small nets' training time.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
