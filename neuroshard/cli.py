@@ -153,7 +153,11 @@ def plan(
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
     torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
-                                                help="Also write a TorchRec ShardingPlan (torch.save)."),
+                                                help="Also write a TorchRec ShardingPlan (torch.save); see --module-path, --model-factory."),
+    module_path: Optional[str] = typer.Option(None, "--module-path",
+                                              help="With --torchrec-out: the path of the embedding module holding tables whose config names none (e.g. sparse_arch.embedding_bag_collection; default: the model itself)."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory",
+                                                help="With --torchrec-out: pkg.module:function returning your model; module paths are resolved against it."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget",
                                                 help="Seconds the neuroshard or surco search may take."),
 ) -> None:
@@ -164,9 +168,22 @@ def plan(
     from neuroshard.models import resolve_cost_model
     from neuroshard.plan_io import plan_to_dict, write_plan
     from neuroshard.planner import Planner
-    from neuroshard.tables import load_tables
+    from neuroshard.tables import load_table_config
 
-    specs = load_tables(tables)
+    if (module_path is not None or model_factory) and not torchrec_out:
+        raise UsageError("--module-path and --model-factory go with --torchrec-out")
+    if module_path is not None and model_factory:
+        raise UsageError("--module-path or --model-factory, not both (the model has the paths)")
+    user_model = None
+    if model_factory:
+        from neuroshard.torchrec_adapter import model_from_factory
+
+        user_model = model_from_factory(model_factory)
+    specs, constraints = load_table_config(tables)  # tables' "constraints" too
+    if user_model is not None:
+        from neuroshard.torchrec_adapter import match_tables
+
+        match_tables(specs, user_model)  # names a table or module path the model lacks
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
 
     def model_for(c: Cluster) -> Any:
@@ -174,14 +191,16 @@ def plan(
                                   batch_size=c.batch_size, num_devices=c.num_devices,
                                   force=force)
 
-    planner = Planner(model_for, searcher, budget_s=time_budget, seed=seed)
+    planner = Planner(model_for, searcher, budget_s=time_budget, seed=seed,
+                      constraints=constraints if constraints.tables or constraints.colocate
+                      else None)
     result = planner.plan(specs, cluster)
     if out_path:
         write_plan(result, out_path)
     if torchrec_out:
         from neuroshard.torchrec_adapter import save_sharding_plan
 
-        save_sharding_plan(result, torchrec_out)
+        save_sharding_plan(result, torchrec_out, module_path=module_path or "", model=user_model)
     if as_json:
         out.print_json(json.dumps(plan_to_dict(result)))
         return

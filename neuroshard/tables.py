@@ -24,13 +24,26 @@ from typing import Any
 
 from neuroshard.atomic import write_text_atomic
 from neuroshard.paths import input_problem
-from neuroshard.types import NUM_HIST_BINS, TableSpec, TableSpecError
+from neuroshard.types import (
+    NUM_HIST_BINS,
+    Constraints,
+    TableConstraint,
+    TableSpec,
+    TableSpecError,
+)
 
 _ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim"}
 
 
 def load_tables(path: str | Path) -> list[TableSpec]:
-    """Read and validate a table config from ``path`` (format from its suffix)."""
+    """Read and validate a table config from ``path`` (format from its suffix); tables'
+    placement ``constraints`` are read by :func:`load_table_config`."""
+    return load_table_config(path)[0]
+
+
+def load_table_config(path: str | Path) -> tuple[list[TableSpec], Constraints]:
+    """The tables of the config at ``path`` and their placement constraints (see
+    :func:`constraints_from_records`)."""
     path = Path(path)
     source = str(path)
     problem = input_problem(path)
@@ -51,7 +64,64 @@ def load_tables(path: str | Path) -> list[TableSpec]:
         records = _records_from_document(_read_yaml(text, source), source)
     else:
         records = _records_from_document(_read_json(text, source), source)
-    return tables_from_records(records, source=source)
+    tables = tables_from_records(records, source=source, extra=("constraints",))
+    return tables, constraints_from_records(records, source=source)
+
+
+# Keys of a table record's ``constraints`` object -> TableConstraint field.
+_CONSTRAINT_KEYS = {"sharding_types": "sharding_types", "compute_kernels": "compute_kernels",
+                    "devices": "devices", "hosts": "hosts", "cache_fraction": "cache_fraction"}
+
+
+def constraints_from_records(records: Sequence[Mapping[str, Any]], *,
+                             source: str = "<tables>") -> Constraints:
+    """The placement constraints table records carry, each under ``constraints``: any of
+    ``sharding_types`` and ``compute_kernels`` (lists of those allowed), ``devices`` and
+    ``hosts`` (lists of indices the table's shards may sit on), ``cache_fraction`` and
+    ``colocate`` (a group label: the tables sharing it share a device). Shapes are checked
+    here (:class:`TableSpecError` naming the table and key); whether they can hold, when
+    planning (:meth:`Constraints.check`)."""
+    tables: dict[str, TableConstraint] = {}
+    groups: dict[str, list[str]] = {}
+    for record in records:
+        given = record.get("constraints")
+        if given is None:
+            continue
+        name = str(record.get("name"))
+        if not isinstance(given, Mapping):
+            raise TableSpecError("must be an object", source=source, table=name,
+                                 field_name="constraints")
+        unknown = sorted(set(given) - set(_CONSTRAINT_KEYS) - {"colocate"})
+        if unknown:
+            raise TableSpecError(f"unknown keys {unknown}; known: "
+                                 f"{sorted([*_CONSTRAINT_KEYS, 'colocate'])}",
+                                 source=source, table=name, field_name="constraints")
+        fields: dict[str, Any] = {}
+        for key, attr in _CONSTRAINT_KEYS.items():
+            if key not in given:
+                continue
+            value = given[key]
+            if key == "cache_fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TableSpecError(f"must be a number, got {value!r}", source=source,
+                                         table=name, field_name=f"constraints.{key}")
+                fields[attr] = float(value)
+                continue
+            want = str if key in ("sharding_types", "compute_kernels") else int
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(
+                    isinstance(v, bool) or not isinstance(v, want) for v in value):
+                raise TableSpecError(f"must be a list of {want.__name__}s, got {value!r}",
+                                     source=source, table=name, field_name=f"constraints.{key}")
+            fields[attr] = tuple(value)
+        if "colocate" in given:
+            label = given["colocate"]
+            if not isinstance(label, str) or not label:
+                raise TableSpecError(f"must be a group label (a string), got {label!r}",
+                                     source=source, table=name, field_name="constraints.colocate")
+            groups.setdefault(label, []).append(name)
+        if fields:
+            tables[name] = TableConstraint(**fields)
+    return Constraints(tables=tables, colocate=tuple(tuple(g) for g in groups.values()))
 
 
 def tables_from_records(

@@ -62,6 +62,7 @@ try:
         Topology,
     )
     from torchrec.distributed.types import (
+        CacheParams,
         EmbeddingModuleShardingPlan,
         ParameterSharding,
         ShardingPlan,
@@ -264,7 +265,7 @@ def _placement(rank: int, device_type: str, local_world_size: int) -> str:
 
 
 def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
-                     compute_kernel: str = FUSED_KERNEL,
+                     compute_kernel: str | None = None,
                      local_world_size: int | None = None) -> ShardingPlan:
     """TorchRec :class:`ShardingPlan` placing ``module``'s tables as ``plan`` says.
 
@@ -272,8 +273,10 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
     :class:`EmbeddingCollection` in ``module`` by key (:func:`module_tables`), or by
     module path and name; each becomes a ``table_wise`` :class:`ParameterSharding` (one
     shard over all columns) or a ``column_wise`` one (one ``ShardMetadata`` per column
-    shard, in column order, uneven widths and repeated ranks allowed). ``local_world_size`` (devices
-    per host, default all) only shapes ``cuda`` placements (``rank:R/cuda:R % local``).
+    shard, in column order, uneven widths and repeated ranks allowed). ``local_world_size``
+    (devices per host, default all) only shapes ``cuda`` placements (``rank:R/cuda:R %
+    local``). The kernel is each table's shards' own (``fused_uvm_caching`` with its cache
+    fraction as ``CacheParams(load_factor=...)``) unless ``compute_kernel`` overrides it.
 
     Raises :class:`TableSpecError` when the module and the plan disagree on which tables
     exist or on their shapes, :class:`PlanFormatError` when shards do not tile a table's
@@ -289,6 +292,10 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
         path, config = found.path, found.config
         _check_shape(spec, config, "the plan")
         shards = plan.shards_of(spec.name)
+        sharding_type = plan.sharding_type_of(spec.name)
+        if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value):
+            raise PlanFormatError(f"table {spec.name!r}: {sharding_type} plans are not exported "
+                                  "to TorchRec yet")
         _check_columns(spec.name, spec.dim, shards)
         for s in shards:
             if not 0 <= s.device < plan.cluster.num_devices:
@@ -297,10 +304,6 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
                     f"{plan.cluster.num_devices} devices"
                 )
         rows = _rows(config)
-        sharding_type = plan.sharding_type_of(spec.name)
-        if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value):
-            raise PlanFormatError(f"table {spec.name!r}: {sharding_type} plans are not exported "
-                                  "to TorchRec yet")
         if sharding_type == ShardingType.TABLE_WISE.value and len(shards) > 1:
             raise PlanFormatError(f"table {spec.name!r}: table_wise with {len(shards)} shards")
         if len(shards) > 1:
@@ -318,11 +321,19 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
             )
             for s in shards
         ]
+        kernels = {s.compute_kernel for s in shards}
+        if compute_kernel is None and len(kernels) > 1:
+            raise PlanFormatError(f"table {spec.name!r}: shards on kernels {sorted(kernels)}")
+        kernel = compute_kernel or kernels.pop()
+        fractions = {s.cache_fraction for s in shards} - {None}
+        cache = (CacheParams(load_factor=fractions.pop())
+                 if kernel == "fused_uvm_caching" and len(fractions) == 1 else None)
         modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = ParameterSharding(
             sharding_type=sharding_type,
-            compute_kernel=compute_kernel,
+            compute_kernel=kernel,
             ranks=[s.device for s in shards],
             sharding_spec=EnumerableShardingSpec(metadata),
+            cache_params=cache,
         )
     return ShardingPlan(plan=dict(modules))
 

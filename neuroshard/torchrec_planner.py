@@ -183,7 +183,9 @@ def check_plan(plan: Plan, rules: Mapping[str, TableRules]) -> None:
         kernels = {s.compute_kernel for s in shards}
         devices = sorted({s.device for s in shards})
         where = f"table {name!r}" + (f" ({rule.asked})" if rule.asked else "")
-        bad = [(kind, k) for k in kernels if (kind, k) not in rule.pairs]
+        # TorchRec runs every data-parallel replica on its dense kernel, whatever ours says
+        pairs = {(kind, "dense" if kind == "data_parallel" else k) for k in kernels}
+        bad = sorted(pairs - rule.pairs)
         if bad:
             raise ConstraintError(f"{where}: planned as {bad}, allowed {sorted(rule.pairs)}")
         allowed = rule.constraint.allowed_devices(plan.cluster)
