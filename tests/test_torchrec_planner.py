@@ -534,6 +534,26 @@ def test_estimator_prices_kernels_apart():
     assert cached(0.05) < cached(0.005) < cached(0.0005)
 
 
+def test_estimator_prices_sequence_outputs_per_id():
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
+
+    topo = topology(2, "cuda")
+    pcs = {"t": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"],
+                                     pooling_factors=[5.0])}
+    comms = {}
+    for name, module, sharder in (("bag", ebc([("t", 1000, 16)]), BOTH[0]),
+                                  ("seq", ec([("t", 1000, 16)]), BOTH[1])):
+        ours = NeuroShardEstimator(topo, pcs, FakeEstimator(), batch_size=32_768)
+        enumerator = EmbeddingEnumerator(topology=topo, batch_size=32_768, constraints=pcs,
+                                         estimator=[ours, EmbeddingStorageEstimator(topo, pcs)])
+        (option,) = enumerator.enumerate(module, [sharder])
+        comms[name] = option.shards[0].perf.bwd_comms
+    # FakeEstimator: 0.002 ms per value per sample; 16 pooled, 16 x 5 ids per sequence
+    assert comms["bag"] == pytest.approx(0.002 * 16)
+    assert comms["seq"] == pytest.approx(0.002 * 80)
+
+
 def test_estimator_alone_in_the_enumerator_fills_storage_too():
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
