@@ -7,6 +7,7 @@ and to the ``neuroshard`` searcher (beam + greedy grid).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -14,12 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from neuroshard.feasibility import check_fits
+from neuroshard.feasibility import check_constraints, check_fits
 from neuroshard.models import resolve_cost_model
+from neuroshard.plan_io import validate_plan
 from neuroshard.search import DEFAULT_SEARCHER, get_searcher
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import (
+    DEFAULT_RESERVE_FRACTION,
+    OPTIMIZERS,
     Cluster,
+    ConstraintError,
+    Constraints,
     CostEstimator,
     Plan,
     PlanCost,
@@ -29,6 +35,15 @@ from neuroshard.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _takes(search: Searcher, keyword: str) -> bool:
+    """Whether the searcher accepts ``keyword`` (or any keyword)."""
+    try:
+        params = inspect.signature(search).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def evaluate_plan(plan: Plan, estimator: CostEstimator) -> PlanCost:
@@ -46,6 +61,17 @@ class Planner:
     registered name or any :class:`~neuroshard.types.Searcher`; ``budget_s`` bounds the
     search's time (the same for every searcher). The planner checks feasibility once,
     then times, prices and labels the searcher's plain plan once.
+
+    Memory as a training job has it: ``reserve`` is the share of every device's HBM kept
+    for what is not embeddings (default :data:`~neuroshard.types.DEFAULT_RESERVE_FRACTION`,
+    TorchRec's 15%; None: the cluster's own ``hbm_reserve_fraction``); ``optimizer``
+    (None: the cluster's) adds its state to every shard. Searchers see a cluster whose
+    ``memory_per_device_bytes`` are already the budgets after the reserve, so every
+    searcher keeps it; the plan comes back on the cluster with its reserve recorded.
+    ``constraints`` (:class:`~neuroshard.types.Constraints`) go to searchers that take
+    them (``neuroshard``, ``greedy-grid``); another searcher given constraints is refused
+    with :class:`~neuroshard.types.ConstraintError`, and every plan is checked against
+    them.
     """
 
     def __init__(
@@ -54,15 +80,35 @@ class Planner:
         searcher: Searcher | str = DEFAULT_SEARCHER,
         budget_s: float | None = None,
         seed: int = 0,
+        *,
+        reserve: float | None = DEFAULT_RESERVE_FRACTION,
+        optimizer: str | None = None,
+        constraints: Constraints | None = None,
     ):
         if budget_s is not None and not (budget_s > 0 and math.isfinite(budget_s)):
             raise UsageError(
                 f"time budget must be a positive, finite number of seconds, got {budget_s}"
             )
+        if reserve is not None and not (0.0 <= reserve < 1.0):
+            raise UsageError(f"reserve must be a fraction in [0, 1), got {reserve}")
+        if optimizer is not None and optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         self.cost_model = cost_model
         self.searcher = searcher
         self.budget_s = budget_s
         self.seed = seed
+        self.reserve = reserve
+        self.optimizer = optimizer
+        self.constraints = constraints
+
+    def cluster_for(self, cluster: Cluster) -> Cluster:
+        """``cluster`` with this planner's reserve and optimizer."""
+        changes: dict[str, Any] = {}
+        if self.reserve is not None:
+            changes["hbm_reserve_fraction"] = self.reserve
+        if self.optimizer is not None:
+            changes["optimizer"] = self.optimizer
+        return replace(cluster, **changes) if changes else cluster
 
     @property
     def searcher_name(self) -> str:
@@ -85,12 +131,26 @@ class Planner:
         model and ``meta["searcher"]`` / ``meta["search_seconds"]``. Raises
         :class:`~neuroshard.types.PlanInfeasibleError` naming the tables when no plan can fit."""
         search = get_searcher(self.searcher) if isinstance(self.searcher, str) else self.searcher
-        check_fits(tables, cluster)
+        cluster = self.cluster_for(cluster)
+        options: dict[str, Any] = {} if self.budget_s is None else {"budget_s": self.budget_s}
+        if self.constraints is not None:
+            self.constraints.check(tables, cluster)
+            if not _takes(search, "constraints"):
+                raise ConstraintError(
+                    f"searcher {self.searcher_name!r} does not take constraints; use "
+                    "'neuroshard' or 'greedy-grid'")
+            options["constraints"] = self.constraints
+        check_fits(tables, cluster, self.constraints)
         estimator = self.estimator_for(cluster)
+        # Searchers see the budgets after the reserve as their caps.
+        seen = replace(cluster, memory_per_device_bytes=cluster.hbm_budget_bytes,
+                       hbm_reserve_fraction=0.0)
         start = time.perf_counter()
-        budget = {} if self.budget_s is None else {"budget_s": self.budget_s}
-        plan = search(list(tables), cluster, estimator, seed=self.seed, **budget)
+        plan = search(list(tables), seen, estimator, seed=self.seed, **options)
         seconds = time.perf_counter() - start
+        plan = replace(plan, cluster=cluster)
+        validate_plan(plan)
+        check_constraints(plan, self.constraints)
         log.info(
             "searcher %s planned %d tables on %d devices in %.3f s",
             self.searcher_name,

@@ -336,10 +336,11 @@ class Cluster:
     @classmethod
     def uniform(cls, num_devices: int, memory_bytes: int,
                 batch_size: int = DEFAULT_BATCH_SIZE, *, devices_per_host: int = 0,
-                host_memory_bytes: int = 0, **bandwidths: float | None) -> "Cluster":
-        """``num_devices`` alike devices of ``memory_bytes`` HBM (and ``host_memory_bytes``)."""
+                host_memory_bytes: int = 0, **options: Any) -> "Cluster":
+        """``num_devices`` alike devices of ``memory_bytes`` HBM (and ``host_memory_bytes``);
+        ``options`` are the other fields (bandwidths, reserve, optimizer)."""
         return cls(num_devices, (int(memory_bytes),) * num_devices, batch_size,
-                   devices_per_host, (int(host_memory_bytes),) * num_devices, **bandwidths)
+                   devices_per_host, (int(host_memory_bytes),) * num_devices, **options)
 
     @property
     def num_hosts(self) -> int:
@@ -586,23 +587,25 @@ NO_CONSTRAINT = TableConstraint()
 class Constraints:
     """Placement constraints of a planning task: per table by name (``tables``), and
     groups of tables that must share a device (``colocate``: every table of a group is
-    placed table-wise, all on one device). :meth:`check` refuses, with
+    placed table-wise, all on one device), and ``default`` for every table not named
+    (e.g. only table- and column-wise types for all). :meth:`check` refuses, with
     :class:`ConstraintError`, what no plan could honour on its face."""
 
     tables: Mapping[str, TableConstraint] = field(default_factory=dict, hash=False)
     colocate: tuple[tuple[str, ...], ...] = ()
+    default: TableConstraint = NO_CONSTRAINT  # for every table ``tables`` does not name
 
     def of(self, name: str) -> TableConstraint:
-        return self.tables.get(name, NO_CONSTRAINT)
+        return self.tables.get(name, self.default)
 
     def check(self, tables: Sequence[TableSpec], cluster: Cluster) -> None:
         """Raise :class:`ConstraintError` naming the table and the constraint when a
         constraint names an unknown table, type, kernel, device or host, allows no
         device, or contradicts another (co-location needs table-wise placement)."""
         names = {t.name for t in tables}
-        for name, c in self.tables.items():
-            where = f"table {name!r}"
-            if name not in names:
+        for name, c in [*self.tables.items(), (None, self.default)]:
+            where = "every table" if name is None else f"table {name!r}"
+            if name is not None and name not in names:
                 raise ConstraintError(f"{where}: constrained but not in the task")
             bad = [x for x in c.sharding_types if x not in SHARDING_TYPES]
             if bad:

@@ -4,9 +4,11 @@
 ``(tables, cluster, estimator, *, seed=0, budget_s=None) -> Plan``: a plain plan, which
 the planner (:class:`neuroshard.planner.Planner`) prices and labels.
 
-* ``neuroshard`` (default) -- beam search over column splits, greedy grid placement
-  (:mod:`neuroshard.search.beam`);
-* ``greedy-grid`` -- the greedy grid alone, table-wise (:mod:`neuroshard.search.greedy`);
+* ``neuroshard`` (default) -- beam search over the sharding space (column splits, row-wise,
+  table-row-wise, data-parallel, host-memory caching), greedy grid placement
+  (:mod:`neuroshard.search.beam`); takes ``constraints``;
+* ``greedy-grid`` -- the greedy grid alone on the start layout: table-wise wherever a
+  table fits a device (:func:`neuroshard.search.beam.grid_search`); takes ``constraints``;
 * baselines (:data:`BASELINES`, :mod:`neuroshard.search.baselines`): ``random`` and the
   greedy by ``dim``, ``size``, ``lookup`` or ``size-lookup``.
 """
@@ -24,7 +26,7 @@ from neuroshard.types import Searcher, UnknownNameError
 # name -> ("module:function", keyword arguments bound at lookup)
 _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
     "neuroshard": ("neuroshard.search.polish:neuroshard_search", {}),
-    "greedy-grid": ("neuroshard.search.greedy:greedy_grid", {}),
+    "greedy-grid": ("neuroshard.search.beam:grid_search", {}),
     "random": ("neuroshard.search.baselines:random_plan", {}),
     "dim": ("neuroshard.search.baselines:greedy_baseline", {"key": "dim"}),
     "size": ("neuroshard.search.baselines:greedy_baseline", {"key": "size"}),

@@ -1,5 +1,8 @@
 """Baseline searchers, table-wise: a seeded random placement and one key-driven greedy.
 
+Memory is each table's weights and the cluster's optimizer state against the devices' HBM
+budgets (after the reserve); the baselines use no other sharding type or kernel.
+
 The greedy sorts tables by a key, largest first, and puts each on the device with the
 smallest running sum of that key among the devices with memory left for it. The keys are
 those of the paper's baselines (:data:`KEYS`): ``dim``, ``size`` (rows x dim), ``lookup``
@@ -9,7 +12,7 @@ those of the paper's baselines (:data:`KEYS`): ``dim``, ``size`` (rows x dim), `
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from neuroshard.types import (
     Searcher,
     TableSpec,
     UnknownNameError,
+    embedding_bytes,
 )
 
 TableKey = Callable[[TableSpec], float]
@@ -34,6 +38,11 @@ KEYS: dict[str, TableKey] = {
 }
 
 RANDOM_ATTEMPTS = 100  # random placements tried before giving up on memory
+
+
+def _footprint(t: TableSpec, cluster: Cluster) -> int:
+    """A table's HBM footprint: weights and the cluster's optimizer state."""
+    return embedding_bytes(t.rows, t.dim, cluster.optimizer)
 
 
 def _key_fn(key: str | TableKey) -> TableKey:
@@ -54,14 +63,14 @@ def greedy_baseline(tables: Sequence[TableSpec], cluster: Cluster, estimator: Co
     key_fn = _key_fn(key)
     values = [key_fn(t) for t in tables]
     order = sorted(range(len(tables)), key=lambda i: -values[i])
-    free = list(cluster.memory_per_device_bytes)
+    free = list(cluster.hbm_budget_bytes)
     load = [0.0] * cluster.num_devices
     devices = [-1] * len(tables)
     for i in order:
-        need = tables[i].size_bytes
+        need = _footprint(tables[i], cluster)
         fits = [d for d in range(cluster.num_devices) if free[d] >= need]
         if not fits:
-            raise no_room(tables[i], free)
+            raise no_room(tables[i], free, need)
         d = min(fits, key=load.__getitem__)
         devices[i] = d
         free[d] -= need
@@ -91,15 +100,16 @@ def random_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     error: PlanInfeasibleError | None = None
     rng = np.random.default_rng(seed)
     for _ in range(RANDOM_ATTEMPTS):
-        free = list(cluster.memory_per_device_bytes)
+        free = list(cluster.hbm_budget_bytes)
         devices = []
         for t in tables:
-            fits = [d for d in range(cluster.num_devices) if free[d] >= t.size_bytes]
+            need = _footprint(t, cluster)
+            fits = [d for d in range(cluster.num_devices) if free[d] >= need]
             if not fits:
-                error = no_room(t, free)
+                error = no_room(t, free, need)
                 break
             d = fits[int(rng.integers(len(fits)))]
-            free[d] -= t.size_bytes
+            free[d] -= need
             devices.append(d)
         else:
             return to_plan(tables, cluster, tables, devices)

@@ -1,19 +1,26 @@
-"""Beam search over column-wise splits, each candidate scored by a greedy grid placement.
+"""Beam search over the sharding space, each candidate scored by a greedy grid placement.
 
-A search state is a :data:`SplitState`: for each table (in input order) the widths of its
-column shards, widest first. The start state splits nothing, except tables wider in
-memory than the largest device, which are halved until they fit. Each step expands every
-state in the beam: the candidates are the union of the ``top_k`` tables whose widest shard
-is largest in memory and the ``top_k`` whose widest shard has the highest predicted
-compute; a child halves one candidate's widest shard (when the half is a positive multiple
-of 4). All new children are placed by one lockstep :func:`~neuroshard.search.greedy.place_many`
-call, the ``width`` cheapest form the next beam, and the cheapest plan seen anywhere,
-the unsplit start included, is returned.
+A search state is a :data:`~neuroshard.search.space.State`: for each table (in input
+order) its :class:`~neuroshard.search.space.Layout` -- column widths (widest first) for a
+table- or column-wise table, or row-wise, table-row-wise on a host, data-parallel; its
+kernel and cache fraction. The start state (:meth:`Space.initial_state`) places every
+table table-wise unless it does not fit a device (then the first layout that fits:
+column halves, row blocks, a host's row blocks, then host-memory caching) or the tables
+overfill HBM (the largest move to ``fused_uvm_caching``). Each step expands every state
+in the beam: the candidates are the union of the ``top_k`` tables whose widest shard is
+largest in memory and the ``top_k`` whose widest shard has the highest predicted compute;
+a child halves one candidate's widest shard (when the half is a positive multiple of 4),
+or moves it to row-wise or to table-row-wise, or (for the ``top_k`` tables that send the
+most all-to-all bytes per byte of weights) makes it data-parallel, or raises a cached
+table's cache fraction (:meth:`Space.moves`, within the constraints). All new children
+are placed by one lockstep :func:`~neuroshard.search.greedy.place_many` call, the
+``width`` cheapest form the next beam, and the cheapest plan seen anywhere, the start
+included, is returned.
 
-Narrowed shard specs are built once per (table, width) and reused by every state. With
+Shards are interned once per (table, layout) and reused by every state. With
 ``budget_s`` the beam places only the children the remaining time affords (see
 :func:`beam_search`); for 1,000 tables on 128 devices a step of ~50 children costs several
-seconds, so a budget bounds the search's time without touching the unsplit placement.
+seconds, so a budget bounds the search's time without touching the start placement.
 """
 
 from __future__ import annotations
@@ -21,14 +28,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
-from neuroshard.search.greedy import Placement, place_many, to_plan
+from neuroshard.search.greedy import Placement, place_many
 from neuroshard.search.scoring import Scorer
+from neuroshard.search.space import COLUMNS, Layout, Space, State, halve
 from neuroshard.types import (
-    DIM_MULTIPLE,
     Cluster,
+    Constraints,
     CostEstimator,
     Plan,
     PlanInfeasibleError,
@@ -37,89 +46,91 @@ from neuroshard.types import (
 
 logger = logging.getLogger(__name__)
 
-# Per table, in input order, its shard widths, widest first.
-SplitState = tuple[tuple[int, ...], ...]
+# Per table, in input order, its layout (kept under its old name for callers).
+SplitState = State
 
 CANDIDATES_PER_KEY = 10  # tables taken by size and by predicted compute at each expansion
 
-
-def halve(widths: tuple[int, ...]) -> tuple[int, ...] | None:
-    """``widths`` with the widest shard halved, or None when the half is not a multiple of 4."""
-    widest = widths[0]
-    half = widest // 2
-    if widest % 2 or half % DIM_MULTIPLE or half < DIM_MULTIPLE:
-        return None
-    return tuple(sorted(widths[1:] + (half, half), reverse=True))
+__all__ = ["CANDIDATES_PER_KEY", "Layout", "SplitState", "affordable", "beam_search",
+           "expand", "halve", "initial_state"]
 
 
-def specs_of(tables: Sequence[TableSpec], state: SplitState,
-             cache: dict[tuple[int, int], TableSpec] | None = None) -> list[TableSpec]:
-    """The column shards of ``state`` as narrowed specs, tables in order, widest first.
+def initial_state(tables: Sequence[TableSpec], cluster: Cluster,
+                  constraints: Constraints | None = None) -> State:
+    """The start state: :meth:`Space.initial_state` (table-wise where a table fits)."""
+    return Space(tables, cluster, Scorer(_NoEstimator(cluster)), constraints).initial_state()
 
-    ``cache`` (table index, width) -> spec reuses the narrowed specs across states.
-    """
-    if cache is None:
-        return [t.with_dim(w) for t, widths in zip(tables, state) for w in widths]
-    out = []
-    for i, (t, widths) in enumerate(zip(tables, state)):
-        for w in widths:
-            spec = cache.get((i, w))
-            if spec is None:
-                spec = cache[(i, w)] = t if w == t.dim else t.with_dim(w)
-            out.append(spec)
+
+class _NoEstimator:
+    """Stands in where a space is built only to lay tables out (nothing is priced)."""
+
+    name = "none"
+
+    def __init__(self, cluster: Cluster):
+        self.batch_size = cluster.batch_size
+
+
+def _widest(space: Space, i: int, layout: Layout) -> TableSpec:
+    t = space.tables[i]
+    return t.with_dim(layout.widths[0]) if layout.kind == COLUMNS and \
+        layout.widths[0] != t.dim else t
+
+
+def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
+           top_k: int = CANDIDATES_PER_KEY, space: Space | None = None,
+           constraints: Constraints | None = None) -> list[State]:
+    """Children of ``state``: one move of a large, costly or chatty table each (see the
+    module doc), halvings first, each kind in table order. ``scorer`` needs a cluster
+    unless ``space`` is given."""
+    if space is None:
+        cluster = scorer.cluster
+        if cluster is None:
+            raise ValueError("expand needs a space or a scorer with a cluster")
+        space = Space(tables, cluster, scorer, constraints)
+    return [child for child, _ in _children(state, space, top_k)]
+
+
+def _children(state: State, space: Space, top_k: int) -> list[tuple[State, float]]:
+    """:func:`expand`'s children, each with the predicted compute (ms) of the widest shard
+    of the table it moves."""
+    moves = {i: space.moves(state, i) for i in range(len(state))}
+    movable = [i for i in range(len(state)) if moves[i]]
+    if not movable:
+        return []
+    scorer = space.scorer
+    widest = [_widest(space, i, state[i]) for i in movable]
+    compute = dict(zip(movable, scorer.singles([scorer.item(s) for s in widest]).tolist(),
+                       strict=True))
+    size = dict(zip(movable, (s.size_bytes for s in widest), strict=True))
+    out: list[tuple[State, float]] = []
+
+    def pick(kind: str, ranked_by: Sequence[dict[int, float]], k: int) -> None:
+        having = [i for i in movable
+                  if any(_kind_of(state[i], m) == kind for m in moves[i])]
+        chosen: set[int] = set()
+        for key in ranked_by:
+            chosen |= set(sorted(having, key=lambda i: -key[i])[:k])
+        for i in sorted(chosen):
+            for m in moves[i]:
+                if _kind_of(state[i], m) == kind:
+                    out.append((state[:i] + (m,) + state[i + 1:], compute[i]))
+
+    pick("halve", (size, compute), top_k)
+    pick("row_wise", (size, compute), max(1, top_k // 2))
+    pick("table_row_wise", (size, compute), max(1, top_k // 2))
+    share = {i: space.comm_share(i) for i in movable}
+    pick("data_parallel", (share,), top_k)
+    pick("cache", (size, compute), top_k)
     return out
 
 
-def initial_state(tables: Sequence[TableSpec], cluster: Cluster) -> SplitState:
-    """No splits, except tables larger than the largest device, halved until they fit."""
-    largest = max(cluster.memory_per_device_bytes)
-    state = []
-    for t in tables:
-        widths: tuple[int, ...] | None = (t.dim,)
-        while t.column_bytes(widths[0]) > largest:
-            halved = halve(widths)
-            if halved is None:
-                raise PlanInfeasibleError(
-                    f"table {t.name!r} does not fit any device even split into shards of "
-                    f"width {widths[0]} ({t.column_bytes(widths[0])} bytes each); largest "
-                    f"device memory {largest} bytes, total {cluster.total_memory_bytes} bytes"
-                )
-            widths = halved
-        if len(widths) > 1:
-            logger.info("table %r split into %d shards of width %d to fit device memory",
-                        t.name, len(widths), widths[0])
-        state.append(widths)
-    return tuple(state)
-
-
-def expand(state: SplitState, tables: Sequence[TableSpec], scorer: Scorer, *,
-           top_k: int = CANDIDATES_PER_KEY,
-           cache: dict[tuple[int, int], TableSpec] | None = None) -> list[SplitState]:
-    """Children of ``state``: one more split of a large or costly table each, in table order."""
-    return [child for child, _ in _children(state, tables, scorer, top_k, cache)]
-
-
-def _children(state: SplitState, tables: Sequence[TableSpec], scorer: Scorer, top_k: int,
-              cache: dict[tuple[int, int], TableSpec] | None
-              ) -> list[tuple[SplitState, float]]:
-    """:func:`expand`'s children, each with the predicted compute (ms) of the shard it halves."""
-    halved = {i: h for i, widths in enumerate(state) if (h := halve(widths)) is not None}
-    if not halved:
-        return []
-    index = list(halved)
-    cache = {} if cache is None else cache
-    widest = []
-    for i in index:
-        spec = cache.get((i, state[i][0]))
-        if spec is None:
-            spec = cache[(i, state[i][0])] = tables[i].with_dim(state[i][0])
-        widest.append(spec)
-    compute = scorer.singles([scorer.item(s) for s in widest]).tolist()
-    by_size = sorted(range(len(index)), key=lambda k: -widest[k].size_bytes)[:top_k]
-    by_compute = sorted(range(len(index)), key=lambda k: -compute[k])[:top_k]
-    chosen = sorted(set(by_size) | set(by_compute), key=index.__getitem__)
-    return [(state[:index[k]] + (halved[index[k]],) + state[index[k] + 1:], compute[k])
-            for k in chosen]
+def _kind_of(old: Layout, new: Layout) -> str:
+    """Which move turns ``old`` into ``new``."""
+    if new.kind == old.kind and new.kind == COLUMNS and new.widths != old.widths:
+        return "halve"
+    if new.kind != old.kind:
+        return new.kind
+    return "cache"
 
 
 def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
@@ -135,17 +146,21 @@ def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
 
 def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
                 seed: int = 0, width: int = 3, max_splits: int = 10,
-                top_k: int = CANDIDATES_PER_KEY, budget_s: float | None = None) -> Plan:
-    """NeuroShard's search: beam over column splits, greedy grid placement of each.
+                top_k: int = CANDIDATES_PER_KEY, budget_s: float | None = None,
+                constraints: Constraints | None = None) -> Plan:
+    """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
-    ``budget_s`` (default None: no limit) bounds the search's own time. The unsplit
-    placement is always computed; before each beam step the step's time is projected from
-    the previous step's seconds per child, and when it would overrun the budget only the
-    most promising children are placed (those of better-ranked beam states first, then
-    those halving the costlier shard), or the search stops when not even one fits. The
-    plan's ``meta["budget_cut"]`` counts the children so skipped. The result is then still
-    the best plan seen, never worse than the unsplit greedy grid, but may be worse than
-    the unbudgeted search's.
+    ``max_splits`` bounds the beam's steps (each step moves one table of a state: a split,
+    a type or a cache fraction). ``constraints`` restrict each table's types, kernels and
+    devices (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError`
+    when they cannot hold. ``budget_s`` (default None: no limit) bounds the search's own
+    time. The start placement is always computed; before each beam step the step's time is
+    projected from the previous step's seconds per child, and when it would overrun the
+    budget only the most promising children are placed (those of better-ranked beam states
+    first, then those moving the costlier shard), or the search stops when not even one
+    fits. The plan's ``meta["budget_cut"]`` counts the children so skipped. The result is
+    then still the best plan seen, never worse than the start placement, but may be worse
+    than the unbudgeted search's.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -155,19 +170,19 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     if budget_s is not None and budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
     started = time.perf_counter()
-    scorer = Scorer(estimator)
-    cache: dict[tuple[int, int], TableSpec] = {}
-    start = initial_state(tables, cluster)
+    scorer = Scorer(estimator, cluster=cluster)
+    space = Space(tables, cluster, scorer, constraints)
+    start = space.initial_state()
     best_state = start
-    best = place_many([specs_of(tables, start, cache)], cluster, scorer)[0]
+    best = place_many([space.problem(start)], cluster, scorer)[0]
     best_ms = best.cost_ms if isinstance(best, Placement) else math.inf
     per_child_s = time.perf_counter() - started
     beam, seen = [start], {start}
     skipped = steps = 0
     for step in range(max_splits):
-        candidates = []  # (parent rank, -compute of the halved shard, order), child
+        candidates = []  # (parent rank, -compute of the moved shard, order), child
         for rank, state in enumerate(beam):
-            for child, compute_ms in _children(state, tables, scorer, top_k, cache):
+            for child, compute_ms in _children(state, space, top_k):
                 if child not in seen:
                     seen.add(child)
                     candidates.append(((rank, -compute_ms, len(candidates)), child))
@@ -185,7 +200,7 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
             if not children:
                 break
         step_started = time.perf_counter()
-        results = place_many([specs_of(tables, c, cache) for c in children], cluster, scorer)
+        results = place_many([space.problem(c) for c in children], cluster, scorer)
         per_child_s = (time.perf_counter() - step_started) / len(children)
         steps += 1
         costs = [r.cost_ms if isinstance(r, Placement) else math.inf for r in results]
@@ -197,12 +212,31 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
                      step + 1, len(children), costs[ranked[0]], best_ms)
     if isinstance(best, PlanInfeasibleError):
         raise best
-    specs = specs_of(tables, best_state, cache)
-    plan = to_plan(tables, cluster, specs, best.devices)
+    plan = space.to_plan(best_state, best)
     logger.debug("beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
                  steps, len(seen) - skipped, scorer.compute_calls, scorer.loads_computed)
-    meta = {"splits": len(specs) - len(tables), "states_scored": len(seen) - skipped,
-            "beam_steps": steps, "scale": best.scale}
+    types = Counter(layout.sharding_type() for layout in best_state)
+    meta = {"splits": sum(len(x.widths) - 1 for x in best_state if x.kind == COLUMNS),
+            "states_scored": len(seen) - skipped, "beam_steps": steps, "scale": best.scale,
+            "sharding_types": dict(sorted(types.items()))}
+    kernels = Counter(layout.kernel for layout in best_state)
+    if set(kernels) != {"fused"}:
+        meta["compute_kernels"] = dict(sorted(kernels.items()))
     if budget_s is not None:
         meta["budget_cut"] = skipped
     return replace(plan, meta=meta)
+
+
+def grid_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
+                seed: int = 0, budget_s: float | None = None,
+                constraints: Constraints | None = None) -> Plan:
+    """The greedy grid alone, on the start state: every table table-wise where it fits a
+    device (else the first layout that fits, see :meth:`Space.initial_state`), no beam.
+
+    Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
+    :class:`~neuroshard.types.Searcher` signature.
+    """
+    plan = beam_search(tables, cluster, estimator, seed=seed, max_splits=0,
+                       constraints=constraints)
+    return replace(plan, meta={"scale": plan.meta["scale"],
+                               "sharding_types": plan.meta["sharding_types"]})

@@ -210,10 +210,15 @@ def _problem_error(pieces: Sequence[int], table: _Pieces, start: _Start,
                    cluster: Cluster) -> PlanInfeasibleError | None:
     """The error when ``pieces`` cannot fit on top of ``start`` whatever the placement: a
     piece larger than every device it may take, or more bytes than are free in total."""
-    if min(start.free) < 0 or min(start.host_free) < 0:
-        return PlanInfeasibleError(
-            "row blocks and replicas alone overfill a device: free HBM "
-            f"{format_bytes(min(start.free))}, host memory {format_bytes(min(start.host_free))}")
+    for what, left, cap in (("HBM", start.free, cluster.hbm_budget_bytes),
+                            ("host memory", start.host_free, cluster.host_budget_bytes)):
+        d = int(np.argmin(left))
+        if left[d] < 0:
+            names = sorted({table.scorer.spec(i).name for i in start.keys[d]})
+            return PlanInfeasibleError(
+                f"row blocks and replicas of tables {', '.join(map(repr, names))} alone "
+                f"need {format_bytes(cap[d] - left[d])} of {what} on device {d}, which has "
+                f"{format_bytes(cap[d])}")
     free, host_free = np.asarray(start.free), np.asarray(start.host_free)
     too_big = [p for p in pieces
                if table.need[p] > free[table.mask[p]].max(initial=-1)

@@ -51,6 +51,11 @@ def neuroshard_search(
     left_s = budget_s - (time.perf_counter() - started)
     if left_s < MIN_POLISH_S:
         return beam
+    if beam_options.get("constraints") is not None or any(
+        s.rows is not None or s.sharding_type is not None or s.compute_kernel != "fused"
+        for s in beam.shards
+    ):
+        return beam  # SurCo re-places fused table- and column-wise shards, unconstrained
     from neuroshard.search.surco import surco_plan
 
     splits = {t.name: tuple(s.width for s in beam.shards_of(t.name)) for t in beam.tables}

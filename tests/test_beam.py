@@ -6,7 +6,11 @@ from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
-from neuroshard.types import PlanInfeasibleError
+from neuroshard.types import Constraints, PlanInfeasibleError, TableConstraint
+
+
+# Table- and column-wise only: the space the fake's reference costs (factories) know.
+COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
 
 
 def hot_tables():
@@ -35,7 +39,8 @@ def test_beam_is_never_worse_than_greedy_grid(seed, num_devices):
 
 def test_beam_splits_a_hot_table_and_beats_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
-    beam = priced(beam_search(tables, cluster, FakeEstimator()), FakeEstimator())
+    beam = priced(beam_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY),
+                  FakeEstimator())
     grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     validate_plan(beam)
     assert len(beam.shards_of("hot")) > 1
@@ -71,8 +76,13 @@ def test_table_larger_than_any_device_is_split_to_fit():
 def test_table_that_cannot_be_split_to_fit_is_named():
     rows = int(1.5 * GB) // (8 * 4)  # even 4 columns take 0.75 GiB > 0.5 GiB
     tables = [make_table("wide", rows=rows, dim=8), make_table("small")]
-    with pytest.raises(PlanInfeasibleError, match="'wide'.*width 4"):
-        beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator())
+    with pytest.raises(PlanInfeasibleError, match="'wide'.*fits no device"):
+        beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator(),
+                    constraints=COLUMNS_ONLY)
+    # row blocks of 0.375 GiB do fit
+    plan = beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator())
+    validate_plan(plan)
+    assert plan.sharding_type_of("wide") in ("row_wise", "table_row_wise")
 
 
 def test_beam_is_deterministic():
@@ -95,19 +105,24 @@ def test_expand_takes_largest_and_costliest_tables():
     # 12 tables: the 10 largest (by rows) and the 10 costliest (by pooling) differ.
     tables = [make_table(f"t{i}", rows=1000 * (i + 1), dim=64, pooling_factor=100.0 * 0.5**i)
               for i in range(12)]
-    state = initial_state(tables, make_cluster(4))
-    children = expand(state, tables, Scorer(FakeEstimator()), top_k=2)
+    cluster = make_cluster(4)
+    state = initial_state(tables, cluster)
+    children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster), top_k=2,
+                      constraints=COLUMNS_ONLY)
     split = sorted(next(i for i, (c, s) in enumerate(zip(child, state)) if c != s)
                    for child in children)
     assert split == [0, 1, 10, 11]  # costliest: t0, t1 (pooling); largest: t11, t10 (rows)
-    assert all(child[i] == (32, 32) for child, i in zip(children, split))
+    assert all(child[i].widths == (32, 32) for child, i in zip(children, split))
 
 
 def test_expand_skips_tables_that_cannot_be_halved():
     tables = [make_table("a", dim=4), make_table("b", dim=12), make_table("c", dim=16)]
-    state = initial_state(tables, make_cluster(2))
-    children = expand(state, tables, Scorer(FakeEstimator()))
-    assert children == [((4,), (12,), (8, 8))]
+    cluster = make_cluster(2)
+    state = initial_state(tables, cluster)
+    children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster),
+                      constraints=COLUMNS_ONLY)
+    assert [tuple(layout.widths for layout in child) for child in children] == [
+        ((4,), (12,), (8, 8))]
 
 
 # --------------------------------------------------------------------------- additive path, budget

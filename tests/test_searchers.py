@@ -9,7 +9,15 @@ from neuroshard.search import (
     plan_cost,
     searcher_names,
 )
-from neuroshard.types import DIM_MULTIPLE, Searcher, UnknownNameError
+from neuroshard.types import (
+    DIM_MULTIPLE,
+    Constraints,
+    Searcher,
+    TableConstraint,
+    UnknownNameError,
+)
+
+COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
 
 
 @pytest.mark.parametrize("num_devices", [4, 8])
@@ -19,7 +27,9 @@ def test_every_searcher_returns_a_valid_costed_plan(name, num_devices):
     searcher = get_searcher(name)
     assert isinstance(searcher, Searcher)
     assert searcher(tables, cluster, FakeEstimator(), seed=0, budget_s=None).cost is None
-    plan = Planner(FakeEstimator(), name).plan(tables, cluster)
+    # full caps, and the table- and column-wise space the fake's reference costs know
+    takes = {"constraints": COLUMNS_ONLY} if name in ("neuroshard", "greedy-grid") else {}
+    plan = Planner(FakeEstimator(), name, reserve=0.0, **takes).plan(tables, cluster)
 
     assert plan.tables == tuple(tables) and plan.cluster == cluster
     for t in tables:
