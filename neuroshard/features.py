@@ -8,6 +8,14 @@ numbers; models read the transformed ones, so the transform can change with
 
 Transform (schema ``table20/v1``): reuse bins as they are, ``log2(dim)``,
 ``log1p(pooling_factor)``, ``log10(rows)``.
+
+Models that take the batch as an input (:data:`RANGE_INPUTS`) add
+:data:`NUM_BATCH_FEATURES` columns per shard that scale with the global batch ``B``
+(:func:`batch_features`): ``log10(B)``, ``log10(1 + lookups)`` with lookups ``B x pooling``,
+``log10(1 + unique rows)`` with unique rows ``min(rows, lookups / mean accesses per
+unique index)`` (the reuse histogram's mean, :data:`neuroshard.traffic.BIN_ACCESS_COUNTS`),
+and ``log10(1 + pooled output bytes)``, ``B x dim x 4``. The raw features and their
+schema stay the same: the batch is a property of the sample, not of the table.
 """
 
 from __future__ import annotations
@@ -16,14 +24,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neuroshard.types import FEATURE_NAMES, NUM_HIST_BINS, TableSpec
+from neuroshard.traffic import BIN_ACCESS_COUNTS
+from neuroshard.types import BYTES_PER_FLOAT, FEATURE_NAMES, NUM_HIST_BINS, TableSpec
 
 FEATURE_SCHEMA = "table20/v1"
 NUM_FEATURES = len(FEATURE_NAMES)
+RANGE_INPUTS = "table20+batch4/v1"
+NUM_BATCH_FEATURES = 4
 
 _DIM, _POOLING, _ROWS = NUM_HIST_BINS, NUM_HIST_BINS + 1, NUM_HIST_BINS + 2
 
 __all__ = [
+    "NUM_BATCH_FEATURES",
+    "RANGE_INPUTS",
+    "batch_features",
     "FEATURE_NAMES",
     "FEATURE_SCHEMA",
     "NUM_FEATURES",
@@ -53,6 +67,22 @@ def transform_raw(raw: np.ndarray) -> np.ndarray:
     out[..., _POOLING] = np.log1p(np.maximum(raw[..., _POOLING], 0.0))
     out[..., _ROWS] = np.log10(np.maximum(raw[..., _ROWS], 1.0))
     return out.astype(np.float32)
+
+
+def batch_features(raw: np.ndarray, batch_size: float | np.ndarray) -> np.ndarray:
+    """The batch-scaled columns of raw feature rows ``(n, 20)`` at global batch
+    ``batch_size`` (one number, or one per row): ``(n, 4)`` float32 (module doc)."""
+    raw = np.asarray(raw, dtype=np.float64).reshape(-1, NUM_FEATURES)
+    batch = np.broadcast_to(np.asarray(batch_size, dtype=np.float64), (len(raw),))
+    hist = raw[:, :NUM_HIST_BINS]
+    mass = hist.sum(axis=1)
+    a_bar = np.where(mass > 0, hist @ BIN_ACCESS_COUNTS / np.where(mass > 0, mass, 1.0), 1.0)
+    lookups = batch * np.maximum(raw[:, _POOLING], 0.0)
+    unique = np.minimum(np.maximum(raw[:, _ROWS], 1.0), lookups / np.maximum(a_bar, 1.0))
+    out_bytes = batch * np.maximum(raw[:, _DIM], 1.0) * BYTES_PER_FLOAT
+    cols = (np.log10(np.maximum(batch, 1.0)), np.log10(1.0 + lookups),
+            np.log10(1.0 + unique), np.log10(1.0 + out_bytes))
+    return np.stack(cols, axis=-1).astype(np.float32)
 
 
 def table_features(tables: Sequence[TableSpec]) -> np.ndarray:

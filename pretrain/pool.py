@@ -153,9 +153,23 @@ def reuse_profile(rows: int, pooling_factor: float, exponent: float, offset: flo
     """Expected reuse histogram, unique rows and lookup split of one table whose rows are
     looked up ``batch_size x pooling_factor`` times, row ``r`` with probability
     proportional to ``(r + offset)**-exponent``."""
-    lookups = batch_size * pooling_factor
     lo, hi = _rank_groups(int(rows))
     mass = _power_integral(lo - 0.5, hi - 0.5, exponent, offset)
+    return profile_from_masses(lo, hi, mass, batch_size * pooling_factor)
+
+
+def rank_groups(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer rank edges ``[a, b)`` covering ``1..rows`` (single ranks at the head, then
+    about 400 log-spaced groups): the groups :func:`profile_from_masses` takes masses of."""
+    return _rank_groups(int(rows))
+
+
+def profile_from_masses(lo: np.ndarray, hi: np.ndarray, mass: np.ndarray,
+                        lookups: float) -> ReuseProfile:
+    """The :class:`ReuseProfile` of ``lookups`` independent lookups that fall in the rank
+    group ``[lo[i], hi[i])`` with probability proportional to ``mass[i]``, spread evenly
+    over its rows (any access distribution, given group by group)."""
+    mass = np.asarray(mass, dtype=float)
     size = (hi - lo).astype(float)
     count = lookups * mass / mass.sum() / size  # expected accesses of each row in the group
     unique_by_bin = np.zeros(NUM_HIST_BINS)

@@ -1,0 +1,190 @@
+"""Range models (issue 15): batch and topology as inputs, generated tables, loads of
+hundreds of shards, ensemble spread and conservative prices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neuroshard.backends.sim import SimBackend
+from neuroshard.features import NUM_BATCH_FEATURES, batch_features, raw_features
+from neuroshard.models import load_cost_model, resolve_cost_model
+from neuroshard.models.neural import NeuralCostModel, link_times_ms
+from neuroshard.pretrain import generate as gen
+from neuroshard.types import Cluster, ModelMismatchError, TableSpec
+
+GB = 10**9
+
+
+def make_table(name="t", rows=100_000, dim=64, pooling=10.0) -> TableSpec:
+    return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling)
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_batch_features_scale_with_batch():
+    raw = raw_features([make_table(), make_table("big", rows=10**9, dim=256, pooling=50)])
+    small, large = batch_features(raw, 512), batch_features(raw, 262_144)
+    assert small.shape == (2, NUM_BATCH_FEATURES)
+    assert np.all(large[:, [0, 1, 3]] > small[:, [0, 1, 3]])
+    assert np.all(large[:, 2] >= small[:, 2])  # unique rows grow until the rows cap them
+    # a 100k-row table is capped by its rows at a large batch: log10(1 + 1e5)
+    assert large[0, 2] == pytest.approx(np.log10(1 + 1e5), rel=1e-6)
+    per_row = batch_features(raw, np.array([512, 262_144]))
+    np.testing.assert_allclose(per_row, [small[0], large[1]])
+
+
+def test_link_times_follow_the_hosts():
+    d = np.array([[100.0, 100.0, 100.0, 100.0]])
+    mask = np.ones_like(d, dtype=bool)
+    one_host = link_times_ms(d, mask, [1000, 4, 1e6, 1e5])
+    two_hosts = link_times_ms(d, mask, [1000, 2, 1e6, 1e5])
+    out_bytes = 1000 * 4 * 100.0
+    # one host: 3/4 of each device's output goes over NVLink, nothing across hosts
+    np.testing.assert_allclose(one_host[0, :, 0], out_bytes * 3 / 4 / 1e6)
+    np.testing.assert_allclose(one_host[0, :, 1], 0.0)
+    # two hosts of two: 1/4 inside, 2/4 across
+    np.testing.assert_allclose(two_hosts[0, :, 0], out_bytes / 4 / 1e6)
+    np.testing.assert_allclose(two_hosts[0, :, 1], out_bytes * 2 / 4 / 1e5)
+    np.testing.assert_allclose(two_hosts[0, :, 3], 2.0)  # devices on its host
+    np.testing.assert_allclose(two_hosts[0, :, 4], 4.0)  # devices
+
+
+# ---------------------------------------------------------------- generated tables
+
+
+@pytest.mark.parametrize("family", gen.FAMILIES)
+def test_generated_tables_cover_the_ranges(family):
+    tables = gen.generate_tables(200, 3, family)
+    rows = np.array([t.rows for t in tables])
+    dims = np.array([t.dim for t in tables])
+    pooling = np.array([t.pooling_factor for t in tables])
+    assert rows.min() >= 100 and rows.max() <= 10**10 and rows.max() > 10**8
+    assert np.all(dims % 4 == 0) and dims.max() <= 1024 and len(set(dims)) > 20
+    assert pooling.min() >= 1.0 and pooling.max() <= 500.0
+    for t in tables:
+        assert sum(t.reuse_hist) == pytest.approx(1.0, abs=1e-5)
+    assert gen.generate_tables(5, 3, family) == gen.generate_tables(5, 3, family)
+
+
+def test_families_differ_and_unknown_family_is_refused():
+    # a small table looked up far more often than it has rows has every row in the last
+    # bin, whatever the distribution: compare the others
+    a = {t.reuse_hist for t in gen.generate_tables(50, 0, "zipf") if max(t.reuse_hist) < 1}
+    b = {t.reuse_hist for t in gen.generate_tables(50, 0, "heldout") if max(t.reuse_hist) < 1}
+    assert len(a) > 20 and len(b) > 20 and not a & b
+    with pytest.raises(ValueError, match="unknown family"):
+        gen.generate_tables(1, 0, "nope")
+
+
+def test_range_loads_hold_hundreds_of_shards_within_the_cap():
+    rng = np.random.default_rng(0)
+    tables = gen.generate_tables(300, 1, "zipf")
+    cfg = gen.RangeConfig(memory_cap_bytes=80 * GB)
+    loads, batches = gen.sample_range_loads([tables], 300, rng, cfg)
+    sizes = [len(load) for load in loads]
+    assert min(sizes) == 1 and max(sizes) > 100
+    assert all(sum(t.size_bytes for t in load) <= cfg.memory_cap_bytes for load in loads)
+    assert batches.min() >= gen.BATCH_RANGE[0] and batches.max() <= gen.BATCH_RANGE[1]
+    assert len(set(batches.tolist())) > 20
+
+
+def test_cluster_comm_labels_match_the_sim_on_that_cluster():
+    rng = np.random.default_rng(1)
+    sums, waits, ctx, shards = gen.sample_cluster_comm([128, 64, 32], 20, rng)
+    data = gen.label_comm(sums, waits, ctx, shards)
+    assert data.num_devices.min() >= 2 and data.num_devices.max() <= 256
+    for i in range(3):
+        n, per_host = len(sums[i]), int(ctx[i, 1])
+        assert n % per_host == 0
+        cluster = Cluster.uniform(n, GB, int(ctx[i, 0]), devices_per_host=per_host,
+                                  intra_host_bw_bytes_per_ms=ctx[i, 2],
+                                  inter_host_bw_bytes_per_ms=ctx[i, 3])
+        sim = SimBackend("h100", int(ctx[i, 0])).for_cluster(cluster)
+        np.testing.assert_allclose(data.bwd_ms[i, :n], sim.bwd_comm_ms(sums[i][None])[0])
+
+
+# ---------------------------------------------------------------- a small range model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("range")
+    return gen.train_range_model(out, compute_samples=300, comm_samples=120,
+                                 generated_tables=60, members=2, conservative_k=0.0,
+                                 compute_seconds=4, comm_seconds=2)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> NeuralCostModel:
+    return load_cost_model(model_dir)
+
+
+def test_meta_records_the_ranges_and_inputs(model_dir):
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["batch_input"] is True and meta["architecture"]["inputs"] == "table20+batch4/v1"
+    assert meta["training_ranges"]["batch_size"] == [512.0, 262144.0]
+    low, high = meta["training_ranges"]["devices"]
+    assert low >= 2 and high > 16
+    assert meta["training_ranges"]["tables_per_device"][1] > 100
+    floors = meta["metrics"]["noise_floor"]
+    # labels carry lognormal noise of 0.03: the truth's MAPE against them is about 2.4%
+    assert 0.015 < floors["compute"]["floor_mape"] < 0.035
+    assert 0.015 < floors["bwd_comm"]["floor_mape"] < 0.035
+    assert set(meta["metrics"]["compute"]["test"]["by_batch"]) <= {
+        "512", "2048", "8192", "32768", "131072"}
+    assert meta["metrics"]["bwd_comm"]["test"]["by_hosts"]
+
+
+def test_batch_and_cluster_are_inputs(model):
+    load = [[make_table("a"), make_table("b", rows=10**7, dim=128, pooling=30)]]
+    small = model.for_batch(512).compute_ms(load)[0]
+    large = model.for_batch(262_144).compute_ms(load)[0]
+    assert large != small
+    assert model.for_batch(65536) is model  # its own default batch: no copy
+    d = np.array([[512.0] * 16])
+    one_host = model.for_cluster(Cluster.uniform(16, GB, 65536)).bwd_comm_ms(d)
+    two_hosts = model.for_cluster(Cluster.uniform(16, GB, 65536, devices_per_host=8))
+    assert not np.allclose(one_host, two_hosts.bwd_comm_ms(d))
+
+
+def test_save_load_keeps_predictions(model, model_dir, tmp_path):
+    load = [[make_table("a", dim=36), make_table("b", rows=10**9, dim=512)]]
+    bound = model.for_cluster(Cluster.uniform(32, GB, 4096, devices_per_host=8))
+    again = load_cost_model(model.save(tmp_path / "m")).for_cluster(
+        Cluster.uniform(32, GB, 4096, devices_per_host=8))
+    np.testing.assert_array_equal(bound.compute_ms(load), again.compute_ms(load))
+    d = np.arange(32, dtype=float)[None] * 16
+    np.testing.assert_array_equal(bound.fwd_comm_ms(d, d / 100), again.fwd_comm_ms(d, d / 100))
+
+
+def test_spread_and_conservative_price(model):
+    loads = [[make_table("a")], [make_table(f"t{i}", dim=4 * (i + 1)) for i in range(50)], []]
+    spread = model.compute_spread(loads)
+    assert spread[0] > 0 and spread[1] > 0 and spread[2] == 0
+    base = model.compute_ms(loads)
+    cautious = model.with_conservative(2.0).compute_ms(loads)
+    np.testing.assert_allclose(cautious[:2], (base[:2] + 1e-3) * np.exp(2 * spread[:2]) - 1e-3,
+                               rtol=1e-4)
+    assert cautious[2] == 0.0
+    with pytest.raises(ValueError):
+        model.with_conservative(-1.0)
+
+
+def test_resolve_accepts_any_batch_in_range(model_dir):
+    m = resolve_cost_model(model_dir, batch_size=4096)
+    assert m.context.batch_size == 4096
+    with pytest.raises(ModelMismatchError, match="outside the model's training range"):
+        resolve_cost_model(model_dir, batch_size=300)
+    forced = resolve_cost_model(model_dir, batch_size=300, force=True)
+    assert forced.context.batch_size == 300
+
+
+def test_one_batch_models_are_unchanged(model):
+    old = NeuralCostModel(batch_size=65536)
+    assert old.for_cluster(Cluster.uniform(4, GB)) is old
+    with pytest.raises(ModelMismatchError):
+        old.for_batch(4096)
