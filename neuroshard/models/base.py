@@ -50,6 +50,7 @@ __all__ = [
     "CostModelBase",
     "atomic_write",
     "atomic_write_text",
+    "batch_range",
     "check_compatible",
     "checked_file",
     "read_meta",
@@ -212,7 +213,12 @@ def check_compatible(
             f"{feature_schema!r} (this NeuroShard)"
         )
     if batch_size is not None and meta.get("batch_size") != batch_size:
-        diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
+        trained = batch_range(meta)
+        if trained is None:
+            diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
+        elif not trained[0] <= batch_size <= trained[1]:
+            diffs.append(f"batch size {batch_size} (asked) outside the model's training range "
+                         f"[{trained[0]:g}, {trained[1]:g}]")
     fingerprint = None
     if isinstance(backend, str):
         if meta.get("backend") != backend:
@@ -235,6 +241,17 @@ def check_compatible(
         raise ModelMismatchError(
             f"model {meta.get('name', '?')} does not match: " + "; ".join(diffs)
         )
+
+
+def batch_range(meta: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The batch sizes a model takes as an input (``batch_input`` in ``meta.json``): its
+    training range; None for a model of one batch size."""
+    if not meta.get("batch_input"):
+        return None
+    low, high = (meta.get("training_ranges") or {}).get("batch_size", (None, None))
+    if low is None:
+        return None
+    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------- comm helpers

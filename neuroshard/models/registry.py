@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from neuroshard.models.base import META_FILE, check_compatible, read_meta
+from neuroshard.models.base import META_FILE, batch_range, check_compatible, read_meta
 from neuroshard.types import (
     CostEstimator,
     HardwareBackend,
@@ -241,7 +241,8 @@ def resolve_cost_model(
 
     ``model_dir`` is loaded when given; otherwise the shipped model of ``kind`` (default
     neural) trained on ``backend`` (default sim) nearest ``num_devices``. The model must
-    match ``batch_size``, ``backend`` and ``kind`` where they are given
+    match ``batch_size`` (lie in its training range, for a model that takes the batch as
+    an input: it is returned bound to it), ``backend`` and ``kind`` where they are given
     (:class:`~neuroshard.types.ModelMismatchError` lists every difference), unless
     ``force``. Without ``backend``, ``compute_device`` (``cpu``, ``cuda``) picks it
     (:func:`backend_for_device`). An unknown ``kind`` is an :class:`UnknownNameError`.
@@ -257,5 +258,9 @@ def resolve_cost_model(
             backend = backend_for_device(compute_device, kind or DEFAULT_KIND)
         model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND)
     if force:
-        return load_cost_model(model_dir)
-    return load_cost_model(model_dir, batch_size=batch_size, backend=backend, kind=kind)
+        model = load_cost_model(model_dir)
+    else:
+        model = load_cost_model(model_dir, batch_size=batch_size, backend=backend, kind=kind)
+    if batch_size is not None and batch_range(getattr(model, "meta_", {})) is not None:
+        model = model.for_batch(batch_size)  # a model with the batch as an input
+    return model
