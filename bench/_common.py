@@ -23,7 +23,7 @@ from neuroshard.types import Cluster, CostEstimator, TableSpec
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
     """--tasks --devices --memory --split --min-tables --max-tables --profile --truth
-    --batch-size --seed --out."""
+    --batch-size --reserve --seed --out."""
     p.add_argument("--tasks", type=int, default=20)
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--memory", default="4GB")
@@ -34,6 +34,9 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", default="sim", choices=["sim", "cpu"],
                    help="backend that costs every plan: the sim (noise 0) or real CPU timings")
     p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--reserve", type=float, default=0.0,
+                   help="share of HBM kept from embeddings (the planner's default is 0.15; 0, "
+                        "the paper's protocol: --memory is all for embeddings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
 

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             searcher, budget = budgets[n]
             try:
-                plan = Planner(model, searcher, budget_s=budget, seed=args.seed + i).plan(
+                planner = Planner(model, searcher, budget_s=budget, seed=args.seed + i,
+                                  reserve=args.reserve)
+                plan = planner.plan(
                     task, cluster)
             except PlanInfeasibleError:
                 continue

@@ -63,7 +63,8 @@ def cross_floor(a: ComputeData, b: ComputeData) -> dict[str, float]:
     return noise_floor(np.array([a_ms[k] for k in keys]), np.array([b_ms[k] for k in keys]))
 
 
-def plan_seconds(models: list, tasks: list, cluster, repeats: int) -> tuple[list[float], float]:
+def plan_seconds(models: list, tasks: list, cluster, repeats: int,
+                 reserve: float = 0.0) -> tuple[list[float], float]:
     """Median seconds of a ``neuroshard`` plan per model (models interleaved on every task),
     and the timing noise: the median over (task, model) of (max - min) / median."""
     seconds = [[] for _ in models]
@@ -73,7 +74,7 @@ def plan_seconds(models: list, tasks: list, cluster, repeats: int) -> tuple[list
             runs = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                Planner(model, "neuroshard").plan(task, cluster)
+                Planner(model, "neuroshard", reserve=reserve).plan(task, cluster)
                 runs.append(time.perf_counter() - t0)
             seconds[i].append(statistics.median(runs))
             noise.append((max(runs) - min(runs)) / statistics.median(runs))
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append((f"`{directory}`", load_cost_model(directory, batch_size=4096,
                                                           backend="cpu"), "shipped"))
     cluster, _, tasks = task_setup(args)
-    seconds, noise = plan_seconds(models, tasks, cluster, args.repeats)
+    seconds, noise = plan_seconds(models, tasks, cluster, args.repeats, args.reserve)
 
     lines = ["| session | held-out loads | retest pairs | retest MAPE | floor |",
              "|---|---|---|---|---|"]

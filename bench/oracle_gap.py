@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             start = time.perf_counter()
             try:
-                plan = Planner(est, n, seed=args.seed + i).plan(task, cluster)
+                plan = Planner(est, n, seed=args.seed + i, reserve=0.0).plan(task, cluster)
             except PlanInfeasibleError as e:
                 logger.warning("%s: no plan for task %d: %s", n, i, e)
                 continue

@@ -49,12 +49,13 @@ args = p.parse_args(ARGV)
 cluster, truth, tasks = task_setup(args)
 try:
     from neuroshard.planner import Planner
-    def plan(task, name, seed):
-        return Planner(searcher=name, seed=seed).plan(task, cluster)
-    Planner(searcher="greedy-grid")  # the one-path planner: searcher and budget_s
     import inspect
-    if "budget_s" not in inspect.signature(Planner).parameters:
+    params = inspect.signature(Planner).parameters
+    if "budget_s" not in params:  # not yet the one-path planner
         raise ImportError
+    extra = {"reserve": 0.0} if "reserve" in params else {}  # today's caps: all for weights
+    def plan(task, name, seed):
+        return Planner(searcher=name, seed=seed, **extra).plan(task, cluster)
 except ImportError:
     from neuroshard.costmodel import load_cost_model
     from neuroshard.planner import default_model_dir, plan_tables

@@ -76,10 +76,10 @@ def run_child(args: argparse.Namespace) -> dict:
             import torchrec  # noqa: F401
         except ImportError as e:
             return {**out, "skipped": f"torchrec baseline unavailable ({e})"}
-        planner = Planner(est, torchrec_plan)
+        planner = Planner(est, torchrec_plan, reserve=0.0)
     else:
         budget = args.budget if args.child == "neuroshard-budget" else None
-        planner = Planner(est, "neuroshard", budget_s=budget)
+        planner = Planner(est, "neuroshard", budget_s=budget, reserve=0.0)
     rss_before = _rss_bytes()
     start = time.perf_counter()
     try:

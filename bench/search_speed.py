@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     estimator = WithoutEmbeddings(est) if n == "neuroshard-generic" else est
                     start, start_cpu = time.perf_counter(), time.process_time()
                     try:
-                        plan = Planner(estimator, searcher).plan(tables, cluster)
+                        plan = Planner(estimator, searcher, reserve=0.0).plan(tables, cluster)
                     except PlanInfeasibleError as e:
                         logger.warning("%s infeasible on task %d: %s", n, i, e)
                         continue

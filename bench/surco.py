@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 search = get_searcher("surco", splits=splits, **surco_options)
                 extra_s = beam_plan.meta["search_seconds"]
             try:
-                plan = Planner(estimator, search, seed=args.seed + i).plan(task, cluster)
+                plan = Planner(estimator, search, seed=args.seed + i, reserve=args.reserve).plan(
+                    task, cluster)
             except PlanInfeasibleError:
                 continue
             if n == "neuroshard":
