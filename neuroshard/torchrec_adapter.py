@@ -25,6 +25,7 @@ entry of ``ranks`` goes with the i-th ``ShardMetadata``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -798,31 +799,43 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
         trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device))
 
 
-def check_batch_size(estimator: CostEstimator, per_rank_batch_size: int | None,
-                     world_size: int) -> int:
-    """The global batch plans are priced at: TorchRec's per-rank ``batch_size`` times
-    ``world_size``, or the model's own batch when None.
+def bind_batch_size(estimator: CostEstimator, per_rank_batch_size: int | None,
+                    world_size: int) -> CostEstimator:
+    """``estimator`` at the global batch TorchRec's per-rank ``batch_size`` makes on
+    ``world_size`` ranks (None: the model's own batch).
 
-    Raises :class:`ModelMismatchError` saying which batch the model covers (global and per
-    rank) when it was trained at another: a cost model prices the batch it was trained
-    at, so planning another one with it would give the same cost at any batch.
+    A model that takes the batch as an input (``batch_input`` in its ``meta.json``) is
+    bound to any batch inside its training range; any other model prices the one batch it
+    was trained at. Outside what the model covers, :class:`ModelMismatchError` says which
+    batches it covers, global and per rank -- planning another batch with it would give
+    the same cost at any batch.
     """
+    from neuroshard.models.base import batch_range
+
     trained = int(estimator.batch_size)
     if per_rank_batch_size is None:
-        return trained
+        return estimator
     asked = int(per_rank_batch_size) * world_size
     if asked == trained or per_rank_batch_size == trained // world_size:
-        return trained  # TorchRec's per-rank batch is the global one floored
-    per_rank = (f"batch_size={trained // world_size} per rank"
-                if trained % world_size == 0 else
-                f"no whole per-rank batch at {world_size} ranks")
+        return estimator  # TorchRec's per-rank batch is the global one floored
+    name = getattr(estimator, "name", type(estimator).__name__)
+    covered = batch_range(getattr(estimator, "meta_", {}))
+    if covered is not None:
+        low, high = covered
+        if low <= asked <= high:
+            return estimator.for_batch(asked)  # type: ignore[attr-defined]
+        span = (f"global batches {int(low):,} to {int(high):,} (batch_size "
+                f"{math.ceil(low / world_size)} to {int(high // world_size)} per rank here)")
+    else:
+        per_rank = (f"batch_size={trained // world_size} per rank"
+                    if trained % world_size == 0 else
+                    f"no whole per-rank batch at {world_size} ranks")
+        span = f"a global batch of {trained:,} only ({per_rank} here)"
     raise ModelMismatchError(
         f"batch_size={per_rank_batch_size} is per rank (TorchRec's convention): a global "
-        f"batch of {asked:,} on {world_size} ranks, but the cost model "
-        f"{getattr(estimator, 'name', type(estimator).__name__)!r} covers a global batch "
-        f"of {trained:,} only ({per_rank} here). Pass that batch_size, or None to plan at "
-        f"the model's batch, or a model trained at yours (neuroshard pretrain --batch-size "
-        f"{asked})"
+        f"batch of {asked:,} on {world_size} ranks, but the cost model {name!r} covers "
+        f"{span}. Pass such a batch_size, or None to plan at the model's batch, or a model "
+        f"trained at yours (neuroshard pretrain --batch-size {asked})"
     )
 
 
@@ -871,7 +884,7 @@ class NeuroShardEstimator(ShardEstimator):
 
     ``batch_size`` is TorchRec's, per rank: the model (default: the shipped one measured
     on the topology's compute device) must cover ``batch_size * world_size``, and so must
-    the options' own batch (:func:`check_batch_size`). The pooling factor is
+    the options' own batch (:func:`bind_batch_size`). The pooling factor is
     ``table_stats``' when given, else the sum of the option's per-feature input lengths
     (TorchRec's pooling factors). Row-splitting types are approximated: a shard with a
     fraction f of the rows gets f of the lookups; ``data_parallel`` gets 1/world_size of
@@ -886,9 +899,10 @@ class NeuroShardEstimator(ShardEstimator):
         self.topology = topology
         self.constraints = constraints
         self.world_size = topology.world_size
-        self.estimator = estimator or resolve_cost_model(
-            num_devices=topology.world_size, compute_device=str(topology.compute_device))
-        self.batch_size = check_batch_size(self.estimator, batch_size, self.world_size)
+        self.estimator = bind_batch_size(estimator or resolve_cost_model(
+            num_devices=topology.world_size, compute_device=str(topology.compute_device)),
+            batch_size, self.world_size)
+        self.batch_size = int(self.estimator.batch_size)
         self.table_stats = load_table_stats(table_stats)
         self._warned: set[str] = set()
 
@@ -946,8 +960,14 @@ class NeuroShardEstimator(ShardEstimator):
                  sharder_data_map: Any = None, sharder_map: Any = None) -> None:
         """Set ``shard.perf`` on every shard of ``sharding_options``, in place, in one batch
         (and ``shard.storage`` where no storage estimator has, see the class doc)."""
-        for option in sharding_options:
-            check_batch_size(self.estimator, option.batch_size, self.world_size)
+        for option in sharding_options:  # TorchRec's own batch must be the one priced
+            if option.batch_size * self.world_size != self.batch_size \
+                    and option.batch_size != self.batch_size // self.world_size:
+                bind_batch_size(self.estimator, option.batch_size, self.world_size)
+                raise ModelMismatchError(
+                    f"TorchRec's batch_size={option.batch_size} per rank, the estimator was "
+                    f"built for {self.batch_size // self.world_size}: pass the same batch_size "
+                    "to NeuroShardEstimator, the enumerator and the planner")
         pieces = [(o, sh, self._shard_table(o, sh.size))
                   for o in sharding_options for sh in o.shards]
         if not pieces:
@@ -988,7 +1008,7 @@ class NeuroShardEstimator(ShardEstimator):
 
 __all__ = [
     "ESTIMATOR_WIRING", "FWD_COMPUTE_SHARE", "ModuleTable", "NeuroShardEstimator",
-    "check_batch_size", "cluster_topology", "copy_unsharded_weights",
+    "bind_batch_size", "cluster_topology", "copy_unsharded_weights",
     "default_spec", "embedding_bag_collections", "embedding_modules", "find_table",
     "match_tables",
     "from_sharding_plan", "load_sharding_plan", "load_table_stats", "meta_model",

@@ -33,7 +33,7 @@ from neuroshard.search import get_searcher
 from neuroshard.torchrec_adapter import (
     ModuleTable,
     TableStats,
-    check_batch_size,
+    bind_batch_size,
     embedding_modules,
     load_table_stats,
     module_tables,
@@ -224,8 +224,8 @@ class NeuroShardPlanner(ShardingPlanner):
         searcher: a registered searcher name or any :class:`~neuroshard.types.Searcher`.
         estimator: the cost model; default the shipped one measured on the topology's
             compute device, nearest its world size
-            (:func:`neuroshard.models.registry.resolve_cost_model`). Its batch must be the
-            global batch asked (:func:`~neuroshard.torchrec_adapter.check_batch_size`).
+            (:func:`neuroshard.models.registry.resolve_cost_model`). It must cover the
+            global batch asked (:func:`~neuroshard.torchrec_adapter.bind_batch_size`).
         reserve: fraction of each device's memory kept for what is not embeddings
             (default :data:`~neuroshard.types.DEFAULT_RESERVE_FRACTION`, TorchRec's 15%).
         budget_s: seconds the search may take (None: the searcher's own pace).
@@ -270,8 +270,7 @@ class NeuroShardPlanner(ShardingPlanner):
         if self.estimator is None:
             self.estimator = resolve_cost_model(num_devices=self.topology.world_size,
                                                 compute_device=self.compute_device)
-        check_batch_size(self.estimator, self.batch_size, self.topology.world_size)
-        return self.estimator
+        return bind_batch_size(self.estimator, self.batch_size, self.topology.world_size)
 
     def plan(self, module: nn.Module,
              sharders: Sequence[ModuleSharder[nn.Module]] | None = None) -> ShardingPlan:
@@ -283,8 +282,7 @@ class NeuroShardPlanner(ShardingPlanner):
             sharders = get_default_sharders()
         estimator = self.cost_model()
         world = self.topology.world_size
-        cluster = topology_cluster(self.topology, self.batch_size * world if self.batch_size
-                                   else int(estimator.batch_size))
+        cluster = topology_cluster(self.topology, int(estimator.batch_size))
         modules = embedding_modules(module)
         tables = module_tables(module)
         specs, rules = [], {}
@@ -312,6 +310,12 @@ class NeuroShardPlanner(ShardingPlanner):
                           constraints=constraints if _takes_constraints(search) else None)
         plan = planner.plan(specs, cluster)
         check_plan(plan, rules)
+        for group in constraints.colocate:
+            devices = sorted({s.device for name in group for s in plan.shards_of(name)})
+            if len(devices) != 1:
+                raise ConstraintError(f"tables {list(group)} must share a device; planned on "
+                                      f"devices {devices}")
+            logger.info("tables %s co-located on device %d, as asked", list(group), devices[0])
         self.last_plan = plan
         if plan.cost is not None:
             logger.info("NeuroShard plan for %d tables in %d modules on %d devices: %.3f ms "

@@ -416,6 +416,27 @@ def test_a_batch_the_model_does_not_cover_says_which_it_does():
         NeuroShardEstimator(topology(2), estimator=FakeEstimator(), batch_size=512)
 
 
+class RangeEstimator(FakeEstimator):
+    """A fake model that takes the batch as an input, trained on 512 to 262,144."""
+
+    meta_ = {"batch_input": True, "training_ranges": {"batch_size": [512, 262_144]}}
+
+    def for_batch(self, batch_size):
+        bound = RangeEstimator(batch_size)
+        bound.name = f"fake@{batch_size}"
+        return bound
+
+
+def test_a_batch_aware_model_takes_any_batch_in_its_range():
+    p = planner(2, batch_size=512, estimator=RangeEstimator())
+    p.plan(Model(EIGHT), BOTH)
+    assert p.last_plan.cluster.batch_size == 1024
+    assert p.last_plan.cost.model == "fake@1024"
+    with pytest.raises(ModelMismatchError, match=r"global batches 512 to 262,144 \(batch_size "
+                       r"256 to 131072 per rank here\)"):
+        planner(2, batch_size=200, estimator=RangeEstimator()).plan(Model(EIGHT), BOTH)
+
+
 def test_shipped_model_batch_is_checked_too():
     with pytest.raises(ModelMismatchError, match=r"covers a global batch of 4,096 only"):
         NeuroShardPlanner(topology(2, "cpu"), batch_size=512).cost_model()
