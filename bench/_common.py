@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from neuroshard.backends import as_estimator, get_backend
-from neuroshard.units import parse_memory
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, CostEstimator, TableSpec
+from neuroshard.units import parse_memory
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -31,12 +31,20 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tables", type=int, default=10)
     p.add_argument("--max-tables", type=int, default=60)
     p.add_argument("--profile", default="h100", help="sim profile that costs every plan")
-    p.add_argument("--truth", default="sim", choices=["sim", "cpu"],
-                   help="backend that costs every plan: the sim (noise 0) or real CPU timings")
+    p.add_argument(
+        "--truth",
+        default="sim",
+        choices=["sim", "cpu"],
+        help="backend that costs every plan: the sim (noise 0) or real CPU timings",
+    )
     p.add_argument("--batch-size", type=int, default=65_536)
-    p.add_argument("--reserve", type=float, default=0.0,
-                   help="share of HBM kept from embeddings (the planner's default is 0.15; 0, "
-                        "the paper's protocol: --memory is all for embeddings)")
+    p.add_argument(
+        "--reserve",
+        type=float,
+        default=0.0,
+        help="share of HBM kept from embeddings (the planner's default is 0.15; 0, "
+        "the paper's protocol: --memory is all for embeddings)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
 
@@ -48,9 +56,14 @@ def task_setup(args: argparse.Namespace) -> tuple[Cluster, CostEstimator, list[l
     cluster = Cluster.uniform(args.devices, memory, args.batch_size)
     kwargs = {"profile": args.profile} if args.truth == "sim" else {}
     truth = as_estimator(get_backend(args.truth, batch_size=cluster.batch_size, **kwargs))
-    tasks = sample_tasks(load_pool(args.split), args.tasks, seed=args.seed,
-                         min_tables=args.min_tables, max_tables=args.max_tables,
-                         max_total_bytes=default_max_total_bytes(args.devices, memory))
+    tasks = sample_tasks(
+        load_pool(args.split),
+        args.tasks,
+        seed=args.seed,
+        min_tables=args.min_tables,
+        max_tables=args.max_tables,
+        max_total_bytes=default_max_total_bytes(args.devices, memory),
+    )
     return cluster, truth, tasks
 
 
@@ -68,8 +81,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _now() -> dict:
-    return {"utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "load": os.getloadavg(), "monotonic": time.monotonic()}
+    return {
+        "utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "load": os.getloadavg(),
+        "monotonic": time.monotonic(),
+    }
 
 
 # Taken when a bench script imports this module, i.e. as it starts.
@@ -78,8 +94,9 @@ _STARTED = _now()
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -104,19 +121,26 @@ def conditions() -> str:
     1-minute load average at start and end, wall seconds."""
     end = _now()
     commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    changed = [line for line in _git("status", "--porcelain", "--untracked-files=no",
-                                      "--", ".").splitlines() if line.strip()]
-    code = f"commit {commit}" + (f" with uncommitted changes in {len(changed)} tracked file(s)"
-                                 if changed else "")
-    return (f"Conditions: {_STARTED['utc']} to {end['utc']}; {code}; "
-            f"{os.cpu_count()} logical CPUs; "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; 1-minute load "
-            f"average {_STARTED['load'][0]:.2f} at start, {end['load'][0]:.2f} at end; "
-            f"{end['monotonic'] - _STARTED['monotonic']:.0f} s.")
+    changed = [
+        line
+        for line in _git("status", "--porcelain", "--untracked-files=no", "--", ".").splitlines()
+        if line.strip()
+    ]
+    code = f"commit {commit}" + (
+        f" with uncommitted changes in {len(changed)} tracked file(s)" if changed else ""
+    )
+    return (
+        f"Conditions: {_STARTED['utc']} to {end['utc']}; {code}; "
+        f"{os.cpu_count()} logical CPUs; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; 1-minute load "
+        f"average {_STARTED['load'][0]:.2f} at start, {end['load'][0]:.2f} at end; "
+        f"{end['monotonic'] - _STARTED['monotonic']:.0f} s."
+    )
 
 
-def emit(text: str, out: Path | None, *, title: str | None = None,
-         argv: list[str] | None = None) -> None:
+def emit(
+    text: str, out: Path | None, *, title: str | None = None, argv: list[str] | None = None
+) -> None:
     """Print a bench's Markdown and write it to ``out`` when given: first the command that
     reproduces it (:func:`command_line`; ``argv`` default the process's own arguments),
     then ``title``, the :func:`conditions` it ran under, and ``text``."""
@@ -125,5 +149,4 @@ def emit(text: str, out: Path | None, *, title: str | None = None,
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         head = f"# {title}\n\n" if title else ""
-        out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n"
-                       f"{text}\n")
+        out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n{text}\n")

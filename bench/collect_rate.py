@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from _common import emit
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
 from neuroshard.pretrain.collect import BackendSpec, part_files
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.pretrain.ray_jobs import collect_ray
+
+from _common import emit
 
 logger = logging.getLogger("bench.collect_rate")
 
@@ -50,8 +51,15 @@ def make_samples(n: int, max_tables: int, seed: int = 0):
 def run_once(samples, spec: BackendSpec, workers: int, chunk_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="collect-rate-") as tmp:
         t0 = time.perf_counter()
-        res = collect_ray(samples, spec, tmp, kind="compute", workers=workers,
-                          chunk_size=chunk_size, progress=False)
+        res = collect_ray(
+            samples,
+            spec,
+            tmp,
+            kind="compute",
+            workers=workers,
+            chunk_size=chunk_size,
+            progress=False,
+        )
         wall_s = time.perf_counter() - t0
         parts = part_files(tmp)
         mtimes = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in parts)
@@ -82,14 +90,28 @@ def main() -> None:
     import ray
 
     configs = [
-        ("sim", BackendSpec("sim", {"batch_size": 4096}),
-         make_samples(args.sim_samples, 40), args.sim_chunk_size),
-        ("cpu", BackendSpec("cpu", {"batch_size": 4096, "warmups": 1,
-                                    "repeats": args.cpu_repeats, "threads": 1}),
-         make_samples(args.cpu_samples, args.cpu_max_tables), args.cpu_chunk_size),
+        (
+            "sim",
+            BackendSpec("sim", {"batch_size": 4096}),
+            make_samples(args.sim_samples, 40),
+            args.sim_chunk_size,
+        ),
+        (
+            "cpu",
+            BackendSpec(
+                "cpu", {"batch_size": 4096, "warmups": 1, "repeats": args.cpu_repeats, "threads": 1}
+            ),
+            make_samples(args.cpu_samples, args.cpu_max_tables),
+            args.cpu_chunk_size,
+        ),
     ]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, object_store_memory=256 << 20)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        object_store_memory=256 << 20,
+    )
     rows = []
     try:
         for name, spec, samples, chunk in configs:
@@ -97,9 +119,11 @@ def main() -> None:
             r1 = run_once(samples, spec, 1, chunk)
             r2 = run_once(samples, spec, 2, chunk)
             rows.append((name, spec, len(samples), chunk, r1, r2, load_before, uptime()))
-            print(f"{name}: 1 worker {r1['per_min']:.0f}/min (steady {r1['steady_per_min']:.0f}), "
-                  f"2 workers {r2['per_min']:.0f}/min (steady {r2['steady_per_min']:.0f})",
-                  flush=True)
+            print(
+                f"{name}: 1 worker {r1['per_min']:.0f}/min (steady {r1['steady_per_min']:.0f}), "
+                f"2 workers {r2['per_min']:.0f}/min (steady {r2['steady_per_min']:.0f})",
+                flush=True,
+            )
     finally:
         ray.shutdown()
 
@@ -110,18 +134,24 @@ def main() -> None:
         "1 worker steady /min | 2 workers steady /min | steady ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, spec, n, chunk, r1, r2, _, _ in rows:
+    for name, _spec, n, chunk, r1, r2, _, _ in rows:
         lines.append(
             f"| {name} | {n} | {chunk} | {r1['per_min']:.0f} | {r2['per_min']:.0f} | "
             f"{r2['per_min'] / r1['per_min']:.2f} | {r1['steady_per_min']:.0f} | "
-            f"{r2['steady_per_min']:.0f} | {r2['steady_per_min'] / r1['steady_per_min']:.2f} |")
-    lines += ["", "Backends: " + "; ".join(f"{name} = `{dict(spec.kwargs)}`"
-                                          for name, spec, *_ in rows), "",
-              "Machine load (`uptime`) before and after each backend's pair of runs:", ""]
+            f"{r2['steady_per_min']:.0f} | {r2['steady_per_min'] / r1['steady_per_min']:.2f} |"
+        )
+    lines += [
+        "",
+        "Backends: " + "; ".join(f"{name} = `{dict(spec.kwargs)}`" for name, spec, *_ in rows),
+        "",
+        "Machine load (`uptime`) before and after each backend's pair of runs:",
+        "",
+    ]
     for name, *_, before, after in rows:
         lines += [f"* {name}: before `{before}`", f"  after `{after}`"]
-    emit("\n".join(lines), args.out,
-         title="Ray collection rate: samples per minute, 1 vs 2 workers")
+    emit(
+        "\n".join(lines), args.out, title="Ray collection rate: samples per minute, 1 vs 2 workers"
+    )
 
 
 if __name__ == "__main__":

@@ -26,32 +26,38 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, emit, p95, task_setup, truth_name
 from neuroshard.models import resolve_cost_model
 from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import PlanInfeasibleError
 
+from _common import add_task_args, emit, p95, task_setup, truth_name
+
 
 def pairwise_lines(name: str, ref: np.ndarray, others: dict[str, np.ndarray]) -> list[str]:
     """A Markdown table of ``name``'s cost against each of ``others`` (per-task costs, NaN
     where a searcher found no plan), on the tasks both planned: the mean per-task ratio,
     the ratio of mean costs, and how often ``name`` was cheaper."""
-    lines = [f"{name} against each searcher, on the tasks both planned. \"per-task\" is the "
-             f"mean over those tasks of {name}'s cost / the other's (the definition the "
-             "\"ratio to\" columns above use); \"of means\" is the ratio of the mean costs "
-             "over the same tasks.", "",
-             f"| {name} vs | tasks both planned | per-task ratio | ratio of means | "
-             f"{name} cheaper |", "|---|---|---|---|---|"]
+    lines = [
+        f'{name} against each searcher, on the tasks both planned. "per-task" is the '
+        f"mean over those tasks of {name}'s cost / the other's (the definition the "
+        '"ratio to" columns above use); "of means" is the ratio of the mean costs '
+        "over the same tasks.",
+        "",
+        f"| {name} vs | tasks both planned | per-task ratio | ratio of means | {name} cheaper |",
+        "|---|---|---|---|---|",
+    ]
     for other, c in others.items():
         both = ~np.isnan(ref) & ~np.isnan(c)
         if not both.any():
             lines.append(f"| {other} | 0 | | | |")
             continue
         a, b = ref[both], c[both]
-        lines.append(f"| {other} | {int(both.sum())} | {np.mean(a / b):.3f} | "
-                     f"{a.mean() / b.mean():.3f} | {np.mean(a < b * (1 - 1e-9)):.0%} |")
+        lines.append(
+            f"| {other} | {int(both.sum())} | {np.mean(a / b):.3f} | "
+            f"{a.mean() / b.mean():.3f} | {np.mean(a < b * (1 - 1e-9)):.0%} |"
+        )
     return lines
 
 
@@ -60,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     add_task_args(p)
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--searchers", default=",".join(searcher_names()))
-    p.add_argument("--budgeted", default="",
-                   help="extra rows NAME:SECONDS planned with a time budget, comma-separated")
+    p.add_argument(
+        "--budgeted",
+        default="",
+        help="extra rows NAME:SECONDS planned with a time budget, comma-separated",
+    )
     args = p.parse_args(argv)
 
     cluster, truth, tasks = task_setup(args)
-    model = resolve_cost_model(args.model, num_devices=args.devices,
-                               batch_size=cluster.batch_size)
+    model = resolve_cost_model(args.model, num_devices=args.devices, batch_size=cluster.batch_size)
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     budgets: dict[str, tuple[str, float]] = {n: (n, None) for n in names}
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
@@ -83,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             searcher, budget = budgets[n]
             try:
-                planner = Planner(model, searcher, budget_s=budget, seed=args.seed + i,
-                                  reserve=args.reserve)
-                plan = planner.plan(
-                    task, cluster)
+                planner = Planner(
+                    model, searcher, budget_s=budget, seed=args.seed + i, reserve=args.reserve
+                )
+                plan = planner.plan(task, cluster)
             except PlanInfeasibleError:
                 continue
             seconds[n].append(time.perf_counter() - start)
@@ -96,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [n for n in names if n in BASELINES]
     best_base = np.nanmin(np.vstack([cost[n] for n in baselines]), axis=0) if baselines else None
     ref = cost.get("neuroshard")
-    header = ("| searcher | mean cost ms | ratio to best baseline | ratio to neuroshard | "
-              "wins vs best baseline | median s | p95 s | infeasible |")
+    header = (
+        "| searcher | mean cost ms | ratio to best baseline | ratio to neuroshard | "
+        "wins vs best baseline | median s | p95 s | infeasible |"
+    )
     lines = [
-        f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} tables, "
-        f"{args.devices} devices x {args.memory}, batch {cluster.batch_size}. Costs by {truth_name(args)}; "
+        f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} "
+        f"tables, {args.devices} devices x {args.memory}, batch {cluster.batch_size}. "
+        f"Costs by {truth_name(args)}; "
         f"model {model.name}; seed {args.seed}.",
-        "Mean cost: over the tasks the searcher planned (\"infeasible\" counts the rest); "
+        'Mean cost: over the tasks the searcher planned ("infeasible" counts the rest); '
         "ratios: means over those tasks of per-task ratios.",
         "",
         header,
@@ -113,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         ok = ~np.isnan(c)
         ratio_base = np.nanmean(c / best_base) if best_base is not None else float("nan")
         ratio_ref = np.nanmean(c / ref) if ref is not None else float("nan")
-        wins = np.mean(c[ok] < best_base[ok] * (1 - 1e-9)) if best_base is not None and ok.any() else float("nan")
+        wins = (
+            np.mean(c[ok] < best_base[ok] * (1 - 1e-9))
+            if best_base is not None and ok.any()
+            else float("nan")
+        )
         s = seconds[n] or [float("nan")]
-        lines.append(f"| {n} | {np.nanmean(c):.4f} | {ratio_base:.3f} | {ratio_ref:.3f} | {wins:.0%} | "
-                     f"{statistics.median(s):.3f} | {p95(s):.3f} | {int((~ok).sum())} |")
+        lines.append(
+            f"| {n} | {np.nanmean(c):.4f} | {ratio_base:.3f} | {ratio_ref:.3f} | {wins:.0%} | "
+            f"{statistics.median(s):.3f} | {p95(s):.3f} | {int((~ok).sum())} |"
+        )
     if ref is not None:
         others = {n: cost[n] for n in names if n != "neuroshard"}
         if best_base is not None:

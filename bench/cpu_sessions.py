@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_task_args, emit, task_setup
 from neuroshard.models import load_cost_model
 from neuroshard.models.metrics import noise_floor
 from neuroshard.models.neural import NeuralCostModel
@@ -39,15 +38,26 @@ from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.pretrain.fidelity import session_noise_floor
 from neuroshard.samples import ComputeData
 
+from _common import add_task_args, emit, task_setup
+
 SHIPPED = ["data/models/cpu-b4096-d4", "data/models/cpu-b4096-d4-lightgbm"]
-MODEL_KWARGS = {"train_batch_size": 64, "max_epochs": 1500, "patience": 100,
-                "lr_decay_patience": 20, "comm_train_batch_size": 32}
+MODEL_KWARGS = {
+    "train_batch_size": 64,
+    "max_epochs": 1500,
+    "patience": 100,
+    "lr_decay_patience": 20,
+    "comm_train_batch_size": 32,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", action="append", required=True,
-                   help="DIR[:N] of a CPU pretrain run's data; train on its first N samples")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        help="DIR[:N] of a CPU pretrain run's data; train on its first N samples",
+    )
     p.add_argument("--members", default="1,5", help="compute nets per trained model")
     p.add_argument("--model", action="append", default=None, help="a fitted model directory")
     p.add_argument("--repeats", type=int, default=3, help="plans per task and model")
@@ -63,8 +73,9 @@ def cross_floor(a: ComputeData, b: ComputeData) -> dict[str, float]:
     return noise_floor(np.array([a_ms[k] for k in keys]), np.array([b_ms[k] for k in keys]))
 
 
-def plan_seconds(models: list, tasks: list, cluster, repeats: int,
-                 reserve: float = 0.0) -> tuple[list[float], float]:
+def plan_seconds(
+    models: list, tasks: list, cluster, repeats: int, reserve: float = 0.0
+) -> tuple[list[float], float]:
     """Median seconds of a ``neuroshard`` plan per model (models interleaved on every task),
     and the timing noise: the median over (task, model) of (max - min) / median."""
     seconds = [[] for _ in models]
@@ -85,8 +96,12 @@ def train(data: Path, n: int | None, members: int) -> NeuralCostModel:
     keys = sample_keys(data / "compute")
     chosen = {k for i, k in keys.items() if n is None or i < n}
     model = NeuralCostModel(compute_members=members, **MODEL_KWARGS)
-    return model.fit(load_compute(data / "compute", chosen), load_comm(data / "comm"),
-                     backend_name="cpu", num_devices=4)
+    return model.fit(
+        load_compute(data / "compute", chosen),
+        load_comm(data / "comm"),
+        backend_name="cpu",
+        num_devices=4,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,21 +122,32 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{n if n else 'all'} samples of {name}, {members} compute net(s)"
             models.append((f"trained: {what}", model, f"{time.perf_counter() - t0:.0f} s"))
     for directory in args.model or SHIPPED:
-        models.append((f"`{directory}`", load_cost_model(directory, batch_size=4096,
-                                                          backend="cpu"), "shipped"))
+        models.append(
+            (
+                f"`{directory}`",
+                load_cost_model(directory, batch_size=4096, backend="cpu"),
+                "shipped",
+            )
+        )
     cluster, _, tasks = task_setup(args)
     seconds, noise = plan_seconds(models, tasks, cluster, args.repeats, args.reserve)
 
-    lines = ["| session | held-out loads | retest pairs | retest MAPE | floor |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| session | held-out loads | retest pairs | retest MAPE | floor |",
+        "|---|---|---|---|---|",
+    ]
     for name, _, _ in sessions:
         f = floors[name]
-        lines.append(f"| {name} | {len(held[name])} | {f['n']} | {100 * f['mape']:.2f}% "
-                     f"| {100 * f['floor_mape']:.2f}% |")
+        lines.append(
+            f"| {name} | {len(held[name])} | {f['n']} | {100 * f['mape']:.2f}% "
+            f"| {100 * f['floor_mape']:.2f}% |"
+        )
     for (na, _, _), (nb, _, _) in zip(sessions, sessions[1:]):
         f = cross_floor(held[na], held[nb])
-        lines.append(f"| {na} vs {nb} (same loads) | {f['n']} | {f['n']} "
-                     f"| {100 * f['mape']:.2f}% | {100 * f['floor_mape']:.2f}% |")
+        lines.append(
+            f"| {na} vs {nb} (same loads) | {f['n']} | {f['n']} "
+            f"| {100 * f['mape']:.2f}% | {100 * f['floor_mape']:.2f}% |"
+        )
     head = "| model | fit |" + "".join(f" {n}: MAPE | Spearman | /floor |" for n, _, _ in sessions)
     head += " plan s | plan s / first |"
     lines += ["", head, "|---|---|" + "---|---|---|" * len(sessions) + "---|---|"]
@@ -129,15 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for name, _, _ in sessions:
             s = model.score_compute(held[name])
-            cells.append(f" {100 * s['mape']:.2f}% | {s['spearman']:.4f} "
-                         f"| {s['mape'] / floors[name]['floor_mape']:.3f} |")
-        lines.append(f"| {label} | {how} |" + "".join(cells)
-                     + f" {secs:.3f} | {secs / seconds[0]:.2f} |")
-    lines += ["", f"Plan seconds: median over {len(tasks)} test-pool tasks of "
-              f"{args.min_tables}-{args.max_tables} tables on {args.devices} devices x "
-              f"{args.memory} (batch {args.batch_size}) of the median of {args.repeats} "
-              f"`neuroshard` plans, models interleaved per task, one thread; timing noise "
-              f"(median (max - min) / median of one task's repeats) {100 * noise:.1f}%."]
+            cells.append(
+                f" {100 * s['mape']:.2f}% | {s['spearman']:.4f} "
+                f"| {s['mape'] / floors[name]['floor_mape']:.3f} |"
+            )
+        lines.append(
+            f"| {label} | {how} |" + "".join(cells) + f" {secs:.3f} | {secs / seconds[0]:.2f} |"
+        )
+    lines += [
+        "",
+        f"Plan seconds: median over {len(tasks)} test-pool tasks of "
+        f"{args.min_tables}-{args.max_tables} tables on {args.devices} devices x "
+        f"{args.memory} (batch {args.batch_size}) of the median of {args.repeats} "
+        f"`neuroshard` plans, models interleaved per task, one thread; timing noise "
+        f"(median (max - min) / median of one task's repeats) {100 * noise:.1f}%.",
+    ]
     emit("\n".join(lines), args.out, title="CPU cost models across measurement sessions")
     return 0
 

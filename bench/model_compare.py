@@ -15,8 +15,8 @@ Candidates:
 
 * ``neural`` -- the shipped model (``--model``, loaded with ``load_cost_model``);
 * ``lightgbm`` -- :class:`neuroshard.models.lightgbm.LightGBMCostModel` trained here on
-  the training data of ``--run`` (a ``pretrain`` output directory, e.g. the one the shipped model came
-  from) or, without ``--run``, on ``--train-compute`` / ``--train-comm`` samples of the
+  the training data of ``--run`` (a ``pretrain`` output directory, e.g. the one the shipped
+  model came from) or, without ``--run``, on ``--train-compute`` / ``--train-comm`` samples of the
   train pool collected here at 4 devices;
 * ``torchrec`` -- TorchRec's ``EmbeddingPerfEstimator`` on table-wise, fused-kernel
   sharding options of every shard (at the shard's width, with its pooling factor, on a
@@ -53,9 +53,13 @@ logger = logging.getLogger("model_compare")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, default=None,
-                   help="pretrain output directory whose data/compute and data/comm train "
-                        "LightGBM (default: collect train-pool samples here)")
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="pretrain output directory whose data/compute and data/comm train "
+        "LightGBM (default: collect train-pool samples here)",
+    )
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="neural model directory")
     p.add_argument("--holdout-loads", type=int, default=2000)
     p.add_argument("--comm-samples", type=int, default=1000, help="per device count")
@@ -72,8 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def collect_holdout(tmp: Path, args: argparse.Namespace):
     """Fresh test-pool compute loads and 4- and 8-device comm plans, measured on the sim."""
-    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
-                                             sample_compute_loads)
+    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
     from neuroshard.pretrain.collect import BackendSpec, collect
     from neuroshard.pretrain.dataset import load_comm, load_compute
     from neuroshard.pretrain.pool import load_pool
@@ -81,19 +84,24 @@ def collect_holdout(tmp: Path, args: argparse.Namespace):
     test = load_pool("test")
     # a seed of its own: noise and loads independent of any training collection
     be = BackendSpec("sim", {**SIM, "seed": 1000 + args.seed})
-    loads = sample_compute_loads(augment_tables(test), args.holdout_loads,
-                                 np.random.default_rng([args.seed, 101]),
-                                 max_tables=args.max_tables)
+    loads = sample_compute_loads(
+        augment_tables(test),
+        args.holdout_loads,
+        np.random.default_rng([args.seed, 101]),
+        max_tables=args.max_tables,
+    )
     collect(loads, be, tmp / "holdout_compute", chunk_size=1000, progress=False)
     compute = load_compute(tmp / "holdout_compute")
     by_key = {s.key: list(s.tables) for s in loads}
     specs = [by_key[k] for k in compute.keys]
     comm = {}
     for n_dev in (4, 8):
-        tasks = sample_comm_tasks(test, args.comm_samples,
-                                  np.random.default_rng([args.seed, 102, n_dev]), n_dev)
-        collect(tasks, be, tmp / f"holdout_comm_{n_dev}", kind="comm", chunk_size=1000,
-                progress=False)
+        tasks = sample_comm_tasks(
+            test, args.comm_samples, np.random.default_rng([args.seed, 102, n_dev]), n_dev
+        )
+        collect(
+            tasks, be, tmp / f"holdout_comm_{n_dev}", kind="comm", chunk_size=1000, progress=False
+        )
         comm[n_dev] = load_comm(tmp / f"holdout_comm_{n_dev}")
     return compute, specs, comm
 
@@ -105,23 +113,32 @@ def training_data(tmp: Path, args: argparse.Namespace):
     if args.run is not None:
         data = args.run / "data"
         return load_compute(data / "compute"), load_comm(data / "comm"), str(data)
-    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
-                                             sample_compute_loads, shrink_tables)
+    from neuroshard.pretrain.augment import (
+        augment_tables,
+        sample_comm_tasks,
+        sample_compute_loads,
+        shrink_tables,
+    )
     from neuroshard.pretrain.collect import BackendSpec, collect
     from neuroshard.pretrain.pool import load_pool
 
     train = load_pool("train")
     be = BackendSpec("sim", {**SIM, "seed": args.seed})
     variants = train + shrink_tables(train, np.random.default_rng([args.seed, 4]), copies=1)
-    loads = sample_compute_loads(augment_tables(variants), args.train_compute,
-                                 np.random.default_rng([args.seed, 1]),
-                                 max_tables=args.max_tables)
+    loads = sample_compute_loads(
+        augment_tables(variants),
+        args.train_compute,
+        np.random.default_rng([args.seed, 1]),
+        max_tables=args.max_tables,
+    )
     tasks = sample_comm_tasks(train, args.train_comm, np.random.default_rng([args.seed, 2]), 4)
     collect(loads, be, tmp / "train_compute", chunk_size=2000, progress=False)
     collect(tasks, be, tmp / "train_comm", kind="comm", chunk_size=2000, progress=False)
-    return (load_compute(tmp / "train_compute"), load_comm(tmp / "train_comm"),
-            f"{args.train_compute} compute + {args.train_comm} comm train-pool samples "
-            "collected here")
+    return (
+        load_compute(tmp / "train_compute"),
+        load_comm(tmp / "train_comm"),
+        f"{args.train_compute} compute + {args.train_comm} comm train-pool samples collected here",
+    )
 
 
 # --------------------------------------------------------------------------- torchrec
@@ -142,23 +159,34 @@ def torchrec_compute_ms(specs: list[list], batch_size: int = BATCH_SIZE) -> np.n
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     shapes = sorted({(t.rows, t.dim, t.pooling_factor) for load in specs for t in load})
     index = {s: i for i, s in enumerate(shapes)}
-    tables = [TableSpec(f"s{i}", rows=r, dim=d, pooling_factor=pf)
-              for i, (r, d, pf) in enumerate(shapes)]
-    topology = Topology(world_size=4, local_world_size=4, compute_device="cuda",
-                        hbm_cap=80 * 10**9, **H100_TOPOLOGY)
-    constraints = {t.name: ParameterConstraints(
-        sharding_types=[ShardingType.TABLE_WISE.value],
-        compute_kernels=[EmbeddingComputeKernel.FUSED.value],
-        pooling_factors=[t.pooling_factor]) for t in tables}
-    enumerator = EmbeddingEnumerator(topology, batch_size=batch_size, constraints=constraints,
-                                     estimator=EmbeddingPerfEstimator(topology, constraints))
+    tables = [
+        TableSpec(f"s{i}", rows=r, dim=d, pooling_factor=pf) for i, (r, d, pf) in enumerate(shapes)
+    ]
+    topology = Topology(
+        world_size=4, local_world_size=4, compute_device="cuda", hbm_cap=80 * 10**9, **H100_TOPOLOGY
+    )
+    constraints = {
+        t.name: ParameterConstraints(
+            sharding_types=[ShardingType.TABLE_WISE.value],
+            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+            pooling_factors=[t.pooling_factor],
+        )
+        for t in tables
+    }
+    enumerator = EmbeddingEnumerator(
+        topology,
+        batch_size=batch_size,
+        constraints=constraints,
+        estimator=EmbeddingPerfEstimator(topology, constraints),
+    )
     options = enumerator.enumerate(meta_ebc(tables), [EmbeddingBagCollectionSharder()])
     per_table = np.zeros(len(tables))
     for opt in options:
         (shard,) = opt.shards
         per_table[int(opt.name[1:])] = shard.perf.fwd_compute + shard.perf.bwd_compute
-    return np.array([sum(per_table[index[(t.rows, t.dim, t.pooling_factor)]] for t in load)
-                     for load in specs])
+    return np.array(
+        [sum(per_table[index[(t.rows, t.dim, t.pooling_factor)]] for t in load) for load in specs]
+    )
 
 
 def mape_optimal_scale(pred: np.ndarray, true: np.ndarray) -> float:
@@ -196,23 +224,31 @@ def main(argv: list[str] | None = None) -> int:
         compute, specs, comm = collect_holdout(tmp, args)
         train_compute, train_comm, train_where = training_data(tmp, args)
         timings["data_s"] = time.perf_counter() - t0
-        logger.info("held-out: %d loads, %s comm plans; training: %d compute, %d comm",
-                    len(compute), {k: len(v) for k, v in comm.items()}, len(train_compute),
-                    len(train_comm))
+        logger.info(
+            "held-out: %d loads, %s comm plans; training: %d compute, %d comm",
+            len(compute),
+            {k: len(v) for k, v in comm.items()},
+            len(train_compute),
+            len(train_comm),
+        )
 
         neural = load_cost_model(args.model, batch_size=BATCH_SIZE, backend="sim")
         t0 = time.perf_counter()
         lgbm = LightGBMCostModel(num_threads=1, seed=args.seed).fit(
-            train_compute, train_comm, backend_name="sim", num_devices=4)
+            train_compute, train_comm, backend_name="sim", num_devices=4
+        )
         timings["lightgbm_fit_s"] = time.perf_counter() - t0
-        logger.info("LightGBM trained in %.1f s: %s", timings["lightgbm_fit_s"],
-                    lgbm.training_summary_)
+        logger.info(
+            "LightGBM trained in %.1f s: %s", timings["lightgbm_fit_s"], lgbm.training_summary_
+        )
 
         truth = compute.label_ms
         preds: dict[str, np.ndarray] = {}
         latency_ms: dict[str, float] = {}
-        for name, model in (("neural (shipped sim-h100-d4)", neural),
-                            ("LightGBM (same training data)", lgbm)):
+        for name, model in (
+            ("neural (shipped sim-h100-d4)", neural),
+            ("LightGBM (same training data)", lgbm),
+        ):
             t0 = time.perf_counter()
             preds[name] = model.compute_ms(specs)
             latency_ms[name] = 1e3 * (time.perf_counter() - t0)
@@ -228,11 +264,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, m["spearman"], m["mape"], float("nan"), latency_ms[name]))
         m = regression_metrics(tr, truth)
         m_scaled = regression_metrics(scale * tr, truth)
-        rows.append(("TorchRec EmbeddingPerfEstimator", m["spearman"], m["mape"],
-                     m_scaled["mape"], latency_ms["TorchRec EmbeddingPerfEstimator"]))
+        rows.append(
+            (
+                "TorchRec EmbeddingPerfEstimator",
+                m["spearman"],
+                m["mape"],
+                m_scaled["mape"],
+                latency_ms["TorchRec EmbeddingPerfEstimator"],
+            )
+        )
         m = regression_metrics(floor, truth)
-        rows.append(("sim noise 0 (noise floor)", m["spearman"], m["mape"], float("nan"),
-                     float("nan")))
+        rows.append(
+            ("sim noise 0 (noise floor)", m["spearman"], m["mape"], float("nan"), float("nan"))
+        )
 
         # per-call latency at search-like batch sizes: B loads of 15 shards, B plans of 4
         call_ms = {}
@@ -253,9 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         for n_dev, data in comm.items():
             for name, model in (("neural", neural), ("LightGBM", lgbm)):
                 s = model.score_comm(data)
-                comm_rows.append((n_dev, name, s["bwd_comm"]["mape"], s["fwd_comm"]["mape"],
-                                  s["fwd_comm_less_wait"]["mape"], s["bwd_comm"]["spearman"],
-                                  s["fwd_comm_less_wait"]["spearman"]))
+                comm_rows.append(
+                    (
+                        n_dev,
+                        name,
+                        s["bwd_comm"]["mape"],
+                        s["fwd_comm"]["mape"],
+                        s["fwd_comm_less_wait"]["mape"],
+                        s["bwd_comm"]["spearman"],
+                        s["fwd_comm_less_wait"]["spearman"],
+                    )
+                )
         lgbm_metrics = lgbm.metrics_
     timings["total_s"] = time.perf_counter() - started
 
@@ -275,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|",
     ]
     for name, rho, mape, scaled, lat in rows:
-        lines.append(f"| {name} | {fmt(rho)} | {fmt(mape, True)} | {fmt(scaled, True)} | "
-                     f"{'-' if lat != lat else f'{lat:.0f} ms'} |")
+        lines.append(
+            f"| {name} | {fmt(rho)} | {fmt(mape, True)} | {fmt(scaled, True)} | "
+            f"{'-' if lat != lat else f'{lat:.0f} ms'} |"
+        )
     lines += [
         "",
         f"TorchRec's estimate is in its own units and ignores reuse; its scaled MAPE uses "
@@ -292,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for n_dev, name, bm, fm, fl, bs, fs in comm_rows:
-        lines.append(f"| {n_dev} | {name} | {fmt(bm, True)} | {fmt(fm, True)} | "
-                     f"{fmt(fl, True)} | {fmt(bs)} | {fmt(fs)} |")
+        lines.append(
+            f"| {n_dev} | {name} | {fmt(bm, True)} | {fmt(fm, True)} | "
+            f"{fmt(fl, True)} | {fmt(bs)} | {fmt(fs)} |"
+        )
     lines += [
         "",
         "Both models were trained on 4-device plans only; 8 devices is a count neither saw. "
@@ -305,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         "| model | compute, 1 load | compute, 64 loads | fwd+bwd comm, 1 plan "
         "| fwd+bwd comm, 64 plans |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {call_ms[name, 1][0]:.2f} ms | {call_ms[name, 64][0]:.2f} ms | "
-          f"{call_ms[name, 1][1]:.2f} ms | {call_ms[name, 64][1]:.2f} ms |"
-          for name in ("neural", "LightGBM")),
+        *(
+            f"| {name} | {call_ms[name, 1][0]:.2f} ms | {call_ms[name, 64][0]:.2f} ms | "
+            f"{call_ms[name, 1][1]:.2f} ms | {call_ms[name, 64][1]:.2f} ms |"
+            for name in ("neural", "LightGBM")
+        ),
         "",
         "Loads of 15 shards, plans of 4 devices. The neural model caches per-shard "
         "embeddings for the search (`shard_embeddings`); LightGBM has no such split and "
@@ -319,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{fmt(lgbm_metrics['fwd_comm_less_wait']['test']['mape'], True)}.",
         "",
     ]
-    emit("\n".join(lines), args.out,
-         title="Cost models on held-out tables: neural vs LightGBM vs TorchRec", argv=argv)
+    emit(
+        "\n".join(lines),
+        args.out,
+        title="Cost models on held-out tables: neural vs LightGBM vs TorchRec",
+        argv=argv,
+    )
     return 0
 
 

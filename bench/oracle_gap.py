@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from neuroshard.backends.sim import SimBackend
-from neuroshard.units import parse_memory
-from neuroshard.pretrain.pool import load_pool
 from neuroshard.planner import Planner
+from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.oracle import oracle_plan
 from neuroshard.search.scoring import plan_cost
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, PlanInfeasibleError
+from neuroshard.units import parse_memory
 
 from _common import emit
 from search_speed import choose_estimator
@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", default="4GB")
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--sim-estimator", action="store_true",
-                   help="searchers plan with the sim backend's (true) costs: the search's own gap")
+    p.add_argument(
+        "--sim-estimator",
+        action="store_true",
+        help="searchers plan with the sim backend's (true) costs: the search's own gap",
+    )
     p.add_argument("--profile", default="h100")
     p.add_argument("--searchers", default=",".join(searcher_names()))
     p.add_argument("--max-evals", type=int, default=30_000)
@@ -68,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
 
     memory = parse_memory(args.memory)
     cluster = Cluster.uniform(args.devices, memory)
-    est, source = choose_estimator(args.devices, args.model, args.profile, cluster.batch_size,
-                                   sim=args.sim_estimator)
+    est, source = choose_estimator(
+        args.devices, args.model, args.profile, cluster.batch_size, sim=args.sim_estimator
+    )
     truth = SimBackend(args.profile, batch_size=cluster.batch_size)
-    tasks = sample_tasks(load_pool(args.split), args.tasks, seed=args.seed,
-                         min_tables=args.min_tables, max_tables=args.max_tables,
-                         max_total_bytes=default_max_total_bytes(args.devices, memory))
+    tasks = sample_tasks(
+        load_pool(args.split),
+        args.tasks,
+        seed=args.seed,
+        min_tables=args.min_tables,
+        max_tables=args.max_tables,
+        max_total_bytes=default_max_total_bytes(args.devices, memory),
+    )
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     for n in names:
         get_searcher(n)  # fail early on a bad name
@@ -96,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             plans.append(plan)
             costs[n] = plan_cost(plan, truth).max_ms
         start = time.perf_counter()
-        oracle = oracle_plan(task, cluster, truth, seed=args.seed + i, max_evals=args.max_evals,
-                             starts=plans)
+        oracle = oracle_plan(
+            task, cluster, truth, seed=args.seed + i, max_evals=args.max_evals, starts=plans
+        )
         oracle = oracle.with_cost(plan_cost(oracle, truth))
         oracle_s.append(time.perf_counter() - start)
         best = oracle.cost.max_ms
@@ -109,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         exhaustive.append(bool(oracle.meta["exhaustive"]))
         if oracle.meta["tablewise_ms"] is not None:
             oracle_gain.append(1 - best / oracle.meta["tablewise_ms"])
-        print(f"task {i + 1}/{len(tasks)}: {len(task)} tables, oracle {best:.4f} ms in "
-              f"{oracle_s[-1]:.1f} s; " + ", ".join(f"{n} {ratio[n][i]:.3f}" for n in costs),
-              file=sys.stderr)
+        print(
+            f"task {i + 1}/{len(tasks)}: {len(task)} tables, oracle {best:.4f} ms in "
+            f"{oracle_s[-1]:.1f} s; " + ", ".join(f"{n} {ratio[n][i]:.3f}" for n in costs),
+            file=sys.stderr,
+        )
 
     lines = [
         f"{len(tasks)} tasks of {args.min_tables}-{args.max_tables} tables from the {args.split} "
@@ -128,23 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         if not r.size:
             lines.append(f"| {n} | no plan | | | | |")
             continue
-        lines.append(f"| {n} | {r.mean():.4f} | {np.median(r):.4f} | {r.max():.4f} | "
-                     f"{np.mean(r <= 1.01):.0%} | {statistics.median(seconds[n]):.3f} |")
+        lines.append(
+            f"| {n} | {r.mean():.4f} | {np.median(r):.4f} | {r.max():.4f} | "
+            f"{np.mean(r <= 1.01):.0%} | {statistics.median(seconds[n]):.3f} |"
+        )
     gain = f"{np.mean(oracle_gain):.2%}" if oracle_gain else "-"
-    lines += ["", f"Oracle: median {statistics.median(oracle_s):.1f} s per task (max "
-              f"{max(oracle_s):.1f} s); its best plan splits a table on "
-              f"{np.mean(oracle_split):.0%} of tasks; mean gain over the exact table-wise "
-              f"optimum {gain}."]
+    lines += [
+        "",
+        f"Oracle: median {statistics.median(oracle_s):.1f} s per task (max "
+        f"{max(oracle_s):.1f} s); its best plan splits a table on "
+        f"{np.mean(oracle_split):.0%} of tasks; mean gain over the exact table-wise "
+        f"optimum {gain}.",
+    ]
     # The search issue's cost bars are ratios of mean costs; on these tasks the optimum's
     # own ratio is the best any searcher can reach.
     heuristics = [n for n in names if n in BASELINES and not np.isnan(cost_ms[n]).any()]
     if heuristics:
         best_h = min(heuristics, key=lambda n: cost_ms[n].mean())
-        lines.append(f"Oracle mean cost / best heuristic's ({best_h}): "
-                     f"{oracle_ms.mean() / cost_ms[best_h].mean():.3f}.")
+        lines.append(
+            f"Oracle mean cost / best heuristic's ({best_h}): "
+            f"{oracle_ms.mean() / cost_ms[best_h].mean():.3f}."
+        )
     if "torchrec" in cost_ms and not np.isnan(cost_ms["torchrec"]).any():
-        lines.append(f"Oracle mean cost / torchrec's: "
-                     f"{oracle_ms.mean() / cost_ms['torchrec'].mean():.3f}.")
+        lines.append(
+            f"Oracle mean cost / torchrec's: {oracle_ms.mean() / cost_ms['torchrec'].mean():.3f}."
+        )
     emit("\n".join(lines), args.out, title="Gap to the oracle", argv=argv)
     return 0
 

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -49,8 +49,9 @@ def _samples(n: int, seed: int) -> list:
     from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
     from neuroshard.pretrain.pool import load_pool
 
-    return sample_compute_loads(augment_tables(load_pool("train")), n,
-                                np.random.default_rng(seed), max_tables=40)
+    return sample_compute_loads(
+        augment_tables(load_pool("train")), n, np.random.default_rng(seed), max_tables=40
+    )
 
 
 @contextmanager
@@ -82,8 +83,9 @@ def _two_nodes(root: Path) -> Iterator[str]:
                 os.environ[k] = v
 
 
-def _rates(session, samples: dict[str, list], root: Path, chunk_size: int,
-           repeats: int) -> dict[str, float]:
+def _rates(
+    session, samples: dict[str, list], root: Path, chunk_size: int, repeats: int
+) -> dict[str, float]:
     """Samples per minute of each backend on the cluster ``session`` gives: the best of
     ``repeats`` collections (each starts its own actors), backends taking turns."""
     from neuroshard.pretrain.ray_jobs import collect_ray
@@ -94,22 +96,38 @@ def _rates(session, samples: dict[str, list], root: Path, chunk_size: int,
             for backend in BACKENDS:
                 out = Path(tempfile.mkdtemp(dir=root))
                 t0 = time.perf_counter()
-                res = collect_ray(samples[backend], _spec(backend), out,
-                                  kind="compute", workers=2, chunk_size=chunk_size,
-                                  progress=False)
+                res = collect_ray(
+                    samples[backend],
+                    _spec(backend),
+                    out,
+                    kind="compute",
+                    workers=2,
+                    chunk_size=chunk_size,
+                    progress=False,
+                )
                 seconds = time.perf_counter() - t0
                 assert res.measured == len(samples[backend]) and not res.failed, res
                 rates[backend] = max(rates.get(backend, 0.0), 60 * res.measured / seconds)
-                logging.info("%s, %s: %d samples in %.1f s", name, backend, res.measured,
-                             seconds)
+                logging.info("%s, %s: %d samples in %.1f s", name, backend, res.measured, seconds)
     return {"name": name, **rates}
 
 
 def _test_seconds() -> tuple[float, str]:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(TESTS / "test_ray_cluster.py")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(TESTS / "test_ray_cluster.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     seconds = time.perf_counter() - t0
     summary = (res.stdout.strip().splitlines() or ["?"])[-1]
     if res.returncode != 0:
@@ -130,34 +148,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("neuroshard").setLevel(logging.WARNING)
     sys.path.insert(0, str(TESTS))  # the cluster helper, and SlowSim for the workers
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+        [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
 
     samples = {"sim": _samples(args.samples, 0), "sim+20ms": _samples(args.slow_samples, 1)}
     with tempfile.TemporaryDirectory(prefix="nsb") as d:
         root = Path(d)
         rows = [_rates(_embedded(), samples, root, args.chunk_size, args.repeats)]
         (root / "c").mkdir()
-        rows.append(_rates(_two_nodes(root / "c"), samples, root, args.chunk_size,
-                           args.repeats))
+        rows.append(_rates(_two_nodes(root / "c"), samples, root, args.chunk_size, args.repeats))
 
     header = "| cluster | sim: samples/min | sim+20ms: samples/min |"
-    lines = [f"collect_ray, 2 workers, compute samples ({args.samples} sim, "
-             f"{args.slow_samples} sim+20ms), chunks of {args.chunk_size}; best of "
-             f"{args.repeats} collections; {os.cpu_count()} CPU cores on this machine, "
-             "shared with other jobs.", "", header,
-             "|" + "---|" * (header.count("|") - 1)]
+    lines = [
+        f"collect_ray, 2 workers, compute samples ({args.samples} sim, "
+        f"{args.slow_samples} sim+20ms), chunks of {args.chunk_size}; best of "
+        f"{args.repeats} collections; {os.cpu_count()} CPU cores on this machine, "
+        "shared with other jobs.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['sim']:,.0f} | {r['sim+20ms']:,.0f} |")
-    lines += ["", "Ratio 2 nodes / embedded: sim "
-              f"{rows[1]['sim'] / rows[0]['sim']:.2f}, sim+20ms "
-              f"{rows[1]['sim+20ms'] / rows[0]['sim+20ms']:.2f}."]
+    lines += [
+        "",
+        "Ratio 2 nodes / embedded: sim "
+        f"{rows[1]['sim'] / rows[0]['sim']:.2f}, sim+20ms "
+        f"{rows[1]['sim+20ms'] / rows[0]['sim+20ms']:.2f}.",
+    ]
     if args.test:
         seconds, summary = _test_seconds()
-        lines += ["", f"tests/test_ray_cluster.py (slow; starts its own 2-node cluster, "
-                  f"pretrains on it, loses a node mid-collection): {seconds:.0f} s wall "
-                  f"({summary})."]
-    emit("\n".join(lines), args.out, title="Ray: embedded cluster against 2 nodes from "
-                                           "`ray start`")
+        lines += [
+            "",
+            f"tests/test_ray_cluster.py (slow; starts its own 2-node cluster, "
+            f"pretrains on it, loses a node mid-collection): {seconds:.0f} s wall "
+            f"({summary}).",
+        ]
+    emit("\n".join(lines), args.out, title="Ray: embedded cluster against 2 nodes from `ray start`")
     return 0
 
 

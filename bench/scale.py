@@ -21,8 +21,9 @@ the pool's size), ``fill`` = total table bytes / total device memory (0.85: tigh
 TorchRec's storage estimate adds buffers to the weights, so it may find no plan there).
 ``--mixed-dims`` redraws every table's dim from 16, 32, 64, 128 (rows, pooling and reuse
 kept): the pool's dims are mostly 128, and mixed dims make the grid's lanes diverge more,
-the harder case for the search's time. Plans are costed by the sim backend (the truth the benches use) and by the search's
-estimator (``--model``, else the shipped model, else the sim backend; the header says).
+the harder case for the search's time. Plans are costed by the sim backend (the truth the
+benches use) and by the search's estimator (``--model``, else the shipped model, else the
+sim backend; the header says).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _rss_bytes() -> int:
 def run_child(args: argparse.Namespace) -> dict:
     """Plan one task with one candidate; the measurements as a dict."""
     from neuroshard.backends.sim import SimBackend
-    from neuroshard.pretrain.pool import load_pool
     from neuroshard.planner import Planner
+    from neuroshard.pretrain.pool import load_pool
     from neuroshard.search.scoring import plan_cost
 
     num_tables, num_devices = parse_sizes(args.size)[0]
@@ -67,13 +68,18 @@ def run_child(args: argparse.Namespace) -> dict:
         widths = rng.choice([16, 32, 64, 128], size=len(pool)).tolist()
         pool = [t.with_dim(w) for t, w in zip(pool, widths)]
     tables, cluster = make_task(pool, num_tables, num_devices, rng, fill=args.fill)
-    out = {"candidate": args.child, "size": args.size, "estimator": source,
-           "memory_per_device_gib": cluster.memory_per_device_bytes[0] / 2**30,
-           "largest_table_gib": max(t.size_bytes for t in tables) / 2**30}
+    out = {
+        "candidate": args.child,
+        "size": args.size,
+        "estimator": source,
+        "memory_per_device_gib": cluster.memory_per_device_bytes[0] / 2**30,
+        "largest_table_gib": max(t.size_bytes for t in tables) / 2**30,
+    }
     if args.child == "torchrec":
         try:
-            from neuroshard.search.torchrec_baseline import torchrec_plan
             import torchrec  # noqa: F401
+
+            from neuroshard.search.torchrec_baseline import torchrec_plan
         except ImportError as e:
             return {**out, "skipped": f"torchrec baseline unavailable ({e})"}
         planner = Planner(est, torchrec_plan, reserve=0.0)
@@ -85,17 +91,28 @@ def run_child(args: argparse.Namespace) -> dict:
     try:
         plan = planner.plan(tables, cluster)
     except Exception as e:  # noqa: BLE001 -- report any planner failure as the row's result
-        return {**out, "seconds": time.perf_counter() - start,
-                "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+        return {
+            **out,
+            "seconds": time.perf_counter() - start,
+            "failed": f"{type(e).__name__}: {str(e)[:300]}",
+        }
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     truth = SimBackend(args.profile, batch_size=cluster.batch_size)
-    return {**out, "seconds": seconds, "rss_before_bytes": rss_before, "peak_rss_bytes": peak,
-            "sim_cost_ms": plan_cost(plan, truth).max_ms,
-            "model_cost_ms": plan_cost(plan, est).max_ms,
-            "splits": len(plan.shards) - len(tables),
-            "meta": {k: v for k, v in plan.meta.items()
-                     if k in ("beam_steps", "states_scored", "budget_cut", "scale")}}
+    return {
+        **out,
+        "seconds": seconds,
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak,
+        "sim_cost_ms": plan_cost(plan, truth).max_ms,
+        "model_cost_ms": plan_cost(plan, est).max_ms,
+        "splits": len(plan.shards) - len(tables),
+        "meta": {
+            k: v
+            for k, v in plan.meta.items()
+            if k in ("beam_steps", "states_scored", "budget_cut", "scale")
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,9 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     fills = [float(f) for f in args.fills.split(",")]
     for size, fill in ((s, f) for s in args.sizes.split(",") for f in fills):
         for name in names:
-            cmd = [sys.executable, __file__, "--child", name, "--size", size,
-                   "--fill", str(fill), "--budget", str(args.budget), "--split", args.split,
-                   "--profile", args.profile, "--seed", str(args.seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--size",
+                size,
+                "--fill",
+                str(fill),
+                "--budget",
+                str(args.budget),
+                "--split",
+                args.split,
+                "--profile",
+                args.profile,
+                "--seed",
+                str(args.seed),
+            ]
             if args.model is not None:
                 cmd += ["--model", str(args.model)]
             if args.mixed_dims:
@@ -134,39 +166,53 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() \
+                result = (
+                    json.loads(done.stdout.strip().splitlines()[-1])
+                    if done.stdout.strip()
                     else {"failed": done.stderr.strip().splitlines()[-1:]}
+                )
             except subprocess.TimeoutExpired:
                 result = {"failed": f"timed out after {args.timeout:.0f} s"}
             result.setdefault("candidate", name)
             result.update(size=size, fill=fill)
             result["load"] = os.getloadavg()[0]
             rows.append(result)
-            print(f"{size} fill {fill} {name}: {time.perf_counter() - started:.1f} s wall",
-                  file=sys.stderr)
+            print(
+                f"{size} fill {fill} {name}: {time.perf_counter() - started:.1f} s wall",
+                file=sys.stderr,
+            )
 
     first = next((r for r in rows if "estimator" in r), {})
     dims = "dims redrawn from 16-128" if args.mixed_dims else "pool dims"
-    lines = [f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
-             f"seed {args.seed}, budget {args.budget:g} s for neuroshard-budget, timeout "
-             f"{args.timeout:g} s. Estimator: {first.get('estimator', '?')}. Costs: sim/"
-             f"{args.profile} (truth) and the estimator.", "",
-             "| size | fill | candidate | seconds | peak RSS GiB | RSS before GiB | sim cost ms | "
-             "model cost ms | splits | load avg | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
+        f"seed {args.seed}, budget {args.budget:g} s for neuroshard-budget, timeout "
+        f"{args.timeout:g} s. Estimator: {first.get('estimator', '?')}. Costs: sim/"
+        f"{args.profile} (truth) and the estimator.",
+        "",
+        "| size | fill | candidate | seconds | peak RSS GiB | RSS before GiB | sim cost ms | "
+        "model cost ms | splits | load avg | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "seconds" not in r or "failed" in r or "skipped" in r:
             note = r.get("skipped") or r.get("failed") or "?"
             sec = f"{r['seconds']:.1f}" if "seconds" in r else "-"
-            lines.append(f"| {r['size']} | {r['fill']} | {r['candidate']} | {sec} | | | | | | "
-                         f"{r['load']:.1f} | {note} |")
+            lines.append(
+                f"| {r['size']} | {r['fill']} | {r['candidate']} | {sec} | | | | | | "
+                f"{r['load']:.1f} | {note} |"
+            )
             continue
-        memo = (f"{r['memory_per_device_gib']:.2f} GiB/device, largest table "
-                f"{r['largest_table_gib']:.2f} GiB; {r['meta']}")
-        lines.append(f"| {r['size']} | {r['fill']} | {r['candidate']} | {r['seconds']:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_bytes'] / 2**30:.2f} | "
-                     f"{r['sim_cost_ms']:.4f} | {r['model_cost_ms']:.4f} | {r['splits']} | "
-                     f"{r['load']:.1f} | {memo} |")
+        memo = (
+            f"{r['memory_per_device_gib']:.2f} GiB/device, largest table "
+            f"{r['largest_table_gib']:.2f} GiB; {r['meta']}"
+        )
+        lines.append(
+            f"| {r['size']} | {r['fill']} | {r['candidate']} | {r['seconds']:.2f} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_bytes'] / 2**30:.2f} | "
+            f"{r['sim_cost_ms']:.4f} | {r['model_cost_ms']:.4f} | {r['splits']} | "
+            f"{r['load']:.1f} | {memo} |"
+        )
     emit("\n".join(lines), args.out, title="Planning at scale", argv=argv)
     return 0
 

@@ -38,34 +38,38 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from _common import emit
 from neuroshard.backends.sim import SimBackend
-from neuroshard.units import parse_memory
 from neuroshard.models import default_model_dir, load_cost_model, shipped_models
-from neuroshard.pretrain.pool import load_pool
 from neuroshard.planner import Planner
+from neuroshard.pretrain.pool import load_pool
 from neuroshard.search.scoring import WithoutEmbeddings
 from neuroshard.tasks import default_max_total_bytes, sample_task
 from neuroshard.types import Cluster, CostEstimator, PlanInfeasibleError, TableSpec
+from neuroshard.units import parse_memory
+
+from _common import emit
 
 logger = logging.getLogger("bench.search_speed")
 
 CANDIDATES = ("neuroshard", "neuroshard-generic", "greedy-grid")
 
 
-def choose_estimator(num_devices: int, model: Path | None, profile: str,
-                     batch_size: int, *, sim: bool = False) -> tuple[CostEstimator, str]:
+def choose_estimator(
+    num_devices: int, model: Path | None, profile: str, batch_size: int, *, sim: bool = False
+) -> tuple[CostEstimator, str]:
     """``--model``, else the shipped model nearest ``num_devices``, else (or with ``sim``)
     the sim backend; with a line saying which."""
     if sim:
-        return (SimBackend(profile, batch_size=batch_size),
-                f"sim/{profile} backend as the estimator (--sim-estimator): true costs, "
-                "the generic search path")
+        return (
+            SimBackend(profile, batch_size=batch_size),
+            f"sim/{profile} backend as the estimator (--sim-estimator): true costs, "
+            "the generic search path",
+        )
     if model is not None:
         est = load_cost_model(model, batch_size=batch_size)
         return est, f"model {est.name} from {model}"
@@ -73,14 +77,22 @@ def choose_estimator(num_devices: int, model: Path | None, profile: str,
         path = default_model_dir(num_devices)
         est = load_cost_model(path, batch_size=batch_size)
         return est, f"shipped model {est.name} ({path.name})"
-    return (SimBackend(profile, batch_size=batch_size),
-            f"sim/{profile} backend as the estimator (no shipped model, no --model): "
-            "the generic search path, not the neural one")
+    return (
+        SimBackend(profile, batch_size=batch_size),
+        f"sim/{profile} backend as the estimator (no shipped model, no --model): "
+        "the generic search path, not the neural one",
+    )
 
 
-def make_task(pool: Sequence[TableSpec], num_tables: int, num_devices: int,
-              rng: np.random.Generator, *, memory_bytes: int | None = None,
-              fill: float | None = None) -> tuple[list[TableSpec], Cluster]:
+def make_task(
+    pool: Sequence[TableSpec],
+    num_tables: int,
+    num_devices: int,
+    rng: np.random.Generator,
+    *,
+    memory_bytes: int | None = None,
+    fill: float | None = None,
+) -> tuple[list[TableSpec], Cluster]:
     """``num_tables`` tables from ``pool`` and a uniform cluster for them.
 
     With ``fill``, each device gets ``total / num_devices / fill`` bytes (tight caps for
@@ -89,13 +101,21 @@ def make_task(pool: Sequence[TableSpec], num_tables: int, num_devices: int,
     """
     if num_tables <= len(pool):
         cap = None if fill is not None else default_max_total_bytes(num_devices, memory_bytes)
-        tables = sample_task(pool, rng, min_tables=num_tables, max_tables=num_tables,
-                             max_total_bytes=cap)
+        tables = sample_task(
+            pool, rng, min_tables=num_tables, max_tables=num_tables, max_total_bytes=cap
+        )
     else:
         picks = rng.integers(0, len(pool), size=num_tables)
-        tables = [TableSpec(f"{pool[i].name}#{k}", pool[i].rows, pool[i].dim,
-                            pool[i].pooling_factor, pool[i].reuse_hist)
-                  for k, i in enumerate(picks.tolist())]
+        tables = [
+            TableSpec(
+                f"{pool[i].name}#{k}",
+                pool[i].rows,
+                pool[i].dim,
+                pool[i].pooling_factor,
+                pool[i].reuse_hist,
+            )
+            for k, i in enumerate(picks.tolist())
+        ]
     if fill is not None:
         memory_bytes = int(sum(t.size_bytes for t in tables) / num_devices / fill)
     return tables, Cluster.uniform(num_devices, int(memory_bytes))
@@ -123,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fill", type=float, default=None)
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--sim-estimator", action="store_true",
-                   help="search with the sim backend's costs instead of a model")
+    p.add_argument(
+        "--sim-estimator",
+        action="store_true",
+        help="search with the sim backend's costs instead of a model",
+    )
     p.add_argument("--profile", default="h100")
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--seed", type=int, default=0)
@@ -139,12 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown candidates {sorted(unknown)}; valid: {', '.join(CANDIDATES)}")
     lines = []
     for num_tables, num_devices in parse_sizes(args.sizes):
-        est, source = choose_estimator(num_devices, args.model, args.profile, 65_536,
-                                       sim=args.sim_estimator)
+        est, source = choose_estimator(
+            num_devices, args.model, args.profile, 65_536, sim=args.sim_estimator
+        )
         rng = np.random.default_rng([args.seed, num_tables, num_devices])
-        tasks = [make_task(pool, num_tables, num_devices, rng,
-                           memory_bytes=parse_memory(args.memory), fill=args.fill)
-                 for _ in range(args.tasks)]
+        tasks = [
+            make_task(
+                pool,
+                num_tables,
+                num_devices,
+                rng,
+                memory_bytes=parse_memory(args.memory),
+                fill=args.fill,
+            )
+            for _ in range(args.tasks)
+        ]
         load_before = os.getloadavg()[0]
         runs = {n: [[] for _ in tasks] for n in names}
         cpu = {n: [] for n in names}
@@ -166,27 +198,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{num_tables}x{num_devices}: task {i + 1}/{len(tasks)} done", file=sys.stderr)
         ref = "neuroshard" if "neuroshard" in names else names[0]
         ref_median = statistics.median(s for r in runs[ref] for s in r)
-        lines += [f"### {num_tables} tables x {num_devices} devices", "",
-                  f"{len(tasks)} tasks from the {args.split} pool x {args.repeats} repeats; "
-                  f"memory {tasks[0][1].memory_per_device_bytes[0] / 2**30:.2f} GiB per device "
-                  f"(first task); estimator: {source}. 1-minute load average "
-                  f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
-                  f"{os.cpu_count()} cores.", "",
-                  "| candidate | median s | p95 s | min s | max s | noise | median CPU s | "
-                  f"p95 CPU s | time ratio to {ref} | cost ratio to {ref} |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {num_tables} tables x {num_devices} devices",
+            "",
+            f"{len(tasks)} tasks from the {args.split} pool x {args.repeats} repeats; "
+            f"memory {tasks[0][1].memory_per_device_bytes[0] / 2**30:.2f} GiB per device "
+            f"(first task); estimator: {source}. 1-minute load average "
+            f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+            f"{os.cpu_count()} cores.",
+            "",
+            "| candidate | median s | p95 s | min s | max s | noise | median CPU s | "
+            f"p95 CPU s | time ratio to {ref} | cost ratio to {ref} |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for n in names:
             flat = [s for r in runs[n] for s in r]
             if not flat:
                 lines.append(f"| {n} | infeasible | | | | | | | | |")
                 continue
-            noise = statistics.median((max(r) - min(r)) / statistics.median(r)
-                                      for r in runs[n] if r)
+            noise = statistics.median(
+                (max(r) - min(r)) / statistics.median(r) for r in runs[n] if r
+            )
             ratio = np.nanmean(np.asarray(cost[n]) / np.asarray(cost[ref]))
-            lines.append(f"| {n} | {statistics.median(flat):.3f} | {percentile(flat, 0.95):.3f} | "
-                         f"{min(flat):.3f} | {max(flat):.3f} | {noise:.0%} | "
-                         f"{statistics.median(cpu[n]):.3f} | {percentile(cpu[n], 0.95):.3f} | "
-                         f"{statistics.median(flat) / ref_median:.2f} | {ratio:.4f} |")
+            lines.append(
+                f"| {n} | {statistics.median(flat):.3f} | {percentile(flat, 0.95):.3f} | "
+                f"{min(flat):.3f} | {max(flat):.3f} | {noise:.0%} | "
+                f"{statistics.median(cpu[n]):.3f} | {percentile(cpu[n], 0.95):.3f} | "
+                f"{statistics.median(flat) / ref_median:.2f} | {ratio:.4f} |"
+            )
         lines.append("")
     emit("\n".join(lines), args.out, title="Search speed", argv=argv)
     return 0

@@ -29,10 +29,11 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from neuroshard.pretrain.augment import CommSample, ComputeSample
 from neuroshard.pretrain.collect import (
@@ -85,9 +86,13 @@ def init_ray(workers: int, address: str | None) -> bool:
     if address is not None:
         connect_ray(address)
         return True
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING,
-             object_store_memory=EMBEDDED_OBJECT_STORE_BYTES)
+    ray.init(
+        num_cpus=workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+    )
     return True
 
 
@@ -137,8 +142,9 @@ def connect_ray(address: str) -> None:
         try:
             ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, TimeoutError, ray.exceptions.RayError) as exc:
-            raise RayClusterError(f"cannot join the Ray cluster at {target}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            raise RayClusterError(
+                f"cannot join the Ray cluster at {target}: {type(exc).__name__}: {exc}"
+            ) from exc
     logger.info("connected to the Ray cluster at %s (%d nodes)", target, len(alive))
 
 
@@ -146,8 +152,10 @@ def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.strip().rpartition(":")
     host = host.strip("[]")
     if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--address {address!r}: give the Ray head's address as HOST:PORT, "
-                         "as `ray start --head` prints it (for example 10.0.0.5:6379)")
+        raise UsageError(
+            f"--address {address!r}: give the Ray head's address as HOST:PORT, "
+            "as `ray start --head` prints it (for example 10.0.0.5:6379)"
+        )
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
 
@@ -166,13 +174,16 @@ def _client_token() -> tuple[str | None, str]:
     token, source = _find_token()
     if not mode and token is not None:
         os.environ[_AUTH_MODE_VAR] = mode = "token"
-        logger.info("a Ray token is at hand and %s is unset: token authentication on",
-                    _AUTH_MODE_VAR)
+        logger.info(
+            "a Ray token is at hand and %s is unset: token authentication on", _AUTH_MODE_VAR
+        )
     _refresh_ray_auth()
     if mode == "token" and token is None:
-        raise RayClusterError(f"{_AUTH_MODE_VAR}=token but this client has no token: set "
-                              f"{_TOKEN_VAR} or {_TOKEN_PATH_VAR}, or put the cluster's token "
-                              f"in ~/{_DEFAULT_TOKEN_FILE}")
+        raise RayClusterError(
+            f"{_AUTH_MODE_VAR}=token but this client has no token: set "
+            f"{_TOKEN_VAR} or {_TOKEN_PATH_VAR}, or put the cluster's token "
+            f"in ~/{_DEFAULT_TOKEN_FILE}"
+        )
     return (token if mode == "token" else None), source
 
 
@@ -184,11 +195,15 @@ def _find_token() -> tuple[str | None, str]:
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise RayClusterError(f"{_TOKEN_PATH_VAR}={path} cannot be read ({exc.strerror}): "
-                                  "point it at the file holding the cluster's token") from None
+            raise RayClusterError(
+                f"{_TOKEN_PATH_VAR}={path} cannot be read ({exc.strerror}): "
+                "point it at the file holding the cluster's token"
+            ) from None
         if not token:
-            raise RayClusterError(f"{_TOKEN_PATH_VAR}={path} is empty: point it at the file "
-                                  "holding the cluster's token")
+            raise RayClusterError(
+                f"{_TOKEN_PATH_VAR}={path} is empty: point it at the file "
+                "holding the cluster's token"
+            )
         return token, f"{_TOKEN_PATH_VAR}={path}"
     default = Path.home() / _DEFAULT_TOKEN_FILE
     try:
@@ -225,41 +240,58 @@ def _probe_head(target: str, token: str | None, source: str) -> list[str]:
     with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
-            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S,
-                              metadata=metadata)
-            reply = stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(),
-                                        timeout=PROBE_TIMEOUT_S, metadata=metadata)
+            stub.GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata
+            )
+            reply = stub.GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata
+            )
         except grpc.RpcError as exc:
-            raise RayClusterError(_explain(target, exc.code(), exc.details() or "",
-                                           token, source)) from None
-    return [n.node_id.hex() for n in reply.node_info_list
-            if n.state == gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE]
+            raise RayClusterError(
+                _explain(target, exc.code(), exc.details() or "", token, source)
+            ) from None
+    return [
+        n.node_id.hex()
+        for n in reply.node_info_list
+        if n.state == gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE
+    ]
 
 
 def _explain(target: str, code: Any, details: str, token: str | None, source: str) -> str:
     import grpc
 
     host, _, port = target.rpartition(":")
-    reach = (f"check that the cluster's head runs (`ray status --address {target}` there), "
-             f"that {host} is the address it was started on (`ray start --head "
-             f"--node-ip-address`), and that nothing blocks port {port}")
+    reach = (
+        f"check that the cluster's head runs (`ray status --address {target}` there), "
+        f"that {host} is the address it was started on (`ray start --head "
+        f"--node-ip-address`), and that nothing blocks port {port}"
+    )
     if code == grpc.StatusCode.UNAUTHENTICATED:
         if token is None:
-            return (f"the Ray cluster at {target} requires an authentication token and this "
-                    f"client sends none: set {_TOKEN_VAR}, or {_TOKEN_PATH_VAR}, or copy the "
-                    f"head's ~/{_DEFAULT_TOKEN_FILE}, to the token the cluster was started with"
-                    + (f", and unset {_AUTH_MODE_VAR}=disabled"
-                       if os.environ.get(_AUTH_MODE_VAR, "").lower() == "disabled" else ""))
-        return (f"the Ray cluster at {target} rejected this client's token (from {source}): "
-                "use the token its nodes were started with (`ray get-auth-token` on the head "
-                "prints it)")
+            return (
+                f"the Ray cluster at {target} requires an authentication token and this "
+                f"client sends none: set {_TOKEN_VAR}, or {_TOKEN_PATH_VAR}, or copy the "
+                f"head's ~/{_DEFAULT_TOKEN_FILE}, to the token the cluster was started with"
+                + (
+                    f", and unset {_AUTH_MODE_VAR}=disabled"
+                    if os.environ.get(_AUTH_MODE_VAR, "").lower() == "disabled"
+                    else ""
+                )
+            )
+        return (
+            f"the Ray cluster at {target} rejected this client's token (from {source}): "
+            "use the token its nodes were started with (`ray get-auth-token` on the head "
+            "prints it)"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"no Ray cluster answers at {target} ({details.split(';')[0]}): {reach}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the Ray cluster at {target} did not answer within {PROBE_TIMEOUT_S:g} s: {reach}"
-    return (f"{target} does not answer as a Ray cluster's head ({code.name}: {details}): give "
-            "the address `ray start --head` prints (its --port, 6379 by default), not the "
-            "dashboard's or the Ray Client's")
+    return (
+        f"{target} does not answer as a Ray cluster's head ({code.name}: {details}): give "
+        "the address `ray start --head` prints (its --port, 6379 by default), not the "
+        "dashboard's or the Ray Client's"
+    )
 
 
 def _check_local_node(target: str, alive: Sequence[str]) -> None:
@@ -276,7 +308,8 @@ def _check_local_node(target: str, alive: Sequence[str]) -> None:
         raise RayClusterError(
             f"no node of the Ray cluster at {target} ({len(alive)} alive) runs on this "
             "machine, and Ray runs the job's driver on a node: run neuroshard on the head, "
-            f"or join this machine first with `ray start --address {target}`")
+            f"or join this machine first with `ray start --address {target}`"
+        )
 
 
 @contextmanager
@@ -336,12 +369,21 @@ class _Slot:
     failed_starts: int = 0  # actors of this slot lost in a row before answering
 
 
-def collect_ray(samples: Sequence[ComputeSample | CommSample], backend_spec: BackendSpec,
-                out_dir: str | os.PathLike, *, kind: Kind, workers: int = 1,
-                address: str | None = None, chunk_size: int = 64, max_retries: int = 2,
-                gpus_per_worker: float | None = None, progress: bool = True,
-                description: str | None = None,
-                start_timeout_s: float = WORKER_START_TIMEOUT_S) -> CollectResult:
+def collect_ray(
+    samples: Sequence[ComputeSample | CommSample],
+    backend_spec: BackendSpec,
+    out_dir: str | os.PathLike,
+    *,
+    kind: Kind,
+    workers: int = 1,
+    address: str | None = None,
+    chunk_size: int = 64,
+    max_retries: int = 2,
+    gpus_per_worker: float | None = None,
+    progress: bool = True,
+    description: str | None = None,
+    start_timeout_s: float = WORKER_START_TIMEOUT_S,
+) -> CollectResult:
     """Measure every sample not yet under ``out_dir`` on ``workers`` Ray actors.
 
     Same output and resume rule as :func:`~neuroshard.pretrain.collect.collect`; refuses
@@ -360,8 +402,15 @@ def collect_ray(samples: Sequence[ComputeSample | CommSample], backend_spec: Bac
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
-    logger.info("collect %s into %s on %d Ray workers: %d samples, %d on disk, %d to measure",
-                kind, out, workers, len(samples), skipped, len(pending))
+    logger.info(
+        "collect %s into %s on %d Ray workers: %d samples, %d on disk, %d to measure",
+        kind,
+        out,
+        workers,
+        len(samples),
+        skipped,
+        len(pending),
+    )
     if not pending:
         return CollectResult(out, 0, skipped, len(samples))
 
@@ -371,10 +420,17 @@ def collect_ray(samples: Sequence[ComputeSample | CommSample], backend_spec: Bac
         gpus_per_worker = 1.0 if backend_spec.name in GPU_BACKENDS else 0.0
     owned = init_ray(workers, address)
     try:
-        return _Collection(ray, backend_spec, out, kind, gpus_per_worker, max_retries,
-                           start_timeout_s).run(pending, workers, chunk_size, progress,
-                                                description or f"{kind} samples",
-                                                len(samples), skipped)
+        return _Collection(
+            ray, backend_spec, out, kind, gpus_per_worker, max_retries, start_timeout_s
+        ).run(
+            pending,
+            workers,
+            chunk_size,
+            progress,
+            description or f"{kind} samples",
+            len(samples),
+            skipped,
+        )
     finally:
         if owned:
             ray.shutdown()
@@ -383,20 +439,35 @@ def collect_ray(samples: Sequence[ComputeSample | CommSample], backend_spec: Bac
 class _Collection:
     """The driver's side of one :func:`collect_ray` call."""
 
-    def __init__(self, ray: Any, spec: BackendSpec, out: Path, kind: Kind,
-                 gpus_per_worker: float, max_retries: int, start_timeout_s: float):
+    def __init__(
+        self,
+        ray: Any,
+        spec: BackendSpec,
+        out: Path,
+        kind: Kind,
+        gpus_per_worker: float,
+        max_retries: int,
+        start_timeout_s: float,
+    ):
         self.ray, self.spec, self.out, self.kind = ray, spec, out, kind
         self.max_retries, self.start_timeout_s = max_retries, start_timeout_s
-        self.actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker,
-                                    max_restarts=0)(_Worker)
+        self.actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_restarts=0)(_Worker)
         self.queue: deque[_Chunk] = deque()
         self.slots: list[_Slot] = []
         self.in_flight: dict[Any, tuple[_Slot, Any, _Chunk]] = {}  # ref -> slot, actor, chunk
         self.starting: dict[Any, _Slot] = {}  # fingerprint ref -> slot
         self.fingerprint: str | None = None
 
-    def run(self, pending: list[Any], workers: int, chunk_size: int, progress: bool,
-            description: str, total: int, skipped: int) -> CollectResult:
+    def run(
+        self,
+        pending: list[Any],
+        workers: int,
+        chunk_size: int,
+        progress: bool,
+        description: str,
+        total: int,
+        skipped: int,
+    ) -> CollectResult:
         ray = self.ray
         self.queue.extend(_Chunk(c) for c in _chunks(pending, chunk_size))
         measured = failed = 0
@@ -411,15 +482,19 @@ class _Collection:
                     if not refs:
                         raise RayClusterError(
                             f"every Ray worker was lost while starting, {len(self.queue)} "
-                            "chunks left; rerun to measure them")
+                            "chunks left; rerun to measure them"
+                        )
                     done, _ = ray.wait(refs, num_returns=1, timeout=_WAIT_POLL_S)
                     if not done:
-                        if (not self.in_flight
-                                and time.monotonic() - last_answer > self.start_timeout_s):
+                        if (
+                            not self.in_flight
+                            and time.monotonic() - last_answer > self.start_timeout_s
+                        ):
                             raise RayClusterError(
                                 f"no Ray worker started within {self.start_timeout_s:g} s: the "
                                 "cluster has no free CPU (or GPU) for one; `ray status` shows "
-                                "its resources; rerun to resume")
+                                "its resources; rerun to resume"
+                            )
                         continue
                     last_answer = time.monotonic()
                     [ref] = done
@@ -448,11 +523,18 @@ class _Collection:
                         bar.advance(len(rows))
                         logger.debug("wrote %s (%d rows)", path.name, len(rows))
         finally:
-            _close_actors(ray, [s.actor for s in self.slots if s.starting is None],
-                          [s.actor for s in self.slots if s.starting is not None])
+            _close_actors(
+                ray,
+                [s.actor for s in self.slots if s.starting is None],
+                [s.actor for s in self.slots if s.starting is not None],
+            )
         if failed:
-            logger.error("%d of %d samples failed after %d retries; rerun to measure them",
-                         failed, len(pending), self.max_retries)
+            logger.error(
+                "%d of %d samples failed after %d retries; rerun to measure them",
+                failed,
+                len(pending),
+                self.max_retries,
+            )
         return CollectResult(self.out, measured, skipped, total, failed)
 
     def _start(self, slot: _Slot | None) -> _Slot:
@@ -475,12 +557,15 @@ class _Collection:
         except self.ray.exceptions.RayActorError as exc:
             if exc.actor_init_failed:  # the backend's own error ends Ray's traceback
                 cause = (str(exc).strip().splitlines() or ["?"])[-1]
-                raise BackendError(f"backend {self.spec.name!r} cannot start on a Ray "
-                                   f"worker: {cause}") from exc
+                raise BackendError(
+                    f"backend {self.spec.name!r} cannot start on a Ray worker: {cause}"
+                ) from exc
             slot.failed_starts += 1
             if slot.failed_starts > self.max_retries:
-                logger.error("a Ray worker was lost %d times while starting; going on without "
-                             "it", slot.failed_starts)
+                logger.error(
+                    "a Ray worker was lost %d times while starting; going on without it",
+                    slot.failed_starts,
+                )
                 _kill(self.ray, slot.actor)
                 self.slots.remove(slot)
                 return
@@ -491,9 +576,11 @@ class _Collection:
             check_fingerprint(self.out, fingerprint, self.spec.name)
             self.fingerprint = fingerprint
         elif fingerprint != self.fingerprint:
-            raise DatasetError("Ray workers measure on different hardware: "
-                               f"{sorted({fingerprint, self.fingerprint})}; collect on identical "
-                               "workers, one directory per kind of worker")
+            raise DatasetError(
+                "Ray workers measure on different hardware: "
+                f"{sorted({fingerprint, self.fingerprint})}; collect on identical "
+                "workers, one directory per kind of worker"
+            )
         slot.starting, slot.failed_starts = None, 0
 
     def _submit(self) -> None:
@@ -512,13 +599,23 @@ class _Collection:
     def _retry_or_give_up(self, chunk: _Chunk, exc: BaseException) -> int:
         """Queue ``chunk`` again (0) or give it up (its sample count)."""
         if chunk.attempts <= self.max_retries:
-            logger.warning("chunk of %d samples (first key %s) failed on attempt %d, retrying: %s",
-                           len(chunk.samples), chunk.samples[0].key, chunk.attempts, exc)
+            logger.warning(
+                "chunk of %d samples (first key %s) failed on attempt %d, retrying: %s",
+                len(chunk.samples),
+                chunk.samples[0].key,
+                chunk.attempts,
+                exc,
+            )
             self.queue.appendleft(chunk)
             return 0
-        logger.error("chunk of %d samples (keys %s..%s) failed %d times, giving up: %s",
-                     len(chunk.samples), chunk.samples[0].key, chunk.samples[-1].key,
-                     chunk.attempts, exc)
+        logger.error(
+            "chunk of %d samples (keys %s..%s) failed %d times, giving up: %s",
+            len(chunk.samples),
+            chunk.samples[0].key,
+            chunk.samples[-1].key,
+            chunk.attempts,
+            exc,
+        )
         return len(chunk.samples)
 
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,13 +83,24 @@ class _ReportCheckpointer:
 def _worker_loop(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     logging.getLogger("neuroshard").setLevel(cfg["log_level"])
-    fit_net(cfg["net"], cfg["train"], cfg["val"], cfg["config"], cfg["label"],
-            checkpointer=_ReportCheckpointer())
+    fit_net(
+        cfg["net"],
+        cfg["train"],
+        cfg["val"],
+        cfg["config"],
+        cfg["label"],
+        checkpointer=_ReportCheckpointer(),
+    )
 
 
 @contextmanager
-def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str | None = None,
-                 checkpoint_every: int = 10) -> Iterator[TrainFn]:
+def ray_training(
+    *,
+    workers: int,
+    storage_dir: str | os.PathLike,
+    address: str | None = None,
+    checkpoint_every: int = 10,
+) -> Iterator[TrainFn]:
     """Yield a :class:`~neuroshard.models.training.TrainFn` that trains on ``workers`` Ray
     Train workers, saving every ``checkpoint_every`` epochs under ``storage_dir``.
 
@@ -108,8 +120,9 @@ def ray_training(*, workers: int, storage_dir: str | os.PathLike, address: str |
     storage = storage_location(storage_dir)
     owned = init_ray(workers, address)
     try:
-        yield partial(_train_on_ray, workers=workers, storage=storage,
-                      checkpoint_every=checkpoint_every)
+        yield partial(
+            _train_on_ray, workers=workers, storage=storage, checkpoint_every=checkpoint_every
+        )
     finally:
         if owned:
             ray.shutdown()
@@ -124,9 +137,17 @@ def storage_location(storage: str | os.PathLike) -> str:
     return str(Path(text).expanduser().resolve())
 
 
-def _train_on_ray(net: nn.Module, train: Batches, val: Batches, config: TrainConfig,
-                  label: str, *, workers: int, storage: str,
-                  checkpoint_every: int) -> TrainResult:
+def _train_on_ray(
+    net: nn.Module,
+    train: Batches,
+    val: Batches,
+    config: TrainConfig,
+    label: str,
+    *,
+    workers: int,
+    storage: str,
+    checkpoint_every: int,
+) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -134,15 +155,24 @@ def _train_on_ray(net: nn.Module, train: Batches, val: Batches, config: TrainCon
     name = run_name(net, train, val, config, label)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"net": net, "train": train, "val": val, "config": config,
-                           "label": label,
-                           "log_level": logging.getLogger("neuroshard").getEffectiveLevel()},
+        train_loop_config={
+            "net": net,
+            "train": train,
+            "val": val,
+            "config": config,
+            "label": label,
+            "log_level": logging.getLogger("neuroshard").getEffectiveLevel(),
+        },
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
-                                     resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
     )
     logger.info("%s: Ray Train on %d workers, run %s under %s", label, workers, name, storage)
     result = trainer.fit()
@@ -157,6 +187,11 @@ def _train_on_ray(net: nn.Module, train: Batches, val: Batches, config: TrainCon
     net.load_state_dict(state["best_state"])
     net.eval()
     history = [(float(a), float(b)) for a, b in state["history"]]
-    return TrainResult(int(state["best_epoch"]), float(state["best_loss"]),
-                       int(state["epoch"]) + 1, float(state["seconds"]), history,
-                       state["resumed_after"])
+    return TrainResult(
+        int(state["best_epoch"]),
+        float(state["best_loss"]),
+        int(state["epoch"]) + 1,
+        float(state["seconds"]),
+        history,
+        state["resumed_after"],
+    )

@@ -51,9 +51,11 @@ from neuroshard.search.scoring import LoadKey, Scorer
 from neuroshard.types import (
     DIM_MULTIPLE,
     Cluster,
+    Constraints,
     CostEstimator,
     Plan,
     PlanInfeasibleError,
+    TableConstraint,
     TableSpec,
 )
 
@@ -353,7 +355,22 @@ class _LocalSearch:
         return tuple(sorted(shards))
 
 
-def _state_of(plan: Plan, index: dict[str, int]) -> ShardState:
+# The oracle's space: whole-row column shards on the fused kernel.
+_COLUMN_ONLY = Constraints(
+    default=TableConstraint(
+        sharding_types=("table_wise", "column_wise"), compute_kernels=("fused",)
+    )
+)
+
+
+def _state_of(plan: Plan, index: dict[str, int]) -> ShardState | None:
+    """The plan as a state of this search, or None when it uses more than whole-row column
+    shards on the fused kernel (row blocks, replicas, caching: outside the oracle's space)."""
+    if any(s.rows is not None or s.compute_kernel != "fused" for s in plan.shards) or any(
+        plan.sharding_type_of(t.name) not in ("table_wise", "column_wise") for t in plan.tables
+    ):
+        logger.info("oracle: a start plan outside table- and column-wise placements is skipped")
+        return None
     return tuple(sorted((index[s.table], s.width, s.device) for s in plan.shards))
 
 
@@ -394,7 +411,7 @@ def oracle_plan(
     rng = np.random.default_rng(seed)
     scorer = Scorer(estimator)
     search = _LocalSearch(tables, cluster, scorer, rng)
-    seeds: list[ShardState] = []
+    seeds: list[ShardState | None] = []
 
     tablewise_ms: float | None = None
     exhaustive = False
@@ -423,12 +440,14 @@ def oracle_plan(
             seeds.append(_state_of(greedy_grid(tables, cluster, estimator), index))
         except PlanInfeasibleError:
             pass
-    seeds.append(_state_of(beam_search(tables, cluster, estimator), index))
+    seeds.append(
+        _state_of(beam_search(tables, cluster, estimator, constraints=_COLUMN_ONLY), index)
+    )
     for plan in starts:
         if {t.name for t in plan.tables} != set(index) or plan.cluster != cluster:
             raise ValueError("start plans must be of the same tables and cluster")
         seeds.append(_state_of(plan, index))
-    seeds = list(dict.fromkeys(seeds))
+    seeds = [seed for seed in dict.fromkeys(seeds) if seed is not None]
 
     search.score(seeds)
     best = min(seeds, key=search.cost.__getitem__)

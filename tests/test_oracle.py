@@ -3,7 +3,6 @@ import itertools
 import numpy as np
 import pytest
 
-from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
 from neuroshard.plan_io import validate_plan
 from neuroshard.search.greedy import greedy_grid, to_plan
 from neuroshard.search.oracle import (
@@ -14,6 +13,8 @@ from neuroshard.search.oracle import (
 )
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, PlanInfeasibleError
+
+from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
 
 
 def brute_force(tables, cluster, est):
@@ -70,8 +71,9 @@ def test_exhaustive_with_device_dependent_comm_equals_brute_force():
 
 def test_exhaustive_prunes_placements_over_memory():
     rows = int(0.45 * GB) // (32 * 4)
-    tables = [make_table(f"t{i}", rows=rows, dim=32, pooling_factor=50.0 / (i + 1))
-              for i in range(6)]
+    tables = [
+        make_table(f"t{i}", rows=rows, dim=32, pooling_factor=50.0 / (i + 1)) for i in range(6)
+    ]
     cluster, est = make_cluster(3, memory_gb=1), FakeEstimator()
     devices, cost, count = exhaustive_tablewise(tables, cluster, est)
     assert count < placement_count(6, 3, symmetric=True)
@@ -91,8 +93,7 @@ class WorkEstimator(FakeEstimator):
     plan's cost is then its busiest device's work, which a hand count can optimise."""
 
     def compute_ms(self, loads):
-        return np.asarray([float(sum(t.dim * t.pooling_factor for t in load))
-                           for load in loads])
+        return np.asarray([float(sum(t.dim * t.pooling_factor for t in load)) for load in loads])
 
     def bwd_comm_ms(self, dim_sums):
         return np.zeros(np.shape(dim_sums))
@@ -107,8 +108,9 @@ def test_oracle_finds_the_optimum_known_by_construction():
     # Placing the costliest first on the least loaded device gives 12+8+8 = 28.
     est = WorkEstimator()
     works = [3.0, 3.0, 2.0, 2.0, 2.0]
-    tables = [make_table(f"w{i}", rows=1000, dim=4, pooling_factor=pf)
-              for i, pf in enumerate(works)]
+    tables = [
+        make_table(f"w{i}", rows=1000, dim=4, pooling_factor=pf) for i, pf in enumerate(works)
+    ]
     cluster = make_cluster(2)
     assert plan_cost(greedy_grid(tables, cluster, est), est).max_ms == 28.0
     plan = priced(oracle_plan(tables, cluster, est, max_evals=3000), est)
@@ -121,8 +123,10 @@ def test_oracle_finds_the_optimum_known_by_construction():
     # Width 8 and pooling 3 make "a" worth 24, split at most once into two halves of 12
     # (4 wide); "b" is worth 8. Table-wise the best is 24; with "a" split, the pieces
     # 12, 12, 8 give at best 12+8 | 12 = 20, and no plan can do better.
-    tables = [make_table("a", rows=1000, dim=8, pooling_factor=3.0),
-              make_table("b", rows=1000, dim=4, pooling_factor=2.0)]
+    tables = [
+        make_table("a", rows=1000, dim=8, pooling_factor=3.0),
+        make_table("b", rows=1000, dim=4, pooling_factor=2.0),
+    ]
     plan = priced(oracle_plan(tables, cluster, est, max_evals=3000), est)
     validate_plan(plan)
     assert plan.meta["tablewise_ms"] == 24.0
@@ -132,8 +136,11 @@ def test_oracle_finds_the_optimum_known_by_construction():
 
 def test_oracle_splits_a_hot_table_beyond_the_tablewise_optimum():
     tables = [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [
-        make_table(f"t{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(5)]
-    plan = priced(oracle_plan(tables, make_cluster(4), FakeEstimator(), max_evals=3000), FakeEstimator())
+        make_table(f"t{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(5)
+    ]
+    plan = priced(
+        oracle_plan(tables, make_cluster(4), FakeEstimator(), max_evals=3000), FakeEstimator()
+    )
     validate_plan(plan)
     assert len(plan.shards_of("hot")) > 1
     assert plan.cost.max_ms < 0.9 * plan.meta["tablewise_ms"]
@@ -142,19 +149,27 @@ def test_oracle_splits_a_hot_table_beyond_the_tablewise_optimum():
 def test_oracle_without_exhaustive_part_and_with_a_table_too_big_for_a_device():
     rows = int(1.6 * GB) // (128 * 4)
     tables = [make_table("big", rows=rows, dim=128)] + make_tables(5, seed=1)
-    plan = priced(oracle_plan(tables, make_cluster(4, memory_gb=1), FakeEstimator(), max_evals=1000), FakeEstimator())
+    plan = priced(
+        oracle_plan(tables, make_cluster(4, memory_gb=1), FakeEstimator(), max_evals=1000),
+        FakeEstimator(),
+    )
     validate_plan(plan)
     assert not plan.meta["exhaustive"] and plan.meta["tablewise_ms"] is None
-    small = oracle_plan(make_tables(10), make_cluster(4), FakeEstimator(), max_evals=500,
-                        exhaustive_limit=10)
+    small = oracle_plan(
+        make_tables(10), make_cluster(4), FakeEstimator(), max_evals=500, exhaustive_limit=10
+    )
     assert not small.meta["exhaustive"]
     validate_plan(small)
 
 
 def test_oracle_is_seeded():
     tables, cluster = make_tables(7, seed=6), make_cluster(4)
-    a = priced(oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator())
-    b = priced(oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator())
+    a = priced(
+        oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator()
+    )
+    b = priced(
+        oracle_plan(tables, cluster, FakeEstimator(), max_evals=1500, seed=1), FakeEstimator()
+    )
     assert a == b
 
 

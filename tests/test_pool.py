@@ -54,8 +54,9 @@ def test_sizes_fit_the_benchmark(generated):
     rows = np.array([t.rows for t in generated[0]])
     assert rows.max() * 128 * 4 <= 4 * GIB  # every table fits a 4 GB device table-wise
     rng = np.random.default_rng(0)
-    totals = [rows[rng.choice(rows.size, 60, replace=False)].sum() * 128 * 4 / 1e9
-              for _ in range(300)]
+    totals = [
+        rows[rng.choice(rows.size, 60, replace=False)].sum() * 128 * 4 / 1e9 for _ in range(300)
+    ]
     assert 5.0 <= np.median(totals) <= 20.0
 
 
@@ -125,8 +126,12 @@ def test_save_and_load_round_trip(tmp_path):
     assert P.load_pool("test", path=path) == test
     assert P.load_pool(path=path) == tables
     # Written twice, the file is byte-identical (stable JSON).
-    again = P.save_pool(tmp_path / "again.json", P.load_pool("train", path=path),
-                        P.load_pool("test", path=path), seed=5)
+    again = P.save_pool(
+        tmp_path / "again.json",
+        P.load_pool("train", path=path),
+        P.load_pool("test", path=path),
+        seed=5,
+    )
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -140,8 +145,13 @@ def test_malformed_pool_files_name_the_culprit(tmp_path):
     bad.write_text(json.dumps({"format": "other"}))
     with pytest.raises(TableSpecError, match="format"):
         P.load_pool(path=bad)
-    table = {"name": "x", "rows": 10, "dim": 6, "pooling_factor": 1.0,
-             "reuse_hist": [1.0] + [0.0] * 16}
+    table = {
+        "name": "x",
+        "rows": 10,
+        "dim": 6,
+        "pooling_factor": 1.0,
+        "reuse_hist": [1.0] + [0.0] * 16,
+    }
     bad.write_text(json.dumps({"format": P.POOL_FORMAT, "train": [table], "test": []}))
     with pytest.raises(TableSpecError, match="'x'.*dim"):
         P.load_pool(path=bad)

@@ -34,12 +34,14 @@ pytestmark = pytest.mark.slow
 
 LOOPBACK = "127.0.0.1"
 # Ray's own `ray start`, with the loopback rewrite off (see the module docstring).
-_RAY_START = ("import sys\n"
-              "from ray._private import services\n"
-              "services.resolve_ip_for_localhost = lambda host: host\n"
-              "from ray.scripts.scripts import main\n"
-              "sys.argv[0] = 'ray'\n"
-              "main()\n")
+_RAY_START = (
+    "import sys\n"
+    "from ray._private import services\n"
+    "services.resolve_ip_for_localhost = lambda host: host\n"
+    "from ray.scripts.scripts import main\n"
+    "sys.argv[0] = 'ray'\n"
+    "main()\n"
+)
 # The longest socket path Ray makes under a node's temp dir, beyond the dir itself:
 # /session_<date>_<time>_<usec>_<pid>/sockets/plasma_store; unix sockets allow 107 bytes.
 _SOCKET_SUFFIX_CHARS = 64
@@ -71,9 +73,11 @@ class Node:
         return [f for f, n in self._actor_markers() if n == name]
 
     def _actor_markers(self) -> list[tuple[Path, str]]:
-        return [(f, name) for f in self.temp_dir.glob("session_*/logs/worker-*.out")
-                for name in re.findall(r"^:actor_name:(\w+)$", f.read_text(errors="replace"),
-                                       re.M)]
+        return [
+            (f, name)
+            for f in self.temp_dir.glob("session_*/logs/worker-*.out")
+            for name in re.findall(r"^:actor_name:(\w+)$", f.read_text(errors="replace"), re.M)
+        ]
 
 
 @dataclass
@@ -89,17 +93,34 @@ class Cluster:
         temp_dir = self.root / name
         log = self.root / f"{name}.log"
         low = _free_port_block(100)
-        cmd = [sys.executable, "-c", _RAY_START, "start", "--block", "--disable-usage-stats",
-               f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp_dir}", "--num-cpus=1",
-               f"--object-store-memory={80 << 20}", f"--min-worker-port={low}",
-               f"--max-worker-port={low + 99}",
-               *(f"--{flag}={_free_port()}" for flag in (
-                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                   "runtime-env-agent-port", "metrics-export-port")),
-               *args]
+        cmd = [
+            sys.executable,
+            "-c",
+            _RAY_START,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={LOOPBACK}",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=1",
+            f"--object-store-memory={80 << 20}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 99}",
+            *(
+                f"--{flag}={_free_port()}"
+                for flag in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                )
+            ),
+            *args,
+        ]
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         node = Node(name, proc, temp_dir, log)
         self.nodes.append(node)
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -125,15 +146,25 @@ def start_cluster(root: Path) -> Cluster:
     token_file = root / "token"
     token_file.write_text(secrets.token_hex(32))
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": pythonpath_with_tests(), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": pythonpath_with_tests(),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     c = Cluster(root, f"{LOOPBACK}:{port}", token_file, env, remove_root=remove_root)
     try:
-        c.start_node("head", "--head", f"--port={port}", "--include-dashboard=false",
-                     f"--dashboard-port={_free_port()}",
-                     f"--ray-client-server-port={_free_port()}")
+        c.start_node(
+            "head",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            f"--dashboard-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        )
         c.start_node("node2", f"--address={c.address}")
     except BaseException:
         c.stop()
@@ -160,23 +191,40 @@ def run_pretrain(address: str, out: str, storage: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tables = make_tables(30, seed=4)
-    pretrain(PretrainConfig(
-        Path(out), backend="sim", backend_kwargs={"noise": 0.03}, tables=tables[:20],
-        holdout_tables=tables[20:], compute_samples=300, comm_samples=100, holdout_samples=60,
-        retest_samples=20, max_tables=8, chunk_size=20, workers=2, address=address,
-        storage=storage, progress=False,
-        model_kwargs={"max_epochs": 3, "patience": 3, "train_batch_size": 64}))
+    pretrain(
+        PretrainConfig(
+            Path(out),
+            backend="sim",
+            backend_kwargs={"noise": 0.03},
+            tables=tables[:20],
+            holdout_tables=tables[20:],
+            compute_samples=300,
+            comm_samples=100,
+            holdout_samples=60,
+            retest_samples=20,
+            max_tables=8,
+            chunk_size=20,
+            workers=2,
+            address=address,
+            storage=storage,
+            progress=False,
+            model_kwargs={"max_epochs": 3, "patience": 3, "train_batch_size": 64},
+        )
+    )
 
 
 def test_pretrain_collects_and_trains_on_both_nodes(cluster, tmp_path):
     out, storage = tmp_path / "run", tmp_path / "storage"
-    code = ("from test_ray_cluster import run_pretrain\n"
-            f"run_pretrain({cluster.address!r}, {str(out)!r}, {str(storage)!r})\n")
+    code = (
+        "from test_ray_cluster import run_pretrain\n"
+        f"run_pretrain({cluster.address!r}, {str(out)!r}, {str(storage)!r})\n"
+    )
     # The driver has the token file but not RAY_AUTH_MODE: neuroshard turns token mode on.
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=400)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
+    )
     print(f"\npretrain on 2 nodes: {time.monotonic() - started:.0f} s")
     assert res.returncode == 0, res.stderr[-4000:]
     assert "connected to the Ray cluster at " + cluster.address in res.stderr
@@ -205,10 +253,18 @@ def collect_slowly(address: str, out: str, samples: int) -> None:
     from neuroshard.pretrain.pipeline import PretrainConfig, collect_samples
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    res = collect_samples(PretrainConfig(
-        Path(out), backend=BackendSpec("slow-sim", {"delay_s": 0.02}, factory=SlowSim),
-        compute_samples=samples, workers=2, address=address, chunk_size=64,
-        progress=False), "compute")
+    res = collect_samples(
+        PretrainConfig(
+            Path(out),
+            backend=BackendSpec("slow-sim", {"delay_s": 0.02}, factory=SlowSim),
+            compute_samples=samples,
+            workers=2,
+            address=address,
+            chunk_size=64,
+            progress=False,
+        ),
+        "compute",
+    )
     print(f"{res.measured} measured, {res.skipped} already on disk, {res.failed} failed")
 
 
@@ -222,18 +278,22 @@ def test_collection_survives_a_lost_node_and_reruns_exactly(cluster, tmp_path):
     head, node2 = cluster.nodes[0], cluster.nodes[1]
     assert node2.proc.poll() is None, "the second node is not running"
     out, samples = tmp_path / "data", 640  # 10 chunks of 64
-    cmd = [sys.executable, "-c", "from test_ray_cluster import collect_slowly\n"
-           f"collect_slowly({cluster.address!r}, {str(out)!r}, {samples})\n"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from test_ray_cluster import collect_slowly\n"
+        f"collect_slowly({cluster.address!r}, {str(out)!r}, {samples})\n",
+    ]
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     workers_before = len(node2.actor_logs("_Worker"))
     log = tmp_path / "collect.log"
     with open(log, "w") as f:
-        job = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        job = subprocess.Popen(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 120
-        while (len(part_files(out)) < 2
-               or len(node2.actor_logs("_Worker")) == workers_before):
+        while len(part_files(out)) < 2 or len(node2.actor_logs("_Worker")) == workers_before:
             assert job.poll() is None, f"the job ended early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no 2 parts with a worker on node2 in 120 s"
             time.sleep(0.05)
@@ -250,8 +310,11 @@ def test_collection_survives_a_lost_node_and_reruns_exactly(cluster, tmp_path):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"0 measured, {samples} already on disk, 0 failed" in rerun.stdout, rerun.stdout
-    keys = [k for p in part_files(out)
-            for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+    keys = [
+        k
+        for p in part_files(out)
+        for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
+    ]
     assert len(keys) == len(set(keys)) == samples, (len(keys), len(set(keys)))
     assert len(head.actor_logs("_Worker")) > 0
 
@@ -259,21 +322,42 @@ def test_collection_survives_a_lost_node_and_reruns_exactly(cluster, tmp_path):
 def test_unreachable_or_unauthenticated_cluster_fails_fast(cluster, tmp_path):
     home = tmp_path / "home"  # no ~/.ray/auth_token here
     home.mkdir()
-    base = {k: v for k, v in cluster.env.items()
-            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    base = {
+        k: v
+        for k, v in cluster.env.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+    }
     base["HOME"] = str(home)
     closed = f"{LOOPBACK}:{_free_port()}"
     cases = [
         (closed, {}, ["no Ray cluster answers at " + closed, "--node-ip-address"]),
         (cluster.address, {}, ["requires an authentication token", "RAY_AUTH_TOKEN"]),
-        (cluster.address, {"RAY_AUTH_TOKEN": "not-the-token"},
-         ["rejected this client's token (from RAY_AUTH_TOKEN)"]),
+        (
+            cluster.address,
+            {"RAY_AUTH_TOKEN": "not-the-token"},
+            ["rejected this client's token (from RAY_AUTH_TOKEN)"],
+        ),
     ]
     for address, extra, needles in cases:
         started = time.monotonic()
-        res = subprocess.run([sys.executable, "-m", "neuroshard.cli", "collect", "--samples",
-                              "10", "--address", address, "--out", str(tmp_path / "c")],
-                             env={**base, **extra}, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "neuroshard.cli",
+                "collect",
+                "--samples",
+                "10",
+                "--address",
+                address,
+                "--out",
+                str(tmp_path / "c"),
+            ],
+            env={**base, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         took = time.monotonic() - started
         assert res.returncode == 6, (address, extra, res.stderr[-2000:])
         lines = res.stderr.strip().splitlines()

@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("ray")
 
-from factories import kill_9_when, run_to_end, start_job  # noqa: E402
 from neuroshard.models.training import Dense, TrainConfig, fit_net  # noqa: E402
+
+from factories import kill_9_when, run_to_end, start_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +47,16 @@ def run_job(storage: str, result_file: str, checkpoint_every: int) -> None:
     net = Lin()
     with ray_training(workers=2, storage_dir=storage, checkpoint_every=checkpoint_every) as fit:
         res = fit(net, train, val, CONFIG, "lin")
-    Path(result_file).write_text(json.dumps({
-        "best_val_loss": res.best_val_loss, "epochs_run": res.epochs_run,
-        "resumed_after": res.resumed_after,
-        "weights": [p.detach().reshape(-1).tolist() for p in net.parameters()]}))
+    Path(result_file).write_text(
+        json.dumps(
+            {
+                "best_val_loss": res.best_val_loss,
+                "epochs_run": res.epochs_run,
+                "resumed_after": res.resumed_after,
+                "weights": [p.detach().reshape(-1).tolist() for p in net.parameters()],
+            }
+        )
+    )
 
 
 def _checkpoints(storage: Path) -> list[Path]:
@@ -59,10 +66,17 @@ def _checkpoints(storage: Path) -> list[Path]:
 
 def test_ray_training_resumes_after_kill_9_and_matches_one_process(tmp_path):
     storage, result = tmp_path / "train", tmp_path / "result.json"
-    code = ("from test_ray_train import run_job\n"
-            f"run_job({str(storage)!r}, {str(result)!r}, checkpoint_every=10)\n")
-    kill_9_when(start_job(code), lambda: bool(_checkpoints(storage)), timeout_s=240,
-                poll_s=0.2, what="checkpoint")
+    code = (
+        "from test_ray_train import run_job\n"
+        f"run_job({str(storage)!r}, {str(result)!r}, checkpoint_every=10)\n"
+    )
+    kill_9_when(
+        start_job(code),
+        lambda: bool(_checkpoints(storage)),
+        timeout_s=240,
+        poll_s=0.2,
+        what="checkpoint",
+    )
     assert not result.exists()
 
     rerun = run_to_end(code, timeout_s=480)
@@ -79,17 +93,29 @@ def test_ray_training_resumes_after_kill_9_and_matches_one_process(tmp_path):
 
 
 def test_pretrain_with_workers_trains_on_ray_train(tmp_path):
-    from factories import make_tables
     from neuroshard.models import read_meta
     from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
+    from factories import make_tables
+
     tables = make_tables(30, seed=4)
-    model_dir = pretrain(PretrainConfig(
-        tmp_path, backend="sim", backend_kwargs={"noise": 0.03},
-        tables=tables[:20], holdout_tables=tables[20:], compute_samples=400,
-        comm_samples=150, holdout_samples=100, retest_samples=20, max_tables=8,
-        progress=False, workers=2,
-        model_kwargs={"max_epochs": 12, "patience": 12, "train_batch_size": 64}))
+    model_dir = pretrain(
+        PretrainConfig(
+            tmp_path,
+            backend="sim",
+            backend_kwargs={"noise": 0.03},
+            tables=tables[:20],
+            holdout_tables=tables[20:],
+            compute_samples=400,
+            comm_samples=150,
+            holdout_samples=100,
+            retest_samples=20,
+            max_tables=8,
+            progress=False,
+            workers=2,
+            model_kwargs={"max_epochs": 12, "patience": 12, "train_batch_size": 64},
+        )
+    )
     meta = read_meta(model_dir)
     assert meta["training"]["compute"]["epochs_run"] == 12
     assert meta["metrics"]["compute"]["test_pool"]["n"] == 100

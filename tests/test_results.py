@@ -52,7 +52,7 @@ def results_section() -> str:
     text = (REPO / "README.md").read_text()
     start = text.index("\n## Results")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else len(text)]
+    return text[start : end if end >= 0 else len(text)]
 
 
 def _first_line(path: Path) -> str:
@@ -73,22 +73,29 @@ def test_results_file_starts_with_the_command_that_reproduces_it(path):
         words.pop(0)
     assert words[:1] == [".venv/bin/python"], f"{path.name}: not run with the venv: {words}"
     script = words[1] if len(words) > 1 else ""
-    assert re.fullmatch(r"bench/\w+\.py", script) and (REPO / script).is_file(), \
+    assert re.fullmatch(r"bench/\w+\.py", script) and (REPO / script).is_file(), (
         f"{path.name}: {script!r} is not a bench script of this repository"
+    )
     for word in words[2:]:
         value = word.split("=", 1)[1] if word.startswith("--") and "=" in word else word
         if "/" in value:  # a path: relative, inside the repository, and there
             relative = re.sub(r":\d+$", "", value)  # --dataset DIR:N takes N samples
-            assert not relative.startswith(("/", "~")) and ".." not in relative.split("/"), \
+            assert not relative.startswith(("/", "~")) and ".." not in relative.split("/"), (
                 f"{path.name}: {value!r} is outside the repository"
+            )
             assert (REPO / relative).exists(), f"{path.name}: {value!r} is not in the repository"
 
 
 def test_numbers_are_read_at_their_precision():
     nums = _numbers("0.967x, 96%, 1.35x, 43k, 20,000 samples, h100 sim-h100-d4 b4096, 14.6 s")
     assert [(str(v), d, u) for v, d, u, _ in nums] == [
-        ("0.967", 3, ""), ("96", 0, "%"), ("1.35", 2, ""), ("43000", -3, ""),
-        ("20000", 0, ""), ("14.6", 1, "")]
+        ("0.967", 3, ""),
+        ("96", 0, "%"),
+        ("1.35", 2, ""),
+        ("43000", -3, ""),
+        ("20000", 0, ""),
+        ("14.6", 1, ""),
+    ]
     assert _rounded(Decimal("42943"), -3) == Decimal("43000")
     assert _rounded(Decimal("0.9674"), 3) == Decimal("0.967")
 

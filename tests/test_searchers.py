@@ -1,6 +1,5 @@
 import pytest
 
-from factories import FakeEstimator, assert_fake_plan_cost, make_cluster, make_tables
 from neuroshard.planner import Planner
 from neuroshard.search import (
     BASELINES,
@@ -16,6 +15,8 @@ from neuroshard.types import (
     TableConstraint,
     UnknownNameError,
 )
+
+from factories import FakeEstimator, assert_fake_plan_cost, make_cluster, make_tables
 
 COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
 
@@ -35,7 +36,8 @@ def test_every_searcher_returns_a_valid_costed_plan(name, num_devices):
     for t in tables:
         shards = plan.shards_of(t.name)
         assert [(a.end, b.start) for a, b in zip(shards, shards[1:])] == [
-            (a.end, a.end) for a in shards[:-1]]  # contiguous, no overlap
+            (a.end, a.end) for a in shards[:-1]
+        ]  # contiguous, no overlap
         assert shards[0].start == 0 and shards[-1].end == t.dim
         assert all(s.width > 0 and s.width % DIM_MULTIPLE == 0 for s in shards)
         assert all(0 <= s.device < num_devices for s in shards)
