@@ -5,6 +5,8 @@ in the working tree and in a base revision (exported with ``git archive`` into a
 folder and laid out as the installed package), each in its own process, costs every plan
 by the sim backend, and prints per searcher how many plan costs are identical and the
 mean ratio of the current cost to the base cost. A refactor should print 1.000000.
+Revisions with the whole sharding space plan with no memory reserve and, for searchers
+that take constraints, table- and column-wise types only: the space both revisions have.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_equivalence.py --base 172ff92 \
         --device-counts 4,8 --tasks 100 --out bench/results/plan_equivalence.md
@@ -54,8 +56,18 @@ try:
     if "budget_s" not in params:  # not yet the one-path planner
         raise ImportError
     extra = {"reserve": 0.0} if "reserve" in params else {}  # today's caps: all for weights
+    columns = None  # the table- and column-wise space, where the revisions can agree
+    if "constraints" in params:
+        from neuroshard.search import get_searcher
+        from neuroshard.types import Constraints, TableConstraint
+        columns = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
     def plan(task, name, seed):
-        return Planner(searcher=name, seed=seed, **extra).plan(task, cluster)
+        kw = dict(extra)
+        takes = inspect.signature(get_searcher(name)).parameters
+        if columns is not None and ("constraints" in takes or any(
+                x.kind is x.VAR_KEYWORD for x in takes.values())):
+            kw["constraints"] = columns
+        return Planner(searcher=name, seed=seed, **kw).plan(task, cluster)
 except ImportError:
     from neuroshard.costmodel import load_cost_model
     from neuroshard.planner import default_model_dir, plan_tables

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 SplitState = State
 
 CANDIDATES_PER_KEY = 10  # tables taken by size and by predicted compute at each expansion
+BULK_SIZES = (2, 8, 32, 128, 512)  # tables a bulk move changes at once
 
 __all__ = ["CANDIDATES_PER_KEY", "Layout", "SplitState", "affordable", "beam_search",
            "expand", "halve", "initial_state"]
@@ -90,9 +91,11 @@ def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
     return [child for child, _ in _children(state, space, top_k)]
 
 
-def _children(state: State, space: Space, top_k: int) -> list[tuple[State, float]]:
+def _children(state: State, space: Space, top_k: int,
+              bulk_moves: bool = True) -> list[tuple[State, float]]:
     """:func:`expand`'s children, each with the predicted compute (ms) of the widest shard
-    of the table it moves."""
+    of the (first) table it moves: single moves, then with ``bulk_moves`` the same move
+    for several tables at once."""
     moves = {i: space.moves(state, i) for i in range(len(state))}
     movable = [i for i in range(len(state)) if moves[i]]
     if not movable:
@@ -115,12 +118,35 @@ def _children(state: State, space: Space, top_k: int) -> list[tuple[State, float
                 if _kind_of(state[i], m) == kind:
                     out.append((state[:i] + (m,) + state[i + 1:], compute[i]))
 
+    def bulk(kind: str, key: dict[int, float]) -> None:
+        """The move applied at once to the first ``k`` tables by ``key`` (descending), for
+        ``k`` in :data:`BULK_SIZES`: one table at a time barely moves the busiest device of
+        a large task; several together do (table-row-wise hosts spread as they go)."""
+        ranked = sorted((i for i in movable
+                         if any(_kind_of(state[i], m) == kind for m in moves[i])),
+                        key=lambda i: -key[i])
+        done = 0
+        child = list(state)
+        for k in BULK_SIZES:
+            k = min(k, len(ranked))
+            if k <= max(done, 1):
+                continue
+            for i in ranked[done:k]:
+                options = [m for m in space.moves(tuple(child), i) if _kind_of(child[i], m) == kind]
+                if options:
+                    child[i] = options[0]
+            done = k
+            out.append((tuple(child), compute[ranked[0]]))
+
     pick("halve", (size, compute), top_k)
     pick("row_wise", (size, compute), max(1, top_k // 2))
     pick("table_row_wise", (size, compute), max(1, top_k // 2))
     share = {i: space.comm_share(i) for i in movable}
     pick("data_parallel", (share,), top_k)
     pick("cache", (size, compute), top_k)
+    if bulk_moves:  # type moves only: the column search stays the paper's
+        bulk("table_row_wise", size)
+        bulk("data_parallel", share)
     return out
 
 

@@ -91,15 +91,11 @@ def halve(widths: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def row_blocks(rows: int, parts: int) -> list[tuple[int, int]]:
-    """``rows`` cut into ``parts`` contiguous blocks as even as possible (TorchRec's
-    row-wise split: the first ``rows % parts`` blocks one row longer)."""
-    base, extra = divmod(rows, parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
+    """``rows`` cut into at most ``parts`` contiguous blocks the way TorchRec's row-wise
+    sharding cuts them: ``ceil(rows / parts)`` rows each, the last the remainder; blocks
+    that would be empty are left out (their ranks hold no rows)."""
+    block = math.ceil(rows / parts)
+    return [(lo, min(lo + block, rows)) for lo in range(0, rows, block)]
 
 
 class Space:
@@ -171,7 +167,7 @@ class Space:
                 out.append((self._item(t, view, t.rows, w, layout), -1))
         elif layout.kind in (ROW_WISE, TABLE_ROW_WISE):
             devices = self.devices_of(i, layout)
-            for (lo, hi), d in zip(row_blocks(t.rows, len(devices)), devices, strict=True):
+            for (lo, hi), d in zip(row_blocks(t.rows, len(devices)), devices, strict=False):
                 view = t.shard_view((lo, hi), t.dim)
                 out.append((self._item(t, view, hi - lo, t.dim, layout, alltoall=0.0), d))
         elif layout.kind == DATA_PARALLEL:
@@ -260,7 +256,8 @@ class Space:
                 shards.extend(Shard(t.name, 0, t.dim, d, None, kind, kernel, fraction)  # type: ignore[arg-type]
                               for d in placed)
                 continue
-            for (lo, hi), d in zip(row_blocks(t.rows, len(placed)), placed, strict=True):
+            holders = self.devices_of(i, layout)
+            for (lo, hi), d in zip(row_blocks(t.rows, len(holders)), placed, strict=True):
                 rows = None if (lo, hi) == (0, t.rows) else (lo, hi)
                 shards.append(Shard(t.name, 0, t.dim, d, rows, kind, kernel, fraction))  # type: ignore[arg-type]
         return Plan(tables=tuple(self.tables), shards=tuple(shards), cluster=self.cluster)
@@ -295,8 +292,8 @@ class Space:
         table-wise, column-wise (halved until a shard fits), row-wise over its devices,
         table-row-wise over a host, each on a fused kernel (or ``dense`` when that is the
         only one allowed), then the same on ``fused_uvm_caching`` at the lowest cache
-        fraction. Raises :class:`ConstraintError` (a constraint rules out every layout
-        that fits) or :class:`PlanInfeasibleError`."""
+        fraction; data-parallel (on ``dense``) last. Raises :class:`ConstraintError` (a
+        constraint rules out every layout that fits) or :class:`PlanInfeasibleError`."""
         t, rule = self.tables[i], self.rules[i]
         kernels = self._kernels(i)
         if not kernels:
@@ -320,10 +317,16 @@ class Space:
                 if t.rows >= len(self.devices_of(i, layout)):
                     candidates.append(layout)
                     break
+        if rule.allows_type("data_parallel") and "dense" in kernels and self.group_of[i] < 0:
+            candidates.append(Layout(DATA_PARALLEL, (t.dim,), "dense"))
         for kernel in ([hbm_kernel] if hbm_kernel else []) + ([UVM] if UVM in kernels else []):
             for layout in candidates:
-                layout = self._uvm_layout(i, layout) if kernel == UVM else layout._replace(
-                    kernel=kernel)
+                if layout.kind == DATA_PARALLEL:  # TorchRec's replicas run on dense
+                    if kernel == UVM:
+                        continue
+                else:
+                    layout = self._uvm_layout(i, layout) if kernel == UVM else layout._replace(
+                        kernel=kernel)
                 if self._fits(i, layout):
                     return layout
         if not candidates:
@@ -356,7 +359,7 @@ class Space:
         return all(
             self.budget[d] >= shard_hbm_bytes(hi - lo, t.dim, kernel, fraction, self.optimizer)
             and self.host_budget[d] >= shard_host_bytes(hi - lo, t.dim, kernel, self.optimizer)
-            for (lo, hi), d in zip(blocks, devices, strict=True))
+            for (lo, hi), d in zip(blocks, devices, strict=False))
 
     def hbm_bytes(self, i: int, layout: Layout) -> int:
         """HBM the layout takes over all devices."""
@@ -447,9 +450,9 @@ class Space:
             if host is not None:
                 out.append(layout._replace(kind=TABLE_ROW_WISE, widths=(t.dim,), host=host))
         if layout.kind != DATA_PARALLEL and rule.allows_type("data_parallel") and n > 1 \
-                and self.footprint(i) <= DP_MAX_SHARE * min(self.budget) \
-                and layout.kernel != UVM:
-            out.append(layout._replace(kind=DATA_PARALLEL, widths=(t.dim,), host=-1))
+                and rule.allows_kernel("dense") \
+                and self.footprint(i) <= DP_MAX_SHARE * min(self.budget):
+            out.append(Layout(DATA_PARALLEL, (t.dim,), "dense"))
         if layout.kernel == UVM and rule.cache_fraction is None:
             higher = [f for f in CACHE_FRACTIONS if f > (layout.cache_fraction or 0.0)]
             if higher:
