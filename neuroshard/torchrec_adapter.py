@@ -55,6 +55,7 @@ try:
     from torch import nn
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+    from torchrec.distributed.planner.constants import UVM_CACHING_RATIO
     from torchrec.distributed.planner.types import (
         ParameterConstraints,
         Perf,
@@ -265,6 +266,57 @@ def _placement(rank: int, device_type: str, local_world_size: int) -> str:
     return f"rank:{rank}/{device_type}:{rank % local_world_size}"
 
 
+_ROW_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+
+
+def _row_group(spec: TableSpec, shards: Sequence[Shard], sharding_type: str,
+               cluster: Cluster) -> list[int]:
+    """The ranks TorchRec spreads a row-wise (every rank) or table-row-wise (the ranks of
+    one host) table over."""
+    if sharding_type == ShardingType.ROW_WISE.value:
+        return list(range(cluster.num_devices))
+    hosts = {cluster.host_of(s.device) for s in shards}
+    if len(hosts) != 1:
+        raise PlanFormatError(f"table {spec.name!r}: table_row_wise shards on hosts "
+                              f"{sorted(hosts)}, TorchRec keeps them on one")
+    return list(cluster.devices_of_host(hosts.pop()))
+
+
+def _row_sharding(spec: TableSpec, shards: Sequence[Shard], sharding_type: str,
+                  cluster: Cluster, device_type: str, local: int,
+                  compute_kernel: str | None) -> ParameterSharding:
+    """TorchRec's :class:`ParameterSharding` of a row-wise or table-row-wise table: one
+    ``ShardMetadata`` per rank of its group with the row offset and count of its block
+    (0 rows for ranks past the last block), as ``torchrec.distributed.sharding_plan``'s
+    ``row_wise()`` / ``table_row_wise(host)`` build them. TorchRec routes an id to the
+    block ``id // ceil(rows / ranks)``, so the blocks must be those, on the group's ranks
+    in order; other row splits are a :class:`PlanFormatError`."""
+    group = _row_group(spec, shards, sharding_type, cluster)
+    block = -(-spec.rows // len(group))
+    want = [(r, (lo, min(lo + block, spec.rows)))
+            for r, lo in zip(group, range(0, spec.rows, block), strict=False)]
+    have = [(s.device, s.rows or (0, spec.rows)) for s in shards]
+    if any((s.start, s.end) != (0, spec.dim) for s in shards) or have != want:
+        raise PlanFormatError(
+            f"table {spec.name!r}: {sharding_type} blocks {have} are not TorchRec's "
+            f"({want}: ceil(rows / {len(group)}) rows per rank of the group, in order)")
+    metadata, offset = [], 0
+    for r in group:
+        count = next((hi - lo for d, (lo, hi) in have if d == r), 0)
+        metadata.append(ShardMetadata(shard_offsets=[offset, 0], shard_sizes=[count, spec.dim],
+                                      placement=_placement(r, device_type, local)))
+        offset += count
+    kernels = {s.compute_kernel for s in shards}
+    if compute_kernel is None and len(kernels) > 1:
+        raise PlanFormatError(f"table {spec.name!r}: shards on kernels {sorted(kernels)}")
+    kernel = compute_kernel or kernels.pop()
+    fractions = {s.cache_fraction for s in shards} - {None}
+    cache = (CacheParams(load_factor=fractions.pop())
+             if kernel == "fused_uvm_caching" and len(fractions) == 1 else None)
+    return ParameterSharding(sharding_type=sharding_type, compute_kernel=kernel, ranks=group,
+                             sharding_spec=EnumerableShardingSpec(metadata), cache_params=cache)
+
+
 def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
                      compute_kernel: str | None = None,
                      local_world_size: int | None = None) -> ShardingPlan:
@@ -274,7 +326,9 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
     :class:`EmbeddingCollection` in ``module`` by key (:func:`module_tables`), or by
     module path and name; each becomes a ``table_wise`` :class:`ParameterSharding` (one
     shard over all columns) or a ``column_wise`` one (one ``ShardMetadata`` per column
-    shard, in column order, uneven widths and repeated ranks allowed). ``local_world_size``
+    shard, in column order, uneven widths and repeated ranks allowed), or a
+    ``data_parallel`` one (a replica on every rank, TorchRec's dense kernel; row-splitting
+    types are not exported yet). ``local_world_size``
     (devices per host, default all) only shapes ``cuda`` placements (``rank:R/cuda:R %
     local``). The kernel is each table's shards' own (``fused_uvm_caching`` with its cache
     fraction as ``CacheParams(load_factor=...)``) unless ``compute_kernel`` overrides it.
@@ -294,6 +348,23 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
         _check_shape(spec, config, "the plan")
         shards = plan.shards_of(spec.name)
         sharding_type = plan.sharding_type_of(spec.name)
+        if sharding_type == ShardingType.DATA_PARALLEL.value:
+            ranks = sorted(s.device for s in shards)
+            if ranks != list(range(plan.cluster.num_devices)) or any(
+                    s.rows is not None or (s.start, s.end) != (0, spec.dim) for s in shards):
+                raise PlanFormatError(f"table {spec.name!r}: data_parallel needs one full "
+                                      f"replica on each of the {plan.cluster.num_devices} "
+                                      f"devices, the plan has {len(shards)} shards")
+            # TorchRec replicates on its dense kernel, with no sharding spec
+            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = \
+                ParameterSharding(sharding_type=sharding_type, compute_kernel="dense",
+                                  ranks=ranks)
+            continue
+        if sharding_type in _ROW_TYPES:
+            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = \
+                _row_sharding(spec, shards, sharding_type, plan.cluster, device_type, local,
+                              compute_kernel)
+            continue
         if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value):
             raise PlanFormatError(f"table {spec.name!r}: {sharding_type} plans are not exported "
                                   "to TorchRec yet")
@@ -519,13 +590,37 @@ def from_sharding_plan(sharding_plan: ShardingPlan, module: nn.Module,
                 meta={"source": "torchrec.ShardingPlan"})
 
 
+_KERNELS = {"fused": "fused", "fused_uvm_caching": "fused_uvm_caching", "dense": "dense"}
+
+
 def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) -> list[Shard]:
+    rows, dim = _rows(config), int(config.embedding_dim)
+    kernel = _KERNELS.get(str(ps.compute_kernel))
+    if kernel is None:
+        raise PlanFormatError(f"table {name!r}: compute kernel {ps.compute_kernel!r} has no "
+                              f"NeuroShard counterpart ({', '.join(_KERNELS)})")
+    fraction = None
+    if kernel == "fused_uvm_caching":
+        load = getattr(ps.cache_params, "load_factor", None) if ps.cache_params else None
+        fraction = float(load) if load else UVM_CACHING_RATIO
+    if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
+        if not ps.ranks:
+            raise PlanFormatError(f"table {name!r}: data_parallel without ranks")
+        return [Shard(name, 0, dim, int(r), None, "data_parallel", kernel, fraction)
+                for r in ps.ranks]
+    if ps.sharding_type in _ROW_TYPES:
+        return _row_shards_of(name, rows, dim, ps, kernel, fraction)
     if ps.sharding_type not in _COLUMN_TYPES:
         raise PlanFormatError(
-            f"table {name!r} is {ps.sharding_type}; NeuroShard plans hold table-wise and "
-            "column-wise placements only (no row splits, no replication)"
+            f"table {name!r} is {ps.sharding_type}; NeuroShard plans hold table-wise, "
+            "column-wise, row-wise, table-row-wise and data-parallel placements"
         )
-    rows, dim = _rows(config), int(config.embedding_dim)
+    if kernel != "fused" or ps.sharding_type == ShardingType.TABLE_COLUMN_WISE.value:
+        out = _shards_of(name, config, _as_fused_cw(ps))
+        kind = None if ps.sharding_type != ShardingType.TABLE_COLUMN_WISE.value or \
+            len(out) == 1 else "column_wise"
+        return [replace(s, sharding_type=kind, compute_kernel=kernel, cache_fraction=fraction)
+                for s in out]
     spec = ps.sharding_spec
     if spec is None:
         if ps.sharding_type != ShardingType.TABLE_WISE.value or not ps.ranks:
@@ -552,6 +647,41 @@ def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) ->
         out.append(Shard(name, col_off, col_off + width, int(rank)))
     out.sort(key=lambda s: s.start)
     _check_columns(name, dim, out)
+    return out
+
+
+def _as_fused_cw(ps: ParameterSharding) -> ParameterSharding:
+    """``ps`` as a fused table- or column-wise sharding (for reading its shards)."""
+    kind = ShardingType.COLUMN_WISE.value if ps.sharding_type != ShardingType.TABLE_WISE.value \
+        else ps.sharding_type
+    return ParameterSharding(sharding_type=kind, compute_kernel="fused", ranks=ps.ranks,
+                             sharding_spec=ps.sharding_spec)
+
+
+def _row_shards_of(name: str, rows: int, dim: int, ps: ParameterSharding, kernel: str,
+                   fraction: float | None) -> list[Shard]:
+    """The row blocks of a row-wise or table-row-wise ``ps`` (empty blocks left out)."""
+    spec = ps.sharding_spec
+    if not isinstance(spec, EnumerableShardingSpec):
+        raise PlanFormatError(f"table {name!r}: {ps.sharding_type} needs an enumerable "
+                              "sharding spec")
+    out = []
+    for i, md in enumerate(spec.shards):
+        row_off, col_off = (int(x) for x in md.shard_offsets)
+        n_rows, width = (int(x) for x in md.shard_sizes)
+        if n_rows == 0:
+            continue
+        if col_off != 0 or width != dim:
+            raise PlanFormatError(f"table {name!r}: {ps.sharding_type} shard {i} holds "
+                                  f"columns [{col_off}, {col_off + width}) of {dim}")
+        rank = md.placement.rank() if md.placement is not None else None
+        if rank is None:
+            if not ps.ranks or i >= len(ps.ranks):
+                raise PlanFormatError(f"table {name!r}: shard {i} has no rank")
+            rank = ps.ranks[i]
+        block = None if (row_off, n_rows) == (0, rows) else (row_off, row_off + n_rows)
+        out.append(Shard(name, 0, dim, int(rank), block, ps.sharding_type, kernel, fraction))
+    out.sort(key=lambda s: s.rows[0] if s.rows else 0)
     return out
 
 
@@ -772,9 +902,11 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
     """A TorchRec topology for ``cluster`` (``devices_per_host`` as its local world
     size): its memory caps as HBM on ``cuda`` (TorchRec enforces HBM only on
     accelerators; planning on the meta device needs no GPU), with the host memory as DDR
-    when the cluster has any, or as DDR on ``cpu``."""
+    when the cluster has any, or as DDR on ``cpu``; the cluster's intra- and inter-host
+    bandwidths where it gives them."""
     from torchrec.distributed.planner.types import (
         CustomTopologyData,
+        HardwareConfig,
         KernelConfig,
         TopologyFactory,
         TrainerConfig,
@@ -795,8 +927,17 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
         additional_params={"custom_topology_data":
                            CustomTopologyData(custom, cluster.num_devices)},
     )
+    bandwidths = {k: v for k, v in (("intra_host_bw", cluster.intra_host_bw_bytes_per_ms),
+                                    ("inter_host_bw", cluster.inter_host_bw_bytes_per_ms))
+                  if v is not None}
+    if not bandwidths:
+        return TopologyFactory.create_topology(
+            trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device))
+    # the cluster's bandwidths (bytes per ms, TorchRec's unit too) instead of TorchRec's
     return TopologyFactory.create_topology(
-        trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device))
+        trainer_config=trainer, hardware_config=HardwareConfig(**bandwidths),
+        kernel_config=KernelConfig(compute_device=compute_device,
+                                   use_hardware_based_bandwidth=True))
 
 
 def bind_batch_size(estimator: CostEstimator, per_rank_batch_size: int | None,

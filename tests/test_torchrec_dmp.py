@@ -323,6 +323,9 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                want[k].values() if path_ == "seq" else want[k], atol=1e-6)
                 for k in keys)
             for key, value in sharded.state_dict().items():
+                if not hasattr(value, "local_shards"):  # a data-parallel replica
+                    result["placement"].append([path_, key, 0, 0, *value.shape, rank])
+                    continue
                 for s in value.local_shards():
                     md = s.metadata
                     result["placement"].append([path_, key, *md.shard_offsets, *md.shard_sizes,
@@ -361,7 +364,7 @@ def test_dmp_shards_every_module_from_plan_json(tmp_path):
                                 "seq": "ShardedEmbeddingCollection"}
         assert all(got["equal"].values()), f"rank {rank}: outputs differ: {got['equal']}"
         held += got["placement"]
-    # every table's shards, over both ranks, are the plan's: nothing left unsharded
+    # every table's shards (or replicas), over both ranks, are the plan's
     by_key = {("sparse_arch.embedding_bag_collection", "embedding_bags.t0.weight"):
               "sparse_arch.embedding_bag_collection.t0",
               ("sparse_arch.embedding_bag_collection", "embedding_bags.t1.weight"): "t1",
