@@ -1,9 +1,14 @@
 """``neuroshard`` command line: parses, calls the library, prints. No logic of its own.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 bad input (a table
-config, plan file, option or argument); 3 no plan fits the memory caps; 4 a model file is
-unreadable or does not match the request; 5 a hardware backend cannot run here; 6 the Ray
-cluster at --address cannot be reached or refuses this client (token, no node here).
+config, plan file, option or argument, an output that cannot be written, a folder another
+run holds); 3 no plan fits the memory caps; 4 a model file is unreadable or does not match
+the request, or its costs are not finite positive numbers; 5 a hardware backend cannot run
+here; 6 the Ray cluster at --address cannot be reached or refuses this client (token, no
+node here); 130 interrupted.
+
+Every string a user gave (a path, a table name) is printed as text, never read as rich
+markup; no output file may be one of the command's inputs.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from typing import Any, Callable, Optional, cast
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from neuroshard.units import parse_memory_list
 from neuroshard.types import (
+    MAX_BATCH_SIZE,
     BackendError,
     RayClusterError,
     Cluster,
@@ -91,10 +99,19 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except NeuroShardError as e:
-            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            _error_line(str(e))
             raise typer.Exit(_exit_code(e)) from None
         except typer.Exit:
             raise
+        except OSError as e:  # the file system said no: a full disk, no permission
+            from neuroshard.paths import os_error_message
+
+            logging.getLogger("neuroshard").debug("file system error", exc_info=True)
+            _error_line(f"cannot read or write {os_error_message(e)}")
+            raise typer.Exit(EXIT_INPUT) from None
+        except RecursionError:
+            _error_line("input nested too deeply to read")
+            raise typer.Exit(EXIT_INPUT) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -109,6 +126,49 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr: one line (a library's multi-line text joined), as
+    plain text (never rich markup)."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False,
+              soft_wrap=True)
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False,
+              soft_wrap=True)
+
+
+def _json(doc: Any, *, nulls_for_nan: bool = False) -> str:
+    """``doc`` as JSON that never holds NaN or Infinity: a non-finite number is an error,
+    or (``nulls_for_nan``, for undefined metrics) null."""
+    if nulls_for_nan:
+        doc = _finite_or_null(doc)
+    return json.dumps(doc, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def _check_ranges(model: Any, result: Plan, strict: bool) -> None:
+    """Warn (or, ``strict``, fail) when ``result`` lies outside ``model``'s training ranges."""
+    lines = model.out_of_range(result) if hasattr(model, "out_of_range") else []
+    if lines and strict:
+        raise ModelMismatchError(f"{getattr(model, 'name', 'the model')}: " + "; ".join(lines)
+                                 + " (--strict)")
+    for line in lines:
+        _warn(f"{line}: its costs are extrapolated (--strict refuses this)")
+
+
 def _debug() -> bool:
     import os
 
@@ -116,7 +176,7 @@ def _debug() -> bool:
 
 
 def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for column in ("device", "compute ms", "fwd comm ms", "bwd comm ms", "total ms", "memory GiB",
                    "cap GiB", "shards"):
         table.add_column(column, justify="right")
@@ -131,7 +191,8 @@ def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
                       f"{plan.cluster.memory_per_device_bytes[i] / (1 << 30):.2f}",
                       str(shards_per_device[i]), style=style)
     out.print(table)
-    out.print(f"plan cost (max over devices): [bold]{cost.max_ms:.3f} ms[/bold] by {cost.model}")
+    out.print(f"plan cost (max over devices): [bold]{cost.max_ms:.3f} ms[/bold] by "
+              f"{escape(cost.model)}")
 
 
 @app.command()
@@ -141,7 +202,7 @@ def plan(
     devices: int = typer.Option(..., "--devices", "-n", min=1, max=4096, help="Number of devices."),
     memory: str = typer.Option(..., "--memory", "-m",
                                help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB."),
-    batch_size: int = typer.Option(65_536, "--batch-size", min=1, help="Global batch size."),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Global batch size."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped model)."),
     cost_model: Optional[str] = typer.Option(None, "--cost-model",
                                              help="neural or lightgbm: the shipped model of that kind (default neural), or the kind --model must be."),
@@ -150,7 +211,7 @@ def plan(
     searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, surco, torchrec, random, dim, size, lookup, size-lookup."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan JSON here."),
     force: bool = typer.Option(False, "--force", help="Use a model even if its batch size, backend or kind does not match."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
     torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
                                                 help="Also write a TorchRec ShardingPlan (torch.save); see --module-path, --model-factory."),
@@ -160,6 +221,7 @@ def plan(
                                                 help="With --torchrec-out: pkg.module:function returning your model; module paths are resolved against it."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget",
                                                 help="Seconds the neuroshard or surco search may take."),
+    strict: bool = typer.Option(False, "--strict", help="Fail when the plan lies outside the model's training ranges (tables per device, rows, dims, pooling, devices, batch) instead of warning."),
 ) -> None:
     """Plan TABLES on DEVICES devices.
 
@@ -168,8 +230,14 @@ def plan(
     from neuroshard.models import resolve_cost_model
     from neuroshard.plan_io import plan_to_dict, write_plan
     from neuroshard.planner import Planner
+    from neuroshard.paths import check_output
     from neuroshard.tables import load_table_config
 
+    outputs = [(o, name) for o, name in ((out_path, "--out"), (torchrec_out, "--torchrec-out"))
+               if o is not None]
+    for o, name in outputs:
+        check_output(o, [tables, *(other for other, _ in outputs if other is not o)],
+                     option=name)
     if (module_path is not None or model_factory) and not torchrec_out:
         raise UsageError("--module-path and --model-factory go with --torchrec-out")
     if module_path is not None and model_factory:
@@ -180,21 +248,31 @@ def plan(
 
         user_model = model_from_factory(model_factory)
     specs, constraints = load_table_config(tables)  # tables' "constraints" too
+    if torchrec_out and user_model is None:
+        from neuroshard.torchrec_adapter import check_torchrec_names
+
+        check_torchrec_names(specs, module_path or "")  # before any work, not after
     if user_model is not None:
         from neuroshard.torchrec_adapter import match_tables
 
         match_tables(specs, user_model)  # names a table or module path the model lacks
     cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
 
+    models: list[Any] = []
+
     def model_for(c: Cluster) -> Any:
-        return resolve_cost_model(model, kind=cost_model, backend=backend,
-                                  batch_size=c.batch_size, num_devices=c.num_devices,
-                                  force=force)
+        models.append(resolve_cost_model(model, kind=cost_model, backend=backend,
+                                         batch_size=c.batch_size, num_devices=c.num_devices,
+                                         force=force))
+        return models[-1]
 
     planner = Planner(model_for, searcher, budget_s=time_budget, seed=seed,
                       constraints=constraints if constraints.tables or constraints.colocate
                       else None)
     result = planner.plan(specs, cluster)
+    cast(PlanCost, result.cost).check(result)
+    if models:
+        _check_ranges(models[-1], result, strict)
     if out_path:
         write_plan(result, out_path)
     if torchrec_out:
@@ -202,13 +280,14 @@ def plan(
 
         save_sharding_plan(result, torchrec_out, module_path=module_path or "", model=user_model)
     if as_json:
-        out.print_json(json.dumps(plan_to_dict(result)))
+        out.print_json(_json(plan_to_dict(result)))
         return
     print_cost_table(result, cast(PlanCost, result.cost),
                      f"{len(specs)} tables on {devices} devices ({searcher}, "
                      f"{result.meta.get('search_seconds', 0):.2f} s)")
     if out_path:
-        out.print(f"plan written to {out_path}")
+        out.print(f"plan written to {out_path}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -219,6 +298,7 @@ def evaluate(
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100, h200."),
     model: Optional[Path] = typer.Option(None, "--model", help="Score with this model instead of a backend."),
     as_json: bool = typer.Option(False, "--json"),
+    strict: bool = typer.Option(False, "--strict", help="With --model: fail when the plan lies outside the model's training ranges instead of warning."),
 ) -> None:
     """The plan's cost on a backend (or under a model), per device.
 
@@ -237,9 +317,11 @@ def evaluate(
         if backend == "sim":
             kwargs["profile"] = profile
         estimator = as_estimator(get_backend(backend, **kwargs))
-    cost = evaluate_plan(result, estimator)
+    cost = evaluate_plan(result, estimator).check(result)
+    if model is not None:
+        _check_ranges(estimator, result, strict)
     if as_json:
-        out.print_json(json.dumps(cost_to_dict(cost)))
+        out.print_json(_json(cost_to_dict(cost)))
         return
     print_cost_table(result, cost, f"{plan_path} on {estimator.name}")
 
@@ -254,8 +336,8 @@ def pretrain(
     devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of the comm samples."),
     compute_samples: int = typer.Option(20_000, "--compute-samples", min=10),
     comm_samples: int = typer.Option(8_000, "--comm-samples", min=10),
-    batch_size: int = typer.Option(65_536, "--batch-size", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE),
+    seed: int = typer.Option(0, "--seed", min=0),
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
     workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
@@ -279,7 +361,7 @@ def pretrain(
         rounds=rounds,
         model_kwargs={"compute_members": compute_members} if compute_members > 1 else None)
     model_dir = run_pretrain(config)
-    out.print(f"model written to {model_dir}")
+    out.print(f"model written to {model_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -290,11 +372,11 @@ def collect(
     kind: str = typer.Option("compute", "--kind", help="compute or comm."),
     samples: int = typer.Option(1000, "--samples", min=1),
     devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of comm samples."),
-    batch_size: int = typer.Option(65_536, "--batch-size", min=1),
+    batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE),
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
     workers: int = typer.Option(0, "--workers", min=0, help="Ray workers (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Measure pretraining samples on a backend into Parquet; rerun to resume.
 
@@ -307,7 +389,7 @@ def collect(
                             seed=seed, workers=workers, address=address, chunk_size=64)
     result = collect_samples(config, kind)
     out.print(f"{result.measured} measured, {result.skipped} already on disk, {result.failed} failed "
-              f"of {result.total} {kind} samples in {result.out_dir}")
+              f"of {result.total} {kind} samples in {escape(str(result.out_dir))}")
 
 
 @app.command()
@@ -325,7 +407,7 @@ def report(
     from neuroshard.report import report_from_files
 
     written = report_from_files(plans, out_path, backend=backend)
-    out.print(f"report written to {written}")
+    out.print(f"report written to {written}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -349,8 +431,12 @@ def convert(
         raise UsageError(f"--to: unknown format {to!r}; valid: torchrec")
     if device_type not in ("cpu", "cuda"):
         raise UsageError(f"--device-type: {device_type!r} is not cpu or cuda")
+    from neuroshard.paths import check_output
+
+    check_output(out_path, [plan_path])
     save_sharding_plan(read_plan(plan_path), out_path, module_path=module_path, device_type=device_type)
-    out.print(f"TorchRec ShardingPlan written to {out_path}")
+    out.print(f"TorchRec ShardingPlan written to {out_path}", markup=False, highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -371,22 +457,28 @@ def profile(
     from neuroshard.profile import profile_tables
     from neuroshard.tables import save_tables
 
+    from neuroshard.paths import check_output
+
     if dim % 4:
         raise UsageError(f"--dim must be a multiple of 4, got {dim}")
+    if out_path:
+        check_output(out_path, [input_path])
     specs = profile_tables(input_path, batch_size, dims=dim)
     if out_path:
         save_tables(specs, out_path)
     if as_json:
-        out.print_json(json.dumps([t.to_record() for t in specs]))
+        out.print_json(_json([t.to_record() for t in specs]))
         return
-    table = Table(title=f"{len(specs)} tables from {input_path}")
+    table = Table(title=Text(f"{len(specs)} tables from {input_path}"))
     for column in ("table", "rows", "dim", "pooling factor", "accessed once"):
         table.add_column(column, justify="right")
     for t in specs:
-        table.add_row(t.name, str(t.rows), str(t.dim), f"{t.pooling_factor:.2f}", f"{t.reuse_hist[0]:.3f}")
+        table.add_row(Text(t.name), str(t.rows), str(t.dim), f"{t.pooling_factor:.2f}",
+                      f"{t.reuse_hist[0]:.3f}")
     out.print(table)
     if out_path:
-        out.print(f"table config written to {out_path}")
+        out.print(f"table config written to {out_path}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("model-report")
@@ -406,20 +498,37 @@ def model_report(
 
     Example: neuroshard model-report data/models/cpu-b4096-d4 --data data/datasets/cpu_b4096_r10
     """
+    from neuroshard.models import META_FILE, load_model
+    from neuroshard.models.base import RANGE_NAMES
     from neuroshard.models.metrics import report_header, report_summary, report_tables
     from neuroshard.pretrain.fidelity import model_report as read_report
 
+    model = load_model(model_dir)  # weights and checksums checked, as plan does
     meta, sessions = read_report(model_dir, data or [])
-    if as_json:
-        out.print_json(json.dumps(report_summary(meta, sessions)))
-        return
-    out.print(report_header(meta), markup=False, highlight=False)
-    for text_table in report_tables(meta, sessions):
-        table = Table(title=text_table.title)
+    ranges = getattr(model, "training_ranges_", None)
+    try:
+        if as_json:
+            summary = report_summary(meta, sessions)
+            if ranges is not None:
+                summary["training_ranges"] = {k: ranges.get(k) for k in RANGE_NAMES}
+            out.print_json(_json(summary, nulls_for_nan=True))
+            return
+        header = report_header(meta)
+        tables = report_tables(meta, sessions)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ModelFileError(f"{Path(model_dir) / META_FILE}: entry 'metrics' is malformed "
+                             f"({type(e).__name__}: {e})") from None
+    out.print(header, markup=False, highlight=False)
+    if ranges is not None:
+        out.print("training ranges: " + "; ".join(
+            f"{label} " + (f"{ranges[k][0]:g} to {ranges[k][1]:g}" if k in ranges else "unknown")
+            for k, label in RANGE_NAMES.items()), markup=False, highlight=False)
+    for text_table in tables:
+        table = Table(title=Text(text_table.title))
         for column in text_table.columns:
-            table.add_column(column, justify="right")
+            table.add_column(Text(column), justify="right")
         for row in text_table.rows:
-            table.add_row(*row)
+            table.add_row(*(Text(str(cell)) for cell in row))
         out.print(table)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from neuroshard.atomic import atomic_write
 from neuroshard.models.registry import resolve_cost_model
 from neuroshard.traffic import output_values
 from neuroshard.types import (
@@ -419,6 +420,38 @@ def meta_ebc(tables: Sequence[TableSpec]) -> EmbeddingBagCollection:
     )
 
 
+def torchrec_name_problem(name: str) -> str | None:
+    """Why TorchRec cannot hold a table named ``name`` (its key in an
+    ``nn.ModuleDict``), or None: empty, a ``.`` (a module path separator), a path
+    separator or space, or a name the ModuleDict already has (``training``, ``keys``...)."""
+    if not name:
+        return "is empty"
+    if any(c in name for c in "/\\") or any(c.isspace() for c in name):
+        return "has a path separator or a space"
+    if "." in name:
+        return "has a '.' (TorchRec module keys cannot; put the path in 'module')"
+    if hasattr(nn.ModuleDict(), name):
+        return "is an attribute name of torch's ModuleDict"
+    return None
+
+
+def check_torchrec_names(tables: Sequence[TableSpec], module_path: str = "") -> None:
+    """:class:`TableSpecError` naming every table TorchRec cannot hold under its name
+    (:func:`torchrec_name_problem`; a table whose ``module`` prefixes its name is judged by
+    the rest), before anything is planned or written."""
+    bad = []
+    for t in tables:
+        path = t.module or module_path
+        local = t.name.removeprefix(f"{path}.") if path and t.module == path else t.name
+        problem = torchrec_name_problem(local)
+        if problem is not None:
+            bad.append(f"{t.name!r} {problem}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise TableSpecError("table names TorchRec cannot use: " + "; ".join(bad[:3]) + more
+                             + "; rename them to export a TorchRec plan")
+
+
 def meta_model(tables: Sequence[TableSpec], module_path: str = "") -> nn.Module:
     """A stand-in for the user's model on the meta device (no memory): an
     EmbeddingBagCollection at each table's ``module`` path (``module_path`` for tables
@@ -468,11 +501,13 @@ def save_sharding_plan(plan: Plan, path: str | Path, *, module_path: str = "",
     plan JSON with no unpickling (a ShardingPlan holds dict subclasses that
     ``torch.load(weights_only=True)`` refuses, so this file needs ``weights_only=False``).
     """
+    if model is None:
+        check_torchrec_names(plan.tables, module_path)
     target = model if model is not None else meta_model(plan.tables, module_path)
     sharding_plan = to_sharding_plan(plan, target, device_type=device_type,
                                      local_world_size=local_world_size)
     try:
-        torch.save(sharding_plan, path)
+        atomic_write(path, lambda tmp: torch.save(sharding_plan, tmp))
     except OSError as e:
         raise NeuroShardError(f"{path}: cannot write: {e.strerror or e}") from None
     return sharding_plan

@@ -175,6 +175,14 @@ class PretrainConfig:
                                    f"{', '.join(cost_model_kinds())}")
         if self.backend_kwargs and not isinstance(self.backend, str):
             raise ValueError("backend_kwargs only apply to a backend given by name")
+        spec = self.backend if isinstance(self.backend, BackendSpec) else None
+        name = self.backend if isinstance(self.backend, str) else spec and spec.name
+        if name is not None and (spec is None or spec.factory is None):
+            from neuroshard.backends import backend_names
+
+            if name not in backend_names():  # before a folder is made or a table drawn
+                raise UnknownNameError(f"unknown backend {name!r}; valid: "
+                                       f"{', '.join(backend_names())}")
 
     def backend_spec(self) -> HardwareBackend | BackendSpec:
         """The backend as a :class:`BackendSpec` (or the object given)."""
@@ -496,7 +504,7 @@ def _collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
             logger.info("backend not built here (%s): the workers check its fingerprint", exc)
             be = None
     settings = {"kind": kind} if be is None else folder_settings(kind, be)
-    claim_folder(config.out_dir, settings)
+    claim_folder(config.out_dir, {**settings, "seed": config.seed})
     run = _collector(be if be is not None else spec, spec, config.workers, config.address)
     return run(drawn, config.out_dir, kind=kind, chunk_size=config.chunk_size,
                progress=config.progress, description=f"{kind} samples")

@@ -252,4 +252,267 @@ def test_the_model_used_here_can_plan(files, runner, model_dir, tmp_path):
     out = tmp_path / "p.json"
     result = runner.invoke(app, [*_argv(Case("ok", PLAN_WITH_MODEL, 0), files, model_dir), "--out", str(out)])
     assert result.exit_code == 0, result.stderr
-    assert json.loads(out.read_text())["format"] == "neuroshard.plan/v1"
+    assert json.loads(out.read_text())["format"] == "neuroshard.plan/v2"
+
+
+# --------------------------------------------------------------------------- hypothesis (issue 18)
+#
+# Generated table configs, plan files and model directories through plan, evaluate,
+# convert, report and model-report, in-process. Whatever the input: an exit code in the
+# documented set, one error line and no traceback on failure, inputs unchanged, and no
+# NaN or Infinity printed. ``FUZZ_TRIED`` counts the inputs tried per verb (logged at
+# module teardown, ``pytest --log-cli-level=INFO``).
+
+import hashlib  # noqa: E402
+import math  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DOCUMENTED = {0, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL}
+FUZZ_EXAMPLES = 150  # per test below; about 25 s for the three on two cores
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+FUZZ_TRIED: Counter[str] = Counter()
+log = logging.getLogger(__name__)
+
+NAMES = ["t0", "t1", "[/red]", "[bold]x", "user.id", "../../etc/passwd", "keys", "",
+         " t0", "t\n0", "\u8868", "t\x00", "a" * 300, "t-0", "[start, end]"]
+FIELDS = ["name", "rows", "dim", "pooling_factor", "reuse_hist", "num_embeddings",
+          "embedding_dim", "pooling_factr", "reuse_hst", "features", "pooled", "module"]
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.integers(),
+                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                 st.sampled_from(["[/red]", "1e400", "NaN", "65536", "[start, end]"]),
+                 st.lists(st.integers(-2, 10), max_size=4), st.just({"a": [1]}))
+
+
+def _digest(path) -> str:
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        return hashlib.sha256(b"".join(
+            str(p.relative_to(path)).encode() + p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file())).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+def _run_clean(verb: str, argv: list[str], inputs: list) -> tuple[int, str, str]:
+    """Invoke and check the invariants; returns (exit code, stdout, stderr)."""
+    FUZZ_TRIED[verb] += 1
+    before = {str(p): _digest(p) for p in inputs}
+    quiet = logging.getLogger("neuroshard")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # INFO records under live logging close CliRunner's stream
+    try:
+        result = CliRunner().invoke(app, argv)
+    finally:
+        quiet.setLevel(level)
+    escaped = result.exception
+    assert escaped is None or isinstance(escaped, SystemExit), (
+        f"{type(escaped).__name__} escaped from {argv}: {escaped}")
+    out, err = result.stdout, result.stderr
+    assert "Traceback" not in out + err, out + err
+    assert result.exit_code in DOCUMENTED, f"exit {result.exit_code} for {argv}:\n{err}"
+    if result.exit_code == 0:
+        assert "NaN" not in out and "Infinity" not in out, out
+    else:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert {str(p): _digest(p) for p in inputs} == before, f"an input changed: {argv}"
+    FUZZ_TRIED[f"{verb} exit {result.exit_code}"] += 1
+    return result.exit_code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_lgb(tmp_path_factory):
+    """A small LightGBM model fitted on FakeBackend data (its accuracy is irrelevant)."""
+    from factories import collect_fake_data
+
+    from neuroshard.models.lightgbm import LightGBMCostModel
+
+    root = tmp_path_factory.mktemp("tiny_lgb")
+    model = LightGBMCostModel(n_estimators=25, num_leaves=7, min_child_samples=5, seed=0)
+    yield model.fit(*collect_fake_data(root / "data", num_loads=150, num_comm=80)).save(
+        root / "model")
+    log.info("CLI fuzz inputs tried: %s (total %d)", dict(sorted(FUZZ_TRIED.items())),
+             sum(FUZZ_TRIED.values()))
+
+
+@st.composite
+def table_records(draw):
+    """Mostly valid tables with hostile names, sometimes a junk, misspelled or repeated
+    field."""
+    records = []
+    for i in range(draw(st.integers(1, 4))):
+        rec = {"name": draw(st.sampled_from(NAMES) | st.just(f"t{i}")),
+               "rows": draw(st.integers(1, 10**6)), "dim": 4 * draw(st.integers(1, 32))}
+        if draw(st.booleans()):
+            rec["pooling_factor"] = draw(st.floats(0.5, 50))
+        if draw(st.integers(0, 2)) == 0:
+            rec[draw(st.sampled_from(FIELDS))] = draw(JUNK)
+        records.append(rec)
+    return records
+
+
+def _config_text(records, fmt: str, repeat_key: bool) -> str:
+    if fmt == ".json":
+        text = json.dumps(records)
+        return text.replace('"rows":', '"rows": 7, "rows":', 1) if repeat_key else text
+    if fmt == ".yaml":
+        import yaml
+
+        return yaml.safe_dump(records, allow_unicode=True)
+    import csv as csv_module
+    import io
+
+    columns = sorted({k for r in records for k in r}, key=FIELDS.index)
+    buf = io.StringIO()
+    writer = csv_module.writer(buf)
+    writer.writerow(columns + (["dim"] if repeat_key else []))
+    for r in records:
+        extra = [r.get("dim", "")] if repeat_key else []
+        writer.writerow([r.get(c, "") for c in columns] + extra)
+    return buf.getvalue()
+
+
+@FUZZ
+@given(records=table_records(), fmt=st.sampled_from([".json", ".yaml", ".csv"]),
+       repeat_key=st.booleans(), devices=st.sampled_from(["2", "4"]),
+       memory=st.sampled_from(["64MB", "1GB"]), searcher=st.sampled_from(["size", "greedy-grid"]),
+       torchrec=st.booleans(), strict=st.booleans())
+def test_fuzz_plan_on_generated_table_configs(tiny_lgb, tmp_path, records, fmt, repeat_key,
+                                              devices, memory, searcher, torchrec, strict):
+    config = tmp_path / f"tables{fmt}"
+    config.write_text(_config_text(records, fmt, repeat_key))
+    out = tmp_path / "plan.json"
+    out.unlink(missing_ok=True)
+    argv = ["plan", str(config), "-n", devices, "-m", memory, "--model", str(tiny_lgb),
+            "--searcher", searcher, "--out", str(out)]
+    argv += ["--torchrec-out", str(tmp_path / "plan.pt")] if torchrec else []
+    argv += ["--strict"] if strict else []
+    code, _, _ = _run_clean("plan", argv, [config, tiny_lgb])
+    if code == 0:
+        doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))
+        assert math.isfinite(doc["cost"]["max_ms"]) and doc["cost"]["max_ms"] > 0
+
+
+def _valid_plan_doc() -> dict:
+    return json.loads(json.dumps(plan_to_dict(_plan())))
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+@st.composite
+def plan_texts(draw):
+    """A valid plan document with a few nodes replaced by junk or deleted, or its text
+    cut, nested, or given a key twice."""
+    doc = _valid_plan_doc()
+    doc["cost"] = {"model": "m", "max_ms": 1.0, "devices": [
+        {"compute_ms": 0.5, "fwd_comm_ms": 0.1, "bwd_comm_ms": 0.1, "total_ms": 0.7,
+         "memory_bytes": 1} for _ in range(2)]}
+    for _ in range(draw(st.integers(0, 3))):
+        paths = [p for p in _paths(doc) if p]
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.integers(0, 3)) == 0 and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(JUNK)
+    text = json.dumps(doc)
+    how = draw(st.integers(0, 9))
+    if how == 0:
+        text = text[: draw(st.integers(0, len(text)))]
+    elif how == 1:
+        text = text.replace('"batch_size": ', '"batch_size": 1, "batch_size": ', 1)
+    elif how == 2:
+        depth = draw(st.sampled_from([50, 5000, 200_000]))
+        text = text.replace('"meta"', '"deep": ' + "[" * depth + "]" * depth + ', "meta"', 1)
+    return text
+
+
+@FUZZ
+@given(text=plan_texts(), verb=st.sampled_from(["evaluate", "evaluate-model", "convert",
+                                                "report", "evaluate-json"]))
+def test_fuzz_plan_files(tiny_lgb, tmp_path, text, verb):
+    plan = tmp_path / "plan.json"
+    plan.write_text(text)
+    if verb == "convert":
+        argv = ["convert", str(plan), "--out", str(tmp_path / "plan.pt")]
+    elif verb == "report":
+        argv = ["report", str(plan), str(plan), "--out", str(tmp_path / "r.png")]
+    elif verb == "evaluate-model":
+        argv = ["evaluate", str(plan), "--model", str(tiny_lgb)]
+    else:
+        argv = ["evaluate", str(plan)] + (["--json"] if verb == "evaluate-json" else [])
+    code, out, _ = _run_clean(verb.split("-")[0], argv, [plan, tiny_lgb])
+    if code == 0 and verb == "evaluate-json":
+        json.loads(out, parse_constant=lambda c: pytest.fail(c))
+
+
+META_KEYS = ["kind", "batch_size", "num_devices", "backend", "files", "metrics",
+             "feature_schema", "normalisation", "aggregate_features", "hyperparameters",
+             "training_ranges", "provenance", "sample_counts"]
+
+
+@st.composite
+def model_damage(draw):
+    return {
+        "meta_key": draw(st.none() | st.sampled_from(META_KEYS)),
+        "meta_value": draw(JUNK),
+        "file": draw(st.none() | st.sampled_from(["compute.lgb.txt", "bwd_comm.lgb.txt",
+                                                  "fwd_comm.lgb.txt"])),
+        "cut": draw(st.floats(0.0, 1.0)),
+        "flip": draw(st.none() | st.integers(0, 10**6)),
+        "checksums": draw(st.sampled_from(["kept", "rewritten", "deleted"])),
+    }
+
+
+@FUZZ
+@given(damage=model_damage(), verb=st.sampled_from(["plan", "evaluate", "model-report"]))
+def test_fuzz_model_directories(tiny_lgb, files, tmp_path, damage, verb):
+    model = tmp_path / "model"
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.copytree(tiny_lgb, model)
+    if damage["file"] is not None:
+        path = model / damage["file"]
+        blob = bytearray(path.read_bytes())
+        if damage["flip"] is not None and blob:
+            blob[damage["flip"] % len(blob)] = ord("7")
+        path.write_bytes(bytes(blob[: int(len(blob) * damage["cut"])]) if damage["cut"] < 0.5
+                         else bytes(blob))
+    meta = json.loads((model / "meta.json").read_text())
+    if damage["checksums"] == "rewritten":
+        meta["files"] = {f: hashlib.sha256((model / f).read_bytes()).hexdigest()
+                         for f in meta["files"]}
+    elif damage["checksums"] == "deleted":
+        meta.pop("files")
+    if damage["meta_key"] is not None:
+        meta[damage["meta_key"]] = damage["meta_value"]
+    (model / "meta.json").write_text(json.dumps(meta))
+    if verb == "plan":
+        argv = ["plan", files["tables"], "-n", "2", "-m", "1GB", "--model", str(model),
+                "--searcher", "size", "--json"]
+    elif verb == "evaluate":
+        argv = ["evaluate", files["plan"], "--model", str(model), "--json"]
+    else:
+        argv = ["model-report", str(model), "--json"]
+    code, _, _ = _run_clean(verb, argv, [model])
+    intact = (damage["file"] is None and damage["meta_key"] is None
+              and damage["checksums"] != "deleted")
+    if intact:
+        assert code == 0
+    if damage["checksums"] == "deleted":
+        assert code == EXIT_MODEL, "a model directory without checksums was used"

@@ -17,14 +17,17 @@ import os
 import pickle
 import shlex
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from factories import FakeBackend, make_tables
 from neuroshard.models import META_FILE, load_cost_model
 from neuroshard.models.neural import COMM_FILE, COMPUTE_FILE, NeuralCostModel
 from neuroshard.types import ModelFileError, ModelMismatchError
+
+from factories import FakeBackend, make_tables
 
 CHECKPOINTS = (COMPUTE_FILE, COMM_FILE)
 CHECKSUMS = ("kept", "rewritten", "deleted")  # what the tamperer did to meta.json "files"
@@ -391,3 +394,74 @@ def test_meta_entry_replaced_by_junk(model_dir, tmp_path, key, junk):
     for ask in _asks():
         with pytest.raises((ModelFileError, ModelMismatchError)):
             load_cost_model(d, **ask)
+
+
+# --------------------------------------------------------------------------- LightGBM text
+
+LGB_MUTATIONS = 2000
+
+_MUTATE_AND_LOAD = """
+import random, sys
+import lightgbm as lgb
+import numpy as np
+from neuroshard.models.lightgbm import BWD_COLUMNS, check_model_text
+from neuroshard.types import ModelFileError
+
+blob = open(sys.argv[1], "rb").read()
+lines = blob.split(b"\\n")
+rng = random.Random(0)
+x = np.random.default_rng(0).random((8, len(BWD_COLUMNS)))
+refused = loaded = 0
+for _ in range(int(sys.argv[2])):
+    how = rng.randrange(6)
+    if how == 0:  # truncated
+        text = blob[: rng.randrange(len(blob))]
+    elif how == 1:  # a few bytes overwritten
+        b = bytearray(blob)
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.choice(b"0123456789-. \\n=e")
+        text = bytes(b)
+    elif how == 2:  # a line dropped
+        ls = list(lines); del ls[rng.randrange(len(ls))]; text = b"\\n".join(ls)
+    elif how == 3:  # a line repeated elsewhere
+        ls = list(lines); ls.insert(rng.randrange(len(ls)), ls[rng.randrange(len(ls))])
+        text = b"\\n".join(ls)
+    elif how == 4:  # one number replaced by a hostile one
+        ls = list(lines); i = rng.randrange(len(ls)); toks = ls[i].split(b" ")
+        toks[rng.randrange(len(toks))] = rng.choice(
+            [b"-1", b"0", b"999999", b"nan", b"1e309", b"-2", b"6", b"7", b"inf"])
+        ls[i] = b" ".join(toks); text = b"\\n".join(ls)
+    else:  # a run of bytes cut out
+        b = bytearray(blob); i = rng.randrange(len(b)); del b[i:i + rng.randrange(1, 50)]
+        text = bytes(b)
+    try:
+        checked = check_model_text(text, "m", BWD_COLUMNS)
+    except ModelFileError:
+        refused += 1
+        continue
+    booster = lgb.Booster(model_str=checked)  # must neither crash nor raise
+    assert np.all(np.isfinite(booster.predict(x)))
+    loaded += 1
+print(refused, loaded)
+"""
+
+
+def test_lightgbm_text_mutations_never_kill_the_process(tmp_path):
+    """LightGBM's parser aborts or segfaults on some damaged model texts (issue 18, item
+    1). Every mutation of a real model text is either refused by ``check_model_text`` or
+    loads and predicts finite numbers; run in a child process, since a crash there would
+    otherwise take the tests down with it."""
+    from neuroshard.models.lightgbm import LightGBMCostModel
+
+    from factories import collect_fake_data, pythonpath_with_tests
+
+    model = LightGBMCostModel(n_estimators=20, num_leaves=7, min_child_samples=5).fit(
+        *collect_fake_data(tmp_path / "data", num_loads=120, num_comm=60))
+    out = model.save(tmp_path / "m")
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_tests(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _MUTATE_AND_LOAD, str(out / "bwd_comm.lgb.txt"),
+                           str(LGB_MUTATIONS)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    refused, loaded = map(int, done.stdout.split())
+    assert refused + loaded == LGB_MUTATIONS and refused > LGB_MUTATIONS // 2

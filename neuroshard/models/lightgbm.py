@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -538,6 +539,18 @@ class LightGBMCostModel(CostModelBase):
 
 # --------------------------------------------------------------------------- model text
 
+# Every key of a LightGBM v4 regression model's header, in its order.
+_HEADER_KEYS = (
+    "version",
+    "num_class",
+    "num_tree_per_iteration",
+    "label_index",
+    "max_feature_idx",
+    "objective",
+    "feature_names",
+    "feature_infos",
+    "tree_sizes",
+)
 _TREE_INTS = ("split_feature", "decision_type", "left_child", "right_child")
 _TREE_FLOATS = ("split_gain", "threshold", "internal_value", "internal_weight")
 # Every key LightGBM writes for a tree of a boosted regression model, in its order.
@@ -587,10 +600,15 @@ def check_model_text(blob: bytes, source: str, feature_names: Sequence[str]) -> 
     if not text.startswith("tree\n") or head_end < 0:
         raise bad("no 'tree' header")
     header = _key_values(text[:head_end].split("\n")[1:], "header", bad)
+    if tuple(header) != _HEADER_KEYS:
+        raise bad(f"header keys {list(header)} are not a LightGBM v4 regression model's")
     if header.get("num_class") != "1" or header.get("num_tree_per_iteration") != "1":
         raise bad("not a single-output model (num_class, num_tree_per_iteration)")
-    if not header.get("objective", "").startswith("regression"):
-        raise bad(f"objective {header.get('objective')!r} is not regression")
+    if header.get("version") != "v4" or header.get("objective") != "regression":
+        raise bad(
+            f"version {header.get('version')!r} or objective "
+            f"{header.get('objective')!r} is not v4 regression"
+        )
     names = header.get("feature_names", "").split(" ")
     if names != list(feature_names):
         raise bad(
@@ -601,21 +619,28 @@ def check_model_text(blob: bytes, source: str, feature_names: Sequence[str]) -> 
         raise bad(
             f"max_feature_idx {header.get('max_feature_idx')!r}, expected {len(feature_names) - 1}"
         )
+    infos = header.get("feature_infos", "").split(" ")
+    if len(infos) != len(feature_names) or not all(
+        info == "none" or re.fullmatch(r"\[[-+0-9.eE]+:[-+0-9.eE]+\]", info) for info in infos
+    ):
+        raise bad("feature_infos do not give one numeric range (or none) per feature")
     sizes = _numbers(header.get("tree_sizes", ""), int, "tree_sizes", bad)
     if not sizes or min(sizes) <= 0:
         raise bad("no tree_sizes")
-    start = text.find("Tree=0\n", head_end)
-    if start < 0 or text[head_end:start].strip("\n"):
-        raise bad("no 'Tree=0' after the header")
-    pos = start
+    pos = head_end + 2  # the header, one blank line, then the trees back to back
     for i, size in enumerate(sizes):
         block = text[pos : pos + size]
-        if len(block) < size or not block.startswith(f"Tree={i}\n"):
+        head = f"Tree={i}\n"
+        # "Tree=i", its key=value lines with no blank line among them, two blank lines
+        if len(block) < size or not block.startswith(head) or not block.endswith("\n\n\n"):
             raise bad(f"tree {i} is not where tree_sizes puts it (truncated or edited)")
-        _check_tree(block.split("\n")[1:], i, len(feature_names), bad)
+        lines = block[len(head) : -3].split("\n")
+        if not all(lines):
+            raise bad(f"tree {i}: a blank line among its entries")
+        _check_tree(lines, i, len(feature_names), bad)
         pos += size
-    if not text[pos:].lstrip("\n").startswith("end of trees\n"):
-        raise bad(f"no 'end of trees' after tree {len(sizes) - 1}")
+    if not text[pos:].startswith("end of trees\n"):
+        raise bad(f"no 'end of trees' right after tree {len(sizes) - 1}")
     return text[:pos] + "end of trees\n\npandas_categorical:null\n"
 
 
