@@ -62,7 +62,8 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
                 cluster = Cluster.uniform(d, c.memory_per_device_bytes[0], batch,
                                           devices_per_host=min(args.per_host, d))
                 start = time.perf_counter()
-                plan = Planner(model, args.searcher).plan(tables, cluster)
+                # bound here: the greedy grid's scorer does not bind the estimator itself
+                plan = Planner(model.for_cluster(cluster), args.searcher).plan(tables, cluster)
                 secs.append(time.perf_counter() - start)
                 truth = plan_cost(plan, SimBackend(args.profile, batch_size=batch))
                 pred = plan.cost

@@ -357,11 +357,13 @@ def train_range_model(
     comm_samples: int = 4_000, generated_tables: int = 3_000, noise: float = 0.03,
     seed: int = 0, members: int = 3, conservative_k: float = 1.0,
     compute_seconds: float = 900.0, comm_seconds: float = 240.0, num_threads: int = 1,
+    init_from: str | Path | None = None, lr: float = 1e-3,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
     save it in ``out/model``. Sources: the pool's train half (augmented, plus hotter
-    shrunk copies) and ``generated_tables`` of the ``zipf`` family."""
+    shrunk copies) and ``generated_tables`` of the ``zipf`` family. ``init_from`` (a
+    model directory) warm-starts the nets from its weights (a longer training in steps)."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
     from neuroshard.pretrain.augment import augment_tables, shrink_tables
@@ -388,7 +390,7 @@ def train_range_model(
                     data_path)
     model = NeuralCostModel(
         batch_size=HIST_BATCH, range_inputs=True, compute_members=members,
-        conservative_k=conservative_k, max_epochs=400, patience=25, lr_decay_patience=8,
+        conservative_k=conservative_k, lr=lr, max_epochs=400, patience=25, lr_decay_patience=8,
         seed=seed, num_threads=num_threads, max_seconds_per_net=compute_seconds)
     trainer = file_checkpointed(out / "ckpt")
     comm_budget = comm_seconds
@@ -400,8 +402,13 @@ def train_range_model(
             config = _replace(config, max_seconds=comm_budget)
         return trainer(net, tr, va, config, label)
 
+    start = None
+    if init_from is not None:
+        from neuroshard.models import load_cost_model
+
+        start = load_cost_model(init_from)
     model.fit(compute, comm, backend_name="sim", trainer=timed, compute_batch=batches,
-              comm_context=ctx)
+              comm_context=ctx, init_from=start)
     model.metrics_["noise_floor"] = noise_floors(compute, batches, comm, ctx, seed=seed,
                                                  profile=profile)
     model.provenance_ = {
@@ -411,6 +418,8 @@ def train_range_model(
         "sources": ["pool train half (augmented, shrunk copies)", "generated zipf family"],
         "batch_range": list(BATCH_RANGE), "max_shards": RangeConfig().max_shards,
         "max_devices": RangeConfig().max_devices,
+        "warm_start": None if start is None else start.name, "lr": lr,
+        "compute_seconds": compute_seconds, "comm_seconds": comm_seconds,
     }
     return model.save(out / "model")
 
@@ -427,7 +436,10 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--compute-seconds", type=float, default=900.0)
     ap.add_argument("--comm-seconds", type=float, default=240.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", default=None)
+    ap.add_argument("--lr", type=float, default=1e-3)
     a = ap.parse_args()
     train_range_model(a.out, profile=a.profile, compute_samples=a.compute_samples,
                       comm_samples=a.comm_samples, compute_seconds=a.compute_seconds,
-                      comm_seconds=a.comm_seconds, seed=a.seed)
+                      comm_seconds=a.comm_seconds, seed=a.seed, init_from=a.init_from,
+                      lr=a.lr)

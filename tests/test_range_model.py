@@ -188,3 +188,16 @@ def test_one_batch_models_are_unchanged(model):
     assert old.for_cluster(Cluster.uniform(4, GB)) is old
     with pytest.raises(ModelMismatchError):
         old.for_batch(4096)
+
+
+def test_warm_start_begins_from_the_given_weights(model, model_dir, tmp_path):
+    from neuroshard.pretrain.generate import load_data
+
+    compute, batches, comm, ctx = load_data(model_dir.parent / "data.npz")
+    again = NeuralCostModel(range_inputs=True, compute_members=2, max_epochs=0)  # same split
+    again.fit(compute, comm, compute_batch=batches, comm_context=ctx, init_from=model)
+    load = [[make_table("a"), make_table("b", dim=12)]]
+    np.testing.assert_allclose(again.compute_ms(load), model.compute_ms(load), rtol=1e-5)
+    with pytest.raises(ValueError, match="architecture"):
+        NeuralCostModel(range_inputs=True, compute_members=1, max_epochs=0).fit(
+            compute, comm, compute_batch=batches, comm_context=ctx, init_from=model)

@@ -480,6 +480,7 @@ class NeuralCostModel(CostModelBase):
         trainer: TrainFn | None = None,
         compute_batch: np.ndarray | None = None,
         comm_context: np.ndarray | None = None,
+        init_from: NeuralCostModel | None = None,
     ) -> NeuralCostModel:
         """Train the three nets on collected data and record test metrics in ``metrics_``.
 
@@ -493,6 +494,8 @@ class NeuralCostModel(CostModelBase):
         (``compute_batch``, ``(len(compute),)``) and each comm row's context
         (``comm_context``, ``(len(comm), 4)`` rows of :meth:`CommContext.as_row`); its
         ``batch_size`` (default 65,536) is then only the batch it prices unbound.
+        ``init_from`` (a fitted model of the same architecture) warm-starts every net from
+        its weights instead of a seeded initialisation.
         """
         import torch
 
@@ -546,6 +549,13 @@ class NeuralCostModel(CostModelBase):
         with torch.random.fork_rng():  # seeded initialisation, global RNG left alone
             torch.manual_seed(self.seed)
             self.nets_ = build_nets(self._architecture())
+        if init_from is not None:
+            init_from._check_fitted()
+            if init_from._architecture() != self._architecture():
+                raise ValueError("init_from has another architecture: "
+                                 f"{init_from._architecture()} vs {self._architecture()}")
+            for which, net in self.nets_.items():
+                net.load_state_dict(init_from.nets_[which].state_dict())
         config = TrainConfig(
             lr=self.lr,
             batch_size=self.train_batch_size,

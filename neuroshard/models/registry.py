@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 DEFAULT_KIND = "neural"
+# Whether a model trained at exactly the cluster's device count wins a tie with one that
+# takes the cluster as an input (see default_model_dir).
+PREFER_EXACT_DEVICES = True
 DEFAULT_BACKEND = "sim"
 
 # The backends whose shipped models price each compute device (TorchRec's
@@ -197,18 +200,34 @@ def shipped_models() -> dict[str, Path]:
 
 
 def default_model_dir(
-    num_devices: int, backend: str = DEFAULT_BACKEND, kind: str = DEFAULT_KIND
+    num_devices: int, backend: str = DEFAULT_BACKEND, kind: str = DEFAULT_KIND,
+    batch_size: int | None = None,
 ) -> Path:
-    """The shipped model of ``kind`` trained on ``backend`` with the device count nearest
-    ``num_devices`` (the smaller name on a tie)."""
+    """The shipped model of ``kind`` trained on ``backend`` nearest ``num_devices``: a
+    model that takes the batch and cluster as inputs (``batch_input``) is at distance 0
+    inside its trained device range, a model of one device count at the difference. With
+    ``batch_size``, models that price it (their batch, or one in their range) come first.
+    Ties go to a model trained at exactly ``num_devices`` when
+    :data:`PREFER_EXACT_DEVICES`, then to the smaller name."""
     candidates = []
     for name, path in shipped_models().items():
         meta = read_meta(path)
-        if meta.get("backend") == backend and meta.get("kind") == kind:
-            candidates.append((abs(int(meta.get("num_devices", 0)) - num_devices), name, path))
+        if meta.get("backend") != backend or meta.get("kind") != kind:
+            continue
+        trained = batch_range(meta)
+        own = int(meta.get("num_devices", 0))
+        if trained is None:
+            distance = abs(own - num_devices)
+            prices = batch_size is None or meta.get("batch_size") == batch_size
+        else:
+            low, high = (meta.get("training_ranges") or {}).get("devices", (own, own))
+            distance = max(low - num_devices, num_devices - high, 0)
+            prices = batch_size is None or trained[0] <= batch_size <= trained[1]
+        exact = trained is None and own == num_devices and PREFER_EXACT_DEVICES
+        candidates.append((not prices, distance, not exact, name, path))
     if not candidates:
         raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; pass --model DIR")
-    return min(candidates)[2]
+    return min(candidates)[-1]
 
 
 def backend_for_device(compute_device: str, kind: str = DEFAULT_KIND) -> str:
@@ -256,7 +275,8 @@ def resolve_cost_model(
             raise ValueError("resolve_cost_model needs model_dir or num_devices")
         if backend is None and compute_device is not None:
             backend = backend_for_device(compute_device, kind or DEFAULT_KIND)
-        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND)
+        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND,
+                                      kind or DEFAULT_KIND, batch_size)
     if force:
         model = load_cost_model(model_dir)
     else:
