@@ -7,11 +7,20 @@ other searcher's. The set-up mirrors our problem:
 
 * an ``EmbeddingBagCollection`` on the meta device, one feature per table, so nothing is
   allocated;
-* a topology of ``cluster.num_devices`` devices with ``compute_device="cuda"`` and each
-  device's memory cap as its HBM (TorchRec only enforces HBM on accelerators; planning
-  with meta tensors works on CPU-only torch), no storage reserved for the dense part;
-* per table, ``ParameterConstraints`` with our pooling factor, the fused kernel, and the
-  sharding types our plan format holds: ``table_wise`` and ``column_wise``;
+* the cluster's topology (:func:`~neuroshard.torchrec_adapter.cluster_topology`):
+  ``local_world_size`` = its devices per host, its intra- and inter-host bandwidths when
+  it gives them, ``compute_device="cuda"`` with each device's memory cap as its HBM
+  (TorchRec only enforces HBM on accelerators; planning with meta tensors works on
+  CPU-only torch) and its host memory as DDR; the cluster's HBM reserve as TorchRec's
+  storage reservation (the planner hands searchers caps already net of it: 0 then);
+* per table, ``ParameterConstraints`` with our pooling factor and all the sharding types
+  our plan format holds (:data:`SHARDING_TYPES`: table-, column-, row-, table-row-wise and
+  data-parallel) and kernels (:data:`COMPUTE_KERNELS`: ``fused``, ``fused_uvm_caching``,
+  and ``dense``, the one TorchRec's data-parallel tables run on), narrowed by the
+  ``constraints`` given (types and kernels; TorchRec has no device pins or co-location,
+  so those are refused with :class:`~neuroshard.types.ConstraintError`);
+* the cluster's optimizer as the sharder's fused optimizer, so TorchRec's storage
+  estimate counts its state;
 * TorchRec's batch size is per rank: ``cluster.batch_size // num_devices``.
 
 TorchRec's storage estimate adds input/output buffers to the weights, so its plans are a
@@ -25,14 +34,24 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
-from neuroshard.types import Cluster, CostEstimator, Plan, PlanInfeasibleError, TableSpec
+from neuroshard.types import (
+    Cluster,
+    ConstraintError,
+    Constraints,
+    CostEstimator,
+    Plan,
+    PlanInfeasibleError,
+    TableSpec,
+)
 
 logger = logging.getLogger(__name__)
 
-SHARDING_TYPES = ("table_wise", "column_wise")
+SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel")
+COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "dense")
+_OPTIMIZERS = {"sgd": "EXACT_SGD", "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD", "adam": "ADAM"}
 COST_SOURCES = ("torchrec", "neuroshard")
 
 
@@ -59,7 +78,8 @@ def _one_line(message: str, limit: int = 600) -> str:
 def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator,
                   *, seed: int = 0, budget_s: float | None = None,
                   cost_source: str = "torchrec",
-                  compute_device: str = "cuda") -> Plan:
+                  compute_device: str = "cuda",
+                  constraints: Constraints | None = None) -> Plan:
     """TorchRec's plan for ``tables`` on ``cluster``, costed by ``estimator``.
 
     ``seed`` and ``budget_s`` are accepted for the searcher interface; TorchRec's planner
@@ -69,7 +89,8 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     (``"neuroshard"``). ``compute_device="cpu"`` plans against DDR caps instead of HBM.
 
     Raises :class:`PlanInfeasibleError` (TorchRec's reason, one line) when TorchRec finds
-    no plan.
+    no plan, :class:`~neuroshard.types.ConstraintError` for a device or host pin or a
+    co-location (TorchRec's planner has neither).
     """
     if cost_source not in COST_SOURCES:
         raise ValueError(f"cost_source must be one of {COST_SOURCES}, got {cost_source!r}")
@@ -81,6 +102,7 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
         FixedPercentageStorageReservation,
     )
     from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+    from torchrec.distributed.types import CacheParams
 
     from neuroshard.plan_io import validate_plan
     from neuroshard.torchrec_adapter import (
@@ -91,40 +113,60 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     )
 
     started = time.perf_counter()
+    rules = constraints or Constraints()
+    if rules.colocate:
+        raise ConstraintError(f"TorchRec's planner cannot co-locate tables "
+                              f"{[list(g) for g in rules.colocate]}")
     ebc = meta_ebc(tables)
     topology = cluster_topology(cluster, compute_device)
-    constraints = {
-        t.name: ParameterConstraints(sharding_types=list(SHARDING_TYPES),
-                                     compute_kernels=["fused"],
-                                     pooling_factors=[float(t.pooling_factor)])
-        for t in tables
-    }
+    param_constraints = {}
+    for t in tables:
+        rule = rules.of(t.name)
+        if rule.devices or rule.hosts:
+            raise ConstraintError(f"table {t.name!r}: TorchRec's planner cannot pin a table "
+                                  "to devices or hosts")
+        kinds = [k for k in SHARDING_TYPES if rule.allows_type(k)]
+        kernels = [k for k in COMPUTE_KERNELS if rule.allows_kernel(k)
+                   and (k != "fused_uvm_caching" or min(cluster.host_budget_bytes) > 0)]
+        cache = {}
+        if rule.cache_fraction is not None:
+            cache["cache_params"] = CacheParams(load_factor=rule.cache_fraction)
+        param_constraints[t.name] = ParameterConstraints(
+            sharding_types=kinds, compute_kernels=kernels,
+            pooling_factors=[float(t.pooling_factor)], **cache)
     batch_size = max(1, cluster.batch_size // cluster.num_devices)
     enumerator = None
     if cost_source == "neuroshard":
         enumerator = EmbeddingEnumerator(
-            topology=topology, batch_size=batch_size, constraints=constraints,
+            topology=topology, batch_size=batch_size, constraints=param_constraints,
             estimator=[
-                NeuroShardEstimator(topology, constraints, estimator,
+                NeuroShardEstimator(topology, param_constraints, estimator,
                                     table_stats={t.name: t for t in tables},
                                     batch_size=batch_size),
-                EmbeddingStorageEstimator(topology=topology, constraints=constraints),
+                EmbeddingStorageEstimator(topology=topology, constraints=param_constraints),
             ],
         )
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size, enumerator=enumerator,
-        constraints=constraints, storage_reservation=FixedPercentageStorageReservation(0.0),
+        constraints=param_constraints,
+        storage_reservation=FixedPercentageStorageReservation(cluster.hbm_reserve_fraction),
         stats=[], debug=False,
     )
+    fused_params = None
+    if cluster.optimizer != "sgd":
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        fused_params = {"optimizer": getattr(EmbOptimType, _OPTIMIZERS[cluster.optimizer])}
     try:
-        sharding_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder()])
+        sharding_plan = planner.plan(ebc, [EmbeddingBagCollectionSharder(fused_params)])
     except PlannerError as err:
         largest = sorted(tables, key=lambda t: -t.size_bytes)[:3]
         raise PlanInfeasibleError(
             f"TorchRec found no plan for {len(tables)} tables needing "
             f"{sum(t.size_bytes for t in tables)} bytes of weights (largest: "
             + ", ".join(f"{t.name!r} {t.size_bytes} bytes" for t in largest)
-            + f") on {cluster.num_devices} devices of at most {max(cluster.memory_per_device_bytes)} bytes; "
+            + f") on {cluster.num_devices} devices of at most "
+            f"{max(cluster.memory_per_device_bytes)} bytes; "
             f"TorchRec also budgets I/O buffers: {_one_line(str(err))}"
         ) from None
     plan = from_sharding_plan(sharding_plan, ebc, tables=tables, cluster=cluster)

@@ -202,16 +202,27 @@ def test_reused_table_names_are_keyed_by_module_path():
     assert to_sharding_plan(short, module) == sp
 
 
-@pytest.mark.parametrize("sharding_type", ["row_wise", "table_row_wise", "data_parallel",
-                                           "grid_shard"])
-def test_row_splits_and_replication_are_refused(sharding_type):
+@pytest.mark.parametrize("sharding_type", ["row_wise", "table_row_wise", "data_parallel"])
+def test_row_splits_and_replication_are_read(sharding_type):
     t = make_table("t", rows=10, dim=8)
     spec = None if sharding_type == "data_parallel" else EnumerableShardingSpec([
         ShardMetadata([0, 0], [5, 8], "rank:0/cpu"), ShardMetadata([5, 0], [5, 8], "rank:1/cpu")])
     ps = ParameterSharding(sharding_type=sharding_type, compute_kernel="fused", ranks=[0, 1],
                            sharding_spec=spec)
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
-    with pytest.raises(PlanFormatError, match=f"{sharding_type}.*table-wise and column-wise"):
+    plan = from_sharding_plan(sp, ebc_of([t]), [t], make_cluster(2))
+    assert plan.sharding_type_of("t") == sharding_type
+    assert sorted(s.device for s in plan.shards) == [0, 1]
+
+
+def test_grid_shards_are_refused():
+    t = make_table("t", rows=10, dim=8)
+    ps = ParameterSharding(sharding_type="grid_shard", compute_kernel="fused", ranks=[0, 1],
+                           sharding_spec=EnumerableShardingSpec([
+                               ShardMetadata([0, 0], [5, 8], "rank:0/cpu"),
+                               ShardMetadata([5, 0], [5, 8], "rank:1/cpu")]))
+    sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
+    with pytest.raises(PlanFormatError, match="grid_shard.*table-wise, column-wise"):
         from_sharding_plan(sp, ebc_of([t]))
 
 

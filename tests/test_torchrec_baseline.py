@@ -51,3 +51,28 @@ def test_no_plan_is_a_one_line_infeasible_error():
 def test_unknown_cost_source():
     with pytest.raises(ValueError, match="cost_source"):
         torchrec_plan(make_tables(2), make_cluster(2), FakeEstimator(), cost_source="magic")
+
+
+# --------------------------------------------------------------------------- the whole space
+
+
+def test_torchrec_plans_row_wise_when_no_table_split_fits():
+    # a 4-wide table of 64 MB on 2 devices of 40 MB: only row blocks fit
+    from neuroshard.types import Cluster
+
+    tables = [TableSpec("big", rows=4_000_000, dim=4, pooling_factor=10.0)]
+    plan = torchrec_plan(tables, Cluster.uniform(2, 40 * 10**6), FakeEstimator())
+    validate_plan(plan)
+    assert plan.sharding_type_of("big") in ("row_wise", "table_row_wise")
+
+
+def test_torchrec_takes_type_constraints_and_refuses_pins():
+    from neuroshard.types import ConstraintError, Constraints, TableConstraint
+
+    tables, cluster = make_tables(6, seed=2), make_cluster(4)
+    columns = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
+    plan = torchrec_plan(tables, cluster, FakeEstimator(), constraints=columns)
+    assert {plan.sharding_type_of(t.name) for t in tables} <= {"table_wise", "column_wise"}
+    with pytest.raises(ConstraintError, match="'t0'.*pin"):
+        torchrec_plan(tables, cluster, FakeEstimator(),
+                      constraints=Constraints({"t0": TableConstraint(devices=(1,))}))
