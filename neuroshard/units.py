@@ -31,6 +31,8 @@ def parse_memory(text: str, *, option: str = "--memory") -> int:
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not 1 <= value < 1 << 60:
         raise UsageError(f"{option}: {text!r} is out of range (1 byte to 2**60 bytes)")
+    if value != int(value):
+        raise UsageError(f"{option}: {text!r} is not a whole number of bytes")
     return int(value)
 
 
