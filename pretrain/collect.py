@@ -202,8 +202,11 @@ def collect_chunk(
     be = resolve_backend(backend)
     fp = fingerprint_json(be)
     make_row = _compute_row if kind == "compute" else _comm_row
+    reseed = getattr(be, "reseed", None)  # a simulated backend's noise follows the sample
     rows = []
     for s in samples:
+        if callable(reseed):
+            reseed(s.key)
         rows.append(make_row(s, be, fp))  # type: ignore[arg-type]
         if on_sample is not None:
             on_sample()

@@ -1214,12 +1214,6 @@ def test_report_warns_when_plans_price_different_tables(runner, work, tmp_path, 
     assert "plan different tables" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the sim backend draws its noise from one "
-    "stream per process, so a resumed collection draws other noise than an "
-    "uninterrupted one (neuroshard/backends/sim.py)",
-)
 def test_a_resumed_sim_collection_draws_the_same_noise(tmp_path):
     from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec, collect_samples
 

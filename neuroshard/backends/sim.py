@@ -166,6 +166,7 @@ and NIC.
 from __future__ import annotations
 
 import logging
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -428,6 +429,13 @@ class SimBackend:
         }
 
     # ----------------------------------------------------------------- model
+
+    def reseed(self, token: str) -> None:
+        """Draw the next noise from a stream of (``seed``, ``token``): collection passes each
+        sample's key, so a sample's noise does not depend on what was measured before it (a
+        resumed collection draws what an uninterrupted one would)."""
+        digest = hashlib.sha256(token.encode()).digest()
+        self._rng = np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little")])
 
     def _noisy(self, values: np.ndarray) -> np.ndarray:
         if self.noise <= 0.0:
