@@ -328,8 +328,8 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
     module path and name; each becomes a ``table_wise`` :class:`ParameterSharding` (one
     shard over all columns) or a ``column_wise`` one (one ``ShardMetadata`` per column
     shard, in column order, uneven widths and repeated ranks allowed), or a
-    ``data_parallel`` one (a replica on every rank, TorchRec's dense kernel; row-splitting
-    types are not exported yet). ``local_world_size``
+    ``data_parallel`` one (a replica on every rank, TorchRec's dense kernel).
+    ``local_world_size``
     (devices per host, default all) only shapes ``cuda`` placements (``rank:R/cuda:R %
     local``). The kernel is each table's shards' own (``fused_uvm_caching`` with its cache
     fraction as ``CacheParams(load_factor=...)``) unless ``compute_kernel`` overrides it.
