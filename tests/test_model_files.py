@@ -340,10 +340,7 @@ META_VALID = (_pairs("backend", "x") | _pairs("backend_fingerprint", {}, {"a": 1
 # Junk the loader accepts today: NeuralCostModel.load does not validate these entries
 # yet. Strict xfail: once the loader refuses one, its case passes, fails as XPASS, and
 # must leave this list.
-META_JUNK_ACCEPTED = (
-    _pairs("normalisation.eps_ms", 0, -1, True, float("nan"))
-    | _pairs("normalisation.dim_scale", 0, -1, True, float("nan"))
-    | _pairs("normalisation.wait_scale", 0, -1, True, float("nan")))
+META_JUNK_ACCEPTED: frozenset = frozenset()  # every junk value the loader reads is refused
 
 
 def _junk_cases():

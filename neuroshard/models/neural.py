@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -234,6 +235,15 @@ def _by_value(pred: np.ndarray, true: np.ndarray, labels: np.ndarray,
 
     return {str(v): regression_metrics(pred[labels == v], true[labels == v], eps_ms)
             for v in np.unique(labels) if (labels == v).sum() >= MIN_BUCKET}
+
+
+def _positive(value: Any, what: str) -> float:
+    """A finite number > 0 from meta.json (``ValueError`` naming the entry otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be finite and positive, got {value!r}")
+    return float(value)
 
 
 def _widths(values: Any, what: str) -> list[int]:
@@ -903,7 +913,7 @@ class NeuralCostModel(CostModelBase):
                 compute_members=arch["compute_members"],
                 range_inputs=arch.get("inputs", TABLE_INPUTS) == RANGE_INPUTS,
                 conservative_k=float(meta.get("conservative_k", 0.0)),
-                eps_ms=float(norm["eps_ms"]),
+                eps_ms=_positive(norm["eps_ms"], "eps_ms"),
                 fwd_target=str(meta.get("fwd_target", "total")),
                 **{
                     k: hyper[k]
@@ -940,8 +950,8 @@ class NeuralCostModel(CostModelBase):
             }
             if not all(np.isfinite(v).all() and v[1] > 0 for v in model.target_stats_.values()):
                 raise ValueError("target normalisation is not finite and positive")
-            model.dim_scale_ = float(norm["dim_scale"])
-            model.wait_scale_ = float(norm["wait_scale"])
+            model.dim_scale_ = _positive(norm["dim_scale"], "dim_scale")
+            model.wait_scale_ = _positive(norm["wait_scale"], "wait_scale")
             model._load_base_meta(meta)
             nets = build_nets(arch)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
