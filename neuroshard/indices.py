@@ -53,7 +53,7 @@ def bin_count_range(k: int) -> tuple[int, int]:
     return lo, hi
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bin_law(k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Counts of bin ``k``, their cumulative probabilities (p ~ 1/c), and the mean count."""
     lo, hi = bin_count_range(k)
@@ -109,8 +109,9 @@ def _draw_counts(per_bin: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     return np.concatenate(counts), np.concatenate(bins)
 
 
-def _spread(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, diff: int,
-            rng: np.random.Generator) -> int:
+def _spread(
+    counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, diff: int, rng: np.random.Generator
+) -> int:
     """Add ``diff`` (or remove, if negative) to ``counts`` keeping each in ``[lo, hi]``,
     spread at random in proportion to the room each has left; returns what did not fit."""
     for _ in range(64):
@@ -131,8 +132,9 @@ def _spread(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, diff: int,
     return diff
 
 
-def _fit_total(counts: np.ndarray, bins: np.ndarray, lookups: int,
-               rng: np.random.Generator) -> np.ndarray:
+def _fit_total(
+    counts: np.ndarray, bins: np.ndarray, lookups: int, rng: np.random.Generator
+) -> np.ndarray:
     """Adjust counts, inside their bins where possible, so they sum to ``lookups``."""
     ranges = np.array([bin_count_range(k) for k in range(NUM_HIST_BINS)])
     diff = _spread(counts, ranges[bins, 0], ranges[bins, 1], lookups - int(counts.sum()), rng)
@@ -158,8 +160,9 @@ def _distinct_rows(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
     return picked[:n]
 
 
-def bag_lengths(batch_size: int, lookups: int, pooling_factor: float,
-                rng: np.random.Generator) -> np.ndarray:
+def bag_lengths(
+    batch_size: int, lookups: int, pooling_factor: float, rng: np.random.Generator
+) -> np.ndarray:
     """Poisson bag lengths with mean ``pooling_factor`` that sum to exactly ``lookups``."""
     lengths = rng.poisson(pooling_factor, size=batch_size).astype(np.int64)
     diff = lookups - int(lengths.sum())
@@ -172,8 +175,9 @@ def bag_lengths(batch_size: int, lookups: int, pooling_factor: float,
     return lengths
 
 
-def generate_batch(spec: TableSpec, batch_size: int,
-                   rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def generate_batch(
+    spec: TableSpec, batch_size: int, rng: np.random.Generator | int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One batch of lookups into ``spec``: ``(indices, offsets)``, both int64.
 
     ``offsets`` has ``batch_size + 1`` entries; bag ``b`` is
@@ -193,15 +197,21 @@ def generate_batch(spec: TableSpec, batch_size: int,
 
     hist = np.asarray(spec.reuse_hist, dtype=float)
     if hist.shape != (NUM_HIST_BINS,) or hist.min() < 0 or hist.sum() <= 0:
-        raise ValueError(f"table {spec.name!r}: reuse_hist must be {NUM_HIST_BINS} "
-                         f"non-negative fractions, got {spec.reuse_hist!r}")
+        raise ValueError(
+            f"table {spec.name!r}: reuse_hist must be {NUM_HIST_BINS} "
+            f"non-negative fractions, got {spec.reuse_hist!r}"
+        )
     hist = hist / hist.sum()
     per_bin = _uniques_per_bin(lookups, spec.rows, hist)
     counts, bins = _draw_counts(per_bin, rng)
     counts = _fit_total(counts, bins, lookups, rng)
     if int(per_bin.sum()) == spec.rows and counts.max() > bin_count_range(NUM_HIST_BINS - 1)[0]:
-        logger.debug("table %r: %d rows too few for its histogram at %d lookups",
-                     spec.name, spec.rows, lookups)
+        logger.debug(
+            "table %r: %d rows too few for its histogram at %d lookups",
+            spec.name,
+            spec.rows,
+            lookups,
+        )
 
     row_ids = _distinct_rows(len(counts), spec.rows, rng)
     indices = np.repeat(row_ids, counts)

@@ -168,8 +168,10 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise FolderBusyError(f"{path}: another run (pid {holder}) is writing into this "
-                              "folder; wait for it to finish, or use another --out") from None
+        raise FolderBusyError(
+            f"{path}: another run (pid {holder}) is writing into this "
+            "folder; wait for it to finish, or use another --out"
+        ) from None
     except BaseException:
         os.close(fd)
         raise

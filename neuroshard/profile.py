@@ -66,9 +66,13 @@ class Lookups:
     offsets: np.ndarray  # int64, len = bags + 1
 
 
-def profile_tables(input_path: str | os.PathLike, batch_size: int | None = None, *,
-                   dims: int | Mapping[str, int] = DEFAULT_DIM,
-                   rows: Mapping[str, int] | None = None) -> list[TableSpec]:
+def profile_tables(
+    input_path: str | os.PathLike,
+    batch_size: int | None = None,
+    *,
+    dims: int | Mapping[str, int] = DEFAULT_DIM,
+    rows: Mapping[str, int] | None = None,
+) -> list[TableSpec]:
     """Table specs (rows, pooling factor, reuse histogram, dim) measured from lookup data."""
     source = os.fspath(input_path)
     if batch_size is not None and batch_size < 1:
@@ -106,41 +110,57 @@ def read_lookups(path: str | os.PathLike) -> Iterator[Lookups]:
     else:
         raise TableSpecError(
             f"expected a KeyedJaggedTensor or a dict of tables, got {type(obj).__name__}",
-            source=source)
+            source=source,
+        )
 
 
 # --------------------------------------------------------------------------- statistics
 
 
-def _spec(t: Lookups, source: str, batch_size: int | None, dim: int,
-          given_rows: int | None) -> TableSpec:
+def _spec(
+    t: Lookups, source: str, batch_size: int | None, dim: int, given_rows: int | None
+) -> TableSpec:
     bags = len(t.offsets) - 1
     if bags < 1:
         raise TableSpecError("no bags", source=source, table=t.name)
     if dim < 1:
-        raise TableSpecError(f"dim must be >= 1, got {dim}", source=source, table=t.name,
-                             field_name="dim")
+        raise TableSpecError(
+            f"dim must be >= 1, got {dim}", source=source, table=t.name, field_name="dim"
+        )
     top = int(t.indices.max()) if t.indices.size else -1
     if top >= MAX_ROWS:
-        raise TableSpecError(f"index {top} is beyond {MAX_ROWS} rows (a unit or id mistake?)",
-                             source=source, table=t.name, field_name="rows")
+        raise TableSpecError(
+            f"index {top} is beyond {MAX_ROWS} rows (a unit or id mistake?)",
+            source=source,
+            table=t.name,
+            field_name="rows",
+        )
     if given_rows is not None:
         if top >= given_rows:
-            raise TableSpecError(f"index {top} out of range for {given_rows} rows",
-                                 source=source, table=t.name, field_name="rows")
+            raise TableSpecError(
+                f"index {top} out of range for {given_rows} rows",
+                source=source,
+                table=t.name,
+                field_name="rows",
+            )
         n_rows = int(given_rows)
     else:
         n_rows = max(top + 1, MIN_ROWS)
     if t.indices.size == 0:
-        logger.warning("%s: table %r has no lookups; reuse histogram set to all-singletons",
-                       source, t.name)
+        logger.warning(
+            "%s: table %r has no lookups; reuse histogram set to all-singletons", source, t.name
+        )
         hist = np.zeros(NUM_HIST_BINS)
         hist[0] = 1.0
     else:
         hist = _batched_histogram(t, batch_size or bags)
-    return TableSpec(name=t.name, rows=n_rows, dim=dim,
-                     pooling_factor=float(t.indices.size / bags),
-                     reuse_hist=tuple(float(x) for x in hist))
+    return TableSpec(
+        name=t.name,
+        rows=n_rows,
+        dim=dim,
+        pooling_factor=float(t.indices.size / bags),
+        reuse_hist=tuple(float(x) for x in hist),
+    )
 
 
 def _batched_histogram(t: Lookups, batch_size: int) -> np.ndarray:
@@ -149,7 +169,7 @@ def _batched_histogram(t: Lookups, batch_size: int) -> np.ndarray:
     counts = []
     for start in range(0, bags, batch_size):
         stop = min(start + batch_size, bags)
-        chunk = t.indices[t.offsets[start]:t.offsets[stop]]
+        chunk = t.indices[t.offsets[start] : t.offsets[stop]]
         if chunk.size:
             counts.append(access_counts(chunk))
     return histogram_of_counts(np.concatenate(counts))
@@ -164,31 +184,47 @@ def _as_int64(values: Any, source: str, table: str, field_name: str) -> np.ndarr
             values = values.detach().cpu().numpy()
         arr = np.asarray(values)
     except Exception as exc:
-        raise TableSpecError(f"cannot read as an array: {exc}", source=source, table=table,
-                             field_name=field_name) from exc
+        raise TableSpecError(
+            f"cannot read as an array: {exc}", source=source, table=table, field_name=field_name
+        ) from exc
     if arr.ndim != 1:
-        raise TableSpecError(f"must be one-dimensional, got shape {arr.shape}", source=source,
-                             table=table, field_name=field_name)
+        raise TableSpecError(
+            f"must be one-dimensional, got shape {arr.shape}",
+            source=source,
+            table=table,
+            field_name=field_name,
+        )
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0)):
-            raise TableSpecError(f"must hold integers, got {arr.dtype}", source=source,
-                                 table=table, field_name=field_name)
+            raise TableSpecError(
+                f"must hold integers, got {arr.dtype}",
+                source=source,
+                table=table,
+                field_name=field_name,
+            )
     return arr.astype(np.int64, copy=False)
 
 
 def _checked(name: str, indices: np.ndarray, offsets: np.ndarray, source: str) -> Lookups:
     if offsets.size < 2:
-        raise TableSpecError("needs at least one bag (two offsets)", source=source,
-                             table=name, field_name="offsets")
+        raise TableSpecError(
+            "needs at least one bag (two offsets)", source=source, table=name, field_name="offsets"
+        )
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        raise TableSpecError("must start at 0 and never decrease", source=source, table=name,
-                             field_name="offsets")
+        raise TableSpecError(
+            "must start at 0 and never decrease", source=source, table=name, field_name="offsets"
+        )
     if offsets[-1] != indices.size:
-        raise TableSpecError(f"ends at {offsets[-1]} but there are {indices.size} indices",
-                             source=source, table=name, field_name="offsets")
+        raise TableSpecError(
+            f"ends at {offsets[-1]} but there are {indices.size} indices",
+            source=source,
+            table=name,
+            field_name="offsets",
+        )
     if indices.size and indices.min() < 0:
-        raise TableSpecError(f"negative index {int(indices.min())}", source=source,
-                             table=name, field_name="indices")
+        raise TableSpecError(
+            f"negative index {int(indices.min())}", source=source, table=name, field_name="indices"
+        )
     return Lookups(name, indices, offsets)
 
 
@@ -209,8 +245,9 @@ def _torch_load(source: str) -> Any:
         try:
             from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
         except Exception as exc:
-            raise TableSpecError(f"holds a KeyedJaggedTensor but torchrec cannot be imported: "
-                                 f"{exc}", source=source) from exc
+            raise TableSpecError(
+                f"holds a KeyedJaggedTensor but torchrec cannot be imported: {exc}", source=source
+            ) from exc
         safe = [KeyedJaggedTensor, JaggedTensor]
     try:
         with torch.serialization.safe_globals(safe):
@@ -220,7 +257,9 @@ def _torch_load(source: str) -> Any:
         raise TableSpecError(
             "not a lookup file NeuroShard can read safely (expected a KeyedJaggedTensor or "
             f"a dict of {{'indices', 'offsets'}} saved with torch.save, or a .parquet "
-            f"file): {first}", source=source) from exc
+            f"file): {first}",
+            source=source,
+        ) from exc
 
 
 def _is_kjt(obj: Any) -> bool:
@@ -241,18 +280,25 @@ def _from_kjt(kjt: Any, source: str) -> Iterator[Lookups]:
 
 def _from_dict(obj: Mapping, source: str) -> Iterator[Lookups]:
     for name, entry in obj.items():
-        if not isinstance(entry, Mapping) or "indices" not in entry or \
-                not ("offsets" in entry or "lengths" in entry):
-            raise TableSpecError("expected a dict with 'indices' and 'offsets' (or 'lengths')",
-                                 source=source, table=str(name))
+        if (
+            not isinstance(entry, Mapping)
+            or "indices" not in entry
+            or not ("offsets" in entry or "lengths" in entry)
+        ):
+            raise TableSpecError(
+                "expected a dict with 'indices' and 'offsets' (or 'lengths')",
+                source=source,
+                table=str(name),
+            )
         indices = _as_int64(entry["indices"], source, str(name), "indices")
         if "offsets" in entry:
             offsets = _as_int64(entry["offsets"], source, str(name), "offsets")
         else:
             lengths = _as_int64(entry["lengths"], source, str(name), "lengths")
             if lengths.size and lengths.min() < 0:
-                raise TableSpecError("negative bag length", source=source, table=str(name),
-                                     field_name="lengths")
+                raise TableSpecError(
+                    "negative bag length", source=source, table=str(name), field_name="lengths"
+                )
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         yield _checked(str(name), indices, offsets, source)
 
@@ -266,19 +312,25 @@ def _read_parquet(source: str) -> Iterator[Lookups]:
         raise TableSpecError(f"cannot read Parquet: {exc}", source=source) from exc
     missing = [c for c in PARQUET_COLUMNS if c not in frame.columns]
     if missing:
-        raise TableSpecError(f"missing column(s) {', '.join(missing)}; need "
-                             f"{', '.join(PARQUET_COLUMNS)}", source=source)
+        raise TableSpecError(
+            f"missing column(s) {', '.join(missing)}; need {', '.join(PARQUET_COLUMNS)}",
+            source=source,
+        )
     if len(frame) == 0:
         raise TableSpecError("no rows", source=source)
     if frame[list(PARQUET_COLUMNS)].isna().any().any():
         raise TableSpecError("missing values in table/sample/id", source=source)
     for column in ("table", "sample"):
-        bad = frame[column].map(lambda v: not isinstance(v, (str, int, np.integer))
-                                or isinstance(v, bool))
+        bad = frame[column].map(
+            lambda v: not isinstance(v, (str, int, np.integer)) or isinstance(v, bool)
+        )
         if bad.any():
             value = frame[column][bad].iloc[0]
-            raise TableSpecError(f"column {column!r} must hold strings or integers, got "
-                                 f"{type(value).__name__} {value!r:.40}", source=source)
+            raise TableSpecError(
+                f"column {column!r} must hold strings or integers, got "
+                f"{type(value).__name__} {value!r:.40}",
+                source=source,
+            )
     ids = _as_int64(frame["id"].to_numpy(), source, "*", "id")
     # Bags are (table, sample); every table has one bag per distinct sample of the file.
     _, sample_rank = np.unique(frame["sample"].to_numpy(), return_inverse=True)
@@ -288,7 +340,7 @@ def _read_parquet(source: str) -> Iterator[Lookups]:
     codes_sorted = table_codes[order]
     bounds = np.searchsorted(codes_sorted, np.arange(len(table_names) + 1))
     for code, name in enumerate(table_names):
-        rows_of = order[bounds[code]:bounds[code + 1]]
+        rows_of = order[bounds[code] : bounds[code + 1]]
         lengths = np.bincount(sample_rank[rows_of], minlength=bags)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         yield _checked(str(name), ids[rows_of], offsets, source)

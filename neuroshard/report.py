@@ -23,8 +23,9 @@ import io
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from neuroshard.atomic import write_bytes_atomic, write_text_atomic
 from neuroshard.paths import check_output
@@ -47,8 +48,14 @@ MAX_PLANS = 2
 DPI = 130
 
 # Colours: compute, forward comm, backward comm, memory used, memory cap, max marker.
-_COLOURS = {"compute": "#4C72B0", "fwd": "#DD8452", "bwd": "#55A868",
-            "memory": "#8172B3", "cap": "#C44E52", "max": "#222222"}
+_COLOURS = {
+    "compute": "#4C72B0",
+    "fwd": "#DD8452",
+    "bwd": "#55A868",
+    "memory": "#8172B3",
+    "cap": "#C44E52",
+    "max": "#222222",
+}
 _MAX_TICK_LABELS = 16  # per axis; more devices than this get every k-th label
 
 
@@ -72,9 +79,13 @@ def write_report(plans: Sequence[tuple[str, Plan, PlanCost]], out_path: str | os
     return out
 
 
-def report_from_files(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
-                      backend: str | CostEstimator | HardwareBackend | None = None,
-                      labels: Sequence[str] | None = None) -> Path:
+def report_from_files(
+    paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    backend: str | CostEstimator | HardwareBackend | None = None,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Read plan files (one or two) with :func:`~neuroshard.plan_io.read_plan` and report them.
 
     Each plan's stored cost is drawn, unless ``backend`` is given -- an estimator, a
@@ -100,8 +111,11 @@ def report_from_files(paths: Sequence[str | os.PathLike], out_path: str | os.Pat
         raise NeuroShardError(f"{len(labels)} labels for {len(paths)} plans")
     plans = [read_plan(p) for p in paths]
     if len(plans) == 2 and _table_shapes(plans[0]) != _table_shapes(plans[1]):
-        logger.warning("%s and %s plan different tables (names or shapes): their costs "
-                       "price different work", paths[0], paths[1])
+        logger.warning(
+            "%s and %s plan different tables (names or shapes): their costs price different work",
+            paths[0],
+            paths[1],
+        )
     names = list(labels) if labels is not None else _default_labels(paths, plans)
     entries = []
     for name, plan in zip(names, plans):
@@ -127,7 +141,7 @@ def render_png(plans: Sequence[tuple[str, Plan, PlanCost]]) -> bytes:
     return buf.getvalue()
 
 
-def report_figure(plans: Sequence[tuple[str, Plan, PlanCost]]) -> "Figure":
+def report_figure(plans: Sequence[tuple[str, Plan, PlanCost]]) -> Figure:
     """The report as a matplotlib :class:`~matplotlib.figure.Figure` (no pyplot): a row of
     per-device cost bars over a row of memory bars, one column per plan, rows sharing y."""
     _check_plans(plans)
@@ -159,11 +173,20 @@ def report_figure(plans: Sequence[tuple[str, Plan, PlanCost]]) -> "Figure":
         ax.bar(x, fwd, 0.72, bottom=compute, color=_COLOURS["fwd"])
         ax.bar(x, bwd, 0.72, bottom=compute + fwd, color=_COLOURS["bwd"])
         # Outline the device that sets the plan's cost, and draw its level across.
-        ax.bar([worst], [cost.devices[worst].total_ms], 0.72, fill=False,
-               edgecolor=_COLOURS["max"], linewidth=1.8)
+        ax.bar(
+            [worst],
+            [cost.devices[worst].total_ms],
+            0.72,
+            fill=False,
+            edgecolor=_COLOURS["max"],
+            linewidth=1.8,
+        )
         ax.axhline(cost.max_ms, color=_COLOURS["max"], linestyle="--", linewidth=1.1)
-        ax.set_title(f"{_short(label, int(panel_w * 12))}\n{len(plan.tables)} tables; device {worst} "
-                     f"sets the max; costs by {_short(cost.model, 30)}", fontsize=10)
+        ax.set_title(
+            f"{_short(label, int(panel_w * 12))}\n{len(plan.tables)} tables; device {worst} "
+            f"sets the max; costs by {_short(cost.model, 30)}",
+            fontsize=10,
+        )
         ax.set_ylabel("cost per batch (ms)" if col == 0 else "")
         _device_axis(ax, n, label_x=False)
 
@@ -192,14 +215,21 @@ def report_figure(plans: Sequence[tuple[str, Plan, PlanCost]]) -> "Figure":
         for ax in row[1:]:
             ax.tick_params(labelleft=False)
 
-    handles = [Patch(color=_COLOURS["compute"], label="compute"),
-               Patch(color=_COLOURS["fwd"], label="forward all-to-all"),
-               Patch(color=_COLOURS["bwd"], label="backward all-to-all"),
-               Line2D([], [], color=_COLOURS["max"], linestyle="--", label="plan cost (max device)"),
-               Patch(color=_COLOURS["memory"], label="memory used"),
-               Line2D([], [], color=_COLOURS["cap"], linewidth=1.6, label="memory cap")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=6 if cols > 1 else 3,
-               fontsize=9, frameon=False)
+    handles = [
+        Patch(color=_COLOURS["compute"], label="compute"),
+        Patch(color=_COLOURS["fwd"], label="forward all-to-all"),
+        Patch(color=_COLOURS["bwd"], label="backward all-to-all"),
+        Line2D([], [], color=_COLOURS["max"], linestyle="--", label="plan cost (max device)"),
+        Patch(color=_COLOURS["memory"], label="memory used"),
+        Line2D([], [], color=_COLOURS["cap"], linewidth=1.6, label="memory cap"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=6 if cols > 1 else 3,
+        fontsize=9,
+        frameon=False,
+    )
     fig.suptitle(_summary(plans, width=int(fig_w * 8.5)), fontsize=12, fontweight="bold")
     return fig
 
@@ -210,8 +240,10 @@ def report_figure(plans: Sequence[tuple[str, Plan, PlanCost]]) -> "Figure":
 def _checked_out_path(out_path: str | os.PathLike) -> Path:
     out = Path(out_path)
     if out.suffix.lower() not in SUFFIXES:
-        raise NeuroShardError(f"{out}: report suffix {out.suffix or '(none)'!r} not supported; "
-                              f"use {' or '.join(SUFFIXES)}")
+        raise NeuroShardError(
+            f"{out}: report suffix {out.suffix or '(none)'!r} not supported; "
+            f"use {' or '.join(SUFFIXES)}"
+        )
     return out
 
 
@@ -222,13 +254,17 @@ def _check_plans(plans: Sequence[tuple[str, Plan, PlanCost]]) -> None:
         raise NeuroShardError(f"a report compares at most {MAX_PLANS} plans, got {len(plans)}")
     for label, plan, cost in plans:
         if len(cost.devices) != plan.cluster.num_devices:
-            raise PlanFormatError(f"{label}: cost has {len(cost.devices)} devices, plan has "
-                                  f"{plan.cluster.num_devices}")
+            raise PlanFormatError(
+                f"{label}: cost has {len(cost.devices)} devices, plan has "
+                f"{plan.cluster.num_devices}"
+            )
         for i, d in enumerate(cost.devices):
-            if not all(math.isfinite(v) and v >= 0
-                       for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms)):
-                raise PlanFormatError(f"{label}: device {i} has a cost that is not a finite "
-                                      "non-negative number of ms")
+            if not all(
+                math.isfinite(v) and v >= 0 for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms)
+            ):
+                raise PlanFormatError(
+                    f"{label}: device {i} has a cost that is not a finite non-negative number of ms"
+                )
 
 
 def _table_shapes(plan: Plan) -> set[tuple[str, int, int]]:
@@ -239,7 +275,9 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise NeuroShardError("reports need matplotlib (pip install 'neuroshard[report]')") from None
+        raise NeuroShardError(
+            "reports need matplotlib (pip install 'neuroshard[report]')"
+        ) from None
 
 
 def _default_labels(paths: Sequence[Path], plans: Sequence[Plan]) -> list[str]:
@@ -265,8 +303,10 @@ def _estimator_for(backend: str | CostEstimator | HardwareBackend, plan: Plan) -
 
 def _memory_unit(plans: Sequence[tuple[str, Plan, PlanCost]]) -> tuple[str, int]:
     """GiB when any cap or use reaches 1 GiB, else MiB, else KiB: one unit for all plans."""
-    largest = max(max(max(p.cluster.memory_per_device_bytes), max(d.memory_bytes for d in c.devices))
-                  for _, p, c in plans)
+    largest = max(
+        max(max(p.cluster.memory_per_device_bytes), max(d.memory_bytes for d in c.devices))
+        for _, p, c in plans
+    )
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
         if largest >= scale:
             return unit, scale
@@ -283,7 +323,9 @@ def _short(text: str, limit: int) -> str:
 
 def _summary(plans: Sequence[tuple[str, Plan, PlanCost]], width: int | None = None) -> str:
     """Each plan's max-device cost and, for two, their ratio; on several lines if over ``width``."""
-    labels = [label if width is None else _short(label, max(12, width // 4)) for label, _, _ in plans]
+    labels = [
+        label if width is None else _short(label, max(12, width // 4)) for label, _, _ in plans
+    ]
     parts = [f"{label}: max {cost.max_ms:.3f} ms" for label, (_, _, cost) in zip(labels, plans)]
     if len(plans) == 2:
         a, b = plans[0][2].max_ms, plans[1][2].max_ms
@@ -319,7 +361,8 @@ def _html_page(plans: Sequence[tuple[str, Plan, PlanCost]], png: bytes) -> str:
                 f"<tr{cls}><td>{i}</td><td>{d.compute_ms:.3f}</td><td>{d.fwd_comm_ms:.3f}</td>"
                 f"<td>{d.bwd_comm_ms:.3f}</td><td>{d.total_ms:.3f}</td>"
                 f"<td>{d.memory_bytes / scale:.3f}</td><td>{cap / scale:.3f}</td>"
-                f"<td>{share}</td><td>{shards[i]}</td></tr>")
+                f"<td>{share}</td><td>{shards[i]}</td></tr>"
+            )
         sections.append(
             f"<h2>{esc(label)}</h2>\n"
             f"<p>{len(plan.tables)} tables, {len(plan.shards)} shards on "
@@ -328,7 +371,8 @@ def _html_page(plans: Sequence[tuple[str, Plan, PlanCost]], png: bytes) -> str:
             f"<b>{cost.max_ms:.3f} ms</b> on device {worst}.</p>\n"
             "<table>\n<tr><th>device</th><th>compute ms</th><th>fwd comm ms</th>"
             f"<th>bwd comm ms</th><th>total ms</th><th>memory {unit}</th><th>cap {unit}</th>"
-            "<th>used %</th><th>shards</th></tr>\n" + "\n".join(rows) + "\n</table>")
+            "<th>used %</th><th>shards</th></tr>\n" + "\n".join(rows) + "\n</table>"
+        )
     title = esc(" vs ".join(label for label, _, _ in plans))
     image = base64.b64encode(png).decode("ascii")
     return f"""<!DOCTYPE html>

@@ -69,12 +69,18 @@ def load_table_config(path: str | Path) -> tuple[list[TableSpec], Constraints]:
 
 
 # Keys of a table record's ``constraints`` object -> TableConstraint field.
-_CONSTRAINT_KEYS = {"sharding_types": "sharding_types", "compute_kernels": "compute_kernels",
-                    "devices": "devices", "hosts": "hosts", "cache_fraction": "cache_fraction"}
+_CONSTRAINT_KEYS = {
+    "sharding_types": "sharding_types",
+    "compute_kernels": "compute_kernels",
+    "devices": "devices",
+    "hosts": "hosts",
+    "cache_fraction": "cache_fraction",
+}
 
 
-def constraints_from_records(records: Sequence[Mapping[str, Any]], *,
-                             source: str = "<tables>") -> Constraints:
+def constraints_from_records(
+    records: Sequence[Mapping[str, Any]], *, source: str = "<tables>"
+) -> Constraints:
     """The placement constraints table records carry, each under ``constraints``: any of
     ``sharding_types`` and ``compute_kernels`` (lists of those allowed), ``devices`` and
     ``hosts`` (lists of indices the table's shards may sit on), ``cache_fraction`` and
@@ -89,13 +95,17 @@ def constraints_from_records(records: Sequence[Mapping[str, Any]], *,
             continue
         name = str(record.get("name"))
         if not isinstance(given, Mapping):
-            raise TableSpecError("must be an object", source=source, table=name,
-                                 field_name="constraints")
+            raise TableSpecError(
+                "must be an object", source=source, table=name, field_name="constraints"
+            )
         unknown = sorted(set(given) - set(_CONSTRAINT_KEYS) - {"colocate"})
         if unknown:
-            raise TableSpecError(f"unknown keys {unknown}; known: "
-                                 f"{sorted([*_CONSTRAINT_KEYS, 'colocate'])}",
-                                 source=source, table=name, field_name="constraints")
+            raise TableSpecError(
+                f"unknown keys {unknown}; known: {sorted([*_CONSTRAINT_KEYS, 'colocate'])}",
+                source=source,
+                table=name,
+                field_name="constraints",
+            )
         fields: dict[str, Any] = {}
         for key, attr in _CONSTRAINT_KEYS.items():
             if key not in given:
@@ -103,21 +113,36 @@ def constraints_from_records(records: Sequence[Mapping[str, Any]], *,
             value = given[key]
             if key == "cache_fraction":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TableSpecError(f"must be a number, got {value!r}", source=source,
-                                         table=name, field_name=f"constraints.{key}")
+                    raise TableSpecError(
+                        f"must be a number, got {value!r}",
+                        source=source,
+                        table=name,
+                        field_name=f"constraints.{key}",
+                    )
                 fields[attr] = float(value)
                 continue
             want = str if key in ("sharding_types", "compute_kernels") else int
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(
-                    isinstance(v, bool) or not isinstance(v, want) for v in value):
-                raise TableSpecError(f"must be a list of {want.__name__}s, got {value!r}",
-                                     source=source, table=name, field_name=f"constraints.{key}")
+            if (
+                isinstance(value, (str, bytes))
+                or not isinstance(value, Sequence)
+                or any(isinstance(v, bool) or not isinstance(v, want) for v in value)
+            ):
+                raise TableSpecError(
+                    f"must be a list of {want.__name__}s, got {value!r}",
+                    source=source,
+                    table=name,
+                    field_name=f"constraints.{key}",
+                )
             fields[attr] = tuple(value)
         if "colocate" in given:
             label = given["colocate"]
             if not isinstance(label, str) or not label:
-                raise TableSpecError(f"must be a group label (a string), got {label!r}",
-                                     source=source, table=name, field_name="constraints.colocate")
+                raise TableSpecError(
+                    f"must be a group label (a string), got {label!r}",
+                    source=source,
+                    table=name,
+                    field_name="constraints.colocate",
+                )
             groups.setdefault(label, []).append(name)
         if fields:
             tables[name] = TableConstraint(**fields)

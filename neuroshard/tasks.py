@@ -7,7 +7,7 @@ its tables are never seen in pretraining), redrawn until their total size is at 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,24 +16,36 @@ from neuroshard.types import TableSpec
 GB = 1 << 30
 
 
-def sample_task(pool: Sequence[TableSpec], rng: np.random.Generator, *, min_tables: int = 10,
-                max_tables: int = 60, max_total_bytes: int | None = None,
-                max_draws: int = 1000) -> list[TableSpec]:
+def sample_task(
+    pool: Sequence[TableSpec],
+    rng: np.random.Generator,
+    *,
+    min_tables: int = 10,
+    max_tables: int = 60,
+    max_total_bytes: int | None = None,
+    max_draws: int = 1000,
+) -> list[TableSpec]:
     """One task; raises ``ValueError`` if ``max_draws`` draws all exceed the size cap."""
     if not 1 <= min_tables <= max_tables <= len(pool):
-        raise ValueError(f"need 1 <= min_tables <= max_tables <= pool size ({len(pool)}), "
-                         f"got {min_tables}, {max_tables}")
+        raise ValueError(
+            f"need 1 <= min_tables <= max_tables <= pool size ({len(pool)}), "
+            f"got {min_tables}, {max_tables}"
+        )
     sizes = np.array([t.size_bytes for t in pool], dtype=np.int64)
     for _ in range(max_draws):
         k = int(rng.integers(min_tables, max_tables + 1))
         chosen = rng.choice(len(pool), size=k, replace=False)
         if max_total_bytes is None or sizes[chosen].sum() <= max_total_bytes:
             return [pool[int(i)] for i in chosen]
-    raise ValueError(f"no task of {min_tables}..{max_tables} tables under {max_total_bytes} bytes "
-                     f"in {max_draws} draws")
+    raise ValueError(
+        f"no task of {min_tables}..{max_tables} tables under {max_total_bytes} bytes "
+        f"in {max_draws} draws"
+    )
 
 
-def sample_tasks(pool: Sequence[TableSpec], n: int, seed: int = 0, **kwargs) -> list[list[TableSpec]]:
+def sample_tasks(
+    pool: Sequence[TableSpec], n: int, seed: int = 0, **kwargs
+) -> list[list[TableSpec]]:
     rng = np.random.default_rng(seed)
     return [sample_task(pool, rng, **kwargs) for _ in range(n)]
 

@@ -258,8 +258,9 @@ def _fingerprint_diff(on_disk: str, now: str) -> str:
 def folder_settings(kind: str, backend: HardwareBackend) -> dict[str, Any]:
     """What a collection folder fixes on its first run: the sample kind, the backend's
     name and its fingerprint (less when and where it ran)."""
-    fp = {k: v for k, v in json.loads(fingerprint_json(backend)).items()
-          if k not in _UNSETTLED_KEYS}
+    fp = {
+        k: v for k, v in json.loads(fingerprint_json(backend)).items() if k not in _UNSETTLED_KEYS
+    }
     return {"kind": kind, "backend": backend.name, "fingerprint": fp}
 
 
@@ -275,14 +276,14 @@ def _settings_of_parts(out: Path) -> dict[str, Any] | None:
             except ValueError:
                 fp = None
             if fp is not None:
-                settings["fingerprint"] = {k: v for k, v in fp.items()
-                                           if k not in _UNSETTLED_KEYS}
+                settings["fingerprint"] = {k: v for k, v in fp.items() if k not in _UNSETTLED_KEYS}
         return settings or None
     return None
 
 
-def claim_folder(out_dir: str | os.PathLike, settings: Mapping[str, Any],
-                 *, file_name: str = SETTINGS_FILE) -> None:
+def claim_folder(
+    out_dir: str | os.PathLike, settings: Mapping[str, Any], *, file_name: str = SETTINGS_FILE
+) -> None:
     """Record ``settings`` as ``out_dir``'s on its first run; on a later run, refuse any
     that differ from the recorded ones (:class:`DatasetError` naming both). Settings the
     record lacks are added to it; ones a run does not give are not compared."""
@@ -294,8 +295,9 @@ def claim_folder(out_dir: str | os.PathLike, settings: Mapping[str, Any],
         try:
             recorded = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise DatasetError(f"{path}: unreadable ({exc}); it records the settings of "
-                               "this folder's first run") from None
+            raise DatasetError(
+                f"{path}: unreadable ({exc}); it records the settings of this folder's first run"
+            ) from None
         if not isinstance(recorded, dict):
             raise DatasetError(f"{path}: not a JSON object")
     elif file_name == SETTINGS_FILE:
@@ -307,27 +309,36 @@ def claim_folder(out_dir: str | os.PathLike, settings: Mapping[str, Any],
     diffs.sort(key=lambda line: line.split(" ", 1)[0].count("."))  # plain settings first
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise DatasetError(f"{out}: its first run used other settings ({path.name}): "
-                           + "; ".join(diffs[:3]) + more + ". Use another folder, or the "
-                           "first run's settings")
-    merged = {**(recorded or {}), **{k: v for k, v in settings.items()
-                                     if recorded is None or k not in recorded}}
+        raise DatasetError(
+            f"{out}: its first run used other settings ({path.name}): "
+            + "; ".join(diffs[:3])
+            + more
+            + ". Use another folder, or the "
+            "first run's settings"
+        )
+    merged = {
+        **(recorded or {}),
+        **{k: v for k, v in settings.items() if recorded is None or k not in recorded},
+    }
     if not path.exists() or merged != recorded:
-        write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True, default=str)
-                          + "\n")
+        write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _setting_diff(key: str, before: Any, now: Any) -> list[str]:
     """The differing leaves of two settings, ``key.sub`` first run vs this run."""
     if isinstance(before, dict) and isinstance(now, dict):
-        return [line for k in sorted({*before, *now}, key=str) if before.get(k) != now.get(k)
-                for line in _setting_diff(f"{key}.{k}", before.get(k), now.get(k))]
+        return [
+            line
+            for k in sorted({*before, *now}, key=str)
+            if before.get(k) != now.get(k)
+            for line in _setting_diff(f"{key}.{k}", before.get(k), now.get(k))
+        ]
     return [f"{key} {_short(before)} (first run) vs {_short(now)} (this run)"]
 
 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_fingerprint(out_dir: str | os.PathLike, fingerprint: str, backend_name: str) -> None:
@@ -473,9 +484,15 @@ def collect(
         return _collect(samples, be, Path(out_dir), kind, chunk_size, progress, description)
 
 
-def _collect(samples: Sequence[ComputeSample | CommSample], be: HardwareBackend, out_dir: Path,
-             kind: Kind, chunk_size: int, progress: bool,
-             description: str | None) -> CollectResult:
+def _collect(
+    samples: Sequence[ComputeSample | CommSample],
+    be: HardwareBackend,
+    out_dir: Path,
+    kind: Kind,
+    chunk_size: int,
+    progress: bool,
+    description: str | None,
+) -> CollectResult:
     out, pending, skipped = start_collection(samples, out_dir, kind, chunk_size)
     logger.info(
         "collect %s into %s: %d samples, %d on disk, %d to measure",

@@ -81,14 +81,25 @@ __all__ = ["PretrainConfig", "backend_spec", "collect_samples", "pretrain"]
 _STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
 
 
-def backend_spec(name: str, batch_size: int, *, profile: str | None = None,
-                 noise: float | None = None, seed: int | None = None) -> BackendSpec:
+def backend_spec(
+    name: str,
+    batch_size: int,
+    *,
+    profile: str | None = None,
+    noise: float | None = None,
+    seed: int | None = None,
+) -> BackendSpec:
     """The backend ``name`` at ``batch_size``; ``profile``, ``noise`` and ``seed`` are the
     sim backend's options (given ones are passed to ``sim`` and dropped for others)."""
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if name == "sim":
-        kwargs.update({k: v for k, v in (("profile", profile), ("noise", noise),
-                                         ("seed", seed)) if v is not None})
+        kwargs.update(
+            {
+                k: v
+                for k, v in (("profile", profile), ("noise", noise), ("seed", seed))
+                if v is not None
+            }
+        )
     return BackendSpec(name, kwargs)
 
 
@@ -168,11 +179,14 @@ class PretrainConfig:
             raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
         smallest = min(self.compute_samples, self.comm_samples)
         if self.rounds > max(smallest, 1):
-            raise UsageError(f"{self.rounds} rounds for {smallest} samples: every round "
-                             "measures at least one sample of each set; use fewer rounds")
+            raise UsageError(
+                f"{self.rounds} rounds for {smallest} samples: every round "
+                "measures at least one sample of each set; use fewer rounds"
+            )
         if self.cost_model not in cost_model_kinds():  # fails before anything is collected
-            raise UnknownNameError(f"unknown cost model {self.cost_model!r}; valid: "
-                                   f"{', '.join(cost_model_kinds())}")
+            raise UnknownNameError(
+                f"unknown cost model {self.cost_model!r}; valid: {', '.join(cost_model_kinds())}"
+            )
         if self.backend_kwargs and not isinstance(self.backend, str):
             raise ValueError("backend_kwargs only apply to a backend given by name")
         spec = self.backend if isinstance(self.backend, BackendSpec) else None
@@ -181,8 +195,9 @@ class PretrainConfig:
             from neuroshard.backends import backend_names
 
             if name not in backend_names():  # before a folder is made or a table drawn
-                raise UnknownNameError(f"unknown backend {name!r}; valid: "
-                                       f"{', '.join(backend_names())}")
+                raise UnknownNameError(
+                    f"unknown backend {name!r}; valid: {', '.join(backend_names())}"
+                )
 
     def backend_spec(self) -> HardwareBackend | BackendSpec:
         """The backend as a :class:`BackendSpec` (or the object given)."""
@@ -238,8 +253,9 @@ def _pretrain(config: PretrainConfig) -> Path:
     tables, holdout_tables = config.training_tables()
     backend = config.backend_spec()
     be = resolve_backend(backend)
-    claim_folder(out, _run_settings(config, be, tables, holdout_tables),
-                 file_name=RUN_SETTINGS_FILE)
+    claim_folder(
+        out, _run_settings(config, be, tables, holdout_tables), file_name=RUN_SETTINGS_FILE
+    )
     rounds, chunk_size, progress = config.rounds, config.chunk_size, config.progress
     timings: dict[str, float] = {}
 
@@ -248,25 +264,40 @@ def _pretrain(config: PretrainConfig) -> Path:
     comm_set = _comm_samples(config, tables, config.comm_samples)
     holdout_set = []
     if holdout_tables and config.holdout_samples > 0:
-        holdout_set = sample_compute_loads(augment_tables(holdout_tables), config.holdout_samples,
-                                           np.random.default_rng([config.seed, _STREAM_HOLDOUT]),
-                                           max_tables=config.max_tables,
-                                           memory_cap_bytes=config.memory_cap_bytes)
+        holdout_set = sample_compute_loads(
+            augment_tables(holdout_tables),
+            config.holdout_samples,
+            np.random.default_rng([config.seed, _STREAM_HOLDOUT]),
+            max_tables=config.max_tables,
+            memory_cap_bytes=config.memory_cap_bytes,
+        )
     timings["sample_s"] = time.perf_counter() - t0
-    logger.info("%d tables: %d compute, %d comm, %d held-out samples", len(tables),
-                len(compute_set), len(comm_set), len(holdout_set))
+    logger.info(
+        "%d tables: %d compute, %d comm, %d held-out samples",
+        len(tables),
+        len(compute_set),
+        len(comm_set),
+        len(holdout_set),
+    )
 
     t0 = time.perf_counter()
     data = out / "data"
     run = _collector(be, backend, config.workers, config.address)
-    retests = {"compute": _retest(holdout_set or compute_set, config.retest_samples),
-               "comm": _retest(comm_set, config.retest_samples)}
-    jobs = [_Job(compute_set, data / "compute", "compute", "compute samples"),
-            _Job(comm_set, data / "comm", "comm", "comm samples")]
+    retests = {
+        "compute": _retest(holdout_set or compute_set, config.retest_samples),
+        "comm": _retest(comm_set, config.retest_samples),
+    }
+    jobs = [
+        _Job(compute_set, data / "compute", "compute", "compute samples"),
+        _Job(comm_set, data / "comm", "comm", "comm samples"),
+    ]
     if holdout_set:
         jobs.append(_Job(holdout_set, data / "compute_holdout", "compute", "held-out samples"))
-    jobs += [_Job(samples, data / f"{kind}_retest", kind, f"{kind} retest", retest=True)
-             for kind, samples in retests.items() if samples]
+    jobs += [
+        _Job(samples, data / f"{kind}_retest", kind, f"{kind} retest", retest=True)
+        for kind, samples in retests.items()
+        if samples
+    ]
     for job in jobs:  # every collector, Ray's included, keeps to the folder's settings
         claim_folder(job.out, folder_settings(job.kind, be))
     # samples each job's last pass left unmeasured (a pass covers every earlier one's)
@@ -275,12 +306,24 @@ def _pretrain(config: PretrainConfig) -> Path:
         for job in jobs:
             head = job.head(r, rounds)
             if head:
-                got = run(job.samples[:head], job.out, kind=job.kind, chunk_size=chunk_size,
-                          progress=progress, description=job.describe(r, rounds))
+                got = run(
+                    job.samples[:head],
+                    job.out,
+                    kind=job.kind,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                    description=job.describe(r, rounds),
+                )
                 missing[job.description] = (got.failed, len(job.samples))
     for job in (j for j in jobs if j.retest):  # the rounds measured every original
-        got = run(job.samples, job.out, kind=job.kind, chunk_size=chunk_size,
-                  progress=progress, description=job.description)
+        got = run(
+            job.samples,
+            job.out,
+            kind=job.kind,
+            chunk_size=chunk_size,
+            progress=progress,
+            description=job.description,
+        )
         missing[job.description] = (got.failed, len(job.samples))
     _fail_if_missing(missing, data)
     timings["collect_s"] = time.perf_counter() - t0
@@ -289,10 +332,16 @@ def _pretrain(config: PretrainConfig) -> Path:
     compute_data = load_compute(data / "compute", {s.key for s in compute_set})
     comm_data = load_comm(data / "comm", {s.key for s in comm_set})
     kwargs = {"seed": config.seed, **dict(config.model_kwargs or {})}
-    with _trainer(config.cost_model, out / "train", config.workers,
-                  config.address, config.storage) as fit_kwargs:
-        model = model_cls(**kwargs).fit(compute_data, comm_data, backend_name=be.name,
-                                        num_devices=config.num_devices, **fit_kwargs)
+    with _trainer(
+        config.cost_model, out / "train", config.workers, config.address, config.storage
+    ) as fit_kwargs:
+        model = model_cls(**kwargs).fit(
+            compute_data,
+            comm_data,
+            backend_name=be.name,
+            num_devices=config.num_devices,
+            **fit_kwargs,
+        )
     timings["train_s"] = time.perf_counter() - t0
     if holdout_set:
         holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
@@ -300,7 +349,8 @@ def _pretrain(config: PretrainConfig) -> Path:
         model.sample_counts_["compute_holdout"] = len(holdout)
     if any(retests.values()):
         model.metrics_["noise_floor"] = _noise_floors(
-            data, "compute_holdout" if holdout_set else "compute", retests)
+            data, "compute_holdout" if holdout_set else "compute", retests
+        )
     timings["total_s"] = time.perf_counter() - started
     model.provenance_ = {
         "pipeline": "neuroshard.pretrain.pipeline.pretrain",
@@ -316,32 +366,49 @@ def _pretrain(config: PretrainConfig) -> Path:
     }
     model_dir = model.save(out / "model")
     m = model.metrics_
-    logger.info("pretrained %s in %.0f s: compute MAPE %.3f (test), %s; fwd comm MAPE %.3f, "
-                "bwd comm MAPE %.3f", model.name, timings["total_s"],
-                m["compute"]["test"]["mape"],
-                f"{m['compute']['test_pool']['mape']:.3f} (test pool)"
-                if "test_pool" in m["compute"] else "no test pool",
-                m["fwd_comm"]["test"]["mape"], m["bwd_comm"]["test"]["mape"])
+    logger.info(
+        "pretrained %s in %.0f s: compute MAPE %.3f (test), %s; fwd comm MAPE %.3f, "
+        "bwd comm MAPE %.3f",
+        model.name,
+        timings["total_s"],
+        m["compute"]["test"]["mape"],
+        f"{m['compute']['test_pool']['mape']:.3f} (test pool)"
+        if "test_pool" in m["compute"]
+        else "no test pool",
+        m["fwd_comm"]["test"]["mape"],
+        m["bwd_comm"]["test"]["mape"],
+    )
     return model_dir
 
 
 RUN_SETTINGS_FILE = "pretrain.json"
 
 
-def _run_settings(config: PretrainConfig, be: HardwareBackend, tables: Sequence[TableSpec],
-                  holdout: Sequence[TableSpec]) -> dict[str, Any]:
+def _run_settings(
+    config: PretrainConfig,
+    be: HardwareBackend,
+    tables: Sequence[TableSpec],
+    holdout: Sequence[TableSpec],
+) -> dict[str, Any]:
     """What a run folder fixes on its first run: everything that decides which samples
     are drawn and what they measure (sample counts may grow; the model trained may vary)."""
+
     def digest(specs: Sequence[TableSpec]) -> str:
         text = json.dumps([t.to_record() for t in specs], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     backend = folder_settings("compute", be)
-    return {"backend": backend["backend"], "fingerprint": backend["fingerprint"],
-            "seed": config.seed, "comm_device_counts": config.comm_counts,
-            "max_tables": config.max_tables, "memory_cap_bytes": config.memory_cap_bytes,
-            "shrink_copies": config.shrink_copies, "tables": digest(tables),
-            "holdout_tables": digest(holdout)}
+    return {
+        "backend": backend["backend"],
+        "fingerprint": backend["fingerprint"],
+        "seed": config.seed,
+        "comm_device_counts": config.comm_counts,
+        "max_tables": config.max_tables,
+        "memory_cap_bytes": config.memory_cap_bytes,
+        "shrink_copies": config.shrink_copies,
+        "tables": digest(tables),
+        "holdout_tables": digest(holdout),
+    }
 
 
 @dataclass(frozen=True)
@@ -375,18 +442,21 @@ def _fail_if_missing(missing: Mapping[str, tuple[int, int]], data: Path) -> None
     lost = {what: (n, total) for what, (n, total) in missing.items() if n}
     if lost:
         sets = ", ".join(f"{n} of {total} {what}" for what, (n, total) in lost.items())
-        raise BackendError(f"{sum(n for n, _ in lost.values())} samples were not measured "
-                           f"after every retry ({sets}); nothing was trained. Rerun the same "
-                           f"command: it resumes, measuring only the samples missing under "
-                           f"{data}")
+        raise BackendError(
+            f"{sum(n for n, _ in lost.values())} samples were not measured "
+            f"after every retry ({sets}); nothing was trained. Rerun the same "
+            f"command: it resumes, measuring only the samples missing under "
+            f"{data}"
+        )
 
 
 def _retest(samples: Sequence[Any], n: int) -> list[Any]:
-    return [replace(s, index=s.index + RETEST_INDEX_OFFSET) for s in samples[:max(n, 0)]]
+    return [replace(s, index=s.index + RETEST_INDEX_OFFSET) for s in samples[: max(n, 0)]]
 
 
-def _noise_floors(data: Path, compute_dir: str,
-                  retests: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, float]]:
+def _noise_floors(
+    data: Path, compute_dir: str, retests: Mapping[str, Sequence[Any]]
+) -> dict[str, dict[str, float]]:
     """Noise-floor metrics of every retest that reached the disk, against the first run."""
     floors: dict[str, dict[str, float]] = {}
     if retests["compute"]:
@@ -398,9 +468,15 @@ def _noise_floors(data: Path, compute_dir: str,
         again = load_comm(data / "comm_retest", {s.key for s in retests["comm"]})
         first = load_comm(data / "comm", {_first_key(s) for s in retests["comm"]})
         for which in ("fwd", "bwd"):
-            a, b = _paired(first.keys, getattr(first, f"{which}_ms"), again.keys,
-                           getattr(again, f"{which}_ms"), retests["comm"],
-                           first.mask, again.mask)
+            a, b = _paired(
+                first.keys,
+                getattr(first, f"{which}_ms"),
+                again.keys,
+                getattr(again, f"{which}_ms"),
+                retests["comm"],
+                first.mask,
+                again.mask,
+            )
             floors[f"{which}_comm"] = noise_floor(a, b)
     return floors
 
@@ -409,14 +485,23 @@ def _first_key(retest: Any) -> str:
     return replace(retest, index=retest.index - RETEST_INDEX_OFFSET).key
 
 
-def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
-            again: np.ndarray, retests: Sequence[Any], first_mask: np.ndarray | None = None,
-            again_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _paired(
+    first_keys: np.ndarray,
+    first: np.ndarray,
+    again_keys: np.ndarray,
+    again: np.ndarray,
+    retests: Sequence[Any],
+    first_mask: np.ndarray | None = None,
+    again_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The first and second measurement of every retest sample found in both runs."""
     row_first = {k: i for i, k in enumerate(first_keys)}
     row_again = {k: i for i, k in enumerate(again_keys)}
-    pairs = [(row_first[_first_key(s)], row_again[s.key]) for s in retests
-             if s.key in row_again and _first_key(s) in row_first]
+    pairs = [
+        (row_first[_first_key(s)], row_again[s.key])
+        for s in retests
+        if s.key in row_again and _first_key(s) in row_first
+    ]
     a_rows = [i for i, _ in pairs]
     b_rows = [j for _, j in pairs]
     if first_mask is None or again_mask is None:
@@ -427,8 +512,13 @@ def _paired(first_keys: np.ndarray, first: np.ndarray, again_keys: np.ndarray,
 
 
 @contextmanager
-def _trainer(cost_model: str, checkpoint_dir: Path, workers: int, address: str | None,
-             storage: str | None = None) -> Iterator[dict[str, Any]]:
+def _trainer(
+    cost_model: str,
+    checkpoint_dir: Path,
+    workers: int,
+    address: str | None,
+    storage: str | None = None,
+) -> Iterator[dict[str, Any]]:
     """The ``fit`` keywords that train the neural nets resumably (the injected
     ``trainer``): on Ray Train when ``workers`` or ``address`` ask for Ray, else in this
     process with file checkpoints."""
@@ -442,25 +532,33 @@ def _trainer(cost_model: str, checkpoint_dir: Path, workers: int, address: str |
         return
     from neuroshard.pretrain.ray_train import ray_training
 
-    with ray_training(workers=max(workers, 1), storage_dir=storage or checkpoint_dir,
-                      address=address) as trainer:
+    with ray_training(
+        workers=max(workers, 1), storage_dir=storage or checkpoint_dir, address=address
+    ) as trainer:
         yield {"trainer": trainer}
 
 
 def _compute_samples(config: PretrainConfig, tables: Sequence[TableSpec], n: int) -> list:
     variants = list(tables)
     if config.shrink_copies > 0:
-        variants += shrink_tables(tables, np.random.default_rng([config.seed, _STREAM_SHRINK]),
-                                  copies=config.shrink_copies)
-    return sample_compute_loads(augment_tables(variants), n,
-                                np.random.default_rng([config.seed, _STREAM_COMPUTE]),
-                                max_tables=config.max_tables,
-                                memory_cap_bytes=config.memory_cap_bytes)
+        variants += shrink_tables(
+            tables,
+            np.random.default_rng([config.seed, _STREAM_SHRINK]),
+            copies=config.shrink_copies,
+        )
+    return sample_compute_loads(
+        augment_tables(variants),
+        n,
+        np.random.default_rng([config.seed, _STREAM_COMPUTE]),
+        max_tables=config.max_tables,
+        memory_cap_bytes=config.memory_cap_bytes,
+    )
 
 
 def _comm_samples(config: PretrainConfig, tables: Sequence[TableSpec], n: int) -> list:
-    return sample_comm_tasks(tables, n, np.random.default_rng([config.seed, _STREAM_COMM]),
-                             config.comm_counts)
+    return sample_comm_tasks(
+        tables, n, np.random.default_rng([config.seed, _STREAM_COMM]), config.comm_counts
+    )
 
 
 def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str | None):
@@ -468,12 +566,12 @@ def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str |
     if not workers and not address:
         return lambda samples, out, **kw: collect(samples, backend, out, **kw)
     if not isinstance(spec, BackendSpec):
-        raise ValueError("Ray collection needs the backend by name (a BackendSpec), "
-                         "not an object")
+        raise ValueError("Ray collection needs the backend by name (a BackendSpec), not an object")
     from neuroshard.pretrain.ray_jobs import collect_ray
 
-    return lambda samples, out, **kw: collect_ray(samples, spec, out, workers=max(workers, 1),
-                                                  address=address, **kw)
+    return lambda samples, out, **kw: collect_ray(
+        samples, spec, out, workers=max(workers, 1), address=address, **kw
+    )
 
 
 def collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
@@ -506,5 +604,11 @@ def _collect_samples(config: PretrainConfig, kind: str) -> CollectResult:
     settings = {"kind": kind} if be is None else folder_settings(kind, be)
     claim_folder(config.out_dir, {**settings, "seed": config.seed})
     run = _collector(be if be is not None else spec, spec, config.workers, config.address)
-    return run(drawn, config.out_dir, kind=kind, chunk_size=config.chunk_size,
-               progress=config.progress, description=f"{kind} samples")
+    return run(
+        drawn,
+        config.out_dir,
+        kind=kind,
+        chunk_size=config.chunk_size,
+        progress=config.progress,
+        description=f"{kind} samples",
+    )

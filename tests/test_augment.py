@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from factories import GB, make_table, make_tables
 
 from neuroshard.pretrain.augment import (
     CommSample,
@@ -9,6 +8,8 @@ from neuroshard.pretrain.augment import (
     sample_comm_tasks,
     sample_compute_loads,
 )
+
+from factories import GB, make_table, make_tables
 
 
 def _dims(tables):
@@ -26,12 +27,13 @@ def test_augment_keeps_everything_but_dim():
     t = make_table("x", rows=123, dim=16, pooling_factor=7.5)
     out = augment_tables([t])
     assert {(a.name, a.rows, a.pooling_factor, a.reuse_hist) for a in out} == {
-        ("x", 123, 7.5, t.reuse_hist)}
+        ("x", 123, 7.5, t.reuse_hist)
+    }
 
 
 def test_compute_loads_respect_cap_and_table_counts():
     tables = augment_tables(make_tables(40, seed=3))
-    cap = 2 * 10 ** 8
+    cap = 2 * 10**8
     rng = np.random.default_rng(0)
     loads = sample_compute_loads(tables, 300, rng, max_tables=15, memory_cap_bytes=cap)
     assert len(loads) == 300
@@ -45,10 +47,11 @@ def test_compute_loads_respect_cap_and_table_counts():
 
 
 def test_compute_loads_skip_tables_over_the_cap():
-    big = make_table("big", rows=10 ** 8, dim=128)  # 51 GB
+    big = make_table("big", rows=10**8, dim=128)  # 51 GB
     small = make_table("small", rows=100, dim=4)
-    loads = sample_compute_loads([big, small], 20, np.random.default_rng(0),
-                                 memory_cap_bytes=4 * GB)
+    loads = sample_compute_loads(
+        [big, small], 20, np.random.default_rng(0), memory_cap_bytes=4 * GB
+    )
     assert all(s.tables == (small,) for s in loads)
     with pytest.raises(ValueError):
         sample_compute_loads([big], 1, np.random.default_rng(0), memory_cap_bytes=4 * GB)
@@ -101,8 +104,9 @@ def test_shrink_tables_smaller_and_hotter():
     from neuroshard.pretrain.augment import shrink_tables
 
     t = make_table("a", rows=64_000, dim=128, pooling_factor=9.0)
-    out = shrink_tables([t, make_table("tiny", rows=150)], np.random.default_rng(0),
-                        factors=(16,), copies=1)
+    out = shrink_tables(
+        [t, make_table("tiny", rows=150)], np.random.default_rng(0), factors=(16,), copies=1
+    )
     assert len(out) == 1  # 150 // 16 rows would be under the 100-row floor
     (c,) = out
     assert (c.name, c.rows, c.dim, c.pooling_factor) == ("a@rows/16", 4000, 128, 9.0)

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from factories import FakeBackend, make_tables
 
 from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
@@ -17,6 +16,8 @@ from neuroshard.pretrain.collect import (
 )
 from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.samples import split_by_tables, split_random
+
+from factories import FakeBackend, make_tables
 
 
 @pytest.fixture
@@ -77,8 +78,9 @@ def test_resume_after_partial_run_no_loss_no_duplicates(tmp_path, compute_sample
 
 def test_crash_mid_chunk_keeps_whole_chunks_only(tmp_path, compute_samples):
     with pytest.raises(RuntimeError, match="device lost"):
-        collect(compute_samples, CrashingBackend(fail_after=37), tmp_path, chunk_size=16,
-                progress=False)
+        collect(
+            compute_samples, CrashingBackend(fail_after=37), tmp_path, chunk_size=16, progress=False
+        )
     assert len(existing_keys(tmp_path)) == 32  # two whole chunks, nothing partial
     assert not list(tmp_path.glob(".tmp-*"))
     res = collect(compute_samples, FakeBackend(), tmp_path, chunk_size=16, progress=False)
@@ -126,8 +128,9 @@ def test_load_compute_roundtrip_subset_and_keys(tmp_path, compute_samples):
     by_key = {s.key: s for s in compute_samples}
     sub = data.subset([3, 0, 7])
     for i, key in enumerate(sub.keys):
-        np.testing.assert_allclose(sub.features[sub.offsets[i]:sub.offsets[i + 1]],
-                                   raw_features(by_key[key].tables))
+        np.testing.assert_allclose(
+            sub.features[sub.offsets[i] : sub.offsets[i + 1]], raw_features(by_key[key].tables)
+        )
         assert sub.names_of(i) == [t.name for t in by_key[key].tables]
     x, mask = data.padded()
     assert x.shape == (90, data.num_tables.max(), 20)
@@ -140,8 +143,9 @@ def test_load_compute_roundtrip_subset_and_keys(tmp_path, compute_samples):
 def test_sample_keys_map_indices_and_refuse_two_runs_in_one_directory(tmp_path, compute_samples):
     collect(compute_samples, FakeBackend(), tmp_path, chunk_size=25, progress=False)
     assert sample_keys(tmp_path) == {s.index: s.key for s in compute_samples}
-    other = sample_compute_loads(augment_tables(make_tables(20, seed=4)), 5,
-                                 np.random.default_rng(1))  # same indices, other loads
+    other = sample_compute_loads(
+        augment_tables(make_tables(20, seed=4)), 5, np.random.default_rng(1)
+    )  # same indices, other loads
     collect(other, FakeBackend(), tmp_path, progress=False)
     with pytest.raises(DatasetError, match="two keys"):
         sample_keys(tmp_path)
@@ -165,7 +169,10 @@ def test_split_by_tables_holds_out_a_pool(tmp_path, compute_samples):
         assert set(data.names_of(i)) <= test_names
     for i in np.concatenate([split.train, split.val]):
         assert not set(data.names_of(i)) & test_names
-    mixed = [i for i in range(len(data))
-             if set(data.names_of(i)) & test_names and set(data.names_of(i)) - test_names]
+    mixed = [
+        i
+        for i in range(len(data))
+        if set(data.names_of(i)) & test_names and set(data.names_of(i)) - test_names
+    ]
     assert len(split.train) + len(split.val) + len(split.test) + len(mixed) == len(data)
     assert len(split.test) > 0

@@ -58,8 +58,9 @@ def test_worker_failure_becomes_backend_error_and_stops_the_pool():
 
 
 def test_four_ranks_through_the_backend():
-    with CpuBackend(batch_size=1_002, warmups=0, repeats=1, comm_warmups=1,
-                    comm_repeats=3) as backend:
+    with CpuBackend(
+        batch_size=1_002, warmups=0, repeats=1, comm_warmups=1, comm_repeats=3
+    ) as backend:
         fwd, bwd = backend.measure_comm([32, 64, 0, 128], [0.0, 0.0, 0.0, 0.0])
         assert len(fwd) == len(bwd) == 4
         assert all(t.median_ms > 0 for t in fwd + bwd)

@@ -3,6 +3,12 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from neuroshard.models import META_FILE, check_compatible, load_cost_model, read_meta
+from neuroshard.models.neural import COMM_FILE, COMPUTE_FILE, NeuralCostModel
+from neuroshard.pretrain.augment import sample_comm_tasks
+from neuroshard.types import ModelFileError, ModelMismatchError
+
 from factories import (
     FakeBackend,
     check_fitted_cost_model,
@@ -10,11 +16,6 @@ from factories import (
     make_mixed_loads,
     make_tables,
 )
-
-from neuroshard.models import META_FILE, check_compatible, load_cost_model, read_meta
-from neuroshard.models.neural import COMM_FILE, COMPUTE_FILE, NeuralCostModel
-from neuroshard.pretrain.augment import sample_comm_tasks
-from neuroshard.types import ModelFileError, ModelMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,7 @@ def test_compute_is_head_of_summed_shard_embeddings(model):
     emb = model.shard_embeddings([t for load in loads for t in load])
     assert emb.shape == (12, 32)
     sums = np.stack([emb[0:3].sum(0), np.zeros(32), emb[3:4].sum(0), emb[4:12].sum(0)])
-    np.testing.assert_allclose(model.compute_from_embeddings(sums, [3, 0, 1, 8]), pred,
-                               rtol=1e-5)
+    np.testing.assert_allclose(model.compute_from_embeddings(sums, [3, 0, 1, 8]), pred, rtol=1e-5)
 
 
 def test_numpy_inference_matches_torch_nets(model):
@@ -55,16 +55,18 @@ def test_numpy_inference_matches_torch_nets(model):
     row = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor([len(ld) for ld in loads]))
     with torch.inference_mode():
         y = model.nets_["compute"](torch.from_numpy(x), row, len(loads))
-    np.testing.assert_allclose(model._from_target(y.numpy(), "compute"), model.compute_ms(loads),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        model._from_target(y.numpy(), "compute"), model.compute_ms(loads), rtol=1e-4
+    )
     d = np.array([[128.0, 640, 0, 256]])
     w = np.array([[3.0, 0, 7, 1]])
     xin = model._comm_inputs(d, w)
     with torch.inference_mode():
         y = model.nets_["fwd"](torch.from_numpy(xin), torch.ones(1, 4))
     straggler_wait = w.max() - w  # added to the learned part, not learned
-    np.testing.assert_allclose(model._from_target(y.numpy(), "fwd") + straggler_wait,
-                               model.fwd_comm_ms(d, w), rtol=1e-4)
+    np.testing.assert_allclose(
+        model._from_target(y.numpy(), "fwd") + straggler_wait, model.fwd_comm_ms(d, w), rtol=1e-4
+    )
 
 
 def test_save_load_roundtrip_identical_predictions(model, model_dir):
@@ -156,8 +158,9 @@ def test_comm_serves_other_device_counts_equivariantly(model, data):
         assert fwd.shape == bwd.shape == (5, n)
         assert np.all(np.isfinite(fwd)) and np.all(fwd > 0) and np.all(bwd > 0)
         perm = rng.permutation(n)
-        np.testing.assert_allclose(model.fwd_comm_ms(d[:, perm], w[:, perm]), fwd[:, perm],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            model.fwd_comm_ms(d[:, perm], w[:, perm]), fwd[:, perm], rtol=1e-5
+        )
         np.testing.assert_allclose(model.bwd_comm_ms(d[:, perm]), bwd[:, perm], rtol=1e-5)
     # a device count between the trained ones is predicted about as well as those
     tasks = sample_comm_tasks(make_tables(30, seed=5), 200, np.random.default_rng(7), 4)
@@ -180,8 +183,9 @@ def test_fit_is_seeded(data):
 def test_an_ensemble_averages_its_members_in_log_space(data, tmp_path):
     from neuroshard.features import table_features
 
-    ens = NeuralCostModel(max_epochs=15, patience=5, train_batch_size=64, seed=0,
-                          compute_members=3).fit(*data)
+    ens = NeuralCostModel(
+        max_epochs=15, patience=5, train_batch_size=64, seed=0, compute_members=3
+    ).fit(*data)
     loads = [load for load in make_mixed_loads() if load]
     flat = [t for load in loads for t in load]
     assert ens.shard_embeddings(flat).shape == (len(flat), 3 * 32)
@@ -190,8 +194,9 @@ def test_an_ensemble_averages_its_members_in_log_space(data, tmp_path):
     with torch.inference_mode():
         each = np.stack([m(x, row, len(loads)).numpy() for m in ens.nets_["compute"].members])
     assert np.ptp(each, axis=0).min() > 0  # members start apart and stay apart
-    np.testing.assert_allclose(ens.compute_ms(loads), ens._from_target(each.mean(0), "compute"),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        ens.compute_ms(loads), ens._from_target(each.mean(0), "compute"), rtol=1e-4
+    )
     model_dir = ens.save(tmp_path / "m")
     assert read_meta(model_dir)["architecture"]["compute_members"] == 3
     again = load_cost_model(model_dir, batch_size=65_536, backend="fake")

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from factories import make_table
 from neuroshard.backends import get_backend
 from neuroshard.backends.cpu import CpuBackend
 from neuroshard.backends.tbe import ComputeTimer
 from neuroshard.backends.timing import summarize
 from neuroshard.types import BackendError, HardwareBackend, Timing
+
+from factories import make_table
 
 BATCH = 1024
 
@@ -37,8 +38,10 @@ def test_registered_and_implements_protocol():
 
 
 def test_fbgemm_timings_positive_with_spread(backend):
-    load = [make_table("a", rows=2_000, dim=32, pooling_factor=4),
-            make_table("b", rows=5_000, dim=16, pooling_factor=2)]
+    load = [
+        make_table("a", rows=2_000, dim=32, pooling_factor=4),
+        make_table("b", rows=5_000, dim=16, pooling_factor=2),
+    ]
     _ok(backend.measure_compute(load), 7)
 
 
@@ -92,7 +95,8 @@ def test_remeasuring_reuses_the_built_load(backend):
 def test_restores_thread_count():
     before = torch.get_num_threads()
     ComputeTimer("cpu", batch_size=64, warmups=0, repeats=1, threads=1).measure(
-        [make_table(rows=100, dim=4, pooling_factor=1)])
+        [make_table(rows=100, dim=4, pooling_factor=1)]
+    )
     assert torch.get_num_threads() == before
 
 
@@ -112,6 +116,7 @@ def test_fingerprint_describes_machine_and_settings(backend):
     assert fp["versions"]["torch"] and fp["versions"]["fbgemm_gpu"]
     assert fp["processor"] and fp["cpu_count"] >= 1
     import socket
+
     assert socket.gethostname() not in repr(fp)
 
 

@@ -2,7 +2,6 @@ import math
 
 import numpy as np
 import pytest
-from factories import make_table
 
 from neuroshard.features import (
     FEATURE_NAMES,
@@ -14,6 +13,8 @@ from neuroshard.features import (
     transform_raw,
 )
 from neuroshard.types import DLRM_REUSE_HIST
+
+from factories import make_table
 
 
 def test_schema_names_twenty_features():
@@ -37,7 +38,7 @@ def test_raw_then_transform_equals_table_features():
     raw = raw_features(tables)
     assert raw.shape == (4, 20)
     np.testing.assert_array_equal(raw, [t.feature_vector() for t in tables])
-    assert raw[2, 17] == 12 and raw[3, 19] == 10 ** 5
+    assert raw[2, 17] == 12 and raw[3, 19] == 10**5
     np.testing.assert_array_equal(transform_raw(raw), table_features(tables))
     assert raw_features([]).shape == (0, 20)
 

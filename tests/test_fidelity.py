@@ -2,7 +2,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from factories import FakeBackend, make_tables
 
 from neuroshard.backends.sim import SimBackend
 from neuroshard.features import raw_features
@@ -21,14 +20,22 @@ from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 from neuroshard.samples import ComputeData
 from neuroshard.types import ModelMismatchError, Timing
 
+from factories import FakeBackend, make_tables
+
 
 def _data(loads, labels):
     feats = [raw_features(load) for load in loads]
     offsets = np.concatenate([[0], np.cumsum([len(f) for f in feats])]).astype(np.int64)
     names = np.asarray([t.name for load in loads for t in load], dtype=object)
-    return ComputeData(np.asarray([f"k{i}" for i in range(len(loads))], dtype=object), offsets,
-                       np.concatenate(feats), names, np.asarray(labels, dtype=float),
-                       np.zeros(len(loads)), "{}")
+    return ComputeData(
+        np.asarray([f"k{i}" for i in range(len(loads))], dtype=object),
+        offsets,
+        np.concatenate(feats),
+        names,
+        np.asarray(labels, dtype=float),
+        np.zeros(len(loads)),
+        "{}",
+    )
 
 
 def test_compute_breakdown_buckets_by_table_count_and_bytes():
@@ -52,8 +59,9 @@ def test_comm_breakdown_by_device_count_and_dim_sum():
     dims = np.where(mask, 512.0, 0.0)
     true = np.where(mask, 2.0, 0.0)
     pred = true * np.where(np.arange(10)[:, None] < 5, 1.0, 1.2)
-    out = comm_breakdown(pred, true, np.array([4] * 5 + [8] * 5), dims, mask,
-                         num_tables=np.array([3] * 5 + [30] * 5))
+    out = comm_breakdown(
+        pred, true, np.array([4] * 5 + [8] * 5), dims, mask, num_tables=np.array([3] * 5 + [30] * 5)
+    )
     assert out["by_devices"]["4"]["mape"] == 0 and out["by_devices"]["8"]["n"] == 40
     assert out["by_devices"]["8"]["mape"] == pytest.approx(0.2)
     assert set(out["by_dim_sum"]) == {"256-1023"}
@@ -71,8 +79,12 @@ def test_noise_floor_of_a_fixed_ratio():
 
 
 def test_noise_floor_recovers_the_sim_noise():
-    loads = [s.tables for s in sample_compute_loads(augment_tables(make_tables(40, seed=5)), 400,
-                                                    np.random.default_rng(0), max_tables=10)]
+    loads = [
+        s.tables
+        for s in sample_compute_loads(
+            augment_tables(make_tables(40, seed=5)), 400, np.random.default_rng(0), max_tables=10
+        )
+    ]
     first = SimBackend(noise=0.05, seed=1).compute_ms(loads)
     second = SimBackend(noise=0.05, seed=2).compute_ms(loads)
     # lognormal sigma 0.05: a noiseless predictor's MAPE is about 0.05 * sqrt(2/pi) = 0.040
@@ -93,10 +105,23 @@ class _Jittery(FakeBackend):
 def test_a_session_scores_as_its_own_pretrain_did(tmp_path):
     tables = make_tables(30, seed=11)
     held = [replace(t, name=f"held_{t.name}") for t in make_tables(15, seed=12)]
-    model_dir = pretrain(PretrainConfig(
-        tmp_path, backend=_Jittery(), tables=tables, holdout_tables=held,
-        compute_samples=80, comm_samples=30, holdout_samples=40, retest_samples=12,
-        chunk_size=9, rounds=2, progress=False, max_tables=10, model_kwargs={"max_epochs": 3}))
+    model_dir = pretrain(
+        PretrainConfig(
+            tmp_path,
+            backend=_Jittery(),
+            tables=tables,
+            holdout_tables=held,
+            compute_samples=80,
+            comm_samples=30,
+            holdout_samples=40,
+            retest_samples=12,
+            chunk_size=9,
+            rounds=2,
+            progress=False,
+            max_tables=10,
+            model_kwargs={"max_epochs": 3},
+        )
+    )
     meta = read_meta(model_dir)
     floor = session_noise_floor(tmp_path / "data")
     assert floor["n"] == 12 and floor["floor_mape"] > 0
@@ -107,8 +132,9 @@ def test_a_session_scores_as_its_own_pretrain_did(tmp_path):
 
 
 def test_a_session_from_other_hardware_is_refused(tmp_path):
-    loads = sample_compute_loads(augment_tables(make_tables(5, seed=1)), 6,
-                                 np.random.default_rng(0))
+    loads = sample_compute_loads(
+        augment_tables(make_tables(5, seed=1)), 6, np.random.default_rng(0)
+    )
     collect(loads, SimBackend(batch_size=4096), tmp_path / "compute_holdout", progress=False)
     assert session_noise_floor(tmp_path) is None  # no retests
     with pytest.raises(ModelMismatchError, match="batch_size"):

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import pytest
 from typer.testing import CliRunner
 
-from factories import GB, make_table
 from neuroshard.cli import app
 from neuroshard.plan_io import plan_to_dict, write_plan
 from neuroshard.types import Cluster, Plan, Shard
+
+from factories import GB, make_table
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
 
@@ -72,8 +73,9 @@ def files(tmp_path_factory):
         "empty": "",
         "binary": "\x00\xff\x00",
         # 1e9 rows: even a 4-column shard is 16e9 bytes, more than a 1 GB device
-        "huge_table": json.dumps([{"name": "giant", "rows": 10**9, "dim": 4},
-                                  {"name": "t1", "rows": 10, "dim": 4}]),
+        "huge_table": json.dumps(
+            [{"name": "giant", "rows": 10**9, "dim": 4}, {"name": "t1", "rows": 10, "dim": 4}]
+        ),
         # 8 tables of 512 MiB each on two 1 GB devices: each fits, all together do not
         "too_many": json.dumps([{"name": f"t{i}", "rows": 1 << 21, "dim": 64} for i in range(8)]),
     }
@@ -119,66 +121,193 @@ PLAN = ("plan", "{tables}", "--devices", "2", "--memory", "4GB")
 PLAN_WITH_MODEL = PLAN + ("--model", "{model}", "--searcher", "greedy-grid")
 
 CASES = [
-    Case("plan: missing file", ("plan", "{missing}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "file not found"),
+    Case(
+        "plan: missing file",
+        ("plan", "{missing}", "-n", "2", "-m", "4GB"),
+        EXIT_INPUT,
+        "file not found",
+    ),
     Case("plan: directory", ("plan", "{dir}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "directory"),
-    Case("plan: malformed JSON", ("plan", "{malformed}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "malformed JSON"),
+    Case(
+        "plan: malformed JSON",
+        ("plan", "{malformed}", "-n", "2", "-m", "4GB"),
+        EXIT_INPUT,
+        "malformed JSON",
+    ),
     Case("plan: bad dim", ("plan", "{bad_dim}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "'dim'"),
     Case("plan: bad rows", ("plan", "{bad_rows}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "'rows'"),
     Case("plan: NaN rows", ("plan", "{nan_rows}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "NaN"),
-    Case("plan: duplicate names", ("plan", "{dup_names}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "duplicate"),
+    Case(
+        "plan: duplicate names",
+        ("plan", "{dup_names}", "-n", "2", "-m", "4GB"),
+        EXIT_INPUT,
+        "duplicate",
+    ),
     Case("plan: empty file", ("plan", "{empty}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "empty"),
     Case("plan: binary csv", ("plan", "{binary}", "-n", "2", "-m", "4GB"), EXIT_INPUT, ""),
-    Case("plan: csv lacks dim", ("plan", "{tables_csv_bad}", "-n", "2", "-m", "4GB"), EXIT_INPUT, "dim"),
+    Case(
+        "plan: csv lacks dim",
+        ("plan", "{tables_csv_bad}", "-n", "2", "-m", "4GB"),
+        EXIT_INPUT,
+        "dim",
+    ),
     Case("plan: memory 4XB", PLAN[:-1] + ("4XB",), EXIT_INPUT, "4XB"),
     Case("plan: memory -1GB", PLAN[:-1] + ("-1GB",), EXIT_INPUT, "-1GB"),
     Case("plan: memory abc", PLAN[:-1] + ("abc",), EXIT_INPUT, "abc"),
     Case("plan: memory empty", PLAN[:-1] + ("",), EXIT_INPUT, "memory"),
     Case("plan: memory 0GB", PLAN[:-1] + ("0GB",), EXIT_INPUT, "0GB"),
     Case("plan: three caps for two devices", PLAN[:-1] + ("1GB,1GB,1GB",), EXIT_INPUT, "3 caps"),
-    Case("plan: devices 0", ("plan", "{tables}", "--devices", "0", "--memory", "4GB"), EXIT_INPUT, "devices"),
-    Case("plan: devices -3", ("plan", "{tables}", "--devices", "-3", "--memory", "4GB"), EXIT_INPUT, "devices"),
-    Case("plan: devices abc", ("plan", "{tables}", "--devices", "abc", "--memory", "4GB"), EXIT_INPUT, "devices"),
+    Case(
+        "plan: devices 0",
+        ("plan", "{tables}", "--devices", "0", "--memory", "4GB"),
+        EXIT_INPUT,
+        "devices",
+    ),
+    Case(
+        "plan: devices -3",
+        ("plan", "{tables}", "--devices", "-3", "--memory", "4GB"),
+        EXIT_INPUT,
+        "devices",
+    ),
+    Case(
+        "plan: devices abc",
+        ("plan", "{tables}", "--devices", "abc", "--memory", "4GB"),
+        EXIT_INPUT,
+        "devices",
+    ),
     Case("plan: no --memory", ("plan", "{tables}", "--devices", "2"), EXIT_INPUT, "memory"),
     Case("plan: batch size 0", PLAN + ("--batch-size", "0"), EXIT_INPUT, "batch-size"),
     Case("plan: model dir missing", PLAN + ("--model", "{no_model}"), EXIT_MODEL, "meta.json"),
-    Case("plan: unknown searcher", PLAN + ("--model", "{model}", "--searcher", "astrology"), EXIT_INPUT,
-         "astrology", needs_model=True),
-    Case("plan: table larger than any device",
-         ("plan", "{huge_table}", "-n", "2", "-m", "1GB", "--model", "{model}", "--searcher", "greedy-grid"),
-         EXIT_INFEASIBLE, "giant", needs_model=True),
-    Case("plan: tables do not fit in total",
-         ("plan", "{too_many}", "-n", "2", "-m", "1GB", "--model", "{model}", "--searcher", "greedy-grid"),
-         EXIT_INFEASIBLE, "bytes", needs_model=True),
-    Case("plan: model batch size mismatch", PLAN_WITH_MODEL + ("--batch-size", "1024"), EXIT_MODEL,
-         "batch size", needs_model=True),
-    Case("plan: model for another backend", PLAN_WITH_MODEL + ("--backend", "cpu"), EXIT_MODEL,
-         "backend", needs_model=True),
-    Case("plan: model of another kind", PLAN_WITH_MODEL + ("--cost-model", "lightgbm"), EXIT_MODEL,
-         "cost model", needs_model=True),
+    Case(
+        "plan: unknown searcher",
+        PLAN + ("--model", "{model}", "--searcher", "astrology"),
+        EXIT_INPUT,
+        "astrology",
+        needs_model=True,
+    ),
+    Case(
+        "plan: table larger than any device",
+        (
+            "plan",
+            "{huge_table}",
+            "-n",
+            "2",
+            "-m",
+            "1GB",
+            "--model",
+            "{model}",
+            "--searcher",
+            "greedy-grid",
+        ),
+        EXIT_INFEASIBLE,
+        "giant",
+        needs_model=True,
+    ),
+    Case(
+        "plan: tables do not fit in total",
+        (
+            "plan",
+            "{too_many}",
+            "-n",
+            "2",
+            "-m",
+            "1GB",
+            "--model",
+            "{model}",
+            "--searcher",
+            "greedy-grid",
+        ),
+        EXIT_INFEASIBLE,
+        "bytes",
+        needs_model=True,
+    ),
+    Case(
+        "plan: model batch size mismatch",
+        PLAN_WITH_MODEL + ("--batch-size", "1024"),
+        EXIT_MODEL,
+        "batch size",
+        needs_model=True,
+    ),
+    Case(
+        "plan: model for another backend",
+        PLAN_WITH_MODEL + ("--backend", "cpu"),
+        EXIT_MODEL,
+        "backend",
+        needs_model=True,
+    ),
+    Case(
+        "plan: model of another kind",
+        PLAN_WITH_MODEL + ("--cost-model", "lightgbm"),
+        EXIT_MODEL,
+        "cost model",
+        needs_model=True,
+    ),
     Case("plan: unknown cost model", PLAN + ("--cost-model", "xgboost"), EXIT_INPUT, "xgboost"),
-    Case("plan: no shipped model for the backend", PLAN + ("--backend", "abacus"), EXIT_MODEL,
-         "abacus"),
+    Case(
+        "plan: no shipped model for the backend",
+        PLAN + ("--backend", "abacus"),
+        EXIT_MODEL,
+        "abacus",
+    ),
     Case("evaluate: missing plan", ("evaluate", "{missing}"), EXIT_INPUT, "file not found"),
     Case("evaluate: malformed JSON", ("evaluate", "{malformed}"), EXIT_INPUT, "malformed JSON"),
     Case("evaluate: table config, not a plan", ("evaluate", "{tables}"), EXIT_INPUT, "JSON object"),
     Case("evaluate: empty list", ("evaluate", "{plan_list}"), EXIT_INPUT, ""),
     Case("evaluate: binary", ("evaluate", "{binary}"), EXIT_INPUT, ""),
     Case("evaluate: wrong format", ("evaluate", "{plan_format}"), EXIT_INPUT, "format"),
-    Case("evaluate: device out of range", ("evaluate", "{plan_device}"), EXIT_INPUT, "out of range"),
+    Case(
+        "evaluate: device out of range", ("evaluate", "{plan_device}"), EXIT_INPUT, "out of range"
+    ),
     Case("evaluate: columns uncovered", ("evaluate", "{plan_gap}"), EXIT_INPUT, "t1"),
-    Case("evaluate: columns covered twice", ("evaluate", "{plan_overlap}"), EXIT_INPUT, "covered twice"),
+    Case(
+        "evaluate: columns covered twice",
+        ("evaluate", "{plan_overlap}"),
+        EXIT_INPUT,
+        "covered twice",
+    ),
     Case("evaluate: over memory cap", ("evaluate", "{plan_over_cap}"), EXIT_INPUT, "exceeds cap"),
     Case("evaluate: no shards", ("evaluate", "{plan_no_shards}"), EXIT_INPUT, "shards"),
-    Case("evaluate: num_devices a string", ("evaluate", "{plan_num_devices}"), EXIT_INPUT, "num_devices"),
+    Case(
+        "evaluate: num_devices a string",
+        ("evaluate", "{plan_num_devices}"),
+        EXIT_INPUT,
+        "num_devices",
+    ),
     Case("evaluate: malformed cost", ("evaluate", "{plan_cost}"), EXIT_INPUT, "cost"),
     Case("evaluate: bad table in plan", ("evaluate", "{plan_table}"), EXIT_INPUT, "dim"),
-    Case("evaluate: unknown backend", ("evaluate", "{plan}", "--backend", "abacus"), EXIT_INPUT, "abacus"),
-    Case("evaluate: unknown sim profile", ("evaluate", "{plan}", "--profile", "z80"), EXIT_INPUT, "z80"),
-    Case("evaluate: model dir missing", ("evaluate", "{plan}", "--model", "{no_model}"), EXIT_MODEL, "meta.json"),
-    Case("pretrain: unknown backend", ("pretrain", "--out", "{dir}/pt", "--backend", "abacus"), EXIT_INPUT, "abacus"),
-    Case("pretrain: members for lightgbm", ("pretrain", "--out", "{dir}/pt", "--cost-model", "lightgbm", "--compute-members", "3"), EXIT_INPUT, "--compute-members"),
+    Case(
+        "evaluate: unknown backend",
+        ("evaluate", "{plan}", "--backend", "abacus"),
+        EXIT_INPUT,
+        "abacus",
+    ),
+    Case(
+        "evaluate: unknown sim profile",
+        ("evaluate", "{plan}", "--profile", "z80"),
+        EXIT_INPUT,
+        "z80",
+    ),
+    Case(
+        "evaluate: model dir missing",
+        ("evaluate", "{plan}", "--model", "{no_model}"),
+        EXIT_MODEL,
+        "meta.json",
+    ),
+    Case(
+        "pretrain: unknown backend",
+        ("pretrain", "--out", "{dir}/pt", "--backend", "abacus"),
+        EXIT_INPUT,
+        "abacus",
+    ),
+    Case(
+        "pretrain: members for lightgbm",
+        ("pretrain", "--out", "{dir}/pt", "--cost-model", "lightgbm", "--compute-members", "3"),
+        EXIT_INPUT,
+        "--compute-members",
+    ),
     Case("unknown command", ("shard-everything",), EXIT_INPUT, "shard-everything"),
 ]
+
 
 def _argv(case: Case, files, model_dir=None) -> list[str]:
     return [a.format(**files, model=model_dir) for a in case.args]
@@ -213,29 +342,47 @@ def runner(monkeypatch, caplog):
 def test_bad_input_in_process(case, files, runner, request):
     result = runner.invoke(app, _argv(case, files, _model_for(case, request)))
     assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{type(result.exception).__name__} escaped: {result.exception}")
+        f"{type(result.exception).__name__} escaped: {result.exception}"
+    )
     assert_clean_failure(case, result.exit_code, result.stdout, result.stderr)
 
 
-SUBPROCESS_CASES = [c for c in CASES if c.id in {
-    "plan: missing file", "plan: bad dim", "plan: memory 4XB", "plan: devices 0",
-    "plan: table larger than any device", "evaluate: columns covered twice",
-    "evaluate: unknown backend",
-}]
+SUBPROCESS_CASES = [
+    c
+    for c in CASES
+    if c.id
+    in {
+        "plan: missing file",
+        "plan: bad dim",
+        "plan: memory 4XB",
+        "plan: devices 0",
+        "plan: table larger than any device",
+        "evaluate: columns covered twice",
+        "evaluate: unknown backend",
+    }
+]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=lambda c: c.id)
 def test_bad_input_in_a_real_process(case, files, request, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NEUROSHARD_DEBUG"}
     env.update(OMP_NUM_THREADS="1", COLUMNS="100")
-    done = subprocess.run([sys.executable, "-m", "neuroshard.cli", *_argv(case, files, _model_for(case, request))],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "neuroshard.cli", *_argv(case, files, _model_for(case, request))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert_clean_failure(case, done.returncode, done.stdout, done.stderr)
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be here")
 def test_cuda_backend_without_a_gpu_exits_5(files, runner):
-    case = Case("evaluate: cuda here", ("evaluate", "{plan}", "--backend", "cuda"), EXIT_BACKEND, "cuda")
+    case = Case(
+        "evaluate: cuda here", ("evaluate", "{plan}", "--backend", "cuda"), EXIT_BACKEND, "cuda"
+    )
     result = runner.invoke(app, _argv(case, files))
     assert_clean_failure(case, result.exit_code, result.stdout, result.stderr)
 
@@ -250,7 +397,9 @@ def test_infeasible_message_names_table_and_bytes(files, runner, model_dir):
 def test_the_model_used_here_can_plan(files, runner, model_dir, tmp_path):
     """Guards the cases above: with good input the same command line succeeds."""
     out = tmp_path / "p.json"
-    result = runner.invoke(app, [*_argv(Case("ok", PLAN_WITH_MODEL, 0), files, model_dir), "--out", str(out)])
+    result = runner.invoke(
+        app, [*_argv(Case("ok", PLAN_WITH_MODEL, 0), files, model_dir), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(out.read_text())["format"] == "neuroshard.plan/v2"
 
@@ -272,20 +421,61 @@ from hypothesis import strategies as st  # noqa: E402
 
 DOCUMENTED = {0, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL}
 FUZZ_EXAMPLES = 150  # per test below; about 25 s for the three on two cores
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 FUZZ_TRIED: Counter[str] = Counter()
 log = logging.getLogger(__name__)
 
-NAMES = ["t0", "t1", "[/red]", "[bold]x", "user.id", "../../etc/passwd", "keys", "",
-         " t0", "t\n0", "\u8868", "t\x00", "a" * 300, "t-0", "[start, end]"]
-FIELDS = ["name", "rows", "dim", "pooling_factor", "reuse_hist", "num_embeddings",
-          "embedding_dim", "pooling_factr", "reuse_hst", "features", "pooled", "module"]
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.integers(),
-                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                 st.sampled_from(["[/red]", "1e400", "NaN", "65536", "[start, end]"]),
-                 st.lists(st.integers(-2, 10), max_size=4), st.just({"a": [1]}))
+NAMES = [
+    "t0",
+    "t1",
+    "[/red]",
+    "[bold]x",
+    "user.id",
+    "../../etc/passwd",
+    "keys",
+    "",
+    " t0",
+    "t\n0",
+    "\u8868",
+    "t\x00",
+    "a" * 300,
+    "t-0",
+    "[start, end]",
+]
+FIELDS = [
+    "name",
+    "rows",
+    "dim",
+    "pooling_factor",
+    "reuse_hist",
+    "num_embeddings",
+    "embedding_dim",
+    "pooling_factr",
+    "reuse_hst",
+    "features",
+    "pooled",
+    "module",
+]
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10**7),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["[/red]", "1e400", "NaN", "65536", "[start, end]"]),
+    st.lists(st.integers(-2, 10), max_size=4),
+    st.just({"a": [1]}),
+)
 
 
 def _digest(path) -> str:
@@ -293,9 +483,13 @@ def _digest(path) -> str:
 
     path = Path(path)
     if path.is_dir():
-        return hashlib.sha256(b"".join(
-            str(p.relative_to(path)).encode() + p.read_bytes()
-            for p in sorted(path.rglob("*")) if p.is_file())).hexdigest()
+        return hashlib.sha256(
+            b"".join(
+                str(p.relative_to(path)).encode() + p.read_bytes()
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+            )
+        ).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
 
 
@@ -312,7 +506,8 @@ def _run_clean(verb: str, argv: list[str], inputs: list) -> tuple[int, str, str]
         quiet.setLevel(level)
     escaped = result.exception
     assert escaped is None or isinstance(escaped, SystemExit), (
-        f"{type(escaped).__name__} escaped from {argv}: {escaped}")
+        f"{type(escaped).__name__} escaped from {argv}: {escaped}"
+    )
     out, err = result.stdout, result.stderr
     assert "Traceback" not in out + err, out + err
     assert result.exit_code in DOCUMENTED, f"exit {result.exit_code} for {argv}:\n{err}"
@@ -329,16 +524,20 @@ def _run_clean(verb: str, argv: list[str], inputs: list) -> tuple[int, str, str]
 @pytest.fixture(scope="module")
 def tiny_lgb(tmp_path_factory):
     """A small LightGBM model fitted on FakeBackend data (its accuracy is irrelevant)."""
-    from factories import collect_fake_data
-
     from neuroshard.models.lightgbm import LightGBMCostModel
+
+    from factories import collect_fake_data
 
     root = tmp_path_factory.mktemp("tiny_lgb")
     model = LightGBMCostModel(n_estimators=25, num_leaves=7, min_child_samples=5, seed=0)
     yield model.fit(*collect_fake_data(root / "data", num_loads=150, num_comm=80)).save(
-        root / "model")
-    log.info("CLI fuzz inputs tried: %s (total %d)", dict(sorted(FUZZ_TRIED.items())),
-             sum(FUZZ_TRIED.values()))
+        root / "model"
+    )
+    log.info(
+        "CLI fuzz inputs tried: %s (total %d)",
+        dict(sorted(FUZZ_TRIED.items())),
+        sum(FUZZ_TRIED.values()),
+    )
 
 
 @st.composite
@@ -347,8 +546,11 @@ def table_records(draw):
     field."""
     records = []
     for i in range(draw(st.integers(1, 4))):
-        rec = {"name": draw(st.sampled_from(NAMES) | st.just(f"t{i}")),
-               "rows": draw(st.integers(1, 10**6)), "dim": 4 * draw(st.integers(1, 32))}
+        rec = {
+            "name": draw(st.sampled_from(NAMES) | st.just(f"t{i}")),
+            "rows": draw(st.integers(1, 10**6)),
+            "dim": 4 * draw(st.integers(1, 32)),
+        }
         if draw(st.booleans()):
             rec["pooling_factor"] = draw(st.floats(0.5, 50))
         if draw(st.integers(0, 2)) == 0:
@@ -379,18 +581,37 @@ def _config_text(records, fmt: str, repeat_key: bool) -> str:
 
 
 @FUZZ
-@given(records=table_records(), fmt=st.sampled_from([".json", ".yaml", ".csv"]),
-       repeat_key=st.booleans(), devices=st.sampled_from(["2", "4"]),
-       memory=st.sampled_from(["64MB", "1GB"]), searcher=st.sampled_from(["size", "greedy-grid"]),
-       torchrec=st.booleans(), strict=st.booleans())
-def test_fuzz_plan_on_generated_table_configs(tiny_lgb, tmp_path, records, fmt, repeat_key,
-                                              devices, memory, searcher, torchrec, strict):
+@given(
+    records=table_records(),
+    fmt=st.sampled_from([".json", ".yaml", ".csv"]),
+    repeat_key=st.booleans(),
+    devices=st.sampled_from(["2", "4"]),
+    memory=st.sampled_from(["64MB", "1GB"]),
+    searcher=st.sampled_from(["size", "greedy-grid"]),
+    torchrec=st.booleans(),
+    strict=st.booleans(),
+)
+def test_fuzz_plan_on_generated_table_configs(
+    tiny_lgb, tmp_path, records, fmt, repeat_key, devices, memory, searcher, torchrec, strict
+):
     config = tmp_path / f"tables{fmt}"
     config.write_text(_config_text(records, fmt, repeat_key))
     out = tmp_path / "plan.json"
     out.unlink(missing_ok=True)
-    argv = ["plan", str(config), "-n", devices, "-m", memory, "--model", str(tiny_lgb),
-            "--searcher", searcher, "--out", str(out)]
+    argv = [
+        "plan",
+        str(config),
+        "-n",
+        devices,
+        "-m",
+        memory,
+        "--model",
+        str(tiny_lgb),
+        "--searcher",
+        searcher,
+        "--out",
+        str(out),
+    ]
     argv += ["--torchrec-out", str(tmp_path / "plan.pt")] if torchrec else []
     argv += ["--strict"] if strict else []
     code, _, _ = _run_clean("plan", argv, [config, tiny_lgb])
@@ -418,9 +639,20 @@ def plan_texts(draw):
     """A valid plan document with a few nodes replaced by junk or deleted, or its text
     cut, nested, or given a key twice."""
     doc = _valid_plan_doc()
-    doc["cost"] = {"model": "m", "max_ms": 1.0, "devices": [
-        {"compute_ms": 0.5, "fwd_comm_ms": 0.1, "bwd_comm_ms": 0.1, "total_ms": 0.7,
-         "memory_bytes": 1} for _ in range(2)]}
+    doc["cost"] = {
+        "model": "m",
+        "max_ms": 1.0,
+        "devices": [
+            {
+                "compute_ms": 0.5,
+                "fwd_comm_ms": 0.1,
+                "bwd_comm_ms": 0.1,
+                "total_ms": 0.7,
+                "memory_bytes": 1,
+            }
+            for _ in range(2)
+        ],
+    }
     for _ in range(draw(st.integers(0, 3))):
         paths = [p for p in _paths(doc) if p]
         path = draw(st.sampled_from(paths))
@@ -444,8 +676,10 @@ def plan_texts(draw):
 
 
 @FUZZ
-@given(text=plan_texts(), verb=st.sampled_from(["evaluate", "evaluate-model", "convert",
-                                                "report", "evaluate-json"]))
+@given(
+    text=plan_texts(),
+    verb=st.sampled_from(["evaluate", "evaluate-model", "convert", "report", "evaluate-json"]),
+)
 def test_fuzz_plan_files(tiny_lgb, tmp_path, text, verb):
     plan = tmp_path / "plan.json"
     plan.write_text(text)
@@ -462,9 +696,21 @@ def test_fuzz_plan_files(tiny_lgb, tmp_path, text, verb):
         json.loads(out, parse_constant=lambda c: pytest.fail(c))
 
 
-META_KEYS = ["kind", "batch_size", "num_devices", "backend", "files", "metrics",
-             "feature_schema", "normalisation", "aggregate_features", "hyperparameters",
-             "training_ranges", "provenance", "sample_counts"]
+META_KEYS = [
+    "kind",
+    "batch_size",
+    "num_devices",
+    "backend",
+    "files",
+    "metrics",
+    "feature_schema",
+    "normalisation",
+    "aggregate_features",
+    "hyperparameters",
+    "training_ranges",
+    "provenance",
+    "sample_counts",
+]
 
 
 @st.composite
@@ -472,8 +718,9 @@ def model_damage(draw):
     return {
         "meta_key": draw(st.none() | st.sampled_from(META_KEYS)),
         "meta_value": draw(JUNK),
-        "file": draw(st.none() | st.sampled_from(["compute.lgb.txt", "bwd_comm.lgb.txt",
-                                                  "fwd_comm.lgb.txt"])),
+        "file": draw(
+            st.none() | st.sampled_from(["compute.lgb.txt", "bwd_comm.lgb.txt", "fwd_comm.lgb.txt"])
+        ),
         "cut": draw(st.floats(0.0, 1.0)),
         "flip": draw(st.none() | st.integers(0, 10**6)),
         "checksums": draw(st.sampled_from(["kept", "rewritten", "deleted"])),
@@ -491,27 +738,41 @@ def test_fuzz_model_directories(tiny_lgb, files, tmp_path, damage, verb):
         blob = bytearray(path.read_bytes())
         if damage["flip"] is not None and blob:
             blob[damage["flip"] % len(blob)] = ord("7")
-        path.write_bytes(bytes(blob[: int(len(blob) * damage["cut"])]) if damage["cut"] < 0.5
-                         else bytes(blob))
+        path.write_bytes(
+            bytes(blob[: int(len(blob) * damage["cut"])]) if damage["cut"] < 0.5 else bytes(blob)
+        )
     meta = json.loads((model / "meta.json").read_text())
     if damage["checksums"] == "rewritten":
-        meta["files"] = {f: hashlib.sha256((model / f).read_bytes()).hexdigest()
-                         for f in meta["files"]}
+        meta["files"] = {
+            f: hashlib.sha256((model / f).read_bytes()).hexdigest() for f in meta["files"]
+        }
     elif damage["checksums"] == "deleted":
         meta.pop("files")
     if damage["meta_key"] is not None:
         meta[damage["meta_key"]] = damage["meta_value"]
     (model / "meta.json").write_text(json.dumps(meta))
     if verb == "plan":
-        argv = ["plan", files["tables"], "-n", "2", "-m", "1GB", "--model", str(model),
-                "--searcher", "size", "--json"]
+        argv = [
+            "plan",
+            files["tables"],
+            "-n",
+            "2",
+            "-m",
+            "1GB",
+            "--model",
+            str(model),
+            "--searcher",
+            "size",
+            "--json",
+        ]
     elif verb == "evaluate":
         argv = ["evaluate", files["plan"], "--model", str(model), "--json"]
     else:
         argv = ["model-report", str(model), "--json"]
     code, _, _ = _run_clean(verb, argv, [model])
-    intact = (damage["file"] is None and damage["meta_key"] is None
-              and damage["checksums"] != "deleted")
+    intact = (
+        damage["file"] is None and damage["meta_key"] is None and damage["checksums"] != "deleted"
+    )
     if intact:
         assert code == 0
     if damage["checksums"] == "deleted":

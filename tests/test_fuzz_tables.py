@@ -22,23 +22,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neuroshard.tables import load_tables
-from neuroshard.types import MAX_ROWS
-from neuroshard.types import DIM_MULTIPLE, NUM_HIST_BINS, TableSpec, TableSpecError
+from neuroshard.types import DIM_MULTIPLE, MAX_ROWS, NUM_HIST_BINS, TableSpec, TableSpecError
 
 log = logging.getLogger(__name__)
 
 EXAMPLES = 200  # per hypothesis test below; several run once per file suffix
 SUFFIXES = (".json", ".csv", ".yaml", ".txt")
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 TRIED: Counter[str] = Counter()
 
 
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory):
     yield tmp_path_factory.mktemp("fuzz_tables")
-    log.info("load_tables fuzz inputs tried: %s (total %d)", dict(sorted(TRIED.items())),
-             sum(TRIED.values()))
+    log.info(
+        "load_tables fuzz inputs tried: %s (total %d)",
+        dict(sorted(TRIED.items())),
+        sum(TRIED.values()),
+    )
 
 
 def assert_valid(tables: list[TableSpec]) -> None:
@@ -74,22 +79,44 @@ def check(directory, suffix: str, content: bytes | str, category: str):
 
 # --------------------------------------------------------------------------- strategies
 
-FIELDS = ("name", "rows", "dim", "pooling_factor", "reuse_hist", "num_embeddings",
-          "embedding_dim")
+FIELDS = ("name", "rows", "dim", "pooling_factor", "reuse_hist", "num_embeddings", "embedding_dim")
 
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.integers(min_value=-(10**40), max_value=10**40),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**40), max_value=10**40),
     st.sampled_from([0, 1, 4, 64, 65_536, 65_540, MAX_ROWS, MAX_ROWS + 1, 10**30, -4]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([1e308, -1e308, 5e-324, 0.5, 1e6, 1e6 + 1, 4.0, 4.5]),
     st.text(max_size=12),
-    st.sampled_from(["", " ", "12", "1e400", "nan", "inf", "-Infinity", "0x10", "4.0", "1_0",
-                     "\u00e9t\u00e9", "\U0001F600", "\x00", "t0"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "12",
+            "1e400",
+            "nan",
+            "inf",
+            "-Infinity",
+            "0x10",
+            "4.0",
+            "1_0",
+            "\u00e9t\u00e9",
+            "\U0001f600",
+            "\x00",
+            "t0",
+        ]
+    ),
 )
-junk = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
-                    | st.dictionaries(st.text(max_size=6) | st.sampled_from(FIELDS), kids, max_size=4),
-                    max_leaves=12)
+junk = st.recursive(
+    scalars,
+    lambda kids: (
+        st.lists(kids, max_size=4)
+        | st.dictionaries(st.text(max_size=6) | st.sampled_from(FIELDS), kids, max_size=4)
+    ),
+    max_leaves=12,
+)
 hist_values = st.one_of(
     st.lists(st.floats(min_value=0, max_value=1), min_size=NUM_HIST_BINS, max_size=NUM_HIST_BINS),
     st.lists(junk, max_size=20),
@@ -128,9 +155,13 @@ def near_valid_records(draw):
     n = draw(st.integers(1, 5))
     recs = []
     for i in range(n):
-        rec = {"name": draw(st.sampled_from([f"t{i}", f"\u8868{i}", f"emb {i} \U0001F600", f"t{i}\t"])),
-               "rows": draw(st.integers(1, 10**9)),
-               "dim": 4 * draw(st.integers(1, 64))}
+        rec = {
+            "name": draw(
+                st.sampled_from([f"t{i}", f"\u8868{i}", f"emb {i} \U0001f600", f"t{i}\t"])
+            ),
+            "rows": draw(st.integers(1, 10**9)),
+            "dim": 4 * draw(st.integers(1, 64)),
+        }
         if draw(st.booleans()):
             rec["pooling_factor"] = draw(st.floats(min_value=0.01, max_value=1e6))
         if draw(st.booleans()):
@@ -155,13 +186,40 @@ def near_valid_records(draw):
 
 csv_cells = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=10),
-    st.integers(-10, 10**8).map(str), st.floats().map(repr),
-    st.sampled_from(["", "nan", "inf", "-inf", "1e400", "1" * 400, "0x10", "1_000", "4.0",
-                     " 64 ", "\"", "a,b", "\u00e9", ";".join(["0.0625"] * 16),
-                     " ".join(["1"] + ["0"] * 16)]),
+    st.integers(-10, 10**8).map(str),
+    st.floats().map(repr),
+    st.sampled_from(
+        [
+            "",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "1" * 400,
+            "0x10",
+            "1_000",
+            "4.0",
+            " 64 ",
+            '"',
+            "a,b",
+            "\u00e9",
+            ";".join(["0.0625"] * 16),
+            " ".join(["1"] + ["0"] * 16),
+        ]
+    ),
 )
-csv_columns = ["name", "rows", "dim", "pooling_factor", "reuse_hist", "num_embeddings",
-               "embedding_dim", "extra", " name ", ""] + [f"reuse_{i}" for i in range(NUM_HIST_BINS)]
+csv_columns = [
+    "name",
+    "rows",
+    "dim",
+    "pooling_factor",
+    "reuse_hist",
+    "num_embeddings",
+    "embedding_dim",
+    "extra",
+    " name ",
+    "",
+] + [f"reuse_{i}" for i in range(NUM_HIST_BINS)]
 
 
 @st.composite
@@ -214,7 +272,11 @@ def test_junk_yaml_documents(fuzz_dir, doc):
 @FUZZ
 @given(recs=near_valid_records(), fmt=st.sampled_from([".json", ".yaml", ".yml"]))
 def test_near_valid_records(fuzz_dir, recs, fmt):
-    text = json.dumps(recs, allow_nan=True) if fmt == ".json" else yaml.safe_dump(recs, allow_unicode=True)
+    text = (
+        json.dumps(recs, allow_nan=True)
+        if fmt == ".json"
+        else yaml.safe_dump(recs, allow_unicode=True)
+    )
     check(fuzz_dir, fmt, text, "near-valid records")
 
 
@@ -225,12 +287,14 @@ def test_ragged_csv(fuzz_dir, text):
 
 
 @FUZZ
-@given(recs=near_valid_records(), cut=st.integers(0, 400), junk_byte=st.binary(min_size=1, max_size=3))
+@given(
+    recs=near_valid_records(), cut=st.integers(0, 400), junk_byte=st.binary(min_size=1, max_size=3)
+)
 def test_corrupted_valid_json(fuzz_dir, recs, cut, junk_byte):
     """Truncate or splice bytes into an otherwise loadable file."""
     blob = json.dumps(recs, ensure_ascii=False).encode()
     cut = min(cut, len(blob))
-    check(fuzz_dir, ".json", blob[:cut] + junk_byte + blob[cut + 1:], "corrupted JSON")
+    check(fuzz_dir, ".json", blob[:cut] + junk_byte + blob[cut + 1 :], "corrupted JSON")
 
 
 # --------------------------------------------------------------------------- hand-made
@@ -266,12 +330,32 @@ HAND_MADE = [
     ("entry is null", ".json", "[null]", "error"),
     ("NaN rows", ".json", '[{"name": "t0", "rows": NaN, "dim": 4}]', "error"),
     ("Infinity rows", ".json", '[{"name": "t0", "rows": Infinity, "dim": 4}]', "error"),
-    ("-Infinity pooling", ".json", '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factor": -Infinity}]', "error"),
-    ("NaN in hist", ".json", '[{"name": "t0", "rows": 1, "dim": 4, "reuse_hist": [NaN' + ", 0" * 16 + "]}]", "error"),
+    (
+        "-Infinity pooling",
+        ".json",
+        '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factor": -Infinity}]',
+        "error",
+    ),
+    (
+        "NaN in hist",
+        ".json",
+        '[{"name": "t0", "rows": 1, "dim": 4, "reuse_hist": [NaN' + ", 0" * 16 + "]}]",
+        "error",
+    ),
     ("1e400 rows", ".json", '[{"name": "t0", "rows": 1e400, "dim": 4}]', "error"),
     ("-1e400 dim", ".json", '[{"name": "t0", "rows": 1, "dim": -1e400}]', "error"),
-    ("1e400 pooling", ".json", '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factor": 1e400}]', "error"),
-    ("1e400 in hist", ".json", '[{"name": "t0", "rows": 1, "dim": 4, "reuse_hist": [1e400' + ", 0" * 16 + "]}]", "error"),
+    (
+        "1e400 pooling",
+        ".json",
+        '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factor": 1e400}]',
+        "error",
+    ),
+    (
+        "1e400 in hist",
+        ".json",
+        '[{"name": "t0", "rows": 1, "dim": 4, "reuse_hist": [1e400' + ", 0" * 16 + "]}]",
+        "error",
+    ),
     ("10**30 rows", ".json", _j(_rec(rows=10**30)), "error"),
     ("10**400 rows", ".json", _j(_rec(rows=10**400)), "error"),
     ("5000-digit rows", ".json", '[{"name": "t0", "rows": ' + "9" * 5000 + ', "dim": 4}]', "error"),
@@ -299,9 +383,14 @@ HAND_MADE = [
     ("unknown fields refused", ".json", _j(_rec(owner="ads", weights=[1, 2])), "error"),
     ("misspelled field refused", ".json", _j(_rec(pooling_factr=2.0)), "error"),
     ("alias and field both", ".json", _j(_rec(num_embeddings=5)), "error"),
-    ("torchrec spellings", ".json", '[{"name": "t0", "num_embeddings": 9, "embedding_dim": 8}]', "ok"),
+    (
+        "torchrec spellings",
+        ".json",
+        '[{"name": "t0", "num_embeddings": 9, "embedding_dim": 8}]',
+        "ok",
+    ),
     ("duplicate names", ".json", _j(_rec() + _rec()), "error"),
-    ("unicode names", ".json", _j(_named("表", "tàble", "\U0001F600", "t\u200b")), "ok"),
+    ("unicode names", ".json", _j(_named("表", "tàble", "\U0001f600", "t\u200b")), "ok"),
     ("names differ by NFC only", ".json", _j(_named("\u00e9", "e\u0301")), "ok"),
     # a lone surrogate cannot be written out as UTF-8: refused as a name
     ("lone surrogate escape", ".json", '[{"name": "\\ud800", "rows": 1, "dim": 4}]', "error"),
@@ -315,11 +404,21 @@ HAND_MADE = [
     ("hist of strings", ".json", _j(_rec(reuse_hist=[str(x) for x in HIST])), "ok"),
     ("hist of bools", ".json", _j(_rec(reuse_hist=[True] + [False] * 16)), "error"),
     ("hist nested", ".json", _j(_rec(reuse_hist=[[1.0]] + [0.0] * 16)), "error"),
-    ("nested junk", ".json", '[{"name": {"a": [1, {"b": null}]}, "rows": [[[]]], "dim": {}}]', "error"),
+    (
+        "nested junk",
+        ".json",
+        '[{"name": {"a": [1, {"b": null}]}, "rows": [[[]]], "dim": {}}]',
+        "error",
+    ),
     ("BOM json", ".json", "\ufeff" + _j(_rec()), "ok"),
     ("BOM yaml", ".yaml", "\ufeff- {name: t0, rows: 10, dim: 4}\n", "ok"),
     ("BOM csv", ".csv", "\ufeffname,rows,dim\nt0,10,4\n", "ok"),
-    ("latin-1 bytes", ".json", "[{\"name\": \"caf\xe9\", \"rows\": 1, \"dim\": 4}]".encode("latin-1"), "error"),
+    (
+        "latin-1 bytes",
+        ".json",
+        '[{"name": "caf\xe9", "rows": 1, "dim": 4}]'.encode("latin-1"),
+        "error",
+    ),
     ("utf-16", ".json", _j(_rec()).encode("utf-16"), "error"),
     ("nul bytes", ".json", b"\x00" * 64, "error"),
     ("truncated", ".json", _j(_rec())[:-3], "error"),
@@ -335,9 +434,22 @@ HAND_MADE = [
     ("csv NaN", ".csv", "name,rows,dim\nt0,nan,4\n", "error"),
     ("csv inf", ".csv", "name,rows,dim\nt0,10,4\nt1,inf,4\n", "error"),
     ("csv 1e400", ".csv", "name,rows,dim\nt0,1e400,4\n", "error"),
-    ("csv hist column", ".csv", "name,rows,dim,reuse_hist\nt0,10,4," + ";".join(map(str, HIST)) + "\n", "ok"),
-    ("csv hist bins", ".csv", "name,rows,dim," + ",".join(f"reuse_{i}" for i in range(17))
-     + "\nt0,10,4," + ",".join(map(str, HIST)) + "\n", "ok"),
+    (
+        "csv hist column",
+        ".csv",
+        "name,rows,dim,reuse_hist\nt0,10,4," + ";".join(map(str, HIST)) + "\n",
+        "ok",
+    ),
+    (
+        "csv hist bins",
+        ".csv",
+        "name,rows,dim,"
+        + ",".join(f"reuse_{i}" for i in range(17))
+        + "\nt0,10,4,"
+        + ",".join(map(str, HIST))
+        + "\n",
+        "ok",
+    ),
     ("csv hist bins short", ".csv", "name,rows,dim,reuse_0,reuse_1\nt0,10,4,0.5,0.5\n", "error"),
     ("csv duplicate names", ".csv", "name,rows,dim\nt0,10,4\nt0,10,4\n", "error"),
     # a line break in a name breaks every one-line message and CSV reader downstream
@@ -352,7 +464,12 @@ HAND_MADE = [
     ("yaml set", ".yaml", "!!set {a, b}\n", "error"),
     ("yaml binary", ".yaml", "- {name: !!binary aGk=, rows: 1, dim: 4}\n", "error"),
     ("yaml recursive alias", ".yaml", "&a [*a]\n", "error"),
-    ("yaml self-referencing record", ".yaml", "- &r {name: t0, rows: 1, dim: 4, extra: *r}\n", "error"),
+    (
+        "yaml self-referencing record",
+        ".yaml",
+        "- &r {name: t0, rows: 1, dim: 4, extra: *r}\n",
+        "error",
+    ),
     ("yaml tab indent", ".yaml", "-\t{name: t0}\n\t- x", "error"),
     ("yaml bool name", ".yaml", "- {name: yes, rows: 1, dim: 4}\n", "error"),
     # a repeated key is an error, not "the last one wins" (issue 18, item 6)
@@ -360,8 +477,12 @@ HAND_MADE = [
     ("json duplicate key", ".json", '[{"name": "t0", "rows": 1, "rows": 2, "dim": 4}]', "error"),
     ("csv repeated column", ".csv", "name,rows,dim,rows\nt0,1,4,2\n", "error"),
     ("csv column and its alias", ".csv", "name,rows,dim,num_embeddings\nt0,1,4,2\n", "error"),
-    ("misspelled field", ".json", '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factr": 2}]',
-     "error"),
+    (
+        "misspelled field",
+        ".json",
+        '[{"name": "t0", "rows": 1, "dim": 4, "pooling_factr": 2}]',
+        "error",
+    ),
     ("yaml hex rows", ".yaml", "- {name: t0, rows: 0x10, dim: 4}\n", "ok"),
     ("json under .txt", ".txt", _j(_rec()), "ok"),
     ("no suffix junk", "", "\x01\x02", "error"),
@@ -372,14 +493,24 @@ FORMER_CRASHES = [
     pytest.param("closed deep json", ".json", "[" * 3000 + "]" * 3000, id="closed deep json"),
     pytest.param("deep yaml flow", ".yaml", "[" * 2000 + "]" * 2000, id="deep yaml flow"),
     pytest.param("deep yaml block", ".yaml", "- " * 3000 + "x\n", id="deep yaml block"),
-    pytest.param("5000-digit yaml int", ".yaml", "- {name: t0, rows: " + "9" * 5000 + ", dim: 4}\n",
-                 id="5000-digit yaml int"),
-    pytest.param("csv field over 128 KiB", ".csv", "name,rows,dim\n" + "t" * 200_000 + ",10,4\n",
-                 id="csv field over 128 KiB"),
+    pytest.param(
+        "5000-digit yaml int",
+        ".yaml",
+        "- {name: t0, rows: " + "9" * 5000 + ", dim: 4}\n",
+        id="5000-digit yaml int",
+    ),
+    pytest.param(
+        "csv field over 128 KiB",
+        ".csv",
+        "name,rows,dim\n" + "t" * 200_000 + ",10,4\n",
+        id="csv field over 128 KiB",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case_id,suffix,content,expected", HAND_MADE, ids=[c[0] for c in HAND_MADE])
+@pytest.mark.parametrize(
+    "case_id,suffix,content,expected", HAND_MADE, ids=[c[0] for c in HAND_MADE]
+)
 def test_hand_made(fuzz_dir, case_id, suffix, content, expected):
     tables = check(fuzz_dir, suffix, content, "hand-made")
     assert (tables is not None) == (expected == "ok"), f"{case_id}: expected {expected}"
@@ -399,11 +530,20 @@ def test_paths_that_are_not_files(tmp_path):
 
 def test_valid_records_load_exactly(fuzz_dir):
     """The positive side: what goes in valid comes out equal, in every format."""
-    recs = [{"name": "t0", "rows": 10, "dim": 4},
-            {"name": "\u8868", "num_embeddings": 7, "embedding_dim": 128, "pooling_factor": 2.5,
-             "reuse_hist": HIST}]
+    recs = [
+        {"name": "t0", "rows": 10, "dim": 4},
+        {
+            "name": "\u8868",
+            "num_embeddings": 7,
+            "embedding_dim": 128,
+            "pooling_factor": 2.5,
+            "reuse_hist": HIST,
+        },
+    ]
     for suffix, text in ((".json", _j(recs)), (".yaml", yaml.safe_dump(recs, allow_unicode=True))):
         tables = check(fuzz_dir, suffix, text, "hand-made")
         assert [(t.name, t.rows, t.dim, t.pooling_factor) for t in tables] == [
-            ("t0", 10, 4, 1.0), ("\u8868", 7, 128, 2.5)]
+            ("t0", 10, 4, 1.0),
+            ("\u8868", 7, 128, 2.5),
+        ]
         assert tables[1].reuse_hist == tuple(HIST)

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from factories import make_table
 from neuroshard.indices import bin_count_range, generate_batch, reuse_histogram
 from neuroshard.types import DLRM_REUSE_HIST, HIST_UPPER_EDGES, NUM_HIST_BINS
+
+from factories import make_table
 
 # Tolerances: the recomputed histogram is within L1 distance 0.05 of the spec and the
 # pooling factor within 2%, for batches big enough to hold the histogram's tail.
@@ -20,12 +21,15 @@ SKEWED = np.zeros(NUM_HIST_BINS)
 SKEWED[[0, 3, 6, 9]] = [0.2, 0.3, 0.4, 0.1]
 
 
-@pytest.mark.parametrize("rows,pooling,hist", [
-    (10_000_000, 30.0, DLRM_REUSE_HIST),
-    (1_000_000, 10.0, DLRM_REUSE_HIST),
-    (200_000, 1.0, DLRM_REUSE_HIST),
-    (5_000_000, 3.5, tuple(SKEWED)),
-])
+@pytest.mark.parametrize(
+    "rows,pooling,hist",
+    [
+        (10_000_000, 30.0, DLRM_REUSE_HIST),
+        (1_000_000, 10.0, DLRM_REUSE_HIST),
+        (200_000, 1.0, DLRM_REUSE_HIST),
+        (5_000_000, 3.5, tuple(SKEWED)),
+    ],
+)
 def test_reproduces_pooling_and_histogram(rows, pooling, hist):
     spec = make_table(rows=rows, pooling_factor=pooling, reuse_hist=hist)
     indices, offsets = generate_batch(spec, 65_536, rng=1)

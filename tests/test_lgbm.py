@@ -6,15 +6,6 @@ import pytest
 
 pytest.importorskip("lightgbm")
 
-from factories import (
-    FakeBackend,
-    FakeEstimator,
-    check_fitted_cost_model,
-    collect_fake_data,
-    make_mixed_loads,
-    make_tables,
-)
-
 from neuroshard.features import raw_features
 from neuroshard.models import META_FILE, load_cost_model, model_kinds
 from neuroshard.models.lightgbm import (
@@ -29,6 +20,15 @@ from neuroshard.models.lightgbm import (
 from neuroshard.models.metrics import regression_metrics
 from neuroshard.types import ModelFileError
 
+from factories import (
+    FakeBackend,
+    FakeEstimator,
+    check_fitted_cost_model,
+    collect_fake_data,
+    make_mixed_loads,
+    make_tables,
+)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -37,8 +37,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(data):
-    return LightGBMCostModel(n_estimators=300, num_leaves=15, min_child_samples=5,
-                             seed=0).fit(*data)
+    return LightGBMCostModel(n_estimators=300, num_leaves=15, min_child_samples=5, seed=0).fit(
+        *data
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,10 @@ def test_is_a_cost_estimator_with_fitted_attributes(model):
 def test_predictions_correlate_with_the_fake_costs(model):
     tables = make_tables(40, seed=11)
     rng = np.random.default_rng(3)
-    loads = [[tables[j] for j in rng.choice(40, size=int(rng.integers(1, 15)), replace=False)]
-             for _ in range(200)]
+    loads = [
+        [tables[j] for j in rng.choice(40, size=int(rng.integers(1, 15)), replace=False)]
+        for _ in range(200)
+    ]
     truth = FakeEstimator().compute_ms(loads)
     m = regression_metrics(model.compute_ms(loads), truth)
     # The fake is exact (no noise), and fitting is seeded: every error here is the model's
@@ -98,8 +101,9 @@ def test_empty_loads_and_single_device_vectors(model):
     assert model.compute_ms([[], []]).tolist() == [0.0, 0.0]
     one = model.fwd_comm_ms(np.array([100.0, 300.0]), np.array([0.0, 2.0]))
     assert one.shape == (2,)
-    np.testing.assert_allclose(one, model.fwd_comm_ms(np.array([[100.0, 300.0]]),
-                                                      np.array([[0.0, 2.0]]))[0])
+    np.testing.assert_allclose(
+        one, model.fwd_comm_ms(np.array([[100.0, 300.0]]), np.array([[0.0, 2.0]]))[0]
+    )
 
 
 def test_feature_builders_have_their_declared_widths():
@@ -124,8 +128,17 @@ def test_feature_builders_have_their_declared_widths():
 def test_save_load_round_trip_is_identical(model, model_dir):
     meta = json.loads((model_dir / META_FILE).read_text())
     assert meta["kind"] == "lightgbm"
-    for key in ("feature_schema", "backend", "backend_fingerprint", "batch_size",
-                "num_devices", "metrics", "training_data_hash", "sample_counts", "files"):
+    for key in (
+        "feature_schema",
+        "backend",
+        "backend_fingerprint",
+        "batch_size",
+        "num_devices",
+        "metrics",
+        "training_data_hash",
+        "sample_counts",
+        "files",
+    ):
         assert key in meta
     assert set(meta["files"]) == set(MODEL_FILES.values())
     loaded = LightGBMCostModel.load(model_dir)
@@ -185,10 +198,20 @@ def test_pretrain_pipeline_trains_and_saves_a_lightgbm_model(tmp_path):
 
     train = make_tables(30, seed=11)
     test = [replace(t, name=f"held_{t.name}") for t in make_tables(10, seed=12)]
-    args = dict(backend=FakeBackend(), tables=train, holdout_tables=test, num_devices=4,
-                compute_samples=500, comm_samples=200, holdout_samples=100, seed=0,
-                chunk_size=500, progress=False, max_tables=15,
-                model_kwargs={"n_estimators": 200, "num_leaves": 15})
+    args = dict(
+        backend=FakeBackend(),
+        tables=train,
+        holdout_tables=test,
+        num_devices=4,
+        compute_samples=500,
+        comm_samples=200,
+        holdout_samples=100,
+        seed=0,
+        chunk_size=500,
+        progress=False,
+        max_tables=15,
+        model_kwargs={"n_estimators": 200, "num_leaves": 15},
+    )
     model_dir = pretrain(PretrainConfig(tmp_path, cost_model="lightgbm", **args))
     assert {p.name for p in model_dir.iterdir()} == {*MODEL_FILES.values(), META_FILE}
     model = load_cost_model(model_dir, batch_size=65_536, backend="fake")

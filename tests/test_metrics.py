@@ -52,10 +52,13 @@ def test_noise_floor_averages_both_directions():
 
 def test_bucket_order_lists_buckets_small_to_large():
     labels = ["21-40", "1", ">40", "2-5"]
-    assert sorted(labels, key=lambda x: bucket_order("by_tables", x)) == ["1", "2-5", "21-40",
-                                                                          ">40"]
-    assert sorted(["16", "2", "8"], key=lambda x: bucket_order("by_devices", x)) == ["2", "8",
-                                                                                    "16"]
+    assert sorted(labels, key=lambda x: bucket_order("by_tables", x)) == [
+        "1",
+        "2-5",
+        "21-40",
+        ">40",
+    ]
+    assert sorted(["16", "2", "8"], key=lambda x: bucket_order("by_devices", x)) == ["2", "8", "16"]
 
 
 def test_report_of_a_shipped_model():
@@ -67,8 +70,11 @@ def test_report_of_a_shipped_model():
     assert error.title == "held-out error" and len(error.columns) == 8
     assert {row[0] for row in error.rows} >= {"compute", "bwd_comm", "fwd_comm"}
     assert all(len(row) == len(t.columns) for t in tables for row in t.rows)
-    session = {"data": "/x/run7/data", "noise_floor": {"floor_mape": 0.05},
-               "compute": {"n": 10, "mse_log": 0.01, "mape": 0.1, "spearman": 0.9}}
+    session = {
+        "data": "/x/run7/data",
+        "noise_floor": {"floor_mape": 0.05},
+        "compute": {"n": 10, "mse_log": 0.01, "mape": 0.1, "spearman": 0.9},
+    }
     rows = report_tables(meta, [session])[0].rows
     assert rows[-1] == ("compute", "data", "10", "0.0100", "10.00%", "0.9000", "5.00%", "2.00")
     summary = report_summary(meta, [session])
@@ -91,7 +97,7 @@ def test_scoring_a_neural_model_imports_neither_pandas_nor_training_code():
         "assert m.score_compute(d)['n'] == 3\n"
         "bad = sorted({k.split('.')[0] if k.startswith('pandas') else k for k in sys.modules\n"
         "              if k.startswith(('pandas', 'neuroshard.pretrain', 'neuroshard.search'))})\n"
-        "print(bad)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

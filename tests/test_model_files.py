@@ -43,9 +43,17 @@ def _tiny_model(root):
     tasks = sample_comm_tasks(tables, 40, np.random.default_rng(1), [2, 4])
     collect(loads, FakeBackend(), root / "compute", progress=False)
     collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
-    model = NeuralCostModel(max_epochs=2, patience=1, train_batch_size=32, seed=0,
-                            table_hidden=(8,), embed_dim=4, head_hidden=(8,),
-                            comm_encoder=(8,), comm_head=(8,))
+    model = NeuralCostModel(
+        max_epochs=2,
+        patience=1,
+        train_batch_size=32,
+        seed=0,
+        table_hidden=(8,),
+        embed_dim=4,
+        head_hidden=(8,),
+        comm_encoder=(8,),
+        comm_head=(8,),
+    )
     model.fit(load_compute(root / "compute"), load_comm(root / "comm"))
     return model.save(root / "model")
 
@@ -107,7 +115,7 @@ DAMAGE = {
     "zeroed": lambda blob: bytes(len(blob)),
     "one byte": lambda blob: blob[:1],
     "garbage appended": lambda blob: blob + b"\x00garbage" * 64,
-    "head swapped": lambda blob: blob[len(blob) // 2:] + blob[: len(blob) // 2],
+    "head swapped": lambda blob: blob[len(blob) // 2 :] + blob[: len(blob) // 2],
 }
 
 
@@ -170,8 +178,10 @@ def _state_variants():
     }
 
 
-@pytest.mark.parametrize("variant", ["wrong shapes", "missing keys", "extra keys", "not tensors",
-                                     "not a dict", "a bare tensor"])
+@pytest.mark.parametrize(
+    "variant",
+    ["wrong shapes", "missing keys", "extra keys", "not tensors", "not a dict", "a bare tensor"],
+)
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_readable_checkpoint_that_does_not_fit(model_copy, name, variant):
     import torch
@@ -232,8 +242,9 @@ def test_the_payloads_really_would_run(tmp_path):
 @pytest.mark.parametrize("container", ["torch zip", "pickle"])
 @pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload], ids=["os.system", "open"])
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_malicious_checkpoint_runs_nothing(model_copy, tmp_path, name, payload, container,
-                                           checksums):
+def test_malicious_checkpoint_runs_nothing(
+    model_copy, tmp_path, name, payload, container, checksums
+):
     marker = tmp_path / "pwned"
     (model_copy / name).write_bytes(_evil(payload, marker, container))
     _checksums(model_copy, checksums)
@@ -312,16 +323,39 @@ def test_mismatch_lists_every_difference(model_copy):
 # leave the predictions exactly as they were.
 META_JUNK = [None, 0, -1, 1.5, "x", [], {}, [1, 2], [-1], {"a": 1}, True, float("nan")]
 META_READ = [
-    "kind", "feature_schema", "backend", "backend_fingerprint", "batch_size", "num_devices",
-    "fwd_target", "files", "files.compute.pt", "architecture", "architecture.num_features",
-    "architecture.table_hidden", "architecture.embed_dim", "architecture.head_hidden",
-    "architecture.comm_encoder", "architecture.comm_head", "normalisation",
-    "normalisation.eps_ms", "normalisation.feature_mean", "normalisation.feature_std",
-    "normalisation.target", "normalisation.target.compute", "normalisation.dim_scale",
+    "kind",
+    "feature_schema",
+    "backend",
+    "backend_fingerprint",
+    "batch_size",
+    "num_devices",
+    "fwd_target",
+    "files",
+    "files.compute.pt",
+    "architecture",
+    "architecture.num_features",
+    "architecture.table_hidden",
+    "architecture.embed_dim",
+    "architecture.head_hidden",
+    "architecture.comm_encoder",
+    "architecture.comm_head",
+    "normalisation",
+    "normalisation.eps_ms",
+    "normalisation.feature_mean",
+    "normalisation.feature_std",
+    "normalisation.target",
+    "normalisation.target.compute",
+    "normalisation.dim_scale",
     "normalisation.wait_scale",
 ]
-META_DESCRIPTIVE = ["name", "feature_names", "hyperparameters", "hyperparameters.lr",
-                    "metrics", "sample_counts"]
+META_DESCRIPTIVE = [
+    "name",
+    "feature_names",
+    "hyperparameters",
+    "hyperparameters.lr",
+    "metrics",
+    "sample_counts",
+]
 
 
 def _pairs(key, *junks):
@@ -332,11 +366,15 @@ def _pairs(key, *junks):
 # and the checksums are objects of any keys; num_devices 0 is "unknown" (what an old
 # meta.json without it reads as); a target normalisation is a (mean, std > 0) pair; any
 # positive finite number is a usable epsilon and scale.
-META_VALID = (_pairs("backend", "x") | _pairs("backend_fingerprint", {}, {"a": 1})
-              | _pairs("num_devices", 0)
-              | _pairs("normalisation.target.compute", [1, 2])
-              | _pairs("normalisation.eps_ms", 1.5) | _pairs("normalisation.dim_scale", 1.5)
-              | _pairs("normalisation.wait_scale", 1.5))
+META_VALID = (
+    _pairs("backend", "x")
+    | _pairs("backend_fingerprint", {}, {"a": 1})
+    | _pairs("num_devices", 0)
+    | _pairs("normalisation.target.compute", [1, 2])
+    | _pairs("normalisation.eps_ms", 1.5)
+    | _pairs("normalisation.dim_scale", 1.5)
+    | _pairs("normalisation.wait_scale", 1.5)
+)
 # Junk the loader accepts today: NeuralCostModel.load does not validate these entries
 # yet. Strict xfail: once the loader refuses one, its case passes, fails as XPASS, and
 # must leave this list.
@@ -358,7 +396,7 @@ def _junk_cases():
 def _set(meta, dotted, value):
     keys = dotted.split(".")
     if dotted.startswith("files."):
-        keys = ["files", dotted[len("files."):]]
+        keys = ["files", dotted[len("files.") :]]
     obj = meta
     for k in keys[:-1]:
         obj = obj.setdefault(k, {})
@@ -453,12 +491,17 @@ def test_lightgbm_text_mutations_never_kill_the_process(tmp_path):
     from factories import collect_fake_data, pythonpath_with_tests
 
     model = LightGBMCostModel(n_estimators=20, num_leaves=7, min_child_samples=5).fit(
-        *collect_fake_data(tmp_path / "data", num_loads=120, num_comm=60))
+        *collect_fake_data(tmp_path / "data", num_loads=120, num_comm=60)
+    )
     out = model.save(tmp_path / "m")
     env = {**os.environ, "PYTHONPATH": pythonpath_with_tests(), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _MUTATE_AND_LOAD, str(out / "bwd_comm.lgb.txt"),
-                           str(LGB_MUTATIONS)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _MUTATE_AND_LOAD, str(out / "bwd_comm.lgb.txt"), str(LGB_MUTATIONS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
     refused, loaded = map(int, done.stdout.split())
     assert refused + loaded == LGB_MUTATIONS and refused > LGB_MUTATIONS // 2

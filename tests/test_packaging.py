@@ -10,8 +10,22 @@ import pytest
 @pytest.mark.slow
 def test_wheel_ships_data_and_one_namespace(tmp_path):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("neuroshard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -20,12 +34,18 @@ def test_wheel_ships_data_and_one_namespace(tmp_path):
     assert any(n.startswith("neuroshard/data/models/") and n.endswith("meta.json") for n in names)
     assert not any("/datasets/" in n for n in names), "measured datasets stay out of the wheel"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = ("import neuroshard, neuroshard.planner, neuroshard.models as m;"
-            "import neuroshard.pretrain.pool as pool;"
-            "assert str(tmp) in neuroshard.__file__, neuroshard.__file__;"
-            "assert len(pool.load_pool('test')) > 0; assert m.shipped_models(); print('ok')")
-    done = subprocess.run([sys.executable, "-c", f"tmp={str(tmp_path / 'site')!r};" + code],
-                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
-                          cwd=tmp_path, capture_output=True, text=True)
+    code = (
+        "import neuroshard, neuroshard.planner, neuroshard.models as m;"
+        "import neuroshard.pretrain.pool as pool;"
+        "assert str(tmp) in neuroshard.__file__, neuroshard.__file__;"
+        "assert len(pool.load_pool('test')) > 0; assert m.shipped_models(); print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", f"tmp={str(tmp_path / 'site')!r};" + code],
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

@@ -2,10 +2,11 @@ from dataclasses import replace
 
 import pytest
 
-from factories import FakeBackend, make_tables
 from neuroshard.models import load_cost_model, read_meta
 from neuroshard.pretrain.collect import part_files
 from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
+
+from factories import FakeBackend, make_tables
 
 
 def _pools():
@@ -16,11 +17,21 @@ def _pools():
 
 def _run(out_dir, **kw):
     train, test = _pools()
-    args = dict(backend=FakeBackend(), tables=train, holdout_tables=test, num_devices=4,
-                compute_samples=1500, comm_samples=600, holdout_samples=300, retest_samples=50,
-                seed=0,
-                chunk_size=200, progress=False, max_tables=15,
-                model_kwargs={"max_epochs": 100, "patience": 15, "train_batch_size": 64})
+    args = dict(
+        backend=FakeBackend(),
+        tables=train,
+        holdout_tables=test,
+        num_devices=4,
+        compute_samples=1500,
+        comm_samples=600,
+        holdout_samples=300,
+        retest_samples=50,
+        seed=0,
+        chunk_size=200,
+        progress=False,
+        max_tables=15,
+        model_kwargs={"max_epochs": 100, "patience": 15, "train_batch_size": 64},
+    )
     args.update(kw)
     return pretrain(PretrainConfig(out_dir, **args))
 
@@ -87,9 +98,19 @@ class _RecordingBackend(FakeBackend):
 
 def test_rounds_interleave_sets_and_retest_after_the_first_measurement(tmp_path):
     be = _RecordingBackend()
-    meta = read_meta(_run(tmp_path / "r3", backend=be, rounds=3, compute_samples=60,
-                          comm_samples=30, holdout_samples=30, retest_samples=10, chunk_size=7,
-                          model_kwargs={"max_epochs": 2}))
+    meta = read_meta(
+        _run(
+            tmp_path / "r3",
+            backend=be,
+            rounds=3,
+            compute_samples=60,
+            comm_samples=30,
+            holdout_samples=30,
+            retest_samples=10,
+            chunk_size=7,
+            model_kwargs={"max_epochs": 2},
+        )
+    )
     compute = [names for what, names in be.log if what == "compute"]
     held = [i for i, names in enumerate(compute) if names[0].startswith("held_")]
     trained = [i for i, names in enumerate(compute) if not names[0].startswith("held_")]
@@ -101,11 +122,19 @@ def test_rounds_interleave_sets_and_retest_after_the_first_measurement(tmp_path)
         names = compute[i]
         first = compute.index(names)
         if first != i:
-            between = compute[first + 1:i]
+            between = compute[first + 1 : i]
             assert sum(not n[0].startswith("held_") for n in between) >= 20
     # the same samples on disk as one round: rounds change the order, not the keys
-    one = read_meta(_run(tmp_path / "r1", compute_samples=60, comm_samples=30,
-                         holdout_samples=30, retest_samples=10, model_kwargs={"max_epochs": 2}))
+    one = read_meta(
+        _run(
+            tmp_path / "r1",
+            compute_samples=60,
+            comm_samples=30,
+            holdout_samples=30,
+            retest_samples=10,
+            model_kwargs={"max_epochs": 2},
+        )
+    )
     assert meta["training_data_hash"] == one["training_data_hash"]
     assert meta["metrics"]["noise_floor"]["compute"]["n"] == 10
 
@@ -115,8 +144,7 @@ def test_pretrain_rejects_zero_rounds(tmp_path):
         _run(tmp_path, rounds=0)
 
 
-def test_samples_ray_gave_up_on_stop_the_run_and_a_rerun_measures_only_them(tmp_path,
-                                                                             monkeypatch):
+def test_samples_ray_gave_up_on_stop_the_run_and_a_rerun_measures_only_them(tmp_path, monkeypatch):
     from neuroshard.pretrain import pipeline
     from neuroshard.pretrain.collect import CollectResult, collect
     from neuroshard.types import BackendError
@@ -126,12 +154,18 @@ def test_samples_ray_gave_up_on_stop_the_run_and_a_rerun_measures_only_them(tmp_
         # counted in CollectResult.failed
         def run(samples, out, **kw):
             lost = 7 if kw["description"] == "comm samples" else 0
-            got = collect(samples[:len(samples) - lost], backend, out, **kw)
+            got = collect(samples[: len(samples) - lost], backend, out, **kw)
             return CollectResult(out, got.measured, got.skipped, len(samples), lost)
+
         return run
 
-    sizes = dict(compute_samples=60, comm_samples=30, holdout_samples=30, retest_samples=10,
-                 model_kwargs={"max_epochs": 2})
+    sizes = dict(
+        compute_samples=60,
+        comm_samples=30,
+        holdout_samples=30,
+        retest_samples=10,
+        model_kwargs={"max_epochs": 2},
+    )
     with monkeypatch.context() as m:
         m.setattr(pipeline, "_collector", gives_up_on_seven_comm_samples)
         with pytest.raises(BackendError) as err:

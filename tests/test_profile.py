@@ -41,9 +41,13 @@ def _check_known(specs: list[TableSpec]) -> None:
 
 def test_dict_format(tmp_path):
     path = tmp_path / "lookups.pt"
-    torch.save({"user": {"indices": torch.tensor(USER_IDS), "offsets": _offsets(USER_LENGTHS)},
-                "item": {"indices": torch.tensor(ITEM_IDS),
-                         "lengths": torch.tensor(ITEM_LENGTHS)}}, path)
+    torch.save(
+        {
+            "user": {"indices": torch.tensor(USER_IDS), "offsets": _offsets(USER_LENGTHS)},
+            "item": {"indices": torch.tensor(ITEM_IDS), "lengths": torch.tensor(ITEM_LENGTHS)},
+        },
+        path,
+    )
     _check_known(profile_tables(path))
 
 
@@ -51,8 +55,10 @@ def test_keyed_jagged_tensor_format(tmp_path):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["user", "item"], values=torch.tensor(USER_IDS + ITEM_IDS),
-        lengths=torch.tensor(USER_LENGTHS + ITEM_LENGTHS))
+        keys=["user", "item"],
+        values=torch.tensor(USER_IDS + ITEM_IDS),
+        lengths=torch.tensor(USER_LENGTHS + ITEM_LENGTHS),
+    )
     path = tmp_path / "kjt.pt"
     torch.save(kjt, path)
     _check_known(profile_tables(path))
@@ -60,8 +66,7 @@ def test_keyed_jagged_tensor_format(tmp_path):
 
 def test_parquet_format(tmp_path):
     rows = []
-    for table, ids, lengths in (("user", USER_IDS, USER_LENGTHS),
-                                ("item", ITEM_IDS, ITEM_LENGTHS)):
+    for table, ids, lengths in (("user", USER_IDS, USER_LENGTHS), ("item", ITEM_IDS, ITEM_LENGTHS)):
         samples = np.repeat(np.arange(len(lengths)), lengths)
         rows += [(table, int(s), int(i)) for s, i in zip(samples, ids)]
     frame = pd.DataFrame(rows, columns=["table", "sample", "id"]).sample(frac=1, random_state=0)
@@ -72,8 +77,9 @@ def test_parquet_format(tmp_path):
 
 def test_dims_rows_and_batching(tmp_path):
     path = tmp_path / "lookups.pt"
-    torch.save({"user": {"indices": torch.tensor(USER_IDS), "offsets": _offsets(USER_LENGTHS)}},
-               path)
+    torch.save(
+        {"user": {"indices": torch.tensor(USER_IDS), "offsets": _offsets(USER_LENGTHS)}}, path
+    )
     (spec,) = profile_tables(path, dims={"user": 32}, rows={"user": 5000})
     assert spec.dim == 32 and spec.rows == 5000
     # batches of 3 bags: [3,3,5],[],[7] | [3],[1200,3],[] -> id 3 twice in each batch;
@@ -89,22 +95,26 @@ def test_recovers_a_synthetic_table(tmp_path):
     spec = TableSpec("t", rows=2_000_000, dim=64, pooling_factor=12.5)
     indices, offsets = generate_batch(spec, 65_536, rng=0)
     path = tmp_path / "synthetic.pt"
-    torch.save({"t": {"indices": torch.from_numpy(indices), "offsets": torch.from_numpy(offsets)}},
-               path)
+    torch.save(
+        {"t": {"indices": torch.from_numpy(indices), "offsets": torch.from_numpy(offsets)}}, path
+    )
     (got,) = profile_tables(path, dims=64)
     assert got.pooling_factor == pytest.approx(12.5, rel=0.02)
     assert np.abs(np.asarray(got.reuse_hist) - np.asarray(DLRM_REUSE_HIST)).sum() < 0.05
     assert got.rows <= spec.rows
 
 
-@pytest.mark.parametrize("payload,match", [
-    ({"t": {"indices": torch.tensor([1, 2]), "offsets": torch.tensor([0, 3])}}, "offsets"),
-    ({"t": {"indices": torch.tensor([1, -2]), "offsets": torch.tensor([0, 2])}}, "negative"),
-    ({"t": {"indices": torch.tensor([1.5]), "offsets": torch.tensor([0, 1])}}, "integers"),
-    ({"t": {"ids": torch.tensor([1])}}, "indices"),
-    ([1, 2, 3], "KeyedJaggedTensor"),
-    ({}, "no tables"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        ({"t": {"indices": torch.tensor([1, 2]), "offsets": torch.tensor([0, 3])}}, "offsets"),
+        ({"t": {"indices": torch.tensor([1, -2]), "offsets": torch.tensor([0, 2])}}, "negative"),
+        ({"t": {"indices": torch.tensor([1.5]), "offsets": torch.tensor([0, 1])}}, "integers"),
+        ({"t": {"ids": torch.tensor([1])}}, "indices"),
+        ([1, 2, 3], "KeyedJaggedTensor"),
+        ({}, "no tables"),
+    ],
+)
 def test_bad_torch_files_name_file_and_problem(tmp_path, payload, match):
     path = tmp_path / "bad.pt"
     torch.save(payload, path)

@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factories import GB, FakeEstimator
 from neuroshard.plan_io import validate_plan
 from neuroshard.planner import Planner, evaluate_plan
 from neuroshard.search import searcher_names
 from neuroshard.types import NUM_HIST_BINS, Cluster, PlanInfeasibleError, TableSpec
+
+from factories import GB, FakeEstimator
 
 EXAMPLES = 40  # per searcher; the NeuroShard and greedy ones take about 10 s together
 SLOW_EXAMPLES = {"torchrec": 6}  # TorchRec's planner takes about a second per plan
@@ -28,7 +29,6 @@ SLOW_EXAMPLES = {"torchrec": 6}  # TorchRec's planner takes about a second per p
 # TorchRec budgets input/output buffers on top of the weights, so it may refuse caps that
 # the weights alone fit: its infeasibility is not held to "fits on one device => plan".
 WEIGHTS_ONLY_MEMORY = frozenset(searcher_names()) - {"torchrec"}
-
 
 
 @st.composite
@@ -47,13 +47,15 @@ def tables(draw):
     for i in range(n):
         hist = draw(st.none() | histograms())
         extra = {"reuse_hist": hist} if hist is not None else {}
-        out.append(TableSpec(
-            name=f"t{i}",
-            rows=draw(st.integers(1, 5_000_000) | st.sampled_from([1, 100, 5_000_000])),
-            dim=4 * draw(st.integers(1, 64)),
-            pooling_factor=draw(st.floats(0.1, 100)),
-            **extra,
-        ))
+        out.append(
+            TableSpec(
+                name=f"t{i}",
+                rows=draw(st.integers(1, 5_000_000) | st.sampled_from([1, 100, 5_000_000])),
+                dim=4 * draw(st.integers(1, 64)),
+                pooling_factor=draw(st.floats(0.1, 100)),
+                **extra,
+            )
+        )
     return out
 
 
@@ -69,11 +71,16 @@ def clusters(draw, specs):
     if regime == "absolute":
         caps = draw(st.lists(st.integers(1, 8 * GB), min_size=n, max_size=n))
     else:
-        slack = {"roomy": st.floats(1.2, 3.0), "tight": st.floats(1.0, 1.3),
-                 "short": st.floats(0.3, 1.0)}[regime]
+        slack = {
+            "roomy": st.floats(1.2, 3.0),
+            "tight": st.floats(1.0, 1.3),
+            "short": st.floats(0.3, 1.0),
+        }[regime]
         share = need * draw(slack) / n
-        caps = [max(1, int(share * f))
-                for f in draw(st.lists(st.floats(0.7, 1.3), min_size=n, max_size=n))]
+        caps = [
+            max(1, int(share * f))
+            for f in draw(st.lists(st.floats(0.7, 1.3), min_size=n, max_size=n))
+        ]
         if regime == "roomy":
             caps = [max(c, int(biggest * 1.1)) for c in caps]
     if draw(st.booleans()):
@@ -109,7 +116,8 @@ def check_outcome(name, specs, cluster, bad_messages=None):
         if name in WEIGHTS_ONLY_MEMORY:
             # infeasible must be true: all tables together on the largest device would fit
             assert sum(t.size_bytes for t in specs) > max(cluster.memory_per_device_bytes), (
-                f"{name} found no plan although every table fits on one device: {message}")
+                f"{name} found no plan although every table fits on one device: {message}"
+            )
         return "infeasible"
     validate_plan(plan)
     assert plan.cluster == cluster
@@ -118,12 +126,17 @@ def check_outcome(name, specs, cluster, bad_messages=None):
     assert plan.meta.get("searcher") == name
     cost = plan.cost
     assert cost is not None and len(cost.devices) == cluster.num_devices
-    assert all(math.isfinite(v) for d in cost.devices
-               for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms))
+    assert all(
+        math.isfinite(v) for d in cost.devices for v in (d.compute_ms, d.fwd_comm_ms, d.bwd_comm_ms)
+    )
     assert [d.memory_bytes for d in cost.devices] == plan.memory_bytes()
     again = evaluate_plan(plan, estimator)
-    np.testing.assert_allclose([d.total_ms for d in cost.devices],
-                               [d.total_ms for d in again.devices], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        [d.total_ms for d in cost.devices],
+        [d.total_ms for d in again.devices],
+        rtol=1e-6,
+        atol=1e-9,
+    )
     return "plan"
 
 
@@ -131,8 +144,11 @@ def check_outcome(name, specs, cluster, bad_messages=None):
 def test_any_valid_problem_gives_a_plan_or_a_named_infeasibility(name):
     outcomes, bad_messages = [], []
 
-    @settings(max_examples=SLOW_EXAMPLES.get(name, EXAMPLES), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=SLOW_EXAMPLES.get(name, EXAMPLES),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(problem=problems())
     def run(problem):
         outcomes.append(check_outcome(name, *problem, bad_messages=bad_messages))

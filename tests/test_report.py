@@ -6,20 +6,30 @@ import sys
 
 import pytest
 
-from factories import GB, FakeEstimator, make_table
 from neuroshard.plan_io import plan_to_dict, validate_plan, write_plan
 from neuroshard.report import render_png, report_figure, report_from_files, write_report
 from neuroshard.search.scoring import plan_cost
-from neuroshard.types import (Cluster, DeviceCost, NeuroShardError, Plan, PlanCost,
-                              PlanFormatError, Shard)
+from neuroshard.types import (
+    Cluster,
+    DeviceCost,
+    NeuroShardError,
+    Plan,
+    PlanCost,
+    PlanFormatError,
+    Shard,
+)
+
+from factories import GB, FakeEstimator, make_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _plan(num_devices=8, caps=None, split=False, rows=50_000):
     """A hand-built valid plan: table i on device i % n, the first one split in two."""
-    tables = tuple(make_table(f"t{i}", rows=rows * (i + 1), dim=32 * (1 + i % 4),
-                              pooling_factor=2.0 + i) for i in range(2 * num_devices))
+    tables = tuple(
+        make_table(f"t{i}", rows=rows * (i + 1), dim=32 * (1 + i % 4), pooling_factor=2.0 + i)
+        for i in range(2 * num_devices)
+    )
     shards = []
     for i, t in enumerate(tables):
         if split and i == 0:
@@ -130,8 +140,9 @@ def test_from_files_uses_stored_cost_or_rescores(tmp_path):
     # same searcher in both meta: labelled by file name instead
     assert "<h2>a.json</h2>" in text and "<h2>b.json</h2>" in text
 
-    report_from_files([tmp_path / "a.json"], tmp_path / "s.html", backend=StubEstimator(),
-                      labels=["NeuroShard"])
+    report_from_files(
+        [tmp_path / "a.json"], tmp_path / "s.html", backend=StubEstimator(), labels=["NeuroShard"]
+    )
     text = (tmp_path / "s.html").read_text()
     assert "<code>stub</code>" in text and "<h2>NeuroShard</h2>" in text
 
@@ -165,8 +176,7 @@ def test_matplotlib_is_lazy_and_pyplot_never_loaded(tmp_path):
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     write_plan(_plan(2), tmp_path / "a.json")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # library code logs, never prints
     assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from factories import make_tables
 
 from neuroshard.models import META_FILE, load_cost_model, load_model, read_meta
 from neuroshard.models.surrogate import (
@@ -19,6 +18,8 @@ from neuroshard.models.surrogate import (
 )
 from neuroshard.types import ModelFileError, ModelMismatchError
 
+from factories import make_tables
+
 
 def _pairs(n=400, seed=0):
     rng = np.random.default_rng(seed)
@@ -29,8 +30,9 @@ def _pairs(n=400, seed=0):
 
 @pytest.fixture(scope="module")
 def prior():
-    return SurrogatePrior(hidden=(16,), max_epochs=60, patience=10, batch_size=32,
-                          seed=0).fit(*_pairs())
+    return SurrogatePrior(hidden=(16,), max_epochs=60, patience=10, batch_size=32, seed=0).fit(
+        *_pairs()
+    )
 
 
 @pytest.fixture()
@@ -43,8 +45,9 @@ def test_fit_learns_and_keeps_the_best_epoch(prior):
     baseline = np.mean(np.abs(y - y.mean()))
     assert np.mean(np.abs(prior.predict(X) - y)) < 0.3 * baseline
     assert 0 <= prior.best_epoch_ < 60 and prior.num_pairs_ == 400
-    again = SurrogatePrior(hidden=(16,), max_epochs=60, patience=10, batch_size=32,
-                           seed=0).fit(*_pairs())
+    again = SurrogatePrior(hidden=(16,), max_epochs=60, patience=10, batch_size=32, seed=0).fit(
+        *_pairs()
+    )
     assert np.array_equal(again.predict(X), prior.predict(X))  # seeded
 
 

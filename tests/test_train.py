@@ -34,8 +34,12 @@ def _fit(seed=0, **cfg):
     x, y = _linear_problem()
     torch.manual_seed(seed)
     net = Lin()
-    res = fit_net(net, ((x[:500],), y[:500], None), ((x[500:],), y[500:], None),
-                  TrainConfig(seed=seed, batch_size=64, lr=1e-2, **cfg))
+    res = fit_net(
+        net,
+        ((x[:500],), y[:500], None),
+        ((x[500:],), y[500:], None),
+        TrainConfig(seed=seed, batch_size=64, lr=1e-2, **cfg),
+    )
     return net, res
 
 
@@ -52,8 +56,12 @@ def test_patience_stops_early_and_restores_best():
     torch.manual_seed(0)
     net = Lin()
     # validation targets unrelated to training: the best epoch comes early, then patience ends it
-    res = fit_net(net, ((x[:500],), y[:500], None), ((x[500:],), -y[500:], None),
-                  TrainConfig(batch_size=64, lr=1e-2, max_epochs=200, patience=5))
+    res = fit_net(
+        net,
+        ((x[:500],), y[:500], None),
+        ((x[500:],), -y[500:], None),
+        TrainConfig(batch_size=64, lr=1e-2, max_epochs=200, patience=5),
+    )
     assert res.epochs_run == res.best_epoch + 6 < 200
     with torch.no_grad():
         restored = float(((net(x[500:]) + y[500:]) ** 2).mean())
@@ -83,8 +91,12 @@ def test_masked_loss_ignores_padding():
 
     torch.manual_seed(0)
     net = PerDevice()
-    res = fit_net(net, ((x, mask), y, mask), ((x, mask), y, mask),
-                  TrainConfig(lr=3e-2, batch_size=32, max_epochs=80))
+    res = fit_net(
+        net,
+        ((x, mask), y, mask),
+        ((x, mask), y, mask),
+        TrainConfig(lr=3e-2, batch_size=32, max_epochs=80),
+    )
     assert res.best_val_loss < 1e-2  # the 1e6 padding targets would dominate otherwise
 
 
@@ -145,8 +157,9 @@ def _lin_data():
 
 def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
     train, val = _lin_data()
-    config = TrainConfig(batch_size=64, lr=1e-2, max_epochs=30, patience=30,
-                         lr_decay_patience=2, checkpoint_every=4)
+    config = TrainConfig(
+        batch_size=64, lr=1e-2, max_epochs=30, patience=30, lr_decay_patience=2, checkpoint_every=4
+    )
     torch.manual_seed(0)
     whole = Lin()
     ref = fit_net(whole, train, val, config)
@@ -188,14 +201,16 @@ def test_file_checkpointed_names_runs_by_data_and_config(tmp_path):
 def _rank_main(rank, world, port, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         train, val = _lin_data()
         torch.manual_seed(rank)  # different initial weights: rank 0's are broadcast
         net = Lin()
-        res = fit_net(net, train, val, TrainConfig(batch_size=64, lr=1e-2, max_epochs=25,
-                                                   patience=25))
+        res = fit_net(
+            net, train, val, TrainConfig(batch_size=64, lr=1e-2, max_epochs=25, patience=25)
+        )
         torch.save({"state": net.state_dict(), "loss": res.best_val_loss}, f"{out}/{rank}.pt")
         # start both teardowns together: one full run had a rank abort in gloo's teardown
         # ("terminate called without an active exception") with its peer still running
@@ -218,7 +233,8 @@ def test_data_parallel_ranks_agree_and_match_one_process(tmp_path):
         assert torch.equal(r0["state"][k], r1["state"][k])
     train, val = _lin_data()
     torch.manual_seed(0)
-    single = fit_net(Lin(), train, val, TrainConfig(batch_size=64, lr=1e-2, max_epochs=25,
-                                                    patience=25))
+    single = fit_net(
+        Lin(), train, val, TrainConfig(batch_size=64, lr=1e-2, max_epochs=25, patience=25)
+    )
     # each rank's half-batch mean, averaged, is the whole batch's mean: same descent
     assert r0["loss"] == pytest.approx(single.best_val_loss, rel=1e-3)
