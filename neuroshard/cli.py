@@ -17,8 +17,9 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, cast
+from typing import Any, cast
 
 import typer
 from rich.console import Console
@@ -27,11 +28,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from neuroshard.units import parse_memory_list
 from neuroshard.types import (
     MAX_BATCH_SIZE,
     BackendError,
-    RayClusterError,
     Cluster,
     ModelFileError,
     ModelMismatchError,
@@ -39,8 +38,10 @@ from neuroshard.types import (
     Plan,
     PlanCost,
     PlanInfeasibleError,
+    RayClusterError,
     UsageError,
 )
+from neuroshard.units import parse_memory_list
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INFEASIBLE, EXIT_MODEL, EXIT_BACKEND = 1, 2, 3, 4, 5
 EXIT_CLUSTER = 6
@@ -73,11 +74,16 @@ class _OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False,
-                  help="Embedding-table sharding with pre-trained neural cost models.")
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Embedding-table sharding with pre-trained neural cost models.",
+)
 out = Console()
 err = Console(stderr=True)
+
 
 def _exit_code(e: NeuroShardError) -> int:
     if isinstance(e, PlanInfeasibleError):
@@ -117,8 +123,13 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except Exception as e:  # a bug, not bad input: still one line, with a way to see more
             logging.getLogger("neuroshard").debug("internal error", exc_info=True)
-            err.print(f"internal error: {type(e).__name__}: {e} (rerun with NEUROSHARD_DEBUG=1 for details)",
-                      markup=False, highlight=False, soft_wrap=True)
+            err.print(
+                f"internal error: {type(e).__name__}: {e} (rerun with NEUROSHARD_DEBUG=1 for "
+                f"details)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             if _debug():
                 raise
             raise typer.Exit(EXIT_INTERNAL) from None
@@ -130,13 +141,13 @@ def _error_line(message: str) -> None:
     """``error: <message>`` on stderr: one line (a library's multi-line text joined), as
     plain text (never rich markup)."""
     line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False,
-              soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False,
-              soft_wrap=True)
+    err.print(
+        f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True
+    )
 
 
 def _json(doc: Any, *, nulls_for_nan: bool = False) -> str:
@@ -163,8 +174,9 @@ def _check_ranges(model: Any, result: Plan, strict: bool) -> None:
     """Warn (or, ``strict``, fail) when ``result`` lies outside ``model``'s training ranges."""
     lines = model.out_of_range(result) if hasattr(model, "out_of_range") else []
     if lines and strict:
-        raise ModelMismatchError(f"{getattr(model, 'name', 'the model')}: " + "; ".join(lines)
-                                 + " (--strict)")
+        raise ModelMismatchError(
+            f"{getattr(model, 'name', 'the model')}: " + "; ".join(lines) + " (--strict)"
+        )
     for line in lines:
         _warn(f"{line}: its costs are extrapolated (--strict refuses this)")
 
@@ -177,8 +189,16 @@ def _debug() -> bool:
 
 def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
     table = Table(title=Text(title))
-    for column in ("device", "compute ms", "fwd comm ms", "bwd comm ms", "total ms", "memory GiB",
-                   "cap GiB", "shards"):
+    for column in (
+        "device",
+        "compute ms",
+        "fwd comm ms",
+        "bwd comm ms",
+        "total ms",
+        "memory GiB",
+        "cap GiB",
+        "shards",
+    ):
         table.add_column(column, justify="right")
     shards_per_device = [0] * plan.cluster.num_devices
     for s in plan.shards:
@@ -186,13 +206,21 @@ def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
     worst = max(range(len(cost.devices)), key=lambda i: cost.devices[i].total_ms)
     for i, d in enumerate(cost.devices):
         style = "bold" if i == worst else None
-        table.add_row(str(i), f"{d.compute_ms:.3f}", f"{d.fwd_comm_ms:.3f}", f"{d.bwd_comm_ms:.3f}",
-                      f"{d.total_ms:.3f}", f"{d.memory_bytes / (1 << 30):.2f}",
-                      f"{plan.cluster.memory_per_device_bytes[i] / (1 << 30):.2f}",
-                      str(shards_per_device[i]), style=style)
+        table.add_row(
+            str(i),
+            f"{d.compute_ms:.3f}",
+            f"{d.fwd_comm_ms:.3f}",
+            f"{d.bwd_comm_ms:.3f}",
+            f"{d.total_ms:.3f}",
+            f"{d.memory_bytes / (1 << 30):.2f}",
+            f"{plan.cluster.memory_per_device_bytes[i] / (1 << 30):.2f}",
+            str(shards_per_device[i]),
+            style=style,
+        )
     out.print(table)
-    out.print(f"plan cost (max over devices): [bold]{cost.max_ms:.3f} ms[/bold] by "
-              f"{escape(cost.model)}")
+    out.print(
+        f"plan cost (max over devices): [bold]{cost.max_ms:.3f} ms[/bold] by {escape(cost.model)}"
+    )
 
 
 @app.command()
@@ -200,44 +228,85 @@ def print_cost_table(plan: Plan, cost: PlanCost, title: str) -> None:
 def plan(
     tables: Path = typer.Argument(..., help="Table config: JSON, CSV or YAML."),
     devices: int = typer.Option(..., "--devices", "-n", min=1, max=4096, help="Number of devices."),
-    memory: str = typer.Option(..., "--memory", "-m",
-                               help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB."),
-    batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Global batch size."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: the shipped model)."),
-    cost_model: Optional[str] = typer.Option(None, "--cost-model",
-                                             help="neural or lightgbm: the shipped model of that kind (default neural), or the kind --model must be."),
-    backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="Hardware the plan is for (sim, cpu, cuda); the model must be trained on it. Default: the shipped sim models."),
-    searcher: str = typer.Option("neuroshard", "--searcher", help="neuroshard, greedy-grid, surco, torchrec, random, dim, size, lookup, size-lookup."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the plan JSON here."),
-    force: bool = typer.Option(False, "--force", help="Use a model even if its batch size, backend or kind does not match."),
+    memory: str = typer.Option(
+        ...,
+        "--memory",
+        "-m",
+        help="Memory cap per device, e.g. 4GB (GB = 2**30), or one per device: 4GB,4GB,2GB,2GB.",
+    ),
+    batch_size: int = typer.Option(
+        65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Global batch size."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model directory (default: the shipped model)."
+    ),
+    cost_model: str | None = typer.Option(
+        None,
+        "--cost-model",
+        help="neural or lightgbm: the shipped model of that kind (default neural), or the kind "
+        "--model must be.",
+    ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="Hardware the plan is for (sim, cpu, cuda); the model must be trained on it. "
+        "Default: the shipped sim models.",
+    ),
+    searcher: str = typer.Option(
+        "neuroshard",
+        "--searcher",
+        help="neuroshard, greedy-grid, surco, torchrec, random, dim, size, lookup, size-lookup.",
+    ),
+    out_path: Path | None = typer.Option(None, "--out", "-o", help="Write the plan JSON here."),
+    force: bool = typer.Option(
+        False, "--force", help="Use a model even if its batch size, backend or kind does not match."
+    ),
     seed: int = typer.Option(0, "--seed", min=0),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of a table."),
-    torchrec_out: Optional[Path] = typer.Option(None, "--torchrec-out",
-                                                help="Also write a TorchRec ShardingPlan (torch.save); see --module-path, --model-factory."),
-    module_path: Optional[str] = typer.Option(None, "--module-path",
-                                              help="With --torchrec-out: the path of the embedding module holding tables whose config names none (e.g. sparse_arch.embedding_bag_collection; default: the model itself)."),
-    model_factory: Optional[str] = typer.Option(None, "--model-factory",
-                                                help="With --torchrec-out: pkg.module:function returning your model; module paths are resolved against it."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget",
-                                                help="Seconds the neuroshard or surco search may take."),
-    strict: bool = typer.Option(False, "--strict", help="Fail when the plan lies outside the model's training ranges (tables per device, rows, dims, pooling, devices, batch) instead of warning."),
+    torchrec_out: Path | None = typer.Option(
+        None,
+        "--torchrec-out",
+        help="Also write a TorchRec ShardingPlan (torch.save); see --module-path, --model-factory.",
+    ),
+    module_path: str | None = typer.Option(
+        None,
+        "--module-path",
+        help="With --torchrec-out: the path of the embedding module holding tables whose config "
+        "names none (e.g. sparse_arch.embedding_bag_collection; default: the model itself).",
+    ),
+    model_factory: str | None = typer.Option(
+        None,
+        "--model-factory",
+        help="With --torchrec-out: pkg.module:function returning your model; module paths are "
+        "resolved against it.",
+    ),
+    time_budget: float | None = typer.Option(
+        None, "--time-budget", help="Seconds the neuroshard or surco search may take."
+    ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Fail when the plan lies outside the model's training ranges (tables per device, "
+        "rows, dims, pooling, devices, batch) instead of warning.",
+    ),
 ) -> None:
     """Plan TABLES on DEVICES devices.
 
     Example: neuroshard plan data/examples/tables.json --devices 4 --memory 4GB --out plan.json
     """
     from neuroshard.models import resolve_cost_model
+    from neuroshard.paths import check_output
     from neuroshard.plan_io import plan_to_dict, write_plan
     from neuroshard.planner import Planner
-    from neuroshard.paths import check_output
     from neuroshard.tables import load_table_config
 
-    outputs = [(o, name) for o, name in ((out_path, "--out"), (torchrec_out, "--torchrec-out"))
-               if o is not None]
+    outputs = [
+        (o, name)
+        for o, name in ((out_path, "--out"), (torchrec_out, "--torchrec-out"))
+        if o is not None
+    ]
     for o, name in outputs:
-        check_output(o, [tables, *(other for other, _ in outputs if other is not o)],
-                     option=name)
+        check_output(o, [tables, *(other for other, _ in outputs if other is not o)], option=name)
     if (module_path is not None or model_factory) and not torchrec_out:
         raise UsageError("--module-path and --model-factory go with --torchrec-out")
     if module_path is not None and model_factory:
@@ -261,14 +330,25 @@ def plan(
     models: list[Any] = []
 
     def model_for(c: Cluster) -> Any:
-        models.append(resolve_cost_model(model, kind=cost_model, backend=backend,
-                                         batch_size=c.batch_size, num_devices=c.num_devices,
-                                         force=force))
+        models.append(
+            resolve_cost_model(
+                model,
+                kind=cost_model,
+                backend=backend,
+                batch_size=c.batch_size,
+                num_devices=c.num_devices,
+                force=force,
+            )
+        )
         return models[-1]
 
-    planner = Planner(model_for, searcher, budget_s=time_budget, seed=seed,
-                      constraints=constraints if constraints.tables or constraints.colocate
-                      else None)
+    planner = Planner(
+        model_for,
+        searcher,
+        budget_s=time_budget,
+        seed=seed,
+        constraints=constraints if constraints.tables or constraints.colocate else None,
+    )
     result = planner.plan(specs, cluster)
     cast(PlanCost, result.cost).check(result)
     if models:
@@ -282,12 +362,14 @@ def plan(
     if as_json:
         out.print_json(_json(plan_to_dict(result)))
         return
-    print_cost_table(result, cast(PlanCost, result.cost),
-                     f"{len(specs)} tables on {devices} devices ({searcher}, "
-                     f"{result.meta.get('search_seconds', 0):.2f} s)")
+    print_cost_table(
+        result,
+        cast(PlanCost, result.cost),
+        f"{len(specs)} tables on {devices} devices ({searcher}, "
+        f"{result.meta.get('search_seconds', 0):.2f} s)",
+    )
     if out_path:
-        out.print(f"plan written to {out_path}", markup=False, highlight=False,
-                  soft_wrap=True)
+        out.print(f"plan written to {out_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -295,10 +377,19 @@ def plan(
 def evaluate(
     plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v2 or v1)."),
     backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
-    profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend: v100, a100, h100, h200."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Score with this model instead of a backend."),
+    profile: str = typer.Option(
+        "h100", "--profile", help="Profile of the sim backend: v100, a100, h100, h200."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Score with this model instead of a backend."
+    ),
     as_json: bool = typer.Option(False, "--json"),
-    strict: bool = typer.Option(False, "--strict", help="With --model: fail when the plan lies outside the model's training ranges instead of warning."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="With --model: fail when the plan lies outside the model's training ranges instead "
+        "of warning.",
+    ),
 ) -> None:
     """The plan's cost on a backend (or under a model), per device.
 
@@ -332,18 +423,41 @@ def pretrain(
     out_dir: Path = typer.Option(..., "--out", help="Output directory (data/ and model/ inside)."),
     backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
-    noise: float = typer.Option(0.03, "--noise", min=0.0, max=1.0, help="Sim noise (lognormal sigma)."),
-    devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of the comm samples."),
+    noise: float = typer.Option(
+        0.03, "--noise", min=0.0, max=1.0, help="Sim noise (lognormal sigma)."
+    ),
+    devices: int = typer.Option(
+        4, "--devices", min=2, max=4096, help="Device count of the comm samples."
+    ),
     compute_samples: int = typer.Option(20_000, "--compute-samples", min=10),
     comm_samples: int = typer.Option(8_000, "--comm-samples", min=10),
     batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE),
     seed: int = typer.Option(0, "--seed", min=0),
     cost_model: str = typer.Option("neural", "--cost-model", help="neural or lightgbm."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."),
-    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Ray Train checkpoints: a path every node reaches, or a URI like s3://bucket/prefix (default: OUT/train)."),
-    rounds: int = typer.Option(1, "--rounds", min=1, help="Interleave training, held-out and retest samples over this many rounds (real hardware drifts)."),
-    compute_members: int = typer.Option(1, "--compute-members", min=1, help="Neural: average this many compute nets (an ensemble)."),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="Collect and train on this many Ray workers (0: in process)."
+    ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section).",
+    ),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="Ray Train checkpoints: a path every node reaches, or a URI like s3://bucket/prefix "
+        "(default: OUT/train).",
+    ),
+    rounds: int = typer.Option(
+        1,
+        "--rounds",
+        min=1,
+        help="Interleave training, held-out and retest samples over this many rounds (real "
+        "hardware drifts).",
+    ),
+    compute_members: int = typer.Option(
+        1, "--compute-members", min=1, help="Neural: average this many compute nets (an ensemble)."
+    ),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -355,11 +469,19 @@ def pretrain(
     if compute_members > 1 and cost_model != "neural":
         raise UsageError("--compute-members applies to --cost-model neural only")
     config = PretrainConfig(
-        out_dir, backend=backend_spec(backend, batch_size, profile=profile, noise=noise, seed=seed),
-        num_devices=devices, compute_samples=compute_samples, comm_samples=comm_samples, seed=seed,
-        cost_model=cost_model, workers=workers, address=address, storage=storage,
+        out_dir,
+        backend=backend_spec(backend, batch_size, profile=profile, noise=noise, seed=seed),
+        num_devices=devices,
+        compute_samples=compute_samples,
+        comm_samples=comm_samples,
+        seed=seed,
+        cost_model=cost_model,
+        workers=workers,
+        address=address,
+        storage=storage,
         rounds=rounds,
-        model_kwargs={"compute_members": compute_members} if compute_members > 1 else None)
+        model_kwargs={"compute_members": compute_members} if compute_members > 1 else None,
+    )
     model_dir = run_pretrain(config)
     out.print(f"model written to {model_dir}", markup=False, highlight=False, soft_wrap=True)
 
@@ -367,29 +489,48 @@ def pretrain(
 @app.command()
 @handles_errors
 def collect(
-    out_dir: Path = typer.Option(..., "--out", help="Output directory of Parquet parts (resumable)."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Output directory of Parquet parts (resumable)."
+    ),
     backend: str = typer.Option("sim", "--backend", help="sim, cpu or cuda."),
     kind: str = typer.Option("compute", "--kind", help="compute or comm."),
     samples: int = typer.Option(1000, "--samples", min=1),
-    devices: int = typer.Option(4, "--devices", min=2, max=4096, help="Device count of comm samples."),
+    devices: int = typer.Option(
+        4, "--devices", min=2, max=4096, help="Device count of comm samples."
+    ),
     batch_size: int = typer.Option(65_536, "--batch-size", min=1, max=MAX_BATCH_SIZE),
     profile: str = typer.Option("h100", "--profile", help="Profile of the sim backend."),
     workers: int = typer.Option(0, "--workers", min=0, help="Ray workers (0: in this process)."),
-    address: Optional[str] = typer.Option(None, "--address", help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section)."),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="An existing Ray cluster's head, HOST:PORT (see the README's Ray cluster section).",
+    ),
     seed: int = typer.Option(0, "--seed", min=0),
 ) -> None:
     """Measure pretraining samples on a backend into Parquet; rerun to resume.
 
-    Example: neuroshard collect --backend cpu --kind compute --samples 2000 --workers 2 --out runs/cpu
+    Example: neuroshard collect --backend cpu --kind compute --samples 2000 --workers 2
+    --out runs/cpu
     """
     from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec, collect_samples
 
-    config = PretrainConfig(out_dir, backend=backend_spec(backend, batch_size, profile=profile),
-                            num_devices=devices, compute_samples=samples, comm_samples=samples,
-                            seed=seed, workers=workers, address=address, chunk_size=64)
+    config = PretrainConfig(
+        out_dir,
+        backend=backend_spec(backend, batch_size, profile=profile),
+        num_devices=devices,
+        compute_samples=samples,
+        comm_samples=samples,
+        seed=seed,
+        workers=workers,
+        address=address,
+        chunk_size=64,
+    )
     result = collect_samples(config, kind)
-    out.print(f"{result.measured} measured, {result.skipped} already on disk, {result.failed} failed "
-              f"of {result.total} {kind} samples in {escape(str(result.out_dir))}")
+    out.print(
+        f"{result.measured} measured, {result.skipped} already on disk, {result.failed} failed "
+        f"of {result.total} {kind} samples in {escape(str(result.out_dir))}"
+    )
 
 
 @app.command()
@@ -397,8 +538,9 @@ def collect(
 def report(
     plans: list[Path] = typer.Argument(..., help="One or two plan JSON files."),
     out_path: Path = typer.Option(..., "--out", "-o", help="report.png or report.html"),
-    backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="Re-score every plan on this backend (default: stored costs)."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="Re-score every plan on this backend (default: stored costs)."
+    ),
 ) -> None:
     """Per-device stacked costs and memory against the cap, two plans side by side.
 
@@ -416,8 +558,11 @@ def convert(
     plan_path: Path = typer.Argument(..., help="Plan JSON (neuroshard.plan/v2 or v1)."),
     to: str = typer.Option("torchrec", "--to", help="Target format: torchrec."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Where to write (plan.pt)."),
-    module_path: str = typer.Option("", "--module-path",
-                                    help="Fully qualified path of the EmbeddingBagCollection in your model."),
+    module_path: str = typer.Option(
+        "",
+        "--module-path",
+        help="Fully qualified path of the EmbeddingBagCollection in your model.",
+    ),
     device_type: str = typer.Option("cpu", "--device-type", help="cpu or cuda placements."),
 ) -> None:
     """Convert a plan to a TorchRec ShardingPlan (load with torch.load(weights_only=False)).
@@ -434,30 +579,43 @@ def convert(
     from neuroshard.paths import check_output
 
     check_output(out_path, [plan_path])
-    save_sharding_plan(read_plan(plan_path), out_path, module_path=module_path, device_type=device_type)
-    out.print(f"TorchRec ShardingPlan written to {out_path}", markup=False, highlight=False,
-              soft_wrap=True)
+    save_sharding_plan(
+        read_plan(plan_path), out_path, module_path=module_path, device_type=device_type
+    )
+    out.print(
+        f"TorchRec ShardingPlan written to {out_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @handles_errors
 def profile(
-    input_path: Path = typer.Argument(..., help="Lookups: a saved KeyedJaggedTensor, a dict of "
-                                                "indices/offsets tensors, or a Parquet of (table, sample, id)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table config JSON here."),
-    dim: int = typer.Option(128, "--dim", min=4, help="Embedding dim for every table (not in lookup data)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
-                                             help="Cut samples into batches of this size for the histogram."),
+    input_path: Path = typer.Argument(
+        ...,
+        help="Lookups: a saved KeyedJaggedTensor, a dict of "
+        "indices/offsets tensors, or a Parquet of (table, sample, id).",
+    ),
+    out_path: Path | None = typer.Option(
+        None, "--out", "-o", help="Write the table config JSON here."
+    ),
+    dim: int = typer.Option(
+        128, "--dim", min=4, help="Embedding dim for every table (not in lookup data)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Cut samples into batches of this size for the histogram."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table config JSON."),
 ) -> None:
     """Measure rows, pooling factor and reuse histogram of each table from real lookups.
 
     Example: neuroshard profile lookups.parquet --dim 64 --out tables.json
     """
+    from neuroshard.paths import check_output
     from neuroshard.profile import profile_tables
     from neuroshard.tables import save_tables
-
-    from neuroshard.paths import check_output
 
     if dim % 4:
         raise UsageError(f"--dim must be a multiple of 4, got {dim}")
@@ -473,19 +631,30 @@ def profile(
     for column in ("table", "rows", "dim", "pooling factor", "accessed once"):
         table.add_column(column, justify="right")
     for t in specs:
-        table.add_row(Text(t.name), str(t.rows), str(t.dim), f"{t.pooling_factor:.2f}",
-                      f"{t.reuse_hist[0]:.3f}")
+        table.add_row(
+            Text(t.name),
+            str(t.rows),
+            str(t.dim),
+            f"{t.pooling_factor:.2f}",
+            f"{t.reuse_hist[0]:.3f}",
+        )
     out.print(table)
     if out_path:
-        out.print(f"table config written to {out_path}", markup=False, highlight=False,
-                  soft_wrap=True)
+        out.print(
+            f"table config written to {out_path}", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 @app.command("model-report")
 @handles_errors
 def model_report(
     model_dir: Path = typer.Argument(..., help="Model directory (meta.json inside)."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="Also score on this pretrain run's data/ (its held-out loads, beside its floor); repeatable."),
+    data: list[Path] | None = typer.Option(
+        None,
+        "--data",
+        help="Also score on this pretrain run's data/ (its held-out loads, beside its floor); "
+        "repeatable.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A model's provenance and its error on held-out data next to the noise floor.
@@ -516,13 +685,21 @@ def model_report(
         header = report_header(meta)
         tables = report_tables(meta, sessions)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise ModelFileError(f"{Path(model_dir) / META_FILE}: entry 'metrics' is malformed "
-                             f"({type(e).__name__}: {e})") from None
+        raise ModelFileError(
+            f"{Path(model_dir) / META_FILE}: entry 'metrics' is malformed ({type(e).__name__}: {e})"
+        ) from None
     out.print(header, markup=False, highlight=False)
     if ranges is not None:
-        out.print("training ranges: " + "; ".join(
-            f"{label} " + (f"{ranges[k][0]:g} to {ranges[k][1]:g}" if k in ranges else "unknown")
-            for k, label in RANGE_NAMES.items()), markup=False, highlight=False)
+        out.print(
+            "training ranges: "
+            + "; ".join(
+                f"{label} "
+                + (f"{ranges[k][0]:g} to {ranges[k][1]:g}" if k in ranges else "unknown")
+                for k, label in RANGE_NAMES.items()
+            ),
+            markup=False,
+            highlight=False,
+        )
     for text_table in tables:
         table = Table(title=Text(text_table.title))
         for column in text_table.columns:
@@ -533,8 +710,10 @@ def model_report(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.DEBUG if _debug() else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if _debug() else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         app()
     except SystemExit as e:
