@@ -202,3 +202,13 @@ def test_ten_thousand_loads_evaluate_quickly():
     out = SimBackend().compute_ms(loads)
     assert time.perf_counter() - start < 5.0
     assert out.shape == (10_000,) and np.all(out > 0)
+
+
+def test_a_sequence_table_writes_one_row_per_id():
+    sim = SimBackend("h100")
+    pooled = make_table("t", rows=1_000_000, dim=64, pooling_factor=20.0)
+    sequence = replace(pooled, pooled=False)
+    one = make_table("u", rows=1_000_000, dim=64, pooling_factor=1.0)
+    cost = sim.compute_ms([[pooled], [sequence], [one], [replace(one, pooled=False)]])
+    assert cost[1] > cost[0] * 1.5  # 20 outputs per sample instead of one
+    assert cost[3] == cost[2]  # one id per sample: the same rows either way

@@ -44,7 +44,9 @@ batch ``B``:
   row_bytes / footprint_base_bytes)``: random rows spread over a bigger table find fewer
   open DRAM pages and miss the TLB more, so rows matter even when they leave ``U`` alone.
 * **Forward streams** at ``hbm_bw x stream_efficiency``: the pooled output write
-  ``B x sum(w) x 4`` bytes and the index read ``L x 8`` bytes.
+  ``B x sum(w) x 4`` bytes and the index read ``L x 8`` bytes. A sequence table
+  (``pooled=False``, TorchRec's ``EmbeddingCollection``) writes one row per id, not per
+  sample: its output (and output gradient) is ``L x w x 4`` bytes.
 * **Backward gather of output gradients.** Each lookup reads its bag's gradient row
   (``row_bytes``) from the ``B x sum(w) x 4``-byte gradient of the device's pooled output.
   The fraction of that gradient that fits the usable L2 is read at L2 rates, the rest at
@@ -303,7 +305,7 @@ def get_profile(profile: str | SimProfile) -> SimProfile:
 class _Shards:
     """The shards of a batch of loads as flat arrays (one entry per shard)."""
 
-    __slots__ = ("load", "width", "rows", "pooling", "hist", "num_loads")
+    __slots__ = ("load", "width", "rows", "pooling", "pooled", "hist", "num_loads")
 
     def __init__(self, loads: Sequence[Sequence[TableSpec]]):
         hist_index: dict[tuple[float, ...], int] = {}
@@ -311,6 +313,7 @@ class _Shards:
         width: list[int] = []
         rows: list[int] = []
         pooling: list[float] = []
+        pooled: list[bool] = []
         hist_ids: list[int] = []
         for i, load in enumerate(loads):
             for t in load:
@@ -318,6 +321,7 @@ class _Shards:
                 width.append(t.dim)
                 rows.append(t.rows)
                 pooling.append(t.pooling_factor)
+                pooled.append(t.pooled)
                 key = t.reuse_hist if isinstance(t.reuse_hist, tuple) else tuple(t.reuse_hist)
                 hist_ids.append(hist_index.setdefault(key, len(hist_index)))
         self.num_loads = len(loads)
@@ -325,6 +329,7 @@ class _Shards:
         self.width = np.asarray(width, dtype=float)
         self.rows = np.asarray(rows, dtype=float)
         self.pooling = np.asarray(pooling, dtype=float)
+        self.pooled = np.asarray(pooled, dtype=bool)
         if hist_index:
             table = np.asarray(list(hist_index), dtype=float).reshape(-1, NUM_HIST_BINS)
             sums = table.sum(axis=1, keepdims=True)
@@ -483,7 +488,8 @@ class SimBackend:
                                                     + l2_rows / prof.l2_bytes_per_ms))
         fwd_rate = sh.per_load(spread * hbm_rows / prof.hbm_rows_per_ms
                                + l2_rows / prof.l2_rows_per_ms)
-        out_bytes = batch * sh.width * BYTES_PER_FLOAT
+        # A pooled table writes one row per sample; a sequence table one row per id.
+        out_bytes = np.where(sh.pooled, batch, lookups) * sh.width * BYTES_PER_FLOAT
         index_bytes = lookups * prof.index_bytes
         fwd = self._smooth_max(fwd_bw, fwd_rate) + sh.per_load(out_bytes + index_bytes) / hbm_stream
 
