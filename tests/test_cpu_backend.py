@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -130,3 +131,15 @@ def test_summarize_median_and_spread():
     t = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert t.median_ms == 3.0 and t.repeats == 5
     assert np.isclose(t.spread, (4.0 - 2.0) / 3.0)
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "torch"])
+def test_sequence_tables_are_timed_beside_pooled_ones_and_updated(kernel):
+    timer = ComputeTimer("cpu", kernel=kernel, batch_size=256, warmups=1, repeats=3)
+    pooled = make_table("p", rows=2_000, dim=16, pooling_factor=8)
+    sequence = replace(make_table("s", rows=100, dim=8, pooling_factor=3), pooled=False)
+    timer._weights(2_000 * 16 + 100 * 8).fill_(0.0)
+    _ok(timer.measure([pooled, sequence]), 3)
+    # the sequence table's weights sit after the pooled table's, and its SGD step wrote them
+    assert timer._arena[2_000 * 16 : 2_000 * 16 + 800].abs().sum() > 0
+    assert timer.measure([sequence]).median_ms > 0

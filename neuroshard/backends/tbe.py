@@ -229,23 +229,24 @@ class ComputeTimer:
             self._arena = torch.zeros(numel, dtype=torch.float32, device=self.device)
         return self._arena[:numel]
 
-    def _grad(self, width: int) -> torch.Tensor:
-        """A ``(batch_size, width)`` output gradient; read-only, so every load shares one."""
-        numel = self.batch_size * width
+    def _grad(self, width: int, rows: int | None = None) -> torch.Tensor:
+        """A ``(rows, width)`` output gradient (default ``batch_size`` rows: one per bag);
+        read-only, so every load shares one."""
+        rows = self.batch_size if rows is None else rows
+        numel = rows * width
         if self._grad_arena.numel() < numel:
             self._loads.clear()
             self._grad_arena = torch.empty(0, dtype=torch.float32, device=self.device)
             self._grad_arena = torch.full((numel,), 1e-3, dtype=torch.float32, device=self.device)
-        return self._grad_arena[:numel].view(self.batch_size, width)
+        return self._grad_arena[:numel].view(rows, width)
 
     def _prepare(self, load: Sequence[TableSpec]) -> _Prepared:
-        key = tuple((int(t.rows), int(t.dim), _index_key(t)) for t in load)
+        key = tuple((int(t.rows), int(t.dim), bool(t.pooled), _index_key(t)) for t in load)
         prepared = self._loads.get(key)
         if prepared is None:
             started = time.perf_counter()
             batches = [self._batch(t) for t in load]
-            build = self._build_fbgemm if self.kernel == "fbgemm" else self._build_torch
-            prepared = build(load, batches)
+            prepared = self._build(load, batches)
             self._loads.put(key, prepared, prepared.nbytes)
             logger.debug(
                 "built %s load of %d shards in %.3f s",
@@ -254,6 +255,61 @@ class ComputeTimer:
                 time.perf_counter() - started,
             )
         return prepared
+
+    def _build(
+        self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
+    ) -> _Prepared:
+        """The pooled tables on the chosen kernel; sequence tables (one output row per id,
+        TorchRec's ``EmbeddingCollection``) beside them with torch's sparse ``Embedding``
+        and the same exact-SGD update, after the pooled tables' weights in the arena."""
+        build = self._build_fbgemm if self.kernel == "fbgemm" else self._build_torch
+        pooled = [i for i, t in enumerate(load) if t.pooled]
+        sequence = [i for i, t in enumerate(load) if not t.pooled]
+        if not sequence:
+            return build(load, batches)
+        pooled_numel = sum(int(load[i].rows) * int(load[i].dim) for i in pooled)
+        total = pooled_numel + sum(int(load[i].rows) * int(load[i].dim) for i in sequence)
+        self._weights(total)  # grow the arena once, before either part takes its slice
+        parts = (
+            [] if not pooled else [build([load[i] for i in pooled], [batches[i] for i in pooled])]
+        )
+        parts.append(
+            self._build_sequence(
+                [load[i] for i in sequence], [batches[i] for i in sequence], pooled_numel
+            )
+        )
+
+        def step() -> None:
+            for part in parts:
+                part.step()
+
+        return _Prepared(step, sum(p.nbytes for p in parts))
+
+    def _build_sequence(
+        self,
+        load: Sequence[TableSpec],
+        batches: list[tuple[np.ndarray, np.ndarray]],
+        offset: int,
+    ) -> _Prepared:
+        flat = self._weights(offset + sum(int(t.rows) * int(t.dim) for t in load))[offset:]
+        tables, inputs, grads = [], [], []
+        start = 0
+        for t, (idx, _) in zip(load, batches):
+            size = int(t.rows) * int(t.dim)
+            weight = flat[start : start + size].view(int(t.rows), int(t.dim))
+            start += size
+            tables.append(torch.nn.Embedding(int(t.rows), int(t.dim), sparse=True, _weight=weight))
+            inputs.append(torch.from_numpy(idx).to(self.device))
+            grads.append(self._grad(int(t.dim), rows=len(idx)))
+        optimizer = torch.optim.SGD([e.weight for e in tables], lr=LEARNING_RATE)
+
+        def step() -> None:
+            outs = [table(idx) for table, idx in zip(tables, inputs)]
+            torch.autograd.backward(outs, grads)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return _Prepared(step, sum(i.numel() * 8 for i in inputs))
 
     def _build_fbgemm(
         self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
