@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -906,6 +906,9 @@ def test_training_ranges_are_recorded_and_checked(tmp_path):
     assert loaded.out_of_range(inside) == []
     wide = Plan(inside.tables, inside.shards, Cluster.uniform(16, GB))
     assert loaded.out_of_range(wide) == ["devices 16 outside the model's training range [2, 8]"]
+    sequence = Plan((replace(inside.tables[0], pooled=False),), inside.shards, inside.cluster)
+    (line,) = loaded.out_of_range(sequence)
+    assert line.startswith("sequence tables (a) outside the model's training range")
 
 
 # --------------------------------------------------------------------------- item 3

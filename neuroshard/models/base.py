@@ -217,8 +217,10 @@ def check_compatible(
         if trained is None:
             diffs.append(f"batch size {meta.get('batch_size')} (model) vs {batch_size} (asked)")
         elif not trained[0] <= batch_size <= trained[1]:
-            diffs.append(f"batch size {batch_size} (asked) outside the model's training range "
-                         f"[{trained[0]:g}, {trained[1]:g}]")
+            diffs.append(
+                f"batch size {batch_size} (asked) outside the model's training range "
+                f"[{trained[0]:g}, {trained[1]:g}]"
+            )
     fingerprint = None
     if isinstance(backend, str):
         if meta.get("backend") != backend:
@@ -523,6 +525,13 @@ class CostModelBase:
             "batch_size": [plan.cluster.batch_size],
         }
         lines = []
+        sequence = sorted({t.name for t in plan.tables if not t.pooled})
+        if sequence:  # every model here was trained on pooled (EmbeddingBag) tables only
+            lines.append(
+                f"sequence tables ({', '.join(sequence[:5])}"
+                f"{', ...' if len(sequence) > 5 else ''}) outside the model's training range "
+                "(pooled tables only): their compute is priced as if pooled"
+            )
         for key, values in seen.items():
             if key not in ranges or not values:
                 continue
