@@ -6,7 +6,8 @@ folder and laid out as the installed package), each in its own process, costs ev
 by the sim backend, and prints per searcher how many plan costs are identical and the
 mean ratio of the current cost to the base cost. A refactor should print 1.000000.
 Revisions with the whole sharding space plan with no memory reserve and, for searchers
-that take constraints, table- and column-wise types only: the space both revisions have.
+that take constraints, table- and column-wise types only, NeuroShard without its bulk
+moves: the space and the column search both revisions have.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_equivalence.py --base 172ff92 \
         --device-counts 4,8 --tasks 100 --out bench/results/plan_equivalence.md
@@ -67,7 +68,11 @@ try:
         if columns is not None and ("constraints" in takes or any(
                 x.kind is x.VAR_KEYWORD for x in takes.values())):
             kw["constraints"] = columns
-        return Planner(searcher=name, seed=seed, **kw).plan(task, cluster)
+        searcher = name
+        if name == "neuroshard" and columns is not None:  # the paper's column search
+            searcher = get_searcher(name, bulk_moves=False)
+            searcher.__name__ = name
+        return Planner(searcher=searcher, seed=seed, **kw).plan(task, cluster)
 except ImportError:
     from neuroshard.costmodel import load_cost_model
     from neuroshard.planner import default_model_dir, plan_tables

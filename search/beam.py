@@ -79,7 +79,7 @@ def _widest(space: Space, i: int, layout: Layout) -> TableSpec:
 
 def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
            top_k: int = CANDIDATES_PER_KEY, space: Space | None = None,
-           constraints: Constraints | None = None) -> list[State]:
+           constraints: Constraints | None = None, bulk_moves: bool = True) -> list[State]:
     """Children of ``state``: one move of a large, costly or chatty table each (see the
     module doc), halvings first, each kind in table order. ``scorer`` needs a cluster
     unless ``space`` is given."""
@@ -88,7 +88,7 @@ def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
         if cluster is None:
             raise ValueError("expand needs a space or a scorer with a cluster")
         space = Space(tables, cluster, scorer, constraints)
-    return [child for child, _ in _children(state, space, top_k)]
+    return [child for child, _ in _children(state, space, top_k, bulk_moves)]
 
 
 def _children(state: State, space: Space, top_k: int,
@@ -144,7 +144,8 @@ def _children(state: State, space: Space, top_k: int,
     share = {i: space.comm_share(i) for i in movable}
     pick("data_parallel", (share,), top_k)
     pick("cache", (size, compute), top_k)
-    if bulk_moves:  # type moves only: the column search stays the paper's
+    if bulk_moves:
+        bulk("halve", compute)
         bulk("table_row_wise", size)
         bulk("data_parallel", share)
     return out
@@ -173,11 +174,13 @@ def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
 def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
                 seed: int = 0, width: int = 3, max_splits: int = 10,
                 top_k: int = CANDIDATES_PER_KEY, budget_s: float | None = None,
-                constraints: Constraints | None = None) -> Plan:
+                constraints: Constraints | None = None, bulk_moves: bool = True) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
     ``max_splits`` bounds the beam's steps (each step moves one table of a state: a split,
-    a type or a cache fraction). ``constraints`` restrict each table's types, kernels and
+    a type or a cache fraction; with ``bulk_moves`` also several tables at once: the
+    costliest halved, the largest to table-row-wise, the chattiest small ones to
+    data-parallel; without, the column search is the paper's). ``constraints`` restrict each table's types, kernels and
     devices (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError`
     when they cannot hold. ``budget_s`` (default None: no limit) bounds the search's own
     time. The start placement is always computed; before each beam step the step's time is
@@ -208,7 +211,7 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     for step in range(max_splits):
         candidates = []  # (parent rank, -compute of the moved shard, order), child
         for rank, state in enumerate(beam):
-            for child, compute_ms in _children(state, space, top_k):
+            for child, compute_ms in _children(state, space, top_k, bulk_moves):
                 if child not in seen:
                     seen.add(child)
                     candidates.append(((rank, -compute_ms, len(candidates)), child))

@@ -108,7 +108,7 @@ def test_expand_takes_largest_and_costliest_tables():
     cluster = make_cluster(4)
     state = initial_state(tables, cluster)
     children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster), top_k=2,
-                      constraints=COLUMNS_ONLY)
+                      constraints=COLUMNS_ONLY, bulk_moves=False)
     split = sorted(next(i for i, (c, s) in enumerate(zip(child, state)) if c != s)
                    for child in children)
     assert split == [0, 1, 10, 11]  # costliest: t0, t1 (pooling); largest: t11, t10 (rows)
@@ -120,7 +120,7 @@ def test_expand_skips_tables_that_cannot_be_halved():
     cluster = make_cluster(2)
     state = initial_state(tables, cluster)
     children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster),
-                      constraints=COLUMNS_ONLY)
+                      constraints=COLUMNS_ONLY, bulk_moves=False)
     assert [tuple(layout.widths for layout in child) for child in children] == [
         ((4,), (12,), (8, 8))]
 
