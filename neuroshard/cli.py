@@ -29,7 +29,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from neuroshard.types import (
+    DEFAULT_RESERVE_FRACTION,
     MAX_BATCH_SIZE,
+    OPTIMIZERS,
     BackendError,
     Cluster,
     ModelFileError,
@@ -289,6 +291,25 @@ def plan(
         help="Fail when the plan lies outside the model's training ranges (tables per device, "
         "rows, dims, pooling, devices, batch) instead of warning.",
     ),
+    reserve: float = typer.Option(
+        DEFAULT_RESERVE_FRACTION, "--reserve", min=0.0, max=0.99,
+        help="Share of each device's memory kept for what is not embeddings (dense part, "
+        "buffers); default 0.15, as TorchRec.",
+    ),
+    optimizer: str = typer.Option(
+        "sgd", "--optimizer",
+        help="sgd, rowwise_adagrad or adam: its state (none, a float per row, two per element) "
+        "counts in each shard's memory.",
+    ),
+    devices_per_host: int = typer.Option(
+        0, "--devices-per-host", min=0,
+        help="Devices per host (default: all on one host); shapes the collectives' cost.",
+    ),
+    host_memory: str | None = typer.Option(
+        None, "--host-memory",
+        help="Host memory (DDR) each device may use for fused_uvm_caching, e.g. 64GB, or one "
+        "per device; default none.",
+    ),
 ) -> None:
     """Plan TABLES on DEVICES devices.
 
@@ -325,7 +346,14 @@ def plan(
         from neuroshard.torchrec_adapter import match_tables
 
         match_tables(specs, user_model)  # names a table or module path the model lacks
-    cluster = Cluster(devices, parse_memory_list(memory, devices), batch_size)
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if devices_per_host and devices % devices_per_host:
+        raise UsageError(f"--devices-per-host {devices_per_host} must divide --devices {devices}")
+    cluster = Cluster(
+        devices, parse_memory_list(memory, devices), batch_size, devices_per_host,
+        tuple(parse_memory_list(host_memory, devices)) if host_memory else (),
+    )
 
     models: list[Any] = []
 
@@ -348,6 +376,8 @@ def plan(
         budget_s=time_budget,
         seed=seed,
         constraints=constraints if constraints.tables or constraints.colocate else None,
+        reserve=reserve,
+        optimizer=optimizer,
     )
     result = planner.plan(specs, cluster)
     cast(PlanCost, result.cost).check(result)

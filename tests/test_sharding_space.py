@@ -280,3 +280,30 @@ def test_space_round_trips_every_layout_through_plan_json():
         plan.sharding_type_of(n) for n in "abcd"]
     assert math.isclose(plan_cost(again, SIM).max_ms, plan_cost(plan, SIM).max_ms)
     assert placement.cost_ms == pytest.approx(plan_cost(plan, FakeEstimator()).max_ms)
+
+
+# --------------------------------------------------------------------------- the plan verb
+
+
+def test_plan_verb_takes_reserve_optimizer_hosts_and_host_memory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from neuroshard.cli import app
+    from neuroshard.plan_io import read_plan
+
+    config = tmp_path / "tables.json"
+    config.write_text(json.dumps([{"name": "big", "rows": 4_000_000, "dim": 4,
+                                   "pooling_factor": 10}]))
+    out = tmp_path / "plan.json"
+    args = ["plan", str(config), "-n", "4", "-m", "40MB", "--searcher", "greedy-grid",
+            "--out", str(out), "--reserve", "0.1", "--optimizer", "rowwise_adagrad",
+            "--devices-per-host", "2", "--host-memory", "1GB"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    plan = read_plan(out)
+    assert (plan.cluster.hbm_reserve_fraction, plan.cluster.optimizer) == (0.1, "rowwise_adagrad")
+    assert plan.cluster.num_hosts == 2 and plan.cluster.host_memory_per_device_bytes[0] == 1 << 30
+    result = CliRunner().invoke(app, args[:-8] + ["--optimizer", "lion"])
+    assert result.exit_code == 2 and "optimizer" in result.output
