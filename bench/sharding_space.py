@@ -4,19 +4,20 @@ TorchRec's full-space planner (issue 14).
     OMP_NUM_THREADS=1 .venv/bin/python bench/sharding_space.py --sizes 60x16,120x32,300x128 \
         --tasks 3 --budget 30 --out bench/results/sharding_space.md
 
-Tasks: ``n`` tables from the ``--split`` pool (drawn with replacement and renamed beyond its
-size) on ``d`` devices in hosts of ``--devices-per-host`` (8), HBM per device
-``min(total / d / --fill, --largest-share x the task's largest table)``: tight enough that
-the largest tables cannot be table-wise (the 15% reserve is taken from it, as TorchRec's
-default does, for every searcher), ``--host-memory`` of host memory per device for
-``fused_uvm_caching``, the sim profile's bandwidths (NVLink and NIC per direction) given to
-every searcher through the cluster. Every plan is costed by the sim backend (noise 0) on
-the cluster's topology.
+Tasks: ``n`` tables from the ``--split`` pool (drawn with replacement and renamed) on ``d``
+devices in hosts of ``--devices-per-host`` (8), HBM per device ``total / d / --fill``
+(the 15% reserve is taken from it, as TorchRec's default does, for every searcher); the
+``--giants`` largest tables are then grown in rows to ``--giant-size`` x a device's HBM
+(a synthetic choice: the pool has no table larger than 2 GB, production models have
+multi-terabyte ones), so that some tables cannot be table-wise; ``--host-memory`` of host
+memory per device for ``fused_uvm_caching``; the sim profile's bandwidths (NVLink and NIC
+per direction) given to every searcher through the cluster. Every plan is costed by the
+sim backend (noise 0) on the cluster's topology.
 
 Searchers, all through :class:`neuroshard.planner.Planner` with the same reserve:
 
 * ``neuroshard`` -- the default search (the beam over the whole space), ``--budget``
-  seconds, guided by the ``--estimator``: ``model`` is the shipped model the planner
+  seconds and at most ``--max-steps`` beam steps, guided by the ``--estimator``: ``model`` is the shipped model the planner
   picks for the cluster (its all-to-all was learned on one host; row-wise, table-row-wise
   and data-parallel collectives, ids and cache misses are priced analytically from the
   cluster's bandwidths), ``sim`` the sim backend itself (the truth as its guide: an upper
@@ -63,9 +64,12 @@ def make_task(pool: list[TableSpec], num_tables: int, num_devices: int,
     tables = [TableSpec(f"{pool[i].name}#{k}", pool[i].rows, pool[i].dim,
                         pool[i].pooling_factor, pool[i].reuse_hist)
               for k, i in enumerate(picks.tolist())]
-    total = sum(t.size_bytes for t in tables)
-    largest = max(t.size_bytes for t in tables)
-    memory = int(min(total / num_devices / args.fill, args.largest_share * largest))
+    memory = int(sum(t.size_bytes for t in tables) / num_devices / args.fill)
+    for i in sorted(range(num_tables), key=lambda j: -tables[j].size_bytes)[:args.giants]:
+        t = tables[i]
+        rows = int(args.giant_size * memory / (t.dim * 4))
+        tables[i] = TableSpec(f"{t.name}-giant", max(rows, t.rows), t.dim, t.pooling_factor,
+                              t.reuse_hist)
     prof = PROFILES[args.profile]
     cluster = Cluster.uniform(
         num_devices, memory, args.batch_size, devices_per_host=args.devices_per_host,
@@ -80,7 +84,7 @@ def run_one(name: str, tables: list[TableSpec], cluster: Cluster, truth: SimBack
     """Plan with one searcher; its sim cost, seconds and sharding types (or why not)."""
     if name == "neuroshard":
         estimator = truth if args.estimator == "sim" else None
-        searcher = get_searcher("neuroshard", polish_fraction=0.0)
+        searcher = get_searcher("neuroshard", polish_fraction=0.0, max_splits=args.max_steps)
         searcher.__name__ = "neuroshard"  # type: ignore[attr-defined]
         planner = Planner(estimator, searcher, budget_s=args.budget, seed=args.seed)
     else:
@@ -113,12 +117,15 @@ def main() -> None:
                    help="comma-separated TABLESxDEVICES")
     p.add_argument("--tasks", type=int, default=3, help="tasks per size")
     p.add_argument("--devices-per-host", type=int, default=8)
-    p.add_argument("--fill", type=float, default=0.7,
-                   help="task bytes / total HBM before the reserve (at most)")
-    p.add_argument("--largest-share", type=float, default=0.9,
-                   help="HBM per device at most this share of the largest table")
+    p.add_argument("--fill", type=float, default=0.5,
+                   help="drawn tables' bytes / total HBM before the reserve")
+    p.add_argument("--giants", type=int, default=2, help="tables grown past a device")
+    p.add_argument("--giant-size", type=float, default=2.0,
+                   help="a giant's bytes / a device's HBM")
     p.add_argument("--host-memory", type=float, default=64.0, help="GiB per device")
     p.add_argument("--budget", type=float, default=30.0, help="NeuroShard's seconds")
+    p.add_argument("--max-steps", type=int, default=10,
+                   help="NeuroShard's beam steps at most (the budget may stop it first)")
     p.add_argument("--estimator", choices=["model", "sim"], default="model")
     p.add_argument("--searchers", default=",".join(SEARCHERS))
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
@@ -185,7 +192,8 @@ def main() -> None:
              if args.estimator == "sim" else "the shipped model the planner picks per cluster")
     text = (f"Costs: sim/{args.profile} (noise 0) on each cluster's topology. NeuroShard's "
             f"guide: {guide}; budget {args.budget:g} s. Tasks from the {args.split} pool, "
-            f"seed {args.seed}, batch {args.batch_size}.\n\n" + "\n\n".join(sections))
+            f"seed {args.seed}, batch {args.batch_size}, at most {args.max_steps} beam steps.\n\n"
+            + "\n\n".join(sections))
     emit(text, args.out, title="The whole sharding space: NeuroShard, heuristics, TorchRec")
 
 

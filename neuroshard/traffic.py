@@ -292,6 +292,25 @@ def price(traffic: Traffic, speeds: LinkSpeeds) -> ExtraCosts:
     return ExtraCosts(fwd, bwd, inputs, host)
 
 
+def nic_alltoall_ms(dim_sums: np.ndarray, cluster: Cluster,
+                    speeds: LinkSpeeds = DEFAULT_SPEEDS) -> np.ndarray:
+    """The inter-host part of the pooled all-to-all alone, per device ``(..., N)``: the
+    larger of what a device sends to and receives from other hosts (``B / N`` samples of
+    its peers' dim sums, 4 bytes a value) over ``efficiency x`` the NIC's bandwidth (the
+    cluster's, else ``speeds``'); 0 on one host. A floor under an all-to-all model that
+    was trained on one host (see :func:`neuroshard.search.scoring.device_costs`)."""
+    dims = np.asarray(dim_sums, dtype=float)
+    n, g, h = cluster.num_devices, cluster.devices_per_host, cluster.num_hosts
+    if h == 1:
+        return np.zeros(dims.shape)
+    per_peer = cluster.batch_size / n * BYTES_PER_FLOAT * dims
+    host_sum = np.repeat(per_peer.reshape(*dims.shape[:-1], h, g).sum(axis=-1), g, axis=-1)
+    send = per_peer * (n - g)
+    recv = per_peer.sum(axis=-1, keepdims=True) - host_sum
+    bandwidth = speeds.for_cluster(cluster).inter_bytes_per_ms * speeds.efficiency
+    return np.maximum(send, recv) / bandwidth
+
+
 def analytic_extra_ms(traffic: Traffic, cluster: Cluster,
                       speeds: LinkSpeeds = DEFAULT_SPEEDS) -> ExtraCosts:
     """What ``traffic`` costs at the cluster's bandwidths (else ``speeds``'): the price

@@ -29,7 +29,9 @@ and enters the same formula:
   only what outlasts the device's compute + comm is added, to its forward comm.
 
 An estimator with ``for_cluster(cluster)`` is bound to the plan's cluster first (the sim
-takes its hosts and bandwidths). For a plan of table- and column-wise ``fused`` shards
+takes its hosts and bandwidths). On a cluster of several hosts the pooled all-to-all is
+never priced below the NIC's time for its inter-host part (:func:`nic_floor`): a learned
+all-to-all measured on one host would otherwise see NVLink everywhere. For a plan of table- and column-wise ``fused`` shards
 every extra term is 0 on one host (its input all-to-all hides behind the compute), so
 such plans cost exactly what they did before these types existed.
 
@@ -66,6 +68,7 @@ from neuroshard.traffic import (
     NUM_FIXED,
     analytic_extra_ms,
     finish,
+    nic_alltoall_ms,
     output_values,
     plan_traffic,
 )
@@ -112,11 +115,26 @@ def bind(estimator: CostEstimator, cluster: Cluster) -> tuple[CostEstimator, Ext
     return bound, lambda traffic: analytic_extra_ms(traffic, cluster)
 
 
+def nic_floor(estimator: CostEstimator, cluster: Cluster
+              ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """On a cluster of several hosts, the NIC's floor under the estimator's pooled
+    all-to-all (:func:`neuroshard.traffic.nic_alltoall_ms`); on one host None. A model
+    whose all-to-all was measured on one host would otherwise price traffic across hosts
+    at NVLink speed; an estimator that knows the hosts (the sim) already costs at least
+    this much, so the floor leaves it alone."""
+    if cluster.num_hosts == 1:
+        return None
+    return lambda dim_sums: nic_alltoall_ms(dim_sums, cluster)
+
+
 def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.ndarray,
-                 extra: ExtraCosts | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 extra: ExtraCosts | None, floor: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compute, backward and forward comm ``(batch, num_devices)`` of stacked plans with
     per-device estimator compute, all-to-all dim sums and extra costs (the module doc's
-    formula; ``extra`` None: the all-to-all alone)."""
+    formula; ``extra`` None: the all-to-all alone). ``floor``: per device, a time its
+    all-to-all cannot beat (:func:`nic_floor`); what the estimator's backward all-to-all
+    falls short of it is added to both directions."""
     if extra is None:
         bwd, fwd = _comm_ms(estimator, compute_ms, dim_sums)
         return compute_ms, bwd, fwd
@@ -127,7 +145,8 @@ def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.
         bwd = np.asarray(estimator.bwd_comm_ms(dim_sums), dtype=float)
     elif a2a.any():
         bwd[a2a] = np.asarray(estimator.bwd_comm_ms(dim_sums[a2a]), dtype=float)
-    bwd = bwd + extra.bwd_ms
+    short = np.maximum(floor - bwd, 0.0) if floor is not None else 0.0
+    bwd = bwd + short + extra.bwd_ms
     ready_ms = compute_ms + bwd
     waits_ms = ready_ms - ready_ms.min(axis=1, keepdims=True)
     if a2a.all():
@@ -137,7 +156,7 @@ def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.
         if a2a.any():
             fwd[a2a] = np.asarray(estimator.fwd_comm_ms(dim_sums[a2a], waits_ms[a2a]),
                                   dtype=float)
-    fwd = fwd + extra.fwd_ms
+    fwd = fwd + short + extra.fwd_ms
     exposed = np.maximum(extra.input_ms - (compute_ms + fwd + bwd), 0.0)
     return compute_ms, bwd, fwd + exposed
 
@@ -156,6 +175,7 @@ def alltoall_dim_sums(plan: Plan) -> list[float]:
 
 def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
     """Per-device compute, comm and memory of ``plan`` under ``estimator``."""
+    floor_of = nic_floor(estimator, plan.cluster)
     estimator, extra_ms = bind(estimator, plan.cluster)
     loads = plan.device_loads()
     busy = [i for i, load in enumerate(loads) if load]
@@ -164,7 +184,8 @@ def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
         compute[busy] = np.asarray(estimator.compute_ms([loads[i] for i in busy]), dtype=float)
     dim_sums = np.asarray([alltoall_dim_sums(plan)], dtype=float)
     extra = extra_ms(plan_traffic(plan))
-    compute, bwd, fwd = device_costs(estimator, compute[None], dim_sums, extra)
+    floor = floor_of(dim_sums) if floor_of is not None else None
+    compute, bwd, fwd = device_costs(estimator, compute[None], dim_sums, extra, floor)
     compute = compute[0]
     return PlanCost(
         model=estimator.name,
@@ -205,7 +226,9 @@ class Scorer:
                  cluster: Cluster | None = None):
         self.cluster = cluster
         self._extra: ExtraPricer | None = None
+        self._floor: Callable[[np.ndarray], np.ndarray] | None = None
         if cluster is not None:
+            self._floor = nic_floor(estimator, cluster)
             estimator, self._extra = bind(estimator, cluster)
         self.estimator = estimator
         self.additive = is_additive(estimator) if additive is None else bool(additive)
@@ -407,7 +430,8 @@ class Scorer:
         compute_ms = np.asarray(compute_ms, dtype=float)
         dim_sums = np.asarray(dim_sums, dtype=float)
         extra = self._extras(compute_ms.shape, lookups, host_link, fixed)
-        return device_costs(self.estimator, compute_ms, dim_sums, extra)
+        floor = self._floor(dim_sums) if self._floor is not None else None
+        return device_costs(self.estimator, compute_ms, dim_sums, extra, floor)
 
     def comm(self, compute_ms: np.ndarray, dim_sums: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:

@@ -307,3 +307,18 @@ def test_plan_verb_takes_reserve_optimizer_hosts_and_host_memory(tmp_path):
     assert plan.cluster.num_hosts == 2 and plan.cluster.host_memory_per_device_bytes[0] == 1 << 30
     result = CliRunner().invoke(app, args[:-8] + ["--optimizer", "lion"])
     assert result.exit_code == 2 and "optimizer" in result.output
+
+
+def test_an_all_to_all_across_hosts_is_never_cheaper_than_the_nic():
+    from neuroshard.traffic import nic_alltoall_ms
+
+    tables = make_tables(12, seed=3)
+    two = Cluster.uniform(4, 4 * GB, devices_per_host=2, inter_host_bw_bytes_per_ms=12.5e6)
+    plan = Planner(FakeEstimator(), "greedy-grid", reserve=0.0).plan(tables, make_cluster(4))
+    on_two = Plan(plan.tables, plan.shards, two)
+    floor = nic_alltoall_ms(np.asarray([alltoall_dim_sums(on_two)]), two)[0]
+    cost = plan_cost(on_two, FakeEstimator())
+    assert floor.max() > 0.5  # the fake's own all-to-all knows no hosts
+    assert all(d.bwd_comm_ms >= f for d, f in zip(cost.devices, floor))
+    one = plan_cost(plan, FakeEstimator())
+    assert one.max_ms < cost.max_ms
