@@ -59,9 +59,9 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         if not kwargs.pop("standalone_mode", True):
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]
         except typer.Abort:
             err.print("aborted")
             sys.exit(EXIT_INTERNAL)
@@ -292,21 +292,28 @@ def plan(
         "rows, dims, pooling, devices, batch) instead of warning.",
     ),
     reserve: float = typer.Option(
-        DEFAULT_RESERVE_FRACTION, "--reserve", min=0.0, max=0.99,
+        DEFAULT_RESERVE_FRACTION,
+        "--reserve",
+        min=0.0,
+        max=0.99,
         help="Share of each device's memory kept for what is not embeddings (dense part, "
         "buffers); default 0.15, as TorchRec.",
     ),
     optimizer: str = typer.Option(
-        "sgd", "--optimizer",
+        "sgd",
+        "--optimizer",
         help="sgd, rowwise_adagrad or adam: its state (none, a float per row, two per element) "
         "counts in each shard's memory.",
     ),
     devices_per_host: int = typer.Option(
-        0, "--devices-per-host", min=0,
+        0,
+        "--devices-per-host",
+        min=0,
         help="Devices per host (default: all on one host); shapes the collectives' cost.",
     ),
     host_memory: str | None = typer.Option(
-        None, "--host-memory",
+        None,
+        "--host-memory",
         help="Host memory (DDR) each device may use for fused_uvm_caching, e.g. 64GB, or one "
         "per device; default none.",
     ),
@@ -351,7 +358,10 @@ def plan(
     if devices_per_host and devices % devices_per_host:
         raise UsageError(f"--devices-per-host {devices_per_host} must divide --devices {devices}")
     cluster = Cluster(
-        devices, parse_memory_list(memory, devices), batch_size, devices_per_host,
+        devices,
+        parse_memory_list(memory, devices),
+        batch_size,
+        devices_per_host,
         tuple(parse_memory_list(host_memory, devices)) if host_memory else (),
     )
 

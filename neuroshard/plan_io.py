@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from neuroshard.atomic import write_text_atomic
 from neuroshard.paths import input_problem
@@ -80,14 +81,18 @@ def _table_to_dict(plan: Plan, t: TableSpec) -> dict[str, Any]:
         "dim": t.dim,
         "pooled": t.pooled,
         "pooling_factor": t.pooling_factor,
-        "features": [{"name": f.name, "pooling_factor": f.pooling_factor, "weighted": f.weighted}
-                     for f in t.feature_list],
+        "features": [
+            {"name": f.name, "pooling_factor": f.pooling_factor, "weighted": f.weighted}
+            for f in t.feature_list
+        ],
         "reuse_hist": list(t.reuse_hist),
         "sharding_type": plan.sharding_type_of(t.name),
         "compute_kernel": shards[0].compute_kernel if shards else "fused",
         "cache_fraction": shards[0].cache_fraction if shards else None,
-        "shards": [{"rows": list(s.rows or (0, t.rows)), "columns": [s.start, s.end],
-                    "device": s.device} for s in shards],
+        "shards": [
+            {"rows": list(s.rows or (0, t.rows)), "columns": [s.start, s.end], "device": s.device}
+            for s in shards
+        ],
     }
 
 
@@ -115,14 +120,18 @@ def write_plan(plan: Plan, path: str | Path) -> None:
 
 
 def read_plan(path: str | Path) -> Plan:
-    """Read and validate a plan file; every problem is a :class:`PlanFormatError` naming the file."""
+    """Read and validate a plan file; every problem is a :class:`PlanFormatError` naming
+    the file."""
     path = Path(path)
     problem = input_problem(path)
     if problem is not None:
         raise PlanFormatError(f"{path}: {problem}")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant,
-                         object_pairs_hook=unique_keys(str(path)))
+        doc = json.loads(
+            path.read_text(encoding="utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=unique_keys(str(path)),
+        )
     except TableSpecError as e:  # a key given twice
         raise PlanFormatError(str(e)) from None
     except FileNotFoundError:
@@ -131,7 +140,8 @@ def read_plan(path: str | Path) -> Plan:
         raise PlanFormatError(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise PlanFormatError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     except RecursionError:
         raise PlanFormatError(f"{path}: malformed JSON: nested too deeply") from None
     except ValueError as e:  # NaN / Infinity, or an integer of too many digits
@@ -154,8 +164,9 @@ def plan_from_dict(doc: Any) -> Plan:
         raise PlanFormatError("expected a JSON object")
     version = doc.get("format")
     if version not in (PLAN_FORMAT, PLAN_FORMAT_V1):
-        raise PlanFormatError(f"field 'format' must be {PLAN_FORMAT!r} or {PLAN_FORMAT_V1!r}, "
-                              f"got {version!r}")
+        raise PlanFormatError(
+            f"field 'format' must be {PLAN_FORMAT!r} or {PLAN_FORMAT_V1!r}, got {version!r}"
+        )
     v2 = version == PLAN_FORMAT
     cluster = _cluster_from_dict(doc, v2)
     records = doc.get("tables")
@@ -170,22 +181,27 @@ def plan_from_dict(doc: Any) -> Plan:
         shards.extend(_shards_from_dict(table, record, v2))
     cost = _cost_from_dict(doc["cost"]) if doc.get("cost") is not None else None
     if cost is not None and len(cost.devices) != cluster.num_devices:
-        raise PlanFormatError(f"field 'cost' has {len(cost.devices)} devices, the plan "
-                              f"{cluster.num_devices}")
-    meta = doc.get("meta") if isinstance(doc.get("meta"), Mapping) else {}
+        raise PlanFormatError(
+            f"field 'cost' has {len(cost.devices)} devices, the plan {cluster.num_devices}"
+        )
+    raw_meta = doc.get("meta")
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
     return Plan(tuple(tables), tuple(shards), cluster, cost, meta)
 
 
 def _cluster_from_dict(doc: Mapping[str, Any], v2: bool) -> Cluster:
     num_devices = _int(doc, "num_devices")
     if not 1 <= num_devices <= MAX_DEVICES:
-        raise PlanFormatError(f"field 'num_devices' must be between 1 and {MAX_DEVICES}, "
-                              f"got {num_devices}")
+        raise PlanFormatError(
+            f"field 'num_devices' must be between 1 and {MAX_DEVICES}, got {num_devices}"
+        )
     memory = _int_list(doc, "memory_per_device_bytes")
     extra: dict[str, Any] = {}
     if v2:
         extra["devices_per_host"] = _int(doc, "devices_per_host")
-        extra["host_memory_per_device_bytes"] = tuple(_int_list(doc, "host_memory_per_device_bytes"))
+        extra["host_memory_per_device_bytes"] = tuple(
+            _int_list(doc, "host_memory_per_device_bytes")
+        )
         for key in _BANDWIDTH_KEYS:
             if doc.get(key) is not None:
                 extra[key] = _number(doc, key)
@@ -208,35 +224,59 @@ def _shards_from_dict(table: TableSpec, record: Mapping[str, Any], v2: bool) -> 
     if v2:
         sharding_type = record.get("sharding_type")
         if sharding_type not in SHARDING_TYPES:
-            raise PlanFormatError(f"{where}: field 'sharding_type' must be one of "
-                                  f"{', '.join(SHARDING_TYPES)}, got {sharding_type!r}")
+            raise PlanFormatError(
+                f"{where}: field 'sharding_type' must be one of "
+                f"{', '.join(SHARDING_TYPES)}, got {sharding_type!r}"
+            )
         compute_kernel = record.get("compute_kernel")
         if compute_kernel not in COMPUTE_KERNELS:
-            raise PlanFormatError(f"{where}: field 'compute_kernel' must be one of "
-                                  f"{', '.join(COMPUTE_KERNELS)}, got {compute_kernel!r}")
+            raise PlanFormatError(
+                f"{where}: field 'compute_kernel' must be one of "
+                f"{', '.join(COMPUTE_KERNELS)}, got {compute_kernel!r}"
+            )
         cache_fraction = record.get("cache_fraction")
         if cache_fraction is not None and (
-                isinstance(cache_fraction, bool) or not isinstance(cache_fraction, (int, float))):
+            isinstance(cache_fraction, bool) or not isinstance(cache_fraction, (int, float))
+        ):
             raise PlanFormatError(f"{where}: field 'cache_fraction' must be a number or null")
     shards = []
     for s in raw:
         cols = s.get("columns") if isinstance(s, Mapping) else None
         device = s.get("device") if isinstance(s, Mapping) else None
         rows = s.get("rows", [0, table.rows]) if isinstance(s, Mapping) and v2 else None
-        if not (_is_range(cols) and _is_int(device) and (rows is None or _is_range(rows))):
+        if not (
+            isinstance(cols, list)
+            and _is_range(cols)
+            and isinstance(device, int)
+            and _is_int(device)
+            and (rows is None or _is_range(rows))
+        ):
             raise PlanFormatError(
                 f"{where}: each shard needs 'columns' [start, end], an integer 'device'"
-                + (" and 'rows' [start, end]" if v2 else ""))
+                + (" and 'rows' [start, end]" if v2 else "")
+            )
         full_rows = rows is None or tuple(rows) == (0, table.rows)
-        shards.append(Shard(table.name, cols[0], cols[1], device,
-                            rows=None if full_rows else (rows[0], rows[1]),
-                            sharding_type=sharding_type,
-                            compute_kernel=compute_kernel or "fused",
-                            cache_fraction=None if cache_fraction is None else float(cache_fraction)))
+        row_range = None if rows is None or full_rows else (int(rows[0]), int(rows[1]))
+        shards.append(
+            Shard(
+                table.name,
+                cols[0],
+                cols[1],
+                device,
+                rows=row_range,
+                sharding_type=sharding_type,
+                compute_kernel=compute_kernel or "fused",
+                cache_fraction=None if cache_fraction is None else float(cache_fraction),
+            )
+        )
     if sharding_type is not None and _inferred_type(shards, table) == sharding_type:
         # The type the shapes imply: keep the canonical (inferred) form, as v1 files read.
-        shards = [Shard(s.table, s.start, s.end, s.device, s.rows, None, s.compute_kernel,
-                        s.cache_fraction) for s in shards]
+        shards = [
+            Shard(
+                s.table, s.start, s.end, s.device, s.rows, None, s.compute_kernel, s.cache_fraction
+            )
+            for s in shards
+        ]
     return shards
 
 
@@ -270,13 +310,16 @@ def validate_plan(plan: Plan) -> None:
     if not problems:
         reserve = plan.cluster.hbm_reserve_fraction
         hbm = f"HBM (after a {reserve:.0%} reserve)" if reserve else "HBM"
-        caps = ((hbm, plan.memory_bytes(), plan.cluster.hbm_budget_bytes),
-                ("host memory", plan.host_memory_bytes(), plan.cluster.host_budget_bytes))
+        caps = (
+            (hbm, plan.memory_bytes(), plan.cluster.hbm_budget_bytes),
+            ("host memory", plan.host_memory_bytes(), plan.cluster.host_budget_bytes),
+        )
         for what, used_list, cap_list in caps:
             for device, (used, cap) in enumerate(zip(used_list, cap_list)):
                 if used > cap:
-                    problems.append(f"device {device}: {used} bytes of {what} used exceeds "
-                                    f"cap of {cap} bytes")
+                    problems.append(
+                        f"device {device}: {used} bytes of {what} used exceeds cap of {cap} bytes"
+                    )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise PlanFormatError("invalid plan: " + "; ".join(problems[:5]) + more)
@@ -295,14 +338,17 @@ def _table_problems(plan: Plan, t: TableSpec) -> list[str]:
     kernel, fraction = shards[0].compute_kernel, shards[0].cache_fraction
     if kernel == "fused_uvm_caching":
         if fraction is None or not (0.0 < fraction <= 1.0) or not math.isfinite(fraction):
-            problems.append(f"{where}: fused_uvm_caching needs a cache_fraction in (0, 1], "
-                            f"got {fraction}")
+            problems.append(
+                f"{where}: fused_uvm_caching needs a cache_fraction in (0, 1], got {fraction}"
+            )
     elif fraction is not None:
         problems.append(f"{where}: cache_fraction is only for fused_uvm_caching")
     for s in shards:
         if s.width <= 0 or s.width % DIM_MULTIPLE:
-            problems.append(f"{where}: shard columns [{s.start}, {s.end}) width must be a "
-                            f"positive multiple of {DIM_MULTIPLE}")
+            problems.append(
+                f"{where}: shard columns [{s.start}, {s.end}) width must be a "
+                f"positive multiple of {DIM_MULTIPLE}"
+            )
         lo, hi = s.rows or (0, t.rows)
         if not 0 <= lo < hi <= t.rows:
             problems.append(f"{where}: shard rows [{lo}, {hi}) outside [0, {t.rows})")
@@ -339,14 +385,18 @@ def _tiling_problems(where: str, shards: tuple[Shard, ...], t: TableSpec) -> lis
     cursor = 0
     for lo, hi in sorted(bands):
         if lo != cursor:
-            problems.append(f"{where}: rows [{min(lo, cursor)}, {max(lo, cursor)}) "
-                            + ("uncovered" if lo > cursor else "covered twice"))
+            problems.append(
+                f"{where}: rows [{min(lo, cursor)}, {max(lo, cursor)}) "
+                + ("uncovered" if lo > cursor else "covered twice")
+            )
         cursor = max(cursor, hi)
         col = 0
         for s in sorted(bands[(lo, hi)], key=lambda s: s.start):
             if s.start != col:
-                problems.append(f"{where}: columns [{min(col, s.start)}, {max(col, s.start)}) "
-                                + ("uncovered" if s.start > col else "covered twice"))
+                problems.append(
+                    f"{where}: columns [{min(col, s.start)}, {max(col, s.start)}) "
+                    + ("uncovered" if s.start > col else "covered twice")
+                )
             col = max(col, s.end)
         if col != t.dim:
             problems.append(f"{where}: shards end at column {col}, dim is {t.dim}")
@@ -365,7 +415,7 @@ def _is_range(value: Any) -> bool:
 
 def _int(doc: Mapping[str, Any], key: str) -> int:
     value = doc.get(key)
-    if not _is_int(value):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise PlanFormatError(f"field {key!r} must be an integer, got {value!r}")
     return value
 
@@ -389,8 +439,12 @@ def _cost_from_dict(doc: Any) -> PlanCost:
         cost = PlanCost(
             model=str(doc["model"]),
             devices=tuple(
-                DeviceCost(float(d["compute_ms"]), float(d["fwd_comm_ms"]),
-                           float(d["bwd_comm_ms"]), int(d["memory_bytes"]))
+                DeviceCost(
+                    float(d["compute_ms"]),
+                    float(d["fwd_comm_ms"]),
+                    float(d["bwd_comm_ms"]),
+                    int(d["memory_bytes"]),
+                )
                 for d in doc["devices"]
             ),
         )
@@ -402,8 +456,10 @@ def _cost_from_dict(doc: Any) -> PlanCost:
         for key in ("compute_ms", "fwd_comm_ms", "bwd_comm_ms"):
             ms = getattr(d, key)
             if not (math.isfinite(ms) and ms >= 0):
-                raise PlanFormatError(f"field 'cost': device {i} has {key} {ms}, not a "
-                                      "finite non-negative number of ms")
+                raise PlanFormatError(
+                    f"field 'cost': device {i} has {key} {ms}, not a "
+                    "finite non-negative number of ms"
+                )
         if d.memory_bytes < 0:
             raise PlanFormatError(f"field 'cost': device {i} has negative memory_bytes")
     return cost

@@ -250,7 +250,7 @@ def _torch_load(source: str) -> Any:
             ) from exc
         safe = [KeyedJaggedTensor, JaggedTensor]
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(safe):  # type: ignore[arg-type]
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, disallowed classes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -109,7 +109,7 @@ def report_from_files(
         raise NeuroShardError(f"a report compares at most {MAX_PLANS} plans, got {len(paths)}")
     if labels is not None and len(labels) != len(paths):
         raise NeuroShardError(f"{len(labels)} labels for {len(paths)} plans")
-    plans = [read_plan(p) for p in paths]
+    plans = [read_plan(Path(p)) for p in paths]
     if len(plans) == 2 and _table_shapes(plans[0]) != _table_shapes(plans[1]):
         logger.warning(
             "%s and %s plan different tables (names or shapes): their costs price different work",
@@ -280,7 +280,8 @@ def _require_matplotlib() -> None:
         ) from None
 
 
-def _default_labels(paths: Sequence[Path], plans: Sequence[Plan]) -> list[str]:
+def _default_labels(given: Sequence[str | os.PathLike], plans: Sequence[Plan]) -> list[str]:
+    paths = [Path(p) for p in given]
     names = [str(p.meta.get("searcher") or path.stem) for path, p in zip(paths, plans)]
     if len(set(names)) < len(names):  # two plans by one searcher: tell them apart by file
         names = [path.name for path in paths]

@@ -58,6 +58,7 @@ def load_table_config(path: str | Path) -> tuple[list[TableSpec], Constraints]:
     except OSError as e:
         raise TableSpecError(f"cannot read: {e.strerror}", source=source) from None
     suffix = path.suffix.lower()
+    records: Sequence[Mapping[str, Any]]
     if suffix == ".csv":
         records = _read_csv(text, source)
     elif suffix in (".yaml", ".yml"):

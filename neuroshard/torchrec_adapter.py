@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from neuroshard.types import (
     DIM_MULTIPLE,
     DLRM_REUSE_HIST,
     Cluster,
+    ComputeKernel,
     CostEstimator,
     ModelMismatchError,
     NeuroShardError,
@@ -50,6 +52,7 @@ from neuroshard.types import (
     TableSpec,
     TableSpecError,
 )
+from neuroshard.types import ShardingType as ShardingTypeName
 
 try:
     import torch
@@ -75,13 +78,12 @@ try:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "neuroshard.torchrec_adapter needs torch and torchrec: "
-        "pip install 'neuroshard[torchrec]'"
+        "neuroshard.torchrec_adapter needs torch and torchrec: pip install 'neuroshard[torchrec]'"
     ) from err
 
 logger = logging.getLogger(__name__)
 
-TableStats = Mapping[str, Union[TableSpec, Mapping[str, Any]]]
+TableStats = Mapping[str, TableSpec | Mapping[str, Any]]
 
 FUSED_KERNEL = "fused"
 
@@ -108,7 +110,8 @@ def embedding_modules(
     """Every :class:`EmbeddingBagCollection` and :class:`EmbeddingCollection` in ``module``,
     at any depth, by fully qualified path (``""`` when ``module`` is one itself)."""
     return {
-        path: sub for path, sub in module.named_modules()
+        path: sub
+        for path, sub in module.named_modules()
         if isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection))
     }
 
@@ -118,8 +121,11 @@ def embedding_bag_collections(module: nn.Module) -> dict[str, EmbeddingBagCollec
 
     The module itself, when it is an EBC, has the path ``""``.
     """
-    return {path: sub for path, sub in embedding_modules(module).items()
-            if isinstance(sub, EmbeddingBagCollection)}
+    return {
+        path: sub
+        for path, sub in embedding_modules(module).items()
+        if isinstance(sub, EmbeddingBagCollection)
+    }
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,9 @@ def module_tables(module: nn.Module) -> dict[str, ModuleTable]:
         if key in out:
             raise TableSpecError(
                 f"two tables of the model are both called {key!r} (modules {out[key].path!r} "
-                f"and {t.path!r})", table=key)
+                f"and {t.path!r})",
+                table=key,
+            )
         out[key] = ModuleTable(key, t.path, t.config, t.pooled, t.weighted)
     return out
 
@@ -207,8 +215,11 @@ def match_tables(specs: Sequence[TableSpec], module: nn.Module) -> dict[str, Mod
     matched = {spec.name: find_table(tables, spec) for spec in specs}
     covered = {t.key for t in matched.values() if t is not None}
     missing = [k for k in tables if k not in covered]
-    extra = [f"{spec.name} ({_unmatched_module(tables, spec)})" for spec in specs
-             if matched[spec.name] is None]
+    extra = [
+        f"{spec.name} ({_unmatched_module(tables, spec)})"
+        for spec in specs
+        if matched[spec.name] is None
+    ]
     if missing or extra:
         parts = []
         if missing:
@@ -224,8 +235,10 @@ def _unmatched_module(tables: Mapping[str, ModuleTable], spec: TableSpec) -> str
     model, or that module has no such table."""
     paths = sorted({t.path for t in tables.values()})
     if spec.module and spec.module not in paths:
-        return (f"module path {spec.module!r} is not an embedding module of the model "
-                f"(its embedding modules: {', '.join(repr(p) for p in paths)})")
+        return (
+            f"module path {spec.module!r} is not an embedding module of the model "
+            f"(its embedding modules: {', '.join(repr(p) for p in paths)})"
+        )
     return "not a table of the model"
 
 
@@ -237,20 +250,24 @@ def _check_shape(spec: TableSpec, config: BaseEmbeddingConfig, what: str) -> Non
     if spec.dim != config.embedding_dim:
         raise TableSpecError(
             f"{what} says dim {spec.dim}, the module's table is {config.embedding_dim} wide",
-            table=spec.name, field_name="dim",
+            table=spec.name,
+            field_name="dim",
         )
     if spec.rows != _rows(config):
         raise TableSpecError(
             f"{what} says {spec.rows} rows, the module's table has {_rows(config)}",
-            table=spec.name, field_name="rows",
+            table=spec.name,
+            field_name="rows",
         )
 
 
 def _check_columns(name: str, dim: int, shards: Sequence[Shard]) -> None:
     """Shards sorted by start must tile ``[0, dim)`` exactly once."""
     edges = [0] + [s.end for s in shards]
-    if any(s.start != edge or s.end <= s.start for s, edge in zip(shards, edges)) \
-            or edges[-1] != dim:
+    if (
+        any(s.start != edge or s.end <= s.start for s, edge in zip(shards, edges))
+        or edges[-1] != dim
+    ):
         raise PlanFormatError(
             f"table {name!r}: shards {[(x.start, x.end) for x in shards]} do not cover "
             f"columns [0, {dim}) exactly once"
@@ -270,22 +287,31 @@ def _placement(rank: int, device_type: str, local_world_size: int) -> str:
 _ROW_TYPES = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 
 
-def _row_group(spec: TableSpec, shards: Sequence[Shard], sharding_type: str,
-               cluster: Cluster) -> list[int]:
+def _row_group(
+    spec: TableSpec, shards: Sequence[Shard], sharding_type: str, cluster: Cluster
+) -> list[int]:
     """The ranks TorchRec spreads a row-wise (every rank) or table-row-wise (the ranks of
     one host) table over."""
     if sharding_type == ShardingType.ROW_WISE.value:
         return list(range(cluster.num_devices))
     hosts = {cluster.host_of(s.device) for s in shards}
     if len(hosts) != 1:
-        raise PlanFormatError(f"table {spec.name!r}: table_row_wise shards on hosts "
-                              f"{sorted(hosts)}, TorchRec keeps them on one")
+        raise PlanFormatError(
+            f"table {spec.name!r}: table_row_wise shards on hosts "
+            f"{sorted(hosts)}, TorchRec keeps them on one"
+        )
     return list(cluster.devices_of_host(hosts.pop()))
 
 
-def _row_sharding(spec: TableSpec, shards: Sequence[Shard], sharding_type: str,
-                  cluster: Cluster, device_type: str, local: int,
-                  compute_kernel: str | None) -> ParameterSharding:
+def _row_sharding(
+    spec: TableSpec,
+    shards: Sequence[Shard],
+    sharding_type: str,
+    cluster: Cluster,
+    device_type: str,
+    local: int,
+    compute_kernel: str | None,
+) -> ParameterSharding:
     """TorchRec's :class:`ParameterSharding` of a row-wise or table-row-wise table: one
     ``ShardMetadata`` per rank of its group with the row offset and count of its block
     (0 rows for ranks past the last block), as ``torchrec.distributed.sharding_plan``'s
@@ -294,33 +320,54 @@ def _row_sharding(spec: TableSpec, shards: Sequence[Shard], sharding_type: str,
     in order; other row splits are a :class:`PlanFormatError`."""
     group = _row_group(spec, shards, sharding_type, cluster)
     block = -(-spec.rows // len(group))
-    want = [(r, (lo, min(lo + block, spec.rows)))
-            for r, lo in zip(group, range(0, spec.rows, block), strict=False)]
+    want = [
+        (r, (lo, min(lo + block, spec.rows)))
+        for r, lo in zip(group, range(0, spec.rows, block), strict=False)
+    ]
     have = [(s.device, s.rows or (0, spec.rows)) for s in shards]
     if any((s.start, s.end) != (0, spec.dim) for s in shards) or have != want:
         raise PlanFormatError(
             f"table {spec.name!r}: {sharding_type} blocks {have} are not TorchRec's "
-            f"({want}: ceil(rows / {len(group)}) rows per rank of the group, in order)")
+            f"({want}: ceil(rows / {len(group)}) rows per rank of the group, in order)"
+        )
     metadata, offset = [], 0
     for r in group:
         count = next((hi - lo for d, (lo, hi) in have if d == r), 0)
-        metadata.append(ShardMetadata(shard_offsets=[offset, 0], shard_sizes=[count, spec.dim],
-                                      placement=_placement(r, device_type, local)))
+        metadata.append(
+            ShardMetadata(
+                shard_offsets=[offset, 0],
+                shard_sizes=[count, spec.dim],
+                placement=_placement(r, device_type, local),
+            )
+        )
         offset += count
     kernels = {s.compute_kernel for s in shards}
     if compute_kernel is None and len(kernels) > 1:
         raise PlanFormatError(f"table {spec.name!r}: shards on kernels {sorted(kernels)}")
     kernel = compute_kernel or kernels.pop()
     fractions = {s.cache_fraction for s in shards} - {None}
-    cache = (CacheParams(load_factor=fractions.pop())
-             if kernel == "fused_uvm_caching" and len(fractions) == 1 else None)
-    return ParameterSharding(sharding_type=sharding_type, compute_kernel=kernel, ranks=group,
-                             sharding_spec=EnumerableShardingSpec(metadata), cache_params=cache)
+    cache = (
+        CacheParams(load_factor=fractions.pop())
+        if kernel == "fused_uvm_caching" and len(fractions) == 1
+        else None
+    )
+    return ParameterSharding(
+        sharding_type=sharding_type,
+        compute_kernel=kernel,
+        ranks=group,
+        sharding_spec=EnumerableShardingSpec(metadata),
+        cache_params=cache,
+    )
 
 
-def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
-                     compute_kernel: str | None = None,
-                     local_world_size: int | None = None) -> ShardingPlan:
+def to_sharding_plan(
+    plan: Plan,
+    module: nn.Module,
+    *,
+    device_type: str = "cpu",
+    compute_kernel: str | None = None,
+    local_world_size: int | None = None,
+) -> ShardingPlan:
     """TorchRec :class:`ShardingPlan` placing ``module``'s tables as ``plan`` says.
 
     Tables are matched across every :class:`EmbeddingBagCollection` and
@@ -352,23 +399,27 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
         if sharding_type == ShardingType.DATA_PARALLEL.value:
             ranks = sorted(s.device for s in shards)
             if ranks != list(range(plan.cluster.num_devices)) or any(
-                    s.rows is not None or (s.start, s.end) != (0, spec.dim) for s in shards):
-                raise PlanFormatError(f"table {spec.name!r}: data_parallel needs one full "
-                                      f"replica on each of the {plan.cluster.num_devices} "
-                                      f"devices, the plan has {len(shards)} shards")
+                s.rows is not None or (s.start, s.end) != (0, spec.dim) for s in shards
+            ):
+                raise PlanFormatError(
+                    f"table {spec.name!r}: data_parallel needs one full "
+                    f"replica on each of the {plan.cluster.num_devices} "
+                    f"devices, the plan has {len(shards)} shards"
+                )
             # TorchRec replicates on its dense kernel, with no sharding spec
-            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = \
-                ParameterSharding(sharding_type=sharding_type, compute_kernel="dense",
-                                  ranks=ranks)
+            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = ParameterSharding(
+                sharding_type=sharding_type, compute_kernel="dense", ranks=ranks
+            )
             continue
         if sharding_type in _ROW_TYPES:
-            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = \
-                _row_sharding(spec, shards, sharding_type, plan.cluster, device_type, local,
-                              compute_kernel)
+            modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = _row_sharding(
+                spec, shards, sharding_type, plan.cluster, device_type, local, compute_kernel
+            )
             continue
         if sharding_type not in (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value):
-            raise PlanFormatError(f"table {spec.name!r}: {sharding_type} plans are not exported "
-                                  "to TorchRec yet")
+            raise PlanFormatError(
+                f"table {spec.name!r}: {sharding_type} plans are not exported to TorchRec yet"
+            )
         _check_columns(spec.name, spec.dim, shards)
         for s in shards:
             if not 0 <= s.device < plan.cluster.num_devices:
@@ -399,8 +450,11 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
             raise PlanFormatError(f"table {spec.name!r}: shards on kernels {sorted(kernels)}")
         kernel = compute_kernel or kernels.pop()
         fractions = {s.cache_fraction for s in shards} - {None}
-        cache = (CacheParams(load_factor=fractions.pop())
-                 if kernel == "fused_uvm_caching" and len(fractions) == 1 else None)
+        cache = (
+            CacheParams(load_factor=fractions.pop())
+            if kernel == "fused_uvm_caching" and len(fractions) == 1
+            else None
+        )
         modules.setdefault(path, EmbeddingModuleShardingPlan())[found.name] = ParameterSharding(
             sharding_type=sharding_type,
             compute_kernel=kernel,
@@ -414,8 +468,15 @@ def to_sharding_plan(plan: Plan, module: nn.Module, *, device_type: str = "cpu",
 def meta_ebc(tables: Sequence[TableSpec]) -> EmbeddingBagCollection:
     """An :class:`EmbeddingBagCollection` with ``tables``' shapes on the meta device (no memory)."""
     return EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim,
-                                   feature_names=[f"{t.name}__feature"]) for t in tables],
+        tables=[
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=t.rows,
+                embedding_dim=t.dim,
+                feature_names=[f"{t.name}__feature"],
+            )
+            for t in tables
+        ],
         device=torch.device("meta"),
     )
 
@@ -448,8 +509,12 @@ def check_torchrec_names(tables: Sequence[TableSpec], module_path: str = "") -> 
             bad.append(f"{t.name!r} {problem}")
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise TableSpecError("table names TorchRec cannot use: " + "; ".join(bad[:3]) + more
-                             + "; rename them to export a TorchRec plan")
+        raise TableSpecError(
+            "table names TorchRec cannot use: "
+            + "; ".join(bad[:3])
+            + more
+            + "; rename them to export a TorchRec plan"
+        )
 
 
 def meta_model(tables: Sequence[TableSpec], module_path: str = "") -> nn.Module:
@@ -462,8 +527,10 @@ def meta_model(tables: Sequence[TableSpec], module_path: str = "") -> nn.Module:
         by_path.setdefault(t.module or module_path, []).append(t)
     for path in by_path:
         if path and not all(part.isidentifier() for part in path.split(".")):
-            raise PlanFormatError(f"module path {path!r} is not a dotted attribute path "
-                                  "(like sparse_arch.embedding_bag_collection)")
+            raise PlanFormatError(
+                f"module path {path!r} is not a dotted attribute path "
+                "(like sparse_arch.embedding_bag_collection)"
+            )
 
     def local(path: str, t: TableSpec) -> TableSpec:
         short = t.name.removeprefix(f"{path}.") if path and t.module == path else t.name
@@ -472,8 +539,10 @@ def meta_model(tables: Sequence[TableSpec], module_path: str = "") -> nn.Module:
     if list(by_path) == [""]:
         return meta_ebc(tables)
     if "" in by_path:
-        raise PlanFormatError("some tables have a module path and some none: pass "
-                              "--module-path or the model (--model-factory)")
+        raise PlanFormatError(
+            "some tables have a module path and some none: pass "
+            "--module-path or the model (--model-factory)"
+        )
     root = nn.Module()
     for path in sorted(by_path, key=lambda p: p.count(".")):
         *parents, leaf = path.split(".")
@@ -483,15 +552,22 @@ def meta_model(tables: Sequence[TableSpec], module_path: str = "") -> nn.Module:
                 holder.add_module(part, nn.Module())
             holder = getattr(holder, part)
             if isinstance(holder, EmbeddingBagCollection):
-                raise PlanFormatError(f"module path {path!r} lies inside another embedding "
-                                      "module of the plan")
+                raise PlanFormatError(
+                    f"module path {path!r} lies inside another embedding module of the plan"
+                )
         holder.add_module(leaf, meta_ebc([local(path, t) for t in by_path[path]]))
     return root
 
 
-def save_sharding_plan(plan: Plan, path: str | Path, *, module_path: str = "",
-                       device_type: str = "cpu", model: nn.Module | None = None,
-                       local_world_size: int | None = None) -> ShardingPlan:
+def save_sharding_plan(
+    plan: Plan,
+    path: str | Path,
+    *,
+    module_path: str = "",
+    device_type: str = "cpu",
+    model: nn.Module | None = None,
+    local_world_size: int | None = None,
+) -> ShardingPlan:
     """Write ``plan`` as a TorchRec :class:`ShardingPlan` with ``torch.save``.
 
     Keyed for ``model`` when given (module paths resolved against it, see
@@ -504,8 +580,9 @@ def save_sharding_plan(plan: Plan, path: str | Path, *, module_path: str = "",
     if model is None:
         check_torchrec_names(plan.tables, module_path)
     target = model if model is not None else meta_model(plan.tables, module_path)
-    sharding_plan = to_sharding_plan(plan, target, device_type=device_type,
-                                     local_world_size=local_world_size)
+    sharding_plan = to_sharding_plan(
+        plan, target, device_type=device_type, local_world_size=local_world_size
+    )
     try:
         atomic_write(path, lambda tmp: torch.save(sharding_plan, tmp))
     except OSError as e:
@@ -524,20 +601,28 @@ def model_from_factory(target: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as e:
-        raise NeuroShardError(f"model factory {target!r}: cannot import {module_name!r}: "
-                              f"{e}") from None
+        raise NeuroShardError(
+            f"model factory {target!r}: cannot import {module_name!r}: {e}"
+        ) from None
     except AttributeError:
-        raise NeuroShardError(f"model factory {target!r}: {module_name!r} has no {attr!r}") \
-            from None
+        raise NeuroShardError(
+            f"model factory {target!r}: {module_name!r} has no {attr!r}"
+        ) from None
     model = factory()
     if not isinstance(model, nn.Module):
-        raise NeuroShardError(f"model factory {target!r} returned a "
-                              f"{type(model).__name__}, not a torch.nn.Module")
+        raise NeuroShardError(
+            f"model factory {target!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
-def load_sharding_plan(path: str | Path, model: nn.Module, *, device_type: str | None = None,
-                       local_world_size: int | None = None) -> ShardingPlan:
+def load_sharding_plan(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    device_type: str | None = None,
+    local_world_size: int | None = None,
+) -> ShardingPlan:
     """The TorchRec :class:`ShardingPlan` of the plan JSON at ``path`` for ``model``, built
     here from the JSON (no unpickling).
 
@@ -551,13 +636,20 @@ def load_sharding_plan(path: str | Path, model: nn.Module, *, device_type: str |
     plan = read_plan(path)
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return to_sharding_plan(plan, model, device_type=device_type,
-                            local_world_size=local_world_size or plan.cluster.devices_per_host)
+    return to_sharding_plan(
+        plan,
+        model,
+        device_type=device_type,
+        local_world_size=local_world_size or plan.cluster.devices_per_host,
+    )
 
 
-def from_sharding_plan(sharding_plan: ShardingPlan, module: nn.Module,
-                       tables: Sequence[TableSpec] | None = None,
-                       cluster: Cluster | None = None) -> Plan:
+def from_sharding_plan(
+    sharding_plan: ShardingPlan,
+    module: nn.Module,
+    tables: Sequence[TableSpec] | None = None,
+    cluster: Cluster | None = None,
+) -> Plan:
     """Our :class:`Plan` for a TorchRec ``ShardingPlan`` of ``module``'s tables.
 
     ``tables`` supplies pooling factors and reuse histograms (and the table order); a
@@ -589,8 +681,9 @@ def from_sharding_plan(sharding_plan: ShardingPlan, module: nn.Module,
         for name, ps in module_plan.items():
             found = by_place.get((path, name))
             if found is None:
-                raise TableSpecError(f"module {path!r} of the sharding plan has it, "
-                                     "the module does not", table=name)
+                raise TableSpecError(
+                    f"module {path!r} of the sharding plan has it, the module does not", table=name
+                )
             shards[found.key] = _shards_of(found.key, found.config, ps)
 
     unplanned = [given[k].name for k in given if k not in shards]
@@ -621,19 +714,29 @@ def from_sharding_plan(sharding_plan: ShardingPlan, module: nn.Module,
             f"the sharding plan uses rank {num_devices - 1}, the cluster has "
             f"{cluster.num_devices} devices"
         )
-    return Plan(tables=tuple(specs), shards=all_shards, cluster=cluster,
-                meta={"source": "torchrec.ShardingPlan"})
+    return Plan(
+        tables=tuple(specs),
+        shards=all_shards,
+        cluster=cluster,
+        meta={"source": "torchrec.ShardingPlan"},
+    )
 
 
-_KERNELS = {"fused": "fused", "fused_uvm_caching": "fused_uvm_caching", "dense": "dense"}
+_KERNELS: dict[str, ComputeKernel] = {
+    "fused": "fused",
+    "fused_uvm_caching": "fused_uvm_caching",
+    "dense": "dense",
+}
 
 
 def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) -> list[Shard]:
     rows, dim = _rows(config), int(config.embedding_dim)
     kernel = _KERNELS.get(str(ps.compute_kernel))
     if kernel is None:
-        raise PlanFormatError(f"table {name!r}: compute kernel {ps.compute_kernel!r} has no "
-                              f"NeuroShard counterpart ({', '.join(_KERNELS)})")
+        raise PlanFormatError(
+            f"table {name!r}: compute kernel {ps.compute_kernel!r} has no "
+            f"NeuroShard counterpart ({', '.join(_KERNELS)})"
+        )
     fraction = None
     if kernel == "fused_uvm_caching":
         load = getattr(ps.cache_params, "load_factor", None) if ps.cache_params else None
@@ -641,8 +744,9 @@ def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) ->
     if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
         if not ps.ranks:
             raise PlanFormatError(f"table {name!r}: data_parallel without ranks")
-        return [Shard(name, 0, dim, int(r), None, "data_parallel", kernel, fraction)
-                for r in ps.ranks]
+        return [
+            Shard(name, 0, dim, int(r), None, "data_parallel", kernel, fraction) for r in ps.ranks
+        ]
     if ps.sharding_type in _ROW_TYPES:
         return _row_shards_of(name, rows, dim, ps, kernel, fraction)
     if ps.sharding_type not in _COLUMN_TYPES:
@@ -652,10 +756,13 @@ def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) ->
         )
     if kernel != "fused" or ps.sharding_type == ShardingType.TABLE_COLUMN_WISE.value:
         out = _shards_of(name, config, _as_fused_cw(ps))
-        kind = None if ps.sharding_type != ShardingType.TABLE_COLUMN_WISE.value or \
-            len(out) == 1 else "column_wise"
-        return [replace(s, sharding_type=kind, compute_kernel=kernel, cache_fraction=fraction)
-                for s in out]
+        kind: ShardingTypeName | None = None
+        if ps.sharding_type == ShardingType.TABLE_COLUMN_WISE.value and len(out) > 1:
+            kind = "column_wise"
+        return [
+            replace(s, sharding_type=kind, compute_kernel=kernel, cache_fraction=fraction)
+            for s in out
+        ]
     spec = ps.sharding_spec
     if spec is None:
         if ps.sharding_type != ShardingType.TABLE_WISE.value or not ps.ranks:
@@ -687,19 +794,30 @@ def _shards_of(name: str, config: BaseEmbeddingConfig, ps: ParameterSharding) ->
 
 def _as_fused_cw(ps: ParameterSharding) -> ParameterSharding:
     """``ps`` as a fused table- or column-wise sharding (for reading its shards)."""
-    kind = ShardingType.COLUMN_WISE.value if ps.sharding_type != ShardingType.TABLE_WISE.value \
+    kind = (
+        ShardingType.COLUMN_WISE.value
+        if ps.sharding_type != ShardingType.TABLE_WISE.value
         else ps.sharding_type
-    return ParameterSharding(sharding_type=kind, compute_kernel="fused", ranks=ps.ranks,
-                             sharding_spec=ps.sharding_spec)
+    )
+    return ParameterSharding(
+        sharding_type=kind, compute_kernel="fused", ranks=ps.ranks, sharding_spec=ps.sharding_spec
+    )
 
 
-def _row_shards_of(name: str, rows: int, dim: int, ps: ParameterSharding, kernel: str,
-                   fraction: float | None) -> list[Shard]:
+def _row_shards_of(
+    name: str,
+    rows: int,
+    dim: int,
+    ps: ParameterSharding,
+    kernel: ComputeKernel,
+    fraction: float | None,
+) -> list[Shard]:
     """The row blocks of a row-wise or table-row-wise ``ps`` (empty blocks left out)."""
     spec = ps.sharding_spec
     if not isinstance(spec, EnumerableShardingSpec):
-        raise PlanFormatError(f"table {name!r}: {ps.sharding_type} needs an enumerable "
-                              "sharding spec")
+        raise PlanFormatError(
+            f"table {name!r}: {ps.sharding_type} needs an enumerable sharding spec"
+        )
     out = []
     for i, md in enumerate(spec.shards):
         row_off, col_off = (int(x) for x in md.shard_offsets)
@@ -707,15 +825,18 @@ def _row_shards_of(name: str, rows: int, dim: int, ps: ParameterSharding, kernel
         if n_rows == 0:
             continue
         if col_off != 0 or width != dim:
-            raise PlanFormatError(f"table {name!r}: {ps.sharding_type} shard {i} holds "
-                                  f"columns [{col_off}, {col_off + width}) of {dim}")
+            raise PlanFormatError(
+                f"table {name!r}: {ps.sharding_type} shard {i} holds "
+                f"columns [{col_off}, {col_off + width}) of {dim}"
+            )
         rank = md.placement.rank() if md.placement is not None else None
         if rank is None:
             if not ps.ranks or i >= len(ps.ranks):
                 raise PlanFormatError(f"table {name!r}: shard {i} has no rank")
             rank = ps.ranks[i]
         block = None if (row_off, n_rows) == (0, rows) else (row_off, row_off + n_rows)
-        out.append(Shard(name, 0, dim, int(rank), block, ps.sharding_type, kernel, fraction))
+        kind = cast(ShardingTypeName, ps.sharding_type)  # one of _ROW_TYPES
+        out.append(Shard(name, 0, dim, int(rank), block, kind, kernel, fraction))
     out.sort(key=lambda s: s.rows[0] if s.rows else 0)
     return out
 
@@ -742,7 +863,7 @@ def copy_unsharded_weights(sharded: nn.Module, state_dict: Mapping[str, torch.Te
             for shard in target.local_shards():
                 r0, c0 = shard.metadata.shard_offsets
                 nr, nc = shard.metadata.shard_sizes
-                shard.tensor.copy_(full[r0:r0 + nr, c0:c0 + nc])
+                shard.tensor.copy_(full[r0 : r0 + nr, c0 : c0 + nc])
         else:
             target.copy_(full)
     return missing
@@ -767,9 +888,12 @@ def load_table_stats(source: TableStats | str | Path | None) -> dict[str, dict[s
     out = {}
     for name, entry in source.items():
         if isinstance(entry, TableSpec):
-            out[name] = {"pooling_factor": entry.pooling_factor,
-                         "reuse_hist": tuple(entry.reuse_hist),
-                         "rows": entry.rows, "dim": entry.dim}
+            out[name] = {
+                "pooling_factor": entry.pooling_factor,
+                "reuse_hist": tuple(entry.reuse_hist),
+                "rows": entry.rows,
+                "dim": entry.dim,
+            }
             if entry.features:
                 out[name]["features"] = entry.features
         else:
@@ -781,11 +905,14 @@ def _stats_entry(name: str, entry: Any, source: str | None) -> dict[str, Any]:
     """The keys ``entry`` gives, validated by :meth:`TableSpec.from_record` (a shape it
     lacks is filled with a placeholder for the check and left out of the result)."""
     if not isinstance(entry, Mapping):
-        raise TableSpecError(f"expected an object, got {type(entry).__name__}",
-                             source=source, table=name)
+        raise TableSpecError(
+            f"expected an object, got {type(entry).__name__}", source=source, table=name
+        )
     record: dict[str, Any] = {**entry, "name": name}
-    for key, alias, placeholder in (("rows", "num_embeddings", 1),
-                                    ("dim", "embedding_dim", DIM_MULTIPLE)):
+    for key, alias, placeholder in (
+        ("rows", "num_embeddings", 1),
+        ("dim", "embedding_dim", DIM_MULTIPLE),
+    ):
         if key not in record and alias not in record:
             record[key] = placeholder
     spec = TableSpec.from_record(record, source=source or "table statistics")
@@ -810,8 +937,9 @@ def _lookup(mapping: Mapping[str, Any] | None, table: ModuleTable) -> Any:
     return found if found is not None else mapping.get(table.name)
 
 
-def _constraint_pooling(table: ModuleTable, pc: ParameterConstraints,
-                        per_rank_batch_size: int | None) -> list[float] | None:
+def _constraint_pooling(
+    table: ModuleTable, pc: ParameterConstraints, per_rank_batch_size: int | None
+) -> list[float] | None:
     """Per-feature ids per sample from TorchRec's ``pooling_factors`` (x ``num_poolings``,
     x ``batch_sizes`` / per-rank batch), or None when the constraint leaves them default."""
     names = list(table.config.feature_names) or [table.name]
@@ -819,28 +947,44 @@ def _constraint_pooling(table: ModuleTable, pc: ParameterConstraints,
     if not given or (given == ParameterConstraints().pooling_factors and len(names) > 1):
         return None
     if len(given) != len(names):  # TorchRec sums whatever list it is given
-        logger.info("table %r: %d pooling factors for %d features; their sum %.4g is spread "
-                    "evenly over the features", table.key, len(given), len(names), sum(given))
+        logger.info(
+            "table %r: %d pooling factors for %d features; their sum %.4g is spread "
+            "evenly over the features",
+            table.key,
+            len(given),
+            len(names),
+            sum(given),
+        )
         given = [sum(given) / len(names)] * len(names)
     for what, factors in (("num_poolings", pc.num_poolings), ("batch_sizes", pc.batch_sizes)):
         if not factors:
             continue
         if len(factors) != len(names):
-            raise TableSpecError(f"ParameterConstraints.{what} has {len(factors)} entries for "
-                                 f"{len(names)} features", table=table.key, field_name=what)
+            raise TableSpecError(
+                f"ParameterConstraints.{what} has {len(factors)} entries for {len(names)} features",
+                table=table.key,
+                field_name=what,
+            )
         if what == "batch_sizes":
             if per_rank_batch_size is None:
-                logger.warning("table %r: ParameterConstraints.batch_sizes ignored: no batch "
-                               "size to compare them with", table.key)
+                logger.warning(
+                    "table %r: ParameterConstraints.batch_sizes ignored: no batch "
+                    "size to compare them with",
+                    table.key,
+                )
                 continue
             factors = [b / per_rank_batch_size for b in factors]
         given = [g * float(f) for g, f in zip(given, factors, strict=True)]
     return given
 
 
-def table_spec(table: ModuleTable, stats: Mapping[str, Any] | None = None,
-               constraint: ParameterConstraints | None = None, *,
-               per_rank_batch_size: int | None = None) -> TableSpec:
+def table_spec(
+    table: ModuleTable,
+    stats: Mapping[str, Any] | None = None,
+    constraint: ParameterConstraints | None = None,
+    *,
+    per_rank_batch_size: int | None = None,
+) -> TableSpec:
     """The :class:`TableSpec` of one module table, named by its key.
 
     Shape, module path, ``pooled`` (False for sequence tables) and feature names come from
@@ -853,8 +997,13 @@ def table_spec(table: ModuleTable, stats: Mapping[str, Any] | None = None,
     config = table.config
     for key, actual in (("rows", _rows(config)), ("dim", int(config.embedding_dim))):
         if key in stats and stats[key] != actual:
-            logger.warning("table %r: statistics say %s=%d, the module has %d; using the "
-                           "module's", table.key, key, stats[key], actual)
+            logger.warning(
+                "table %r: statistics say %s=%d, the module has %d; using the module's",
+                table.key,
+                key,
+                stats[key],
+                actual,
+            )
     names = list(config.feature_names) or [table.name]
     weighted = table.weighted or bool(constraint is not None and constraint.is_weighted)
     given = {f.name: f.pooling_factor for f in stats.get("features", ())}
@@ -862,18 +1011,31 @@ def table_spec(table: ModuleTable, stats: Mapping[str, Any] | None = None,
         pooling = [given[n] for n in names]
     elif "pooling_factor" in stats:
         if given:
-            logger.warning("table %r: statistics name features %s, the module %s; using the "
-                           "table's pooling factor", table.key, sorted(given), names)
+            logger.warning(
+                "table %r: statistics name features %s, the module %s; using the "
+                "table's pooling factor",
+                table.key,
+                sorted(given),
+                names,
+            )
         pooling = [float(stats["pooling_factor"]) / len(names)] * len(names)
     else:
-        from_constraint = None if constraint is None else _constraint_pooling(
-            table, constraint, per_rank_batch_size)
+        from_constraint = (
+            None
+            if constraint is None
+            else _constraint_pooling(table, constraint, per_rank_batch_size)
+        )
         pooling = from_constraint or [1.0] * len(names)
     record: dict[str, Any] = {
-        "name": table.key, "rows": _rows(config), "dim": int(config.embedding_dim),
-        "features": [{"name": n, "pooling_factor": pf, "weighted": weighted}
-                     for n, pf in zip(names, pooling, strict=True)],
-        "pooled": table.pooled, "module": table.path,
+        "name": table.key,
+        "rows": _rows(config),
+        "dim": int(config.embedding_dim),
+        "features": [
+            {"name": n, "pooling_factor": pf, "weighted": weighted}
+            for n, pf in zip(names, pooling, strict=True)
+        ],
+        "pooled": table.pooled,
+        "module": table.path,
     }
     if "pooling_factor" in stats and not (given and set(given) == set(names)):
         record["pooling_factor"] = float(stats["pooling_factor"])  # exact, not re-summed
@@ -887,16 +1049,24 @@ def default_spec(table: ModuleTable) -> TableSpec:
     return table_spec(table)
 
 
-def table_specs(module: nn.Module, table_stats: TableStats | str | Path | None = None,
-                constraints: Mapping[str, ParameterConstraints] | None = None, *,
-                per_rank_batch_size: int | None = None) -> list[TableSpec]:
+def table_specs(
+    module: nn.Module,
+    table_stats: TableStats | str | Path | None = None,
+    constraints: Mapping[str, ParameterConstraints] | None = None,
+    *,
+    per_rank_batch_size: int | None = None,
+) -> list[TableSpec]:
     """A :class:`TableSpec` per table of ``module``'s EBCs and ECs, in module order, named
     by key (:func:`module_tables`); see :func:`table_spec`. Statistics and constraints are
     found by key, else by the table's own name (TorchRec's constraints use that)."""
     stats = load_table_stats(table_stats)
     tables = module_tables(module)
-    specs = [table_spec(t, _lookup(stats, t), _lookup(constraints, t),
-                        per_rank_batch_size=per_rank_batch_size) for t in tables.values()]
+    specs = [
+        table_spec(
+            t, _lookup(stats, t), _lookup(constraints, t), per_rank_batch_size=per_rank_batch_size
+        )
+        for t in tables.values()
+    ]
     used = {k for t in tables.values() for k in (t.key, t.name)}
     unused = sorted(set(stats) - used)
     if unused:
@@ -907,8 +1077,9 @@ def table_specs(module: nn.Module, table_stats: TableStats | str | Path | None =
 # --------------------------------------------------------------------------- topology
 
 
-def topology_cluster(topology: Topology, batch_size: int = DEFAULT_BATCH_SIZE,
-                     memory_headroom: float = 0.0) -> Cluster:
+def topology_cluster(
+    topology: Topology, batch_size: int = DEFAULT_BATCH_SIZE, memory_headroom: float = 0.0
+) -> Cluster:
     """Our :class:`Cluster` for a TorchRec topology: HBM caps on accelerators (with each
     device's DDR as its host memory), DDR caps on CPU; ``local_world_size`` devices per
     host.
@@ -929,8 +1100,13 @@ def topology_cluster(topology: Topology, batch_size: int = DEFAULT_BATCH_SIZE,
     local = int(topology.local_world_size or topology.world_size)
     if topology.world_size % local:
         local = topology.world_size
-    return Cluster(topology.world_size, caps, batch_size, devices_per_host=local,
-                   host_memory_per_device_bytes=host)
+    return Cluster(
+        topology.world_size,
+        caps,
+        batch_size,
+        devices_per_host=local,
+        host_memory_per_device_bytes=host,
+    )
 
 
 def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology:
@@ -959,24 +1135,33 @@ def cluster_topology(cluster: Cluster, compute_device: str = "cuda") -> Topology
         world_size=cluster.num_devices,
         local_world_size=cluster.devices_per_host,
         **{f"{k}_bytes": max(v) for k, v in custom.items()},
-        additional_params={"custom_topology_data":
-                           CustomTopologyData(custom, cluster.num_devices)},
+        additional_params={"custom_topology_data": CustomTopologyData(custom, cluster.num_devices)},
     )
-    bandwidths = {k: v for k, v in (("intra_host_bw", cluster.intra_host_bw_bytes_per_ms),
-                                    ("inter_host_bw", cluster.inter_host_bw_bytes_per_ms))
-                  if v is not None}
+    bandwidths = {
+        k: v
+        for k, v in (
+            ("intra_host_bw", cluster.intra_host_bw_bytes_per_ms),
+            ("inter_host_bw", cluster.inter_host_bw_bytes_per_ms),
+        )
+        if v is not None
+    }
     if not bandwidths:
         return TopologyFactory.create_topology(
-            trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device))
+            trainer_config=trainer, kernel_config=KernelConfig(compute_device=compute_device)
+        )
     # the cluster's bandwidths (bytes per ms, TorchRec's unit too) instead of TorchRec's
     return TopologyFactory.create_topology(
-        trainer_config=trainer, hardware_config=HardwareConfig(**bandwidths),
-        kernel_config=KernelConfig(compute_device=compute_device,
-                                   use_hardware_based_bandwidth=True))
+        trainer_config=trainer,
+        hardware_config=HardwareConfig(**bandwidths),
+        kernel_config=KernelConfig(
+            compute_device=compute_device, use_hardware_based_bandwidth=True
+        ),
+    )
 
 
-def bind_batch_size(estimator: CostEstimator, per_rank_batch_size: int | None,
-                    world_size: int) -> CostEstimator:
+def bind_batch_size(
+    estimator: CostEstimator, per_rank_batch_size: int | None, world_size: int
+) -> CostEstimator:
     """``estimator`` at the global batch TorchRec's per-rank ``batch_size`` makes on
     ``world_size`` ranks (None: the model's own batch).
 
@@ -1000,12 +1185,16 @@ def bind_batch_size(estimator: CostEstimator, per_rank_batch_size: int | None,
         low, high = covered
         if low <= asked <= high:
             return estimator.for_batch(asked)  # type: ignore[attr-defined]
-        span = (f"global batches {int(low):,} to {int(high):,} (batch_size "
-                f"{math.ceil(low / world_size)} to {int(high // world_size)} per rank here)")
+        span = (
+            f"global batches {int(low):,} to {int(high):,} (batch_size "
+            f"{math.ceil(low / world_size)} to {int(high // world_size)} per rank here)"
+        )
     else:
-        per_rank = (f"batch_size={trained // world_size} per rank"
-                    if trained % world_size == 0 else
-                    f"no whole per-rank batch at {world_size} ranks")
+        per_rank = (
+            f"batch_size={trained // world_size} per rank"
+            if trained % world_size == 0
+            else f"no whole per-rank batch at {world_size} ranks"
+        )
         span = f"a global batch of {trained:,} only ({per_rank} here)"
     raise ModelMismatchError(
         f"batch_size={per_rank_batch_size} is per rank (TorchRec's convention): a global "
@@ -1067,17 +1256,26 @@ class NeuroShardEstimator(ShardEstimator):
     them and no all-to-all.
     """
 
-    def __init__(self, topology: Topology,
-                 constraints: Mapping[str, ParameterConstraints] | None = None,
-                 estimator: CostEstimator | None = None, *,
-                 table_stats: TableStats | str | Path | None = None,
-                 batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: Mapping[str, ParameterConstraints] | None = None,
+        estimator: CostEstimator | None = None,
+        *,
+        table_stats: TableStats | str | Path | None = None,
+        batch_size: int | None = None,
+    ) -> None:
         self.topology = topology
         self.constraints = constraints
         self.world_size = topology.world_size
-        self.estimator = bind_batch_size(estimator or resolve_cost_model(
-            num_devices=topology.world_size, compute_device=str(topology.compute_device)),
-            batch_size, self.world_size)
+        self.estimator = bind_batch_size(
+            estimator
+            or resolve_cost_model(
+                num_devices=topology.world_size, compute_device=str(topology.compute_device)
+            ),
+            batch_size,
+            self.world_size,
+        )
         self.batch_size = int(self.estimator.batch_size)
         self.table_stats = load_table_stats(table_stats)
         self._warned: set[str] = set()
@@ -1085,7 +1283,8 @@ class NeuroShardEstimator(ShardEstimator):
     def rate(self, *_: Any, **__: Any) -> float:
         raise NeuroShardError(
             "NeuroShardEstimator is a ShardEstimator, not a PerfModel: pass it to the "
-            f"enumerator, not as performance_model=: {ESTIMATOR_WIRING}")
+            f"enumerator, not as performance_model=: {ESTIMATOR_WIRING}"
+        )
 
     def _shard_table(self, option: ShardingOption, size: Sequence[int]) -> TableSpec:
         stats = self.table_stats.get(option.name, {})
@@ -1100,12 +1299,19 @@ class NeuroShardEstimator(ShardEstimator):
             pf = pf * rows / max(full_rows, 1)
         if option.sharding_type not in _COLUMN_TYPES and option.sharding_type not in self._warned:
             self._warned.add(option.sharding_type)
-            logger.info("NeuroShardEstimator: %s shards are approximated (models are trained "
-                        "on table- and column-wise placements)", option.sharding_type)
-        return TableSpec(name=option.name, rows=max(rows, 1), dim=width,
-                         pooling_factor=max(pf, 1e-6),
-                         reuse_hist=tuple(stats.get("reuse_hist", DLRM_REUSE_HIST)),
-                         pooled=option.is_pooled is not False)
+            logger.info(
+                "NeuroShardEstimator: %s shards are approximated (models are trained "
+                "on table- and column-wise placements)",
+                option.sharding_type,
+            )
+        return TableSpec(
+            name=option.name,
+            rows=max(rows, 1),
+            dim=width,
+            pooling_factor=max(pf, 1e-6),
+            reuse_hist=tuple(stats.get("reuse_hist", DLRM_REUSE_HIST)),
+            pooled=option.is_pooled is not False,
+        )
 
     def _kernel_extra_ms(self, option: ShardingOption, table: TableSpec) -> float:
         """Extra ms of ``option``'s kernel over fused HBM lookups for the shard ``table``."""
@@ -1119,33 +1325,45 @@ class NeuroShardEstimator(ShardEstimator):
             from neuroshard.traffic import uvm_host_bytes
 
             fraction = option.cache_load_factor
-            moved = uvm_host_bytes(table, UVM_CACHING_RATIO if fraction is None else fraction,
-                                   self.batch_size)
+            moved = uvm_host_bytes(
+                table, UVM_CACHING_RATIO if fraction is None else fraction, self.batch_size
+            )
             return moved / topo.hbm_to_ddr_mem_bw
         device = str(topo.compute_device)
-        bws = [kernel_bw_lookup(device, k, topo.hbm_mem_bw, topo.ddr_mem_bw,
-                                topo.hbm_to_ddr_mem_bw) for k in (kernel, FUSED_KERNEL)]
+        bws = [
+            kernel_bw_lookup(device, k, topo.hbm_mem_bw, topo.ddr_mem_bw, topo.hbm_to_ddr_mem_bw)
+            for k in (kernel, FUSED_KERNEL)
+        ]
         if bws[0] is None or bws[1] is None:
             raise NeuroShardError(
                 f"table {option.name!r}: NeuroShardEstimator has no bandwidth for kernel "
-                f"{kernel!r} on {device!r}; restrict compute_kernels in its constraints")
+                f"{kernel!r} on {device!r}; restrict compute_kernels in its constraints"
+            )
         moved = 3.0 * self.batch_size * table.pooling_factor * table.dim * BYTES_PER_FLOAT
         return max(moved * (1.0 / bws[0] - 1.0 / bws[1]), 0.0)
 
-    def estimate(self, sharding_options: list[ShardingOption],
-                 sharder_data_map: Any = None, sharder_map: Any = None) -> None:
+    def estimate(
+        self,
+        sharding_options: list[ShardingOption],
+        sharder_data_map: Any = None,
+        sharder_map: Any = None,
+    ) -> None:
         """Set ``shard.perf`` on every shard of ``sharding_options``, in place, in one batch
         (and ``shard.storage`` where no storage estimator has, see the class doc)."""
         for option in sharding_options:  # TorchRec's own batch must be the one priced
-            if option.batch_size * self.world_size != self.batch_size \
-                    and option.batch_size != self.batch_size // self.world_size:
+            if (
+                option.batch_size * self.world_size != self.batch_size
+                and option.batch_size != self.batch_size // self.world_size
+            ):
                 bind_batch_size(self.estimator, option.batch_size, self.world_size)
                 raise ModelMismatchError(
                     f"TorchRec's batch_size={option.batch_size} per rank, the estimator was "
                     f"built for {self.batch_size // self.world_size}: pass the same batch_size "
-                    "to NeuroShardEstimator, the enumerator and the planner")
-        pieces = [(o, sh, self._shard_table(o, sh.size))
-                  for o in sharding_options for sh in o.shards]
+                    "to NeuroShardEstimator, the enumerator and the planner"
+                )
+        pieces = [
+            (o, sh, self._shard_table(o, sh.size)) for o in sharding_options for sh in o.shards
+        ]
         if not pieces:
             return
         compute = np.asarray(self.estimator.compute_ms([[t] for _, _, t in pieces]), dtype=float)
@@ -1175,20 +1393,38 @@ class NeuroShardEstimator(ShardEstimator):
         if sharder_data_map is None:
             raise NeuroShardError(
                 "NeuroShardEstimator prices speed, not storage, and was called without "
-                f"TorchRec's sharder data to size the shards: {ESTIMATOR_WIRING}")
+                f"TorchRec's sharder data to size the shards: {ESTIMATOR_WIRING}"
+            )
         from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 
         EmbeddingStorageEstimator(self.topology, dict(self.constraints or {})).estimate(
-            bare, sharder_data_map)
+            bare, sharder_data_map
+        )
 
 
 __all__ = [
-    "ESTIMATOR_WIRING", "FWD_COMPUTE_SHARE", "ModuleTable", "NeuroShardEstimator",
-    "bind_batch_size", "cluster_topology", "copy_unsharded_weights",
-    "default_spec", "embedding_bag_collections", "embedding_modules", "find_table",
+    "ESTIMATOR_WIRING",
+    "FWD_COMPUTE_SHARE",
+    "ModuleTable",
+    "NeuroShardEstimator",
+    "bind_batch_size",
+    "cluster_topology",
+    "copy_unsharded_weights",
+    "default_spec",
+    "embedding_bag_collections",
+    "embedding_modules",
+    "find_table",
     "match_tables",
-    "from_sharding_plan", "load_sharding_plan", "load_table_stats", "meta_model",
+    "from_sharding_plan",
+    "load_sharding_plan",
+    "load_table_stats",
+    "meta_model",
     "model_from_factory",
-    "module_tables", "qualified_name", "save_sharding_plan",
-    "table_spec", "table_specs", "to_sharding_plan", "topology_cluster",
+    "module_tables",
+    "qualified_name",
+    "save_sharding_plan",
+    "table_spec",
+    "table_specs",
+    "to_sharding_plan",
+    "topology_cluster",
 ]

@@ -60,15 +60,25 @@ logger = logging.getLogger(__name__)
 # table_column_wise (column shards placed table-wise) is a column-wise plan to us; its
 # grid_shard, fused_uvm (no HBM cache) and key-value / virtual-table kernels have no
 # counterpart and are refused when nothing else is allowed.
-TORCHREC_TYPES = {"table_wise": "table_wise", "column_wise": "column_wise",
-                  "table_column_wise": "column_wise", "row_wise": "row_wise",
-                  "table_row_wise": "table_row_wise", "data_parallel": "data_parallel"}
+TORCHREC_TYPES = {
+    "table_wise": "table_wise",
+    "column_wise": "column_wise",
+    "table_column_wise": "column_wise",
+    "row_wise": "row_wise",
+    "table_row_wise": "table_row_wise",
+    "data_parallel": "data_parallel",
+}
 TORCHREC_KERNELS = {k: k for k in ("fused", "fused_uvm_caching", "dense")}
 
 # ParameterConstraints fields that only configure the kernel: copied into the table's
 # ParameterSharding as TorchRec's own planner does.
-_PASSED_THROUGH = ("cache_params", "enforce_hbm", "stochastic_rounding", "bounds_check_mode",
-                   "output_dtype")
+_PASSED_THROUGH = (
+    "cache_params",
+    "enforce_hbm",
+    "stochastic_rounding",
+    "bounds_check_mode",
+    "output_dtype",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +97,13 @@ class TableRules:
 def _describe(pc: ParameterConstraints | None, own: TableConstraint | None) -> str:
     parts = []
     if pc is not None:
-        for name in ("sharding_types", "compute_kernels", "min_partition", "cache_params",
-                     "enforce_hbm"):
+        for name in (
+            "sharding_types",
+            "compute_kernels",
+            "min_partition",
+            "cache_params",
+            "enforce_hbm",
+        ):
             value = getattr(pc, name)
             if value is not None:
                 parts.append(f"{name}={value!r}")
@@ -100,13 +115,20 @@ def _describe(pc: ParameterConstraints | None, own: TableConstraint | None) -> s
     return ", ".join(parts)
 
 
-def _offered(table: ModuleTable, module: nn.Module, sharders: Sequence[ModuleSharder[Any]],
-             compute_device: str) -> set[tuple[str, str]]:
+def _offered(
+    table: ModuleTable,
+    module: nn.Module,
+    sharders: Sequence[ModuleSharder[Any]],
+    compute_device: str,
+) -> set[tuple[str, str]]:
     """TorchRec (type, kernel) pairs the sharder for ``module`` offers on the device."""
     for sharder in sharders:
         if isinstance(module, sharder.module_type):
-            return {(t, k) for t in sharder.sharding_types(compute_device)
-                    for k in sharder.compute_kernels(t, compute_device)}
+            return {
+                (t, k)
+                for t in sharder.sharding_types(compute_device)
+                for k in sharder.compute_kernels(t, compute_device)
+            }
     raise NeuroShardError(
         f"no sharder for the {type(module).__name__} at {table.path!r} (table "
         f"{table.key!r}); pass one for it (e.g. torchrec's "
@@ -114,9 +136,14 @@ def _offered(table: ModuleTable, module: nn.Module, sharders: Sequence[ModuleSha
     )
 
 
-def table_rules(table: ModuleTable, module: nn.Module, sharders: Sequence[ModuleSharder[Any]],
-                compute_device: str, pc: ParameterConstraints | None,
-                own: TableConstraint | None) -> TableRules:
+def table_rules(
+    table: ModuleTable,
+    module: nn.Module,
+    sharders: Sequence[ModuleSharder[Any]],
+    compute_device: str,
+    pc: ParameterConstraints | None,
+    own: TableConstraint | None,
+) -> TableRules:
     """The rules of one table; :class:`ConstraintError` naming the table and the
     constraint when the constraints, the sharder and NeuroShard leave nothing allowed or
     ask for what NeuroShard cannot place."""
@@ -124,11 +151,15 @@ def table_rules(table: ModuleTable, module: nn.Module, sharders: Sequence[Module
     where = f"table {table.key!r}" + (f" ({asked})" if asked else "")
     if pc is not None:
         if pc.key_value_params is not None or pc.use_virtual_table:
-            raise ConstraintError(f"{where}: key-value and virtual tables are not placed by "
-                                  "NeuroShard; plan this table with TorchRec's planner")
+            raise ConstraintError(
+                f"{where}: key-value and virtual tables are not placed by "
+                "NeuroShard; plan this table with TorchRec's planner"
+            )
         if pc.device_group is not None and pc.device_group != compute_device:
-            raise ConstraintError(f"{where}: device_group={pc.device_group!r}, the topology's "
-                                  f"devices are {compute_device!r}")
+            raise ConstraintError(
+                f"{where}: device_group={pc.device_group!r}, the topology's "
+                f"devices are {compute_device!r}"
+            )
     offered = _offered(table, module, sharders, compute_device)
     pairs = set(offered)
     if pc is not None and pc.sharding_types:
@@ -136,15 +167,20 @@ def table_rules(table: ModuleTable, module: nn.Module, sharders: Sequence[Module
         if not pairs:
             raise ConstraintError(
                 f"{where}: the {type(module).__name__} sharder offers sharding types "
-                f"{sorted({t for t, _ in offered})} on {compute_device}")
+                f"{sorted({t for t, _ in offered})} on {compute_device}"
+            )
     if pc is not None and pc.compute_kernels:
         pairs = {(t, k) for t, k in pairs if k in pc.compute_kernels}
         if not pairs:
             raise ConstraintError(
                 f"{where}: the sharder offers no such kernel for the allowed sharding types "
-                f"on {compute_device} (it offers {sorted({k for _, k in offered})})")
-    ours = {(TORCHREC_TYPES[t], TORCHREC_KERNELS[k]) for t, k in pairs
-            if t in TORCHREC_TYPES and k in TORCHREC_KERNELS}
+                f"on {compute_device} (it offers {sorted({k for _, k in offered})})"
+            )
+    ours = {
+        (TORCHREC_TYPES[t], TORCHREC_KERNELS[k])
+        for t, k in pairs
+        if t in TORCHREC_TYPES and k in TORCHREC_KERNELS
+    }
     if own is not None:
         ours = {(t, k) for t, k in ours if own.allows_type(t) and own.allows_kernel(k)}
     if not ours:
@@ -152,12 +188,16 @@ def table_rules(table: ModuleTable, module: nn.Module, sharders: Sequence[Module
             f"{where}: NeuroShard places sharding types {sorted(set(TORCHREC_TYPES))} with "
             f"kernels {sorted(TORCHREC_KERNELS)} (and dense only data-parallel, as TorchRec); "
             f"these constraints allow only {sorted(pairs)}. Drop or widen the constraint, or "
-            "plan this table with TorchRec's planner")
-    dropped = {(t, k) for t, k in pairs
-               if t not in TORCHREC_TYPES or k not in TORCHREC_KERNELS}
+            "plan this table with TorchRec's planner"
+        )
+    dropped = {(t, k) for t, k in pairs if t not in TORCHREC_TYPES or k not in TORCHREC_KERNELS}
     if dropped and asked:
-        logger.info("%s: NeuroShard does not place %s; choosing among %s", where,
-                    sorted(dropped), sorted(ours))
+        logger.info(
+            "%s: NeuroShard does not place %s; choosing among %s",
+            where,
+            sorted(dropped),
+            sorted(ours),
+        )
     types = tuple(sorted({t for t, _ in ours}))
     kernels = tuple(sorted({k for _, k in ours}))
     cache_fraction = own.cache_fraction if own is not None else None
@@ -170,8 +210,9 @@ def table_rules(table: ModuleTable, module: nn.Module, sharders: Sequence[Module
         hosts=own.hosts if own is not None else (),
         cache_fraction=cache_fraction,
     )
-    return TableRules(table, frozenset(ours), constraint,
-                      pc.min_partition if pc is not None else None, asked)
+    return TableRules(
+        table, frozenset(ours), constraint, pc.min_partition if pc is not None else None, asked
+    )
 
 
 def check_plan(plan: Plan, rules: Mapping[str, TableRules]) -> None:
@@ -198,10 +239,16 @@ def check_plan(plan: Plan, rules: Mapping[str, TableRules]) -> None:
                 raise ConstraintError(
                     f"{where}: the plan splits it into column shards {narrow} wide, narrower "
                     f"than min_partition={rule.min_partition} (NeuroShard's searchers do not "
-                    "take min_partition: allow table_wise only, or drop min_partition)")
+                    "take min_partition: allow table_wise only, or drop min_partition)"
+                )
         if rule.asked:
-            logger.info("%s honoured: %s, kernel %s, on devices %s", where, kind,
-                        "/".join(sorted(kernels)), devices)
+            logger.info(
+                "%s honoured: %s, kernel %s, on devices %s",
+                where,
+                kind,
+                "/".join(sorted(kernels)),
+                devices,
+            )
 
 
 class NeuroShardPlanner(ShardingPlanner):
@@ -234,19 +281,22 @@ class NeuroShardPlanner(ShardingPlanner):
     After :meth:`plan`, ``last_plan`` holds the NeuroShard :class:`Plan` (with its cost).
     """
 
-    def __init__(self, topology: Topology, *,
-                 batch_size: int | None = None,
-                 constraints: Mapping[str, ParameterConstraints] | None = None,
-                 placement: Constraints | None = None,
-                 table_stats: TableStats | str | Path | None = None,
-                 searcher: str | Searcher = "neuroshard",
-                 estimator: CostEstimator | None = None,
-                 reserve: float = DEFAULT_RESERVE_FRACTION,
-                 budget_s: float | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        batch_size: int | None = None,
+        constraints: Mapping[str, ParameterConstraints] | None = None,
+        placement: Constraints | None = None,
+        table_stats: TableStats | str | Path | None = None,
+        searcher: str | Searcher = "neuroshard",
+        estimator: CostEstimator | None = None,
+        reserve: float = DEFAULT_RESERVE_FRACTION,
+        budget_s: float | None = None,
+        seed: int = 0,
+    ) -> None:
         if batch_size is not None and batch_size < 1:
-            raise NeuroShardError(f"batch_size must be a positive per-rank batch, got "
-                                  f"{batch_size}")
+            raise NeuroShardError(f"batch_size must be a positive per-rank batch, got {batch_size}")
         if not 0.0 <= reserve < 1.0:
             raise NeuroShardError(f"reserve must be a fraction in [0, 1), got {reserve}")
         self.topology = topology
@@ -268,12 +318,14 @@ class NeuroShardPlanner(ShardingPlanner):
     def cost_model(self) -> CostEstimator:
         """The estimator plans are priced with, checked against the batch asked."""
         if self.estimator is None:
-            self.estimator = resolve_cost_model(num_devices=self.topology.world_size,
-                                                compute_device=self.compute_device)
+            self.estimator = resolve_cost_model(
+                num_devices=self.topology.world_size, compute_device=self.compute_device
+            )
         return bind_batch_size(self.estimator, self.batch_size, self.topology.world_size)
 
-    def plan(self, module: nn.Module,
-             sharders: Sequence[ModuleSharder[nn.Module]] | None = None) -> ShardingPlan:
+    def plan(
+        self, module: nn.Module, sharders: Sequence[ModuleSharder[nn.Module]] | None = None
+    ) -> ShardingPlan:
         """The ShardingPlan of every embedding table in ``module`` (``sharders``: default
         TorchRec's, as ``DistributedModelParallel`` uses)."""
         if not sharders:
@@ -288,58 +340,84 @@ class NeuroShardPlanner(ShardingPlanner):
         specs, rules = [], {}
         for key, table in tables.items():
             pc = self.constraints.get(key, self.constraints.get(table.name))
-            specs.append(table_spec(table, self.table_stats.get(key,
-                                                                 self.table_stats.get(table.name)),
-                                    pc, per_rank_batch_size=cluster.per_rank_batch_size))
+            specs.append(
+                table_spec(
+                    table,
+                    self.table_stats.get(key, self.table_stats.get(table.name)),
+                    pc,
+                    per_rank_batch_size=cluster.per_rank_batch_size,
+                )
+            )
             own = self.placement.tables.get(key)
-            rules[key] = table_rules(table, modules[table.path], sharders, self.compute_device,
-                                     pc, own)
+            rules[key] = table_rules(
+                table, modules[table.path], sharders, self.compute_device, pc, own
+            )
         _unknown_keys(self.constraints, tables, "ParameterConstraints")
         _unknown_keys(self.placement.tables, tables, "placement constraints", by_name=False)
         constraints = Constraints(
-            tables={k: r.constraint for k, r in rules.items()
-                    if r.constraint != TableConstraint()},
-            colocate=self.placement.colocate)
+            tables={k: r.constraint for k, r in rules.items() if r.constraint != TableConstraint()},
+            colocate=self.placement.colocate,
+        )
         constraints.check(specs, cluster)
         search = get_searcher(self.searcher) if isinstance(self.searcher, str) else self.searcher
         if not _takes_constraints(search):  # checked after, by check_plan
-            logger.info("searcher %s takes no constraints: its plan is checked against them",
-                        getattr(search, "__name__", type(search).__name__))
-        planner = Planner(estimator, self.searcher, budget_s=self.budget_s, seed=self.seed,
-                          reserve=self.reserve,
-                          constraints=constraints if _takes_constraints(search) else None)
+            logger.info(
+                "searcher %s takes no constraints: its plan is checked against them",
+                getattr(search, "__name__", type(search).__name__),
+            )
+        planner = Planner(
+            estimator,
+            self.searcher,
+            budget_s=self.budget_s,
+            seed=self.seed,
+            reserve=self.reserve,
+            constraints=constraints if _takes_constraints(search) else None,
+        )
         plan = planner.plan(specs, cluster)
         check_plan(plan, rules)
         for group in constraints.colocate:
             devices = sorted({s.device for name in group for s in plan.shards_of(name)})
             if len(devices) != 1:
-                raise ConstraintError(f"tables {list(group)} must share a device; planned on "
-                                      f"devices {devices}")
+                raise ConstraintError(
+                    f"tables {list(group)} must share a device; planned on devices {devices}"
+                )
             logger.info("tables %s co-located on device %d, as asked", list(group), devices[0])
         self.last_plan = plan
         if plan.cost is not None:
-            logger.info("NeuroShard plan for %d tables in %d modules on %d devices: %.3f ms "
-                        "by %s", len(specs), len(modules), world, plan.cost.max_ms,
-                        plan.cost.model)
+            logger.info(
+                "NeuroShard plan for %d tables in %d modules on %d devices: %.3f ms by %s",
+                len(specs),
+                len(modules),
+                world,
+                plan.cost.max_ms,
+                plan.cost.model,
+            )
         sharding_plan = to_sharding_plan(
-            plan, module, device_type="cpu" if self.compute_device == "cpu" else "cuda",
+            plan,
+            module,
+            device_type="cpu" if self.compute_device == "cpu" else "cuda",
             local_world_size=self.topology.local_world_size,
         )
         return _pass_through(sharding_plan, tables, self.constraints)
 
-    def collective_plan(self, module: nn.Module,
-                        sharders: Sequence[ModuleSharder[nn.Module]] | None = None,
-                        pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Sequence[ModuleSharder[nn.Module]] | None = None,
+        pg: dist.ProcessGroup | None = None,
+    ) -> ShardingPlan:
         """Plan on rank 0 of ``pg`` (default: the world) and broadcast to every rank."""
         if not dist.is_initialized():
-            raise NeuroShardError("collective_plan needs an initialized process group; "
-                                  "use plan() in a single process")
+            raise NeuroShardError(
+                "collective_plan needs an initialized process group; use plan() in a single process"
+            )
         group = pg if pg is not None else dist.group.WORLD
         box: list[ShardingPlan | None] = [None]
         if dist.get_rank(group) == 0:
             box[0] = self.plan(module, sharders)
         if dist.get_world_size(group) > 1:
-            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            src = dist.get_global_rank(group, 0)  # type: ignore[arg-type]  # WORLD when None
+            dist.broadcast_object_list(box, src=src, group=group)
         if box[0] is None:
             raise NeuroShardError("rank 0 sent no sharding plan")
         return box[0]
@@ -354,18 +432,24 @@ def _takes_constraints(search: Searcher) -> bool:
     return "constraints" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _unknown_keys(given: Mapping[str, Any], tables: Mapping[str, ModuleTable], what: str, *,
-                  by_name: bool = True) -> None:
+def _unknown_keys(
+    given: Mapping[str, Any], tables: Mapping[str, ModuleTable], what: str, *, by_name: bool = True
+) -> None:
     known = set(tables) | ({t.name for t in tables.values()} if by_name else set())
     unknown = sorted(set(given) - known)
     if unknown:
-        raise ConstraintError(f"{what} name tables the model does not have: "
-                              f"{', '.join(map(repr, unknown))} (its tables: "
-                              f"{', '.join(map(repr, tables))})")
+        raise ConstraintError(
+            f"{what} name tables the model does not have: "
+            f"{', '.join(map(repr, unknown))} (its tables: "
+            f"{', '.join(map(repr, tables))})"
+        )
 
 
-def _pass_through(sharding_plan: ShardingPlan, tables: Mapping[str, ModuleTable],
-                  constraints: Mapping[str, ParameterConstraints]) -> ShardingPlan:
+def _pass_through(
+    sharding_plan: ShardingPlan,
+    tables: Mapping[str, ModuleTable],
+    constraints: Mapping[str, ParameterConstraints],
+) -> ShardingPlan:
     """Copy each constraint's kernel settings (:data:`_PASSED_THROUGH`) into its table's
     ParameterSharding, as TorchRec's planner does."""
     for key, table in tables.items():
@@ -375,5 +459,6 @@ def _pass_through(sharding_plan: ShardingPlan, tables: Mapping[str, ModuleTable]
         module_plan: Any = sharding_plan.plan[table.path]
         ps = module_plan[table.name]
         module_plan[table.name] = dataclasses.replace(
-            ps, **{f: getattr(pc, f) for f in _PASSED_THROUGH if getattr(pc, f) is not None})
+            ps, **{f: getattr(pc, f) for f in _PASSED_THROUGH if getattr(pc, f) is not None}
+        )
     return sharding_plan

@@ -19,17 +19,16 @@ Pluggable parts, each a small protocol with implementations behind a registry:
 
 from __future__ import annotations
 
+import difflib
 import math
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-import difflib
 from typing import (
     Any,
     Literal,
-    Mapping,
     NamedTuple,
     Protocol,
-    Sequence,
     get_args,
     runtime_checkable,
 )
@@ -47,8 +46,7 @@ MAX_BATCH_SIZE = 1 << 40  # global batch; anything above is a unit mistake
 MAX_NAME_LENGTH = 256
 HIST_TOLERANCE = 1e-3  # a reuse histogram may sum to 1 +- this; it is renormalised
 
-ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_row_wise",
-                       "data_parallel"]
+ShardingType = Literal["table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"]
 ComputeKernel = Literal["fused", "fused_uvm_caching", "dense"]
 SHARDING_TYPES: tuple[str, ...] = get_args(ShardingType)
 COMPUTE_KERNELS: tuple[str, ...] = get_args(ComputeKernel)
@@ -66,8 +64,23 @@ HIST_UPPER_EDGES: tuple[float, ...] = tuple(float(2**k) for k in range(16)) + (m
 # (shared/REFERENCE.md); the tail bins the reference rounds to 0.000 get a small mass so
 # the histogram sums to 1.
 DLRM_REUSE_HIST: tuple[float, ...] = (
-    0.473, 0.152, 0.139, 0.112, 0.072, 0.032, 0.011, 0.005, 0.002, 0.001,
-    0.0004, 0.0002, 0.0001, 0.00005, 0.00003, 0.00001, 0.00001,
+    0.473,
+    0.152,
+    0.139,
+    0.112,
+    0.072,
+    0.032,
+    0.011,
+    0.005,
+    0.002,
+    0.001,
+    0.0004,
+    0.0002,
+    0.0001,
+    0.00005,
+    0.00003,
+    0.00001,
+    0.00001,
 )
 _s = sum(DLRM_REUSE_HIST)
 DLRM_REUSE_HIST = tuple(x / _s for x in DLRM_REUSE_HIST)
@@ -90,8 +103,14 @@ class NeuroShardError(Exception):
 class TableSpecError(NeuroShardError, ValueError):
     """A table config is wrong. The message names the file, the table and the field."""
 
-    def __init__(self, message: str, *, source: str | None = None, table: str | None = None,
-                 field_name: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        table: str | None = None,
+        field_name: str | None = None,
+    ):
         where = ", ".join(
             part
             for part in (
@@ -167,8 +186,16 @@ class FeatureSpec:
     weighted: bool = False
 
 
-_TABLE_FIELDS = ("name", "rows", "dim", "pooling_factor", "reuse_hist", "features", "pooled",
-                 "module")
+_TABLE_FIELDS = (
+    "name",
+    "rows",
+    "dim",
+    "pooling_factor",
+    "reuse_hist",
+    "features",
+    "pooled",
+    "module",
+)
 _ALIASES = {"num_embeddings": "rows", "embedding_dim": "dim"}
 
 
@@ -193,8 +220,14 @@ class TableSpec:
     module: str = ""
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, source: str = "<tables>",
-                    index: int = 0, extra: Sequence[str] = ()) -> "TableSpec":
+    def from_record(
+        cls,
+        record: Mapping[str, Any],
+        *,
+        source: str = "<tables>",
+        index: int = 0,
+        extra: Sequence[str] = (),
+    ) -> TableSpec:
         """Validate one table record (a dict from JSON, CSV, YAML, the pool or TorchRec).
 
         The one validation every loader uses. Keys in ``extra`` are ignored (the caller
@@ -215,18 +248,19 @@ class TableSpec:
         """Memory of a column shard ``width`` wide."""
         return self.rows * width * BYTES_PER_FLOAT
 
-    def with_dim(self, dim: int) -> "TableSpec":
+    def with_dim(self, dim: int) -> TableSpec:
         """The same table at another width: a column shard's compute view, or an augmented copy."""
         return replace(self, dim=dim)
 
-    def shard_view(self, rows: tuple[int, int] | None, width: int) -> "TableSpec":
+    def shard_view(self, rows: tuple[int, int] | None, width: int) -> TableSpec:
         """The compute view of a shard: ``width`` columns of the rows ``[start, end)``
         (None: all rows). A row block takes its share of the ids in proportion to its rows."""
         if rows is None or (rows[0] == 0 and rows[1] == self.rows):
             return self.with_dim(width)
         count = rows[1] - rows[0]
-        return replace(self, rows=count, dim=width,
-                       pooling_factor=self.pooling_factor * count / self.rows)
+        return replace(
+            self, rows=count, dim=width, pooling_factor=self.pooling_factor * count / self.rows
+        )
 
     def feature_vector(self) -> tuple[float, ...]:
         """Raw feature vector in :data:`FEATURE_NAMES` order (17 reuse bins, dim, pooling, rows)."""
@@ -234,9 +268,13 @@ class TableSpec:
 
     def to_record(self) -> dict[str, Any]:
         """The table as a config record (``from_record`` reads it back to an equal spec)."""
-        record: dict[str, Any] = {"name": self.name, "rows": self.rows, "dim": self.dim,
-                                  "pooling_factor": self.pooling_factor,
-                                  "reuse_hist": list(self.reuse_hist)}
+        record: dict[str, Any] = {
+            "name": self.name,
+            "rows": self.rows,
+            "dim": self.dim,
+            "pooling_factor": self.pooling_factor,
+            "reuse_hist": list(self.reuse_hist),
+        }
         if self.features:
             record["features"] = [_feature_record(f) for f in self.features]
         if not self.pooled:
@@ -308,19 +346,23 @@ class Cluster:
                 f"for {self.num_devices} devices"
             )
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, "
-                             f"got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}"
+            )
         if not self.devices_per_host:
             object.__setattr__(self, "devices_per_host", self.num_devices)
         if self.devices_per_host < 1 or self.num_devices % self.devices_per_host:
-            raise ValueError(f"devices_per_host must divide num_devices ({self.num_devices}), "
-                             f"got {self.devices_per_host}")
+            raise ValueError(
+                f"devices_per_host must divide num_devices ({self.num_devices}), "
+                f"got {self.devices_per_host}"
+            )
         if not self.host_memory_per_device_bytes:
             object.__setattr__(self, "host_memory_per_device_bytes", (0,) * self.num_devices)
         if len(self.host_memory_per_device_bytes) != self.num_devices:
             raise ValueError(
                 f"host_memory_per_device_bytes has {len(self.host_memory_per_device_bytes)} "
-                f"entries for {self.num_devices} devices")
+                f"entries for {self.num_devices} devices"
+            )
         if min(self.memory_per_device_bytes) < 0 or min(self.host_memory_per_device_bytes) < 0:
             raise ValueError("memory caps must be >= 0 bytes")
         for bw in (self.intra_host_bw_bytes_per_ms, self.inter_host_bw_bytes_per_ms):
@@ -328,19 +370,34 @@ class Cluster:
                 raise ValueError(f"bandwidths must be positive and finite, got {bw}")
         if not 0.0 <= self.hbm_reserve_fraction < 1.0:
             raise ValueError(
-                f"hbm_reserve_fraction must be in [0, 1), got {self.hbm_reserve_fraction}")
+                f"hbm_reserve_fraction must be in [0, 1), got {self.hbm_reserve_fraction}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
 
     @classmethod
-    def uniform(cls, num_devices: int, memory_bytes: int,
-                batch_size: int = DEFAULT_BATCH_SIZE, *, devices_per_host: int = 0,
-                host_memory_bytes: int = 0, **options: Any) -> "Cluster":
+    def uniform(
+        cls,
+        num_devices: int,
+        memory_bytes: int,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        devices_per_host: int = 0,
+        host_memory_bytes: int = 0,
+        **options: Any,
+    ) -> Cluster:
         """``num_devices`` alike devices of ``memory_bytes`` HBM (and ``host_memory_bytes``);
         ``options`` are the other fields (bandwidths, reserve, optimizer)."""
-        return cls(num_devices, (int(memory_bytes),) * num_devices, batch_size,
-                   devices_per_host, (int(host_memory_bytes),) * num_devices, **options)
+        return cls(
+            num_devices,
+            (int(memory_bytes),) * num_devices,
+            batch_size,
+            devices_per_host,
+            (int(host_memory_bytes),) * num_devices,
+            **options,
+        )
 
     @property
     def num_hosts(self) -> int:
@@ -379,8 +436,9 @@ class Shard:
     (half-open; None: every row), with the table's sharding type and compute kernel.
 
     ``sharding_type`` None means inferred: ``table_wise`` when the table is one shard,
-    else ``column_wise`` (see :meth:`Plan.sharding_type_of`). ``cache_fraction`` is the share of the shard's rows
-    that ``fused_uvm_caching`` keeps in HBM (the rest lives in host memory).
+    else ``column_wise`` (see :meth:`Plan.sharding_type_of`). ``cache_fraction`` is the
+    share of the shard's rows that ``fused_uvm_caching`` keeps in HBM (the rest lives in
+    host memory).
     """
 
     table: str
@@ -402,18 +460,23 @@ class Shard:
     def hbm_bytes(self, table: TableSpec, optimizer: str = "sgd") -> int:
         """Weights and ``optimizer`` state this shard keeps in HBM (the cached share for
         ``fused_uvm_caching``)."""
-        return shard_hbm_bytes(self.row_count(table), self.width, self.compute_kernel,
-                               self.cache_fraction, optimizer)
+        return shard_hbm_bytes(
+            self.row_count(table), self.width, self.compute_kernel, self.cache_fraction, optimizer
+        )
 
     def host_bytes(self, table: TableSpec, optimizer: str = "sgd") -> int:
         """Weights and ``optimizer`` state this shard keeps in host memory (all of them for
         ``fused_uvm_caching``, none otherwise)."""
-        return shard_host_bytes(self.row_count(table), self.width, self.compute_kernel,
-                                optimizer)
+        return shard_host_bytes(self.row_count(table), self.width, self.compute_kernel, optimizer)
 
 
-def shard_hbm_bytes(rows: int, width: int, kernel: str = "fused",
-                    cache_fraction: float | None = None, optimizer: str = "sgd") -> int:
+def shard_hbm_bytes(
+    rows: int,
+    width: int,
+    kernel: str = "fused",
+    cache_fraction: float | None = None,
+    optimizer: str = "sgd",
+) -> int:
     """HBM footprint of a ``rows`` x ``width`` shard on ``kernel``: weights and optimizer
     state, or for ``fused_uvm_caching`` the ``cache_fraction`` of them that its HBM cache
     holds (TorchRec's storage estimate scales both by its caching ratio too)."""
@@ -423,8 +486,7 @@ def shard_hbm_bytes(rows: int, width: int, kernel: str = "fused",
     return full
 
 
-def shard_host_bytes(rows: int, width: int, kernel: str = "fused",
-                     optimizer: str = "sgd") -> int:
+def shard_host_bytes(rows: int, width: int, kernel: str = "fused", optimizer: str = "sgd") -> int:
     """Host-memory footprint of a shard: all of it for ``fused_uvm_caching``, else none."""
     if kernel == "fused_uvm_caching":
         return embedding_bytes(rows, width, optimizer)
@@ -455,20 +517,27 @@ class PlanCost:
         """Plan cost: max over devices of compute + backward comm + forward comm."""
         return max(d.total_ms for d in self.devices)
 
-    def check(self, plan: "Plan") -> "PlanCost":
+    def check(self, plan: Plan) -> PlanCost:
         """``self`` if every cost is a finite number of ms, none negative, and every device
         holding shards has a positive compute cost; :class:`InvalidCostError` naming the
         first bad device and value otherwise (never print such a cost as an answer)."""
         busy = {s.device for s in plan.shards}
         for i, d in enumerate(self.devices):
-            for what, ms in (("compute", d.compute_ms), ("forward comm", d.fwd_comm_ms),
-                             ("backward comm", d.bwd_comm_ms)):
+            for what, ms in (
+                ("compute", d.compute_ms),
+                ("forward comm", d.fwd_comm_ms),
+                ("backward comm", d.bwd_comm_ms),
+            ):
                 if not math.isfinite(ms) or ms < 0:
-                    raise InvalidCostError(f"{self.model} gave device {i} a {what} cost of "
-                                           f"{ms} ms, not a finite non-negative number")
+                    raise InvalidCostError(
+                        f"{self.model} gave device {i} a {what} cost of "
+                        f"{ms} ms, not a finite non-negative number"
+                    )
             if i in busy and not d.compute_ms > 0:
-                raise InvalidCostError(f"{self.model} gave device {i} a compute cost of "
-                                       f"{d.compute_ms} ms for its shards (not positive)")
+                raise InvalidCostError(
+                    f"{self.model} gave device {i} a compute cost of "
+                    f"{d.compute_ms} ms for its shards (not positive)"
+                )
         if not self.max_ms > 0:
             raise InvalidCostError(f"{self.model} gave the plan a cost of {self.max_ms} ms")
         return self
@@ -504,8 +573,12 @@ class Plan:
         raise KeyError(name)
 
     def shards_of(self, name: str) -> tuple[Shard, ...]:
-        return tuple(sorted((s for s in self.shards if s.table == name),
-                            key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device)))
+        return tuple(
+            sorted(
+                (s for s in self.shards if s.table == name),
+                key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device),
+            )
+        )
 
     def device_loads(self) -> list[list[TableSpec]]:
         """For each device, the compute view of its shards (see :meth:`TableSpec.shard_view`;
@@ -517,8 +590,9 @@ class Plan:
         for s in self.shards:
             table = by_name[s.table]
             if s.table in replicated:
-                view = replace(table, pooling_factor=table.pooling_factor
-                               / self.cluster.num_devices)
+                view = replace(
+                    table, pooling_factor=table.pooling_factor / self.cluster.num_devices
+                )
             else:
                 view = table.shard_view(s.rows, s.width)
             loads[s.device].append(view)
@@ -546,7 +620,7 @@ class Plan:
             sums[s.device] += s.width
         return sums
 
-    def with_cost(self, cost: PlanCost) -> "Plan":
+    def with_cost(self, cost: PlanCost) -> Plan:
         return replace(self, cost=cost)
 
 
@@ -609,49 +683,60 @@ class Constraints:
                 raise ConstraintError(f"{where}: constrained but not in the task")
             bad = [x for x in c.sharding_types if x not in SHARDING_TYPES]
             if bad:
-                raise ConstraintError(f"{where}: unknown sharding types {bad}; valid: "
-                                      f"{', '.join(SHARDING_TYPES)}")
+                raise ConstraintError(
+                    f"{where}: unknown sharding types {bad}; valid: {', '.join(SHARDING_TYPES)}"
+                )
             bad = [x for x in c.compute_kernels if x not in COMPUTE_KERNELS]
             if bad:
-                raise ConstraintError(f"{where}: unknown compute kernels {bad}; valid: "
-                                      f"{', '.join(COMPUTE_KERNELS)}")
-            bad = [d for d in c.devices if not 0 <= d < cluster.num_devices]
-            if bad:
-                raise ConstraintError(f"{where}: pinned to devices {bad}, the cluster has "
-                                      f"{cluster.num_devices}")
-            bad = [h for h in c.hosts if not 0 <= h < cluster.num_hosts]
-            if bad:
-                raise ConstraintError(f"{where}: pinned to hosts {bad}, the cluster has "
-                                      f"{cluster.num_hosts}")
+                raise ConstraintError(
+                    f"{where}: unknown compute kernels {bad}; valid: {', '.join(COMPUTE_KERNELS)}"
+                )
+            bad_devices = [d for d in c.devices if not 0 <= d < cluster.num_devices]
+            if bad_devices:
+                raise ConstraintError(
+                    f"{where}: pinned to devices {bad_devices}, the cluster has "
+                    f"{cluster.num_devices}"
+                )
+            bad_hosts = [h for h in c.hosts if not 0 <= h < cluster.num_hosts]
+            if bad_hosts:
+                raise ConstraintError(
+                    f"{where}: pinned to hosts {bad_hosts}, the cluster has {cluster.num_hosts}"
+                )
             if not c.allowed_devices(cluster):
-                raise ConstraintError(f"{where}: devices {list(c.devices)} and hosts "
-                                      f"{list(c.hosts)} leave no device")
+                raise ConstraintError(
+                    f"{where}: devices {list(c.devices)} and hosts {list(c.hosts)} leave no device"
+                )
             if c.cache_fraction is not None and not 0.0 < c.cache_fraction <= 1.0:
-                raise ConstraintError(f"{where}: cache_fraction must be in (0, 1], got "
-                                      f"{c.cache_fraction}")
+                raise ConstraintError(
+                    f"{where}: cache_fraction must be in (0, 1], got {c.cache_fraction}"
+                )
         seen: dict[str, int] = {}
         for i, group in enumerate(self.colocate):
             for name in group:
                 if name not in names:
-                    raise ConstraintError(f"co-location group {list(group)}: table {name!r} "
-                                          "is not in the task")
+                    raise ConstraintError(
+                        f"co-location group {list(group)}: table {name!r} is not in the task"
+                    )
                 if name in seen:
                     raise ConstraintError(f"table {name!r} is in two co-location groups")
                 seen[name] = i
                 if not self.of(name).allows_type("table_wise"):
                     raise ConstraintError(
                         f"table {name!r}: co-located tables are placed table-wise, but its "
-                        f"sharding types are {list(self.of(name).sharding_types)}")
+                        f"sharding types are {list(self.of(name).sharding_types)}"
+                    )
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _table_from_record(record: Mapping[str, Any], index: int, source: str,
-                       extra: frozenset[str]) -> TableSpec:
+def _table_from_record(
+    record: Mapping[str, Any], index: int, source: str, extra: frozenset[str]
+) -> TableSpec:
     if not isinstance(record, Mapping):
-        raise TableSpecError(f"entry {index} is {type(record).__name__}, expected an object",
-                             source=source)
+        raise TableSpecError(
+            f"entry {index} is {type(record).__name__}, expected an object", source=source
+        )
     label = _label(record, index)
     values: dict[str, Any] = {}
     for key, value in record.items():
@@ -662,40 +747,57 @@ def _table_from_record(record: Mapping[str, Any], index: int, source: str,
         if canon not in _TABLE_FIELDS:
             near = difflib.get_close_matches(canon, [*_TABLE_FIELDS, *_ALIASES, *extra], n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise TableSpecError(f"unknown field{hint}", source=source, table=label,
-                                 field_name=key)
+            raise TableSpecError(f"unknown field{hint}", source=source, table=label, field_name=key)
         if canon in values:
-            raise TableSpecError(f"given twice (as {key!r} and its alias)", source=source,
-                                 table=label, field_name=canon)
+            raise TableSpecError(
+                f"given twice (as {key!r} and its alias)",
+                source=source,
+                table=label,
+                field_name=canon,
+            )
         values[canon] = value
     for required in ("name", "rows", "dim"):
         if required not in values:
             raise TableSpecError("missing", source=source, table=label, field_name=required)
     name = values["name"]
     if not isinstance(name, str) or not name.strip():
-        raise TableSpecError("must be a non-empty string", source=source, table=label,
-                             field_name="name")
+        raise TableSpecError(
+            "must be a non-empty string", source=source, table=label, field_name="name"
+        )
     _check_name(name, source, name, "name")
     rows = _integer(values["rows"], source, name, "rows")
     dim = _integer(values["dim"], source, name, "dim")
     if not 0 < rows <= MAX_ROWS:
-        raise TableSpecError(f"must be between 1 and {MAX_ROWS}, got {rows}", source=source,
-                             table=name, field_name="rows")
+        raise TableSpecError(
+            f"must be between 1 and {MAX_ROWS}, got {rows}",
+            source=source,
+            table=name,
+            field_name="rows",
+        )
     if dim <= 0 or dim % DIM_MULTIPLE:
-        raise TableSpecError(f"must be a positive multiple of {DIM_MULTIPLE}, got {dim}",
-                             source=source, table=name, field_name="dim")
+        raise TableSpecError(
+            f"must be a positive multiple of {DIM_MULTIPLE}, got {dim}",
+            source=source,
+            table=name,
+            field_name="dim",
+        )
     if dim > MAX_DIM:
-        raise TableSpecError(f"must be at most {MAX_DIM}, got {dim}", source=source,
-                             table=name, field_name="dim")
+        raise TableSpecError(
+            f"must be at most {MAX_DIM}, got {dim}", source=source, table=name, field_name="dim"
+        )
     features = _features(values.get("features"), source, name)
     if "pooling_factor" in values:
         pooling = _pooling(values["pooling_factor"], source, name, "pooling_factor")
-        if features and not math.isclose(pooling, sum(f.pooling_factor for f in features),
-                                         rel_tol=1e-6):
+        if features and not math.isclose(
+            pooling, sum(f.pooling_factor for f in features), rel_tol=1e-6
+        ):
             raise TableSpecError(
                 f"is {pooling} but its features' pooling factors sum to "
-                f"{sum(f.pooling_factor for f in features)}", source=source, table=name,
-                field_name="pooling_factor")
+                f"{sum(f.pooling_factor for f in features)}",
+                source=source,
+                table=name,
+                field_name="pooling_factor",
+            )
     else:
         pooling = sum(f.pooling_factor for f in features) if features else 1.0
     if features == (FeatureSpec(name, pooling),):
@@ -704,14 +806,24 @@ def _table_from_record(record: Mapping[str, Any], index: int, source: str,
     reuse_hist = DLRM_REUSE_HIST if hist is None else _histogram(hist, source, name)
     pooled = values.get("pooled", True)
     if not isinstance(pooled, bool):
-        raise TableSpecError(f"must be true or false, got {pooled!r}", source=source,
-                             table=name, field_name="pooled")
+        raise TableSpecError(
+            f"must be true or false, got {pooled!r}", source=source, table=name, field_name="pooled"
+        )
     module = values.get("module", "")
     if not isinstance(module, str):
-        raise TableSpecError(f"must be a string, got {module!r}", source=source, table=name,
-                             field_name="module")
-    return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling,
-                     reuse_hist=reuse_hist, features=features, pooled=pooled, module=module)
+        raise TableSpecError(
+            f"must be a string, got {module!r}", source=source, table=name, field_name="module"
+        )
+    return TableSpec(
+        name=name,
+        rows=rows,
+        dim=dim,
+        pooling_factor=pooling,
+        reuse_hist=reuse_hist,
+        features=features,
+        pooled=pooled,
+        module=module,
+    )
 
 
 _LINE_BREAKING = ("Cc", "Zl", "Zp", "Cs")  # control characters, line breaks, lone surrogates
@@ -722,11 +834,19 @@ def _check_name(name: str, source: str, table: str, field_name: str) -> None:
     or lone surrogates, no surrounding spaces, at most :data:`MAX_NAME_LENGTH` characters.
     Export formats add their own rules (TorchRec's: ``check_torchrec_names``)."""
     if len(name) > MAX_NAME_LENGTH:
-        raise TableSpecError(f"longer than {MAX_NAME_LENGTH} characters", source=source,
-                             table=table[:40] + "...", field_name=field_name)
+        raise TableSpecError(
+            f"longer than {MAX_NAME_LENGTH} characters",
+            source=source,
+            table=table[:40] + "...",
+            field_name=field_name,
+        )
     if name != name.strip() or any(unicodedata.category(c) in _LINE_BREAKING for c in name):
-        raise TableSpecError(f"{name!r} has control characters or surrounding spaces",
-                             source=source, table=table, field_name=field_name)
+        raise TableSpecError(
+            f"{name!r} has control characters or surrounding spaces",
+            source=source,
+            table=table,
+            field_name=field_name,
+        )
 
 
 def _label(record: Mapping[str, Any], index: int) -> str:
@@ -736,24 +856,31 @@ def _label(record: Mapping[str, Any], index: int) -> str:
 
 def _number(value: Any, source: str, table: str, field_name: str) -> float:
     if isinstance(value, bool):
-        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table,
-                             field_name=field_name)
+        raise TableSpecError(
+            f"must be a number, got {value!r}", source=source, table=table, field_name=field_name
+        )
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise TableSpecError(f"must be a number, got {value!r}", source=source, table=table,
-                             field_name=field_name) from None
+        raise TableSpecError(
+            f"must be a number, got {value!r}", source=source, table=table, field_name=field_name
+        ) from None
     if not math.isfinite(number):
-        raise TableSpecError(f"must be finite, got {value!r}", source=source, table=table,
-                             field_name=field_name)
+        raise TableSpecError(
+            f"must be finite, got {value!r}", source=source, table=table, field_name=field_name
+        )
     return number
 
 
 def _integer(value: Any, source: str, table: str, field_name: str) -> int:
     number = _number(value, source, table, field_name)
     if number != int(number):
-        raise TableSpecError(f"must be a whole number, got {value!r}", source=source,
-                             table=table, field_name=field_name)
+        raise TableSpecError(
+            f"must be a whole number, got {value!r}",
+            source=source,
+            table=table,
+            field_name=field_name,
+        )
     if isinstance(value, int) and not isinstance(value, bool):
         return value  # exact, even past 2**53
     return int(number)
@@ -762,8 +889,12 @@ def _integer(value: Any, source: str, table: str, field_name: str) -> int:
 def _pooling(value: Any, source: str, table: str, field_name: str) -> float:
     pooling = _number(value, source, table, field_name)
     if not 0 < pooling <= MAX_POOLING_FACTOR:
-        raise TableSpecError(f"must be in (0, {MAX_POOLING_FACTOR:g}], got {pooling}",
-                             source=source, table=table, field_name=field_name)
+        raise TableSpecError(
+            f"must be in (0, {MAX_POOLING_FACTOR:g}], got {pooling}",
+            source=source,
+            table=table,
+            field_name=field_name,
+        )
     return pooling
 
 
@@ -771,47 +902,82 @@ def _features(value: Any, source: str, table: str) -> tuple[FeatureSpec, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise TableSpecError("must be a non-empty list of features", source=source,
-                             table=table, field_name="features")
+        raise TableSpecError(
+            "must be a non-empty list of features",
+            source=source,
+            table=table,
+            field_name="features",
+        )
     out = []
     for i, f in enumerate(value):
         if isinstance(f, str):
             f = {"name": f}
         if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) or not f["name"]:
-            raise TableSpecError(f"feature {i} needs a non-empty 'name'", source=source,
-                                 table=table, field_name="features")
+            raise TableSpecError(
+                f"feature {i} needs a non-empty 'name'",
+                source=source,
+                table=table,
+                field_name="features",
+            )
         _check_name(f["name"], source, table, "features")
         unknown = set(f) - {"name", "pooling_factor", "weighted"}
         if unknown:
-            raise TableSpecError(f"feature {f['name']!r} has unknown keys {sorted(unknown)}",
-                                 source=source, table=table, field_name="features")
+            raise TableSpecError(
+                f"feature {f['name']!r} has unknown keys {sorted(unknown)}",
+                source=source,
+                table=table,
+                field_name="features",
+            )
         weighted = f.get("weighted", False)
         if not isinstance(weighted, bool):
-            raise TableSpecError(f"feature {f['name']!r}: 'weighted' must be true or false",
-                                 source=source, table=table, field_name="features")
-        out.append(FeatureSpec(f["name"], _pooling(f.get("pooling_factor", 1.0), source, table,
-                                                   "features.pooling_factor"), weighted))
+            raise TableSpecError(
+                f"feature {f['name']!r}: 'weighted' must be true or false",
+                source=source,
+                table=table,
+                field_name="features",
+            )
+        out.append(
+            FeatureSpec(
+                f["name"],
+                _pooling(f.get("pooling_factor", 1.0), source, table, "features.pooling_factor"),
+                weighted,
+            )
+        )
     if len({f.name for f in out}) != len(out):
-        raise TableSpecError("feature names repeat", source=source, table=table,
-                             field_name="features")
+        raise TableSpecError(
+            "feature names repeat", source=source, table=table, field_name="features"
+        )
     return tuple(out)
 
 
 def _histogram(value: Any, source: str, table: str) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TableSpecError(f"must be a list of {NUM_HIST_BINS} fractions", source=source,
-                             table=table, field_name="reuse_hist")
+        raise TableSpecError(
+            f"must be a list of {NUM_HIST_BINS} fractions",
+            source=source,
+            table=table,
+            field_name="reuse_hist",
+        )
     if len(value) != NUM_HIST_BINS:
-        raise TableSpecError(f"must have {NUM_HIST_BINS} bins, got {len(value)}",
-                             source=source, table=table, field_name="reuse_hist")
+        raise TableSpecError(
+            f"must have {NUM_HIST_BINS} bins, got {len(value)}",
+            source=source,
+            table=table,
+            field_name="reuse_hist",
+        )
     bins = [_number(v, source, table, "reuse_hist") for v in value]
     if any(b < 0 for b in bins):
-        raise TableSpecError("fractions must be >= 0", source=source, table=table,
-                             field_name="reuse_hist")
+        raise TableSpecError(
+            "fractions must be >= 0", source=source, table=table, field_name="reuse_hist"
+        )
     total = sum(bins)
     if abs(total - 1.0) > HIST_TOLERANCE:
-        raise TableSpecError(f"fractions must sum to 1, got {total:.4f}", source=source,
-                             table=table, field_name="reuse_hist")
+        raise TableSpecError(
+            f"fractions must sum to 1, got {total:.4f}",
+            source=source,
+            table=table,
+            field_name="reuse_hist",
+        )
     if abs(total - 1.0) <= 1e-9:
         return tuple(bins)  # already normalised: keep exact values so files round-trip
     return tuple(b / total for b in bins)
@@ -913,11 +1079,11 @@ class HardwareBackend(Protocol):
     name: str
     batch_size: int
 
-    def measure_compute(self, load: Sequence[TableSpec]) -> Timing:
-        ...
+    def measure_compute(self, load: Sequence[TableSpec]) -> Timing: ...
 
-    def measure_comm(self, dim_sums: Sequence[int],
-                     waits_ms: Sequence[float]) -> tuple[list[Timing], list[Timing]]:
+    def measure_comm(
+        self, dim_sums: Sequence[int], waits_ms: Sequence[float]
+    ) -> tuple[list[Timing], list[Timing]]:
         """Per-device (forward, backward) all-to-all timings for one plan."""
         ...
 
@@ -935,7 +1101,12 @@ class Searcher(Protocol):
     planner checks feasibility before, and times, prices and labels the plan after.
     """
 
-    def __call__(self, tables: Sequence[TableSpec], cluster: Cluster,
-                 estimator: CostEstimator, *, seed: int = 0,
-                 budget_s: float | None = None) -> Plan:
-        ...
+    def __call__(
+        self,
+        tables: Sequence[TableSpec],
+        cluster: Cluster,
+        estimator: CostEstimator,
+        *,
+        seed: int = 0,
+        budget_s: float | None = None,
+    ) -> Plan: ...

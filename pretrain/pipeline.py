@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -465,17 +465,17 @@ def _noise_floors(
         a, b = _paired(first.keys, first.label_ms, again.keys, again.label_ms, retests["compute"])
         floors["compute"] = noise_floor(a, b)
     if retests["comm"]:
-        again = load_comm(data / "comm_retest", {s.key for s in retests["comm"]})
-        first = load_comm(data / "comm", {_first_key(s) for s in retests["comm"]})
+        comm_again = load_comm(data / "comm_retest", {s.key for s in retests["comm"]})
+        comm_first = load_comm(data / "comm", {_first_key(s) for s in retests["comm"]})
         for which in ("fwd", "bwd"):
             a, b = _paired(
-                first.keys,
-                getattr(first, f"{which}_ms"),
-                again.keys,
-                getattr(again, f"{which}_ms"),
+                comm_first.keys,
+                getattr(comm_first, f"{which}_ms"),
+                comm_again.keys,
+                getattr(comm_again, f"{which}_ms"),
                 retests["comm"],
-                first.mask,
-                again.mask,
+                comm_first.mask,
+                comm_again.mask,
             )
             floors[f"{which}_comm"] = noise_floor(a, b)
     return floors
@@ -561,7 +561,9 @@ def _comm_samples(config: PretrainConfig, tables: Sequence[TableSpec], n: int) -
     )
 
 
-def _collector(backend: HardwareBackend, spec: Any, workers: int, address: str | None):
+def _collector(
+    backend: HardwareBackend | BackendSpec, spec: Any, workers: int, address: str | None
+) -> Callable[..., Any]:
     """``collect`` on ``backend`` in this process, or on Ray actors rebuilding ``spec``."""
     if not workers and not address:
         return lambda samples, out, **kw: collect(samples, backend, out, **kw)

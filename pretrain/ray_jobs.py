@@ -223,7 +223,7 @@ def _refresh_ray_auth() -> None:
     if ray.is_initialized():
         return
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # Ray internals, guarded
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
@@ -241,10 +241,14 @@ def _probe_head(target: str, token: str | None, source: str) -> list[str]:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
         try:
             stub.GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata
+                gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]
+                timeout=PROBE_TIMEOUT_S,
+                metadata=metadata,
             )
             reply = stub.GetAllNodeInfo(
-                gcs_service_pb2.GetAllNodeInfoRequest(), timeout=PROBE_TIMEOUT_S, metadata=metadata
+                gcs_service_pb2.GetAllNodeInfoRequest(),  # type: ignore[attr-defined]
+                timeout=PROBE_TIMEOUT_S,
+                metadata=metadata,
             )
         except grpc.RpcError as exc:
             raise RayClusterError(
@@ -253,7 +257,7 @@ def _probe_head(target: str, token: str | None, source: str) -> list[str]:
     return [
         n.node_id.hex()
         for n in reply.node_info_list
-        if n.state == gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE
+        if n.state == gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE  # type: ignore[attr-defined]  # Ray internals, guarded
     ]
 
 
@@ -325,7 +329,7 @@ def _loopback_kept(host: str) -> Iterator[None]:
     if rewrite is None or not _is_loopback(host):
         yield
         return
-    services.resolve_ip_for_localhost = lambda h: h
+    services.resolve_ip_for_localhost = lambda h: h  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -447,11 +447,11 @@ def oracle_plan(
         if {t.name for t in plan.tables} != set(index) or plan.cluster != cluster:
             raise ValueError("start plans must be of the same tables and cluster")
         seeds.append(_state_of(plan, index))
-    seeds = [seed for seed in dict.fromkeys(seeds) if seed is not None]
+    states = [seed for seed in dict.fromkeys(seeds) if seed is not None]
 
-    search.score(seeds)
-    best = min(seeds, key=search.cost.__getitem__)
-    for state in seeds:
+    search.score(states)
+    best = min(states, key=search.cost.__getitem__)
+    for state in states:
         state = search.descend(state, max_evals)
         if search.cost[state] < search.cost[best]:
             best = state
@@ -482,7 +482,7 @@ def oracle_plan(
             "tablewise_ms": tablewise_ms,
             "placements_enumerated": enumerated,
             "evals": search.evals,
-            "starts": len(seeds),
+            "starts": len(states),
             "kicks": kicks,
         },
     )

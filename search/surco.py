@@ -543,7 +543,7 @@ def _search(
         real_ms = (
             best_ms
             if moved == 0
-            else plan_cost(to_plan(tables, cluster, specs, sol.devices), estimator).max_ms
+            else plan_cost(to_plan(tables, cluster, specs, sol.devices.tolist()), estimator).max_ms
         )
         entry["real_ms"] = real_ms
         entry["improved"] = improved = real_ms < best_ms
@@ -623,7 +623,7 @@ def surco_plan(
     try:
         placement = place(specs, cluster, estimator)
         start = np.asarray(placement.devices, dtype=np.int64)
-        start_ms = plan_cost(to_plan(tables, cluster, specs, start), estimator).max_ms
+        start_ms = plan_cost(to_plan(tables, cluster, specs, start.tolist()), estimator).max_ms
     except PlanInfeasibleError as exc:  # the greedy packing failed; the MILP may not
         logger.info("greedy grid found no placement (%s); solving from scratch", exc)
         start, start_ms = None, math.inf
@@ -649,7 +649,7 @@ def surco_plan(
         start_ms,
         best_ms,
     )
-    plan = to_plan(tables, cluster, specs, best)
+    plan = to_plan(tables, cluster, specs, best.tolist())
     return replace(
         plan,
         meta={
@@ -712,7 +712,7 @@ def fit_surrogate_prior(
         except PlanInfeasibleError:
             continue
         start = np.asarray(placement.devices, dtype=np.int64)
-        start_ms = plan_cost(to_plan(tables, cluster, specs, start), estimator).max_ms
+        start_ms = plan_cost(to_plan(tables, cluster, specs, start.tolist()), estimator).max_ms
         _search(
             tables,
             specs,

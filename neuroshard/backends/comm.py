@@ -33,8 +33,9 @@ import sys
 import time
 import traceback
 import weakref
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 from neuroshard.backends.timing import summarize
 from neuroshard.types import DEFAULT_BATCH_SIZE, BackendError, Timing
@@ -54,8 +55,17 @@ def batch_slices(batch_size: int, num_ranks: int) -> list[int]:
 # --------------------------------------------------------------------------- worker side
 
 
-def _worker(rank: int, num_ranks: int, port: int, device: str, threads: int, timeout_s: float,
-            parent_pid: int, requests: Any, results: Any) -> None:
+def _worker(
+    rank: int,
+    num_ranks: int,
+    port: int,
+    device: str,
+    threads: int,
+    timeout_s: float,
+    parent_pid: int,
+    requests: Any,
+    results: Any,
+) -> None:
     """Body of one rank: join the group, then answer measurement requests until told to stop."""
     import torch
     import torch.distributed as dist
@@ -64,20 +74,25 @@ def _worker(rank: int, num_ranks: int, port: int, device: str, threads: int, tim
         torch.set_num_threads(threads)
         os.environ.setdefault("MASTER_ADDR", LOOPBACK)
         os.environ.setdefault("MASTER_PORT", str(port))
-        if device == "cpu" and sys.platform.startswith("linux") and \
-                os.path.exists("/sys/class/net/lo"):
+        if (
+            device == "cpu"
+            and sys.platform.startswith("linux")
+            and os.path.exists("/sys/class/net/lo")
+        ):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(LOOPBACK, port, is_master=False, timeout=timeout)
         if device == "cpu":
             dev = torch.device("cpu")
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=num_ranks,
-                                    timeout=timeout)
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=num_ranks, timeout=timeout
+            )
         else:
             dev = torch.device("cuda", rank)
             torch.cuda.set_device(dev)
-            dist.init_process_group("nccl", store=store, rank=rank, world_size=num_ranks,
-                                    timeout=timeout, device_id=dev)
+            dist.init_process_group(
+                "nccl", store=store, rank=rank, world_size=num_ranks, timeout=timeout, device_id=dev
+            )
         sync_token = torch.zeros(1, device=dev)
         dist.all_reduce(sync_token)
         results.put(("ready", rank, None))
@@ -113,8 +128,8 @@ def _worker(rank: int, num_ranks: int, port: int, device: str, threads: int, tim
                     mine = torch.ones(rows[rank] * sum(dims), device=dev)
                     buffers = (dims + (batch_size,), whole, mine)
                 _, whole, mine = buffers
-                to_each = [r * own for r in rows]              # whole -> every rank
-                from_each = [rows[rank] * d for d in dims]     # every rank -> mine
+                to_each = [r * own for r in rows]  # whole -> every rank
+                from_each = [rows[rank] * d for d in dims]  # every rank -> mine
                 wait_s = float(waits_ms[rank]) / 1e3
                 fwd, bwd = [], []
                 for i in range(warmups + repeats):
@@ -179,9 +194,18 @@ class CommPool:
     ``timeout_s`` bounds a collective and the wait for one request's answer.
     """
 
-    def __init__(self, num_ranks: int, *, device: str = "cpu",
-                 batch_size: int = DEFAULT_BATCH_SIZE, warmups: int = 5, repeats: int = 10,
-                 threads: int = 1, timeout_s: float = 300.0, start_timeout_s: float = 180.0):
+    def __init__(
+        self,
+        num_ranks: int,
+        *,
+        device: str = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        timeout_s: float = 300.0,
+        start_timeout_s: float = 180.0,
+    ):
         import torch
         import torch.distributed as dist
         import torch.multiprocessing as mp
@@ -196,7 +220,8 @@ class CommPool:
             if torch.cuda.device_count() < num_ranks:
                 raise BackendError(
                     f"nccl all-to-all among {num_ranks} ranks needs {num_ranks} GPUs, "
-                    f"{torch.cuda.device_count()} visible")
+                    f"{torch.cuda.device_count()} visible"
+                )
         elif device != "cpu":
             raise BackendError(f"unknown comm device {device!r}; valid: cpu, cuda")
         self.num_ranks, self.device = num_ranks, device
@@ -208,15 +233,29 @@ class CommPool:
 
         # The parent hosts the rendezvous store: the OS picks a free loopback port and the
         # store holds it, so no other job can take it between choosing and binding.
-        self._store = dist.TCPStore(LOOPBACK, 0, None, True, timeout=timedelta(seconds=timeout_s),
-                                    wait_for_workers=False)
+        self._store = dist.TCPStore(
+            LOOPBACK, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._requests = [ctx.Queue() for _ in range(num_ranks)]
         self._processes = [
-            ctx.Process(target=_worker, daemon=True, name=f"neuroshard-comm-{r}-of-{num_ranks}",
-                        args=(r, num_ranks, self._store.port, device, int(threads), timeout_s,
-                              os.getpid(), self._requests[r], self._results))
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                name=f"neuroshard-comm-{r}-of-{num_ranks}",
+                args=(
+                    r,
+                    num_ranks,
+                    self._store.port,
+                    device,
+                    int(threads),
+                    timeout_s,
+                    os.getpid(),
+                    self._requests[r],
+                    self._results,
+                ),
+            )
             for r in range(num_ranks)
         ]
         started = time.perf_counter()
@@ -228,9 +267,13 @@ class CommPool:
         except BackendError:
             self.close()
             raise
-        logger.info("started %d %s comm workers on port %d in %.1f s", num_ranks,
-                    "gloo" if device == "cpu" else "nccl", self._store.port,
-                    time.perf_counter() - started)
+        logger.info(
+            "started %d %s comm workers on port %d in %.1f s",
+            num_ranks,
+            "gloo" if device == "cpu" else "nccl",
+            self._store.port,
+            time.perf_counter() - started,
+        )
 
     @property
     def alive(self) -> bool:
@@ -247,11 +290,13 @@ class CommPool:
                 dead = [p.name for p in self._processes if not p.is_alive()]
                 if dead:
                     self._broken = True
-                    raise BackendError(f"comm worker(s) died: {', '.join(dead)}")
+                    raise BackendError(f"comm worker(s) died: {', '.join(dead)}") from None
                 if time.monotonic() > deadline:
                     self._broken = True
-                    raise BackendError(f"comm workers did not answer within {timeout_s:.0f} s "
-                                       f"({len(got)} of {self.num_ranks} did)")
+                    raise BackendError(
+                        f"comm workers did not answer within {timeout_s:.0f} s "
+                        f"({len(got)} of {self.num_ranks} did)"
+                    ) from None
                 continue
             if kind == "error":
                 self._broken = True
@@ -260,29 +305,40 @@ class CommPool:
                 got[rank] = payload
         return got
 
-    def measure(self, dim_sums: Sequence[int], waits_ms: Sequence[float],
-                batch_size: int | None = None) -> tuple[list[Timing], list[Timing]]:
+    def measure(
+        self, dim_sums: Sequence[int], waits_ms: Sequence[float], batch_size: int | None = None
+    ) -> tuple[list[Timing], list[Timing]]:
         """Per-rank (forward, backward) all-to-all timings for one plan's dim sums and waits."""
         if not self.alive:
             raise BackendError("comm pool is closed or broken; start a new one")
         n = self.num_ranks
         if len(dim_sums) != n or len(waits_ms) != n:
-            raise BackendError(f"need {n} dim sums and {n} waits, got {len(dim_sums)} "
-                               f"and {len(waits_ms)}")
-        if any(int(d) < 0 for d in dim_sums) or \
-                any(not math.isfinite(float(w)) or float(w) < 0 for w in waits_ms):
-            raise BackendError(f"dim sums and waits must be >= 0: {list(dim_sums)}, "
-                               f"{list(waits_ms)}")
+            raise BackendError(
+                f"need {n} dim sums and {n} waits, got {len(dim_sums)} and {len(waits_ms)}"
+            )
+        if any(int(d) < 0 for d in dim_sums) or any(
+            not math.isfinite(float(w)) or float(w) < 0 for w in waits_ms
+        ):
+            raise BackendError(
+                f"dim sums and waits must be >= 0: {list(dim_sums)}, {list(waits_ms)}"
+            )
         request_id = self._next_id
         self._next_id += 1
-        msg = (request_id, [int(d) for d in dim_sums], [float(w) for w in waits_ms],
-               self.warmups, self.repeats, int(batch_size or self.batch_size))
+        msg = (
+            request_id,
+            [int(d) for d in dim_sums],
+            [float(w) for w in waits_ms],
+            self.warmups,
+            self.repeats,
+            int(batch_size or self.batch_size),
+        )
         for q in self._requests:
             q.put(msg)
         try:
             answers = self._collect(
                 lambda kind, payload: kind == "ok" and payload[0] == request_id,
-                self.timeout_s + (self.warmups + self.repeats) * max(waits_ms) / 1e3)
+                self.timeout_s + (self.warmups + self.repeats) * max(waits_ms) / 1e3,
+            )
         except BackendError:
             self.close()  # peers of a failed rank may hang in a collective: stop them all
             raise
@@ -294,9 +350,9 @@ class CommPool:
         """Stop the workers and release the rendezvous port (idempotent)."""
         self._broken = True
         self._finalizer()
-        self._store = None
+        self._store = None  # type: ignore[assignment]  # released: the pool is closed
 
-    def __enter__(self) -> "CommPool":
+    def __enter__(self) -> CommPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -307,9 +363,15 @@ class CommTimer:
     """``measure_comm`` for the hardware backends: one :class:`CommPool` per device count,
     started on first use and restarted if it broke."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
-                 warmups: int = 5, repeats: int = 10, threads: int = 1,
-                 timeout_s: float = 300.0):
+    def __init__(
+        self,
+        device: str = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        warmups: int = 5,
+        repeats: int = 10,
+        threads: int = 1,
+        timeout_s: float = 300.0,
+    ):
         self.device = device
         self.batch_size = int(batch_size)
         self.warmups, self.repeats, self.threads = int(warmups), int(repeats), int(threads)
@@ -325,14 +387,21 @@ class CommTimer:
         if current is None or not current.alive:
             if current is not None:
                 current.close()
-            current = CommPool(num_ranks, device=self.device, batch_size=self.batch_size,
-                               warmups=self.warmups, repeats=self.repeats,
-                               threads=self.threads, timeout_s=self.timeout_s)
+            current = CommPool(
+                num_ranks,
+                device=self.device,
+                batch_size=self.batch_size,
+                warmups=self.warmups,
+                repeats=self.repeats,
+                threads=self.threads,
+                timeout_s=self.timeout_s,
+            )
             self._pools[num_ranks] = current
         return current
 
-    def measure_comm(self, dim_sums: Sequence[int],
-                     waits_ms: Sequence[float]) -> tuple[list[Timing], list[Timing]]:
+    def measure_comm(
+        self, dim_sums: Sequence[int], waits_ms: Sequence[float]
+    ) -> tuple[list[Timing], list[Timing]]:
         """Per-device (forward, backward) all-to-all timings; see the module docstring."""
         return self.pool(len(dim_sums)).measure(dim_sums, waits_ms)
 
@@ -341,7 +410,7 @@ class CommTimer:
             pool.close()
         self._pools.clear()
 
-    def __enter__(self) -> "CommTimer":
+    def __enter__(self) -> CommTimer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _unique_keys(path: Path) -> object:
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, object]]], dict[str, object]]:
     def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out: dict[str, object] = {}
         for key, value in pairs:
@@ -221,7 +221,7 @@ def check_compatible(
                 f"batch size {batch_size} (asked) outside the model's training range "
                 f"[{trained[0]:g}, {trained[1]:g}]"
             )
-    fingerprint = None
+    fingerprint: Mapping[str, Any] | None = None
     if isinstance(backend, str):
         if meta.get("backend") != backend:
             diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend!r} (asked)")
@@ -232,10 +232,10 @@ def check_compatible(
             diffs.append(f"backend {meta.get('backend')!r} (model) vs {backend.name!r} (asked)")
         fingerprint = backend.fingerprint()
     if fingerprint is not None:
-        trained = Fingerprint.of(meta.get("backend_fingerprint", {}))
+        trained_on = Fingerprint.of(meta.get("backend_fingerprint", {}))
         diffs.extend(
             "fingerprint " + line
-            for line in trained.describe_diff(
+            for line in trained_on.describe_diff(
                 fingerprint, ignore=VOLATILE_KEYS, labels=("model", "asked")
             )
         )
@@ -516,7 +516,7 @@ class CostModelBase:
         extrapolations: report them (``--strict`` refuses them)."""
         ranges = getattr(self, "training_ranges_", {})
         loads = [load for load in plan.device_loads() if load]
-        seen = {
+        seen: dict[str, list[float]] = {
             "tables_per_device": [len(load) for load in loads],
             "rows": [t.rows for load in loads for t in load],
             "dim": [t.dim for load in loads for t in load],
