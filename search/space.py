@@ -59,7 +59,9 @@ UVM = "fused_uvm_caching"
 # that fits; moves go up the ladder).
 CACHE_FRACTIONS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # A table is a data-parallel candidate when its replica takes at most this share of the
-# smallest device's HBM budget.
+# smallest device's HBM budget, and when the all-reduce of its gradient that every device
+# joins, 2 R w 4 bytes, is at most what each device stops receiving in the all-to-all,
+# B w 4 / N bytes, i.e. R <= B / (2 N) rows (traffic.py's formulas).
 DP_MAX_SHARE = 0.02
 
 
@@ -429,9 +431,10 @@ class Space:
     def moves(self, state: State, i: int) -> list[Layout]:
         """The layouts a beam step may give table ``i`` instead of its current one: the
         widest column shard halved; row-wise; table-row-wise on the host with the least
-        pre-placed HBM; data-parallel for a small table; for ``fused_uvm_caching`` the next
-        cache fraction up (the HBM kernel at the top). Only layouts the constraints allow
-        and that fit alone."""
+        pre-placed HBM; data-parallel for a table small enough that its all-reduce costs
+        each device less than the all-to-all it saves (:data:`DP_MAX_SHARE`); for
+        ``fused_uvm_caching`` the next cache fraction up (the HBM kernel at the top). Only
+        layouts the constraints allow and that fit alone."""
         layout, t, rule = state[i], self.tables[i], self.rules[i]
         if self.group_of[i] >= 0:
             return []
@@ -451,7 +454,8 @@ class Space:
                 out.append(layout._replace(kind=TABLE_ROW_WISE, widths=(t.dim,), host=host))
         if layout.kind != DATA_PARALLEL and rule.allows_type("data_parallel") and n > 1 \
                 and rule.allows_kernel("dense") \
-                and self.footprint(i) <= DP_MAX_SHARE * min(self.budget):
+                and self.footprint(i) <= DP_MAX_SHARE * min(self.budget) \
+                and 2 * t.rows * n <= self.cluster.batch_size:
             out.append(Layout(DATA_PARALLEL, (t.dim,), "dense"))
         if layout.kernel == UVM and rule.cache_fraction is None:
             higher = [f for f in CACHE_FRACTIONS if f > (layout.cache_fraction or 0.0)]
