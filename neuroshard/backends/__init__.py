@@ -90,6 +90,13 @@ class BackendEstimator:
         return out
 
 
+    def __getattr__(self, name: str) -> Any:
+        """The backend's optional ``extra_ms`` (what other sharding types move)."""
+        if name == "extra_ms" and callable(getattr(self.backend, "extra_ms", None)):
+            return self.backend.extra_ms
+        raise AttributeError(name)
+
+
 def as_estimator(backend: HardwareBackend) -> CostEstimator:
     """The backend itself when it already estimates in batches (``sim``), else an adapter."""
     if isinstance(backend, CostEstimator):

@@ -19,6 +19,14 @@ free loopback port. They start once and then serve requests through queues, so a
 costs only its collectives. Workers exit when :meth:`CommPool.close` is called, when the
 parent exits, or within a second of the parent dying while they are idle.
 
+The other sharding types' collectives (:data:`COLLECTIVES`) are timed the same way
+(:meth:`CommPool.measure_collective`): an all-gather, an all-reduce and a reduce-scatter
+of a given size over all ranks. Gloo has no reduce-scatter: it is emulated as an
+all-to-all of the equal chunks followed by a local sum (what a reduce-scatter moves, plus
+one pass over the data); NCCL runs its own. :meth:`CommTimer.link_speeds` turns a large
+and a tiny all-gather into the bandwidth and per-collective latency that price a plan's
+other traffic (:func:`neuroshard.traffic.price`) for the ``cpu`` and ``cuda`` backends.
+
 Scripts that use this module must guard their entry point with
 ``if __name__ == "__main__":`` (spawned workers re-import the main module).
 """
@@ -38,6 +46,7 @@ from datetime import timedelta
 from typing import Any
 
 from neuroshard.backends.timing import summarize
+from neuroshard.traffic import LinkSpeeds
 from neuroshard.types import DEFAULT_BATCH_SIZE, BackendError, Timing
 
 logger = logging.getLogger(__name__)
@@ -53,6 +62,50 @@ def batch_slices(batch_size: int, num_ranks: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- worker side
+
+
+COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter")
+
+
+def run_collective(dist: Any, kind: str, data: Any, out: Any, num_ranks: int,
+                   native_reduce_scatter: bool) -> None:
+    """One collective over the default group: ``data`` is this rank's input (``numel``
+    floats; ``numel / num_ranks`` for an all-gather), ``out`` the output buffer. A
+    reduce-scatter without native support (gloo) is an all-to-all of equal chunks and a
+    sum of the received chunks into ``out``."""
+    if kind == "all_gather":
+        dist.all_gather_into_tensor(out, data)
+    elif kind == "all_reduce":
+        dist.all_reduce(data)
+    elif kind == "reduce_scatter":
+        if native_reduce_scatter:
+            dist.reduce_scatter_tensor(out, data)
+        else:
+            received = data.new_empty(data.shape)
+            dist.all_to_all_single(received, data)
+            out.copy_(received.view(num_ranks, -1).sum(dim=0))
+    else:
+        raise ValueError(f"unknown collective {kind!r}; valid: {', '.join(COLLECTIVES)}")
+
+
+def _time_collective(torch: Any, dist: Any, dev: Any, kind: str, numel: int, num_ranks: int,
+                     warmups: int, repeats: int, sync: Any) -> list[float]:
+    """ms of each repeat of one collective of ``numel`` floats on this rank."""
+    numel = max(num_ranks, numel - numel % num_ranks)
+    part = numel // num_ranks
+    data = torch.ones(part if kind == "all_gather" else numel, device=dev)
+    out = torch.empty(numel if kind == "all_gather" else part, device=dev)
+    native = dev.type == "cuda"
+    times = []
+    for i in range(warmups + repeats):
+        sync()
+        t0 = time.perf_counter()
+        run_collective(dist, kind, data, out, num_ranks, native)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmups:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _worker(
@@ -116,6 +169,16 @@ def _worker(
                 continue
             if msg is None:
                 break
+            if msg[0] == "collective":
+                _, request_id, kind, numel, warmups, repeats = msg
+                try:
+                    times = _time_collective(torch, dist, dev, kind, numel, num_ranks, warmups,
+                                             repeats, sync)
+                    results.put(("ok", rank, (request_id, times, [])))
+                except Exception:
+                    results.put(("error", rank, traceback.format_exc()))
+                    break
+                continue
             request_id, dim_sums, waits_ms, warmups, repeats, batch_size = msg
             try:
                 dims = tuple(int(d) for d in dim_sums)
@@ -346,6 +409,27 @@ class CommPool:
         bwd = [summarize(answers[r][2]) for r in range(n)]
         return fwd, bwd
 
+    def measure_collective(self, kind: str, nbytes: int) -> list[Timing]:
+        """Per-rank timings of one collective (:data:`COLLECTIVES`) over all ranks on
+        ``nbytes`` of FP32 data per rank (the full buffer; an all-gather's output)."""
+        if not self.alive:
+            raise BackendError("comm pool is closed or broken; start a new one")
+        if kind not in COLLECTIVES:
+            raise BackendError(f"unknown collective {kind!r}; valid: {', '.join(COLLECTIVES)}")
+        request_id = self._next_id
+        self._next_id += 1
+        msg = ("collective", request_id, kind, max(1, int(nbytes) // 4), self.warmups,
+               self.repeats)
+        for q in self._requests:
+            q.put(msg)
+        try:
+            answers = self._collect(
+                lambda k, payload: k == "ok" and payload[0] == request_id, self.timeout_s)
+        except BackendError:
+            self.close()
+            raise
+        return [summarize(answers[r][1]) for r in range(self.num_ranks)]
+
     def close(self) -> None:
         """Stop the workers and release the rendezvous port (idempotent)."""
         self._broken = True
@@ -357,6 +441,22 @@ class CommPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _host_copy_bytes_per_ms(nbytes: int) -> float:
+    """Bytes per ms of a copy from the current GPU to pinned host memory (median of 5)."""
+    import torch
+
+    src = torch.ones(nbytes // 4, device="cuda")
+    dst = torch.empty(nbytes // 4, pin_memory=True)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return nbytes / sorted(times[1:])[2]
 
 
 class CommTimer:
@@ -377,6 +477,7 @@ class CommTimer:
         self.warmups, self.repeats, self.threads = int(warmups), int(repeats), int(threads)
         self.timeout_s = timeout_s
         self._pools: dict[int, CommPool] = {}
+        self._speeds: dict[int, LinkSpeeds] = {}
 
     @property
     def process_group_backend(self) -> str:
@@ -404,6 +505,32 @@ class CommTimer:
     ) -> tuple[list[Timing], list[Timing]]:
         """Per-device (forward, backward) all-to-all timings; see the module docstring."""
         return self.pool(len(dim_sums)).measure(dim_sums, waits_ms)
+
+    def link_speeds(self, num_ranks: int, nbytes: int = 16 << 20) -> LinkSpeeds:
+        """Measured speeds of the collectives among ``num_ranks`` workers, cached: the
+        bandwidth from an all-gather of ``nbytes`` less a tiny one (``(k-1)/k`` of the
+        buffer crosses each rank's link), the tiny one's time as the per-collective
+        latency; both levels at that bandwidth (the workers share one host). The host link:
+        as fast on ``cpu`` (host memory is the only memory), a timed copy to pinned host
+        memory on ``cuda``."""
+        cached = self._speeds.get(num_ranks)
+        if cached is not None:
+            return cached
+        if num_ranks < 2:
+            speeds = LinkSpeeds(1e300, 1e300, 1e300, launch_ms=0.0, step_ms=0.0)
+        else:
+            pool = self.pool(num_ranks)
+            big = max(t.median_ms for t in pool.measure_collective("all_gather", nbytes))
+            tiny = max(t.median_ms for t in pool.measure_collective("all_gather", 4 * num_ranks))
+            moved = (num_ranks - 1) / num_ranks * nbytes
+            bandwidth = moved / max(big - tiny, 1e-6)
+            host = bandwidth if self.device == "cpu" else _host_copy_bytes_per_ms(nbytes)
+            speeds = LinkSpeeds(bandwidth, bandwidth, host, efficiency=1.0,
+                                host_efficiency=1.0, launch_ms=tiny, step_ms=0.0)
+            logger.info("%s collectives among %d ranks: %.2f GB/s, %.3f ms latency",
+                        self.process_group_backend, num_ranks, bandwidth / 1e6, tiny)
+        self._speeds[num_ranks] = speeds
+        return speeds
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -66,11 +66,14 @@ from neuroshard.backends.tbe import (
     _Prepared,
 )
 from neuroshard.indices import generate_batch
+from neuroshard.traffic import price
 from neuroshard.types import (
     BYTES_PER_FLOAT,
     DEFAULT_BATCH_SIZE,
     BackendError,
+    ExtraCosts,
     TableSpec,
+    Traffic,
 )
 
 logger = logging.getLogger(__name__)
@@ -640,6 +643,12 @@ class CudaBackend(TimedBackend):
     def reserve(self, weight_bytes: int) -> None:
         """See :meth:`FusedTimer.reserve`."""
         self.timer.reserve(weight_bytes)
+
+    def extra_ms(self, traffic: Traffic) -> ExtraCosts:
+        """What the other sharding types and kernels move, priced at the speeds of NCCL
+        collectives measured among as many GPUs, and the host link at a timed copy to
+        pinned host memory (:meth:`~neuroshard.backends.comm.CommTimer.link_speeds`)."""
+        return price(traffic, self._comm.link_speeds(traffic.fwd_calls.shape[-1]))
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
