@@ -16,12 +16,13 @@ sim backend (noise 0) on the cluster's topology.
 
 Searchers, all through :class:`neuroshard.planner.Planner` with the same reserve:
 
-* ``neuroshard`` -- the default search (the beam over the whole space), ``--budget``
-  seconds and at most ``--max-steps`` beam steps, guided by the ``--estimator``: ``model`` is the shipped model the planner
-  picks for the cluster (its all-to-all was learned on one host; row-wise, table-row-wise
-  and data-parallel collectives, ids and cache misses are priced analytically from the
-  cluster's bandwidths), ``sim`` the sim backend itself (the truth as its guide: an upper
-  bound on what a better model could do, labelled so);
+* ``neuroshard`` -- the default search (the beam over the whole space), ``--budget`` seconds
+  and at most ``--max-steps`` beam steps, guided by the ``--estimator``: ``model`` is the
+  shipped model the planner picks for the cluster (its all-to-all, learned on one host, is
+  floored at the NIC's time across hosts;
+  row-wise, table-row-wise and data-parallel collectives, ids and cache misses are priced
+  analytically from the cluster's bandwidths), ``sim`` the sim backend itself (the truth as
+  its guide: an upper bound on what a better model could do, labelled so);
 * ``greedy-grid`` -- the greedy grid on the start layout, no beam;
 * ``torchrec`` -- TorchRec 1.9's ``EmbeddingShardingPlanner`` over all five sharding types
   and the ``fused``, ``fused_uvm_caching`` and ``dense`` kernels, on the same topology

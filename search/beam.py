@@ -95,7 +95,8 @@ def _children(state: State, space: Space, top_k: int,
               bulk_moves: bool = True) -> list[tuple[State, float]]:
     """:func:`expand`'s children, each with the predicted compute (ms) of the widest shard
     of the (first) table it moves: single moves, then with ``bulk_moves`` the same move
-    for several tables at once."""
+    for several tables at once; none that takes the devices' shard counts beyond what the
+    estimator was trained on (:meth:`Space.within_range`)."""
     moves = {i: space.moves(state, i) for i in range(len(state))}
     movable = [i for i in range(len(state)) if moves[i]]
     if not movable:
@@ -148,7 +149,7 @@ def _children(state: State, space: Space, top_k: int,
         bulk("halve", compute)
         bulk("table_row_wise", size)
         bulk("data_parallel", share)
-    return out
+    return [(child, ms) for child, ms in out if space.within_range(state, child)]
 
 
 def _kind_of(old: Layout, new: Layout) -> str:
@@ -177,19 +178,18 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
                 constraints: Constraints | None = None, bulk_moves: bool = True) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
-    ``max_splits`` bounds the beam's steps (each step moves one table of a state: a split,
-    a type or a cache fraction; with ``bulk_moves`` also several tables at once: the
-    costliest halved, the largest to table-row-wise, the chattiest small ones to
-    data-parallel; without, the column search is the paper's). ``constraints`` restrict each table's types, kernels and
-    devices (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError`
-    when they cannot hold. ``budget_s`` (default None: no limit) bounds the search's own
-    time. The start placement is always computed; before each beam step the step's time is
-    projected from the previous step's seconds per child, and when it would overrun the
-    budget only the most promising children are placed (those of better-ranked beam states
-    first, then those moving the costlier shard), or the search stops when not even one
-    fits. The plan's ``meta["budget_cut"]`` counts the children so skipped. The result is
-    then still the best plan seen, never worse than the start placement, but may be worse
-    than the unbudgeted search's.
+    ``max_splits`` bounds the beam's steps (each step moves one table of a state: a split, a type or
+    a cache fraction; with ``bulk_moves`` also several tables at once: the costliest halved, the
+    largest to table-row-wise, the chattiest small ones to data-parallel; without, the column search
+    is the paper's). ``constraints`` restrict each table's types, kernels and devices
+    (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError` when they
+    cannot hold. ``budget_s`` (default None: no limit) bounds the search's own time. The start
+    placement is always computed; before each beam step the step's time is projected from the
+    previous step's seconds per child, and when it would overrun the budget only the most promising
+    children are placed (those of better-ranked beam states first, then those moving the costlier
+    shard), or the search stops when not even one fits. The plan's ``meta["budget_cut"]`` counts the
+    children so skipped. The result is then still the best plan seen, never worse than the start
+    placement, but may be worse than the unbudgeted search's.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.

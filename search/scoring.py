@@ -31,9 +31,10 @@ and enters the same formula:
 An estimator with ``for_cluster(cluster)`` is bound to the plan's cluster first (the sim
 takes its hosts and bandwidths). On a cluster of several hosts the pooled all-to-all is
 never priced below the NIC's time for its inter-host part (:func:`nic_floor`): a learned
-all-to-all measured on one host would otherwise see NVLink everywhere. For a plan of table- and column-wise ``fused`` shards
-every extra term is 0 on one host (its input all-to-all hides behind the compute), so
-such plans cost exactly what they did before these types existed.
+all-to-all measured on one host would otherwise see NVLink everywhere. For a plan of table-
+and column-wise ``fused`` shards every extra term is 0 on one host (its input all-to-all
+hides behind the compute), so such plans cost exactly what they did before these types
+existed.
 
 :class:`Scorer` computes the same numbers for many candidate assignments at once, as the
 searches need: a device's load is an opaque hashable :data:`LoadKey`, compute is cached

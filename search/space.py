@@ -127,6 +127,10 @@ class Space:
             self.groups.append(members)
         self._items: dict[tuple[int, Layout], list[tuple[int, int]]] = {}
         self._fixed: dict[tuple[int, Layout], np.ndarray] = {}
+        # The most shards per device the estimator was trained on (None: no known limit).
+        ranges = getattr(scorer.estimator, "training_ranges_", None) or {}
+        limit = ranges.get("tables_per_device") if isinstance(ranges, dict) else None
+        self.max_load: float | None = float(limit[1]) if limit else None
 
     # ------------------------------------------------------------------ shards of a layout
 
@@ -255,13 +259,14 @@ class Space:
                 continue
             placed = [d for _, d in self.shards(i, layout)]
             if layout.kind == DATA_PARALLEL:
-                shards.extend(Shard(t.name, 0, t.dim, d, None, kind, kernel, fraction)  # type: ignore[arg-type]
-                              for d in placed)
+                shards.extend(Shard(t.name, 0, t.dim, d, None, kind,  # type: ignore[arg-type]
+                                    kernel, fraction) for d in placed)
                 continue
             holders = self.devices_of(i, layout)
             for (lo, hi), d in zip(row_blocks(t.rows, len(holders)), placed, strict=True):
                 rows = None if (lo, hi) == (0, t.rows) else (lo, hi)
-                shards.append(Shard(t.name, 0, t.dim, d, rows, kind, kernel, fraction))  # type: ignore[arg-type]
+                shards.append(Shard(t.name, 0, t.dim, d, rows, kind,  # type: ignore[arg-type]
+                                    kernel, fraction))
         return Plan(tables=tuple(self.tables), shards=tuple(shards), cluster=self.cluster)
 
     # ------------------------------------------------------------------ what fits
@@ -426,13 +431,36 @@ class Space:
             logger.info("table %r on fused_uvm_caching: row blocks overfill device %d",
                         self.tables[i].name, over[0])
 
+    def load_estimate(self, state: State) -> float:
+        """The most shards a device of ``state`` holds, expected: its row blocks and
+        replicas plus the grid's column shards spread evenly."""
+        n = self.cluster.num_devices
+        placed = np.zeros(n)
+        pieces = 0
+        for i, layout in enumerate(state):
+            if layout.kind == COLUMNS:
+                pieces += len(layout.widths)
+            else:
+                placed[list(self.devices_of(i, layout))] += 1
+        return float(placed.max() + pieces / n)
+
+    def within_range(self, parent: State, child: State) -> bool:
+        """Whether ``child`` stays within the estimator's trained shards per device, or
+        at least goes no further out than ``parent``: beyond it a learned model
+        extrapolates, and its errors would steer the search."""
+        if self.max_load is None:
+            return True
+        load = self.load_estimate(child)
+        return load <= self.max_load or load <= self.load_estimate(parent)
+
     # ------------------------------------------------------------------ moves
 
     def moves(self, state: State, i: int) -> list[Layout]:
         """The layouts a beam step may give table ``i`` instead of its current one: the
-        widest column shard halved; row-wise; table-row-wise on the host with the least
-        pre-placed HBM; data-parallel for a table small enough that its all-reduce costs
-        each device less than the all-to-all it saves (:data:`DP_MAX_SHARE`); for
+        widest column shard halved; row-wise; for a table of at least
+        ``1 / devices_per_host`` of a device's HBM, table-row-wise on the host with the
+        least pre-placed HBM; data-parallel for a table small enough that its all-reduce
+        costs each device less than the all-to-all it saves (:data:`DP_MAX_SHARE`); for
         ``fused_uvm_caching`` the next cache fraction up (the HBM kernel at the top). Only
         layouts the constraints allow and that fit alone."""
         layout, t, rule = state[i], self.tables[i], self.rules[i]
@@ -448,7 +476,8 @@ class Space:
                 and t.rows >= len(self.allowed[i]):
             out.append(layout._replace(kind=ROW_WISE, widths=(t.dim,), host=-1))
         if layout.kind != TABLE_ROW_WISE and rule.allows_type("table_row_wise") \
-                and self.cluster.num_hosts > 1:
+                and self.cluster.num_hosts > 1 \
+                and self.footprint(i) * self.cluster.devices_per_host >= min(self.budget):
             host = self._quiet_host(state, i)
             if host is not None:
                 out.append(layout._replace(kind=TABLE_ROW_WISE, widths=(t.dim,), host=host))

@@ -138,13 +138,14 @@ Per profile (``v100`` = V100 SXM2, ``a100`` = A100 SXM4 40 GB, ``h100`` = H100 S
   SMs and L2; NVIDIA's GH200 datasheet) reaches host memory over NVLink-C2C, 900 GB/s
   bidirectional, 450 GB/s per direction.
 
-Modelling assumptions (same on every profile, not published figures): gather efficiency
-0.5 of peak HBM for random rows, stream efficiency 0.85; host-link efficiency 0.75; usable L2 fraction 0.5 (A100 and
-H100 split L2 into two partitions, and the cache also holds indices, outputs and
-gradients); 2 rows in flight per warp; loaded HBM latency 600 ns and L2 latency 250 ns;
-small-dim penalty 0.5; footprint penalty 0.05 per doubling over 32 MiB; 3 us per table;
-192 sort bytes per lookup; 8-byte indices; all-to-all efficiency 0.75; 2 us per same-host
-peer, 6 us per remote peer, 5 us per log2(N) synchronisation step; smooth-max power 4.
+Modelling assumptions (same on every profile, not published figures): gather efficiency 0.5
+of peak HBM for random rows, stream efficiency 0.85; host-link efficiency 0.75; usable L2
+fraction 0.5 (A100 and H100 split L2 into two partitions, and the cache also holds indices,
+outputs and gradients); 2 rows in flight per warp; loaded HBM latency 600 ns and L2 latency
+250 ns; small-dim penalty 0.5; footprint penalty 0.05 per doubling over 32 MiB; 3 us per
+table; 192 sort bytes per lookup; 8-byte indices; all-to-all efficiency 0.75; 2 us per
+same-host peer, 6 us per remote peer, 5 us per log2(N) synchronisation step; smooth-max
+power 4.
 
 Reference figures (batch 65,536, noise 0, default DLRM reuse histogram)
 -----------------------------------------------------------------------
@@ -167,8 +168,8 @@ and NIC.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
