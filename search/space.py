@@ -317,7 +317,7 @@ class Space:
                 widths = halve(widths)
         if rule.allows_type("row_wise") and self.group_of[i] < 0 and t.rows >= len(devices):
             candidates.append(Layout(ROW_WISE, (t.dim,)))
-        if rule.allows_type("table_row_wise") and self.group_of[i] < 0:
+        if rule.allows_type("table_row_wise") and self.group_of[i] < 0 and t.pooled:
             hosts = sorted({self.cluster.host_of(d) for d in devices})
             for h in hosts:
                 layout = Layout(TABLE_ROW_WISE, (t.dim,), host=h)
@@ -459,7 +459,8 @@ class Space:
         """The layouts a beam step may give table ``i`` instead of its current one: the
         widest column shard halved; row-wise; for a table of at least
         ``1 / devices_per_host`` of a device's HBM, table-row-wise on the host with the
-        least pre-placed HBM; data-parallel for a table small enough that its all-reduce
+        least pre-placed HBM (pooled tables: TorchRec offers no table-row-wise sequence
+        sharding); data-parallel for a table small enough that its all-reduce
         costs each device less than the all-to-all it saves (:data:`DP_MAX_SHARE`); for
         ``fused_uvm_caching`` the next cache fraction up (the HBM kernel at the top). Only
         layouts the constraints allow and that fit alone."""
@@ -476,7 +477,7 @@ class Space:
                 and t.rows >= len(self.allowed[i]):
             out.append(layout._replace(kind=ROW_WISE, widths=(t.dim,), host=-1))
         if layout.kind != TABLE_ROW_WISE and rule.allows_type("table_row_wise") \
-                and self.cluster.num_hosts > 1 \
+                and self.cluster.num_hosts > 1 and t.pooled \
                 and self.footprint(i) * self.cluster.devices_per_host >= min(self.budget):
             host = self._quiet_host(state, i)
             if host is not None:

@@ -322,3 +322,14 @@ def test_an_all_to_all_across_hosts_is_never_cheaper_than_the_nic():
     assert all(d.bwd_comm_ms >= f for d, f in zip(cost.devices, floor))
     one = plan_cost(plan, FakeEstimator())
     assert one.max_ms < cost.max_ms
+
+
+def test_sequence_tables_are_never_table_row_wise():
+    cluster = Cluster.uniform(4, 4 * GB, devices_per_host=2)
+    seq = TableSpec("seq", 10_000_000, 64, pooling_factor=20, pooled=False)
+    space = Space([seq], cluster, Scorer(FakeEstimator(), cluster=cluster))
+    state = space.initial_state()
+    assert all(m.kind != "table_row_wise" for m in space.moves(state, 0))
+    pooled = Space([TableSpec("p", 10_000_000, 64, pooling_factor=20)], cluster,
+                   Scorer(FakeEstimator(), cluster=cluster))
+    assert any(m.kind == "table_row_wise" for m in pooled.moves(state, 0))
