@@ -38,7 +38,7 @@ from neuroshard.pretrain import generate as gen
 from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search.scoring import plan_cost
-from neuroshard.types import Cluster
+from neuroshard.types import Cluster, PlanInfeasibleError
 
 from _common import emit
 from search_speed import make_task, parse_sizes
@@ -56,6 +56,7 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
     for n, d in parse_sizes(args.sizes):
         for batch in args.batches:
             errs, comp, comm, sims, secs = [], [], [], [], []
+            skipped = 0
             for k in range(args.tasks):
                 rng = np.random.default_rng([args.seed, n, d, k])
                 tables, c = make_task(pool, n, d, rng, fill=args.fill)
@@ -63,7 +64,12 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
                                           devices_per_host=min(args.per_host, d))
                 start = time.perf_counter()
                 # bound here: the greedy grid's scorer does not bind the estimator itself
-                plan = Planner(model.for_cluster(cluster), args.searcher).plan(tables, cluster)
+                try:
+                    plan = Planner(model.for_cluster(cluster), args.searcher).plan(tables,
+                                                                                   cluster)
+                except PlanInfeasibleError:
+                    skipped += 1
+                    continue
                 secs.append(time.perf_counter() - start)
                 truth = plan_cost(plan, SimBackend(args.profile, batch_size=batch))
                 pred = plan.cost
@@ -74,6 +80,9 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
                 tc, pc = t.fwd_comm_ms + t.bwd_comm_ms, p.fwd_comm_ms + p.bwd_comm_ms
                 comm.append(abs(pc - tc) / max(tc, 1e-6))
                 sims.append(truth.max_ms)
+            if not errs:
+                rows.append(f"| {n} x {d} | | {batch} | 0 ({skipped} infeasible) | | | | | |")
+                continue
             rows.append(f"| {n} x {d} | {max(d // args.per_host, 1)} | {batch} | {len(errs)} | "
                         f"{np.mean(errs):.1%} | {np.mean(comp):.1%} | {np.mean(comm):.1%} | "
                         f"{np.mean(sims):.2f} | {np.mean(secs):.1f} |")
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 65536])
     p.add_argument("--per-host", type=int, default=8)
     p.add_argument("--tasks", type=int, default=3)
-    p.add_argument("--fill", type=float, default=0.6)
+    p.add_argument("--fill", type=float, default=0.4,
+                   help="total table bytes / total HBM (the planner keeps a reserve too)")
     p.add_argument("--searcher", default="greedy-grid")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--heldout-tables", type=int, default=400)

@@ -357,13 +357,15 @@ def train_range_model(
     comm_samples: int = 4_000, generated_tables: int = 3_000, noise: float = 0.03,
     seed: int = 0, members: int = 3, conservative_k: float = 1.0,
     compute_seconds: float = 900.0, comm_seconds: float = 240.0, num_threads: int = 1,
-    init_from: str | Path | None = None, lr: float = 1e-3,
+    init_from: str | Path | None = None, lr: float = 1e-3, pool_weight: int = 1,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
     save it in ``out/model``. Sources: the pool's train half (augmented, plus hotter
     shrunk copies) and ``generated_tables`` of the ``zipf`` family. ``init_from`` (a
-    model directory) warm-starts the nets from its weights (a longer training in steps)."""
+    model directory) warm-starts the nets from its weights (a longer training in steps).
+    ``pool_weight`` repeats the pool among the sources: a shard comes from the pool with
+    probability ``pool_weight / (pool_weight + 1)``."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
     from neuroshard.pretrain.augment import augment_tables, shrink_tables
@@ -380,7 +382,7 @@ def train_range_model(
         train = load_pool("train")
         pool = augment_tables(train) + augment_tables(shrink_tables(train, rng))
         gen = generate_tables(generated_tables, seed, "zipf")
-        loads, batches = sample_range_loads([pool, gen], compute_samples, rng)
+        loads, batches = sample_range_loads([pool] * pool_weight + [gen], compute_samples, rng)
         compute = label_compute(loads, batches, profile=profile, noise=noise, seed=seed)
         dims = [t.dim for t in pool] + [t.dim for t in gen]
         sums, waits, ctx, shards = sample_cluster_comm(dims, comm_samples, rng, profile=profile)
@@ -419,6 +421,7 @@ def train_range_model(
         "batch_range": list(BATCH_RANGE), "max_shards": RangeConfig().max_shards,
         "max_devices": RangeConfig().max_devices,
         "warm_start": None if start is None else start.name, "lr": lr,
+        "pool_weight": pool_weight,
         "compute_seconds": compute_seconds, "comm_seconds": comm_seconds,
     }
     return model.save(out / "model")
@@ -438,8 +441,9 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pool-weight", type=int, default=1)
     a = ap.parse_args()
     train_range_model(a.out, profile=a.profile, compute_samples=a.compute_samples,
                       comm_samples=a.comm_samples, compute_seconds=a.compute_seconds,
                       comm_seconds=a.comm_seconds, seed=a.seed, init_from=a.init_from,
-                      lr=a.lr)
+                      lr=a.lr, pool_weight=a.pool_weight)

@@ -29,7 +29,12 @@ def test_kinds():
 
 def test_default_model_dir_picks_the_nearest_device_count():
     assert default_model_dir(8).name == "sim-h100-d8"
-    assert default_model_dir(3).name == "sim-h100-d4"
+    # a model that takes the cluster as an input is nearest inside its trained range
+    # (2 to 256 devices); one trained at exactly the device count wins a tie
+    assert default_model_dir(3).name == "sim-h100"
+    assert default_model_dir(4).name == "sim-h100-d4"
+    assert default_model_dir(128).name == "sim-h100"
+    assert default_model_dir(8, batch_size=4096).name == "sim-h100"  # d8 prices 65,536 only
     assert default_model_dir(4, kind="lightgbm").name == "sim-h100-d4-lightgbm"
     assert default_model_dir(4, backend="cpu").name == "cpu-b4096-d4"
     with pytest.raises(ModelFileError, match="abacus"):

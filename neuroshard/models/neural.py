@@ -658,15 +658,19 @@ class NeuralCostModel(CostModelBase):
 
     def score_comm(self, data: CommData) -> dict[str, dict[str, Any]]:
         """:meth:`CostModelBase.score_comm`, each row at its own context when known, with
-        breakdowns ``by_hosts`` and ``by_batch`` for a range model."""
+        breakdowns ``by_hosts``, ``by_devices_log2`` (bucket = the power of 2 at or
+        below) and ``by_batch`` for a range model."""
         self._ctx_rows = self._comm_rows(data)
         try:
             out = super().score_comm(data)
             if self._ctx_rows is not None and len(data):
                 m = data.mask
                 ctx = self._ctx_rows
-                hosts = np.ceil(data.num_devices / np.maximum(ctx[:, 1], 1)).astype(int)
-                keys = {"by_hosts": hosts.astype(str), "by_batch": _batch_bucket(ctx[:, 0])}
+                hosts = np.ceil(data.num_devices / np.maximum(ctx[:, 1], 1))
+                hosts = (2 ** np.floor(np.log2(np.maximum(hosts, 1)))).astype(int)  # 1, 2-3, ..
+                keys = {"by_hosts": hosts.astype(str), "by_batch": _batch_bucket(ctx[:, 0]),
+                        "by_devices_log2": (2 ** np.floor(np.log2(np.maximum(
+                            data.num_devices, 1)))).astype(int).astype(str)}
                 for which, true in (("fwd", data.fwd_ms), ("bwd", data.bwd_ms)):
                     pred = self._comm(which, data.dim_sums,
                                       data.waits_ms if which == "fwd" else None, m)
