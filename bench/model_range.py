@@ -50,9 +50,11 @@ def _mape(pred: np.ndarray, true: np.ndarray) -> float:
 
 def plan_rows(model, args: argparse.Namespace) -> list[str]:
     pool = load_pool("test")
-    rows = ["| tables x devices | hosts | batch | tasks | plan cost MARE | compute MARE "
-            "(costliest device) | comm MARE (costliest device) | mean sim ms | plan s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| tables x devices | hosts | batch | tasks | plan cost MARE | compute MARE "
+        "(costliest device) | comm MARE (costliest device) | mean sim ms | plan s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, d in parse_sizes(args.sizes):
         for batch in args.batches:
             errs, comp, comm, sims, secs = [], [], [], [], []
@@ -60,13 +62,13 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
             for k in range(args.tasks):
                 rng = np.random.default_rng([args.seed, n, d, k])
                 tables, c = make_task(pool, n, d, rng, fill=args.fill)
-                cluster = Cluster.uniform(d, c.memory_per_device_bytes[0], batch,
-                                          devices_per_host=min(args.per_host, d))
+                cluster = Cluster.uniform(
+                    d, c.memory_per_device_bytes[0], batch, devices_per_host=min(args.per_host, d)
+                )
                 start = time.perf_counter()
                 # bound here: the greedy grid's scorer does not bind the estimator itself
                 try:
-                    plan = Planner(model.for_cluster(cluster), args.searcher).plan(tables,
-                                                                                   cluster)
+                    plan = Planner(model.for_cluster(cluster), args.searcher).plan(tables, cluster)
                 except PlanInfeasibleError:
                     skipped += 1
                     continue
@@ -83,9 +85,11 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
             if not errs:
                 rows.append(f"| {n} x {d} | | {batch} | 0 ({skipped} infeasible) | | | | | |")
                 continue
-            rows.append(f"| {n} x {d} | {max(d // args.per_host, 1)} | {batch} | {len(errs)} | "
-                        f"{np.mean(errs):.1%} | {np.mean(comp):.1%} | {np.mean(comm):.1%} | "
-                        f"{np.mean(sims):.2f} | {np.mean(secs):.1f} |")
+            rows.append(
+                f"| {n} x {d} | {max(d // args.per_host, 1)} | {batch} | {len(errs)} | "
+                f"{np.mean(errs):.1%} | {np.mean(comp):.1%} | {np.mean(comm):.1%} | "
+                f"{np.mean(sims):.2f} | {np.mean(secs):.1f} |"
+            )
     return rows
 
 
@@ -108,11 +112,14 @@ def compute_sets(args: argparse.Namespace) -> dict[str, tuple[list, np.ndarray]]
 
 def mape_rows(models: dict, args: argparse.Namespace) -> list[str]:
     names = list(models)
-    rows = ["| set | loads | noise floor | " + " | ".join(f"{m} MAPE (x floor)" for m in names)
-            + " |", "|---|---|---|" + "---|" * len(names)]
+    rows = [
+        "| set | loads | noise floor | " + " | ".join(f"{m} MAPE (x floor)" for m in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
     for label, (loads, batches) in compute_sets(args).items():
-        labels = gen.label_compute(loads, batches, profile=args.profile, noise=args.noise,
-                                   seed=args.seed + 1).label_ms
+        labels = gen.label_compute(
+            loads, batches, profile=args.profile, noise=args.noise, seed=args.seed + 1
+        ).label_ms
         truth = gen.label_compute(loads, batches, profile=args.profile).label_ms
         floor = _mape(truth, labels)
         cells = []
@@ -134,8 +141,12 @@ def mape_rows(models: dict, args: argparse.Namespace) -> list[str]:
 
 def comm_rows(models: dict, args: argparse.Namespace) -> list[str]:
     names = list(models)
-    rows = ["| comm set (batch 65536, one host) | samples | " + " | ".join(
-        f"{m} bwd / fwd MAPE" for m in names) + " |", "|---|---|" + "---|" * len(names)]
+    rows = [
+        "| comm set (batch 65536, one host) | samples | "
+        + " | ".join(f"{m} bwd / fwd MAPE" for m in names)
+        + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     tables = augment_tables(load_pool("test"))
     for devices in (4, 8):
         rng = np.random.default_rng([args.seed, devices])
@@ -143,37 +154,87 @@ def comm_rows(models: dict, args: argparse.Namespace) -> list[str]:
         d = np.array([s.dim_sums for s in samples], dtype=float)
         w = np.array([s.waits_ms for s in samples], dtype=float)
         sim = SimBackend(args.profile, 65536, noise=args.noise, seed=args.seed).for_cluster(
-            Cluster.uniform(devices, 1 << 34))
+            Cluster.uniform(devices, 1 << 34)
+        )
         bwd, fwd = sim.bwd_comm_ms(d), sim.fwd_comm_ms(d, w)
         cells = []
         for m in names:
             model = models[m]
             if hasattr(model, "for_cluster"):
                 model = model.for_cluster(Cluster.uniform(devices, 1 << 34))
-            cells.append(f"{_mape(model.bwd_comm_ms(d), bwd):.2%} / "
-                         f"{_mape(model.fwd_comm_ms(d, w), fwd):.2%}")
+            cells.append(
+                f"{_mape(model.bwd_comm_ms(d), bwd):.2%} / "
+                f"{_mape(model.fwd_comm_ms(d, w), fwd):.2%}"
+            )
         rows.append(f"| {devices} devices | {len(samples)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def spread_rows(model, args: argparse.Namespace) -> list[str]:
+    """Does the members' spread flag the loads the model gets wrong? Test-pool loads of
+    1-400 shards at any batch, against the noise-free sim, priced with k = 0."""
+    rng = np.random.default_rng(args.seed + 11)
+    tables = augment_tables(load_pool("test"))
+    loads, batches = gen.sample_range_loads([tables], args.samples, rng)
+    truth = gen.label_compute(loads, batches, profile=args.profile).label_ms
+    plain = model.with_conservative(0.0)
+    pred, spread = np.empty(len(loads)), np.empty(len(loads))
+    for b in np.unique(batches):
+        idx = np.flatnonzero(batches == b)
+        bound = plain.for_batch(int(b))
+        pred[idx] = bound.compute_ms([loads[i] for i in idx])
+        spread[idx] = bound.compute_spread([loads[i] for i in idx])
+    err = np.abs(np.log((pred + 1e-3) / (truth + 1e-3)))
+    shards = np.array([len(load) for load in loads])
+    rows = [
+        "| shards per load | loads | MAPE (k = 0) | mean signed error | mean spread (log) |",
+        "|---|---|---|---|---|",
+    ]
+    for lo, hi in ((1, 2), (2, 16), (16, 50), (50, 150), (150, 401)):
+        sel = (shards >= lo) & (shards < hi)
+        if sel.any():
+            rel = pred[sel] / truth[sel] - 1
+            rows.append(
+                f"| {lo}-{hi - 1} | {sel.sum()} | {np.abs(rel).mean():.2%} | "
+                f"{rel.mean():+.2%} | {spread[sel].mean():.3f} |"
+            )
+    corr = float(np.corrcoef(spread, err)[0, 1])
+    rows += ["", f"Correlation of spread and absolute log error over the {len(loads)} "
+             f"loads: {corr:.2f}."]
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--compare", type=Path, nargs="*", default=[],
-                   help="other model directories for the MAPE tables")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="other model directories for the MAPE tables",
+    )
     p.add_argument("--sizes", default="60x16,250x32,1000x128")
     p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 65536])
     p.add_argument("--per-host", type=int, default=8)
     p.add_argument("--tasks", type=int, default=3)
-    p.add_argument("--fill", type=float, default=0.4,
-                   help="total table bytes / total HBM (the planner keeps a reserve too)")
+    p.add_argument(
+        "--fill",
+        type=float,
+        default=0.4,
+        help="total table bytes / total HBM (the planner keeps a reserve too)",
+    )
     p.add_argument("--searcher", default="greedy-grid")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--heldout-tables", type=int, default=400)
     p.add_argument("--noise", type=float, default=0.03)
     p.add_argument("--profile", default="h100")
-    p.add_argument("--conservative-k", type=float, default=None,
-                   help="price with this k instead of the model's own (meta.json)")
+    p.add_argument(
+        "--conservative-k",
+        type=float,
+        default=None,
+        help="price with this k instead of the model's own (meta.json)",
+    )
     p.add_argument("--skip-plans", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -186,14 +247,36 @@ def main(argv: list[str] | None = None) -> int:
     for extra in args.compare:
         models[extra.name] = load_cost_model(extra)
     k = getattr(model, "conservative_k", 0.0)
-    parts = [f"Model `{args.model}` ({model.name}), conservative k = {k:g}; truth: "
-             f"sim/{args.profile}. Searcher for plans: {args.searcher}.", ""]
+    parts = [
+        f"Model `{args.model}` ({model.name}), conservative k = {k:g}; truth: "
+        f"sim/{args.profile}. Searcher for plans: {args.searcher}.",
+        "",
+    ]
     if not args.skip_plans:
-        parts += ["## Plan cost: model vs sim (mean absolute relative error over tasks)", "",
-                  *plan_rows(model, args), ""]
-    parts += [f"## Compute MAPE against labels with noise {args.noise} (floor = the truth's "
-              "MAPE against them)", "", *mape_rows(models, args), "",
-              "## Comm MAPE (labels with the same noise)", "", *comm_rows(models, args)]
+        parts += [
+            "## Plan cost: model vs sim (mean absolute relative error over tasks)",
+            "",
+            *plan_rows(model, args),
+            "",
+        ]
+    parts += [
+        f"## Compute MAPE against labels with noise {args.noise} (floor = the truth's "
+        "MAPE against them)",
+        "",
+        *mape_rows(models, args),
+        "",
+        "## Comm MAPE (labels with the same noise)",
+        "",
+        *comm_rows(models, args),
+    ]
+    if getattr(model, "compute_members", 1) > 1:
+        parts += [
+            "",
+            "## Uncertainty: the compute members' spread against the error (test pool, "
+            "1-400 shards, any batch, noise-free sim)",
+            "",
+            *spread_rows(model, args),
+        ]
     emit("\n".join(parts), args.out, title="Cost model range: scales, batches, table families")
     return 0
 
