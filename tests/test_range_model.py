@@ -100,9 +100,14 @@ def test_cluster_comm_labels_match_the_sim_on_that_cluster():
     for i in range(3):
         n, per_host = len(sums[i]), int(ctx[i, 1])
         assert n % per_host == 0
-        cluster = Cluster.uniform(n, GB, int(ctx[i, 0]), devices_per_host=per_host,
-                                  intra_host_bw_bytes_per_ms=ctx[i, 2],
-                                  inter_host_bw_bytes_per_ms=ctx[i, 3])
+        cluster = Cluster.uniform(
+            n,
+            GB,
+            int(ctx[i, 0]),
+            devices_per_host=per_host,
+            intra_host_bw_bytes_per_ms=ctx[i, 2],
+            inter_host_bw_bytes_per_ms=ctx[i, 3],
+        )
         sim = SimBackend("h100", int(ctx[i, 0])).for_cluster(cluster)
         np.testing.assert_allclose(data.bwd_ms[i, :n], sim.bwd_comm_ms(sums[i][None])[0])
 
@@ -113,9 +118,16 @@ def test_cluster_comm_labels_match_the_sim_on_that_cluster():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("range")
-    return gen.train_range_model(out, compute_samples=300, comm_samples=120,
-                                 generated_tables=60, members=2, conservative_k=0.0,
-                                 compute_seconds=4, comm_seconds=2)
+    return gen.train_range_model(
+        out,
+        compute_samples=300,
+        comm_samples=120,
+        generated_tables=60,
+        members=2,
+        conservative_k=0.0,
+        compute_seconds=4,
+        comm_seconds=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +147,12 @@ def test_meta_records_the_ranges_and_inputs(model_dir):
     assert 0.015 < floors["compute"]["floor_mape"] < 0.035
     assert 0.015 < floors["bwd_comm"]["floor_mape"] < 0.035
     assert set(meta["metrics"]["compute"]["test"]["by_batch"]) <= {
-        "512", "2048", "8192", "32768", "131072"}
+        "512",
+        "2048",
+        "8192",
+        "32768",
+        "131072",
+    }
     assert meta["metrics"]["bwd_comm"]["test"]["by_hosts"]
 
 
@@ -155,7 +172,8 @@ def test_save_load_keeps_predictions(model, model_dir, tmp_path):
     load = [[make_table("a", dim=36), make_table("b", rows=10**9, dim=512)]]
     bound = model.for_cluster(Cluster.uniform(32, GB, 4096, devices_per_host=8))
     again = load_cost_model(model.save(tmp_path / "m")).for_cluster(
-        Cluster.uniform(32, GB, 4096, devices_per_host=8))
+        Cluster.uniform(32, GB, 4096, devices_per_host=8)
+    )
     np.testing.assert_array_equal(bound.compute_ms(load), again.compute_ms(load))
     d = np.arange(32, dtype=float)[None] * 16
     np.testing.assert_array_equal(bound.fwd_comm_ms(d, d / 100), again.fwd_comm_ms(d, d / 100))
@@ -167,8 +185,9 @@ def test_spread_and_conservative_price(model):
     assert spread[0] > 0 and spread[1] > 0 and spread[2] == 0
     base = model.compute_ms(loads)
     cautious = model.with_conservative(2.0).compute_ms(loads)
-    np.testing.assert_allclose(cautious[:2], (base[:2] + 1e-3) * np.exp(2 * spread[:2]) - 1e-3,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        cautious[:2], (base[:2] + 1e-3) * np.exp(2 * spread[:2]) - 1e-3, rtol=1e-4
+    )
     assert cautious[2] == 0.0
     with pytest.raises(ValueError):
         model.with_conservative(-1.0)
@@ -200,4 +219,22 @@ def test_warm_start_begins_from_the_given_weights(model, model_dir, tmp_path):
     np.testing.assert_allclose(again.compute_ms(load), model.compute_ms(load), rtol=1e-5)
     with pytest.raises(ValueError, match="architecture"):
         NeuralCostModel(range_inputs=True, compute_members=1, max_epochs=0).fit(
-            compute, comm, compute_batch=batches, comm_context=ctx, init_from=model)
+            compute, comm, compute_batch=batches, comm_context=ctx, init_from=model
+        )
+
+
+def test_the_search_path_pays_the_conservative_price(model):
+    """The scorer's additive path (summed shard embeddings through the head) prices a load
+    as compute_ms does, spread included."""
+    from neuroshard.search.scoring import plan_cost
+    from neuroshard.types import Plan, Shard
+
+    cautious = model.with_conservative(1.0)
+    load = [make_table(f"t{i}", dim=8 * (i + 1)) for i in range(20)]
+    emb = cautious.shard_embeddings(load).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(cautious.compute_from_embeddings(emb, [20]),
+                               cautious.compute_ms([load]), rtol=1e-4)
+    cluster = Cluster.uniform(2, 10 * GB, 4096)
+    plan = Plan(tuple(load), tuple(Shard(t.name, 0, t.dim, 0) for t in load), cluster)
+    assert plan_cost(plan, cautious).devices[0].compute_ms > plan_cost(plan, model).devices[
+        0].compute_ms
