@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from _common import REPO, add_task_args, emit
 
 SEARCHERS = (

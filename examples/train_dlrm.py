@@ -67,14 +67,21 @@ def build_model(tables, device):
             super().__init__()
             self.sparse = nn.Module()
             self.sparse.ebc = EmbeddingBagCollection(
-                tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows,
-                                           embedding_dim=t.dim, feature_names=[f"f_{t.name}"])
-                        for t in tables],
+                tables=[
+                    EmbeddingBagConfig(
+                        name=t.name,
+                        num_embeddings=t.rows,
+                        embedding_dim=t.dim,
+                        feature_names=[f"f_{t.name}"],
+                    )
+                    for t in tables
+                ],
                 device=device,
             )
             self.keys = [f"f_{t.name}" for t in tables]
-            self.bottom = nn.Sequential(nn.Linear(NUM_DENSE, 64), nn.ReLU(), nn.Linear(64, 32),
-                                        nn.ReLU())
+            self.bottom = nn.Sequential(
+                nn.Linear(NUM_DENSE, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU()
+            )
             width = 32 + sum(t.dim for t in tables)
             self.top = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1))
             # perf_counter readings of the embedding stage, filled by each forward/backward
@@ -89,9 +96,11 @@ def build_model(tables, device):
             marks["fwd_end"] = time.perf_counter()
             values = pooled.values()
             if values.requires_grad:
+
                 def at_embeddings(grad):
                     marks["bwd_start"] = time.perf_counter()
                     return grad
+
                 values.register_hook(at_embeddings)
             x = torch.cat([self.bottom(dense)] + [pooled[k] for k in self.keys], dim=1)
             return self.top(x).squeeze(1)
@@ -112,8 +121,9 @@ def synthetic_batch(tables, batch_size: int, generator):
         u = torch.rand(int(n.sum()), generator=generator)
         lengths.append(n)
         values.append((u.pow(3.0) * t.rows).long().clamp_(max=t.rows - 1))
-    kjt = KeyedJaggedTensor(keys=[f"f_{t.name}" for t in tables], values=torch.cat(values),
-                            lengths=torch.cat(lengths))
+    kjt = KeyedJaggedTensor(
+        keys=[f"f_{t.name}" for t in tables], values=torch.cat(values), lengths=torch.cat(lengths)
+    )
     first = torch.zeros(batch_size)
     has = lengths[0] > 0
     starts = torch.cumsum(lengths[0], 0) - lengths[0]
@@ -125,8 +135,16 @@ def synthetic_batch(tables, batch_size: int, generator):
 # --------------------------------------------------------------------------- planning
 
 
-def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: str,
-              cost_model: str, memory_bytes: int, plan_path: Path | None = None):
+def make_plan(
+    tables,
+    world_size: int,
+    batch_size: int,
+    planner: str,
+    searcher: str,
+    cost_model: str,
+    memory_bytes: int,
+    plan_path: Path | None = None,
+):
     """A TorchRec ShardingPlan for the model's EBC, planned once in this process (or read
     from a NeuroShard plan file), and the NeuroShard plan behind it if there is one."""
     import torch
@@ -146,18 +164,27 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
 
         ns_plan = read_plan(plan_path)
         if ns_plan.cluster.num_devices != world_size:
-            raise SystemExit(f"{plan_path} is for {ns_plan.cluster.num_devices} devices, "
-                             f"not {world_size}")
+            raise SystemExit(
+                f"{plan_path} is for {ns_plan.cluster.num_devices} devices, not {world_size}"
+            )
         return load_sharding_plan(plan_path, model, device_type="cpu"), ns_plan
     if planner == "torchrec":
         # its default search, with the fused kernel and the sharding types that kernel
         # runs on CPU (row-wise needs reduce-scatter, which gloo lacks)
-        constraints = {t.name: ParameterConstraints(
-                           sharding_types=["table_wise", "column_wise", "table_column_wise"],
-                           compute_kernels=["fused"], pooling_factors=[t.pooling_factor])
-                       for t in tables}
-        plan = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size // world_size,
-                                        constraints=constraints, debug=False).plan(model, sharders)
+        constraints = {
+            t.name: ParameterConstraints(
+                sharding_types=["table_wise", "column_wise", "table_column_wise"],
+                compute_kernels=["fused"],
+                pooling_factors=[t.pooling_factor],
+            )
+            for t in tables
+        }
+        plan = EmbeddingShardingPlanner(
+            topology=topology,
+            batch_size=batch_size // world_size,
+            constraints=constraints,
+            debug=False,
+        ).plan(model, sharders)
         return plan, None
 
     estimator, backend = None, None
@@ -169,9 +196,13 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
     try:
         # TorchRec's batch_size is per rank; the shipped model for this CPU topology is
         # the CPU-measured one, which prices a global batch of 4,096
-        ns = NeuroShardPlanner(topology, table_stats={t.name: t for t in tables},
-                               searcher=searcher, estimator=estimator,
-                               batch_size=batch_size // world_size)
+        ns = NeuroShardPlanner(
+            topology,
+            table_stats={t.name: t for t in tables},
+            searcher=searcher,
+            estimator=estimator,
+            batch_size=batch_size // world_size,
+        )
         plan = ns.plan(model, sharders)
     finally:
         if backend is not None and hasattr(backend, "close"):
@@ -182,8 +213,9 @@ def make_plan(tables, world_size: int, batch_size: int, planner: str, searcher: 
 # --------------------------------------------------------------------------- training
 
 
-def _worker(rank: int, args: argparse.Namespace, tables, sharding_plan, port: int,
-            out_path: str | None) -> None:
+def _worker(
+    rank: int, args: argparse.Namespace, tables, sharding_plan, port: int, out_path: str | None
+) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import _apply_optimizer_in_backward
@@ -193,15 +225,21 @@ def _worker(rank: int, args: argparse.Namespace, tables, sharding_plan, port: in
 
     _setup_logging(f"[rank {rank}] ")
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size
+    )
     try:
         torch.manual_seed(args.seed)
         model = build_model(tables, torch.device("meta"))
-        _apply_optimizer_in_backward(torch.optim.SGD, model.sparse.ebc.parameters(),
-                                     {"lr": args.lr})
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=sharding_plan,
-                                       sharders=[EmbeddingBagCollectionSharder()])
+        _apply_optimizer_in_backward(
+            torch.optim.SGD, model.sparse.ebc.parameters(), {"lr": args.lr}
+        )
+        dmp = DistributedModelParallel(
+            model,
+            device=torch.device("cpu"),
+            plan=sharding_plan,
+            sharders=[EmbeddingBagCollectionSharder()],
+        )
         dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
         dense_opt = torch.optim.SGD(dense_params, lr=args.lr)
         marks = dmp.module.marks
@@ -227,21 +265,39 @@ def _worker(rank: int, args: argparse.Namespace, tables, sharding_plan, port: in
             stage_ms.append(float(t[0]))
             losses.append(float(t[1]) / args.world_size)
             if rank == 0:
-                logger.info("step %d loss %.4f embedding stage %.2f ms "
-                            "(rank 0: fwd %.2f, bwd %.2f)",
-                            step, losses[-1], stage_ms[-1], fwd_ms, bwd_ms)
+                logger.info(
+                    "step %d loss %.4f embedding stage %.2f ms (rank 0: fwd %.2f, bwd %.2f)",
+                    step,
+                    losses[-1],
+                    stage_ms[-1],
+                    fwd_ms,
+                    bwd_ms,
+                )
         if rank == 0:
-            timed = np.asarray(stage_ms[args.warmup:])
+            timed = np.asarray(stage_ms[args.warmup :])
             p25, med, p75 = np.percentile(timed, [25, 50, 75])
-            summary = {"planner": args.planner, "world_size": args.world_size,
-                       "batch_size": args.batch_size, "steps": len(timed),
-                       "embedding_stage_median_ms": float(med),
-                       "embedding_stage_iqr_ms": [float(p25), float(p75)],
-                       "spread": float((p75 - p25) / med), "losses": losses,
-                       "stage_ms": stage_ms}
-            logger.info("embedding stage: median %.2f ms over %d steps (IQR %.2f-%.2f ms, "
-                        "spread %.1f%%); loss %.4f -> %.4f", med, len(timed), p25, p75,
-                        100 * summary["spread"], losses[0], losses[-1])
+            summary = {
+                "planner": args.planner,
+                "world_size": args.world_size,
+                "batch_size": args.batch_size,
+                "steps": len(timed),
+                "embedding_stage_median_ms": float(med),
+                "embedding_stage_iqr_ms": [float(p25), float(p75)],
+                "spread": float((p75 - p25) / med),
+                "losses": losses,
+                "stage_ms": stage_ms,
+            }
+            logger.info(
+                "embedding stage: median %.2f ms over %d steps (IQR %.2f-%.2f ms, "
+                "spread %.1f%%); loss %.4f -> %.4f",
+                med,
+                len(timed),
+                p25,
+                p75,
+                100 * summary["spread"],
+                losses[0],
+                losses[-1],
+            )
             if out_path:
                 Path(out_path).write_text(json.dumps(summary, indent=1))
     finally:
@@ -266,17 +322,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the summary")
-    parser.add_argument("--batch-size", type=int, default=4096,
-                        help="global batch (the shipped CPU model prices 4,096)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4096,
+        help="global batch (the shipped CPU model prices 4,096)",
+    )
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--planner", choices=("neuroshard", "torchrec"), default="neuroshard")
     parser.add_argument("--searcher", default="neuroshard", help="NeuroShard searcher name")
-    parser.add_argument("--cost-model", default="shipped",
-                        help="'shipped' (pre-trained model) or a backend name, e.g. 'cpu'")
+    parser.add_argument(
+        "--cost-model",
+        default="shipped",
+        help="'shipped' (pre-trained model) or a backend name, e.g. 'cpu'",
+    )
     parser.add_argument("--memory-gb", type=float, default=2.0, help="memory cap per rank")
     parser.add_argument("--tables", type=Path, help="table config (default: 8 built-in tables)")
-    parser.add_argument("--plan", type=Path,
-                        help="use this NeuroShard plan file instead of planning")
+    parser.add_argument(
+        "--plan", type=Path, help="use this NeuroShard plan file instead of planning"
+    )
     parser.add_argument("--save-plan", type=Path, help="write the NeuroShard plan here")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--seed", type=int, default=0)
@@ -291,13 +355,21 @@ def main(argv: list[str] | None = None) -> None:
         tables = tuple(load_tables(args.tables))
     else:
         tables = DEFAULT_TABLES
-    sharding_plan, ns_plan = make_plan(tables, args.world_size, args.batch_size, args.planner,
-                                       args.searcher, args.cost_model,
-                                       int(args.memory_gb * (1 << 30)), args.plan)
+    sharding_plan, ns_plan = make_plan(
+        tables,
+        args.world_size,
+        args.batch_size,
+        args.planner,
+        args.searcher,
+        args.cost_model,
+        int(args.memory_gb * (1 << 30)),
+        args.plan,
+    )
     logger.info("sharding plan (%s):%s", args.planner, sharding_plan)
     if ns_plan is not None and ns_plan.cost is not None:
-        logger.info("NeuroShard predicted cost %.3f ms (%s)", ns_plan.cost.max_ms,
-                    ns_plan.cost.model)
+        logger.info(
+            "NeuroShard predicted cost %.3f ms (%s)", ns_plan.cost.max_ms, ns_plan.cost.model
+        )
     if args.save_plan and ns_plan is not None:
         from neuroshard.plan_io import write_plan
 
@@ -305,9 +377,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(args, tables, sharding_plan, _free_port(),
-                                      str(args.out) if args.out else None),
-                       nprocs=args.world_size, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(args, tables, sharding_plan, _free_port(), str(args.out) if args.out else None),
+        nprocs=args.world_size,
+        start_method="spawn",
+    )
 
 
 if __name__ == "__main__":

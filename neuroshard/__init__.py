@@ -19,7 +19,17 @@ from neuroshard.types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cluster", "CostEstimator", "DeviceCost", "HardwareBackend", "ModelMismatchError",
-    "NeuroShardError", "Plan", "PlanCost", "PlanInfeasibleError", "Searcher", "Shard",
-    "TableSpec", "TableSpecError",
+    "Cluster",
+    "CostEstimator",
+    "DeviceCost",
+    "HardwareBackend",
+    "ModelMismatchError",
+    "NeuroShardError",
+    "Plan",
+    "PlanCost",
+    "PlanInfeasibleError",
+    "Searcher",
+    "Shard",
+    "TableSpec",
+    "TableSpecError",
 ]

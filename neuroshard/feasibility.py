@@ -71,8 +71,9 @@ def infeasibility(
     return None
 
 
-def _total_error(specs: Sequence[TableSpec], sizes: Sequence[int], need: int, total: int,
-                 cluster: Cluster) -> PlanInfeasibleError:
+def _total_error(
+    specs: Sequence[TableSpec], sizes: Sequence[int], need: int, total: int, cluster: Cluster
+) -> PlanInfeasibleError:
     biggest = sorted(range(len(specs)), key=lambda i: -sizes[i])[:3]
     reserve = cluster.hbm_reserve_fraction
     after = f" after a {reserve:.0%} reserve" if reserve else ""
@@ -84,8 +85,9 @@ def _total_error(specs: Sequence[TableSpec], sizes: Sequence[int], need: int, to
     )
 
 
-def _options(t: TableSpec, rule: TableConstraint, cluster: Cluster
-             ) -> list[tuple[str, int, int, int]]:
+def _options(
+    t: TableSpec, rule: TableConstraint, cluster: Cluster
+) -> list[tuple[str, int, int, int]]:
     """Per allowed (type, kernel): (label, HBM per device, host memory per device, HBM in
     total) at their smallest (narrowest column shard, lowest cache fraction)."""
     devices = rule.allowed_devices(cluster)
@@ -110,16 +112,16 @@ def _options(t: TableSpec, rule: TableConstraint, cluster: Cluster
                 continue
             fraction = rule.cache_fraction or MIN_CACHE_FRACTION
             hbm = shard_hbm_bytes(rows, width, kernel, fraction, optimizer)
-            host = embedding_bytes(rows, width, optimizer) if kernel == "fused_uvm_caching" \
-                else 0
+            host = embedding_bytes(rows, width, optimizer) if kernel == "fused_uvm_caching" else 0
             whole = shard_hbm_bytes(t.rows, t.dim, kernel, fraction, optimizer) * copies
             suffix = "" if kernel == "fused" else f" on {kernel}"
             out.append((label + suffix, hbm, host, whole))
     return out
 
 
-def check_fits(tables: Sequence[TableSpec], cluster: Cluster,
-               constraints: Constraints | None = None) -> None:
+def check_fits(
+    tables: Sequence[TableSpec], cluster: Cluster, constraints: Constraints | None = None
+) -> None:
     """Raise :class:`PlanInfeasibleError` when no plan of ``tables`` can exist on
     ``cluster``: a table none of whose allowed sharding types and kernels fits a device
     (its smallest shard: a 4-column slice, a row block over every device or a host, an
@@ -137,8 +139,9 @@ def check_fits(tables: Sequence[TableSpec], cluster: Cluster,
         options = _options(t, rule, cluster)
         fitting = [o for o in options if o[1] <= largest and o[2] <= largest_host]
         if not options:
-            raise ConstraintError(f"table {t.name!r}: its constraints allow no sharding type "
-                                  "and kernel")
+            raise ConstraintError(
+                f"table {t.name!r}: its constraints allow no sharding type and kernel"
+            )
         if not fitting:
             too_big.append((t, min(options, key=lambda o: (o[2] > largest_host, o[1]))))
         else:
@@ -146,14 +149,17 @@ def check_fits(tables: Sequence[TableSpec], cluster: Cluster,
     if too_big:
         names = ", ".join(
             f"{t.name!r} ({format_bytes(embedding_bytes(t.rows, t.dim, cluster.optimizer))}; "
-            f"smallest shard {format_bytes(o[1])} {o[0]})" for t, o in too_big)
+            f"smallest shard {format_bytes(o[1])} {o[0]})"
+            for t, o in too_big
+        )
         reserve = cluster.hbm_reserve_fraction
         after = f" after a {reserve:.0%} reserve" if reserve else ""
         raise PlanInfeasibleError(
             f"larger than any device under every sharding type and kernel: {names}; "
             f"largest device memory {format_bytes(max(budget))}{after}, host memory "
             f"{format_bytes(max(host_budget))}, total {format_bytes(sum(budget))} on "
-            f"{cluster.num_devices} devices")
+            f"{cluster.num_devices} devices"
+        )
     need = sum(least)
     if need > sum(budget):
         raise _total_error(tables, least, need, sum(budget), cluster)
@@ -170,15 +176,19 @@ def constraint_problems(plan: Plan, constraints: Constraints) -> list[str]:
             problems.append(f"table {t.name!r} is {kind}, allowed {list(rule.sharding_types)}")
         kernels = {s.compute_kernel for s in shards}
         if any(not rule.allows_kernel(k) for k in kernels):
-            problems.append(f"table {t.name!r} runs on {sorted(kernels)}, allowed "
-                            f"{list(rule.compute_kernels)}")
+            problems.append(
+                f"table {t.name!r} runs on {sorted(kernels)}, allowed {list(rule.compute_kernels)}"
+            )
         allowed = set(rule.allowed_devices(plan.cluster))
         if kind != "data_parallel" and any(s.device not in allowed for s in shards):
-            problems.append(f"table {t.name!r} has shards on devices "
-                            f"{sorted({s.device for s in shards} - allowed)}, pinned to "
-                            f"{sorted(allowed)}")
+            problems.append(
+                f"table {t.name!r} has shards on devices "
+                f"{sorted({s.device for s in shards} - allowed)}, pinned to "
+                f"{sorted(allowed)}"
+            )
         if rule.cache_fraction is not None and any(
-                s.cache_fraction != rule.cache_fraction for s in shards):
+            s.cache_fraction != rule.cache_fraction for s in shards
+        ):
             problems.append(f"table {t.name!r}: cache fraction is not {rule.cache_fraction}")
     for group in constraints.colocate:
         devices = {s.device for name in group for s in plan.shards_of(name)}
@@ -194,5 +204,4 @@ def check_constraints(plan: Plan, constraints: Constraints | None) -> None:
     problems = constraint_problems(plan, constraints)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ConstraintError("the plan breaks its constraints: " + "; ".join(problems[:5])
-                              + more)
+        raise ConstraintError("the plan breaks its constraints: " + "; ".join(problems[:5]) + more)

@@ -80,8 +80,12 @@ def batch_features(raw: np.ndarray, batch_size: float | np.ndarray) -> np.ndarra
     lookups = batch * np.maximum(raw[:, _POOLING], 0.0)
     unique = np.minimum(np.maximum(raw[:, _ROWS], 1.0), lookups / np.maximum(a_bar, 1.0))
     out_bytes = batch * np.maximum(raw[:, _DIM], 1.0) * BYTES_PER_FLOAT
-    cols = (np.log10(np.maximum(batch, 1.0)), np.log10(1.0 + lookups),
-            np.log10(1.0 + unique), np.log10(1.0 + out_bytes))
+    cols = (
+        np.log10(np.maximum(batch, 1.0)),
+        np.log10(1.0 + lookups),
+        np.log10(1.0 + unique),
+        np.log10(1.0 + out_bytes),
+    )
     return np.stack(cols, axis=-1).astype(np.float32)
 
 

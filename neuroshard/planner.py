@@ -138,13 +138,15 @@ class Planner:
             if not _takes(search, "constraints"):
                 raise ConstraintError(
                     f"searcher {self.searcher_name!r} does not take constraints; use "
-                    "'neuroshard' or 'greedy-grid'")
+                    "'neuroshard' or 'greedy-grid'"
+                )
             options["constraints"] = self.constraints
         check_fits(tables, cluster, self.constraints)
         estimator = self.estimator_for(cluster)
         # Searchers see the budgets after the reserve as their caps.
-        seen = replace(cluster, memory_per_device_bytes=cluster.hbm_budget_bytes,
-                       hbm_reserve_fraction=0.0)
+        seen = replace(
+            cluster, memory_per_device_bytes=cluster.hbm_budget_bytes, hbm_reserve_fraction=0.0
+        )
         start = time.perf_counter()
         plan = search(list(tables), seen, estimator, seed=self.seed, **options)
         seconds = time.perf_counter() - start

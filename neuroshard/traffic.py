@@ -117,8 +117,9 @@ def zero_fixed(num_devices: int) -> np.ndarray:
     return np.zeros((NUM_FIXED, num_devices))
 
 
-def fixed_traffic(table: TableSpec, sharding_type: str, devices: Sequence[int],
-                  cluster: Cluster) -> np.ndarray:
+def fixed_traffic(
+    table: TableSpec, sharding_type: str, devices: Sequence[int], cluster: Cluster
+) -> np.ndarray:
     """``(NUM_FIXED, N)``: the collectives ``table`` placed as ``sharding_type`` on
     ``devices`` adds (zero for the all-to-all types, whose cost is the estimator's)."""
     n, g, h = cluster.num_devices, cluster.devices_per_host, cluster.num_hosts
@@ -156,13 +157,12 @@ def combine(parts: Sequence[np.ndarray], num_devices: int) -> np.ndarray:
     """The fixed traffic of several tables: bytes add up, group memberships do not."""
     out = zero_fixed(num_devices)
     for part in parts:
-        out[:_FLAGS.start] += part[:_FLAGS.start]
+        out[: _FLAGS.start] += part[: _FLAGS.start]
         np.maximum(out[_FLAGS], part[_FLAGS], out=out[_FLAGS])
     return out
 
 
-def finish(fixed: np.ndarray, ids: np.ndarray, host_bytes: np.ndarray,
-           cluster: Cluster) -> Traffic:
+def finish(fixed: np.ndarray, ids: np.ndarray, host_bytes: np.ndarray, cluster: Cluster) -> Traffic:
     """:class:`Traffic` from the fixed traffic ``(..., NUM_FIXED, N)``, the ids each device
     receives ``(..., N)`` and its host-link bytes ``(..., N)``."""
     n, g, h = cluster.num_devices, cluster.devices_per_host, cluster.num_hosts
@@ -272,28 +272,41 @@ class LinkSpeeds:
         return replace(
             self,
             intra_bytes_per_ms=cluster.intra_host_bw_bytes_per_ms or self.intra_bytes_per_ms,
-            inter_bytes_per_ms=cluster.inter_host_bw_bytes_per_ms or self.inter_bytes_per_ms)
+            inter_bytes_per_ms=cluster.inter_host_bw_bytes_per_ms or self.inter_bytes_per_ms,
+        )
 
 
-DEFAULT_SPEEDS = LinkSpeeds(intra_bytes_per_ms=450 * GB_PER_S, inter_bytes_per_ms=50 * GB_PER_S,
-                            host_bytes_per_ms=63 * GB_PER_S)
+DEFAULT_SPEEDS = LinkSpeeds(
+    intra_bytes_per_ms=450 * GB_PER_S,
+    inter_bytes_per_ms=50 * GB_PER_S,
+    host_bytes_per_ms=63 * GB_PER_S,
+)
 
 
 def price(traffic: Traffic, speeds: LinkSpeeds) -> ExtraCosts:
     """The ms ``traffic`` costs per device at ``speeds`` (the formulas in the module doc)."""
     intra = speeds.intra_bytes_per_ms * speeds.efficiency
     inter = speeds.inter_bytes_per_ms * speeds.efficiency
-    fwd = (traffic.fwd_intra_bytes / intra + traffic.fwd_inter_bytes / inter
-           + traffic.fwd_calls * speeds.launch_ms + traffic.fwd_steps * speeds.step_ms)
-    bwd = (traffic.bwd_intra_bytes / intra + traffic.bwd_inter_bytes / inter
-           + traffic.bwd_calls * speeds.launch_ms + traffic.bwd_steps * speeds.step_ms)
+    fwd = (
+        traffic.fwd_intra_bytes / intra
+        + traffic.fwd_inter_bytes / inter
+        + traffic.fwd_calls * speeds.launch_ms
+        + traffic.fwd_steps * speeds.step_ms
+    )
+    bwd = (
+        traffic.bwd_intra_bytes / intra
+        + traffic.bwd_inter_bytes / inter
+        + traffic.bwd_calls * speeds.launch_ms
+        + traffic.bwd_steps * speeds.step_ms
+    )
     inputs = np.maximum(traffic.ids_intra_bytes / intra, traffic.ids_inter_bytes / inter)
     host = traffic.host_bytes / (speeds.host_bytes_per_ms * speeds.host_efficiency)
     return ExtraCosts(fwd, bwd, inputs, host)
 
 
-def nic_alltoall_ms(dim_sums: np.ndarray, cluster: Cluster,
-                    speeds: LinkSpeeds = DEFAULT_SPEEDS) -> np.ndarray:
+def nic_alltoall_ms(
+    dim_sums: np.ndarray, cluster: Cluster, speeds: LinkSpeeds = DEFAULT_SPEEDS
+) -> np.ndarray:
     """The inter-host part of the pooled all-to-all alone, per device ``(..., N)``: the
     larger of what a device sends to and receives from other hosts (``B / N`` samples of
     its peers' dim sums, 4 bytes a value) over ``efficiency x`` the NIC's bandwidth (the
@@ -311,8 +324,9 @@ def nic_alltoall_ms(dim_sums: np.ndarray, cluster: Cluster,
     return np.maximum(send, recv) / bandwidth
 
 
-def analytic_extra_ms(traffic: Traffic, cluster: Cluster,
-                      speeds: LinkSpeeds = DEFAULT_SPEEDS) -> ExtraCosts:
+def analytic_extra_ms(
+    traffic: Traffic, cluster: Cluster, speeds: LinkSpeeds = DEFAULT_SPEEDS
+) -> ExtraCosts:
     """What ``traffic`` costs at the cluster's bandwidths (else ``speeds``'): the price
     of the extra traffic for estimators that have no ``extra_ms`` of their own."""
     return price(traffic, speeds.for_cluster(cluster))

@@ -58,15 +58,15 @@ import importlib.resources
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from neuroshard.types import (
     DEFAULT_BATCH_SIZE,
-    DIM_MULTIPLE,
     HIST_UPPER_EDGES,
     NUM_HIST_BINS,
     TableSpec,
@@ -101,12 +101,36 @@ _K_BIN = np.searchsorted(np.asarray(HIST_UPPER_EDGES[:-1]), _K, side="left")
 # dataset: fraction of unique indices per access-count bin, the ten bins published with
 # non-zero figures (the rest round to 0.000).
 DATASET_UNIQUE_FRACTIONS: tuple[float, ...] = (
-    0.473, 0.152, 0.139, 0.112, 0.072, 0.032, 0.011, 0.005, 0.002, 0.001,
+    0.473,
+    0.152,
+    0.139,
+    0.112,
+    0.072,
+    0.032,
+    0.011,
+    0.005,
+    0.002,
+    0.001,
 )
 # dataset: fraction of all lookups by the access count of their index, 17 bins.
 DATASET_LOOKUP_FRACTIONS: tuple[float, ...] = (
-    0.069, 0.044, 0.068, 0.101, 0.121, 0.104, 0.073, 0.058, 0.052, 0.050, 0.049, 0.048,
-    0.048, 0.043, 0.031, 0.023, 0.019,
+    0.069,
+    0.044,
+    0.068,
+    0.101,
+    0.121,
+    0.104,
+    0.073,
+    0.058,
+    0.052,
+    0.050,
+    0.049,
+    0.048,
+    0.048,
+    0.043,
+    0.031,
+    0.023,
+    0.019,
 )
 DATASET_ACCESSES_PER_UNIQUE = 887_017_990 / 128_435_723  # dataset: 6.9
 
@@ -148,8 +172,13 @@ def _bin_index(counts: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, counts, side="left")
 
 
-def reuse_profile(rows: int, pooling_factor: float, exponent: float, offset: float = 0.0,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> ReuseProfile:
+def reuse_profile(
+    rows: int,
+    pooling_factor: float,
+    exponent: float,
+    offset: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> ReuseProfile:
     """Expected reuse histogram, unique rows and lookup split of one table whose rows are
     looked up ``batch_size x pooling_factor`` times, row ``r`` with probability
     proportional to ``(r + offset)**-exponent``."""
@@ -164,8 +193,9 @@ def rank_groups(rows: int) -> tuple[np.ndarray, np.ndarray]:
     return _rank_groups(int(rows))
 
 
-def profile_from_masses(lo: np.ndarray, hi: np.ndarray, mass: np.ndarray,
-                        lookups: float) -> ReuseProfile:
+def profile_from_masses(
+    lo: np.ndarray, hi: np.ndarray, mass: np.ndarray, lookups: float
+) -> ReuseProfile:
     """The :class:`ReuseProfile` of ``lookups`` independent lookups that fall in the rank
     group ``[lo[i], hi[i])`` with probability proportional to ``mass[i]``, spread evenly
     over its rows (any access distribution, given group by group)."""
@@ -185,8 +215,9 @@ def profile_from_masses(lo: np.ndarray, hi: np.ndarray, mass: np.ndarray,
     # Hot groups: binned by their expected count (Poisson is narrow there).
     hot = ~cool
     bins = _bin_index(count[hot])
-    unique_by_bin += np.bincount(bins, weights=-np.expm1(-count[hot]) * size[hot],
-                                 minlength=NUM_HIST_BINS)
+    unique_by_bin += np.bincount(
+        bins, weights=-np.expm1(-count[hot]) * size[hot], minlength=NUM_HIST_BINS
+    )
     lookups_by_bin += np.bincount(bins, weights=count[hot] * size[hot], minlength=NUM_HIST_BINS)
     unique = float(unique_by_bin.sum())
     return ReuseProfile(
@@ -197,7 +228,7 @@ def profile_from_masses(lo: np.ndarray, hi: np.ndarray, mass: np.ndarray,
     )
 
 
-def _clean_hist(hist: Sequence[float]) -> tuple[float, ...]:
+def _clean_hist(hist: Sequence[float] | np.ndarray) -> tuple[float, ...]:
     """Round to 6 decimals and renormalise by moving the rounding residue into the largest
     bin, so the fractions stay short, sum to 1 and survive a JSON round trip unchanged."""
     h = np.round(np.asarray(hist, dtype=float) / float(np.sum(hist)), 6)
@@ -219,8 +250,9 @@ def _pooling_factors(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _generate(n: int, seed: int, batch_size: int) -> tuple[list[TableSpec], list[ReuseProfile]]:
     rng = np.random.default_rng(seed)
-    rows = np.clip(np.round(rng.lognormal(math.log(ROWS_MEDIAN), ROWS_SIGMA, size=n)),
-                   ROWS_MIN, ROWS_MAX).astype(np.int64)
+    rows = np.clip(
+        np.round(rng.lognormal(math.log(ROWS_MEDIAN), ROWS_SIGMA, size=n)), ROWS_MIN, ROWS_MAX
+    ).astype(np.int64)
     pooling = _pooling_factors(rng, n)
     exponents = np.clip(rng.normal(ZIPF_MEAN, ZIPF_SD, size=n), ZIPF_MIN, ZIPF_MAX)
     offsets = np.exp(rng.uniform(math.log(OFFSET_MIN), math.log(OFFSET_MAX), size=n)) - 1.0
@@ -230,8 +262,15 @@ def _generate(n: int, seed: int, batch_size: int) -> tuple[list[TableSpec], list
         pf = round(float(pooling[i]), 4)
         prof = reuse_profile(int(rows[i]), pf, float(exponents[i]), float(offsets[i]), batch_size)
         profiles.append(prof)
-        tables.append(TableSpec(name=f"dlrm_{i:0{width}d}", rows=int(rows[i]), dim=POOL_DIM,
-                                pooling_factor=pf, reuse_hist=prof.hist))
+        tables.append(
+            TableSpec(
+                name=f"dlrm_{i:0{width}d}",
+                rows=int(rows[i]),
+                dim=POOL_DIM,
+                pooling_factor=pf,
+                reuse_hist=prof.hist,
+            )
+        )
     return tables, profiles
 
 
@@ -241,9 +280,11 @@ def generate_pool(n: int = POOL_SIZE, seed: int = DEFAULT_SEED) -> list[TableSpe
     return tables
 
 
-def generate_pool_with_profiles(n: int = POOL_SIZE, seed: int = DEFAULT_SEED,
-                                batch_size: int = DEFAULT_BATCH_SIZE,
-                                ) -> tuple[list[TableSpec], list[ReuseProfile]]:
+def generate_pool_with_profiles(
+    n: int = POOL_SIZE,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[list[TableSpec], list[ReuseProfile]]:
     """:func:`generate_pool` plus each table's expected unique rows and lookup split."""
     return _generate(n, seed, batch_size)
 
@@ -260,8 +301,11 @@ def pool_reuse_hist(profiles: Sequence[ReuseProfile]) -> tuple[np.ndarray, np.nd
     return uniq_frac, look_frac
 
 
-def split_pool(tables: Sequence[TableSpec], test_fraction: float = DEFAULT_TEST_FRACTION,
-               seed: int = DEFAULT_SEED) -> tuple[list[TableSpec], list[TableSpec]]:
+def split_pool(
+    tables: Sequence[TableSpec],
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+) -> tuple[list[TableSpec], list[TableSpec]]:
     """Disjoint (train, test) parts by a seeded permutation; each keeps the pool's order."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -285,19 +329,19 @@ def distributions(profiles: Sequence[ReuseProfile] | None = None) -> dict[str, A
     profiles, the pool-wide figures they produce next to the dataset's)."""
     out: dict[str, Any] = {
         "source": "synthetic stand-in for the public DLRM embedding data "
-                  "(facebookresearch/dlrm_datasets); see neuroshard.pretrain.pool",
+        "(facebookresearch/dlrm_datasets); see neuroshard.pretrain.pool",
         "batch_size": DEFAULT_BATCH_SIZE,
         "rows": f"lognormal(median={ROWS_MEDIAN:g}, sigma={ROWS_SIGMA}), rounded, "
-                f"clipped to [{ROWS_MIN}, {ROWS_MAX}]",
+        f"clipped to [{ROWS_MIN}, {ROWS_MAX}]",
         "dim": f"{POOL_DIM} for every table",
         "pooling_factor": f"lognormal(sigma={POOLING_SIGMA}) clipped to [{POOLING_MIN}, "
-                          f"{POOLING_MAX}], rescaled to mean {MEAN_POOLING} (dataset)",
+        f"{POOLING_MAX}], rescaled to mean {MEAN_POOLING} (dataset)",
         "access": f"Zipf-Mandelbrot q_r ~ (r + k)^-s; s ~ normal({ZIPF_MEAN}, {ZIPF_SD}) "
-                  f"clipped to [{ZIPF_MIN}, {ZIPF_MAX}]; k + 1 ~ log-uniform[{OFFSET_MIN:g}, "
-                  f"{OFFSET_MAX:g}]",
+        f"clipped to [{ZIPF_MIN}, {ZIPF_MAX}]; k + 1 ~ log-uniform[{OFFSET_MIN:g}, "
+        f"{OFFSET_MAX:g}]",
         "reuse_hist": "fraction of expected unique rows per access-count bin "
-                      "(0,1],(1,2],(2,4],...,>32768; counts Poisson(65536 x pooling x q_r) "
-                      f"below an expected {_POISSON_BELOW:g}, the expectation above",
+        "(0,1],(1,2],(2,4],...,>32768; counts Poisson(65536 x pooling x q_r) "
+        f"below an expected {_POISSON_BELOW:g}, the expectation above",
         "split": "seeded permutation, disjoint train/test",
     }
     if profiles:
@@ -314,21 +358,31 @@ def distributions(profiles: Sequence[ReuseProfile] | None = None) -> dict[str, A
 
 
 def _table_dict(t: TableSpec) -> dict[str, Any]:
-    return {"name": t.name, "rows": t.rows, "dim": t.dim, "pooling_factor": t.pooling_factor,
-            "reuse_hist": list(t.reuse_hist)}
+    return {
+        "name": t.name,
+        "rows": t.rows,
+        "dim": t.dim,
+        "pooling_factor": t.pooling_factor,
+        "reuse_hist": list(t.reuse_hist),
+    }
 
 
-def save_pool(path: str | Path, train: Sequence[TableSpec], test: Sequence[TableSpec], *,
-              seed: int = DEFAULT_SEED, distributions_info: dict[str, Any] | None = None) -> Path:
+def save_pool(
+    path: str | Path,
+    train: Sequence[TableSpec],
+    test: Sequence[TableSpec],
+    *,
+    seed: int = DEFAULT_SEED,
+    distributions_info: dict[str, Any] | None = None,
+) -> Path:
     """Write a ``neuroshard.pool/v1`` file: one table per line, so diffs stay readable."""
     path = Path(path)
-    header = {"format": POOL_FORMAT, "seed": seed,
-              "distributions": distributions_info if distributions_info is not None
-              else distributions()}
-    info = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
-                      for k, v in header["distributions"].items())
-    parts = [f'{{\n "format": {json.dumps(POOL_FORMAT)},\n "seed": {int(seed)},\n'
-             f' "distributions": {{\n{info}\n }}']
+    dists = distributions_info if distributions_info is not None else distributions()
+    info = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in dists.items())
+    parts = [
+        f'{{\n "format": {json.dumps(POOL_FORMAT)},\n "seed": {int(seed)},\n'
+        f' "distributions": {{\n{info}\n }}'
+    ]
     for key, tables in (("train", train), ("test", test)):
         rows = ",\n".join("  " + json.dumps(_table_dict(t)) for t in tables)
         parts.append(f',\n "{key}": [\n{rows}\n ]')
@@ -343,8 +397,9 @@ def _parse_table(raw: Any, source: str, index: int) -> TableSpec:
     if isinstance(raw, dict):
         missing = [k for k in _TABLE_KEYS if k not in raw]
         if missing:
-            raise TableSpecError("missing", source=source, table=str(raw.get("name", index)),
-                                 field_name=missing[0])
+            raise TableSpecError(
+                "missing", source=source, table=str(raw.get("name", index)), field_name=missing[0]
+            )
     return TableSpec.from_record(raw, source=source, index=index)
 
 
@@ -365,7 +420,7 @@ def load_pool(split: str = "all", path: str | Path | None = None) -> list[TableS
     if not isinstance(doc, dict) or doc.get("format") != POOL_FORMAT:
         raise TableSpecError(f"expected format {POOL_FORMAT!r}", source=source)
     parts = ("train", "test") if split == "all" else (split,)
-    tables = []
+    tables: list[TableSpec] = []
     for part in parts:
         raw = doc.get(part)
         if not isinstance(raw, list):
@@ -380,5 +435,10 @@ def write_default_pool(path: str | Path | None = None) -> Path:
     """Regenerate the shipped pool (856 tables, seed 0, half for test) and write it."""
     tables, profiles = generate_pool_with_profiles(POOL_SIZE, DEFAULT_SEED)
     train, test = split_pool(tables, DEFAULT_TEST_FRACTION, DEFAULT_SEED)
-    return save_pool(path if path is not None else default_pool_path(), train, test,
-                     seed=DEFAULT_SEED, distributions_info=distributions(profiles))
+    return save_pool(
+        path if path is not None else default_pool_path(),
+        train,
+        test,
+        seed=DEFAULT_SEED,
+        distributions_info=distributions(profiles),
+    )

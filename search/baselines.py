@@ -53,8 +53,15 @@ def _key_fn(key: str | TableKey) -> TableKey:
     return KEYS[key]
 
 
-def greedy_baseline(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                    key: str | TableKey, seed: int = 0, budget_s: float | None = None) -> Plan:
+def greedy_baseline(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    key: str | TableKey,
+    seed: int = 0,
+    budget_s: float | None = None,
+) -> Plan:
     """Greedy by ``key`` (a name in :data:`KEYS` or a function of a table).
 
     The estimator is unused; so are ``seed`` (the greedy is deterministic) and
@@ -82,16 +89,28 @@ def greedy_by(key: str | TableKey) -> Searcher:
     """The greedy baseline for ``key`` as a :class:`~neuroshard.types.Searcher`."""
     key_fn = _key_fn(key)
 
-    def search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-               seed: int = 0, budget_s: float | None = None) -> Plan:
+    def search(
+        tables: Sequence[TableSpec],
+        cluster: Cluster,
+        estimator: CostEstimator,
+        *,
+        seed: int = 0,
+        budget_s: float | None = None,
+    ) -> Plan:
         return greedy_baseline(tables, cluster, estimator, key=key, seed=seed)
 
     search.__name__ = f"greedy_by_{key if isinstance(key, str) else key_fn.__name__}"
     return search
 
 
-def random_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, budget_s: float | None = None) -> Plan:
+def random_plan(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+) -> Plan:
     """Each table on a device drawn uniformly among those with room for it, seeded.
 
     A draw that paints itself into a corner is retried (same random stream) up to

@@ -29,8 +29,9 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import cast
 
 from neuroshard.search.greedy import Placement, place_many
 from neuroshard.search.scoring import Scorer
@@ -52,14 +53,24 @@ SplitState = State
 CANDIDATES_PER_KEY = 10  # tables taken by size and by predicted compute at each expansion
 BULK_SIZES = (2, 8, 32, 128, 512)  # tables a bulk move changes at once
 
-__all__ = ["CANDIDATES_PER_KEY", "Layout", "SplitState", "affordable", "beam_search",
-           "expand", "halve", "initial_state"]
+__all__ = [
+    "CANDIDATES_PER_KEY",
+    "Layout",
+    "SplitState",
+    "affordable",
+    "beam_search",
+    "expand",
+    "halve",
+    "initial_state",
+]
 
 
-def initial_state(tables: Sequence[TableSpec], cluster: Cluster,
-                  constraints: Constraints | None = None) -> State:
+def initial_state(
+    tables: Sequence[TableSpec], cluster: Cluster, constraints: Constraints | None = None
+) -> State:
     """The start state: :meth:`Space.initial_state` (table-wise where a table fits)."""
-    return Space(tables, cluster, Scorer(_NoEstimator(cluster)), constraints).initial_state()
+    no_costs = cast(CostEstimator, _NoEstimator(cluster))
+    return Space(tables, cluster, Scorer(no_costs), constraints).initial_state()
 
 
 class _NoEstimator:
@@ -73,13 +84,21 @@ class _NoEstimator:
 
 def _widest(space: Space, i: int, layout: Layout) -> TableSpec:
     t = space.tables[i]
-    return t.with_dim(layout.widths[0]) if layout.kind == COLUMNS and \
-        layout.widths[0] != t.dim else t
+    return (
+        t.with_dim(layout.widths[0]) if layout.kind == COLUMNS and layout.widths[0] != t.dim else t
+    )
 
 
-def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
-           top_k: int = CANDIDATES_PER_KEY, space: Space | None = None,
-           constraints: Constraints | None = None, bulk_moves: bool = True) -> list[State]:
+def expand(
+    state: State,
+    tables: Sequence[TableSpec],
+    scorer: Scorer,
+    *,
+    top_k: int = CANDIDATES_PER_KEY,
+    space: Space | None = None,
+    constraints: Constraints | None = None,
+    bulk_moves: bool = True,
+) -> list[State]:
     """Children of ``state``: one move of a large, costly or chatty table each (see the
     module doc), halvings first, each kind in table order. ``scorer`` needs a cluster
     unless ``space`` is given."""
@@ -91,8 +110,9 @@ def expand(state: State, tables: Sequence[TableSpec], scorer: Scorer, *,
     return [child for child, _ in _children(state, space, top_k, bulk_moves)]
 
 
-def _children(state: State, space: Space, top_k: int,
-              bulk_moves: bool = True) -> list[tuple[State, float]]:
+def _children(
+    state: State, space: Space, top_k: int, bulk_moves: bool = True
+) -> list[tuple[State, float]]:
     """:func:`expand`'s children, each with the predicted compute (ms) of the widest shard
     of the (first) table it moves: single moves, then with ``bulk_moves`` the same move
     for several tables at once; none that takes the devices' shard counts beyond what the
@@ -103,29 +123,30 @@ def _children(state: State, space: Space, top_k: int,
         return []
     scorer = space.scorer
     widest = [_widest(space, i, state[i]) for i in movable]
-    compute = dict(zip(movable, scorer.singles([scorer.item(s) for s in widest]).tolist(),
-                       strict=True))
+    compute = dict(
+        zip(movable, scorer.singles([scorer.item(s) for s in widest]).tolist(), strict=True)
+    )
     size = dict(zip(movable, (s.size_bytes for s in widest), strict=True))
     out: list[tuple[State, float]] = []
 
-    def pick(kind: str, ranked_by: Sequence[dict[int, float]], k: int) -> None:
-        having = [i for i in movable
-                  if any(_kind_of(state[i], m) == kind for m in moves[i])]
+    def pick(kind: str, ranked_by: Sequence[Mapping[int, float]], k: int) -> None:
+        having = [i for i in movable if any(_kind_of(state[i], m) == kind for m in moves[i])]
         chosen: set[int] = set()
         for key in ranked_by:
             chosen |= set(sorted(having, key=lambda i: -key[i])[:k])
         for i in sorted(chosen):
             for m in moves[i]:
                 if _kind_of(state[i], m) == kind:
-                    out.append((state[:i] + (m,) + state[i + 1:], compute[i]))
+                    out.append((state[:i] + (m,) + state[i + 1 :], compute[i]))
 
-    def bulk(kind: str, key: dict[int, float]) -> None:
+    def bulk(kind: str, key: Mapping[int, float]) -> None:
         """The move applied at once to the first ``k`` tables by ``key`` (descending), for
         ``k`` in :data:`BULK_SIZES`: one table at a time barely moves the busiest device of
         a large task; several together do (table-row-wise hosts spread as they go)."""
-        ranked = sorted((i for i in movable
-                         if any(_kind_of(state[i], m) == kind for m in moves[i])),
-                        key=lambda i: -key[i])
+        ranked = sorted(
+            (i for i in movable if any(_kind_of(state[i], m) == kind for m in moves[i])),
+            key=lambda i: -key[i],
+        )
         done = 0
         child = list(state)
         for k in BULK_SIZES:
@@ -161,8 +182,9 @@ def _kind_of(old: Layout, new: Layout) -> str:
     return "cache"
 
 
-def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
-               per_child_s: float) -> list[SplitState]:
+def affordable(
+    candidates: Sequence[tuple[tuple, SplitState]], left_s: float, per_child_s: float
+) -> list[SplitState]:
     """The children that ``left_s`` seconds can place at ``per_child_s`` each: all of them
     in their given order when they fit, else the best by their priority keys (the first
     element of each pair: lower is more promising)."""
@@ -172,10 +194,19 @@ def affordable(candidates: Sequence[tuple[tuple, SplitState]], left_s: float,
     return [child for _, child in sorted(candidates, key=lambda c: c[0])[:fit]]
 
 
-def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, width: int = 3, max_splits: int = 10,
-                top_k: int = CANDIDATES_PER_KEY, budget_s: float | None = None,
-                constraints: Constraints | None = None, bulk_moves: bool = True) -> Plan:
+def beam_search(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    width: int = 3,
+    max_splits: int = 10,
+    top_k: int = CANDIDATES_PER_KEY,
+    budget_s: float | None = None,
+    constraints: Constraints | None = None,
+    bulk_moves: bool = True,
+) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
     ``max_splits`` bounds the beam's steps (each step moves one table of a state: a split, a type or
@@ -209,7 +240,8 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     beam, seen = [start], {start}
     skipped = steps = 0
     for step in range(max_splits):
-        candidates = []  # (parent rank, -compute of the moved shard, order), child
+        # (parent rank, -compute of the moved shard, order), child
+        candidates: list[tuple[tuple[int, float, int], State]] = []
         for rank, state in enumerate(beam):
             for child, compute_ms in _children(state, space, top_k, bulk_moves):
                 if child not in seen:
@@ -223,9 +255,13 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
             children = affordable(candidates, left_s, per_child_s)
             if len(children) < len(candidates):
                 skipped += len(candidates) - len(children)
-                logger.info("beam step %d: time budget %.1f s leaves room for %d of %d "
-                            "children", step + 1, budget_s, len(children),
-                            len(candidates))
+                logger.info(
+                    "beam step %d: time budget %.1f s leaves room for %d of %d children",
+                    step + 1,
+                    budget_s,
+                    len(children),
+                    len(candidates),
+                )
             if not children:
                 break
         step_started = time.perf_counter()
@@ -237,17 +273,31 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
         beam = [children[k] for k in ranked[:width]]
         if costs[ranked[0]] < best_ms:
             best_state, best, best_ms = children[ranked[0]], results[ranked[0]], costs[ranked[0]]
-        logger.debug("beam step %d: %d children, step best %.4f ms, overall best %.4f ms",
-                     step + 1, len(children), costs[ranked[0]], best_ms)
+        logger.debug(
+            "beam step %d: %d children, step best %.4f ms, overall best %.4f ms",
+            step + 1,
+            len(children),
+            costs[ranked[0]],
+            best_ms,
+        )
     if isinstance(best, PlanInfeasibleError):
         raise best
     plan = space.to_plan(best_state, best)
-    logger.debug("beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
-                 steps, len(seen) - skipped, scorer.compute_calls, scorer.loads_computed)
+    logger.debug(
+        "beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
+        steps,
+        len(seen) - skipped,
+        scorer.compute_calls,
+        scorer.loads_computed,
+    )
     types = Counter(layout.sharding_type() for layout in best_state)
-    meta = {"splits": sum(len(x.widths) - 1 for x in best_state if x.kind == COLUMNS),
-            "states_scored": len(seen) - skipped, "beam_steps": steps, "scale": best.scale,
-            "sharding_types": dict(sorted(types.items()))}
+    meta = {
+        "splits": sum(len(x.widths) - 1 for x in best_state if x.kind == COLUMNS),
+        "states_scored": len(seen) - skipped,
+        "beam_steps": steps,
+        "scale": best.scale,
+        "sharding_types": dict(sorted(types.items())),
+    }
     kernels = Counter(layout.kernel for layout in best_state)
     if set(kernels) != {"fused"}:
         meta["compute_kernels"] = dict(sorted(kernels.items()))
@@ -256,16 +306,22 @@ def beam_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     return replace(plan, meta=meta)
 
 
-def grid_search(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, budget_s: float | None = None,
-                constraints: Constraints | None = None) -> Plan:
+def grid_search(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    constraints: Constraints | None = None,
+) -> Plan:
     """The greedy grid alone, on the start state: every table table-wise where it fits a
     device (else the first layout that fits, see :meth:`Space.initial_state`), no beam.
 
     Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
     :class:`~neuroshard.types.Searcher` signature.
     """
-    plan = beam_search(tables, cluster, estimator, seed=seed, max_splits=0,
-                       constraints=constraints)
-    return replace(plan, meta={"scale": plan.meta["scale"],
-                               "sharding_types": plan.meta["sharding_types"]})
+    plan = beam_search(tables, cluster, estimator, seed=seed, max_splits=0, constraints=constraints)
+    return replace(
+        plan, meta={"scale": plan.meta["scale"], "sharding_types": plan.meta["sharding_types"]}
+    )

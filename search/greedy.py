@@ -64,8 +64,9 @@ class Placement:
 # --------------------------------------------------------------------------- memory errors
 
 
-def no_room(spec: TableSpec, free_bytes: Sequence[int], need: int | None = None,
-            what: str = "device memory") -> PlanInfeasibleError:
+def no_room(
+    spec: TableSpec, free_bytes: Sequence[int], need: int | None = None, what: str = "device memory"
+) -> PlanInfeasibleError:
     """The error when no device has room left for ``spec`` (``need`` bytes, default its
     weights) in a partial placement."""
     need = spec.size_bytes if need is None else need
@@ -79,8 +80,9 @@ def no_room(spec: TableSpec, free_bytes: Sequence[int], need: int | None = None,
 # --------------------------------------------------------------------------- shards <-> plans
 
 
-def shard_specs(tables: Sequence[TableSpec],
-                splits: Mapping[str, Sequence[int]] | None = None) -> list[TableSpec]:
+def shard_specs(
+    tables: Sequence[TableSpec], splits: Mapping[str, Sequence[int]] | None = None
+) -> list[TableSpec]:
     """Column shards of ``tables`` as narrowed specs, tables in order, widths as given.
 
     ``splits`` maps a table name to its shard widths (default: one shard of full dim).
@@ -88,21 +90,27 @@ def shard_specs(tables: Sequence[TableSpec],
     splits = splits or {}
     unknown = set(splits) - {t.name for t in tables}
     if unknown:
-        raise TableSpecError(f"splits name unknown tables {sorted(unknown)}",
-                             field_name="splits")
+        raise TableSpecError(f"splits name unknown tables {sorted(unknown)}", field_name="splits")
     specs: list[TableSpec] = []
     for t in tables:
         widths = tuple(splits.get(t.name, (t.dim,)))
         if sum(widths) != t.dim or any(w <= 0 or w % DIM_MULTIPLE for w in widths):
             raise TableSpecError(
                 f"shard widths {widths} must be positive multiples of {DIM_MULTIPLE} "
-                f"summing to dim {t.dim}", table=t.name, field_name="splits")
+                f"summing to dim {t.dim}",
+                table=t.name,
+                field_name="splits",
+            )
         specs.extend(t.with_dim(w) for w in widths)
     return specs
 
 
-def to_plan(tables: Sequence[TableSpec], cluster: Cluster, specs: Sequence[TableSpec],
-            devices: Sequence[int]) -> Plan:
+def to_plan(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    specs: Sequence[TableSpec],
+    devices: Sequence[int],
+) -> Plan:
     """A plan placing shard ``specs[i]`` on ``devices[i]``.
 
     Each table's shards take consecutive column ranges in the order they appear in ``specs``.
@@ -206,38 +214,52 @@ def _start(problem: Problem, cluster: Cluster, scorer: Scorer) -> _Start:
     return _Start(tuple(keys), tuple(free), tuple(host_free), tuple(dims), fixed)
 
 
-def _problem_error(pieces: Sequence[int], table: _Pieces, start: _Start,
-                   cluster: Cluster) -> PlanInfeasibleError | None:
+def _problem_error(
+    pieces: Sequence[int], table: _Pieces, start: _Start, cluster: Cluster
+) -> PlanInfeasibleError | None:
     """The error when ``pieces`` cannot fit on top of ``start`` whatever the placement: a
     piece larger than every device it may take, or more bytes than are free in total."""
-    for what, left, cap in (("HBM", start.free, cluster.hbm_budget_bytes),
-                            ("host memory", start.host_free, cluster.host_budget_bytes)):
+    for what, left, cap in (
+        ("HBM", start.free, cluster.hbm_budget_bytes),
+        ("host memory", start.host_free, cluster.host_budget_bytes),
+    ):
         d = int(np.argmin(left))
         if left[d] < 0:
             names = sorted({table.scorer.spec(i).name for i in start.keys[d]})
             return PlanInfeasibleError(
                 f"row blocks and replicas of tables {', '.join(map(repr, names))} alone "
                 f"need {format_bytes(cap[d] - left[d])} of {what} on device {d}, which has "
-                f"{format_bytes(cap[d])}")
+                f"{format_bytes(cap[d])}"
+            )
     free, host_free = np.asarray(start.free), np.asarray(start.host_free)
-    too_big = [p for p in pieces
-               if table.need[p] > free[table.mask[p]].max(initial=-1)
-               or table.host_need[p] > host_free[table.mask[p]].max(initial=-1)]
+    too_big = [
+        p
+        for p in pieces
+        if table.need[p] > free[table.mask[p]].max(initial=-1)
+        or table.host_need[p] > host_free[table.mask[p]].max(initial=-1)
+    ]
     if too_big:
-        names = ", ".join(f"{table.spec(p).name!r} (width {table.spec(p).dim}: "
-                          f"{format_bytes(int(table.need[p]))})" for p in too_big)
+        listed = ", ".join(
+            f"{table.spec(p).name!r} (width {table.spec(p).dim}: "
+            f"{format_bytes(int(table.need[p]))})"
+            for p in too_big
+        )
         return PlanInfeasibleError(
-            f"larger than any device: {names}; largest device memory "
+            f"larger than any device: {listed}; largest device memory "
             f"{format_bytes(int(free.max()))}, total {format_bytes(int(free.sum()))} on "
-            f"{cluster.num_devices} devices")
+            f"{cluster.num_devices} devices"
+        )
     need = int(table.need[list(pieces)].sum())
     if need > free.sum() or table.host_need[list(pieces)].sum() > host_free.sum():
         biggest = sorted(pieces, key=lambda p: -table.need[p])[:3]
         return PlanInfeasibleError(
             f"{len(pieces)} tables need {format_bytes(need)} but the {cluster.num_devices} "
             f"devices have {format_bytes(int(free.sum()))} in total (largest: "
-            + ", ".join(f"{table.spec(p).name!r} {format_bytes(int(table.need[p]))}"
-                        for p in biggest) + ")")
+            + ", ".join(
+                f"{table.spec(p).name!r} {format_bytes(int(table.need[p]))}" for p in biggest
+            )
+            + ")"
+        )
     return None
 
 
@@ -267,8 +289,9 @@ def _devices(path: tuple | None, order: Sequence[int]) -> tuple[int, ...]:
     return tuple(devices)
 
 
-def _choices(fits: tuple[int, ...], dims_after: list[float], caps: Sequence[float],
-             wanted: int) -> list[tuple[tuple[int, ...], int]]:
+def _choices(
+    fits: tuple[int, ...], dims_after: list[float], caps: Sequence[float], wanted: int
+) -> list[tuple[tuple[int, ...], int]]:
     """The devices each wanted dim cap allows, as ``(devices, mask of caps)`` pairs.
 
     ``dims_after[i]`` is device ``fits[i]``'s dim sum with the shard added; cap ``s`` (bit
@@ -276,8 +299,12 @@ def _choices(fits: tuple[int, ...], dims_after: list[float], caps: Sequence[floa
     """
     if not wanted & (wanted - 1):  # one cap: the common case once grid points diverge
         cap = caps[wanted.bit_length() - 1]
-        return [(tuple(d for d, dim in zip(fits, dims_after, strict=True) if dim <= cap)
-                 or fits, wanted)]
+        return [
+            (
+                tuple(d for d, dim in zip(fits, dims_after, strict=True) if dim <= cap) or fits,
+                wanted,
+            )
+        ]
     wanted_caps = [cap for s, cap in enumerate(caps) if wanted >> s & 1]
     if max(dims_after) <= min(wanted_caps) or min(dims_after) > max(wanted_caps):
         return [(fits, wanted)]  # every wanted cap allows all of fits (or none: fallback)
@@ -295,9 +322,13 @@ def _choices(fits: tuple[int, ...], dims_after: list[float], caps: Sequence[floa
     return list(masks.items())
 
 
-def place_many(problems: Sequence[Sequence[TableSpec] | Problem], cluster: Cluster,
-               scorer: Scorer, *, scales: Sequence[float] = GRID_SCALES
-               ) -> list[Placement | PlanInfeasibleError]:
+def place_many(
+    problems: Sequence[Sequence[TableSpec] | Problem],
+    cluster: Cluster,
+    scorer: Scorer,
+    *,
+    scales: Sequence[float] = GRID_SCALES,
+) -> list[Placement | PlanInfeasibleError]:
     """Greedy grid placement of each problem, all in lockstep.
 
     A problem is a list of shard specs (each a table- or column-wise ``fused`` shard, placed
@@ -320,11 +351,15 @@ def place_many(problems: Sequence[Sequence[TableSpec] | Problem], cluster: Clust
     if not scales:
         raise ValueError("place_many needs at least one scale")
     results: list[Placement | PlanInfeasibleError | None] = [None] * len(problems)
-    normal = [p if isinstance(p, Problem) else Problem(tuple((scorer.item(s),) for s in p))
-              for p in problems]
+    normal = [
+        p if isinstance(p, Problem) else Problem(tuple((scorer.item(s),) for s in p))
+        for p in problems
+    ]
     table = _Pieces(scorer, cluster)
-    pieces = [[table.intern(tuple(members), prob.allowed_of(j))
-               for j, members in enumerate(prob.pieces)] for prob in normal]
+    pieces = [
+        [table.intern(tuple(members), prob.allowed_of(j)) for j, members in enumerate(prob.pieces)]
+        for prob in normal
+    ]
     table.finalize()
     flat = [i for row in pieces for p in row for i in table.members[p]]
     single_of = dict(zip(flat, scorer.singles(flat).tolist(), strict=True))
@@ -352,26 +387,36 @@ def place_many(problems: Sequence[Sequence[TableSpec] | Problem], cluster: Clust
             feasible.append(p)
     if feasible:
         place_lanes = _place_arrays if scorer.additive else _place_keys
-        found = place_lanes(feasible, pieces, orders, total_dims, cluster, scorer, scales,
-                            table, starts, start_of)
+        found = place_lanes(
+            feasible, pieces, orders, total_dims, cluster, scorer, scales, table, starts, start_of
+        )
         for p, result in found.items():
             results[p] = result
     return results  # type: ignore[return-value]
 
 
-def _place_keys(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
-                orders: Sequence[Sequence[int]], total_dims: Sequence[float], cluster: Cluster,
-                scorer: Scorer, scales: Sequence[float], table: _Pieces,
-                starts: Sequence[_Start], start_of: Sequence[int]
-                ) -> dict[int, Placement | PlanInfeasibleError]:
+def _place_keys(
+    feasible: Sequence[int],
+    pieces: Sequence[Sequence[int]],
+    orders: Sequence[Sequence[int]],
+    total_dims: Sequence[float],
+    cluster: Cluster,
+    scorer: Scorer,
+    scales: Sequence[float],
+    table: _Pieces,
+    starts: Sequence[_Start],
+    start_of: Sequence[int],
+) -> dict[int, Placement | PlanInfeasibleError]:
     """The lockstep grid over shared :class:`_State` tuples of load keys (any estimator).
 
     A group's lanes are kept as ``(problem, mask)`` bundles, bit ``s`` of the mask
     standing for ``scales[s]``.
     """
     num_devices = cluster.num_devices
-    caps_of = {total: [scale * total / num_devices + _CAP_SLACK for scale in scales]
-               for total in set(total_dims)}  # per total dim, each scale's dim cap
+    caps_of = {
+        total: [scale * total / num_devices + _CAP_SLACK for scale in scales]
+        for total in set(total_dims)
+    }  # per total dim, each scale's dim cap
     all_scales = (1 << len(scales)) - 1
     results: dict[int, Placement | PlanInfeasibleError] = {}
     groups: list[tuple[_State, list[tuple[int, int]]]] = []
@@ -400,13 +445,15 @@ def _place_keys(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
                 need, host_need = int(table.need[piece]), int(table.host_need[piece])
                 width = float(table.width[piece])
                 allowed = table.allowed[piece] or every
-                fits = tuple(d for d in allowed
-                             if state.free[d] >= need and state.host_free[d] >= host_need)
+                fits = tuple(
+                    d for d in allowed if state.free[d] >= need and state.host_free[d] >= host_need
+                )
                 if not fits:
                     spec = table.spec(piece)
                     if any(state.free[d] >= need for d in allowed):
-                        error = no_room(spec, [state.host_free[d] for d in allowed],
-                                        host_need, "host memory")
+                        error = no_room(
+                            spec, [state.host_free[d] for d in allowed], host_need, "host memory"
+                        )
                     else:
                         error = no_room(spec, [state.free[d] for d in allowed], need)
                     errors.extend((p, error) for p, _ in same_piece)
@@ -440,25 +487,32 @@ def _place_keys(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
         groups = []
         pos = 0
         for state, need, host_need, width, capped, keys, members in pending:
-            vals = values[pos:pos + len(capped)]
+            vals = values[pos : pos + len(capped)]
             pos += len(capped)
             k = min(range(len(capped)), key=vals.__getitem__)
             d = capped[k]
-            groups.append((_State(
-                state.keys[:d] + (keys[k],) + state.keys[d + 1:],
-                state.free[:d] + (state.free[d] - need,) + state.free[d + 1:],
-                state.host_free[:d] + (state.host_free[d] - host_need,)
-                + state.host_free[d + 1:],
-                state.dims[:d] + (state.dims[d] + width,) + state.dims[d + 1:],
-                (d, state.path),
-                state.start,
-            ), members))
+            groups.append(
+                (
+                    _State(
+                        state.keys[:d] + (keys[k],) + state.keys[d + 1 :],
+                        state.free[:d] + (state.free[d] - need,) + state.free[d + 1 :],
+                        state.host_free[:d]
+                        + (state.host_free[d] - host_need,)
+                        + state.host_free[d + 1 :],
+                        state.dims[:d] + (state.dims[d] + width,) + state.dims[d + 1 :],
+                        (d, state.path),
+                        state.start,
+                    ),
+                    members,
+                )
+            )
         step += 1
 
     unique = list({id(state): state for _, _, state in finished}.values())
     fixed = np.stack([starts[s.start].fixed for s in unique]) if unique else None
-    cost_of = dict(zip(map(id, unique), scorer.score([s.keys for s in unique], fixed).tolist(),
-                       strict=True))
+    cost_of = dict(
+        zip(map(id, unique), scorer.score([s.keys for s in unique], fixed).tolist(), strict=True)
+    )
     best: dict[int, tuple[float, int, _State]] = {}
     for p, mask, state in finished:
         s = (mask & -mask).bit_length() - 1  # the bundle's first grid point
@@ -504,11 +558,18 @@ def _first_per_group(groups: np.ndarray, num_groups: int) -> tuple[np.ndarray, n
     return order, starts
 
 
-def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
-                  orders: Sequence[Sequence[int]], total_dims: Sequence[float],
-                  cluster: Cluster, scorer: Scorer, scales: Sequence[float], table: _Pieces,
-                  starts: Sequence[_Start], start_of: Sequence[int]
-                  ) -> dict[int, Placement | PlanInfeasibleError]:
+def _place_arrays(
+    feasible: Sequence[int],
+    pieces: Sequence[Sequence[int]],
+    orders: Sequence[Sequence[int]],
+    total_dims: Sequence[float],
+    cluster: Cluster,
+    scorer: Scorer,
+    scales: Sequence[float],
+    table: _Pieces,
+    starts: Sequence[_Start],
+    start_of: Sequence[int],
+) -> dict[int, Placement | PlanInfeasibleError]:
     """The lockstep grid in numpy arrays, for an additive estimator.
 
     Lane ``l`` is problem ``feasible[l // S]`` at scale ``l % S``. Each lane holds, per
@@ -540,15 +601,17 @@ def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
     steps = int(lengths.max())
     sequence = np.zeros((len(feasible), max(steps, 1)), dtype=np.int64)  # piece of each step
     for k, p in enumerate(feasible):
-        sequence[k, :lengths[k]] = np.asarray(pieces[p], dtype=np.int64)[list(orders[p])]
+        sequence[k, : lengths[k]] = np.asarray(pieces[p], dtype=np.int64)[list(orders[p])]
 
     lane_problem = np.repeat(np.arange(len(feasible)), num_scales)
     lane_scale = np.tile(np.arange(num_scales), len(feasible))
     lane_length = lengths[lane_problem]
-    lane_start = np.asarray([start_of[feasible[k]] for k in range(len(feasible))],
-                            dtype=np.int64)[lane_problem]
-    caps = np.array([[scale * total_dims[p] / num_devices + _CAP_SLACK for scale in scales]
-                     for p in feasible]).reshape(-1)
+    lane_start = np.asarray([start_of[feasible[k]] for k in range(len(feasible))], dtype=np.int64)[
+        lane_problem
+    ]
+    caps = np.array(
+        [[scale * total_dims[p] / num_devices + _CAP_SLACK for scale in scales] for p in feasible]
+    ).reshape(-1)
     num_lanes = len(lane_problem)
     # Per start: its devices' embedding sums, counts, free memories, dims and traffic.
     start_sums = np.zeros((len(starts), num_devices, emb.shape[1]), dtype=np.float32)
@@ -594,9 +657,11 @@ def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
         piece = sequence[lane_problem[idx], step]
         first, inv = _distinct(group[idx] * num_pieces + piece)
         reps, rep_piece = idx[first], piece[first]
-        mem_ok = ((free[reps] >= need_of[rep_piece][:, None])
-                  & (host_free[reps] >= host_need_of[rep_piece][:, None])
-                  & table.mask[rep_piece])[inv]  # (lanes, devices)
+        mem_ok = (
+            (free[reps] >= need_of[rep_piece][:, None])
+            & (host_free[reps] >= host_need_of[rep_piece][:, None])
+            & table.mask[rep_piece]
+        )[inv]  # (lanes, devices)
         allowed = mem_ok & (dims[idx] + width_of[piece][:, None] <= caps[idx][:, None])
         uncapped = ~allowed.any(axis=1)
         allowed[uncapped] = mem_ok[uncapped]  # no device within the dim cap: drop the cap
@@ -608,11 +673,14 @@ def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
                     q = int(sequence[lane_problem[lane], step])
                     ok = table.mask[q]
                     if (free[lane][ok] >= need_of[q]).any():
-                        errors[p] = no_room(table.spec(q), host_free[lane][ok].tolist(),
-                                            int(host_need_of[q]), "host memory")
+                        errors[p] = no_room(
+                            table.spec(q),
+                            host_free[lane][ok].tolist(),
+                            int(host_need_of[q]),
+                            "host memory",
+                        )
                     else:
-                        errors[p] = no_room(table.spec(q), free[lane][ok].tolist(),
-                                            int(need_of[q]))
+                        errors[p] = no_room(table.spec(q), free[lane][ok].tolist(), int(need_of[q]))
             alive[idx[stuck]] = False
             keep = ~stuck
             idx, piece, inv, allowed = idx[keep], piece[keep], inv[keep], allowed[keep]
@@ -662,8 +730,9 @@ def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
         compute = np.zeros(busy.shape)
         compute[busy] = scorer.compute_sums(sums[final][busy])
         fixed = np.stack([starts[k].fixed for k in lane_start[final]])
-        cost = scorer.plan_ms(compute, dims[final], lookups=lookups[final],
-                              host_link=link[final], fixed=fixed)[inv]
+        cost = scorer.plan_ms(
+            compute, dims[final], lookups=lookups[final], host_link=link[final], fixed=fixed
+        )[inv]
         # per problem, the cheapest lane; ties keep the earlier grid point
         ranked = np.lexsort((lane_scale[done], cost, lane_problem[done]))
         best = ranked[np.r_[True, np.diff(lane_problem[done][ranked]) != 0]]
@@ -671,14 +740,21 @@ def _place_arrays(feasible: Sequence[int], pieces: Sequence[Sequence[int]],
             lane = done[k]
             p = feasible[lane_problem[lane]]
             devices = np.zeros(lengths[lane_problem[lane]], dtype=np.int64)
-            devices[list(orders[p])] = chosen[lane, :len(devices)]
-            results[p] = Placement(tuple(devices.tolist()), float(cost[k]),
-                                   scales[lane_scale[lane]])
+            devices[list(orders[p])] = chosen[lane, : len(devices)]
+            results[p] = Placement(
+                tuple(devices.tolist()), float(cost[k]), scales[lane_scale[lane]]
+            )
     return results
 
 
-def place(shard_specs: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-          scales: Sequence[float] = GRID_SCALES, scorer: Scorer | None = None) -> Placement:
+def place(
+    shard_specs: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    scales: Sequence[float] = GRID_SCALES,
+    scorer: Scorer | None = None,
+) -> Placement:
     """Greedy grid placement of one list of shard specs; raises :class:`PlanInfeasibleError`."""
     scorer = scorer if scorer is not None else Scorer(estimator)
     result = place_many([shard_specs], cluster, scorer, scales=scales)[0]
@@ -687,10 +763,16 @@ def place(shard_specs: Sequence[TableSpec], cluster: Cluster, estimator: CostEst
     return result
 
 
-def greedy_grid(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator, *,
-                seed: int = 0, budget_s: float | None = None,
-                splits: Mapping[str, Sequence[int]] | None = None,
-                scales: Sequence[float] = GRID_SCALES) -> Plan:
+def greedy_grid(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    splits: Mapping[str, Sequence[int]] | None = None,
+    scales: Sequence[float] = GRID_SCALES,
+) -> Plan:
     """Greedy grid search over ``tables`` split as ``splits`` (default: table-wise).
 
     Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
@@ -698,7 +780,11 @@ def greedy_grid(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEs
     """
     specs = shard_specs(tables, splits)
     placement = place(specs, cluster, estimator, scales=scales)
-    logger.debug("greedy grid: %d shards, best scale %.2f, cost %.4f ms",
-                 len(specs), placement.scale, placement.cost_ms)
+    logger.debug(
+        "greedy grid: %d shards, best scale %.2f, cost %.4f ms",
+        len(specs),
+        placement.scale,
+        placement.cost_ms,
+    )
     plan = to_plan(tables, cluster, specs, placement.devices)
     return replace(plan, meta={"scale": placement.scale})

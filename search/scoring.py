@@ -61,6 +61,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -92,8 +93,9 @@ LoadKey = tuple[int, ...]
 EMPTY_LOAD: LoadKey = ()
 
 
-def _comm_ms(estimator: CostEstimator, compute_ms: np.ndarray,
-             dim_sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _comm_ms(
+    estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Backward and forward comm, each ``(batch, num_devices)``, for stacked plans."""
     bwd = np.asarray(estimator.bwd_comm_ms(dim_sums), dtype=float)
     ready_ms = compute_ms + bwd
@@ -116,8 +118,9 @@ def bind(estimator: CostEstimator, cluster: Cluster) -> tuple[CostEstimator, Ext
     return bound, lambda traffic: analytic_extra_ms(traffic, cluster)
 
 
-def nic_floor(estimator: CostEstimator, cluster: Cluster
-              ) -> Callable[[np.ndarray], np.ndarray] | None:
+def nic_floor(
+    estimator: CostEstimator, cluster: Cluster
+) -> Callable[[np.ndarray], np.ndarray] | None:
     """On a cluster of several hosts, the NIC's floor under the estimator's pooled
     all-to-all (:func:`neuroshard.traffic.nic_alltoall_ms`); on one host None. A model
     whose all-to-all was measured on one host would otherwise price traffic across hosts
@@ -128,9 +131,13 @@ def nic_floor(estimator: CostEstimator, cluster: Cluster
     return lambda dim_sums: nic_alltoall_ms(dim_sums, cluster)
 
 
-def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.ndarray,
-                 extra: ExtraCosts | None, floor: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def device_costs(
+    estimator: CostEstimator,
+    compute_ms: np.ndarray,
+    dim_sums: np.ndarray,
+    extra: ExtraCosts | None,
+    floor: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compute, backward and forward comm ``(batch, num_devices)`` of stacked plans with
     per-device estimator compute, all-to-all dim sums and extra costs (the module doc's
     formula; ``extra`` None: the all-to-all alone). ``floor``: per device, a time its
@@ -155,8 +162,7 @@ def device_costs(estimator: CostEstimator, compute_ms: np.ndarray, dim_sums: np.
     else:
         fwd = waits_ms.max(axis=1, keepdims=True) - waits_ms
         if a2a.any():
-            fwd[a2a] = np.asarray(estimator.fwd_comm_ms(dim_sums[a2a], waits_ms[a2a]),
-                                  dtype=float)
+            fwd[a2a] = np.asarray(estimator.fwd_comm_ms(dim_sums[a2a], waits_ms[a2a]), dtype=float)
     fwd = fwd + short + extra.fwd_ms
     exposed = np.maximum(extra.input_ms - (compute_ms + fwd + bwd), 0.0)
     return compute_ms, bwd, fwd + exposed
@@ -191,8 +197,9 @@ def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
     return PlanCost(
         model=estimator.name,
         devices=tuple(
-            DeviceCost(compute_ms=float(c), fwd_comm_ms=float(f), bwd_comm_ms=float(b),
-                       memory_bytes=int(m))
+            DeviceCost(
+                compute_ms=float(c), fwd_comm_ms=float(f), bwd_comm_ms=float(b), memory_bytes=int(m)
+            )
             for c, f, b, m in zip(compute, fwd[0], bwd[0], plan.memory_bytes(), strict=True)
         ),
     )
@@ -200,8 +207,9 @@ def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
 
 def is_additive(estimator: CostEstimator) -> bool:
     """Whether ``estimator`` prices a load as a head of summed per-shard embeddings."""
-    return (callable(getattr(estimator, "shard_embeddings", None))
-            and callable(getattr(estimator, "compute_from_embeddings", None)))
+    return callable(getattr(estimator, "shard_embeddings", None)) and callable(
+        getattr(estimator, "compute_from_embeddings", None)
+    )
 
 
 class Scorer:
@@ -223,8 +231,13 @@ class Scorer:
     forces the generic path (the estimator's ``compute_ms`` on whole loads).
     """
 
-    def __init__(self, estimator: CostEstimator, *, additive: bool | None = None,
-                 cluster: Cluster | None = None):
+    def __init__(
+        self,
+        estimator: CostEstimator,
+        *,
+        additive: bool | None = None,
+        cluster: Cluster | None = None,
+    ):
         self.cluster = cluster
         self._extra: ExtraPricer | None = None
         self._floor: Callable[[np.ndarray], np.ndarray] | None = None
@@ -234,8 +247,10 @@ class Scorer:
         self.estimator = estimator
         self.additive = is_additive(estimator) if additive is None else bool(additive)
         if self.additive and not is_additive(estimator):
-            raise ValueError(f"estimator {getattr(estimator, 'name', estimator)!r} has no "
-                             "shard_embeddings / compute_from_embeddings")
+            raise ValueError(
+                f"estimator {getattr(estimator, 'name', estimator)!r} has no "
+                "shard_embeddings / compute_from_embeddings"
+            )
         self.batch_size = cluster.batch_size if cluster is not None else estimator.batch_size
         self.optimizer = cluster.optimizer if cluster is not None else "sgd"
         self._ids: dict[tuple, int] = {}
@@ -254,9 +269,16 @@ class Scorer:
 
     # -- items and keys
 
-    def item(self, spec: TableSpec, *, hbm_bytes: int | None = None, host_bytes: int = 0,
-             alltoall: float | None = None, ids: float | None = None,
-             host_link_bytes: float = 0.0) -> int:
+    def item(
+        self,
+        spec: TableSpec,
+        *,
+        hbm_bytes: int | None = None,
+        host_bytes: int = 0,
+        alltoall: float | None = None,
+        ids: float | None = None,
+        host_link_bytes: float = 0.0,
+    ) -> int:
         """The id of the shard whose compute view is ``spec``. By default a table- or
         column-wise ``fused`` shard: its weights and optimizer state in HBM, its width in
         the all-to-all (:func:`~neuroshard.traffic.output_values`), the ids of its
@@ -267,8 +289,17 @@ class Scorer:
             alltoall = output_values(spec, spec.dim)
         if ids is None:
             ids = self.batch_size * spec.pooling_factor
-        ident = (spec.name, spec.dim, spec.rows, spec.pooling_factor, hbm_bytes, host_bytes,
-                 alltoall, ids, host_link_bytes)
+        ident = (
+            spec.name,
+            spec.dim,
+            spec.rows,
+            spec.pooling_factor,
+            hbm_bytes,
+            host_bytes,
+            alltoall,
+            ids,
+            host_link_bytes,
+        )
         found = self._ids.get(ident)
         if found is None:
             found = self._ids[ident] = len(self._specs)
@@ -342,15 +373,17 @@ class Scorer:
             raise TypeError("embeddings need an additive estimator (see is_additive)")
         n = len(self._specs)
         if self._embedded < n:
-            new = np.asarray(self.estimator.shard_embeddings(self._specs[self._embedded:n]),
-                             dtype=np.float32)
+            new = np.asarray(
+                cast(Any, self.estimator).shard_embeddings(self._specs[self._embedded : n]),
+                dtype=np.float32,
+            )
             if self._emb is None:
                 self._emb = np.empty((max(64, 2 * n), new.shape[1]), dtype=np.float32)
             elif self._emb.shape[0] < n:
                 grown = np.empty((2 * n, self._emb.shape[1]), dtype=np.float32)
-                grown[:self._embedded] = self._emb[:self._embedded]
+                grown[: self._embedded] = self._emb[: self._embedded]
                 self._emb = grown
-            self._emb[self._embedded:n] = new
+            self._emb[self._embedded : n] = new
             self._embedded = n
         if self._emb is None:
             return np.zeros((0, 0), dtype=np.float32)
@@ -363,7 +396,7 @@ class Scorer:
             return np.zeros(0)
         self.compute_calls += 1
         self.loads_computed += len(summed)
-        out = self.estimator.compute_from_embeddings(summed, counts)
+        out = cast(Any, self.estimator).compute_from_embeddings(summed, counts)
         return np.asarray(out, dtype=float).reshape(-1)
 
     # -- costs
@@ -401,16 +434,23 @@ class Scorer:
         n = len(self._specs)
         if len(self._single_ms) < n:
             self._single_ms = np.concatenate(
-                (self._single_ms, np.full(n - len(self._single_ms), np.nan)))
+                (self._single_ms, np.full(n - len(self._single_ms), np.nan))
+            )
         wanted = np.asarray(items, dtype=np.int64)
         missing = np.unique(wanted[np.isnan(self._single_ms[wanted])])
         if missing.size:
-            self._single_ms[missing] = self.compute_sums(self.embeddings()[missing],
-                                                         np.ones(missing.size))
+            self._single_ms[missing] = self.compute_sums(
+                self.embeddings()[missing], np.ones(missing.size)
+            )
         return self._single_ms[wanted]
 
-    def _extras(self, shape: tuple[int, int], lookups: np.ndarray | None,
-                host_link: np.ndarray | None, fixed: np.ndarray | None) -> ExtraCosts | None:
+    def _extras(
+        self,
+        shape: tuple[int, int],
+        lookups: np.ndarray | None,
+        host_link: np.ndarray | None,
+        fixed: np.ndarray | None,
+    ) -> ExtraCosts | None:
         """The extra costs of stacked plans (None without a cluster)."""
         if self._extra is None or self.cluster is None:
             return None
@@ -421,9 +461,15 @@ class Scorer:
         host_link = np.zeros(shape) if host_link is None else np.asarray(host_link, dtype=float)
         return self._extra(finish(fixed, lookups, host_link, self.cluster))
 
-    def costs(self, compute_ms: np.ndarray, dim_sums: np.ndarray, *,
-              lookups: np.ndarray | None = None, host_link: np.ndarray | None = None,
-              fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def costs(
+        self,
+        compute_ms: np.ndarray,
+        dim_sums: np.ndarray,
+        *,
+        lookups: np.ndarray | None = None,
+        host_link: np.ndarray | None = None,
+        fixed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Compute (host-link time included), backward and forward comm, each ``(batch,
         num_devices)``, of stacked plans with per-device estimator compute, all-to-all
         dim sums, ids received and host-link bytes, and fixed traffic ``(batch or 1,
@@ -434,43 +480,51 @@ class Scorer:
         floor = self._floor(dim_sums) if self._floor is not None else None
         return device_costs(self.estimator, compute_ms, dim_sums, extra, floor)
 
-    def comm(self, compute_ms: np.ndarray, dim_sums: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def comm(self, compute_ms: np.ndarray, dim_sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Backward and forward comm, each ``(batch, num_devices)``, of stacked plans with
         per-device ``compute_ms`` and ``dim_sums`` (no extra traffic)."""
         _, bwd, fwd = self.costs(compute_ms, dim_sums)
         return bwd, fwd
 
-    def plan_ms(self, compute_ms: np.ndarray, dim_sums: np.ndarray, *,
-                lookups: np.ndarray | None = None, host_link: np.ndarray | None = None,
-                fixed: np.ndarray | None = None) -> np.ndarray:
+    def plan_ms(
+        self,
+        compute_ms: np.ndarray,
+        dim_sums: np.ndarray,
+        *,
+        lookups: np.ndarray | None = None,
+        host_link: np.ndarray | None = None,
+        fixed: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Plan cost (max over devices, ms) of stacked plans, ``(batch,)`` (see :meth:`costs`)."""
         compute_ms = np.asarray(compute_ms, dtype=float)
         if not len(compute_ms):
             return np.zeros(0)
-        compute_ms, bwd, fwd = self.costs(compute_ms, dim_sums, lookups=lookups,
-                                          host_link=host_link, fixed=fixed)
+        compute_ms, bwd, fwd = self.costs(
+            compute_ms, dim_sums, lookups=lookups, host_link=host_link, fixed=fixed
+        )
         return (compute_ms + fwd + bwd).max(axis=1)  # DeviceCost.total_ms order
 
-    def device_costs(self, assignments: Sequence[Sequence[LoadKey]],
-                     fixed: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def device_costs(
+        self, assignments: Sequence[Sequence[LoadKey]], fixed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Compute, backward comm and forward comm, each ``(len(assignments), num_devices)``;
         ``fixed``: each assignment's fixed traffic (or one for all)."""
         num_devices = len(assignments[0])
         flat = [k for a in assignments for k in a]
         shape = (len(assignments), num_devices)
         compute = self.compute(flat).reshape(shape)
-        dim_sums = np.fromiter((self.dim_sum(k) for k in flat), dtype=float,
-                               count=len(flat)).reshape(shape)
+        dim_sums = np.fromiter(
+            (self.dim_sum(k) for k in flat), dtype=float, count=len(flat)
+        ).reshape(shape)
         lookups = host_link = None
         if self.cluster is not None:
             moved = np.asarray([self.key_traffic(k) for k in flat], dtype=float)
             lookups, host_link = moved[:, 0].reshape(shape), moved[:, 1].reshape(shape)
         return self.costs(compute, dim_sums, lookups=lookups, host_link=host_link, fixed=fixed)
 
-    def score(self, assignments: Sequence[Sequence[LoadKey]],
-              fixed: np.ndarray | None = None) -> np.ndarray:
+    def score(
+        self, assignments: Sequence[Sequence[LoadKey]], fixed: np.ndarray | None = None
+    ) -> np.ndarray:
         """Plan cost (max over devices, ms) of each candidate assignment."""
         if not assignments:
             return np.zeros(0)
@@ -497,7 +551,8 @@ class WithoutEmbeddings:
     def __getattr__(self, name: str):
         """The inner estimator's optional ``for_cluster`` (wrapped again) and ``extra_ms``."""
         if name == "for_cluster" and callable(getattr(self.inner, "for_cluster", None)):
-            return lambda cluster: WithoutEmbeddings(self.inner.for_cluster(cluster))
+            inner: Any = self.inner
+            return lambda cluster: WithoutEmbeddings(inner.for_cluster(cluster))
         if name == "extra_ms" and callable(getattr(self.inner, "extra_ms", None)):
-            return self.inner.extra_ms
+            return cast(Any, self.inner).extra_ms
         raise AttributeError(name)

@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from neuroshard.traffic import combine, fixed_traffic, uvm_host_bytes
 from neuroshard.types import (
     DIM_MULTIPLE,
     Cluster,
+    ComputeKernel,
     ConstraintError,
     Constraints,
     Plan,
@@ -53,7 +54,11 @@ from neuroshard.types import (
 logger = logging.getLogger(__name__)
 
 COLUMNS, ROW_WISE, TABLE_ROW_WISE, DATA_PARALLEL = (
-    "columns", "row_wise", "table_row_wise", "data_parallel")
+    "columns",
+    "row_wise",
+    "table_row_wise",
+    "data_parallel",
+)
 UVM = "fused_uvm_caching"
 # Cache fractions a fused_uvm_caching table may take (the start state takes the largest
 # that fits; moves go up the ladder).
@@ -104,8 +109,13 @@ class Space:
     """The sharding space of ``tables`` on ``cluster`` under ``constraints``, with the
     scorer that interns its shards (see the module doc)."""
 
-    def __init__(self, tables: Sequence[TableSpec], cluster: Cluster, scorer: Scorer,
-                 constraints: Constraints | None = None):
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        cluster: Cluster,
+        scorer: Scorer,
+        constraints: Constraints | None = None,
+    ):
         self.tables = list(tables)
         self.cluster = cluster
         self.scorer = scorer
@@ -134,20 +144,31 @@ class Space:
 
     # ------------------------------------------------------------------ shards of a layout
 
-    def _kernel_args(self, layout: Layout) -> tuple[str, float | None]:
-        return layout.kernel, layout.cache_fraction if layout.kernel == UVM else None
+    def _kernel_args(self, layout: Layout) -> tuple[ComputeKernel, float | None]:
+        kernel = cast(ComputeKernel, layout.kernel)  # a Layout holds one of COMPUTE_KERNELS
+        return kernel, layout.cache_fraction if layout.kernel == UVM else None
 
-    def _item(self, table: TableSpec, view: TableSpec, rows: int, width: int, layout: Layout,
-              *, alltoall: float | None = None, ids: float | None = None) -> int:
+    def _item(
+        self,
+        table: TableSpec,
+        view: TableSpec,
+        rows: int,
+        width: int,
+        layout: Layout,
+        *,
+        alltoall: float | None = None,
+        ids: float | None = None,
+    ) -> int:
         kernel, fraction = self._kernel_args(layout)
         batch = self.cluster.batch_size
         return self.scorer.item(
             view,
             hbm_bytes=shard_hbm_bytes(rows, width, kernel, fraction, self.optimizer),
             host_bytes=shard_host_bytes(rows, width, kernel, self.optimizer),
-            alltoall=alltoall, ids=ids,
-            host_link_bytes=uvm_host_bytes(view, fraction or 0.0, batch) if kernel == UVM
-            else 0.0)
+            alltoall=alltoall,
+            ids=ids,
+            host_link_bytes=uvm_host_bytes(view, fraction or 0.0, batch) if kernel == UVM else 0.0,
+        )
 
     def devices_of(self, i: int, layout: Layout) -> tuple[int, ...]:
         """The devices a row-wise, table-row-wise or data-parallel table's blocks sit on."""
@@ -194,7 +215,8 @@ class Space:
         if found is None:
             devices = [d for _, d in self.shards(i, layout)]
             found = self._fixed[key] = fixed_traffic(
-                self.tables[i], layout.sharding_type(), devices, self.cluster)
+                self.tables[i], layout.sharding_type(), devices, self.cluster
+            )
         return found
 
     # ------------------------------------------------------------------ problems and plans
@@ -230,9 +252,12 @@ class Space:
             part = self.fixed_of(i, layout)
             if part is not None:
                 fixed.append(part)
-        return Problem(tuple(pieces), tuple(allowed),
-                       tuple(tuple(p) for p in preplaced) if any(preplaced) else (),
-                       combine(fixed, n) if fixed else None)
+        return Problem(
+            tuple(pieces),
+            tuple(allowed),
+            tuple(tuple(p) for p in preplaced) if any(preplaced) else (),
+            combine(fixed, n) if fixed else None,
+        )
 
     def to_plan(self, state: State, placement: Placement) -> Plan:
         """The plan of ``state`` with its pieces on ``placement.devices``."""
@@ -247,43 +272,69 @@ class Space:
             if g >= 0:
                 if i == self.groups[g][0]:
                     group_device[g] = next(devices)
-                shards.append(Shard(t.name, 0, t.dim, group_device[g], None, None, kernel,
-                                    fraction))
+                shards.append(
+                    Shard(t.name, 0, t.dim, group_device[g], None, None, kernel, fraction)
+                )
                 continue
             if layout.kind == COLUMNS:
                 col = 0
                 for w in layout.widths:
-                    shards.append(Shard(t.name, col, col + w, next(devices), None, None,
-                                        kernel, fraction))
+                    shards.append(
+                        Shard(t.name, col, col + w, next(devices), None, None, kernel, fraction)
+                    )
                     col += w
                 continue
             placed = [d for _, d in self.shards(i, layout)]
             if layout.kind == DATA_PARALLEL:
-                shards.extend(Shard(t.name, 0, t.dim, d, None, kind,  # type: ignore[arg-type]
-                                    kernel, fraction) for d in placed)
+                shards.extend(
+                    Shard(
+                        t.name,
+                        0,
+                        t.dim,
+                        d,
+                        None,
+                        kind,  # type: ignore[arg-type]
+                        kernel,
+                        fraction,
+                    )
+                    for d in placed
+                )
                 continue
             holders = self.devices_of(i, layout)
             for (lo, hi), d in zip(row_blocks(t.rows, len(holders)), placed, strict=True):
                 rows = None if (lo, hi) == (0, t.rows) else (lo, hi)
-                shards.append(Shard(t.name, 0, t.dim, d, rows, kind,  # type: ignore[arg-type]
-                                    kernel, fraction))
+                shards.append(
+                    Shard(
+                        t.name,
+                        0,
+                        t.dim,
+                        d,
+                        rows,
+                        kind,  # type: ignore[arg-type]
+                        kernel,
+                        fraction,
+                    )
+                )
         return Plan(tables=tuple(self.tables), shards=tuple(shards), cluster=self.cluster)
 
     # ------------------------------------------------------------------ what fits
 
     def footprint(self, i: int, width: int | None = None, rows: int | None = None) -> int:
         t = self.tables[i]
-        return embedding_bytes(t.rows if rows is None else rows,
-                               t.dim if width is None else width, self.optimizer)
+        return embedding_bytes(
+            t.rows if rows is None else rows, t.dim if width is None else width, self.optimizer
+        )
 
     def _largest(self, i: int, devices: Sequence[int] | None = None) -> int:
         return max(self.budget[d] for d in (devices or self.allowed[i]))
 
     def _uvm_fits(self, i: int, rows: int, width: int, devices: Sequence[int]) -> bool:
         fraction = self.rules[i].cache_fraction or CACHE_FRACTIONS[0]
-        return (max(self.host_budget[d] for d in devices) >= self.footprint(i, width, rows)
-                and self._largest(i, devices) >= shard_hbm_bytes(
-                    rows, width, UVM, fraction, self.optimizer))
+        return max(self.host_budget[d] for d in devices) >= self.footprint(
+            i, width, rows
+        ) and self._largest(i, devices) >= shard_hbm_bytes(
+            rows, width, UVM, fraction, self.optimizer
+        )
 
     def _kernels(self, i: int) -> list[str]:
         rule = self.rules[i]
@@ -332,19 +383,24 @@ class Space:
                     if kernel == UVM:
                         continue
                 else:
-                    layout = self._uvm_layout(i, layout) if kernel == UVM else layout._replace(
-                        kernel=kernel)
+                    layout = (
+                        self._uvm_layout(i, layout)
+                        if kernel == UVM
+                        else layout._replace(kernel=kernel)
+                    )
                 if self._fits(i, layout):
                     return layout
         if not candidates:
             raise ConstraintError(
                 f"table {t.name!r}: its constraints allow no sharding type the planner can "
-                f"place (types {list(rule.sharding_types)})")
+                f"place (types {list(rule.sharding_types)})"
+            )
         raise PlanInfeasibleError(
             f"table {t.name!r} ({format_bytes(self.footprint(i))} with {self.optimizer} "
             f"state) fits no device under any allowed sharding type and kernel: largest HBM "
             f"budget {format_bytes(self._largest(i))}, largest host memory "
-            f"{format_bytes(max(self.host_budget[d] for d in devices))}")
+            f"{format_bytes(max(self.host_budget[d] for d in devices))}"
+        )
 
     def _fits(self, i: int, layout: Layout) -> bool:
         """Whether each of the layout's shards fits some device it may take, alone."""
@@ -354,8 +410,9 @@ class Space:
             w = layout.widths[0]
             hbm = shard_hbm_bytes(t.rows, w, kernel, fraction, self.optimizer)
             host = shard_host_bytes(t.rows, w, kernel, self.optimizer)
-            return any(self.budget[d] >= hbm and self.host_budget[d] >= host
-                       for d in self.allowed[i])
+            return any(
+                self.budget[d] >= hbm and self.host_budget[d] >= host for d in self.allowed[i]
+            )
         devices = self.devices_of(i, layout)
         if not devices:
             return False
@@ -366,7 +423,8 @@ class Space:
         return all(
             self.budget[d] >= shard_hbm_bytes(hi - lo, t.dim, kernel, fraction, self.optimizer)
             and self.host_budget[d] >= shard_host_bytes(hi - lo, t.dim, kernel, self.optimizer)
-            for (lo, hi), d in zip(blocks, devices, strict=False))
+            for (lo, hi), d in zip(blocks, devices, strict=False)
+        )
 
     def hbm_bytes(self, i: int, layout: Layout) -> int:
         """HBM the layout takes over all devices."""
@@ -385,7 +443,7 @@ class Space:
         total_budget = sum(self.budget)
         used = sum(self.hbm_bytes(i, layout) for i, layout in enumerate(state))
         if used > total_budget:
-            host_left = list(self.host_budget)
+            host_left = [float(h) for h in self.host_budget]
             order = sorted(range(len(state)), key=lambda i: -self.hbm_bytes(i, state[i]))
             for i in order:
                 if used <= total_budget:
@@ -401,8 +459,11 @@ class Space:
                 state[i] = moved
                 share = need / max(1, len(host_left))
                 host_left = [h - share for h in host_left]
-                logger.info("table %r on fused_uvm_caching (cache fraction %.2f) to fit HBM",
-                            self.tables[i].name, moved.cache_fraction)
+                logger.info(
+                    "table %r on fused_uvm_caching (cache fraction %.2f) to fit HBM",
+                    self.tables[i].name,
+                    moved.cache_fraction,
+                )
         self._unload_devices(state)
         return tuple(state)
 
@@ -422,14 +483,22 @@ class Space:
             over = [d for d in range(n) if used[d] > self.budget[d]]
             if not over:
                 return
-            movable = [i for i in owners[over[0]] if state[i].kernel != UVM
-                       and UVM in self._kernels(i) and self._fits(i, self._uvm_layout(i, state[i]))]
+            movable = [
+                i
+                for i in owners[over[0]]
+                if state[i].kernel != UVM
+                and UVM in self._kernels(i)
+                and self._fits(i, self._uvm_layout(i, state[i]))
+            ]
             if not movable:
                 return
             i = max(movable, key=lambda j: self.hbm_bytes(j, state[j]))
             state[i] = self._uvm_layout(i, state[i])
-            logger.info("table %r on fused_uvm_caching: row blocks overfill device %d",
-                        self.tables[i].name, over[0])
+            logger.info(
+                "table %r on fused_uvm_caching: row blocks overfill device %d",
+                self.tables[i].name,
+                over[0],
+            )
 
     def load_estimate(self, state: State) -> float:
         """The most shards a device of ``state`` holds, expected: its row blocks and
@@ -473,19 +542,31 @@ class Space:
             if halved is not None:
                 out.append(layout._replace(widths=halved))
         n = self.cluster.num_devices
-        if layout.kind != ROW_WISE and rule.allows_type("row_wise") and n > 1 \
-                and t.rows >= len(self.allowed[i]):
+        if (
+            layout.kind != ROW_WISE
+            and rule.allows_type("row_wise")
+            and n > 1
+            and t.rows >= len(self.allowed[i])
+        ):
             out.append(layout._replace(kind=ROW_WISE, widths=(t.dim,), host=-1))
-        if layout.kind != TABLE_ROW_WISE and rule.allows_type("table_row_wise") \
-                and self.cluster.num_hosts > 1 and t.pooled \
-                and self.footprint(i) * self.cluster.devices_per_host >= min(self.budget):
+        if (
+            layout.kind != TABLE_ROW_WISE
+            and rule.allows_type("table_row_wise")
+            and self.cluster.num_hosts > 1
+            and t.pooled
+            and self.footprint(i) * self.cluster.devices_per_host >= min(self.budget)
+        ):
             host = self._quiet_host(state, i)
             if host is not None:
                 out.append(layout._replace(kind=TABLE_ROW_WISE, widths=(t.dim,), host=host))
-        if layout.kind != DATA_PARALLEL and rule.allows_type("data_parallel") and n > 1 \
-                and rule.allows_kernel("dense") \
-                and self.footprint(i) <= DP_MAX_SHARE * min(self.budget) \
-                and 2 * t.rows * n <= self.cluster.batch_size:
+        if (
+            layout.kind != DATA_PARALLEL
+            and rule.allows_type("data_parallel")
+            and n > 1
+            and rule.allows_kernel("dense")
+            and self.footprint(i) <= DP_MAX_SHARE * min(self.budget)
+            and 2 * t.rows * n <= self.cluster.batch_size
+        ):
             out.append(Layout(DATA_PARALLEL, (t.dim,), "dense"))
         if layout.kernel == UVM and rule.cache_fraction is None:
             higher = [f for f in CACHE_FRACTIONS if f > (layout.cache_fraction or 0.0)]
@@ -503,8 +584,9 @@ class Space:
         for j, layout in enumerate(state):
             if layout.kind == TABLE_ROW_WISE and layout.host in load and j != i:
                 load[layout.host] += self.hbm_bytes(j, layout)
-        full = [h for h in hosts
-                if all(d in self.allowed[i] for d in self.cluster.devices_of_host(h))]
+        full = [
+            h for h in hosts if all(d in self.allowed[i] for d in self.cluster.devices_of_host(h))
+        ]
         return min(full or hosts, key=lambda h: (load[h], h)) if hosts else None
 
     def comm_share(self, i: int) -> float:

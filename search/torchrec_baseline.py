@@ -75,11 +75,17 @@ def _one_line(message: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: CostEstimator,
-                  *, seed: int = 0, budget_s: float | None = None,
-                  cost_source: str = "torchrec",
-                  compute_device: str = "cuda",
-                  constraints: Constraints | None = None) -> Plan:
+def torchrec_plan(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    seed: int = 0,
+    budget_s: float | None = None,
+    cost_source: str = "torchrec",
+    compute_device: str = "cuda",
+    constraints: Constraints | None = None,
+) -> Plan:
     """TorchRec's plan for ``tables`` on ``cluster``, costed by ``estimator``.
 
     ``seed`` and ``budget_s`` are accepted for the searcher interface; TorchRec's planner
@@ -115,42 +121,60 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     started = time.perf_counter()
     rules = constraints or Constraints()
     if rules.colocate:
-        raise ConstraintError(f"TorchRec's planner cannot co-locate tables "
-                              f"{[list(g) for g in rules.colocate]}")
+        raise ConstraintError(
+            f"TorchRec's planner cannot co-locate tables {[list(g) for g in rules.colocate]}"
+        )
     ebc = meta_ebc(tables)
     topology = cluster_topology(cluster, compute_device)
     param_constraints = {}
     for t in tables:
         rule = rules.of(t.name)
         if rule.devices or rule.hosts:
-            raise ConstraintError(f"table {t.name!r}: TorchRec's planner cannot pin a table "
-                                  "to devices or hosts")
+            raise ConstraintError(
+                f"table {t.name!r}: TorchRec's planner cannot pin a table to devices or hosts"
+            )
         kinds = [k for k in SHARDING_TYPES if rule.allows_type(k)]
-        kernels = [k for k in COMPUTE_KERNELS if rule.allows_kernel(k)
-                   and (k != "fused_uvm_caching" or min(cluster.host_budget_bytes) > 0)]
+        kernels = [
+            k
+            for k in COMPUTE_KERNELS
+            if rule.allows_kernel(k)
+            and (k != "fused_uvm_caching" or min(cluster.host_budget_bytes) > 0)
+        ]
         cache = {}
         if rule.cache_fraction is not None:
             cache["cache_params"] = CacheParams(load_factor=rule.cache_fraction)
         param_constraints[t.name] = ParameterConstraints(
-            sharding_types=kinds, compute_kernels=kernels,
-            pooling_factors=[float(t.pooling_factor)], **cache)
+            sharding_types=kinds,
+            compute_kernels=kernels,
+            pooling_factors=[float(t.pooling_factor)],
+            **cache,
+        )
     batch_size = max(1, cluster.batch_size // cluster.num_devices)
     enumerator = None
     if cost_source == "neuroshard":
         enumerator = EmbeddingEnumerator(
-            topology=topology, batch_size=batch_size, constraints=param_constraints,
+            topology=topology,
+            batch_size=batch_size,
+            constraints=param_constraints,
             estimator=[
-                NeuroShardEstimator(topology, param_constraints, estimator,
-                                    table_stats={t.name: t for t in tables},
-                                    batch_size=batch_size),
+                NeuroShardEstimator(
+                    topology,
+                    param_constraints,
+                    estimator,
+                    table_stats={t.name: t for t in tables},
+                    batch_size=batch_size,
+                ),
                 EmbeddingStorageEstimator(topology=topology, constraints=param_constraints),
             ],
         )
     planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, enumerator=enumerator,
+        topology=topology,
+        batch_size=batch_size,
+        enumerator=enumerator,
         constraints=param_constraints,
         storage_reservation=FixedPercentageStorageReservation(cluster.hbm_reserve_fraction),
-        stats=[], debug=False,
+        stats=[],
+        debug=False,
     )
     fused_params = None
     if cluster.optimizer != "sgd":
@@ -172,6 +196,11 @@ def torchrec_plan(tables: Sequence[TableSpec], cluster: Cluster, estimator: Cost
     plan = from_sharding_plan(sharding_plan, ebc, tables=tables, cluster=cluster)
     validate_plan(plan)
     seconds = time.perf_counter() - started
-    logger.info("torchrec (%s costs) planned %d tables on %d devices in %.2f s",
-                cost_source, len(tables), cluster.num_devices, seconds)
+    logger.info(
+        "torchrec (%s costs) planned %d tables on %d devices in %.2f s",
+        cost_source,
+        len(tables),
+        cluster.num_devices,
+        seconds,
+    )
     return replace(plan, meta={"cost_source": cost_source})

@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -17,17 +17,21 @@ GB = 1 << 30
 TESTS_DIR = str(Path(__file__).parent)
 
 
-def make_table(name: str = "t0", rows: int = 10_000, dim: int = 64,
-               pooling_factor: float = 4.0, **kwargs) -> TableSpec:
+def make_table(
+    name: str = "t0", rows: int = 10_000, dim: int = 64, pooling_factor: float = 4.0, **kwargs
+) -> TableSpec:
     return TableSpec(name=name, rows=rows, dim=dim, pooling_factor=pooling_factor, **kwargs)
 
 
 def make_tables(n: int, seed: int = 0) -> list[TableSpec]:
     rng = np.random.default_rng(seed)
     return [
-        make_table(f"t{i}", rows=int(rng.integers(1_000, 2_000_000)),
-                   dim=int(rng.choice([16, 32, 64, 128])),
-                   pooling_factor=float(rng.uniform(1, 30)))
+        make_table(
+            f"t{i}",
+            rows=int(rng.integers(1_000, 2_000_000)),
+            dim=int(rng.choice([16, 32, 64, 128])),
+            pooling_factor=float(rng.uniform(1, 30)),
+        )
         for i in range(n)
     ]
 
@@ -39,8 +43,7 @@ def priced(plan, estimator):
     return plan.with_cost(plan_cost(plan, estimator))
 
 
-def make_cluster(num_devices: int = 4, memory_gb: float = 4.0,
-                 batch_size: int = 65_536) -> Cluster:
+def make_cluster(num_devices: int = 4, memory_gb: float = 4.0, batch_size: int = 65_536) -> Cluster:
     return Cluster.uniform(num_devices, int(memory_gb * GB), batch_size)
 
 
@@ -133,8 +136,7 @@ class FakeBackend:
 def collect_fake_data(root, num_loads: int = 600, num_comm: int = 300):
     """Collected compute and comm data ``(ComputeData, CommData)`` from FakeBackend under
     ``root``: loads of augmented tables, comm tasks on 2 and 8 devices (fixed seeds)."""
-    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
-                                             sample_compute_loads)
+    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
     from neuroshard.pretrain.collect import collect
     from neuroshard.pretrain.dataset import load_comm, load_compute
 
@@ -163,8 +165,7 @@ def check_fitted_cost_model(model, cls, name_prefix: str) -> None:
     assert model.name.startswith(name_prefix)
     assert model.num_devices_ in (2, 8)
     assert set(model.metrics_) == {"compute", "fwd_comm", "fwd_comm_less_wait", "bwd_comm"}
-    assert model.sample_counts_["compute"] == {"total": 600, "train": 480, "val": 60,
-                                               "test": 60}
+    assert model.sample_counts_["compute"] == {"total": 600, "train": 480, "val": 60, "test": 60}
     with pytest.raises(RuntimeError, match="not fitted"):
         cls().compute_ms([[make_table()]])
 
@@ -178,21 +179,29 @@ def pythonpath_with_tests() -> str:
 def start_job(code: str) -> subprocess.Popen:
     """Run ``python -c code`` in its own session, with the tests importable, output
     discarded: a job :func:`kill_9_when` can take down with everything it started."""
-    return subprocess.Popen([sys.executable, "-c", code],
-                            env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def run_to_end(code: str, timeout_s: float) -> subprocess.CompletedProcess:
     """Run ``python -c code`` to the end, with the tests importable; output captured."""
-    return subprocess.run([sys.executable, "-c", code],
-                          env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
-                          capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": pythonpath_with_tests()},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
-def kill_9_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout_s: float,
-                poll_s: float, what: str) -> None:
+def kill_9_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], *, timeout_s: float, poll_s: float, what: str
+) -> None:
     """Wait until ``ready()`` while the job runs, then SIGKILL its whole session
     (:func:`kill_9_session`); fail if the job ends first or ``ready`` never holds."""
     try:
@@ -224,8 +233,10 @@ def kill_9_session(proc: subprocess.Popen) -> None:
                     pids.append(int(d.name))
         return pids
 
-    for kill in (lambda: os.kill(proc.pid, signal.SIGKILL),
-                 lambda: os.killpg(proc.pid, signal.SIGKILL)):
+    for kill in (
+        lambda: os.kill(proc.pid, signal.SIGKILL),
+        lambda: os.killpg(proc.pid, signal.SIGKILL),
+    ):
         try:
             kill()
         except ProcessLookupError:

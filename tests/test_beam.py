@@ -1,13 +1,20 @@
 import pytest
 
-from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table, priced,
-                       make_tables)
 from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import Constraints, PlanInfeasibleError, TableConstraint
 
+from factories import (
+    GB,
+    FakeEstimator,
+    assert_fake_plan_cost,
+    make_cluster,
+    make_table,
+    make_tables,
+    priced,
+)
 
 # Table- and column-wise only: the space the fake's reference costs (factories) know.
 COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
@@ -16,13 +23,16 @@ COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise",
 def hot_tables():
     """One table doing most of the work: worth splitting across devices."""
     return [make_table("hot", rows=500_000, dim=128, pooling_factor=60.0)] + [
-        make_table(f"cold{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(7)]
+        make_table(f"cold{i}", rows=50_000, dim=16, pooling_factor=2.0) for i in range(7)
+    ]
 
 
 @pytest.mark.parametrize("num_devices", [4, 8])
 def test_width_one_without_splits_equals_greedy_grid(num_devices):
     tables, cluster = make_tables(30, seed=6), make_cluster(num_devices)
-    beam = priced(beam_search(tables, cluster, FakeEstimator(), width=1, max_splits=0), FakeEstimator())
+    beam = priced(
+        beam_search(tables, cluster, FakeEstimator(), width=1, max_splits=0), FakeEstimator()
+    )
     grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     assert beam == grid  # shards, tables, cluster and cost; meta is not compared
     assert beam.meta["splits"] == 0
@@ -39,8 +49,9 @@ def test_beam_is_never_worse_than_greedy_grid(seed, num_devices):
 
 def test_beam_splits_a_hot_table_and_beats_the_grid():
     tables, cluster = hot_tables(), make_cluster(4)
-    beam = priced(beam_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY),
-                  FakeEstimator())
+    beam = priced(
+        beam_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY), FakeEstimator()
+    )
     grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     validate_plan(beam)
     assert len(beam.shards_of("hot")) > 1
@@ -50,14 +61,22 @@ def test_beam_splits_a_hot_table_and_beats_the_grid():
 
 
 def test_beam_splits_stay_multiples_of_four_and_cover_columns():
-    tables = [make_table("a", dim=24, pooling_factor=80.0), make_table("b", dim=8),
-              make_table("c", dim=12, pooling_factor=50.0)]
-    plan = priced(beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10), FakeEstimator())
+    tables = [
+        make_table("a", dim=24, pooling_factor=80.0),
+        make_table("b", dim=8),
+        make_table("c", dim=12, pooling_factor=50.0),
+    ]
+    plan = priced(
+        beam_search(tables, make_cluster(4), FakeEstimator(), width=3, max_splits=10),
+        FakeEstimator(),
+    )
     validate_plan(plan)
 
 
 def test_max_splits_bounds_the_number_of_splits():
-    plan = priced(beam_search(hot_tables(), make_cluster(8), FakeEstimator(), max_splits=2), FakeEstimator())
+    plan = priced(
+        beam_search(hot_tables(), make_cluster(8), FakeEstimator(), max_splits=2), FakeEstimator()
+    )
     assert plan.meta["splits"] <= 2
 
 
@@ -77,8 +96,9 @@ def test_table_that_cannot_be_split_to_fit_is_named():
     rows = int(1.5 * GB) // (8 * 4)  # even 4 columns take 0.75 GiB > 0.5 GiB
     tables = [make_table("wide", rows=rows, dim=8), make_table("small")]
     with pytest.raises(PlanInfeasibleError, match="'wide'.*fits no device"):
-        beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator(),
-                    constraints=COLUMNS_ONLY)
+        beam_search(
+            tables, make_cluster(4, memory_gb=0.5), FakeEstimator(), constraints=COLUMNS_ONLY
+        )
     # row blocks of 0.375 GiB do fit
     plan = beam_search(tables, make_cluster(4, memory_gb=0.5), FakeEstimator())
     validate_plan(plan)
@@ -103,14 +123,23 @@ def test_halve_splits_the_widest_shard_in_multiples_of_four():
 
 def test_expand_takes_largest_and_costliest_tables():
     # 12 tables: the 10 largest (by rows) and the 10 costliest (by pooling) differ.
-    tables = [make_table(f"t{i}", rows=1000 * (i + 1), dim=64, pooling_factor=100.0 * 0.5**i)
-              for i in range(12)]
+    tables = [
+        make_table(f"t{i}", rows=1000 * (i + 1), dim=64, pooling_factor=100.0 * 0.5**i)
+        for i in range(12)
+    ]
     cluster = make_cluster(4)
     state = initial_state(tables, cluster)
-    children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster), top_k=2,
-                      constraints=COLUMNS_ONLY, bulk_moves=False)
-    split = sorted(next(i for i, (c, s) in enumerate(zip(child, state)) if c != s)
-                   for child in children)
+    children = expand(
+        state,
+        tables,
+        Scorer(FakeEstimator(), cluster=cluster),
+        top_k=2,
+        constraints=COLUMNS_ONLY,
+        bulk_moves=False,
+    )
+    split = sorted(
+        next(i for i, (c, s) in enumerate(zip(child, state)) if c != s) for child in children
+    )
     assert split == [0, 1, 10, 11]  # costliest: t0, t1 (pooling); largest: t11, t10 (rows)
     assert all(child[i].widths == (32, 32) for child, i in zip(children, split))
 
@@ -119,10 +148,16 @@ def test_expand_skips_tables_that_cannot_be_halved():
     tables = [make_table("a", dim=4), make_table("b", dim=12), make_table("c", dim=16)]
     cluster = make_cluster(2)
     state = initial_state(tables, cluster)
-    children = expand(state, tables, Scorer(FakeEstimator(), cluster=cluster),
-                      constraints=COLUMNS_ONLY, bulk_moves=False)
+    children = expand(
+        state,
+        tables,
+        Scorer(FakeEstimator(), cluster=cluster),
+        constraints=COLUMNS_ONLY,
+        bulk_moves=False,
+    )
     assert [tuple(layout.widths for layout in child) for child in children] == [
-        ((4,), (12,), (8, 8))]
+        ((4,), (12,), (8, 8))
+    ]
 
 
 # --------------------------------------------------------------------------- additive path, budget

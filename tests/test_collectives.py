@@ -77,9 +77,18 @@ def test_gloo_collectives_are_timed_and_price_other_traffic():
         timer.close()
     cluster = Cluster.uniform(2, 1 << 30, 4096)
     small, big = (TableSpec("t", rows=rows, dim=64) for rows in (1_000, 100_000))
-    costs = [price(finish(fixed_traffic(t, "data_parallel", [0, 1], cluster)[None],
-                          np.zeros((1, 2)), np.zeros((1, 2)), cluster), speeds)
-             for t in (small, big)]
+    costs = [
+        price(
+            finish(
+                fixed_traffic(t, "data_parallel", [0, 1], cluster)[None],
+                np.zeros((1, 2)),
+                np.zeros((1, 2)),
+                cluster,
+            ),
+            speeds,
+        )
+        for t in (small, big)
+    ]
     assert (costs[1].bwd_ms > costs[0].bwd_ms).all() and (costs[0].bwd_ms > 0).all()
 
 
@@ -91,5 +100,6 @@ def test_backend_estimator_passes_on_a_backend_s_extra_ms():
             return ExtraCosts(*(np.ones(2),) * 4)
 
     assert isinstance(BackendEstimator(Backend()).extra_ms(None), ExtraCosts)
-    assert not hasattr(BackendEstimator(type("B", (), {"name": "b", "batch_size": 1})()),
-                       "extra_ms")
+    assert not hasattr(
+        BackendEstimator(type("B", (), {"name": "b", "batch_size": 1})()), "extra_ms"
+    )

@@ -1,7 +1,5 @@
 import pytest
 
-from factories import (GB, FakeEstimator, assert_fake_plan_cost, make_cluster, make_table, priced,
-                       make_tables)
 from neuroshard.plan_io import validate_plan
 from neuroshard.search import greedy
 from neuroshard.search.greedy import (
@@ -14,6 +12,16 @@ from neuroshard.search.greedy import (
 )
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import PlanInfeasibleError, TableSpecError
+
+from factories import (
+    GB,
+    FakeEstimator,
+    assert_fake_plan_cost,
+    make_cluster,
+    make_table,
+    make_tables,
+    priced,
+)
 
 
 def rows_for(gib: float, dim: int) -> int:
@@ -33,8 +41,12 @@ def test_grid_respects_memory_caps():
     # Eight 0.45 GiB tables on four 1 GiB devices: only two fit per device. The first
     # table is so costly that, without the cap, the greedy would stack the rest elsewhere.
     dim = 32
-    tables = [make_table(f"t{i}", rows=rows_for(0.45, dim), dim=dim,
-                         pooling_factor=200.0 if i == 0 else 1.0) for i in range(8)]
+    tables = [
+        make_table(
+            f"t{i}", rows=rows_for(0.45, dim), dim=dim, pooling_factor=200.0 if i == 0 else 1.0
+        )
+        for i in range(8)
+    ]
     cluster = make_cluster(4, memory_gb=1)
     plan = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
     assert max(plan.memory_bytes()) <= 1 * GB
@@ -61,8 +73,7 @@ def test_grid_reports_total_memory_shortfall():
 
 
 def test_grid_balances_equal_tables():
-    tables = [make_table(f"t{i}", rows=100_000, dim=32, pooling_factor=10.0)
-              for i in range(16)]
+    tables = [make_table(f"t{i}", rows=100_000, dim=32, pooling_factor=10.0) for i in range(16)]
     plan = priced(greedy_grid(tables, make_cluster(4), FakeEstimator()), FakeEstimator())
     compute = [d.compute_ms for d in plan.cost.devices]
     assert max(compute) / min(compute) < 1.05
@@ -79,8 +90,12 @@ def test_grid_balances_mixed_tables_better_than_one_device():
 def test_grid_keeps_the_best_scale():
     tables, cluster = make_tables(30, seed=2), make_cluster(4)
     best = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
-    each = [plan_cost(greedy_grid(tables, cluster, FakeEstimator(), scales=(s,)),
-                      FakeEstimator()).max_ms for s in GRID_SCALES]
+    each = [
+        plan_cost(
+            greedy_grid(tables, cluster, FakeEstimator(), scales=(s,)), FakeEstimator()
+        ).max_ms
+        for s in GRID_SCALES
+    ]
     assert best.cost.max_ms == pytest.approx(min(each), rel=1e-12)
     assert best.meta["scale"] == GRID_SCALES[each.index(min(each))]
 
@@ -98,13 +113,22 @@ def test_dim_cap_falls_back_when_no_device_fits_it():
     # for it alone and it goes where compute is lowest: the empty device 1. The small
     # tables would be cheapest beside "wide" (its compute is a third of "hot"'s), but
     # device 1 is over the cap, which still holds for them: all four go to device 0.
-    tables = ([make_table("hot", dim=16, pooling_factor=100.0),
-               make_table("wide", dim=512, pooling_factor=1.0)]
-              + [make_table(f"t{i}", dim=16, pooling_factor=1.0) for i in range(4)])
-    plan = priced(greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,)), FakeEstimator())
+    tables = [
+        make_table("hot", dim=16, pooling_factor=100.0),
+        make_table("wide", dim=512, pooling_factor=1.0),
+    ] + [make_table(f"t{i}", dim=16, pooling_factor=1.0) for i in range(4)]
+    plan = priced(
+        greedy_grid(tables, make_cluster(2), FakeEstimator(), scales=(1.0,)), FakeEstimator()
+    )
     validate_plan(plan)
     assert {s.table: s.device for s in plan.shards} == {
-        "hot": 0, "wide": 1, "t0": 0, "t1": 0, "t2": 0, "t3": 0}
+        "hot": 0,
+        "wide": 1,
+        "t0": 0,
+        "t1": 0,
+        "t2": 0,
+        "t3": 0,
+    }
     assert plan.dim_sums() == [80, 512]
 
 
@@ -134,7 +158,10 @@ def test_place_many_returns_errors_instead_of_raising():
 
 def test_splits_give_column_shards_of_the_given_widths():
     tables = [make_table("a", dim=64), make_table("b", dim=32)]
-    plan = priced(greedy_grid(tables, make_cluster(4), FakeEstimator(), splits={"a": (32, 16, 16)}), FakeEstimator())
+    plan = priced(
+        greedy_grid(tables, make_cluster(4), FakeEstimator(), splits={"a": (32, 16, 16)}),
+        FakeEstimator(),
+    )
     validate_plan(plan)
     assert [s.width for s in plan.shards_of("a")] == [32, 16, 16]
     assert [s.width for s in plan.shards_of("b")] == [32]
@@ -149,9 +176,12 @@ def test_bad_splits_are_rejected(splits):
 def test_dim_cap_spreads_cheap_wide_tables():
     # One hot table: by compute alone every cold table would join the other device.
     tables = [make_table("hot", dim=8, pooling_factor=1000.0)] + [
-        make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)]
+        make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)
+    ]
     cluster = make_cluster(2)
-    uncapped = priced(greedy_grid(tables, cluster, FakeEstimator(), scales=(10.0,)), FakeEstimator())
+    uncapped = priced(
+        greedy_grid(tables, cluster, FakeEstimator(), scales=(10.0,)), FakeEstimator()
+    )
     assert [len(load) for load in uncapped.device_loads()] in ([1, 6], [6, 1])
     capped = priced(greedy_grid(tables, cluster, FakeEstimator(), scales=(1.0,)), FakeEstimator())
     assert sorted(len(load) for load in capped.device_loads()) == [3, 4]
@@ -192,8 +222,10 @@ def test_additive_path_equals_generic_path(num_devices, seed, merge_devices, mon
 def test_additive_grid_equals_generic_grid_under_tight_memory():
     # Memory binds: ten 0.45 GiB tables on six 1 GiB devices, costs skewed.
     dim = 32
-    tables = [make_table(f"t{i}", rows=rows_for(0.45, dim), dim=dim,
-                         pooling_factor=100.0 / (i + 1)) for i in range(10)]
+    tables = [
+        make_table(f"t{i}", rows=rows_for(0.45, dim), dim=dim, pooling_factor=100.0 / (i + 1))
+        for i in range(10)
+    ]
     cluster = make_cluster(6, memory_gb=1)
     fast = greedy_grid(tables, cluster, AdditiveEstimator())
     slow = greedy_grid(tables, cluster, Opaque(AdditiveEstimator()))
@@ -213,7 +245,8 @@ def test_additive_path_reports_the_table_left_without_room():
 
 def test_additive_dim_cap_falls_back_and_spreads_cold_tables():
     tables = [make_table("hot", dim=8, pooling_factor=1000.0)] + [
-        make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)]
+        make_table(f"cold{i}", dim=16, pooling_factor=1.0) for i in range(6)
+    ]
     cluster = make_cluster(2)
     uncapped = greedy_grid(tables, cluster, AdditiveEstimator(), scales=(10.0,))
     assert [len(load) for load in uncapped.device_loads()] in ([1, 6], [6, 1])
@@ -238,12 +271,12 @@ def neural_model(tmp_path_factory):
     """A small NeuralCostModel fitted on fake-backend samples (seconds)."""
     import numpy as np
 
-    from factories import FakeBackend
     from neuroshard.models.neural import NeuralCostModel
-    from neuroshard.pretrain.augment import (augment_tables, sample_comm_tasks,
-                                             sample_compute_loads)
+    from neuroshard.pretrain.augment import augment_tables, sample_comm_tasks, sample_compute_loads
     from neuroshard.pretrain.collect import collect
     from neuroshard.pretrain.dataset import load_comm, load_compute
+
+    from factories import FakeBackend
 
     root = tmp_path_factory.mktemp("neural")
     tables = make_tables(30, seed=5)
@@ -252,7 +285,8 @@ def neural_model(tmp_path_factory):
     collect(loads, FakeBackend(), root / "compute", progress=False)
     collect(tasks, FakeBackend(), root / "comm", kind="comm", progress=False)
     return NeuralCostModel(max_epochs=3, patience=3, train_batch_size=64, seed=0).fit(
-        load_compute(root / "compute"), load_comm(root / "comm"))
+        load_compute(root / "compute"), load_comm(root / "comm")
+    )
 
 
 @pytest.mark.slow

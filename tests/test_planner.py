@@ -1,11 +1,12 @@
 import pytest
-from factories import FakeEstimator, make_cluster, make_tables
 
 from neuroshard.feasibility import check_fits
 from neuroshard.models import default_model_dir
 from neuroshard.planner import Planner
 from neuroshard.search import get_searcher
 from neuroshard.types import PlanInfeasibleError, TableSpec, UsageError
+
+from factories import FakeEstimator, make_cluster, make_tables
 
 
 def test_planner_defaults_to_the_shipped_model_and_neuroshard():

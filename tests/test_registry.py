@@ -51,8 +51,7 @@ def test_resolve_cost_model():
         resolve_cost_model(d4, batch_size=1024)
     with pytest.raises(ModelMismatchError, match="cost model"):
         resolve_cost_model(d4, kind="lightgbm")
-    assert resolve_cost_model(d4, kind="lightgbm", batch_size=1024, force=True).batch_size \
-        == 65_536
+    assert resolve_cost_model(d4, kind="lightgbm", batch_size=1024, force=True).batch_size == 65_536
     with pytest.raises(UnknownNameError, match="xgboost"):
         resolve_cost_model(d4, kind="xgboost", force=True)
     with pytest.raises(ValueError, match="num_devices"):
@@ -63,9 +62,12 @@ def test_fingerprint_diff_is_one_rule():
     a = Fingerprint.of({"backend": "sim", "batch_size": 4, "noise": 0.1, "gpu": None})
     assert a == Fingerprint.of('{"gpu": null, "noise": 0.1, "batch_size": 4, "backend": "sim"}')
     assert a.diff({"backend": "sim", "batch_size": 8, "extra": 1}, ignore={"noise"}) == [
-        ("batch_size", 4, 8), ("extra", None, 1)]
-    assert a.describe_diff({"backend": "cpu", "batch_size": 4, "noise": 0.1, "gpu": None},
-                           labels=("model", "asked")) == ["backend: 'sim' (model) vs 'cpu' (asked)"]
+        ("batch_size", 4, 8),
+        ("extra", None, 1),
+    ]
+    assert a.describe_diff(
+        {"backend": "cpu", "batch_size": 4, "noise": 0.1, "gpu": None}, labels=("model", "asked")
+    ) == ["backend: 'sim' (model) vs 'cpu' (asked)"]
     assert Fingerprint.of(None).as_dict() == {}
     with pytest.raises(ValueError):
         Fingerprint.of("[1, 2]")

@@ -1,10 +1,10 @@
-
 import numpy as np
 import pytest
 
-from factories import FakeEstimator, make_cluster, make_table, make_tables
 from neuroshard.search.scoring import EMPTY_LOAD, Scorer, WithoutEmbeddings, plan_cost
 from neuroshard.types import Plan, Shard
+
+from factories import FakeEstimator, make_cluster, make_table, make_tables
 
 
 class LinearEstimator:
@@ -29,8 +29,9 @@ class LinearEstimator:
 
 def test_plan_cost_matches_hand_computation_on_two_devices():
     a, b = make_table("a", rows=10, dim=8), make_table("b", rows=10, dim=4)
-    plan = Plan((a, b), (Shard("a", 0, 4, 0), Shard("a", 4, 8, 1), Shard("b", 0, 4, 0)),
-                make_cluster(2))
+    plan = Plan(
+        (a, b), (Shard("a", 0, 4, 0), Shard("a", 4, 8, 1), Shard("b", 0, 4, 0)), make_cluster(2)
+    )
     cost = plan_cost(plan, LinearEstimator())
     # compute 0.1 * widths: 0.8, 0.4; bwd 0.01 * dim sums (8, 4): 0.08, 0.04;
     # waits (0.88, 0.44) - 0.44 = 0.44, 0; fwd 0.02 * dims + waits: 0.60, 0.08.
@@ -60,16 +61,19 @@ def random_plans(tables, cluster, n, seed=0):
         for t in tables:
             cut = int(rng.integers(0, t.dim // 4)) * 4  # 0 means table-wise
             ranges = [(0, t.dim)] if cut == 0 else [(0, cut), (cut, t.dim)]
-            shards += [Shard(t.name, s, e, int(rng.integers(cluster.num_devices)))
-                       for s, e in ranges]
+            shards += [
+                Shard(t.name, s, e, int(rng.integers(cluster.num_devices))) for s, e in ranges
+            ]
         plans.append(Plan(tuple(tables), tuple(shards), cluster))
     return plans
 
 
 def assignment(plan, scorer):
     by_name = {t.name: t for t in plan.tables}
-    return [scorer.key(by_name[s.table].with_dim(s.width) for s in plan.shards if s.device == d)
-            for d in range(plan.cluster.num_devices)]
+    return [
+        scorer.key(by_name[s.table].with_dim(s.width) for s in plan.shards if s.device == d)
+        for d in range(plan.cluster.num_devices)
+    ]
 
 
 def test_scorer_equals_plan_cost_with_one_compute_call_per_batch():
@@ -86,12 +90,15 @@ def test_scorer_equals_plan_cost_with_one_compute_call_per_batch():
     assert scores == pytest.approx([c.max_ms for c in expected], rel=1e-12)
 
     compute, bwd, fwd = scorer.device_costs(batch)
-    assert compute == pytest.approx(np.array([[d.compute_ms for d in c.devices]
-                                              for c in expected]), rel=1e-12)
-    assert fwd == pytest.approx(np.array([[d.fwd_comm_ms for d in c.devices]
-                                          for c in expected]), rel=1e-12)
-    assert bwd == pytest.approx(np.array([[d.bwd_comm_ms for d in c.devices]
-                                          for c in expected]), rel=1e-12)
+    assert compute == pytest.approx(
+        np.array([[d.compute_ms for d in c.devices] for c in expected]), rel=1e-12
+    )
+    assert fwd == pytest.approx(
+        np.array([[d.fwd_comm_ms for d in c.devices] for c in expected]), rel=1e-12
+    )
+    assert bwd == pytest.approx(
+        np.array([[d.bwd_comm_ms for d in c.devices] for c in expected]), rel=1e-12
+    )
 
 
 def test_scorer_caches_compute_by_load():
@@ -166,8 +173,11 @@ class AdditiveEstimator:
 
     def fwd_comm_ms(self, dim_sums, waits_ms):
         waits = np.asarray(waits_ms, dtype=float)
-        return 0.05 + 0.001 * np.asarray(dim_sums, dtype=float) + (
-            waits.max(axis=-1, keepdims=True) - waits)
+        return (
+            0.05
+            + 0.001 * np.asarray(dim_sums, dtype=float)
+            + (waits.max(axis=-1, keepdims=True) - waits)
+        )
 
 
 Opaque = WithoutEmbeddings  # the estimator without shard_embeddings: the generic path
@@ -188,8 +198,9 @@ def test_additive_scorer_equals_plan_cost_and_embeds_each_shard_once():
     est = AdditiveEstimator()
     scorer = Scorer(est)
     scores = scorer.score([assignment(p, scorer) for p in plans])
-    assert scores == pytest.approx([plan_cost(p, AdditiveEstimator()).max_ms for p in plans],
-                                   rel=1e-12)
+    assert scores == pytest.approx(
+        [plan_cost(p, AdditiveEstimator()).max_ms for p in plans], rel=1e-12
+    )
     assert est.compute_calls == 0  # priced from embeddings, never whole loads
     assert est.embedded == scorer.num_items  # each (table, width) embedded once
     scorer.score([assignment(p, scorer) for p in plans])
@@ -205,7 +216,8 @@ def test_compute_sums_and_singles_match_whole_loads():
     assert emb.shape == (2, 4) and emb.dtype == np.float32
     summed = np.stack([emb[ia] + emb[ib], emb[ia], np.zeros(4, dtype=np.float32)])
     assert scorer.compute_sums(summed, np.array([2, 1, 0])) == pytest.approx(
-        est.compute_ms([[a, b], [a], []]), rel=1e-12)
+        est.compute_ms([[a, b], [a], []]), rel=1e-12
+    )
     singles = scorer.singles([ib, ia, ib])
     assert singles == pytest.approx(est.compute_ms([[b], [a], [b]]), rel=1e-12)
     assert scorer.singles([ia]) == pytest.approx(singles[1:2])

@@ -29,8 +29,9 @@ def test_every_searcher_returns_a_valid_costed_plan(name, num_devices):
     assert isinstance(searcher, Searcher)
     assert searcher(tables, cluster, FakeEstimator(), seed=0, budget_s=None).cost is None
     # full caps, and the table- and column-wise space the fake's reference costs know
-    takes = ({"constraints": COLUMNS_ONLY} if name in ("neuroshard", "greedy-grid", "torchrec")
-             else {})
+    takes = (
+        {"constraints": COLUMNS_ONLY} if name in ("neuroshard", "greedy-grid", "torchrec") else {}
+    )
     plan = Planner(FakeEstimator(), name, reserve=0.0, **takes).plan(tables, cluster)
 
     assert plan.tables == tuple(tables) and plan.cluster == cluster

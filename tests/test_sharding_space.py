@@ -44,8 +44,11 @@ from factories import GB, FakeEstimator, make_cluster, make_table, make_tables
 
 MB = 10**6
 SIM = SimBackend("h100")
-NO_TWRW = Constraints(default=TableConstraint(
-    sharding_types=("table_wise", "column_wise", "row_wise", "data_parallel")))
+NO_TWRW = Constraints(
+    default=TableConstraint(
+        sharding_types=("table_wise", "column_wise", "row_wise", "data_parallel")
+    )
+)
 COLUMNS_ONLY = Constraints(default=TableConstraint(sharding_types=("table_wise", "column_wise")))
 
 
@@ -61,8 +64,9 @@ def plan_with(tables, cluster, **kw):
 
 def test_a_table_larger_than_a_device_and_four_wide_plans_row_wise():
     # 4M x 4 = 64 MB on 2 devices of 40 MB: no column split exists, row blocks of 32 MB fit
-    plan = plan_with([TableSpec("big", 4_000_000, 4, pooling_factor=10)],
-                     Cluster.uniform(2, 40 * MB))
+    plan = plan_with(
+        [TableSpec("big", 4_000_000, 4, pooling_factor=10)], Cluster.uniform(2, 40 * MB)
+    )
     assert plan.sharding_type_of("big") in ("row_wise", "table_row_wise")
     assert sorted(s.rows for s in plan.shards) == [(0, 2_000_000), (2_000_000, 4_000_000)]
 
@@ -87,8 +91,7 @@ def test_table_row_wise_pays_off_on_two_hosts_of_two_devices():
     plan = plan_with(tables, cluster)
     assert {plan.sharding_type_of(t) for t in ("huge0", "huge1")} == {"table_row_wise"}
     hosts = {cluster.host_of(s.device) for s in plan.shards_of("huge0")}
-    assert len(hosts) == 1 and hosts != {cluster.host_of(s.device)
-                                          for s in plan.shards_of("huge1")}
+    assert len(hosts) == 1 and hosts != {cluster.host_of(s.device) for s in plan.shards_of("huge1")}
     best_without = plan_with(tables, cluster, constraints=NO_TWRW)
     assert plan.cost.max_ms < 0.95 * best_without.cost.max_ms
 
@@ -145,8 +148,14 @@ def test_data_parallel_all_reduces_its_gradient_and_routes_no_ids():
     fixed = fixed_traffic(t, "data_parallel", range(4), c)
     np.testing.assert_allclose(fixed[BWD_INTRA], 2 * 3 / 4 * t.size_bytes)
     assert fixed[FWD_INTRA].sum() == 0 and (fixed[DP_GROUP] == 1).all()
-    plan = Plan((t,), tuple(Shard("t", 0, 64, d, sharding_type="data_parallel",
-                                  compute_kernel="dense") for d in range(4)), c)
+    plan = Plan(
+        (t,),
+        tuple(
+            Shard("t", 0, 64, d, sharding_type="data_parallel", compute_kernel="dense")
+            for d in range(4)
+        ),
+        c,
+    )
     validate_plan(plan)
     assert plan_traffic(plan).ids_intra_bytes.sum() == 0
     assert alltoall_dim_sums(plan) == [0.0] * 4
@@ -180,8 +189,11 @@ def test_column_plans_cost_as_before_on_one_host():
     tables, cluster = make_tables(20, seed=4), make_cluster(4)
     plan = Planner(FakeEstimator(), "greedy-grid", reserve=0.0).plan(tables, cluster)
     scorer_new, scorer_old = Scorer(FakeEstimator(), cluster=cluster), Scorer(FakeEstimator())
-    keys = [tuple(sorted(scorer.item(v) for v in load)) for scorer in (scorer_new,)
-            for load in plan.device_loads()]
+    keys = [
+        tuple(sorted(scorer.item(v) for v in load))
+        for scorer in (scorer_new,)
+        for load in plan.device_loads()
+    ]
     old_keys = [tuple(sorted(scorer_old.item(v) for v in load)) for load in plan.device_loads()]
     assert scorer_new.score([keys]) == scorer_old.score([old_keys])
     assert plan_cost(plan, FakeEstimator()).max_ms == scorer_old.score([old_keys])[0]
@@ -226,11 +238,14 @@ def test_pins_types_kernels_and_colocation_hold():
     tables = make_tables(10, seed=5)
     cluster = Cluster.uniform(4, 4 * GB, devices_per_host=2)
     rules = Constraints(
-        tables={"t0": TableConstraint(devices=(3,)),
-                "t1": TableConstraint(sharding_types=("row_wise",)),
-                "t2": TableConstraint(hosts=(1,), sharding_types=("column_wise",)),
-                "t3": TableConstraint(sharding_types=("data_parallel",))},
-        colocate=(("t4", "t5", "t6"),))
+        tables={
+            "t0": TableConstraint(devices=(3,)),
+            "t1": TableConstraint(sharding_types=("row_wise",)),
+            "t2": TableConstraint(hosts=(1,), sharding_types=("column_wise",)),
+            "t3": TableConstraint(sharding_types=("data_parallel",)),
+        },
+        colocate=(("t4", "t5", "t6"),),
+    )
     for searcher in ("neuroshard", "greedy-grid"):
         plan = Planner(FakeEstimator(), searcher, constraints=rules).plan(tables, cluster)
         assert {s.device for s in plan.shards_of("t0")} == {3}
@@ -245,39 +260,56 @@ def test_constraints_that_cannot_hold_fail_clearly():
     tables = make_tables(4, seed=1)
     cluster = make_cluster(2)
     with pytest.raises(ConstraintError, match="'t0'.*devices \\[5\\]"):
-        Planner(FakeEstimator(), constraints=Constraints(
-            {"t0": TableConstraint(devices=(5,))})).plan(tables, cluster)
+        Planner(
+            FakeEstimator(), constraints=Constraints({"t0": TableConstraint(devices=(5,))})
+        ).plan(tables, cluster)
     with pytest.raises(ConstraintError, match="'nope'"):
-        Planner(FakeEstimator(), constraints=Constraints(
-            {"nope": TableConstraint()})).plan(tables, cluster)
+        Planner(FakeEstimator(), constraints=Constraints({"nope": TableConstraint()})).plan(
+            tables, cluster
+        )
     with pytest.raises(ConstraintError, match="'size'.*constraints"):
         Planner(FakeEstimator(), "size", constraints=COLUMNS_ONLY).plan(tables, cluster)
     big = [TableSpec("big", 400_000_000, 8)]  # 12.8 GB on 4 GB devices, table-wise only
     with pytest.raises(PlanInfeasibleError, match="'big'"):
-        Planner(FakeEstimator(), constraints=Constraints(
-            {"big": TableConstraint(sharding_types=("table_wise",))})).plan(big, cluster)
+        Planner(
+            FakeEstimator(),
+            constraints=Constraints({"big": TableConstraint(sharding_types=("table_wise",))}),
+        ).plan(big, cluster)
 
 
 def test_space_round_trips_every_layout_through_plan_json():
-    tables = [make_table("a", rows=1000), make_table("b", rows=5000), make_table("c"),
-              make_table("d", rows=4000)]
+    tables = [
+        make_table("a", rows=1000),
+        make_table("b", rows=5000),
+        make_table("c"),
+        make_table("d", rows=4000),
+    ]
     cluster = Cluster.uniform(4, GB, devices_per_host=2, host_memory_bytes=GB)
     space = Space(tables, cluster, Scorer(FakeEstimator(), cluster=cluster))
-    state = (Layout("row_wise", (64,)), Layout("table_row_wise", (64,), host=1),
-             Layout("data_parallel", (64,), "dense"),
-             Layout("columns", (32, 32), "fused_uvm_caching", 0.1))
+    state = (
+        Layout("row_wise", (64,)),
+        Layout("table_row_wise", (64,), host=1),
+        Layout("data_parallel", (64,), "dense"),
+        Layout("columns", (32, 32), "fused_uvm_caching", 0.1),
+    )
     from neuroshard.search.greedy import place_many
 
     placement = place_many([space.problem(state)], cluster, space.scorer)[0]
     plan = space.to_plan(state, placement)
     validate_plan(plan)
     assert [plan.sharding_type_of(n) for n in "abcd"] == [
-        "row_wise", "table_row_wise", "data_parallel", "column_wise"]
+        "row_wise",
+        "table_row_wise",
+        "data_parallel",
+        "column_wise",
+    ]
     assert {s.device for s in plan.shards_of("b")} == {2, 3}
     again = plan_from_dict(plan_to_dict(plan))
-    assert again.shards == plan.shards or sorted(again.shards, key=repr) == sorted(
-        plan.shards, key=repr) or [again.sharding_type_of(n) for n in "abcd"] == [
-        plan.sharding_type_of(n) for n in "abcd"]
+    assert (
+        again.shards == plan.shards
+        or sorted(again.shards, key=repr) == sorted(plan.shards, key=repr)
+        or [again.sharding_type_of(n) for n in "abcd"] == [plan.sharding_type_of(n) for n in "abcd"]
+    )
     assert math.isclose(plan_cost(again, SIM).max_ms, plan_cost(plan, SIM).max_ms)
     assert placement.cost_ms == pytest.approx(plan_cost(plan, FakeEstimator()).max_ms)
 
@@ -294,12 +326,30 @@ def test_plan_verb_takes_reserve_optimizer_hosts_and_host_memory(tmp_path):
     from neuroshard.plan_io import read_plan
 
     config = tmp_path / "tables.json"
-    config.write_text(json.dumps([{"name": "big", "rows": 4_000_000, "dim": 4,
-                                   "pooling_factor": 10}]))
+    config.write_text(
+        json.dumps([{"name": "big", "rows": 4_000_000, "dim": 4, "pooling_factor": 10}])
+    )
     out = tmp_path / "plan.json"
-    args = ["plan", str(config), "-n", "4", "-m", "40MB", "--searcher", "greedy-grid",
-            "--out", str(out), "--reserve", "0.1", "--optimizer", "rowwise_adagrad",
-            "--devices-per-host", "2", "--host-memory", "1GB"]
+    args = [
+        "plan",
+        str(config),
+        "-n",
+        "4",
+        "-m",
+        "40MB",
+        "--searcher",
+        "greedy-grid",
+        "--out",
+        str(out),
+        "--reserve",
+        "0.1",
+        "--optimizer",
+        "rowwise_adagrad",
+        "--devices-per-host",
+        "2",
+        "--host-memory",
+        "1GB",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     plan = read_plan(out)
@@ -330,6 +380,9 @@ def test_sequence_tables_are_never_table_row_wise():
     space = Space([seq], cluster, Scorer(FakeEstimator(), cluster=cluster))
     state = space.initial_state()
     assert all(m.kind != "table_row_wise" for m in space.moves(state, 0))
-    pooled = Space([TableSpec("p", 10_000_000, 64, pooling_factor=20)], cluster,
-                   Scorer(FakeEstimator(), cluster=cluster))
+    pooled = Space(
+        [TableSpec("p", 10_000_000, 64, pooling_factor=20)],
+        cluster,
+        Scorer(FakeEstimator(), cluster=cluster),
+    )
     assert any(m.kind == "table_row_wise" for m in pooled.moves(state, 0))

@@ -8,10 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from factories import make_table, make_tables
 from neuroshard.backends import as_estimator, get_backend
 from neuroshard.backends.sim import PROFILES, SimBackend, profile_names
 from neuroshard.types import CostEstimator, HardwareBackend, UnknownNameError
+
+from factories import make_table, make_tables
 
 REF = make_table("ref", rows=1_000_000, dim=128, pooling_factor=10.0)
 HOT = make_table("hot", rows=5_000_000, dim=128, pooling_factor=50.0)
@@ -51,9 +52,15 @@ def test_reference_figures_are_in_the_documented_range():
     assert np.all((bwd >= 0.1) & (bwd <= 1.0))
 
 
-@pytest.mark.parametrize("profile, ref_ms, both_ms, a2a_ms", [
-    ("v100", 1.63, 10.54, 1.77), ("a100", 0.66, 4.93, 0.90), ("h100", 0.32, 2.30, 0.60),
-    ("h200", 0.24, 1.64, 0.60)])
+@pytest.mark.parametrize(
+    "profile, ref_ms, both_ms, a2a_ms",
+    [
+        ("v100", 1.63, 10.54, 1.77),
+        ("a100", 0.66, 4.93, 0.90),
+        ("h100", 0.32, 2.30, 0.60),
+        ("h200", 0.24, 1.64, 0.60),
+    ],
+)
 def test_documented_reference_figures_hold(profile, ref_ms, both_ms, a2a_ms):
     """The table in the module doc: a changed constant must update the doc."""
     sim = SimBackend(profile)
@@ -182,8 +189,9 @@ def test_batched_equals_one_at_a_time():
     loads = [make_tables(k, seed=k) for k in range(0, 12)]
     batched = sim.compute_ms(loads)
     assert batched.shape == (len(loads),)
-    np.testing.assert_allclose(batched, [sim.measure_compute(ld).median_ms for ld in loads],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        batched, [sim.measure_compute(ld).median_ms for ld in loads], rtol=1e-12
+    )
     dims = np.array([[128.0, 256.0, 64.0], [512.0, 0.0, 32.0]])
     waits = np.array([[0.0, 1.0, 3.0], [2.0, 0.0, 0.5]])
     fwd, bwd = sim.fwd_comm_ms(dims, waits), sim.bwd_comm_ms(dims)
@@ -196,8 +204,10 @@ def test_batched_equals_one_at_a_time():
 def test_ten_thousand_loads_evaluate_quickly():
     rng = np.random.default_rng(0)
     tables = make_tables(200, seed=1)
-    loads = [[tables[i].with_dim(int(rng.choice([4, 16, 64, 128])))
-              for i in rng.choice(len(tables), 8)] for _ in range(10_000)]
+    loads = [
+        [tables[i].with_dim(int(rng.choice([4, 16, 64, 128]))) for i in rng.choice(len(tables), 8)]
+        for _ in range(10_000)
+    ]
     start = time.perf_counter()
     out = SimBackend().compute_ms(loads)
     assert time.perf_counter() - start < 5.0

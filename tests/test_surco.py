@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
 
 from neuroshard.models.surrogate import SurrogatePrior
 from neuroshard.plan_io import validate_plan
@@ -25,6 +24,8 @@ from neuroshard.search.surco import (
     surco_plan,
 )
 from neuroshard.types import Cluster, PlanInfeasibleError, TableSpec
+
+from factories import GB, FakeEstimator, make_cluster, make_table, make_tables, priced
 
 FAST = {"rounds": 3, "budget_s": 3.0}
 
@@ -44,16 +45,22 @@ class AdditiveFake:
 
     def fwd_comm_ms(self, dim_sums: np.ndarray, waits_ms: np.ndarray) -> np.ndarray:
         waits = np.asarray(waits_ms, dtype=float)
-        return (0.02 + 0.001 * np.asarray(dim_sums, dtype=float)
-                + waits.max(axis=-1, keepdims=True) - waits)
+        return (
+            0.02
+            + 0.001 * np.asarray(dim_sums, dtype=float)
+            + waits.max(axis=-1, keepdims=True)
+            - waits
+        )
 
 
 def _assert_valid(plan, tables, cluster, estimator):
     validate_plan(plan)  # coverage, widths, device range, memory caps
     assert plan.tables == tuple(tables) and plan.cluster == cluster
     assert {s.table for s in plan.shards} == {t.name for t in tables}
-    assert all(m <= cap for m, cap in zip(plan.memory_bytes(), cluster.memory_per_device_bytes,
-                                          strict=True))
+    assert all(
+        m <= cap
+        for m, cap in zip(plan.memory_bytes(), cluster.memory_per_device_bytes, strict=True)
+    )
     assert plan.cost is None or plan.cost == plan_cost(plan, estimator)
 
 
@@ -110,8 +117,9 @@ def test_surrogate_is_exact_at_its_fitting_point():
     tables, cluster = make_tables(20, seed=5), make_cluster(4)
     plan = priced(surco_plan(tables, cluster, FakeEstimator(), **FAST), FakeEstimator())
     first = plan.meta["surco"]["rounds"][0]
-    assert first["incumbent_surrogate_ms"] == pytest.approx(plan.meta["surco"]["start_ms"],
-                                                            rel=1e-9)
+    assert first["incumbent_surrogate_ms"] == pytest.approx(
+        plan.meta["surco"]["start_ms"], rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("num_devices", [2, 4, 8])
@@ -148,8 +156,7 @@ def test_solves_a_packing_the_greedy_grid_misses():
     unit = 1_000_000
     sizes = {"a": 4, "b": 3, "c": 3, "d": 5, "e": 5}
     pooling = {"a": 40.0, "b": 30.0, "c": 29.0, "d": 5.0, "e": 4.0}
-    tables = [make_table(n, rows=sizes[n] * unit, dim=16, pooling_factor=pooling[n])
-              for n in sizes]
+    tables = [make_table(n, rows=sizes[n] * unit, dim=16, pooling_factor=pooling[n]) for n in sizes]
     cluster = Cluster.uniform(2, 10 * unit * 16 * 4)
     with pytest.raises(PlanInfeasibleError):
         greedy_grid(tables, cluster, FakeEstimator())
@@ -161,9 +168,19 @@ def test_solves_a_packing_the_greedy_grid_misses():
 
 
 def test_tiny_additive_instance_reaches_brute_force_optimum():
-    tables = [make_table(f"t{i}", rows=r, dim=d, pooling_factor=p) for i, (r, d, p) in
-              enumerate([(50_000, 64, 20.0), (80_000, 32, 35.0), (20_000, 128, 8.0),
-                         (60_000, 16, 50.0), (90_000, 64, 12.0), (30_000, 32, 25.0)])]
+    tables = [
+        make_table(f"t{i}", rows=r, dim=d, pooling_factor=p)
+        for i, (r, d, p) in enumerate(
+            [
+                (50_000, 64, 20.0),
+                (80_000, 32, 35.0),
+                (20_000, 128, 8.0),
+                (60_000, 16, 50.0),
+                (90_000, 64, 12.0),
+                (30_000, 32, 25.0),
+            ]
+        )
+    ]
     # 64 MB of tables on 2 x 40 MB: memory rules out the most lopsided assignments
     cap = 40_000_000
     cluster = Cluster.uniform(2, cap)
@@ -213,8 +230,9 @@ def test_prior_variant(tmp_path):
     cluster = make_cluster(4)
     est = FakeEstimator()
     train = [make_tables(12, seed=s) for s in (10, 11)]
-    prior = fit_surrogate_prior(train, cluster, est, tmp_path / "prior", rounds=2,
-                                time_limit_s=1.0, max_epochs=15)
+    prior = fit_surrogate_prior(
+        train, cluster, est, tmp_path / "prior", rounds=2, time_limit_s=1.0, max_epochs=15
+    )
     assert prior.num_pairs_ > 0 and (tmp_path / "prior" / "meta.json").is_file()
     loaded = SurrogatePrior.load(tmp_path / "prior")
     x = np.random.default_rng(0).normal(size=(5, loaded.x_mean_.shape[0])).astype(np.float32)
@@ -223,8 +241,9 @@ def test_prior_variant(tmp_path):
     tables = make_tables(16, seed=20)
     greedy = priced(greedy_grid(tables, cluster, est), est)
     for path in (tmp_path / "prior", None):
-        plan = priced(surco_plan(tables, cluster, est, variant="prior", prior_path=path,
-                                 **FAST), est)
+        plan = priced(
+            surco_plan(tables, cluster, est, variant="prior", prior_path=path, **FAST), est
+        )
         _assert_valid(plan, tables, cluster, est)
         assert plan.cost.max_ms <= greedy.cost.max_ms + 1e-12
         assert plan.meta["surco"]["variant"] == "prior"

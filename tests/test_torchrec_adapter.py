@@ -50,8 +50,15 @@ META = torch.device("meta")
 
 def ebc_of(tables, device=META) -> EmbeddingBagCollection:
     return EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim,
-                                   feature_names=[f"f_{t.name}"]) for t in tables],
+        tables=[
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=t.rows,
+                embedding_dim=t.dim,
+                feature_names=[f"f_{t.name}"],
+            )
+            for t in tables
+        ],
         device=device,
     )
 
@@ -74,20 +81,29 @@ def topology(n: int, device: str = "cpu", cap: int = 1 << 30) -> Topology:
 
 # --------------------------------------------------------------------------- round trips
 
-TW_TABLES = (make_table("t0", rows=100, dim=16, pooling_factor=2.5),
-             make_table("t1", rows=200, dim=32, pooling_factor=7.0),
-             make_table("t2", rows=300, dim=8, pooling_factor=1.5))
-TW_PLAN = Plan(TW_TABLES, (Shard("t0", 0, 16, 2), Shard("t1", 0, 32, 0), Shard("t2", 0, 8, 2)),
-               make_cluster(3))
+TW_TABLES = (
+    make_table("t0", rows=100, dim=16, pooling_factor=2.5),
+    make_table("t1", rows=200, dim=32, pooling_factor=7.0),
+    make_table("t2", rows=300, dim=8, pooling_factor=1.5),
+)
+TW_PLAN = Plan(
+    TW_TABLES, (Shard("t0", 0, 16, 2), Shard("t1", 0, 32, 0), Shard("t2", 0, 8, 2)), make_cluster(3)
+)
 
-CW_TABLES = (make_table("wide", rows=64, dim=96, pooling_factor=3.0),
-             make_table("pair", rows=48, dim=64, pooling_factor=2.0),
-             make_table("solo", rows=32, dim=20, pooling_factor=1.0))
+CW_TABLES = (
+    make_table("wide", rows=64, dim=96, pooling_factor=3.0),
+    make_table("pair", rows=48, dim=64, pooling_factor=2.0),
+    make_table("solo", rows=32, dim=20, pooling_factor=1.0),
+)
 CW_PLAN = Plan(
     CW_TABLES,
-    (Shard("wide", 0, 32, 1), Shard("wide", 32, 96, 0),     # uneven, ranks 1 then 0
-     Shard("pair", 0, 16, 2), Shard("pair", 16, 64, 2),     # two shards on one rank
-     Shard("solo", 0, 20, 0)),                              # table-wise
+    (
+        Shard("wide", 0, 32, 1),
+        Shard("wide", 32, 96, 0),  # uneven, ranks 1 then 0
+        Shard("pair", 0, 16, 2),
+        Shard("pair", 16, 64, 2),  # two shards on one rank
+        Shard("solo", 0, 20, 0),
+    ),  # table-wise
     make_cluster(4),
 )
 
@@ -99,8 +115,11 @@ def test_table_wise_round_trip():
     ps = sp.plan[""]["t1"]
     assert (ps.sharding_type, ps.compute_kernel, ps.ranks) == ("table_wise", "fused", [0])
     (md,) = ps.sharding_spec.shards
-    assert (md.shard_offsets, md.shard_sizes, str(md.placement)) == \
-        ([0, 0], [200, 32], "rank:0/cpu")
+    assert (md.shard_offsets, md.shard_sizes, str(md.placement)) == (
+        [0, 0],
+        [200, 32],
+        "rank:0/cpu",
+    )
     assert sp.plan[""]["t0"].ranks == [2] and sp.plan[""]["t2"].ranks == [2]
     back = from_sharding_plan(sp, module, tables=TW_TABLES, cluster=TW_PLAN.cluster)
     assert back == TW_PLAN
@@ -113,9 +132,9 @@ def test_uneven_column_wise_round_trip_nested_modules():
     assert set(sp.plan) == {"sparse.ebc", "user_ebc"}
     wide = sp.plan["sparse.ebc"]["wide"]
     assert (wide.sharding_type, wide.compute_kernel, wide.ranks) == ("column_wise", "fused", [1, 0])
-    assert [(m.shard_offsets, m.shard_sizes, str(m.placement))
-            for m in wide.sharding_spec.shards] == [
-        ([0, 0], [64, 32], "rank:1/cpu"), ([0, 32], [64, 64], "rank:0/cpu")]
+    assert [
+        (m.shard_offsets, m.shard_sizes, str(m.placement)) for m in wide.sharding_spec.shards
+    ] == [([0, 0], [64, 32], "rank:1/cpu"), ([0, 32], [64, 64], "rank:0/cpu")]
     pair = sp.plan["sparse.ebc"]["pair"]
     assert pair.ranks == [2, 2]
     assert [m.shard_sizes for m in pair.sharding_spec.shards] == [[48, 16], [48, 48]]
@@ -128,8 +147,9 @@ def test_uneven_column_wise_round_trip_nested_modules():
 def test_round_trip_is_order_insensitive_in_shards():
     shuffled = Plan(CW_PLAN.tables, tuple(reversed(CW_PLAN.shards)), CW_PLAN.cluster)
     module = TwoTower(CW_TABLES[:2], CW_TABLES[2:])
-    back = from_sharding_plan(to_sharding_plan(shuffled, module), module, CW_TABLES,
-                              CW_PLAN.cluster)
+    back = from_sharding_plan(
+        to_sharding_plan(shuffled, module), module, CW_TABLES, CW_PLAN.cluster
+    )
     assert back == CW_PLAN
 
 
@@ -190,25 +210,42 @@ def test_reused_table_names_are_keyed_by_module_path():
         to_sharding_plan(Plan((), (), make_cluster(1)), module)
     specs = table_specs(module)
     assert [(t.name, t.module, t.rows) for t in specs] == [
-        ("sparse.ebc.x", "sparse.ebc", 4), ("user_ebc.x", "user_ebc", 8)]
-    plan = Plan(tuple(specs), (Shard("sparse.ebc.x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)),
-                make_cluster(2))
+        ("sparse.ebc.x", "sparse.ebc", 4),
+        ("user_ebc.x", "user_ebc", 8),
+    ]
+    plan = Plan(
+        tuple(specs),
+        (Shard("sparse.ebc.x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)),
+        make_cluster(2),
+    )
     sp = to_sharding_plan(plan, module)
     assert (sp.plan["sparse.ebc"]["x"].ranks, sp.plan["user_ebc"]["x"].ranks) == ([1], [0])
     assert from_sharding_plan(sp, module, specs, plan.cluster) == plan
     # a plan made with the table's own name and its module path still matches
-    short = Plan((TableSpec("x", rows=4, dim=4, module="sparse.ebc"), specs[1]),
-                 (Shard("x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)), make_cluster(2))
+    short = Plan(
+        (TableSpec("x", rows=4, dim=4, module="sparse.ebc"), specs[1]),
+        (Shard("x", 0, 4, 1), Shard("user_ebc.x", 0, 8, 0)),
+        make_cluster(2),
+    )
     assert to_sharding_plan(short, module) == sp
 
 
 @pytest.mark.parametrize("sharding_type", ["row_wise", "table_row_wise", "data_parallel"])
 def test_row_splits_and_replication_are_read(sharding_type):
     t = make_table("t", rows=10, dim=8)
-    spec = None if sharding_type == "data_parallel" else EnumerableShardingSpec([
-        ShardMetadata([0, 0], [5, 8], "rank:0/cpu"), ShardMetadata([5, 0], [5, 8], "rank:1/cpu")])
-    ps = ParameterSharding(sharding_type=sharding_type, compute_kernel="fused", ranks=[0, 1],
-                           sharding_spec=spec)
+    spec = (
+        None
+        if sharding_type == "data_parallel"
+        else EnumerableShardingSpec(
+            [
+                ShardMetadata([0, 0], [5, 8], "rank:0/cpu"),
+                ShardMetadata([5, 0], [5, 8], "rank:1/cpu"),
+            ]
+        )
+    )
+    ps = ParameterSharding(
+        sharding_type=sharding_type, compute_kernel="fused", ranks=[0, 1], sharding_spec=spec
+    )
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
     plan = from_sharding_plan(sp, ebc_of([t]), [t], make_cluster(2))
     assert plan.sharding_type_of("t") == sharding_type
@@ -217,10 +254,17 @@ def test_row_splits_and_replication_are_read(sharding_type):
 
 def test_grid_shards_are_refused():
     t = make_table("t", rows=10, dim=8)
-    ps = ParameterSharding(sharding_type="grid_shard", compute_kernel="fused", ranks=[0, 1],
-                           sharding_spec=EnumerableShardingSpec([
-                               ShardMetadata([0, 0], [5, 8], "rank:0/cpu"),
-                               ShardMetadata([5, 0], [5, 8], "rank:1/cpu")]))
+    ps = ParameterSharding(
+        sharding_type="grid_shard",
+        compute_kernel="fused",
+        ranks=[0, 1],
+        sharding_spec=EnumerableShardingSpec(
+            [
+                ShardMetadata([0, 0], [5, 8], "rank:0/cpu"),
+                ShardMetadata([5, 0], [5, 8], "rank:1/cpu"),
+            ]
+        ),
+    )
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
     with pytest.raises(PlanFormatError, match="grid_shard.*table-wise, column-wise"):
         from_sharding_plan(sp, ebc_of([t]))
@@ -228,8 +272,17 @@ def test_grid_shards_are_refused():
 
 def test_column_type_with_row_split_shard_is_refused():
     t = make_table("t", rows=10, dim=8)
-    ps = ParameterSharding("column_wise", "fused", [0, 1], EnumerableShardingSpec([
-        ShardMetadata([0, 0], [5, 8], "rank:0/cpu"), ShardMetadata([5, 0], [5, 8], "rank:1/cpu")]))
+    ps = ParameterSharding(
+        "column_wise",
+        "fused",
+        [0, 1],
+        EnumerableShardingSpec(
+            [
+                ShardMetadata([0, 0], [5, 8], "rank:0/cpu"),
+                ShardMetadata([5, 0], [5, 8], "rank:1/cpu"),
+            ]
+        ),
+    )
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
     with pytest.raises(PlanFormatError, match="rows"):
         from_sharding_plan(sp, ebc_of([t]))
@@ -253,18 +306,28 @@ def test_shard_estimator_sets_perf_from_the_cost_model():
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 
-    tables = [make_table("a", rows=1000, dim=64, pooling_factor=5.0),
-              make_table("b", rows=4000, dim=32, pooling_factor=2.0)]
+    tables = [
+        make_table("a", rows=1000, dim=64, pooling_factor=5.0),
+        make_table("b", rows=4000, dim=32, pooling_factor=2.0),
+    ]
     world = 4
     topo = topology(world, "cuda", cap=1 << 30)
-    constraints = {t.name: ParameterConstraints(sharding_types=["table_wise", "column_wise"],
-                                                compute_kernels=["fused"],
-                                                pooling_factors=[t.pooling_factor])
-                   for t in tables}
+    constraints = {
+        t.name: ParameterConstraints(
+            sharding_types=["table_wise", "column_wise"],
+            compute_kernels=["fused"],
+            pooling_factors=[t.pooling_factor],
+        )
+        for t in tables
+    }
     est = FakeEstimator()
     ours = NeuroShardEstimator(topo, constraints, est, batch_size=16_384)
-    enumerator = EmbeddingEnumerator(topology=topo, batch_size=16_384, constraints=constraints,
-                                     estimator=[ours, EmbeddingStorageEstimator(topo, constraints)])
+    enumerator = EmbeddingEnumerator(
+        topology=topo,
+        batch_size=16_384,
+        constraints=constraints,
+        estimator=[ours, EmbeddingStorageEstimator(topo, constraints)],
+    )
     calls_before = est.compute_calls
     options = enumerator.enumerate(ebc_of(tables), [EmbeddingBagCollectionSharder()])
     assert est.compute_calls == calls_before + 1  # one batched call for every shard
@@ -288,9 +351,17 @@ def test_shard_estimator_sets_perf_from_the_cost_model():
 
 def test_from_sharding_plan_reads_shards_listed_out_of_column_order():
     t = make_table("t", rows=10, dim=96)
-    ps = ParameterSharding("column_wise", "fused", [3, 1], EnumerableShardingSpec([
-        ShardMetadata([0, 32], [10, 64], "rank:3/cpu"),
-        ShardMetadata([0, 0], [10, 32], "rank:1/cpu")]))
+    ps = ParameterSharding(
+        "column_wise",
+        "fused",
+        [3, 1],
+        EnumerableShardingSpec(
+            [
+                ShardMetadata([0, 32], [10, 64], "rank:3/cpu"),
+                ShardMetadata([0, 0], [10, 32], "rank:1/cpu"),
+            ]
+        ),
+    )
     sp = ShardingPlan({"": EmbeddingModuleShardingPlan({"t": ps})})
     back = from_sharding_plan(sp, ebc_of([t]), [t], make_cluster(4))
     assert back.shards == (Shard("t", 0, 32, 1), Shard("t", 32, 96, 3))
@@ -302,8 +373,12 @@ def test_cluster_and_topology_convert_both_ways(device):
 
     cluster = Cluster(3, (1 << 30, 2 << 30, 3 << 30), batch_size=8192)
     if device == "cuda":  # host memory travels as DDR
-        cluster = Cluster(3, cluster.memory_per_device_bytes, 8192,
-                          host_memory_per_device_bytes=(4 << 30, 5 << 30, 6 << 30))
+        cluster = Cluster(
+            3,
+            cluster.memory_per_device_bytes,
+            8192,
+            host_memory_per_device_bytes=(4 << 30, 5 << 30, 6 << 30),
+        )
     topo = cluster_topology(cluster, device)
     assert (topo.world_size, topo.compute_device) == (3, device)
     assert topology_cluster(topo, batch_size=8192) == cluster

@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("torchrec")
 
-from factories import FakeEstimator, make_cluster, make_tables  # noqa: E402
-
 from neuroshard.plan_io import validate_plan  # noqa: E402
 from neuroshard.search.scoring import plan_cost  # noqa: E402
 from neuroshard.search.torchrec_baseline import torchrec_plan  # noqa: E402
 from neuroshard.types import PlanInfeasibleError, TableSpec  # noqa: E402
+
+from factories import FakeEstimator, make_cluster, make_tables  # noqa: E402
 
 
 @pytest.mark.parametrize("cost_source", ["torchrec", "neuroshard"])
@@ -74,5 +74,9 @@ def test_torchrec_takes_type_constraints_and_refuses_pins():
     plan = torchrec_plan(tables, cluster, FakeEstimator(), constraints=columns)
     assert {plan.sharding_type_of(t.name) for t in tables} <= {"table_wise", "column_wise"}
     with pytest.raises(ConstraintError, match="'t0'.*pin"):
-        torchrec_plan(tables, cluster, FakeEstimator(),
-                      constraints=Constraints({"t0": TableConstraint(devices=(1,))}))
+        torchrec_plan(
+            tables,
+            cluster,
+            FakeEstimator(),
+            constraints=Constraints({"t0": TableConstraint(devices=(1,))}),
+        )

@@ -55,10 +55,22 @@ TABLES = (
 # device -> shards, per world size: table-wise, uneven column-wise, two shards of "c"
 # on one rank, and (at 4 ranks) a rank left empty of "a"'s pieces.
 SHARDS = {
-    2: (Shard("a", 0, 32, 1), Shard("a", 32, 96, 0), Shard("b", 0, 32, 1),
-        Shard("c", 0, 16, 0), Shard("c", 16, 64, 0), Shard("d", 0, 16, 1)),
-    4: (Shard("a", 0, 32, 1), Shard("a", 32, 96, 0), Shard("b", 0, 32, 3),
-        Shard("c", 0, 16, 2), Shard("c", 16, 64, 2), Shard("d", 0, 16, 0)),
+    2: (
+        Shard("a", 0, 32, 1),
+        Shard("a", 32, 96, 0),
+        Shard("b", 0, 32, 1),
+        Shard("c", 0, 16, 0),
+        Shard("c", 16, 64, 0),
+        Shard("d", 0, 16, 1),
+    ),
+    4: (
+        Shard("a", 0, 32, 1),
+        Shard("a", 32, 96, 0),
+        Shard("b", 0, 32, 3),
+        Shard("c", 0, 16, 2),
+        Shard("c", 16, 64, 2),
+        Shard("d", 0, 16, 0),
+    ),
 }
 
 
@@ -82,8 +94,9 @@ def _batch(rank: int):
         n = torch.randint(0, 5, (LOCAL_BATCH,), generator=g)
         lengths.append(n)
         values.append(torch.randint(0, t.rows, (int(n.sum()),), generator=g))
-    return KeyedJaggedTensor(keys=[f"f_{t.name}" for t in TABLES],
-                             values=torch.cat(values), lengths=torch.cat(lengths))
+    return KeyedJaggedTensor(
+        keys=[f"f_{t.name}" for t in TABLES], values=torch.cat(values), lengths=torch.cat(lengths)
+    )
 
 
 def _loss(pooled, rank: int):
@@ -109,17 +122,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
     from neuroshard.torchrec_adapter import cluster_topology, copy_unsharded_weights
     from neuroshard.torchrec_planner import NeuroShardPlanner
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
-        configs = [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
-                                      feature_names=[f"f_{t.name}"]) for t in TABLES]
+        configs = [
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.dim,
+                num_embeddings=t.rows,
+                feature_names=[f"f_{t.name}"],
+            )
+            for t in TABLES
+        ]
         torch.manual_seed(0)  # same weights on every rank
         ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref.load_state_dict(ebc.state_dict())
-        initial = {n.removeprefix("embedding_bags.").removesuffix(".weight"): w.clone()
-                   for n, w in ref.state_dict().items()}
+        initial = {
+            n.removeprefix("embedding_bags.").removesuffix(".weight"): w.clone()
+            for n, w in ref.state_dict().items()
+        }
 
         if nested:  # the EBC sits at "sparse.ebc" inside a bigger model
             model = nn.Module()
@@ -138,8 +161,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
         sharding_plan = planner.collective_plan(model, [EmbeddingBagCollectionSharder()])
 
         _apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": LR})
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=sharding_plan,
-                                       sharders=[EmbeddingBagCollectionSharder()])
+        dmp = DistributedModelParallel(
+            model,
+            device=torch.device("cpu"),
+            plan=sharding_plan,
+            sharders=[EmbeddingBagCollectionSharder()],
+        )
         sharded = dmp.module.sparse.ebc if nested else dmp.module
         # DMP leaves CPU shards freshly initialised: start from the unsharded weights.
         assert not copy_unsharded_weights(sharded, ref.state_dict())
@@ -158,11 +185,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
         pooled = pooled.wait() if hasattr(pooled, "wait") else pooled
         pooled_ref = ref(kjt)
         fwd_diff = max(
-            (pooled[f"f_{t.name}"] - pooled_ref[f"f_{t.name}"]).abs().max().item()
-            for t in TABLES
+            (pooled[f"f_{t.name}"] - pooled_ref[f"f_{t.name}"]).abs().max().item() for t in TABLES
         )
-        fwd_equal = all(torch.equal(pooled[f"f_{t.name}"], pooled_ref[f"f_{t.name}"])
-                        for t in TABLES)
+        fwd_equal = all(
+            torch.equal(pooled[f"f_{t.name}"], pooled_ref[f"f_{t.name}"]) for t in TABLES
+        )
 
         # 3. one step: fused SGD in backward vs plain SGD over the global batch. TorchRec
         # divides embedding gradients by the world size (comm_ops gradient division, as
@@ -172,20 +199,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
         opt.zero_grad()
         (sum(_loss(ref(_batch(r)), r) for r in range(world)) / world).backward()
         opt.step()
-        ref_weights = {n.removeprefix("embedding_bags.").removesuffix(".weight"): w
-                       for n, w in ref.state_dict().items()}
+        ref_weights = {
+            n.removeprefix("embedding_bags.").removesuffix(".weight"): w
+            for n, w in ref.state_dict().items()
+        }
         weight_diff, moved = 0.0, 0.0
         for key, value in dmp.state_dict().items():
             name = key.removeprefix(prefix).removeprefix("embedding_bags.").removesuffix(".weight")
             for s in value.local_shards():
                 r0, c0 = s.metadata.shard_offsets
                 nr, nc = s.metadata.shard_sizes
-                want = ref_weights[name][r0:r0 + nr, c0:c0 + nc]
+                want = ref_weights[name][r0 : r0 + nr, c0 : c0 + nc]
                 weight_diff = max(weight_diff, (s.tensor.detach() - want).abs().max().item())
-                start = initial[name][r0:r0 + nr, c0:c0 + nc]
+                start = initial[name][r0 : r0 + nr, c0 : c0 + nc]
                 moved = max(moved, (want - start).abs().max().item())
-        result = {"placement": placement, "fwd_diff": fwd_diff, "fwd_equal": fwd_equal,
-                  "weight_diff": weight_diff, "moved": moved}
+        result = {
+            "placement": placement,
+            "fwd_diff": fwd_diff,
+            "fwd_equal": fwd_equal,
+            "weight_diff": weight_diff,
+            "moved": moved,
+        }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -193,8 +227,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
 
 def _spawn(world: int, out_dir: Path, nested: bool, timeout_s: float = 80.0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out_dir), nested),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, _free_port(), str(out_dir), nested),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -212,13 +251,15 @@ def test_dmp_matches_unsharded(tmp_path, world, nested):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         want = sorted(
             [s.table, 0, s.start, plan.table(s.table).rows, s.width, rank]
-            for s in plan.shards if s.device == rank
+            for s in plan.shards
+            if s.device == rank
         )
         assert sorted(got["placement"]) == want, f"rank {rank} holds the wrong shards"
         assert got["fwd_equal"], f"rank {rank}: pooled embeddings differ by {got['fwd_diff']}"
         assert got["moved"] > 1e-3, f"rank {rank}: the step left its shards unchanged"
-        assert got["weight_diff"] <= 1e-6, \
+        assert got["weight_diff"] <= 1e-6, (
             f"rank {rank}: weights after one step differ by {got['weight_diff']}"
+        )
 
 
 # --------------------------------------------------------------------------- every module
@@ -236,21 +277,35 @@ def _modules_model(device):
 
     model = nn.Module()
     model.sparse_arch = nn.Module()
-    model.sparse_arch.embedding_bag_collection = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name="t0", num_embeddings=50, embedding_dim=32,
-                           feature_names=["f_t0a", "f_t0b"]),
-        EmbeddingBagConfig(name="t1", num_embeddings=40, embedding_dim=64,
-                           feature_names=["f_t1"]),
-        EmbeddingBagConfig(name="t2", num_embeddings=30, embedding_dim=16,
-                           feature_names=["f_t2"]),
-    ], device=device)
-    model.weighted = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name="w", num_embeddings=20, embedding_dim=8, feature_names=["f_w"]),
-    ], is_weighted=True, device=device)
-    model.seq = EmbeddingCollection(tables=[
-        EmbeddingConfig(name="t0", num_embeddings=25, embedding_dim=SEQ_DIM,
-                        feature_names=["s_t0"]),
-    ], device=device)
+    model.sparse_arch.embedding_bag_collection = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name="t0", num_embeddings=50, embedding_dim=32, feature_names=["f_t0a", "f_t0b"]
+            ),
+            EmbeddingBagConfig(
+                name="t1", num_embeddings=40, embedding_dim=64, feature_names=["f_t1"]
+            ),
+            EmbeddingBagConfig(
+                name="t2", num_embeddings=30, embedding_dim=16, feature_names=["f_t2"]
+            ),
+        ],
+        device=device,
+    )
+    model.weighted = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name="w", num_embeddings=20, embedding_dim=8, feature_names=["f_w"]),
+        ],
+        is_weighted=True,
+        device=device,
+    )
+    model.seq = EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(
+                name="t0", num_embeddings=25, embedding_dim=SEQ_DIM, feature_names=["s_t0"]
+            ),
+        ],
+        device=device,
+    )
     return model
 
 
@@ -259,9 +314,12 @@ def _kjt(keys, rows, rank, weighted=False):
 
     g = torch.Generator().manual_seed(300 + rank)
     lengths = torch.randint(0, 4, (len(keys) * LOCAL_BATCH,), generator=g)
-    values = torch.cat([torch.randint(0, r, (int(n),), generator=g)
-                        for r, n in zip([r for r in rows for _ in range(LOCAL_BATCH)],
-                                        lengths, strict=True)])
+    values = torch.cat(
+        [
+            torch.randint(0, r, (int(n),), generator=g)
+            for r, n in zip([r for r in rows for _ in range(LOCAL_BATCH)], lengths, strict=True)
+        ]
+    )
     weights = torch.rand(values.shape, generator=g) if weighted else None
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 
@@ -285,8 +343,9 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from neuroshard.torchrec_planner import NeuroShardPlanner
 
     logging.basicConfig(level=logging.INFO, filename=str(Path(out_dir, f"log{rank}.txt")))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         torch.manual_seed(0)
         model = _modules_model(torch.device("cpu"))
@@ -294,19 +353,26 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ref.load_state_dict(model.state_dict())
         sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
         planner = NeuroShardPlanner(
-            cluster_topology(Cluster.uniform(world, 1 << 30), "cpu"), searcher="neuroshard",
-            estimator=FakeEstimator(), batch_size=65_536 // world,
-            constraints={"t1": ParameterConstraints(sharding_types=["table_wise"])})
+            cluster_topology(Cluster.uniform(world, 1 << 30), "cpu"),
+            searcher="neuroshard",
+            estimator=FakeEstimator(),
+            batch_size=65_536 // world,
+            constraints={"t1": ParameterConstraints(sharding_types=["table_wise"])},
+        )
         path = Path(out_dir, "plan.json")
         if rank == 0:
             planner.plan(model, sharders)
             write_plan(planner.last_plan, path)
         dist.barrier()
         sharding_plan = load_sharding_plan(path, model, device_type="cpu")  # JSON, no pickle
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=sharding_plan,
-                                       sharders=sharders)
-        parts = {"sparse_arch.embedding_bag_collection": ["f_t0a", "f_t0b", "f_t1", "f_t2"],
-                 "weighted": ["f_w"], "seq": ["s_t0"]}
+        dmp = DistributedModelParallel(
+            model, device=torch.device("cpu"), plan=sharding_plan, sharders=sharders
+        )
+        parts = {
+            "sparse_arch.embedding_bag_collection": ["f_t0a", "f_t0b", "f_t1", "f_t2"],
+            "weighted": ["f_w"],
+            "seq": ["s_t0"],
+        }
         rows = {"f_t0a": 50, "f_t0b": 50, "f_t1": 40, "f_t2": 30, "f_w": 20, "s_t0": 25}
         result = {"types": {}, "equal": {}, "placement": []}
         for path_, keys in parts.items():
@@ -319,17 +385,22 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out = out.wait() if hasattr(out, "wait") else out
             want = unsharded(kjt)
             result["equal"][path_] = all(
-                torch.allclose(out[k].values() if path_ == "seq" else out[k],
-                               want[k].values() if path_ == "seq" else want[k], atol=1e-6)
-                for k in keys)
+                torch.allclose(
+                    out[k].values() if path_ == "seq" else out[k],
+                    want[k].values() if path_ == "seq" else want[k],
+                    atol=1e-6,
+                )
+                for k in keys
+            )
             for key, value in sharded.state_dict().items():
                 if not hasattr(value, "local_shards"):  # a data-parallel replica
                     result["placement"].append([path_, key, 0, 0, *value.shape, rank])
                     continue
                 for s in value.local_shards():
                     md = s.metadata
-                    result["placement"].append([path_, key, *md.shard_offsets, *md.shard_sizes,
-                                                md.placement.rank()])
+                    result["placement"].append(
+                        [path_, key, *md.shard_offsets, *md.shard_sizes, md.placement.rank()]
+                    )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -338,8 +409,13 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_dmp_shards_every_module_from_plan_json(tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
     world = 2
-    ctx = mp.start_processes(_modules_worker, args=(world, _free_port(), str(tmp_path)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _modules_worker,
+        args=(world, _free_port(), str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 80.0
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -358,19 +434,24 @@ def test_dmp_shards_every_module_from_plan_json(tmp_path):
     held = []
     for rank in range(world):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["types"] == {"sparse_arch.embedding_bag_collection":
-                                "ShardedEmbeddingBagCollection",
-                                "weighted": "ShardedEmbeddingBagCollection",
-                                "seq": "ShardedEmbeddingCollection"}
+        assert got["types"] == {
+            "sparse_arch.embedding_bag_collection": "ShardedEmbeddingBagCollection",
+            "weighted": "ShardedEmbeddingBagCollection",
+            "seq": "ShardedEmbeddingCollection",
+        }
         assert all(got["equal"].values()), f"rank {rank}: outputs differ: {got['equal']}"
         held += got["placement"]
     # every table's shards (or replicas), over both ranks, are the plan's
-    by_key = {("sparse_arch.embedding_bag_collection", "embedding_bags.t0.weight"):
-              "sparse_arch.embedding_bag_collection.t0",
-              ("sparse_arch.embedding_bag_collection", "embedding_bags.t1.weight"): "t1",
-              ("sparse_arch.embedding_bag_collection", "embedding_bags.t2.weight"): "t2",
-              ("weighted", "embedding_bags.w.weight"): "w",
-              ("seq", "embeddings.t0.weight"): "seq.t0"}
+    by_key = {
+        (
+            "sparse_arch.embedding_bag_collection",
+            "embedding_bags.t0.weight",
+        ): "sparse_arch.embedding_bag_collection.t0",
+        ("sparse_arch.embedding_bag_collection", "embedding_bags.t1.weight"): "t1",
+        ("sparse_arch.embedding_bag_collection", "embedding_bags.t2.weight"): "t2",
+        ("weighted", "embedding_bags.w.weight"): "w",
+        ("seq", "embeddings.t0.weight"): "seq.t0",
+    }
     got = sorted([by_key[(p, k)], c0, w, r] for p, k, _, c0, _, w, r in held)
     want = sorted([s.table, s.start, s.width, s.device] for s in plan.shards)
     assert got == want

@@ -66,17 +66,25 @@ def ebc(specs, *, features=None, weighted=False, device=META) -> EmbeddingBagCol
     """An EBC of ``(name, rows, dim)``; ``features`` maps a name to its feature names."""
     features = features or {}
     return EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=n, num_embeddings=r, embedding_dim=d,
-                                   feature_names=features.get(n, [f"f_{n}"]))
-                for n, r, d in specs],
-        is_weighted=weighted, device=device)
+        tables=[
+            EmbeddingBagConfig(
+                name=n, num_embeddings=r, embedding_dim=d, feature_names=features.get(n, [f"f_{n}"])
+            )
+            for n, r, d in specs
+        ],
+        is_weighted=weighted,
+        device=device,
+    )
 
 
 def ec(specs, device=META) -> EmbeddingCollection:
     return EmbeddingCollection(
-        tables=[EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=d,
-                                feature_names=[f"s_{n}"]) for n, r, d in specs],
-        device=device)
+        tables=[
+            EmbeddingConfig(name=n, num_embeddings=r, embedding_dim=d, feature_names=[f"s_{n}"])
+            for n, r, d in specs
+        ],
+        device=device,
+    )
 
 
 class Model(nn.Module):
@@ -122,8 +130,12 @@ def planner(n=2, device="cpu", **kwargs) -> NeuroShardPlanner:
 def _stub_searcher(calls):
     def search(tables, cluster, estimator, *, seed=0, budget_s=None):
         calls.append((list(tables), cluster, estimator, seed))
-        return Plan(tuple(tables), tuple(Shard(t.name, 0, t.dim, i % cluster.num_devices)
-                                         for i, t in enumerate(tables)), cluster)
+        return Plan(
+            tuple(tables),
+            tuple(Shard(t.name, 0, t.dim, i % cluster.num_devices) for i, t in enumerate(tables)),
+            cluster,
+        )
+
     return search
 
 
@@ -136,17 +148,25 @@ def test_planner_builds_tables_and_cluster_from_module_and_topology():
     calls = []
     est = FakeEstimator()
     p = NeuroShardPlanner(
-        topology(2, "cpu", cap=123_456_789), searcher=_stub_searcher(calls), estimator=est,
-        table_stats={"t0": {"pooling_factor": 9.0, "reuse_hist": hist},
-                     "t1": make_table("t1", pooling_factor=4.0)},
+        topology(2, "cpu", cap=123_456_789),
+        searcher=_stub_searcher(calls),
+        estimator=est,
+        table_stats={
+            "t0": {"pooling_factor": 9.0, "reuse_hist": hist},
+            "t1": make_table("t1", pooling_factor=4.0),
+        },
         constraints={"t2": ParameterConstraints(pooling_factors=[5.0])},
-        batch_size=32_768, seed=7,
+        batch_size=32_768,
+        seed=7,
     )
     sp = p.plan(model, [EmbeddingBagCollectionSharder()])
-    (seen, cluster, used, seed), = calls
+    ((seen, cluster, used, seed),) = calls
     assert [(t.name, t.module, t.rows, t.dim, t.pooling_factor) for t in seen] == [
-        ("t0", "sparse.ebc", 100, 8, 9.0), ("t1", "sparse.ebc", 200, 16, 4.0),
-        ("t2", "sparse.ebc", 300, 24, 5.0), ("t3", "user_ebc", 400, 32, 1.0)]
+        ("t0", "sparse.ebc", 100, 8, 9.0),
+        ("t1", "sparse.ebc", 200, 16, 4.0),
+        ("t2", "sparse.ebc", 300, 24, 5.0),
+        ("t3", "user_ebc", 400, 32, 1.0),
+    ]
     assert seen[0].reuse_hist == hist
     # searchers see each device's budget after the 15% reserve; the plan keeps the caps
     assert cluster.memory_per_device_bytes == (int(123_456_789 * 0.85),) * 2
@@ -162,11 +182,21 @@ def test_planner_builds_tables_and_cluster_from_module_and_topology():
 
 def test_planner_reads_a_table_file_and_uses_hbm_on_cuda(tmp_path):
     path = tmp_path / "tables.json"
-    path.write_text(json.dumps([{"name": "a", "rows": 50, "dim": 16, "pooling_factor": 11.0},
-                                {"name": "b", "rows": 60, "dim": 32, "pooling_factor": 3.0}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"name": "a", "rows": 50, "dim": 16, "pooling_factor": 11.0},
+                {"name": "b", "rows": 60, "dim": 32, "pooling_factor": 3.0},
+            ]
+        )
+    )
     calls = []
-    p = NeuroShardPlanner(topology(2, "cuda", cap=1 << 20), table_stats=path,
-                          searcher=_stub_searcher(calls), estimator=FakeEstimator())
+    p = NeuroShardPlanner(
+        topology(2, "cuda", cap=1 << 20),
+        table_stats=path,
+        searcher=_stub_searcher(calls),
+        estimator=FakeEstimator(),
+    )
     sp = p.plan(ebc([("a", 50, 16), ("b", 60, 32)]), [EmbeddingBagCollectionSharder()])
     assert [t.pooling_factor for t in calls[0][0]] == [11.0, 3.0]
     assert p.last_plan.cluster.memory_per_device_bytes == (1 << 20, 1 << 20)
@@ -181,8 +211,9 @@ def test_planner_with_a_registered_searcher_round_trips():
     sp = p.plan(model, [EmbeddingBagCollectionSharder()])
     plan = p.last_plan
     assert plan.cost is not None and plan.meta["searcher"] == "greedy-grid"
-    assert from_sharding_plan(sp, model, plan.tables, plan.cluster).shards == \
-        tuple(s for t in plan.tables for s in plan.shards_of(t.name))
+    assert from_sharding_plan(sp, model, plan.tables, plan.cluster).shards == tuple(
+        s for t in plan.tables for s in plan.shards_of(t.name)
+    )
 
 
 def test_collective_plan_needs_a_process_group():
@@ -197,9 +228,13 @@ def test_table_wise_constraint_is_honoured_by_the_default_searcher(caplog):
     # wide tables the beam would split: three must stay whole
     tables = [(f"w{i}", 200_000, 256) for i in range(4)]
     wanted = {"w0", "w1", "w2"}
-    p = planner(4, "cuda", cap=1 << 30, searcher="neuroshard",
-                constraints={n: ParameterConstraints(sharding_types=["table_wise"])
-                             for n in wanted})
+    p = planner(
+        4,
+        "cuda",
+        cap=1 << 30,
+        searcher="neuroshard",
+        constraints={n: ParameterConstraints(sharding_types=["table_wise"]) for n in wanted},
+    )
     with caplog.at_level(logging.INFO, logger="neuroshard"):
         sp = p.plan(ebc(tables), BOTH)
     for name in wanted:
@@ -209,27 +244,37 @@ def test_table_wise_constraint_is_honoured_by_the_default_searcher(caplog):
 
 
 def test_a_searcher_that_ignores_a_constraint_is_refused_not_overridden():
-    p = planner(2, searcher=split_everything,
-                constraints={"t1": ParameterConstraints(sharding_types=["table_wise"])})
+    p = planner(
+        2,
+        searcher=split_everything,
+        constraints={"t1": ParameterConstraints(sharding_types=["table_wise"])},
+    )
     with pytest.raises(ConstraintError, match=r"table 't1' \(sharding_types=\['table_wise'\]\)"):
         p.plan(Model(EIGHT), BOTH)
 
 
-@pytest.mark.parametrize("types, device, message", [
-    (["row_wise"], "cpu", r"offers sharding types .*on cpu"),   # gloo: no row-wise on CPU
-    (["grid_shard"], "cuda", r"NeuroShard places sharding types"),
-])
+@pytest.mark.parametrize(
+    "types, device, message",
+    [
+        (["row_wise"], "cpu", r"offers sharding types .*on cpu"),  # gloo: no row-wise on CPU
+        (["grid_shard"], "cuda", r"NeuroShard places sharding types"),
+    ],
+)
 def test_sharding_types_nobody_can_place_are_refused_by_table(types, device, message):
     p = planner(2, device, constraints={"t3": ParameterConstraints(sharding_types=types)})
-    with pytest.raises(ConstraintError, match=re.escape(f"table 't3' (sharding_types={types!r})")
-                       + ".*" + message):
+    with pytest.raises(
+        ConstraintError, match=re.escape(f"table 't3' (sharding_types={types!r})") + ".*" + message
+    ):
         p.plan(Model(EIGHT), BOTH)
 
 
-@pytest.mark.parametrize("kernels, message", [
-    (["fused_uvm"], "NeuroShard places"),   # UVM without a cache: not in our space
-    (["key_value"], "NeuroShard places"),
-])
+@pytest.mark.parametrize(
+    "kernels, message",
+    [
+        (["fused_uvm"], "NeuroShard places"),  # UVM without a cache: not in our space
+        (["key_value"], "NeuroShard places"),
+    ],
+)
 def test_kernels_nobody_can_place_are_refused_by_table(kernels, message):
     p = planner(2, "cuda", constraints={"t2": ParameterConstraints(compute_kernels=kernels)})
     with pytest.raises(ConstraintError, match=rf"table 't2' \(compute_kernels=.*{message}"):
@@ -244,8 +289,13 @@ def test_column_wise_constraint_labels_the_table_column_wise():
 
 
 def test_data_parallel_and_dense_constraints_replicate_the_table():
-    p = planner(2, constraints={"t0": ParameterConstraints(sharding_types=["data_parallel"]),
-                                "t1": ParameterConstraints(compute_kernels=["dense"])})
+    p = planner(
+        2,
+        constraints={
+            "t0": ParameterConstraints(sharding_types=["data_parallel"]),
+            "t1": ParameterConstraints(compute_kernels=["dense"]),
+        },
+    )
     sp = p.plan(Model(EIGHT), BOTH)
     for name in ("t0", "t1"):
         ps = sp.plan[EBC_PATH][name]
@@ -253,9 +303,15 @@ def test_data_parallel_and_dense_constraints_replicate_the_table():
 
 
 def test_uvm_caching_constraint_takes_the_cache_share_from_cache_params():
-    p = planner(2, "cuda", constraints={
-        "t5": ParameterConstraints(compute_kernels=["fused_uvm_caching"],
-                                   cache_params=CacheParams(load_factor=0.25))})
+    p = planner(
+        2,
+        "cuda",
+        constraints={
+            "t5": ParameterConstraints(
+                compute_kernels=["fused_uvm_caching"], cache_params=CacheParams(load_factor=0.25)
+            )
+        },
+    )
     sp = p.plan(Model(EIGHT), BOTH)
     ps = sp.plan[EBC_PATH]["t5"]
     assert ps.compute_kernel == "fused_uvm_caching"
@@ -264,22 +320,23 @@ def test_uvm_caching_constraint_takes_the_cache_share_from_cache_params():
 
 
 def test_min_partition_is_checked_against_the_plan():
-    p = planner(2, searcher=split_everything,
-                constraints={"t0": ParameterConstraints(min_partition=48)})
+    p = planner(
+        2, searcher=split_everything, constraints={"t0": ParameterConstraints(min_partition=48)}
+    )
     with pytest.raises(ConstraintError, match=r"'t0'.*narrower than min_partition=48"):
         p.plan(Model(EIGHT), BOTH)
 
 
 def test_kernel_settings_pass_through_to_the_parameter_sharding():
-    p = planner(2, constraints={"t6": ParameterConstraints(stochastic_rounding=False,
-                                                           enforce_hbm=True)})
+    p = planner(
+        2, constraints={"t6": ParameterConstraints(stochastic_rounding=False, enforce_hbm=True)}
+    )
     ps = p.plan(Model(EIGHT), BOTH).plan[EBC_PATH]["t6"]
     assert (ps.stochastic_rounding, ps.enforce_hbm) == (False, True)
 
 
 def test_device_pins_and_colocation_from_neuroshard_constraints():
-    pins = Constraints(tables={"t0": TableConstraint(devices=(1,))},
-                       colocate=(("t2", "t3"),))
+    pins = Constraints(tables={"t0": TableConstraint(devices=(1,))}, colocate=(("t2", "t3"),))
     p = planner(2, placement=pins)
     sp = p.plan(Model(EIGHT), BOTH)
     assert sp.plan[EBC_PATH]["t0"].ranks == [1]
@@ -306,8 +363,7 @@ def test_constraints_in_the_table_config_file(tmp_path):
     config = tmp_path / "tables.json"
     config.write_text(json.dumps(records))
     out = tmp_path / "plan.json"
-    done = CliRunner().invoke(app, ["plan", str(config), "-n", "4", "-m", "1GB", "--out",
-                                    str(out)])
+    done = CliRunner().invoke(app, ["plan", str(config), "-n", "4", "-m", "1GB", "--out", str(out)])
     assert done.exit_code == 0, done.stdout + done.stderr
     plan = read_plan(out)
     assert {s.device for s in plan.shards_of("t0")} == {1}
@@ -348,8 +404,7 @@ def test_every_module_is_planned_and_reused_names_are_keyed_by_path():
 
 def test_a_module_without_a_sharder_is_named():
     with pytest.raises(NeuroShardError, match=r"EmbeddingCollection at 'seq'"):
-        planner(2).plan(Model(EIGHT, sequence=[("s", 10, 8)]),
-                        [EmbeddingBagCollectionSharder()])
+        planner(2).plan(Model(EIGHT, sequence=[("s", 10, 8)]), [EmbeddingBagCollectionSharder()])
 
 
 def test_sequence_tables_send_one_vector_per_id():
@@ -371,22 +426,31 @@ def test_sequence_tables_send_one_vector_per_id():
 
 def test_features_are_summed_and_weighted_features_accepted():
     model = nn.Module()
-    model.ebc = ebc([("multi", 100, 8), ("one", 100, 8)],
-                    features={"multi": ["a", "b", "c"]}, weighted=True)
+    model.ebc = ebc(
+        [("multi", 100, 8), ("one", 100, 8)], features={"multi": ["a", "b", "c"]}, weighted=True
+    )
     specs = {s.name: s for s in table_specs(model)}
     assert specs["multi"].pooling_factor == 3.0  # 1.0 per feature, not 1.0 per table
     assert [f.name for f in specs["multi"].features] == ["a", "b", "c"]
     assert all(f.weighted for f in specs["multi"].features)
-    pcs = {"multi": ParameterConstraints(pooling_factors=[2.0, 3.0, 4.0],
-                                         num_poolings=[1.0, 2.0, 1.0])}
+    pcs = {
+        "multi": ParameterConstraints(pooling_factors=[2.0, 3.0, 4.0], num_poolings=[1.0, 2.0, 1.0])
+    }
     assert table_specs(model, constraints=pcs)[0].pooling_factor == 2.0 + 6.0 + 4.0
-    pcs = {"multi": ParameterConstraints(pooling_factors=[2.0, 3.0, 4.0],
-                                         batch_sizes=[512, 256, 1024])}
+    pcs = {
+        "multi": ParameterConstraints(pooling_factors=[2.0, 3.0, 4.0], batch_sizes=[512, 256, 1024])
+    }
     spec = table_specs(model, constraints=pcs, per_rank_batch_size=512)[0]
     assert spec.pooling_factor == 2.0 + 1.5 + 8.0
-    stats = {"multi": {"features": [{"name": "a", "pooling_factor": 7.0},
-                                    {"name": "b", "pooling_factor": 1.0},
-                                    {"name": "c", "pooling_factor": 2.0}]}}
+    stats = {
+        "multi": {
+            "features": [
+                {"name": "a", "pooling_factor": 7.0},
+                {"name": "b", "pooling_factor": 1.0},
+                {"name": "c", "pooling_factor": 2.0},
+            ]
+        }
+    }
     assert table_specs(model, stats)[0].pooling_factor == 10.0
 
 
@@ -409,8 +473,11 @@ def test_per_rank_batch_size_is_converted_to_the_global_batch():
 
 
 def test_a_batch_the_model_does_not_cover_says_which_it_does():
-    with pytest.raises(ModelMismatchError, match=r"global batch of 1,024 on 2 ranks.*"
-                       r"covers a global batch of 65,536 only \(batch_size=32768 per rank"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"global batch of 1,024 on 2 ranks.*"
+        r"covers a global batch of 65,536 only \(batch_size=32768 per rank",
+    ):
         planner(2, batch_size=512).plan(Model(EIGHT), BOTH)
     with pytest.raises(ModelMismatchError, match="batch_size=32768 per rank"):
         NeuroShardEstimator(topology(2), estimator=FakeEstimator(), batch_size=512)
@@ -432,8 +499,11 @@ def test_a_batch_aware_model_takes_any_batch_in_its_range():
     p.plan(Model(EIGHT), BOTH)
     assert p.last_plan.cluster.batch_size == 1024
     assert p.last_plan.cost.model == "fake@1024"
-    with pytest.raises(ModelMismatchError, match=r"global batches 512 to 262,144 \(batch_size "
-                       r"256 to 131072 per rank here\)"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"global batches 512 to 262,144 \(batch_size "
+        r"256 to 131072 per rank here\)",
+    ):
         planner(2, batch_size=200, estimator=RangeEstimator()).plan(Model(EIGHT), BOTH)
 
 
@@ -476,8 +546,11 @@ def test_load_sharding_plan_names_a_module_path_the_model_lacks(tmp_path):
     other = nn.Module()
     other.sparse = nn.Module()
     other.sparse.ebc = ebc(EIGHT)
-    with pytest.raises(TableSpecError, match=rf"module path '{EBC_PATH}' is not an embedding "
-                       r"module of the model \(its embedding modules: 'sparse.ebc'\)"):
+    with pytest.raises(
+        TableSpecError,
+        match=rf"module path '{EBC_PATH}' is not an embedding "
+        r"module of the model \(its embedding modules: 'sparse.ebc'\)",
+    ):
         load_sharding_plan(path, other, device_type="cpu")
 
 
@@ -486,7 +559,8 @@ def _factory_module(tmp_path: Path, monkeypatch) -> str:
         "import torch\n"
         "from test_torchrec_planner import Model, EIGHT\n"
         "def dlrm():\n"
-        "    return Model(EIGHT)\n")
+        "    return Model(EIGHT)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return "user_models:dlrm"
 
@@ -512,8 +586,9 @@ def test_plan_cli_torchrec_out_with_module_path_and_model_factory(tmp_path, monk
     assert done.exit_code == 0, done.stdout + done.stderr
     assert set(torch.load(out, weights_only=False).plan) == {EBC_PATH}
 
-    config.write_text(json.dumps([{"name": n, "rows": r, "dim": d, "module": "sparse.ebc"}
-                                  for n, r, d in EIGHT]))
+    config.write_text(
+        json.dumps([{"name": n, "rows": r, "dim": d, "module": "sparse.ebc"} for n, r, d in EIGHT])
+    )
     done = runner.invoke(app, [*base, "--torchrec-out", str(out), "--model-factory", target])
     assert done.exit_code != 0
     assert "module path 'sparse.ebc' is not an embedding module of the model" in done.stderr
@@ -529,27 +604,40 @@ def _options(topo, tables, kernels, constraints=None, per_rank=16_384):
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 
-    pcs = constraints or {n: ParameterConstraints(sharding_types=["table_wise"],
-                                                  compute_kernels=kernels)
-                          for n, _, _ in tables}
+    pcs = constraints or {
+        n: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=kernels)
+        for n, _, _ in tables
+    }
     ours = NeuroShardEstimator(topo, pcs, FakeEstimator(), batch_size=per_rank)
-    enumerator = EmbeddingEnumerator(topology=topo, batch_size=per_rank, constraints=pcs,
-                                     estimator=[ours, EmbeddingStorageEstimator(topo, pcs)])
+    enumerator = EmbeddingEnumerator(
+        topology=topo,
+        batch_size=per_rank,
+        constraints=pcs,
+        estimator=[ours, EmbeddingStorageEstimator(topo, pcs)],
+    )
     return enumerator.enumerate(ebc(tables), [EmbeddingBagCollectionSharder()])
 
 
 def test_estimator_prices_kernels_apart():
     topo = topology(4, "cuda")
-    options = _options(topo, [("t", 1_000_000, 64)],
-                       ["fused", "fused_uvm", "fused_uvm_caching"])
+    options = _options(topo, [("t", 1_000_000, 64)], ["fused", "fused_uvm", "fused_uvm_caching"])
     cost = {o.compute_kernel: o.total_perf for o in options}
     assert cost["fused"] < cost["fused_uvm_caching"] < cost["fused_uvm"]
 
     def cached(load_factor):  # 10M rows, 20 ids per sample: ~150k rows hit per batch
-        (option,) = _options(topo, [("t", 10_000_000, 64)], None, constraints={
-            "t": ParameterConstraints(sharding_types=["table_wise"], pooling_factors=[20.0],
-                                      compute_kernels=["fused_uvm_caching"],
-                                      cache_params=CacheParams(load_factor=load_factor))})
+        (option,) = _options(
+            topo,
+            [("t", 10_000_000, 64)],
+            None,
+            constraints={
+                "t": ParameterConstraints(
+                    sharding_types=["table_wise"],
+                    pooling_factors=[20.0],
+                    compute_kernels=["fused_uvm_caching"],
+                    cache_params=CacheParams(load_factor=load_factor),
+                )
+            },
+        )
         return option.total_perf
 
     assert cached(0.05) < cached(0.005) < cached(0.0005)
@@ -560,14 +648,23 @@ def test_estimator_prices_sequence_outputs_per_id():
     from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 
     topo = topology(2, "cuda")
-    pcs = {"t": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"],
-                                     pooling_factors=[5.0])}
+    pcs = {
+        "t": ParameterConstraints(
+            sharding_types=["table_wise"], compute_kernels=["fused"], pooling_factors=[5.0]
+        )
+    }
     comms = {}
-    for name, module, sharder in (("bag", ebc([("t", 1000, 16)]), BOTH[0]),
-                                  ("seq", ec([("t", 1000, 16)]), BOTH[1])):
+    for name, module, sharder in (
+        ("bag", ebc([("t", 1000, 16)]), BOTH[0]),
+        ("seq", ec([("t", 1000, 16)]), BOTH[1]),
+    ):
         ours = NeuroShardEstimator(topo, pcs, FakeEstimator(), batch_size=32_768)
-        enumerator = EmbeddingEnumerator(topology=topo, batch_size=32_768, constraints=pcs,
-                                         estimator=[ours, EmbeddingStorageEstimator(topo, pcs)])
+        enumerator = EmbeddingEnumerator(
+            topology=topo,
+            batch_size=32_768,
+            constraints=pcs,
+            estimator=[ours, EmbeddingStorageEstimator(topo, pcs)],
+        )
         (option,) = enumerator.enumerate(module, [sharder])
         comms[name] = option.shards[0].perf.bwd_comms
     # FakeEstimator: 0.002 ms per value per sample; 16 pooled, 16 x 5 ids per sequence
@@ -582,8 +679,9 @@ def test_estimator_alone_in_the_enumerator_fills_storage_too():
     topo = topology(2, "cuda")
     ours = NeuroShardEstimator(topo, estimator=FakeEstimator(), batch_size=32_768)
     enumerator = EmbeddingEnumerator(topology=topo, batch_size=32_768, estimator=ours)
-    sp = EmbeddingShardingPlanner(topology=topo, batch_size=32_768, enumerator=enumerator,
-                                  debug=False).plan(ebc(EIGHT), [EmbeddingBagCollectionSharder()])
+    sp = EmbeddingShardingPlanner(
+        topology=topo, batch_size=32_768, enumerator=enumerator, debug=False
+    ).plan(ebc(EIGHT), [EmbeddingBagCollectionSharder()])
     assert set(sp.plan[""]) == {n for n, _, _ in EIGHT}
 
 
@@ -593,8 +691,9 @@ def test_estimator_as_performance_model_says_how_to_wire_it():
     topo = topology(2, "cuda")
     ours = NeuroShardEstimator(topo, estimator=FakeEstimator(), batch_size=32_768)
     with pytest.raises(NeuroShardError, match="not a PerfModel.*EmbeddingEnumerator"):
-        EmbeddingShardingPlanner(topology=topo, batch_size=32_768, performance_model=ours,
-                                 debug=False).plan(ebc(EIGHT), [EmbeddingBagCollectionSharder()])
+        EmbeddingShardingPlanner(
+            topology=topo, batch_size=32_768, performance_model=ours, debug=False
+        ).plan(ebc(EIGHT), [EmbeddingBagCollectionSharder()])
 
 
 def test_readme_estimator_snippet_runs():

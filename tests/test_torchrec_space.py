@@ -66,8 +66,12 @@ def _ours(layouts, fixed_devices=None):
 def _helpers(tables, generators):
     ebc = meta_ebc(tables)
     return construct_module_sharding_plan(
-        ebc, dict(zip([t.name for t in tables], generators, strict=True)),
-        local_size=LOCAL, world_size=WORLD, device_type="cuda")
+        ebc,
+        dict(zip([t.name for t in tables], generators, strict=True)),
+        local_size=LOCAL,
+        world_size=WORLD,
+        device_type="cuda",
+    )
 
 
 def _same(ours, theirs, *, kernel=True):
@@ -82,17 +86,30 @@ def _same(ours, theirs, *, kernel=True):
 
 
 def test_each_type_exports_as_torchrec_builds_it():
-    plan, tables = _ours([Layout("columns", (64,)), Layout("columns", (32, 32)),
-                          Layout("row_wise", (64,)), Layout("table_row_wise", (64,), host=1),
-                          Layout("data_parallel", (64,), "dense")],
-                         fixed_devices=(5, 2, 6))
+    plan, tables = _ours(
+        [
+            Layout("columns", (64,)),
+            Layout("columns", (32, 32)),
+            Layout("row_wise", (64,)),
+            Layout("table_row_wise", (64,), host=1),
+            Layout("data_parallel", (64,), "dense"),
+        ],
+        fixed_devices=(5, 2, 6),
+    )
     validate_plan(plan)
-    ours = to_sharding_plan(plan, meta_ebc(tables), device_type="cuda",
-                            local_world_size=LOCAL).plan[""]
-    theirs = _helpers(tables, [table_wise(rank=5, compute_kernel="fused"),
-                               column_wise(ranks=[2, 6], compute_kernel="fused"),
-                               row_wise(compute_kernel="fused"), table_row_wise(host_index=1),
-                               data_parallel()])
+    ours = to_sharding_plan(
+        plan, meta_ebc(tables), device_type="cuda", local_world_size=LOCAL
+    ).plan[""]
+    theirs = _helpers(
+        tables,
+        [
+            table_wise(rank=5, compute_kernel="fused"),
+            column_wise(ranks=[2, 6], compute_kernel="fused"),
+            row_wise(compute_kernel="fused"),
+            table_row_wise(host_index=1),
+            data_parallel(),
+        ],
+    )
     for t in tables:
         # table_row_wise() takes no kernel: TorchRec's helper picks dense for a plain module
         _same(ours[t.name], theirs[t.name], kernel=t.name != "t3")
@@ -102,16 +119,27 @@ def test_each_type_exports_as_torchrec_builds_it():
 
 def test_torchrec_plans_of_every_type_read_back():
     tables = [make_table(f"t{i}", rows=1003, dim=64) for i in range(5)]
-    theirs = _helpers(tables, [table_wise(rank=5, compute_kernel="fused"),
-                               column_wise(ranks=[2, 6], compute_kernel="fused"),
-                               row_wise(compute_kernel="fused"), table_row_wise(host_index=1),
-                               data_parallel()])
+    theirs = _helpers(
+        tables,
+        [
+            table_wise(rank=5, compute_kernel="fused"),
+            column_wise(ranks=[2, 6], compute_kernel="fused"),
+            row_wise(compute_kernel="fused"),
+            table_row_wise(host_index=1),
+            data_parallel(),
+        ],
+    )
     from torchrec.distributed.types import ShardingPlan
 
     plan = from_sharding_plan(ShardingPlan({"": theirs}), meta_ebc(tables), tables, _cluster())
     validate_plan(plan)
     assert [plan.sharding_type_of(t.name) for t in tables] == [
-        "table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"]
+        "table_wise",
+        "column_wise",
+        "row_wise",
+        "table_row_wise",
+        "data_parallel",
+    ]
     assert {s.device for s in plan.shards_of("t3")} == {4, 5, 6, 7}
     assert len(plan.shards_of("t4")) == WORLD
     again = to_sharding_plan(plan, meta_ebc(tables), device_type="cuda", local_world_size=LOCAL)
@@ -122,8 +150,11 @@ def test_torchrec_plans_of_every_type_read_back():
 def test_row_blocks_torchrec_cannot_route_are_refused():
     t = make_table("t", rows=100, dim=8)
     cluster = Cluster.uniform(2, 1 << 30)
-    swapped = Plan((t,), (Shard("t", 0, 8, 1, (0, 50), "row_wise"),
-                          Shard("t", 0, 8, 0, (50, 100), "row_wise")), cluster)
+    swapped = Plan(
+        (t,),
+        (Shard("t", 0, 8, 1, (0, 50), "row_wise"), Shard("t", 0, 8, 0, (50, 100), "row_wise")),
+        cluster,
+    )
     validate_plan(swapped)  # a valid NeuroShard plan ...
     with pytest.raises(PlanFormatError, match="not TorchRec's"):  # ... TorchRec cannot route
         to_sharding_plan(swapped, meta_ebc([t]))
@@ -132,12 +163,18 @@ def test_row_blocks_torchrec_cannot_route_are_refused():
 # --------------------------------------------------------------------------- DMP on gloo
 
 LOCAL_BATCH = 5
-DMP_TABLES = (make_table("tw", rows=40, dim=16, pooling_factor=2.0),
-              make_table("cw", rows=30, dim=32, pooling_factor=2.0),
-              make_table("dp", rows=20, dim=8, pooling_factor=3.0))
-DMP_SHARDS = (Shard("tw", 0, 16, 1), Shard("cw", 0, 16, 0), Shard("cw", 16, 32, 1),
-              Shard("dp", 0, 8, 0, None, "data_parallel", "dense"),
-              Shard("dp", 0, 8, 1, None, "data_parallel", "dense"))
+DMP_TABLES = (
+    make_table("tw", rows=40, dim=16, pooling_factor=2.0),
+    make_table("cw", rows=30, dim=32, pooling_factor=2.0),
+    make_table("dp", rows=20, dim=8, pooling_factor=3.0),
+)
+DMP_SHARDS = (
+    Shard("tw", 0, 16, 1),
+    Shard("cw", 0, 16, 0),
+    Shard("cw", 16, 32, 1),
+    Shard("dp", 0, 8, 0, None, "data_parallel", "dense"),
+    Shard("dp", 0, 8, 1, None, "data_parallel", "dense"),
+)
 
 
 def _free_port() -> int:
@@ -155,8 +192,11 @@ def _batch(rank: int):
         n = torch.randint(0, 4, (LOCAL_BATCH,), generator=g)
         lengths.append(n)
         values.append(torch.randint(0, t.rows, (int(n.sum()),), generator=g))
-    return KeyedJaggedTensor(keys=[f"f_{t.name}" for t in DMP_TABLES],
-                             values=torch.cat(values), lengths=torch.cat(lengths))
+    return KeyedJaggedTensor(
+        keys=[f"f_{t.name}" for t in DMP_TABLES],
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+    )
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -169,29 +209,44 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from neuroshard.torchrec_adapter import copy_unsharded_weights
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
-        configs = [EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
-                                      feature_names=[f"f_{t.name}"]) for t in DMP_TABLES]
+        configs = [
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.dim,
+                num_embeddings=t.rows,
+                feature_names=[f"f_{t.name}"],
+            )
+            for t in DMP_TABLES
+        ]
         torch.manual_seed(0)
         ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref.load_state_dict(ebc.state_dict())
         plan = Plan(DMP_TABLES, DMP_SHARDS, Cluster.uniform(world, 1 << 30))
         sharding_plan = to_sharding_plan(plan, ebc)
-        dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=sharding_plan,
-                                       sharders=[EmbeddingBagCollectionSharder()])
+        dmp = DistributedModelParallel(
+            ebc,
+            device=torch.device("cpu"),
+            plan=sharding_plan,
+            sharders=[EmbeddingBagCollectionSharder()],
+        )
         missing = copy_unsharded_weights(dmp.module, ref.state_dict())
         kjt = _batch(rank)
         pooled = dmp.module(kjt)
         pooled = pooled.wait() if hasattr(pooled, "wait") else pooled
         expected = ref(kjt)
-        diffs = {t.name: (pooled[f"f_{t.name}"] - expected[f"f_{t.name}"]).abs().max().item()
-                 for t in DMP_TABLES}
+        diffs = {
+            t.name: (pooled[f"f_{t.name}"] - expected[f"f_{t.name}"]).abs().max().item()
+            for t in DMP_TABLES
+        }
         kinds = {t.name: sharding_plan.plan[""][t.name].sharding_type for t in DMP_TABLES}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-            {"diffs": diffs, "kinds": kinds, "missing": missing}))
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps({"diffs": diffs, "kinds": kinds, "missing": missing})
+        )
     finally:
         dist.destroy_process_group()
 
@@ -202,8 +257,13 @@ def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module
 
     os.environ["OMP_NUM_THREADS"] = "1"
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, _free_port(), str(tmp_path)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

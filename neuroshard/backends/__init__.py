@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,8 +36,7 @@ def _plugins() -> dict[str, Any]:
     """Backends installed packages declare as entry points (the built-ins win a clash)."""
     from importlib.metadata import entry_points
 
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)
-            if ep.name not in _REGISTRY}
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in _REGISTRY}
 
 
 def backend_names() -> list[str]:
@@ -57,7 +56,8 @@ def get_backend(name: str, **kwargs: Any) -> HardwareBackend:
         if plugin is None:
             raise UnknownNameError(
                 f"unknown backend {name!r}; valid: {', '.join(backend_names())} (plug-ins "
-                f"register as {ENTRY_POINT_GROUP!r} entry points)")
+                f"register as {ENTRY_POINT_GROUP!r} entry points)"
+            )
         factory = plugin.load()
     return factory(**kwargs)
 
@@ -89,11 +89,10 @@ class BackendEstimator:
             out[i] = [t.median_ms for t in fwd]
         return out
 
-
     def __getattr__(self, name: str) -> Any:
         """The backend's optional ``extra_ms`` (what other sharding types move)."""
         if name == "extra_ms" and callable(getattr(self.backend, "extra_ms", None)):
-            return self.backend.extra_ms
+            return cast(Any, self.backend).extra_ms
         raise AttributeError(name)
 
 

@@ -67,8 +67,9 @@ def batch_slices(batch_size: int, num_ranks: int) -> list[int]:
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter")
 
 
-def run_collective(dist: Any, kind: str, data: Any, out: Any, num_ranks: int,
-                   native_reduce_scatter: bool) -> None:
+def run_collective(
+    dist: Any, kind: str, data: Any, out: Any, num_ranks: int, native_reduce_scatter: bool
+) -> None:
     """One collective over the default group: ``data`` is this rank's input (``numel``
     floats; ``numel / num_ranks`` for an all-gather), ``out`` the output buffer. A
     reduce-scatter without native support (gloo) is an all-to-all of equal chunks and a
@@ -88,8 +89,17 @@ def run_collective(dist: Any, kind: str, data: Any, out: Any, num_ranks: int,
         raise ValueError(f"unknown collective {kind!r}; valid: {', '.join(COLLECTIVES)}")
 
 
-def _time_collective(torch: Any, dist: Any, dev: Any, kind: str, numel: int, num_ranks: int,
-                     warmups: int, repeats: int, sync: Any) -> list[float]:
+def _time_collective(
+    torch: Any,
+    dist: Any,
+    dev: Any,
+    kind: str,
+    numel: int,
+    num_ranks: int,
+    warmups: int,
+    repeats: int,
+    sync: Any,
+) -> list[float]:
     """ms of each repeat of one collective of ``numel`` floats on this rank."""
     numel = max(num_ranks, numel - numel % num_ranks)
     part = numel // num_ranks
@@ -172,8 +182,9 @@ def _worker(
             if msg[0] == "collective":
                 _, request_id, kind, numel, warmups, repeats = msg
                 try:
-                    times = _time_collective(torch, dist, dev, kind, numel, num_ranks, warmups,
-                                             repeats, sync)
+                    times = _time_collective(
+                        torch, dist, dev, kind, numel, num_ranks, warmups, repeats, sync
+                    )
                     results.put(("ok", rank, (request_id, times, [])))
                 except Exception:
                     results.put(("error", rank, traceback.format_exc()))
@@ -418,13 +429,13 @@ class CommPool:
             raise BackendError(f"unknown collective {kind!r}; valid: {', '.join(COLLECTIVES)}")
         request_id = self._next_id
         self._next_id += 1
-        msg = ("collective", request_id, kind, max(1, int(nbytes) // 4), self.warmups,
-               self.repeats)
+        msg = ("collective", request_id, kind, max(1, int(nbytes) // 4), self.warmups, self.repeats)
         for q in self._requests:
             q.put(msg)
         try:
             answers = self._collect(
-                lambda k, payload: k == "ok" and payload[0] == request_id, self.timeout_s)
+                lambda k, payload: k == "ok" and payload[0] == request_id, self.timeout_s
+            )
         except BackendError:
             self.close()
             raise
@@ -525,10 +536,22 @@ class CommTimer:
             moved = (num_ranks - 1) / num_ranks * nbytes
             bandwidth = moved / max(big - tiny, 1e-6)
             host = bandwidth if self.device == "cpu" else _host_copy_bytes_per_ms(nbytes)
-            speeds = LinkSpeeds(bandwidth, bandwidth, host, efficiency=1.0,
-                                host_efficiency=1.0, launch_ms=tiny, step_ms=0.0)
-            logger.info("%s collectives among %d ranks: %.2f GB/s, %.3f ms latency",
-                        self.process_group_backend, num_ranks, bandwidth / 1e6, tiny)
+            speeds = LinkSpeeds(
+                bandwidth,
+                bandwidth,
+                host,
+                efficiency=1.0,
+                host_efficiency=1.0,
+                launch_ms=tiny,
+                step_ms=0.0,
+            )
+            logger.info(
+                "%s collectives among %d ranks: %.2f GB/s, %.3f ms latency",
+                self.process_group_backend,
+                num_ranks,
+                bandwidth / 1e6,
+                tiny,
+            )
         self._speeds[num_ranks] = speeds
         return speeds
 

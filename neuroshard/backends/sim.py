@@ -197,7 +197,6 @@ GB_PER_S = 1e9 / 1e3  # bytes per ms in one GB/s
 GBIT_PER_S = GB_PER_S / 8
 
 
-
 @dataclass(frozen=True)
 class SimProfile:
     """Constants of one simulated GPU (sources in the module doc). Bandwidths in bytes/ms."""
@@ -258,33 +257,58 @@ class SimProfile:
 _MB = 1 << 20
 PROFILES: dict[str, SimProfile] = {
     "v100": SimProfile(
-        name="v100", hbm_bytes_per_ms=900 * GB_PER_S, hbm_capacity_bytes=32 * 10**9,
-        l2_bytes=6 * _MB, l2_bytes_per_ms=2100 * GB_PER_S, sm_count=80,
-        nvlink_bytes_per_ms=150 * GB_PER_S, inter_host_bytes_per_ms=100 * GBIT_PER_S,
+        name="v100",
+        hbm_bytes_per_ms=900 * GB_PER_S,
+        hbm_capacity_bytes=32 * 10**9,
+        l2_bytes=6 * _MB,
+        l2_bytes_per_ms=2100 * GB_PER_S,
+        sm_count=80,
+        nvlink_bytes_per_ms=150 * GB_PER_S,
+        inter_host_bytes_per_ms=100 * GBIT_PER_S,
         host_link_bytes_per_ms=15.75 * GB_PER_S,
     ),
     "a100": SimProfile(
-        name="a100", hbm_bytes_per_ms=1555 * GB_PER_S, hbm_capacity_bytes=40 * 10**9,
-        l2_bytes=40 * _MB, l2_bytes_per_ms=5000 * GB_PER_S, sm_count=108,
-        nvlink_bytes_per_ms=300 * GB_PER_S, inter_host_bytes_per_ms=200 * GBIT_PER_S,
+        name="a100",
+        hbm_bytes_per_ms=1555 * GB_PER_S,
+        hbm_capacity_bytes=40 * 10**9,
+        l2_bytes=40 * _MB,
+        l2_bytes_per_ms=5000 * GB_PER_S,
+        sm_count=108,
+        nvlink_bytes_per_ms=300 * GB_PER_S,
+        inter_host_bytes_per_ms=200 * GBIT_PER_S,
         host_link_bytes_per_ms=31.5 * GB_PER_S,
     ),
     "h100": SimProfile(
-        name="h100", hbm_bytes_per_ms=3350 * GB_PER_S, hbm_capacity_bytes=80 * 10**9,
-        l2_bytes=50 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
-        nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        name="h100",
+        hbm_bytes_per_ms=3350 * GB_PER_S,
+        hbm_capacity_bytes=80 * 10**9,
+        l2_bytes=50 * _MB,
+        l2_bytes_per_ms=7000 * GB_PER_S,
+        sm_count=132,
+        nvlink_bytes_per_ms=450 * GB_PER_S,
+        inter_host_bytes_per_ms=400 * GBIT_PER_S,
         host_link_bytes_per_ms=63 * GB_PER_S,
     ),
     "h200": SimProfile(
-        name="h200", hbm_bytes_per_ms=4800 * GB_PER_S, hbm_capacity_bytes=141 * 10**9,
-        l2_bytes=60 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
-        nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        name="h200",
+        hbm_bytes_per_ms=4800 * GB_PER_S,
+        hbm_capacity_bytes=141 * 10**9,
+        l2_bytes=60 * _MB,
+        l2_bytes_per_ms=7000 * GB_PER_S,
+        sm_count=132,
+        nvlink_bytes_per_ms=450 * GB_PER_S,
+        inter_host_bytes_per_ms=400 * GBIT_PER_S,
         host_link_bytes_per_ms=63 * GB_PER_S,
     ),
     "gh200": SimProfile(
-        name="gh200", hbm_bytes_per_ms=4000 * GB_PER_S, hbm_capacity_bytes=96 * 10**9,
-        l2_bytes=50 * _MB, l2_bytes_per_ms=7000 * GB_PER_S, sm_count=132,
-        nvlink_bytes_per_ms=450 * GB_PER_S, inter_host_bytes_per_ms=400 * GBIT_PER_S,
+        name="gh200",
+        hbm_bytes_per_ms=4000 * GB_PER_S,
+        hbm_capacity_bytes=96 * 10**9,
+        l2_bytes=50 * _MB,
+        l2_bytes_per_ms=7000 * GB_PER_S,
+        sm_count=132,
+        nvlink_bytes_per_ms=450 * GB_PER_S,
+        inter_host_bytes_per_ms=400 * GBIT_PER_S,
         host_link_bytes_per_ms=450 * GB_PER_S,
     ),
 }
@@ -299,7 +323,8 @@ def get_profile(profile: str | SimProfile) -> SimProfile:
         return profile
     if profile not in PROFILES:
         raise UnknownNameError(
-            f"unknown sim profile {profile!r}; valid: {', '.join(profile_names())}")
+            f"unknown sim profile {profile!r}; valid: {', '.join(profile_names())}"
+        )
     return PROFILES[profile]
 
 
@@ -334,8 +359,9 @@ class _Shards:
         if hist_index:
             table = np.asarray(list(hist_index), dtype=float).reshape(-1, NUM_HIST_BINS)
             sums = table.sum(axis=1, keepdims=True)
-            table = np.where(sums > 0, table / np.where(sums > 0, sums, 1.0),
-                             np.asarray(DLRM_REUSE_HIST))
+            table = np.where(
+                sums > 0, table / np.where(sums > 0, sums, 1.0), np.asarray(DLRM_REUSE_HIST)
+            )
             self.hist = table[np.asarray(hist_ids, dtype=np.int64)]
         else:
             self.hist = np.zeros((0, NUM_HIST_BINS))
@@ -350,8 +376,13 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, profile: str | SimProfile = "h100", batch_size: int = DEFAULT_BATCH_SIZE,
-                 noise: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        profile: str | SimProfile = "h100",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if noise < 0:
@@ -364,8 +395,10 @@ class SimBackend:
         logger.debug("simulated backend %r (a model, not a measurement)", self)
 
     def __repr__(self) -> str:
-        return (f"SimBackend(profile={self.profile.name!r}, batch_size={self.batch_size}, "
-                f"noise={self.noise}, seed={self.seed})")
+        return (
+            f"SimBackend(profile={self.profile.name!r}, batch_size={self.batch_size}, "
+            f"noise={self.noise}, seed={self.seed})"
+        )
 
     # ----------------------------------------------------------------- CostEstimator
 
@@ -388,11 +421,13 @@ class SimBackend:
         """This backend on ``cluster``'s topology: its hosts (``devices_per_host``) and,
         where it gives them, its bandwidths per direction; the noise stream is shared."""
         profile = replace(
-            self.profile, gpus_per_host=cluster.devices_per_host,
+            self.profile,
+            gpus_per_host=cluster.devices_per_host,
             nvlink_bytes_per_ms=cluster.intra_host_bw_bytes_per_ms
             or self.profile.nvlink_bytes_per_ms,
             inter_host_bytes_per_ms=cluster.inter_host_bw_bytes_per_ms
-            or self.profile.inter_host_bytes_per_ms)
+            or self.profile.inter_host_bytes_per_ms,
+        )
         if profile == self.profile:
             return self
         bound = SimBackend(profile, self.batch_size, self.noise, self.seed)
@@ -404,24 +439,34 @@ class SimBackend:
         (:func:`neuroshard.traffic.price` with its NVLink, NIC and host-link bandwidths,
         all-to-all efficiency, launch and synchronisation costs), with noise."""
         prof = self.profile
-        speeds = LinkSpeeds(prof.nvlink_bytes_per_ms, prof.inter_host_bytes_per_ms,
-                            prof.host_link_bytes_per_ms, prof.alltoall_efficiency,
-                            prof.host_link_efficiency, prof.kernel_launch_ms, prof.sync_ms)
-        return ExtraCosts(*(self._noisy(np.asarray(x, dtype=float))
-                            for x in price(traffic, speeds)))
+        speeds = LinkSpeeds(
+            prof.nvlink_bytes_per_ms,
+            prof.inter_host_bytes_per_ms,
+            prof.host_link_bytes_per_ms,
+            prof.alltoall_efficiency,
+            prof.host_link_efficiency,
+            prof.kernel_launch_ms,
+            prof.sync_ms,
+        )
+        return ExtraCosts(
+            *(self._noisy(np.asarray(x, dtype=float)) for x in price(traffic, speeds))
+        )
 
     # ----------------------------------------------------------------- HardwareBackend
 
     def measure_compute(self, load: Sequence[TableSpec]) -> Timing:
         return Timing(float(self.compute_ms([load])[0]), self.noise, 1)
 
-    def measure_comm(self, dim_sums: Sequence[int],
-                     waits_ms: Sequence[float]) -> tuple[list[Timing], list[Timing]]:
+    def measure_comm(
+        self, dim_sums: Sequence[int], waits_ms: Sequence[float]
+    ) -> tuple[list[Timing], list[Timing]]:
         d = np.asarray([dim_sums], dtype=float)
         fwd = self.fwd_comm_ms(d, np.asarray([waits_ms], dtype=float))[0]
         bwd = self.bwd_comm_ms(d)[0]
-        return ([Timing(float(x), self.noise, 1) for x in fwd],
-                [Timing(float(x), self.noise, 1) for x in bwd])
+        return (
+            [Timing(float(x), self.noise, 1) for x in fwd],
+            [Timing(float(x), self.noise, 1) for x in bwd],
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -470,25 +515,30 @@ class SimBackend:
         row_bytes = np.ceil(sh.width * BYTES_PER_FLOAT / prof.sector_bytes) * prof.sector_bytes
         # Random rows over a bigger footprint find fewer open DRAM pages and more TLB misses.
         spread = 1.0 + prof.footprint_penalty * np.log2(
-            1.0 + sh.rows * row_bytes / prof.footprint_base_bytes)
+            1.0 + sh.rows * row_bytes / prof.footprint_base_bytes
+        )
         penalty = 1.0 + prof.small_dim_penalty * (
-            1.0 - np.minimum(sh.width, prof.full_warp_width) / prof.full_warp_width)
+            1.0 - np.minimum(sh.width, prof.full_warp_width) / prof.full_warp_width
+        )
 
         # Row classes (shard, bin): rows, accesses per row, footprint.
         cls_rows = unique[:, None] * sh.hist  # (S, 17)
         heat = scale[:, None] * BIN_ACCESS_COUNTS[None, :]
         repeats = cls_rows * (heat - 1.0)  # accesses after the first touch
         footprint = cls_rows * row_bytes[:, None]
-        cached = self._cached_fraction(sh, heat, footprint, cache_bytes,
-                                       (row_bytes, sh.width, sh.rows))
+        cached = self._cached_fraction(
+            sh, heat, footprint, cache_bytes, (row_bytes, sh.width, sh.rows)
+        )
         l2_rows = (repeats * cached).sum(axis=1)
         hbm_rows = unique + (repeats * (1.0 - cached)).sum(axis=1)
 
         # Forward gather (bandwidth vs row rate, whole device), then streams.
-        fwd_bw = sh.per_load(penalty * row_bytes * (spread * hbm_rows / hbm_gather
-                                                    + l2_rows / prof.l2_bytes_per_ms))
-        fwd_rate = sh.per_load(spread * hbm_rows / prof.hbm_rows_per_ms
-                               + l2_rows / prof.l2_rows_per_ms)
+        fwd_bw = sh.per_load(
+            penalty * row_bytes * (spread * hbm_rows / hbm_gather + l2_rows / prof.l2_bytes_per_ms)
+        )
+        fwd_rate = sh.per_load(
+            spread * hbm_rows / prof.hbm_rows_per_ms + l2_rows / prof.l2_rows_per_ms
+        )
         # A pooled table writes one row per sample; a sequence table one row per id.
         out_bytes = np.where(sh.pooled, batch, lookups) * sh.width * BYTES_PER_FLOAT
         index_bytes = lookups * prof.index_bytes
@@ -500,21 +550,32 @@ class SimBackend:
         grad_cached = np.minimum(1.0, cache_bytes / np.maximum(grad_bytes, 1.0))[sh.load]
         g_l2, g_hbm = lookups * grad_cached, lookups * (1.0 - grad_cached)
         upd_rows = 2.0 * unique
-        bwd_bw = sh.per_load(penalty * row_bytes * ((g_hbm + spread * upd_rows) / hbm_gather
-                                                    + g_l2 / prof.l2_bytes_per_ms))
-        bwd_rate = sh.per_load((g_hbm + spread * upd_rows) / prof.hbm_rows_per_ms
-                               + g_l2 / prof.l2_rows_per_ms)
+        bwd_bw = sh.per_load(
+            penalty
+            * row_bytes
+            * ((g_hbm + spread * upd_rows) / hbm_gather + g_l2 / prof.l2_bytes_per_ms)
+        )
+        bwd_rate = sh.per_load(
+            (g_hbm + spread * upd_rows) / prof.hbm_rows_per_ms + g_l2 / prof.l2_rows_per_ms
+        )
         bwd_stream = out_bytes + index_bytes + lookups * prof.sort_bytes_per_lookup
         bwd = self._smooth_max(bwd_bw, bwd_rate) + sh.per_load(bwd_stream) / hbm_stream
 
         count = np.bincount(sh.load, minlength=sh.num_loads)
-        overhead = (prof.kernel_launch_ms * (prof.fwd_kernels + prof.bwd_kernels)
-                    + prof.per_table_ms * count)
+        overhead = (
+            prof.kernel_launch_ms * (prof.fwd_kernels + prof.bwd_kernels)
+            + prof.per_table_ms * count
+        )
         return np.where(count > 0, fwd + bwd + overhead, 0.0)
 
     @staticmethod
-    def _cached_fraction(sh: _Shards, heat: np.ndarray, footprint: np.ndarray,
-                         cache_bytes: float, tie_keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    def _cached_fraction(
+        sh: _Shards,
+        heat: np.ndarray,
+        footprint: np.ndarray,
+        cache_bytes: float,
+        tie_keys: tuple[np.ndarray, ...],
+    ) -> np.ndarray:
         """Fraction of each row class held in the device's shared L2: the classes of all
         shards on a device fill the cache hottest first. Ties in heat are broken by
         narrower rows, then by width and rows, so that classes left tied cost the same per
@@ -532,9 +593,13 @@ class SimBackend:
         starts = np.searchsorted(load_sorted, np.arange(sh.num_loads), side="left")
         seg_base = np.concatenate(([0.0], cum))[starts][load_sorted]
         before = cum - fp_sorted - seg_base
-        frac_sorted = np.clip(np.divide(cache_bytes - before, fp_sorted,
-                                        out=np.ones_like(fp_sorted), where=fp_sorted > 0),
-                              0.0, 1.0)
+        frac_sorted = np.clip(
+            np.divide(
+                cache_bytes - before, fp_sorted, out=np.ones_like(fp_sorted), where=fp_sorted > 0
+            ),
+            0.0,
+            1.0,
+        )
         frac = np.empty_like(frac_sorted)
         frac[order] = frac_sorted
         return frac.reshape(heat.shape)
@@ -553,10 +618,16 @@ class SimBackend:
         n_local, n_remote = local.sum(axis=1), remote.sum(axis=1)
         send_local, send_remote = per_peer * n_local, per_peer * n_remote
         recv_local, recv_remote = per_peer @ local.T, per_peer @ remote.T
-        t_local = np.maximum(send_local, recv_local) / (prof.nvlink_bytes_per_ms
-                                                        * prof.alltoall_efficiency)
-        t_remote = np.maximum(send_remote, recv_remote) / (prof.inter_host_bytes_per_ms
-                                                           * prof.alltoall_efficiency)
-        latency = (prof.alpha_intra_ms * n_local + prof.alpha_inter_ms * n_remote
-                   + prof.sync_ms * math.log2(n) + prof.kernel_launch_ms)
+        t_local = np.maximum(send_local, recv_local) / (
+            prof.nvlink_bytes_per_ms * prof.alltoall_efficiency
+        )
+        t_remote = np.maximum(send_remote, recv_remote) / (
+            prof.inter_host_bytes_per_ms * prof.alltoall_efficiency
+        )
+        latency = (
+            prof.alpha_intra_ms * n_local
+            + prof.alpha_inter_ms * n_remote
+            + prof.sync_ms * math.log2(n)
+            + prof.kernel_launch_ms
+        )
         return np.maximum(t_local, t_remote) + latency

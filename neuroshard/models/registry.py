@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from neuroshard.models.base import META_FILE, batch_range, check_compatible, read_meta
 from neuroshard.types import (
@@ -200,7 +200,9 @@ def shipped_models() -> dict[str, Path]:
 
 
 def default_model_dir(
-    num_devices: int, backend: str = DEFAULT_BACKEND, kind: str = DEFAULT_KIND,
+    num_devices: int,
+    backend: str = DEFAULT_BACKEND,
+    kind: str = DEFAULT_KIND,
     batch_size: int | None = None,
 ) -> Path:
     """The shipped model of ``kind`` trained on ``backend`` nearest ``num_devices``: a
@@ -234,8 +236,11 @@ def backend_for_device(compute_device: str, kind: str = DEFAULT_KIND) -> str:
     """The backend of the shipped ``kind`` models that price ``compute_device`` (the first
     of :data:`DEVICE_BACKENDS` with one); :class:`ModelFileError` naming the device and
     the devices that have one otherwise."""
-    shipped = {read_meta(path).get("backend") for path in shipped_models().values()
-               if read_meta(path).get("kind") == kind}
+    shipped = {
+        read_meta(path).get("backend")
+        for path in shipped_models().values()
+        if read_meta(path).get("kind") == kind
+    }
     for backend in DEVICE_BACKENDS.get(compute_device, ()):
         if backend in shipped:
             return backend
@@ -275,12 +280,13 @@ def resolve_cost_model(
             raise ValueError("resolve_cost_model needs model_dir or num_devices")
         if backend is None and compute_device is not None:
             backend = backend_for_device(compute_device, kind or DEFAULT_KIND)
-        model_dir = default_model_dir(num_devices, backend or DEFAULT_BACKEND,
-                                      kind or DEFAULT_KIND, batch_size)
+        model_dir = default_model_dir(
+            num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND, batch_size
+        )
     if force:
         model = load_cost_model(model_dir)
     else:
         model = load_cost_model(model_dir, batch_size=batch_size, backend=backend, kind=kind)
     if batch_size is not None and batch_range(getattr(model, "meta_", {})) is not None:
-        model = model.for_batch(batch_size)  # a model with the batch as an input
+        model = cast(Any, model).for_batch(batch_size)  # a model with the batch as an input
     return model
