@@ -57,31 +57,52 @@ from _common import emit
 SEARCHERS = ("neuroshard", "greedy-grid", "torchrec", "size-lookup", "lookup")
 
 
-def make_task(pool: list[TableSpec], num_tables: int, num_devices: int,
-              rng: np.random.Generator, args: argparse.Namespace) -> tuple[list[TableSpec],
-                                                                           Cluster]:
+def make_task(
+    pool: list[TableSpec],
+    num_tables: int,
+    num_devices: int,
+    rng: np.random.Generator,
+    args: argparse.Namespace,
+) -> tuple[list[TableSpec], Cluster]:
     """``num_tables`` tables (renamed draws from ``pool``) and their tight cluster."""
     picks = rng.integers(0, len(pool), size=num_tables)
-    tables = [TableSpec(f"{pool[i].name}#{k}", pool[i].rows, pool[i].dim,
-                        pool[i].pooling_factor, pool[i].reuse_hist)
-              for k, i in enumerate(picks.tolist())]
+    tables = [
+        TableSpec(
+            f"{pool[i].name}#{k}",
+            pool[i].rows,
+            pool[i].dim,
+            pool[i].pooling_factor,
+            pool[i].reuse_hist,
+        )
+        for k, i in enumerate(picks.tolist())
+    ]
     memory = int(sum(t.size_bytes for t in tables) / num_devices / args.fill)
-    for i in sorted(range(num_tables), key=lambda j: -tables[j].size_bytes)[:args.giants]:
+    for i in sorted(range(num_tables), key=lambda j: -tables[j].size_bytes)[: args.giants]:
         t = tables[i]
         rows = int(args.giant_size * memory / (t.dim * 4))
-        tables[i] = TableSpec(f"{t.name}-giant", max(rows, t.rows), t.dim, t.pooling_factor,
-                              t.reuse_hist)
+        tables[i] = TableSpec(
+            f"{t.name}-giant", max(rows, t.rows), t.dim, t.pooling_factor, t.reuse_hist
+        )
     prof = PROFILES[args.profile]
     cluster = Cluster.uniform(
-        num_devices, memory, args.batch_size, devices_per_host=args.devices_per_host,
+        num_devices,
+        memory,
+        args.batch_size,
+        devices_per_host=args.devices_per_host,
         host_memory_bytes=int(args.host_memory * 2**30),
         intra_host_bw_bytes_per_ms=prof.nvlink_bytes_per_ms,
-        inter_host_bw_bytes_per_ms=prof.inter_host_bytes_per_ms)
+        inter_host_bw_bytes_per_ms=prof.inter_host_bytes_per_ms,
+    )
     return tables, cluster
 
 
-def run_one(name: str, tables: list[TableSpec], cluster: Cluster, truth: SimBackend,
-            args: argparse.Namespace) -> dict:
+def run_one(
+    name: str,
+    tables: list[TableSpec],
+    cluster: Cluster,
+    truth: SimBackend,
+    args: argparse.Namespace,
+) -> dict:
     """Plan with one searcher; its sim cost, seconds and sharding types (or why not)."""
     if name == "neuroshard":
         estimator = truth if args.estimator == "sim" else None
@@ -101,32 +122,46 @@ def run_one(name: str, tables: list[TableSpec], cluster: Cluster, truth: SimBack
     worst = max(cost.devices, key=lambda d: d.total_ms)
     types = Counter(plan.sharding_type_of(t.name) for t in plan.tables)
     kernels = Counter(s.compute_kernel for s in plan.shards)
-    return {"ok": True, "ms": cost.max_ms, "seconds": seconds,
-            "worst": (worst.compute_ms, worst.fwd_comm_ms, worst.bwd_comm_ms),
-            "types": dict(types), "uvm": kernels.get("fused_uvm_caching", 0)}
+    return {
+        "ok": True,
+        "ms": cost.max_ms,
+        "seconds": seconds,
+        "guide": plan.cost.model if plan.cost is not None else "?",
+        "worst": (worst.compute_ms, worst.fwd_comm_ms, worst.bwd_comm_ms),
+        "types": dict(types),
+        "uvm": kernels.get("fused_uvm_caching", 0),
+    }
 
 
 def fmt_types(counts: Counter) -> str:
-    short = {"table_wise": "TW", "column_wise": "CW", "row_wise": "RW",
-             "table_row_wise": "TWRW", "data_parallel": "DP"}
+    short = {
+        "table_wise": "TW",
+        "column_wise": "CW",
+        "row_wise": "RW",
+        "table_row_wise": "TWRW",
+        "data_parallel": "DP",
+    }
     return " ".join(f"{short[k]} {v}" for k, v in sorted(counts.items()) if v)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="60x16,120x32,300x128",
-                   help="comma-separated TABLESxDEVICES")
+    p.add_argument("--sizes", default="60x16,120x32,300x128", help="comma-separated TABLESxDEVICES")
     p.add_argument("--tasks", type=int, default=3, help="tasks per size")
     p.add_argument("--devices-per-host", type=int, default=8)
-    p.add_argument("--fill", type=float, default=0.5,
-                   help="drawn tables' bytes / total HBM before the reserve")
+    p.add_argument(
+        "--fill", type=float, default=0.5, help="drawn tables' bytes / total HBM before the reserve"
+    )
     p.add_argument("--giants", type=int, default=2, help="tables grown past a device")
-    p.add_argument("--giant-size", type=float, default=2.0,
-                   help="a giant's bytes / a device's HBM")
+    p.add_argument("--giant-size", type=float, default=2.0, help="a giant's bytes / a device's HBM")
     p.add_argument("--host-memory", type=float, default=64.0, help="GiB per device")
     p.add_argument("--budget", type=float, default=30.0, help="NeuroShard's seconds")
-    p.add_argument("--max-steps", type=int, default=10,
-                   help="NeuroShard's beam steps at most (the budget may stop it first)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=10,
+        help="NeuroShard's beam steps at most (the budget may stop it first)",
+    )
     p.add_argument("--estimator", choices=["model", "sim"], default="model")
     p.add_argument("--searchers", default=",".join(SEARCHERS))
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
@@ -151,28 +186,40 @@ def main() -> None:
             for s in searchers:
                 rows[s].append(run_one(s, tables, cluster, truth, args))
                 r = rows[s][-1]
-                print(f"{n}x{d} task {k} {s}: " + (
-                    f"{r['ms']:.3f} ms in {r['seconds']:.1f} s, {r['types']}" if r["ok"]
-                    else f"no plan ({r['why'][:100]})"), flush=True)
+                print(
+                    f"{n}x{d} task {k} {s}: "
+                    + (
+                        f"{r['ms']:.3f} ms in {r['seconds']:.1f} s, {r['types']}"
+                        if r["ok"]
+                        else f"no plan ({r['why'][:100]})"
+                    ),
+                    flush=True,
+                )
         caps = cluster.memory_per_device_bytes[0] / 2**30
-        lines = [f"### {n} tables on {d} devices ({d // args.devices_per_host} hosts of "
-                 f"{args.devices_per_host}), {args.tasks} tasks",
-                 "", f"HBM per device (last task) {caps:.2f} GiB before the 15% reserve, "
-                 f"{args.host_memory:g} GiB host memory.", "",
-                 "| searcher | planned | mean ms | NeuroShard / it (tasks both planned) | "
-                 "median s | critical device compute / fwd / bwd ms | sharding types (all tasks) |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = [
+            f"### {n} tables on {d} devices ({d // args.devices_per_host} hosts of "
+            f"{args.devices_per_host}), {args.tasks} tasks",
+            "",
+            f"HBM per device (last task) {caps:.2f} GiB before the 15% reserve, "
+            f"{args.host_memory:g} GiB host memory.",
+            "",
+            "| searcher | planned | mean ms | NeuroShard / it (tasks both planned) | "
+            "median s | critical device compute / fwd / bwd ms | sharding types (all tasks) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         ours = rows.get("neuroshard")
         for s in searchers:
             ok = [r for r in rows[s] if r["ok"]]
             mean = f"{statistics.fmean(r['ms'] for r in ok):.3f}" if ok else "-"
             ratio = "-"
             if ours is not None and s != "neuroshard":
-                both = [(a["ms"], b["ms"]) for a, b in zip(ours, rows[s], strict=True)
-                        if a["ok"] and b["ok"]]
+                both = [
+                    (a["ms"], b["ms"])
+                    for a, b in zip(ours, rows[s], strict=True)
+                    if a["ok"] and b["ok"]
+                ]
                 if both:
-                    ratio = (f"{statistics.fmean(a / b for a, b in both):.3f} "
-                             f"({len(both)} tasks)")
+                    ratio = f"{statistics.fmean(a / b for a, b in both):.3f} ({len(both)} tasks)"
             secs = f"{statistics.median(r['seconds'] for r in rows[s]):.1f}"
             worst = "-"
             if ok:
@@ -183,18 +230,28 @@ def main() -> None:
                 types.update(r["types"])
             uvm = sum(r["uvm"] for r in ok)
             kinds = fmt_types(types) + (f"; {uvm} shards on uvm caching" if uvm else "")
-            lines.append(f"| {s} | {len(ok)}/{len(rows[s])} | {mean} | {ratio} | {secs} | "
-                         f"{worst} | {kinds} |")
+            lines.append(
+                f"| {s} | {len(ok)}/{len(rows[s])} | {mean} | {ratio} | {secs} | "
+                f"{worst} | {kinds} |"
+            )
+        guides = sorted({r["guide"] for r in rows.get("neuroshard", []) if r["ok"]})
+        if guides:
+            lines += ["", f"NeuroShard's estimator: {', '.join(guides)}."]
         failed = [f"{s}: {r['why']}" for s in searchers for r in rows[s] if not r["ok"]]
         if failed:
             lines += ["", "No plan: " + "; ".join(sorted(set(failed))[:4])]
         sections.append("\n".join(lines))
-    guide = ("the sim backend itself (upper bound: the truth guides the search)"
-             if args.estimator == "sim" else "the shipped model the planner picks per cluster")
-    text = (f"Costs: sim/{args.profile} (noise 0) on each cluster's topology. NeuroShard's "
-            f"guide: {guide}; budget {args.budget:g} s. Tasks from the {args.split} pool, "
-            f"seed {args.seed}, batch {args.batch_size}, at most {args.max_steps} beam steps.\n\n"
-            + "\n\n".join(sections))
+    guide = (
+        "the sim backend itself (upper bound: the truth guides the search)"
+        if args.estimator == "sim"
+        else "the shipped model the planner picks per cluster"
+    )
+    text = (
+        f"Costs: sim/{args.profile} (noise 0) on each cluster's topology. NeuroShard's "
+        f"guide: {guide}; budget {args.budget:g} s. Tasks from the {args.split} pool, "
+        f"seed {args.seed}, batch {args.batch_size}, at most {args.max_steps} beam steps.\n\n"
+        + "\n\n".join(sections)
+    )
     emit(text, args.out, title="The whole sharding space: NeuroShard, heuristics, TorchRec")
 
 
