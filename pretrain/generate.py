@@ -88,8 +88,9 @@ def _dims(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.where(rng.random(n) < 0.5, pow2, anyw).astype(np.int64)
 
 
-def _heldout_masses(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray,
-                                                                   np.ndarray, str]:
+def _heldout_masses(
+    rng: np.random.Generator, rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     lo, hi = rank_groups(rows)
     a, b = lo.astype(float), hi.astype(float)  # ranks [a, b)
     kind = ("hotset", "uniform", "stretched")[int(rng.integers(3))]
@@ -127,8 +128,15 @@ def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
         else:
             lo, hi, mass, _ = _heldout_masses(rng, int(rows[i]))
             prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
-        out.append(TableSpec(name=f"gen_{family}_{i:05d}", rows=int(rows[i]), dim=int(dims[i]),
-                             pooling_factor=float(pooling[i]), reuse_hist=prof.hist))
+        out.append(
+            TableSpec(
+                name=f"gen_{family}_{i:05d}",
+                rows=int(rows[i]),
+                dim=int(dims[i]),
+                pooling_factor=float(pooling[i]),
+                reuse_hist=prof.hist,
+            )
+        )
     return out
 
 
@@ -200,8 +208,13 @@ def sample_range_loads(
 
 
 def label_compute(
-    loads: Sequence[Sequence[TableSpec]], batches: np.ndarray, *, profile: str = "h100",
-    noise: float = 0.0, seed: int = 0, prefix: str = "r",
+    loads: Sequence[Sequence[TableSpec]],
+    batches: np.ndarray,
+    *,
+    profile: str = "h100",
+    noise: float = 0.0,
+    seed: int = 0,
+    prefix: str = "r",
 ) -> ComputeData:
     """Sim compute labels of ``loads``, each at its own batch, as :class:`ComputeData`."""
     labels = np.empty(len(loads))
@@ -230,7 +243,11 @@ def _fingerprint(profile: str, noise: float) -> str:
 
 
 def sample_cluster_comm(
-    dims_pool: Sequence[int], n: int, rng: np.random.Generator, *, profile: str = "h100",
+    dims_pool: Sequence[int],
+    n: int,
+    rng: np.random.Generator,
+    *,
+    profile: str = "h100",
     config: RangeConfig = RangeConfig(),
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
     """``n`` random plans on random clusters: per-device dim sums, waits (ms), contexts
@@ -249,8 +266,11 @@ def sample_cluster_comm(
         weights = rng.dirichlet(np.full(n_dev, alpha))
         devices = rng.choice(n_dev, size=k, p=weights / weights.sum())
         sums.append(np.bincount(devices, weights=dims, minlength=n_dev).astype(float))
-        waits.append(np.zeros(n_dev) if rng.random() < 0.2
-                     else np.round(rng.uniform(1.0, 20.0, size=n_dev), 6))
+        waits.append(
+            np.zeros(n_dev)
+            if rng.random() < 0.2
+            else np.round(rng.uniform(1.0, 20.0, size=n_dev), 6)
+        )
         intra, inter = prof.nvlink_bytes_per_ms, prof.inter_host_bytes_per_ms
         if rng.random() >= config.profile_bw_fraction:
             intra *= 2 ** rng.uniform(-2, 1)
@@ -261,8 +281,14 @@ def sample_cluster_comm(
 
 
 def label_comm(
-    sums: Sequence[np.ndarray], waits: Sequence[np.ndarray], ctx: np.ndarray,
-    shards: np.ndarray, *, profile: str = "h100", noise: float = 0.0, seed: int = 0,
+    sums: Sequence[np.ndarray],
+    waits: Sequence[np.ndarray],
+    ctx: np.ndarray,
+    shards: np.ndarray,
+    *,
+    profile: str = "h100",
+    noise: float = 0.0,
+    seed: int = 0,
     prefix: str = "q",
 ) -> CommData:
     """Sim forward and backward all-to-all of each sample on its cluster, as
@@ -273,9 +299,14 @@ def label_comm(
     mask = np.zeros((n, width), dtype=bool)
     for i, (d, w, c) in enumerate(zip(sums, waits, ctx, strict=True)):
         m = len(d)
-        cluster = Cluster.uniform(m, 10**12, int(c[0]), devices_per_host=int(c[1]),
-                                  intra_host_bw_bytes_per_ms=float(c[2]),
-                                  inter_host_bw_bytes_per_ms=float(c[3]))
+        cluster = Cluster.uniform(
+            m,
+            10**12,
+            int(c[0]),
+            devices_per_host=int(c[1]),
+            intra_host_bw_bytes_per_ms=float(c[2]),
+            inter_host_bw_bytes_per_ms=float(c[3]),
+        )
         sim = SimBackend(profile, int(c[0]), noise=noise, seed=seed * 100_003 + i)
         sim = sim.for_cluster(cluster)
         out["d"][i, :m], out["w"][i, :m] = d, w
@@ -285,22 +316,41 @@ def label_comm(
     return CommData(
         keys=np.array([f"{prefix}{seed}-{i}" for i in range(n)]),
         num_devices=mask.sum(axis=1),
-        dim_sums=out["d"], waits_ms=out["w"], fwd_ms=out["f"], bwd_ms=out["b"], mask=mask,
-        fingerprint=_fingerprint(profile, noise), num_tables=np.asarray(shards),
+        dim_sums=out["d"],
+        waits_ms=out["w"],
+        fwd_ms=out["f"],
+        bwd_ms=out["b"],
+        mask=mask,
+        fingerprint=_fingerprint(profile, noise),
+        num_tables=np.asarray(shards),
     )
 
 
-def save_data(path: str | Path, compute: ComputeData, batches: np.ndarray,
-              comm: CommData, ctx: np.ndarray) -> Path:
+def save_data(
+    path: str | Path, compute: ComputeData, batches: np.ndarray, comm: CommData, ctx: np.ndarray
+) -> Path:
     """Both data sets and their batches/contexts in one ``.npz`` (written, then renamed)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part.npz")
     np.savez_compressed(
-        tmp, c_keys=compute.keys, c_offsets=compute.offsets, c_features=compute.features,
-        c_names=compute.table_names, c_label=compute.label_ms, c_spread=compute.spread,
-        c_batch=batches, m_keys=comm.keys, m_dims=comm.dim_sums, m_waits=comm.waits_ms,
-        m_fwd=comm.fwd_ms, m_bwd=comm.bwd_ms, m_mask=comm.mask, m_shards=comm.num_tables,
-        m_ctx=ctx, fingerprint=np.array(compute.fingerprint))
+        tmp,
+        c_keys=compute.keys,
+        c_offsets=compute.offsets,
+        c_features=compute.features,
+        c_names=compute.table_names,
+        c_label=compute.label_ms,
+        c_spread=compute.spread,
+        c_batch=batches,
+        m_keys=comm.keys,
+        m_dims=comm.dim_sums,
+        m_waits=comm.waits_ms,
+        m_fwd=comm.fwd_ms,
+        m_bwd=comm.bwd_ms,
+        m_mask=comm.mask,
+        m_shards=comm.num_tables,
+        m_ctx=ctx,
+        fingerprint=np.array(compute.fingerprint),
+    )
     tmp.replace(path)
     return path
 
@@ -309,22 +359,46 @@ def load_data(path: str | Path) -> tuple[ComputeData, np.ndarray, CommData, np.n
     """What :func:`save_data` wrote."""
     z = np.load(path, allow_pickle=False)
     fp = str(z["fingerprint"])
-    compute = ComputeData(z["c_keys"], z["c_offsets"], z["c_features"], z["c_names"],
-                          z["c_label"], z["c_spread"], fp)
-    comm = CommData(z["m_keys"], z["m_mask"].sum(axis=1), z["m_dims"], z["m_waits"],
-                    z["m_fwd"], z["m_bwd"], z["m_mask"], fp, z["m_shards"])
+    compute = ComputeData(
+        z["c_keys"], z["c_offsets"], z["c_features"], z["c_names"], z["c_label"], z["c_spread"], fp
+    )
+    comm = CommData(
+        z["m_keys"],
+        z["m_mask"].sum(axis=1),
+        z["m_dims"],
+        z["m_waits"],
+        z["m_fwd"],
+        z["m_bwd"],
+        z["m_mask"],
+        fp,
+        z["m_shards"],
+    )
     return compute, z["c_batch"], comm, z["m_ctx"]
 
 
 def _specs_of(data: ComputeData, i: int) -> list[TableSpec]:
-    rows = data.features[data.offsets[i]:data.offsets[i + 1]]
-    return [TableSpec(name=f"s{j}", rows=max(int(round(r[-1])), 1), dim=int(r[-3]),
-                      pooling_factor=float(r[-2]), reuse_hist=tuple(float(x) for x in r[:-3]))
-            for j, r in enumerate(rows)]
+    rows = data.features[data.offsets[i] : data.offsets[i + 1]]
+    return [
+        TableSpec(
+            name=f"s{j}",
+            rows=max(int(round(r[-1])), 1),
+            dim=int(r[-3]),
+            pooling_factor=float(r[-2]),
+            reuse_hist=tuple(float(x) for x in r[:-3]),
+        )
+        for j, r in enumerate(rows)
+    ]
 
 
-def noise_floors(compute: ComputeData, batches: np.ndarray, comm: CommData, ctx: np.ndarray,
-                 *, seed: int = 0, profile: str = "h100") -> dict[str, dict[str, float]]:
+def noise_floors(
+    compute: ComputeData,
+    batches: np.ndarray,
+    comm: CommData,
+    ctx: np.ndarray,
+    *,
+    seed: int = 0,
+    profile: str = "h100",
+) -> dict[str, dict[str, float]]:
     """The MAPE of the noise-free sim against the labels on the test split (the split
     :func:`neuroshard.samples.split_random` gives a model fitted with ``seed``): the best
     any model can score there (``floor_mape``), for compute and both comms."""
@@ -332,32 +406,54 @@ def noise_floors(compute: ComputeData, batches: np.ndarray, comm: CommData, ctx:
 
     test = split_random(len(compute), seed).test
     sub = compute.subset(test)
-    truth = label_compute([_specs_of(sub, i) for i in range(len(sub))], batches[test],
-                          profile=profile).label_ms
-    out = {"compute": {"floor_mape": float(np.mean(np.abs(truth - sub.label_ms)
-                                                   / np.maximum(sub.label_ms, 1e-3))),
-                       "n": int(len(sub))}}
+    truth = label_compute(
+        [_specs_of(sub, i) for i in range(len(sub))], batches[test], profile=profile
+    ).label_ms
+    out = {
+        "compute": {
+            "floor_mape": float(
+                np.mean(np.abs(truth - sub.label_ms) / np.maximum(sub.label_ms, 1e-3))
+            ),
+            "n": int(len(sub)),
+        }
+    }
     mtest = split_random(len(comm), seed + 1).test
     msub = comm.subset(mtest)
     m = msub.mask
     sums = [msub.dim_sums[i, m[i]] for i in range(len(msub))]
     waits = [msub.waits_ms[i, m[i]] for i in range(len(msub))]
-    clean = label_comm(sums, waits, ctx[mtest], np.zeros(len(msub), dtype=np.int64),
-                       profile=profile)
-    for which, label, true in (("fwd_comm", msub.fwd_ms, clean.fwd_ms),
-                               ("bwd_comm", msub.bwd_ms, clean.bwd_ms)):
-        t, lab = true[:, :m.shape[1]][m], label[m]
-        out[which] = {"floor_mape": float(np.mean(np.abs(t - lab) / np.maximum(lab, 1e-3))),
-                      "n": int(m.sum())}
+    clean = label_comm(
+        sums, waits, ctx[mtest], np.zeros(len(msub), dtype=np.int64), profile=profile
+    )
+    for which, label, true in (
+        ("fwd_comm", msub.fwd_ms, clean.fwd_ms),
+        ("bwd_comm", msub.bwd_ms, clean.bwd_ms),
+    ):
+        t, lab = true[:, : m.shape[1]][m], label[m]
+        out[which] = {
+            "floor_mape": float(np.mean(np.abs(t - lab) / np.maximum(lab, 1e-3))),
+            "n": int(m.sum()),
+        }
     return out
 
 
 def train_range_model(
-    out: str | Path, *, profile: str = "h100", compute_samples: int = 16_000,
-    comm_samples: int = 4_000, generated_tables: int = 3_000, noise: float = 0.03,
-    seed: int = 0, members: int = 3, conservative_k: float = 1.0,
-    compute_seconds: float = 900.0, comm_seconds: float = 240.0, num_threads: int = 1,
-    init_from: str | Path | None = None, lr: float = 1e-3, pool_weight: int = 1,
+    out: str | Path,
+    *,
+    profile: str = "h100",
+    compute_samples: int = 16_000,
+    comm_samples: int = 4_000,
+    generated_tables: int = 3_000,
+    noise: float = 0.03,
+    seed: int = 0,
+    members: int = 3,
+    conservative_k: float = 1.0,
+    compute_seconds: float = 900.0,
+    comm_seconds: float = 240.0,
+    num_threads: int = 1,
+    init_from: str | Path | None = None,
+    lr: float = 1e-3,
+    pool_weight: int = 1,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
@@ -388,12 +484,22 @@ def train_range_model(
         sums, waits, ctx, shards = sample_cluster_comm(dims, comm_samples, rng, profile=profile)
         comm = label_comm(sums, waits, ctx, shards, profile=profile, noise=noise, seed=seed)
         save_data(data_path, compute, batches, comm, ctx)
-        logger.info("drew %d compute and %d comm samples into %s", len(compute), len(comm),
-                    data_path)
+        logger.info(
+            "drew %d compute and %d comm samples into %s", len(compute), len(comm), data_path
+        )
     model = NeuralCostModel(
-        batch_size=HIST_BATCH, range_inputs=True, compute_members=members,
-        conservative_k=conservative_k, lr=lr, max_epochs=400, patience=25, lr_decay_patience=8,
-        seed=seed, num_threads=num_threads, max_seconds_per_net=compute_seconds)
+        batch_size=HIST_BATCH,
+        range_inputs=True,
+        compute_members=members,
+        conservative_k=conservative_k,
+        lr=lr,
+        max_epochs=400,
+        patience=25,
+        lr_decay_patience=8,
+        seed=seed,
+        num_threads=num_threads,
+        max_seconds_per_net=compute_seconds,
+    )
     trainer = file_checkpointed(out / "ckpt")
     comm_budget = comm_seconds
 
@@ -409,20 +515,35 @@ def train_range_model(
         from neuroshard.models import load_cost_model
 
         start = load_cost_model(init_from)
-    model.fit(compute, comm, backend_name="sim", trainer=timed, compute_batch=batches,
-              comm_context=ctx, init_from=start)
-    model.metrics_["noise_floor"] = noise_floors(compute, batches, comm, ctx, seed=seed,
-                                                 profile=profile)
+    model.fit(
+        compute,
+        comm,
+        backend_name="sim",
+        trainer=timed,
+        compute_batch=batches,
+        comm_context=ctx,
+        init_from=start,
+    )
+    model.metrics_["noise_floor"] = noise_floors(
+        compute, batches, comm, ctx, seed=seed, profile=profile
+    )
     model.provenance_ = {
         "generator": "neuroshard.pretrain.generate.train_range_model",
-        "profile": profile, "compute_samples": compute_samples, "comm_samples": comm_samples,
-        "generated_tables": generated_tables, "noise": noise, "seed": seed,
+        "profile": profile,
+        "compute_samples": compute_samples,
+        "comm_samples": comm_samples,
+        "generated_tables": generated_tables,
+        "noise": noise,
+        "seed": seed,
         "sources": ["pool train half (augmented, shrunk copies)", "generated zipf family"],
-        "batch_range": list(BATCH_RANGE), "max_shards": RangeConfig().max_shards,
+        "batch_range": list(BATCH_RANGE),
+        "max_shards": RangeConfig().max_shards,
         "max_devices": RangeConfig().max_devices,
-        "warm_start": None if start is None else start.name, "lr": lr,
+        "warm_start": None if start is None else start.name,
+        "lr": lr,
         "pool_weight": pool_weight,
-        "compute_seconds": compute_seconds, "comm_seconds": comm_seconds,
+        "compute_seconds": compute_seconds,
+        "comm_seconds": comm_seconds,
     }
     return model.save(out / "model")
 
@@ -443,7 +564,15 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool-weight", type=int, default=1)
     a = ap.parse_args()
-    train_range_model(a.out, profile=a.profile, compute_samples=a.compute_samples,
-                      comm_samples=a.comm_samples, compute_seconds=a.compute_seconds,
-                      comm_seconds=a.comm_seconds, seed=a.seed, init_from=a.init_from,
-                      lr=a.lr, pool_weight=a.pool_weight)
+    train_range_model(
+        a.out,
+        profile=a.profile,
+        compute_samples=a.compute_samples,
+        comm_samples=a.comm_samples,
+        compute_seconds=a.compute_seconds,
+        comm_seconds=a.comm_seconds,
+        seed=a.seed,
+        init_from=a.init_from,
+        lr=a.lr,
+        pool_weight=a.pool_weight,
+    )

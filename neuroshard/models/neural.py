@@ -137,8 +137,14 @@ class CommContext:
     inter_host_bytes_per_ms: float
 
     def as_row(self) -> np.ndarray:
-        return np.array([self.batch_size, self.devices_per_host,
-                         self.intra_host_bytes_per_ms, self.inter_host_bytes_per_ms])
+        return np.array(
+            [
+                self.batch_size,
+                self.devices_per_host,
+                self.intra_host_bytes_per_ms,
+                self.inter_host_bytes_per_ms,
+            ]
+        )
 
 
 def link_times_ms(dim_sums: np.ndarray, mask: np.ndarray, ctx: np.ndarray) -> np.ndarray:
@@ -228,13 +234,17 @@ def _batch_bucket(batch: np.ndarray) -> np.ndarray:
     return (512 * 4 ** np.floor(np.log(b / 512) / np.log(4) + 1e-9)).astype(int).astype(str)
 
 
-def _by_value(pred: np.ndarray, true: np.ndarray, labels: np.ndarray,
-              eps_ms: float) -> dict[str, dict[str, float]]:
+def _by_value(
+    pred: np.ndarray, true: np.ndarray, labels: np.ndarray, eps_ms: float
+) -> dict[str, dict[str, float]]:
     """Metrics per label (labels with at least ``MIN_BUCKET`` samples)."""
     from neuroshard.models.metrics import MIN_BUCKET, regression_metrics
 
-    return {str(v): regression_metrics(pred[labels == v], true[labels == v], eps_ms)
-            for v in np.unique(labels) if (labels == v).sum() >= MIN_BUCKET}
+    return {
+        str(v): regression_metrics(pred[labels == v], true[labels == v], eps_ms)
+        for v in np.unique(labels)
+        if (labels == v).sum() >= MIN_BUCKET
+    }
 
 
 def _positive(value: Any, what: str) -> float:
@@ -396,17 +406,23 @@ class NeuralCostModel(CostModelBase):
     def _warn_out_of_range(self, ctx: CommContext) -> None:
         low, high = getattr(self, "training_ranges_", {}).get("batch_size", (None, None))
         if low is not None and not low <= ctx.batch_size <= high:
-            logger.warning("model %s: batch size %g outside its training range [%g, %g]; "
-                           "its costs there are extrapolations", self.name, ctx.batch_size,
-                           low, high)
+            logger.warning(
+                "model %s: batch size %g outside its training range [%g, %g]; "
+                "its costs there are extrapolations",
+                self.name,
+                ctx.batch_size,
+                low,
+                high,
+            )
 
     def for_batch(self, batch_size: int) -> NeuralCostModel:
         """This model at global batch ``batch_size`` (range inputs; otherwise the batch
         must be the model's own, :class:`ModelMismatchError` if not)."""
         if not self.range_inputs:
             if self.batch_size is not None and batch_size != self.batch_size:
-                raise ModelMismatchError(f"model {self.name} prices batch size "
-                                         f"{self.batch_size} only, not {batch_size}")
+                raise ModelMismatchError(
+                    f"model {self.name} prices batch size {self.batch_size} only, not {batch_size}"
+                )
             return self
         return self._bound(replace(self.context, batch_size=float(batch_size)))
 
@@ -416,10 +432,14 @@ class NeuralCostModel(CostModelBase):
         if not self.range_inputs:
             return self
         default = self._default_context()
-        return self._bound(CommContext(
-            float(cluster.batch_size), int(cluster.devices_per_host),
-            float(cluster.intra_host_bw_bytes_per_ms or default.intra_host_bytes_per_ms),
-            float(cluster.inter_host_bw_bytes_per_ms or default.inter_host_bytes_per_ms)))
+        return self._bound(
+            CommContext(
+                float(cluster.batch_size),
+                int(cluster.devices_per_host),
+                float(cluster.intra_host_bw_bytes_per_ms or default.intra_host_bytes_per_ms),
+                float(cluster.inter_host_bw_bytes_per_ms or default.inter_host_bytes_per_ms),
+            )
+        )
 
     def with_conservative(self, k: float) -> NeuralCostModel:
         """A copy that prices loads at ``mean + k x spread`` of its members (module doc)."""
@@ -530,8 +550,12 @@ class NeuralCostModel(CostModelBase):
         )
 
         if self.range_inputs:
-            batches = np.concatenate([np.asarray(compute_batch, dtype=float),
-                                      np.asarray(comm_context, dtype=float)[:, 0]])
+            batches = np.concatenate(
+                [
+                    np.asarray(compute_batch, dtype=float),
+                    np.asarray(comm_context, dtype=float)[:, 0],
+                ]
+            )
             self.training_ranges_["batch_size"] = [float(batches.min()), float(batches.max())]
         # normalisation from the training rows only
         tr_compute = compute.subset(cs.train)
@@ -562,8 +586,10 @@ class NeuralCostModel(CostModelBase):
         if init_from is not None:
             init_from._check_fitted()
             if init_from._architecture() != self._architecture():
-                raise ValueError("init_from has another architecture: "
-                                 f"{init_from._architecture()} vs {self._architecture()}")
+                raise ValueError(
+                    "init_from has another architecture: "
+                    f"{init_from._architecture()} vs {self._architecture()}"
+                )
             for which, net in self.nets_.items():
                 net.load_state_dict(init_from.nets_[which].state_dict())
         config = TrainConfig(
@@ -668,16 +694,22 @@ class NeuralCostModel(CostModelBase):
                 ctx = self._ctx_rows
                 hosts = np.ceil(data.num_devices / np.maximum(ctx[:, 1], 1))
                 hosts = (2 ** np.floor(np.log2(np.maximum(hosts, 1)))).astype(int)  # 1, 2-3, ..
-                keys = {"by_hosts": hosts.astype(str), "by_batch": _batch_bucket(ctx[:, 0]),
-                        "by_devices_log2": (2 ** np.floor(np.log2(np.maximum(
-                            data.num_devices, 1)))).astype(int).astype(str)}
+                keys = {
+                    "by_hosts": hosts.astype(str),
+                    "by_batch": _batch_bucket(ctx[:, 0]),
+                    "by_devices_log2": (2 ** np.floor(np.log2(np.maximum(data.num_devices, 1))))
+                    .astype(int)
+                    .astype(str),
+                }
                 for which, true in (("fwd", data.fwd_ms), ("bwd", data.bwd_ms)):
-                    pred = self._comm(which, data.dim_sums,
-                                      data.waits_ms if which == "fwd" else None, m)
+                    pred = self._comm(
+                        which, data.dim_sums, data.waits_ms if which == "fwd" else None, m
+                    )
                     for by, per_sample in keys.items():
                         per_device = np.broadcast_to(per_sample[:, None], m.shape)[m]
-                        out[f"{which}_comm"][by] = _by_value(pred[m], true[m], per_device,
-                                                             self.eps_ms)
+                        out[f"{which}_comm"][by] = _by_value(
+                            pred[m], true[m], per_device, self.eps_ms
+                        )
             return out
         finally:
             self._ctx_rows = None
@@ -705,8 +737,12 @@ class NeuralCostModel(CostModelBase):
 
         from neuroshard.models.training import Dense
 
-        x = self._comm_inputs(data.dim_sums, data.waits_ms if which == "fwd" else None,
-                              data.mask, self._comm_rows(data))
+        x = self._comm_inputs(
+            data.dim_sums,
+            data.waits_ms if which == "fwd" else None,
+            data.mask,
+            self._comm_rows(data),
+        )
         y = self._fwd_label(data) if which == "fwd" else data.bwd_ms
         y = np.where(data.mask, self._to_target(y, which), 0.0).astype(np.float32)
         mask = torch.from_numpy(data.mask.astype(np.float32))
@@ -762,8 +798,10 @@ class NeuralCostModel(CostModelBase):
         if self.range_inputs:
             summed = np.sign(summed) * np.log1p(np.abs(summed))
         e = self.embed_dim
-        ys = np.stack([head(summed[:, i * e : (i + 1) * e])[:, 0]
-                       for i, head in enumerate(self.np_heads_)], axis=1).astype(np.float64)
+        ys = np.stack(
+            [head(summed[:, i * e : (i + 1) * e])[:, 0] for i, head in enumerate(self.np_heads_)],
+            axis=1,
+        ).astype(np.float64)
         return ys.mean(axis=1), ys.std(axis=1)
 
     def compute_spread(self, loads: Sequence[Sequence[TableSpec]]) -> np.ndarray:
@@ -847,10 +885,18 @@ class NeuralCostModel(CostModelBase):
             "fwd_target": self.fwd_target,
             "batch_input": self.range_inputs,
             "conservative_k": self.conservative_k,
-            "default_context": dict(zip(
-                ("batch_size", "devices_per_host", "intra_host_bytes_per_ms",
-                 "inter_host_bytes_per_ms"), self._default_context().as_row().tolist(),
-                strict=True)),
+            "default_context": dict(
+                zip(
+                    (
+                        "batch_size",
+                        "devices_per_host",
+                        "intra_host_bytes_per_ms",
+                        "inter_host_bytes_per_ms",
+                    ),
+                    self._default_context().as_row().tolist(),
+                    strict=True,
+                )
+            ),
             "normalisation": {
                 "eps_ms": self.eps_ms,
                 "feature_mean": self.feature_mean_.tolist(),
@@ -936,8 +982,7 @@ class NeuralCostModel(CostModelBase):
             if model.fwd_target not in FWD_TARGETS:
                 raise ValueError(f"fwd_target {model.fwd_target!r} not in {FWD_TARGETS}")
             if arch.get("inputs", TABLE_INPUTS) not in (TABLE_INPUTS, RANGE_INPUTS):
-                raise ValueError(f"inputs {arch['inputs']!r} not in "
-                                 f"{(TABLE_INPUTS, RANGE_INPUTS)}")
+                raise ValueError(f"inputs {arch['inputs']!r} not in {(TABLE_INPUTS, RANGE_INPUTS)}")
             expected_head = SQUASHED_SUM if model.range_inputs else "sum"
             if arch.get("head_input", "sum") != expected_head:
                 raise ValueError(f"head_input {arch.get('head_input')!r} != {expected_head!r}")
