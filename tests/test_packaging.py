@@ -1,5 +1,6 @@
 """The built wheel carries the shipped data and installs only under ``neuroshard``."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,7 +10,14 @@ import pytest
 
 @pytest.mark.slow
 def test_wheel_ships_data_and_one_namespace(tmp_path):
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    # Build from a copy without build/ or .venv: setuptools reuses a stale build/lib.
+    root = tmp_path / "src"
+    shutil.copytree(
+        repo,
+        root,
+        ignore=shutil.ignore_patterns(".venv", "build", "dist", "*.egg-info", ".git", "runs"),
+    )
     subprocess.run(
         [
             sys.executable,
