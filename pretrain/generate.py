@@ -42,6 +42,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -221,7 +222,7 @@ def label_compute(
     for j, b in enumerate(np.unique(batches)):
         idx = np.flatnonzero(batches == b)
         sim = SimBackend(profile, int(b), noise=noise, seed=seed * 1000 + j)
-        labels[idx] = sim.compute_ms([loads[i] for i in idx])
+        labels[idx] = sim.compute_ms([loads[int(i)] for i in idx])
     counts = np.array([len(ld) for ld in loads], dtype=np.int64)
     flat = [t for ld in loads for t in ld]
     return ComputeData(
@@ -253,7 +254,7 @@ def sample_cluster_comm(
     """``n`` random plans on random clusters: per-device dim sums, waits (ms), contexts
     ``(n, 4)`` (batch, devices per host, intra- and inter-host bytes/ms) and shard counts."""
     prof = SimBackend(profile).profile
-    dims_pool = np.asarray(dims_pool, dtype=np.int64)
+    dim_choices = np.asarray(dims_pool, dtype=np.int64)
     sums, waits, ctx, shards = [], [], np.empty((n, 4)), np.empty(n, dtype=np.int64)
     for i in range(n):
         per_host = int(rng.integers(1, config.max_per_host + 1))
@@ -261,7 +262,7 @@ def sample_cluster_comm(
         hosts = max(hosts, 2 if per_host == 1 else 1)
         n_dev = per_host * min(hosts, config.max_devices // per_host)
         k = int(round(_log_uniform(rng, max(2, n_dev // 2), 12 * n_dev)))
-        dims = dims_pool[rng.integers(len(dims_pool), size=k)]
+        dims = dim_choices[rng.integers(len(dim_choices), size=k)]
         alpha = 10.0 ** rng.uniform(-1.0, 2.0)
         weights = rng.dirichlet(np.full(n_dev, alpha))
         devices = rng.choice(n_dev, size=k, p=weights / weights.sum())
@@ -347,7 +348,7 @@ def save_data(
         m_fwd=comm.fwd_ms,
         m_bwd=comm.bwd_ms,
         m_mask=comm.mask,
-        m_shards=comm.num_tables,
+        m_shards=comm.num_tables if comm.num_tables is not None else np.zeros(0),
         m_ctx=ctx,
         fingerprint=np.array(compute.fingerprint),
     )
@@ -514,7 +515,7 @@ def train_range_model(
     if init_from is not None:
         from neuroshard.models import load_cost_model
 
-        start = load_cost_model(init_from)
+        start = cast(NeuralCostModel, load_cost_model(init_from))
     model.fit(
         compute,
         comm,

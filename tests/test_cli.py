@@ -24,10 +24,23 @@ def run(monkeypatch):
     return invoke
 
 
-@pytest.mark.parametrize("devices, searcher", [(4, "neuroshard"), (8, "neuroshard"), (4, "lookup"), (8, "greedy-grid")])
+@pytest.mark.parametrize(
+    "devices, searcher", [(4, "neuroshard"), (8, "neuroshard"), (4, "lookup"), (8, "greedy-grid")]
+)
 def test_plan_writes_a_valid_plan_with_the_shipped_model(run, tmp_path, devices, searcher):
     out = tmp_path / "plan.json"
-    text = run("plan", EXAMPLE, "--devices", devices, "--memory", "4GB", "--searcher", searcher, "--out", out)
+    text = run(
+        "plan",
+        EXAMPLE,
+        "--devices",
+        devices,
+        "--memory",
+        "4GB",
+        "--searcher",
+        searcher,
+        "--out",
+        out,
+    )
     plan = read_plan(out)  # validates coverage, widths and memory
     assert plan.cluster.num_devices == devices and plan.meta["searcher"] == searcher
     assert "plan cost (max over devices)" in text
@@ -36,10 +49,31 @@ def test_plan_writes_a_valid_plan_with_the_shipped_model(run, tmp_path, devices,
 
 
 def test_plan_json_convert_and_model_report(run, tmp_path):
-    doc = json.loads(run("plan", "data/examples/tables.csv", "-n", "2", "-m", "8GB", "--searcher", "size", "--json"))
-    assert doc["format"] == "neuroshard.plan/v1" and doc["num_devices"] == 2
+    doc = json.loads(
+        run(
+            "plan",
+            "data/examples/tables.csv",
+            "-n",
+            "2",
+            "-m",
+            "8GB",
+            "--searcher",
+            "size",
+            "--json",
+        )
+    )
+    assert doc["format"] == "neuroshard.plan/v2" and doc["num_devices"] == 2
     (tmp_path / "p.json").write_text(json.dumps(doc))
-    run("convert", tmp_path / "p.json", "--to", "torchrec", "--out", tmp_path / "p.pt", "--module-path", "sparse.ebc")
+    run(
+        "convert",
+        tmp_path / "p.json",
+        "--to",
+        "torchrec",
+        "--out",
+        tmp_path / "p.pt",
+        "--module-path",
+        "sparse.ebc",
+    )
     import torch
 
     sharding_plan = torch.load(tmp_path / "p.pt", weights_only=False)
@@ -57,15 +91,27 @@ def test_collect_resumes(run, tmp_path):
 
 
 def test_model_report_shows_noise_floor_and_buckets(run, tmp_path):
-    from factories import make_tables
     from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 
+    from factories import make_tables
+
     tables = make_tables(30, seed=4)
-    model_dir = pretrain(PretrainConfig(
-        tmp_path, backend="sim", backend_kwargs={"noise": 0.05, "seed": 1},
-        tables=tables[:20], holdout_tables=tables[20:], compute_samples=300,
-        comm_samples=100, holdout_samples=100, retest_samples=40, max_tables=8,
-        progress=False, model_kwargs={"max_epochs": 5, "train_batch_size": 64}))
+    model_dir = pretrain(
+        PretrainConfig(
+            tmp_path,
+            backend="sim",
+            backend_kwargs={"noise": 0.05, "seed": 1},
+            tables=tables[:20],
+            holdout_tables=tables[20:],
+            compute_samples=300,
+            comm_samples=100,
+            holdout_samples=100,
+            retest_samples=40,
+            max_tables=8,
+            progress=False,
+            model_kwargs={"max_epochs": 5, "train_batch_size": 64},
+        )
+    )
     text = run("model-report", model_dir)
     assert "floor" in text and "MSE(log)" in text
     assert "compute test_pool by bucket" in text and "bwd_comm test by bucket" in text
@@ -75,13 +121,22 @@ def test_model_report_shows_noise_floor_and_buckets(run, tmp_path):
 
 
 def test_model_report_scores_the_shipped_cpu_model_on_another_session(run):
-    report = json.loads(run("model-report", "data/models/cpu-b4096-d4", "--json",
-                            "--data", "data/datasets/cpu_b4096_r10",
-                            "--data", "data/datasets/cpu_b4096"))
+    report = json.loads(
+        run(
+            "model-report",
+            "data/models/cpu-b4096-d4",
+            "--json",
+            "--data",
+            "data/datasets/cpu_b4096_r10",
+            "--data",
+            "data/datasets/cpu_b4096",
+        )
+    )
     other, own = report["sessions"]
     # its own session's held-out loads are its test pool, scored as in its metadata
     assert own["compute"]["mape"] == pytest.approx(
-        report["metrics"]["compute"]["test_pool"]["mape"])
+        report["metrics"]["compute"]["test_pool"]["mape"]
+    )
     assert own["noise_floor"] == pytest.approx(report["metrics"]["noise_floor"]["compute"])
     assert other["compute"]["n"] == 300 and other["compute"]["spearman"] > 0.97
     assert other["noise_floor"]["n"] == 150
@@ -93,13 +148,39 @@ def test_model_report_scores_the_shipped_cpu_model_on_another_session(run):
 
 def test_plan_with_the_shipped_lightgbm_model(run, tmp_path):
     out = tmp_path / "plan.json"
-    run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--cost-model", "lightgbm", "--backend", "sim",
-        "--searcher", "greedy-grid", "--out", out)
+    run(
+        "plan",
+        EXAMPLE,
+        "-n",
+        "4",
+        "-m",
+        "4GB",
+        "--cost-model",
+        "lightgbm",
+        "--backend",
+        "sim",
+        "--searcher",
+        "greedy-grid",
+        "--out",
+        out,
+    )
     assert read_plan(out).cost.model.startswith("lightgbm-sim-")
 
 
 def test_plan_takes_a_lightgbm_model_dir_without_cost_model(run, tmp_path):
     out = tmp_path / "plan.json"
-    run("plan", EXAMPLE, "-n", "4", "-m", "4GB", "--model", "data/models/sim-h100-d4-lightgbm",
-        "--searcher", "greedy-grid", "--out", out)
+    run(
+        "plan",
+        EXAMPLE,
+        "-n",
+        "4",
+        "-m",
+        "4GB",
+        "--model",
+        "data/models/sim-h100-d4-lightgbm",
+        "--searcher",
+        "greedy-grid",
+        "--out",
+        out,
+    )
     assert read_plan(out).cost.model.startswith("lightgbm-sim-")
