@@ -44,7 +44,7 @@ typecheck: setup
 	ln -s $(CURDIR)/search $(TYPECHECK)/neuroshard/search
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p neuroshard
 
-test: setup
+test: setup lint typecheck
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -199,8 +199,10 @@ def spread_rows(model, args: argparse.Namespace) -> list[str]:
                 f"{rel.mean():+.2%} | {spread[sel].mean():.3f} |"
             )
     corr = float(np.corrcoef(spread, err)[0, 1])
-    rows += ["", f"Correlation of spread and absolute log error over the {len(loads)} "
-             f"loads: {corr:.2f}."]
+    rows += [
+        "",
+        f"Correlation of spread and absolute log error over the {len(loads)} loads: {corr:.2f}.",
+    ]
     return rows
 
 

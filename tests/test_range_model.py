@@ -232,9 +232,12 @@ def test_the_search_path_pays_the_conservative_price(model):
     cautious = model.with_conservative(1.0)
     load = [make_table(f"t{i}", dim=8 * (i + 1)) for i in range(20)]
     emb = cautious.shard_embeddings(load).sum(axis=0, keepdims=True)
-    np.testing.assert_allclose(cautious.compute_from_embeddings(emb, [20]),
-                               cautious.compute_ms([load]), rtol=1e-4)
+    np.testing.assert_allclose(
+        cautious.compute_from_embeddings(emb, [20]), cautious.compute_ms([load]), rtol=1e-4
+    )
     cluster = Cluster.uniform(2, 10 * GB, 4096)
     plan = Plan(tuple(load), tuple(Shard(t.name, 0, t.dim, 0) for t in load), cluster)
-    assert plan_cost(plan, cautious).devices[0].compute_ms > plan_cost(plan, model).devices[
-        0].compute_ms
+    assert (
+        plan_cost(plan, cautious).devices[0].compute_ms
+        > plan_cost(plan, model).devices[0].compute_ms
+    )
