@@ -61,27 +61,15 @@ DEFAULT_RESERVE_FRACTION = 0.15
 HIST_UPPER_EDGES: tuple[float, ...] = tuple(float(2**k) for k in range(16)) + (math.inf,)
 
 # Dataset-wide fraction of unique indices per access-count bin, public DLRM data
-# (shared/REFERENCE.md); the tail bins the reference rounds to 0.000 get a small mass so
-# the histogram sums to 1.
-DLRM_REUSE_HIST: tuple[float, ...] = (
-    0.473,
-    0.152,
-    0.139,
-    0.112,
-    0.072,
-    0.032,
-    0.011,
-    0.005,
-    0.002,
-    0.001,
-    0.0004,
-    0.0002,
-    0.0001,
-    0.00005,
-    0.00003,
-    0.00001,
-    0.00001,
-)
+# (shared/REFERENCE.md): the ten bins published with non-zero figures.
+DLRM_PUBLISHED_UNIQUE_FRACTIONS: tuple[float, ...] = (
+    0.473, 0.152, 0.139, 0.112, 0.072, 0.032, 0.011, 0.005, 0.002, 0.001,
+)  # fmt: skip
+# The histogram used by default: the tail bins the reference rounds to 0.000 get a small
+# mass so the histogram sums to 1.
+DLRM_REUSE_HIST: tuple[float, ...] = DLRM_PUBLISHED_UNIQUE_FRACTIONS + (
+    0.0004, 0.0002, 0.0001, 0.00005, 0.00003, 0.00001, 0.00001,
+)  # fmt: skip
 _s = sum(DLRM_REUSE_HIST)
 DLRM_REUSE_HIST = tuple(x / _s for x in DLRM_REUSE_HIST)
 del _s

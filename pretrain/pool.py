@@ -67,6 +67,7 @@ import numpy as np
 
 from neuroshard.types import (
     DEFAULT_BATCH_SIZE,
+    DLRM_PUBLISHED_UNIQUE_FRACTIONS,
     HIST_UPPER_EDGES,
     NUM_HIST_BINS,
     TableSpec,
@@ -100,18 +101,7 @@ _K_BIN = np.searchsorted(np.asarray(HIST_UPPER_EDGES[:-1]), _K, side="left")
 
 # dataset: fraction of unique indices per access-count bin, the ten bins published with
 # non-zero figures (the rest round to 0.000).
-DATASET_UNIQUE_FRACTIONS: tuple[float, ...] = (
-    0.473,
-    0.152,
-    0.139,
-    0.112,
-    0.072,
-    0.032,
-    0.011,
-    0.005,
-    0.002,
-    0.001,
-)
+DATASET_UNIQUE_FRACTIONS: tuple[float, ...] = DLRM_PUBLISHED_UNIQUE_FRACTIONS
 # dataset: fraction of all lookups by the access count of their index, 17 bins.
 DATASET_LOOKUP_FRACTIONS: tuple[float, ...] = (
     0.069,
