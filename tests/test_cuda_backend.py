@@ -3,7 +3,10 @@ SGD (on CPU, same ops), timing, caches and the CUDA-graph path (skipped without 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -126,6 +129,69 @@ def test_timer_step_updates_the_arena_and_times_on_cpu():
     assert t.median_ms > 0 and math.isfinite(t.spread) and t.spread >= 0
     assert timer._arena[:1600].abs().sum() > 0  # the SGD step wrote into the arena
     assert not timer.graphs  # no graphs on the CPU
+
+
+class _WeakGraph:
+    """A fake CUDA graph: like a real one, it holds no reference to the shards it replays
+    (only their addresses), so a replay after they are freed fails here."""
+
+    def __init__(self, shards: FusedShards):
+        self._shards = weakref.ref(shards)
+        self.replays = 0
+
+    def replay(self) -> None:
+        shards = self._shards()
+        if shards is None:
+            raise AssertionError("replayed a graph whose shards were freed")
+        shards.step()
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """The timer's capture path on CPU: no CUDA calls, graphs from :class:`_WeakGraph`;
+    ``failures`` makes that many captures raise first."""
+    state = {"failures": 0, "graphs": []}
+
+    def capture(self, shards):
+        if state["failures"]:
+            state["failures"] -= 1
+            raise RuntimeError("use_count > 0 INTERNAL ASSERT FAILED")
+        state["graphs"].append(_WeakGraph(shards))
+        return state["graphs"][-1]
+
+    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_a: None)
+    monkeypatch.setattr(FusedTimer, "_capture", capture)
+    return state
+
+
+def _graphed_timer() -> FusedTimer:
+    timer = FusedTimer("cpu", batch_size=64, warmups=1, repeats=3)
+    timer.graphs = True
+    return timer
+
+
+def test_a_cached_graph_keeps_the_shards_it_reads_alive(fake_graphs):
+    timer = _graphed_timer()
+    load = [make_table("a", rows=200, dim=8, pooling_factor=3)]
+    timer.measure(load)
+    gc.collect()
+    timer.measure(load)  # the cached graph again, after a collection
+    (graph,) = fake_graphs["graphs"]
+    assert graph.replays == 2 * (1 + 3) and timer.graph_failures == 0
+
+
+def test_a_failed_capture_retries_in_a_new_pool_then_runs_eagerly(fake_graphs):
+    timer = _graphed_timer()
+    fake_graphs["failures"] = 1
+    timer.measure([make_table("a", rows=200, dim=8, pooling_factor=3)])
+    assert timer.graphs and timer.graph_failures == 0 and len(fake_graphs["graphs"]) == 1
+    fake_graphs["failures"] = 2
+    t = timer.measure([make_table("b", rows=300, dim=8, pooling_factor=3)])
+    assert not timer.graphs and timer.graph_failures == 1 and t.median_ms > 0
 
 
 def test_more_lookups_cost_more():
