@@ -3,7 +3,7 @@
 On the GPU machine (its own python, torch only: no fbgemm, torchrec, ray or lightgbm, no
 installs), from the repository root::
 
-    python3 bench/gpu_session.py --out $OUT/h200
+    python3 bench/gpu_session.py --archive --out $OUT/h200
 
 Here, on CPU::
 
@@ -885,6 +885,31 @@ def run_session(cfg: SessionConfig, command: str = "") -> dict[str, Any]:
     return results
 
 
+def archive(out: Path, folders: Sequence[str], name: str = "data_model.tar.gz") -> Path:
+    """Pack ``folders`` of ``out`` into one gzipped tar beside them, written atomically;
+    the folders are removed only once the archive reads back with every file in it."""
+    import shutil
+    import tarfile
+
+    target = out / name
+    tmp = target.with_name(f".{name}.tmp")
+    present = [f for f in folders if (out / f).is_dir()]
+    with tarfile.open(tmp, "w:gz") as tar:
+        for folder in present:
+            tar.add(out / folder, arcname=folder)
+    with tarfile.open(tmp, "r:gz") as tar:
+        packed = {m.name for m in tar.getmembers() if m.isfile()}
+    for folder in present:
+        for path in (out / folder).rglob("*"):
+            if path.is_file() and str(path.relative_to(out)) not in packed:
+                raise RuntimeError(f"{path} is missing from {tmp}; nothing removed")
+    os.replace(tmp, target)
+    for folder in present:
+        shutil.rmtree(out / folder)
+    logger.info("packed %s into %s", ", ".join(present), target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="output folder (the dataset, model, results)")
@@ -898,6 +923,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu")
     p.add_argument("--no-graphs", action="store_true", help="time eager steps")
     p.add_argument("--tasks", type=int, default=None, help="the first N tasks of the file")
+    p.add_argument(
+        "--archive",
+        action="store_true",
+        help="at the end, even a failed one, pack data/ and model/ into data_model.tar.gz "
+        "(for machines that send back a few flat files)",
+    )
     args = p.parse_args(argv)
     use_checkout()
     logging.basicConfig(
@@ -935,6 +966,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         logger.exception("the session failed; results.json holds the stages it finished")
         raise
+    finally:
+        if args.archive:
+            archive(cfg.out, ("data", "model"))
     print((cfg.out / "results.md").read_text())
     return 0
 

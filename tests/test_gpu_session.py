@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,21 @@ def test_quick_session_runs_end_to_end_without_optional_packages(tmp_path):
     loads = (out / "plan_loads.csv").read_text().splitlines()
     assert loads[0] == "pass,task,searcher,device,shards,ms,spread" and len(loads) > 100
     assert "## Stages" in (out / "results.md").read_text()
+
+
+def test_archive_packs_the_folders_and_removes_them_only_once_packed(tmp_path):
+    for rel in ("data/compute/part-0.parquet", "data/comm/part-0.parquet", "model/meta.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "results.json").write_text("{}")
+    target = gpu_session.archive(tmp_path, ("data", "model", "absent"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_model.tar.gz", "results.json"]
+    with tarfile.open(target) as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+        assert names == {
+            "data/compute/part-0.parquet",
+            "data/comm/part-0.parquet",
+            "model/meta.json",
+        }
+        member = tar.extractfile("model/meta.json")
+        assert member is not None and member.read() == b"model/meta.json"
