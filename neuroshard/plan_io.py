@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from neuroshard.types import (
     Shard,
     TableSpec,
     TableSpecError,
+    inferred_sharding_type,
 )
 
 PLAN_FORMAT = "neuroshard.plan/v2"
@@ -269,21 +271,11 @@ def _shards_from_dict(table: TableSpec, record: Mapping[str, Any], v2: bool) -> 
                 cache_fraction=None if cache_fraction is None else float(cache_fraction),
             )
         )
-    if sharding_type is not None and _inferred_type(shards, table) == sharding_type:
+    whole_rows = all(s.rows is None for s in shards)
+    if whole_rows and sharding_type == inferred_sharding_type(shards):
         # The type the shapes imply: keep the canonical (inferred) form, as v1 files read.
-        shards = [
-            Shard(
-                s.table, s.start, s.end, s.device, s.rows, None, s.compute_kernel, s.cache_fraction
-            )
-            for s in shards
-        ]
+        shards = [replace(s, sharding_type=None) for s in shards]
     return shards
-
-
-def _inferred_type(shards: list[Shard], table: TableSpec) -> str | None:
-    if any(s.rows is not None for s in shards):
-        return None
-    return "table_wise" if len(shards) == 1 else "column_wise"
 
 
 def validate_plan(plan: Plan) -> None:

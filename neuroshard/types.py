@@ -24,6 +24,7 @@ import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import (
     Any,
     Literal,
@@ -481,6 +482,12 @@ def shard_host_bytes(rows: int, width: int, kernel: str = "fused", optimizer: st
     return 0
 
 
+def inferred_sharding_type(shards: Sequence[Shard]) -> ShardingType:
+    """The type of a table's whole-row shards that name none: ``table_wise`` for one shard,
+    ``column_wise`` for several (how column-wise searchers build plans and v1 files read)."""
+    return "table_wise" if len(shards) == 1 else "column_wise"
+
+
 @dataclass(frozen=True)
 class DeviceCost:
     compute_ms: float
@@ -552,21 +559,30 @@ class Plan:
         given = {s.sharding_type for s in shards} - {None}
         if given:
             return given.pop()  # type: ignore[return-value]
-        return "table_wise" if len(shards) == 1 else "column_wise"
+        return inferred_sharding_type(shards)
+
+    @cached_property
+    def _tables_by_name(self) -> dict[str, TableSpec]:
+        return {t.name: t for t in self.tables}
+
+    @cached_property
+    def _shards_by_table(self) -> dict[str, tuple[Shard, ...]]:
+        """Each table's shards in row, column, device order, grouped once per plan."""
+        grouped: dict[str, list[Shard]] = {}
+        for s in self.shards:
+            grouped.setdefault(s.table, []).append(s)
+        return {
+            name: tuple(
+                sorted(group, key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device))
+            )
+            for name, group in grouped.items()
+        }
 
     def table(self, name: str) -> TableSpec:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return self._tables_by_name[name]
 
     def shards_of(self, name: str) -> tuple[Shard, ...]:
-        return tuple(
-            sorted(
-                (s for s in self.shards if s.table == name),
-                key=lambda s: (s.rows[0] if s.rows else 0, s.start, s.device),
-            )
-        )
+        return self._shards_by_table.get(name, ())
 
     def device_loads(self) -> list[list[TableSpec]]:
         """For each device, the compute view of its shards (see :meth:`TableSpec.shard_view`;
