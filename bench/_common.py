@@ -9,8 +9,10 @@ import datetime as _dt
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -150,3 +152,22 @@ def emit(
         out.parent.mkdir(parents=True, exist_ok=True)
         head = f"# {title}\n\n" if title else ""
         out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n{text}\n")
+
+
+def export(rev: str, dest: Path) -> Path:
+    """``rev`` of this repository laid out as installed: ``dest/pkg/neuroshard`` with
+    pretrain/, search/ and data/ inside, and the revision's bench/ at ``dest/src/bench``."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=REPO, check=True, capture_output=True
+    ).stdout
+    archive_path = dest / "rev.tar"
+    archive_path.write_bytes(archive)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(src, filter="data")
+    pkg = dest / "pkg" / "neuroshard"
+    shutil.copytree(src / "neuroshard", pkg)
+    for sub in ("pretrain", "search", "data"):
+        shutil.copytree(src / sub, pkg / sub)
+    return dest

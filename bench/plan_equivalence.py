@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, add_task_args, emit
+from _common import REPO, add_task_args, emit, export
 
 SEARCHERS = (
     "neuroshard",
@@ -91,25 +89,6 @@ for name in SEARCHERS:
     out[name] = costs
 json.dump(out, sys.stdout)
 """
-
-
-def export(rev: str, dest: Path) -> Path:
-    """``rev`` of this repository laid out as installed: ``dest/pkg/neuroshard`` with
-    pretrain/, search/ and data/ inside, and the revision's bench/ at ``dest/src/bench``."""
-    src = dest / "src"
-    src.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", rev], cwd=REPO, check=True, capture_output=True
-    ).stdout
-    archive_path = dest / "rev.tar"
-    archive_path.write_bytes(archive)
-    with tarfile.open(archive_path) as tar:
-        tar.extractall(src, filter="data")
-    pkg = dest / "pkg" / "neuroshard"
-    shutil.copytree(src / "neuroshard", pkg)
-    for sub in ("pretrain", "search", "data"):
-        shutil.copytree(src / sub, pkg / sub)
-    return dest
 
 
 def run(pythonpath: Path | None, bench: Path, argv: list[str]) -> dict[str, list]:
