@@ -3,6 +3,10 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/oracle_gap.py --tasks 20 --max-evals 30000 \
         --out bench/results/oracle_gap_d4.md
 
+``--verify-top 5,20`` adds ``neuroshard+verify5`` and ``neuroshard+verify20``: the
+planner's verification (``plan --verify sim --top K``), the K cheapest plans under the
+estimator priced by the sim, the cheapest there kept.
+
 Small tasks (``--min-tables`` to ``--max-tables`` tables, default 6 to 12) from the test
 pool, ``--devices`` devices of ``--memory`` each, the protocol's task size cap. Every
 searcher plans with its estimator: ``--model``, else the shipped model for the device
@@ -63,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profile", default="h100")
     p.add_argument("--searchers", default=",".join(searcher_names()))
+    p.add_argument(
+        "--verify-top",
+        default="",
+        help="comma-separated K: also plan 'neuroshard+verifyK', neuroshard keeping its K "
+        "cheapest plans under the estimator and verifying them on the sim (the truth)",
+    )
     p.add_argument("--max-evals", type=int, default=30_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -86,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     for n in names:
         get_searcher(n)  # fail early on a bad name
+    planners = {n: {"searcher": n} for n in names}
+    for k in (int(x) for x in args.verify_top.split(",") if x.strip()):
+        planners[f"neuroshard+verify{k}"] = {"searcher": "neuroshard", "verify": truth, "top": k}
+    names = list(planners)
 
     ratio = {n: np.full(len(tasks), np.nan) for n in names}
     seconds = {n: [] for n in names}
@@ -97,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             start = time.perf_counter()
             try:
-                plan = Planner(est, n, seed=args.seed + i, reserve=0.0).plan(task, cluster)
+                planner = Planner(est, seed=args.seed + i, reserve=0.0, **planners[n])
+                plan = planner.plan(task, cluster)
             except PlanInfeasibleError as e:
                 logger.warning("%s: no plan for task %d: %s", n, i, e)
                 continue

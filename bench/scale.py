@@ -8,7 +8,8 @@ resident memory (``getrusage`` max RSS, read as soon as the search returns) is i
 the table also gives the RSS before the search (interpreter, torch, model, tables), so the
 search's own share is the difference. Candidates:
 
-* ``neuroshard`` -- the default search, unbounded;
+* ``neuroshard`` -- the default search (no budget: its default time cap,
+  :data:`neuroshard.search.beam.DEFAULT_CAP_S`);
 * ``neuroshard-budget`` -- the same with ``budget_s=--budget``
   (:func:`neuroshard.search.beam.beam_search`: fewer beam children or steps when time
   runs short; the unsplit greedy grid always completes);
@@ -110,7 +111,7 @@ def run_child(args: argparse.Namespace) -> dict:
         "meta": {
             k: v
             for k, v in plan.meta.items()
-            if k in ("beam_steps", "states_scored", "budget_cut", "scale")
+            if k in ("beam_steps", "states_scored", "budget_cut", "time_cap_cut", "scale")
         },
     }
 

@@ -285,6 +285,15 @@ def plan(
     time_budget: float | None = typer.Option(
         None, "--time-budget", help="Seconds the neuroshard or surco search may take."
     ),
+    verify: str | None = typer.Option(
+        None,
+        "--verify",
+        help="Price the search's --top cheapest plans on this backend (sim[:PROFILE], cpu or "
+        "cuda) and keep the one it prices cheapest.",
+    ),
+    top: int | None = typer.Option(
+        None, "--top", min=1, max=100, help="With --verify: how many candidates to measure (5)."
+    ),
     strict: bool = typer.Option(
         False,
         "--strict",
@@ -380,6 +389,8 @@ def plan(
         )
         return models[-1]
 
+    if top is not None and verify is None:
+        raise UsageError("--top goes with --verify")
     planner = Planner(
         model_for,
         searcher,
@@ -388,6 +399,8 @@ def plan(
         constraints=constraints if constraints.tables or constraints.colocate else None,
         reserve=reserve,
         optimizer=optimizer,
+        verify=None if verify is None else _verifier(verify, cluster.batch_size),
+        top=5 if top is None else top,
     )
     result = planner.plan(specs, cluster)
     cast(PlanCost, result.cost).check(result)
@@ -410,6 +423,19 @@ def plan(
     )
     if out_path:
         out.print(f"plan written to {out_path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _verifier(spec: str, batch_size: int) -> Any:
+    """The estimator ``--verify NAME[:PROFILE]`` names (a profile for the sim only)."""
+    from neuroshard.backends import as_estimator, get_backend
+
+    name, _, profile = spec.partition(":")
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if name == "sim":
+        kwargs["profile"] = profile or "h100"
+    elif profile:
+        raise UsageError(f"--verify {spec}: only the sim backend takes a profile")
+    return as_estimator(get_backend(name, **kwargs))
 
 
 @app.command()

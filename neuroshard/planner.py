@@ -18,7 +18,7 @@ from typing import Any
 from neuroshard.feasibility import check_constraints, check_fits
 from neuroshard.models import resolve_cost_model
 from neuroshard.plan_io import validate_plan
-from neuroshard.search import DEFAULT_SEARCHER, get_searcher
+from neuroshard.search import DEFAULT_SEARCHER, get_candidate_searcher, get_searcher
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import (
     DEFAULT_RESERVE_FRACTION,
@@ -72,6 +72,13 @@ class Planner:
     them (``neuroshard``, ``greedy-grid``); another searcher given constraints is refused
     with :class:`~neuroshard.types.ConstraintError`, and every plan is checked against
     them.
+
+    Verification: with ``verify`` (an estimator, typically a backend that measures or
+    simulates, or a function of the cluster that returns one) the searcher keeps its
+    ``top`` cheapest plans under the cost model (:func:`~neuroshard.search.get_candidate_searcher`),
+    ``verify`` prices each, and the plan priced cheapest there wins: what the cost model
+    got wrong among close candidates, the measurement settles. ``meta["verify"]`` records
+    both prices of every candidate and the winner's rank.
     """
 
     def __init__(
@@ -84,6 +91,8 @@ class Planner:
         reserve: float | None = DEFAULT_RESERVE_FRACTION,
         optimizer: str | None = None,
         constraints: Constraints | None = None,
+        verify: CostEstimator | Callable[[Cluster], CostEstimator] | None = None,
+        top: int = 5,
     ):
         if budget_s is not None and not (budget_s > 0 and math.isfinite(budget_s)):
             raise UsageError(
@@ -100,6 +109,15 @@ class Planner:
         self.reserve = reserve
         self.optimizer = optimizer
         self.constraints = constraints
+        if top < 1:
+            raise UsageError(f"top must be at least 1 candidate, got {top}")
+        if verify is not None and not isinstance(searcher, str):
+            raise UsageError("verification needs a registered searcher name, e.g. 'neuroshard'")
+        if verify is not None:
+            assert isinstance(searcher, str)
+            get_candidate_searcher(searcher)  # refuses a searcher that keeps one plan, now
+        self.verify = verify
+        self.top = top
 
     def cluster_for(self, cluster: Cluster) -> Cluster:
         """``cluster`` with this planner's reserve and optimizer."""
@@ -148,11 +166,19 @@ class Planner:
             cluster, memory_per_device_bytes=cluster.hbm_budget_bytes, hbm_reserve_fraction=0.0
         )
         start = time.perf_counter()
-        plan = search(list(tables), seen, estimator, seed=self.seed, **options)
+        if self.verify is None:
+            plan = search(list(tables), seen, estimator, seed=self.seed, **options)
+            candidates = [plan]
+        else:
+            keep = get_candidate_searcher(self.searcher_name)
+            candidates = keep(
+                list(tables), seen, estimator, keep=self.top, seed=self.seed, **options
+            )
         seconds = time.perf_counter() - start
-        plan = replace(plan, cluster=cluster)
-        validate_plan(plan)
-        check_constraints(plan, self.constraints)
+        candidates = [replace(p, cluster=cluster) for p in candidates]
+        for p in candidates:
+            validate_plan(p)
+            check_constraints(p, self.constraints)
         log.info(
             "searcher %s planned %d tables on %d devices in %.3f s",
             self.searcher_name,
@@ -160,9 +186,45 @@ class Planner:
             cluster.num_devices,
             seconds,
         )
-        meta: dict[str, Any] = {
-            **plan.meta,
-            "searcher": self.searcher_name,
-            "search_seconds": round(seconds, 4),
-        }
+        meta: dict[str, Any] = {"searcher": self.searcher_name, "search_seconds": round(seconds, 4)}
+        plan = candidates[0]
+        if self.verify is not None:
+            plan, meta["verify"] = self._verified(candidates, cluster, estimator)
+        meta = {**plan.meta, **meta}
         return replace(plan, cost=plan_cost(plan, estimator), meta=meta)
+
+    def _verified(
+        self, candidates: Sequence[Plan], cluster: Cluster, estimator: CostEstimator
+    ) -> tuple[Plan, dict[str, Any]]:
+        """The candidate ``verify`` prices cheapest (the earlier on a tie), and the record."""
+        assert self.verify is not None
+        verifier = self.verify if isinstance(self.verify, CostEstimator) else self.verify(cluster)
+        start = time.perf_counter()
+        model_ms = [plan_cost(p, estimator).max_ms for p in candidates]
+        verified_ms = [plan_cost(p, verifier).max_ms for p in candidates]
+        bad = [i for i, ms in enumerate(verified_ms) if not math.isfinite(ms)]
+        if bad:
+            raise UsageError(
+                f"verification on {verifier.name} gave no finite cost for candidate(s) "
+                f"{', '.join(str(i + 1) for i in bad)} of {len(candidates)}"
+            )
+        chosen = min(range(len(candidates)), key=verified_ms.__getitem__)
+        log.info(
+            "verified %d candidates on %s in %.3f s: rank %d wins (%.4f ms there, %.4f ms "
+            "for the model's first)",
+            len(candidates),
+            verifier.name,
+            time.perf_counter() - start,
+            chosen + 1,
+            verified_ms[chosen],
+            verified_ms[0],
+        )
+        record = {
+            "backend": verifier.name,
+            "candidates": len(candidates),
+            "model_ms": [round(ms, 6) for ms in model_ms],
+            "verified_ms": [round(ms, 6) for ms in verified_ms],
+            "chosen_rank": chosen + 1,
+            "verify_seconds": round(time.perf_counter() - start, 4),
+        }
+        return candidates[chosen], record

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from neuroshard.search.scoring import Scorer, plan_cost
-from neuroshard.types import Searcher, UnknownNameError
+from neuroshard.types import Plan, Searcher, UnknownNameError
 
 # name -> ("module:function", keyword arguments bound at lookup)
 _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
@@ -35,6 +35,9 @@ _REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
     "torchrec": ("neuroshard.search.torchrec_baseline:torchrec_plan", {}),
     "surco": ("neuroshard.search.surco:surco_plan", {}),
 }
+
+# name -> "module:function" returning the searcher's ``keep`` cheapest plans, cheapest first
+_CANDIDATES: dict[str, str] = {"neuroshard": "neuroshard.search.beam:beam_candidates"}
 
 DEFAULT_SEARCHER = "neuroshard"
 BASELINES: tuple[str, ...] = ("random", "dim", "size", "lookup", "size-lookup")
@@ -58,10 +61,26 @@ def get_searcher(name: str = DEFAULT_SEARCHER, **options: Any) -> Searcher:
     return searcher
 
 
+def get_candidate_searcher(name: str, **options: Any) -> Callable[..., list[Plan]]:
+    """For verification: ``name``'s search returning its ``keep`` cheapest distinct plans
+    (``(tables, cluster, estimator, *, keep, seed=0, budget_s=None, constraints=None)``),
+    cheapest first. For ``neuroshard`` that is the beam alone: a budget goes to it whole,
+    with no SurCo polish. :class:`UnknownNameError` for a searcher that keeps one plan."""
+    if name not in _CANDIDATES:
+        raise UnknownNameError(
+            f"searcher {name!r} keeps a single plan, so there is nothing to verify; "
+            f"searchers that keep candidates: {', '.join(sorted(_CANDIDATES))}"
+        )
+    module, attr = _CANDIDATES[name].split(":")
+    function = getattr(importlib.import_module(module), attr)
+    return functools.partial(function, **options)
+
+
 __all__ = [
     "BASELINES",
     "DEFAULT_SEARCHER",
     "Scorer",
+    "get_candidate_searcher",
     "get_searcher",
     "plan_cost",
     "searcher_names",

@@ -25,6 +25,7 @@ seconds, so a budget bounds the search's time without touching the start placeme
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -50,14 +51,17 @@ logger = logging.getLogger(__name__)
 # Per table, in input order, its layout (kept under its old name for callers).
 SplitState = State
 
+DEFAULT_CAP_S = 20.0  # the beam's time when no budget is given (1,000 tables x 128 devices)
 CANDIDATES_PER_KEY = 10  # tables taken by size and by predicted compute at each expansion
 BULK_SIZES = (2, 8, 32, 128, 512)  # tables a bulk move changes at once
 
 __all__ = [
     "CANDIDATES_PER_KEY",
+    "DEFAULT_CAP_S",
     "Layout",
     "SplitState",
     "affordable",
+    "beam_candidates",
     "beam_search",
     "expand",
     "halve",
@@ -206,6 +210,7 @@ def beam_search(
     budget_s: float | None = None,
     constraints: Constraints | None = None,
     bulk_moves: bool = True,
+    cap_s: float | None = DEFAULT_CAP_S,
 ) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
@@ -220,22 +225,78 @@ def beam_search(
     children are placed (those of better-ranked beam states first, then those moving the costlier
     shard), or the search stops when not even one fits. The plan's ``meta["budget_cut"]`` counts the
     children so skipped. The result is then still the best plan seen, never worse than the start
-    placement, but may be worse than the unbudgeted search's.
+    placement, but may be worse than the unbudgeted search's. Without a budget, ``cap_s`` (default
+    :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns in
+    bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
     """
-    if width < 1 or max_splits < 0:
-        raise ValueError(f"need width >= 1 and max_splits >= 0, got {width} and {max_splits}")
-    if budget_s is not None and budget_s <= 0:
-        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    return beam_candidates(
+        tables,
+        cluster,
+        estimator,
+        keep=1,
+        seed=seed,
+        width=width,
+        max_splits=max_splits,
+        top_k=top_k,
+        budget_s=budget_s,
+        constraints=constraints,
+        bulk_moves=bulk_moves,
+        cap_s=cap_s,
+    )[0]
+
+
+def beam_candidates(
+    tables: Sequence[TableSpec],
+    cluster: Cluster,
+    estimator: CostEstimator,
+    *,
+    keep: int,
+    seed: int = 0,
+    width: int = 3,
+    max_splits: int = 10,
+    top_k: int = CANDIDATES_PER_KEY,
+    budget_s: float | None = None,
+    constraints: Constraints | None = None,
+    bulk_moves: bool = True,
+    cap_s: float | None = DEFAULT_CAP_S,
+) -> list[Plan]:
+    """:func:`beam_search`'s ``keep`` cheapest distinct plans under ``estimator``, cheapest
+    first (fewer when the search placed fewer states); the first is :func:`beam_search`'s
+    plan. For verification: a planner measures them on a backend and
+    keeps the one measured cheapest."""
+    if width < 1 or max_splits < 0 or keep < 1:
+        raise ValueError(
+            f"need width >= 1, max_splits >= 0 and keep >= 1, got {width}, {max_splits}, {keep}"
+        )
+    for what, seconds in (("budget_s", budget_s), ("cap_s", cap_s)):
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"{what} must be positive, got {seconds}")
+    limit_s = budget_s if budget_s is not None else cap_s
     started = time.perf_counter()
     scorer = Scorer(estimator, cluster=cluster)
     space = Space(tables, cluster, scorer, constraints)
     start = space.initial_state()
-    best_state = start
-    best = place_many([space.problem(start)], cluster, scorer)[0]
-    best_ms = best.cost_ms if isinstance(best, Placement) else math.inf
+    first = place_many([space.problem(start)], cluster, scorer)[0]
+    # The ``keep`` cheapest placed states: a max-heap on (-cost, -order), order breaking ties.
+    kept: list[tuple[float, int, State, Placement]] = []
+    placed = 0
+
+    def consider(state: State, result: Placement | PlanInfeasibleError) -> float:
+        nonlocal placed
+        cost = result.cost_ms if isinstance(result, Placement) else math.inf
+        if isinstance(result, Placement):
+            entry = (-cost, -placed, state, result)
+            if len(kept) < keep:
+                heapq.heappush(kept, entry)
+            elif entry[:2] > kept[0][:2]:
+                heapq.heapreplace(kept, entry)
+        placed += 1
+        return cost
+
+    consider(start, first)
     per_child_s = time.perf_counter() - started
     beam, seen = [start], {start}
     skipped = steps = 0
@@ -250,15 +311,16 @@ def beam_search(
         if not candidates:
             break
         children = [child for _, child in candidates]
-        if budget_s is not None:
-            left_s = budget_s - (time.perf_counter() - started)
+        if limit_s is not None:
+            left_s = limit_s - (time.perf_counter() - started)
             children = affordable(candidates, left_s, per_child_s)
             if len(children) < len(candidates):
                 skipped += len(candidates) - len(children)
                 logger.info(
-                    "beam step %d: time budget %.1f s leaves room for %d of %d children",
+                    "beam step %d: time %s %.1f s leaves room for %d of %d children",
                     step + 1,
-                    budget_s,
+                    "budget" if budget_s is not None else "cap",
+                    limit_s,
                     len(children),
                     len(candidates),
                 )
@@ -268,21 +330,27 @@ def beam_search(
         results = place_many([space.problem(c) for c in children], cluster, scorer)
         per_child_s = (time.perf_counter() - step_started) / len(children)
         steps += 1
-        costs = [r.cost_ms if isinstance(r, Placement) else math.inf for r in results]
+        costs = [consider(child, r) for child, r in zip(children, results)]
         ranked = sorted(range(len(children)), key=costs.__getitem__)
         beam = [children[k] for k in ranked[:width]]
-        if costs[ranked[0]] < best_ms:
-            best_state, best, best_ms = children[ranked[0]], results[ranked[0]], costs[ranked[0]]
         logger.debug(
             "beam step %d: %d children, step best %.4f ms, overall best %.4f ms",
             step + 1,
             len(children),
             costs[ranked[0]],
-            best_ms,
+            -max(kept)[0] if kept else math.inf,
         )
-    if isinstance(best, PlanInfeasibleError):
-        raise best
-    plan = space.to_plan(best_state, best)
+    if not kept:
+        assert isinstance(first, PlanInfeasibleError)
+        raise first
+    if skipped and budget_s is None:
+        logger.warning(
+            "the search stopped at its %.0f s time cap with %d candidate states unplaced; "
+            "give it a time budget to search longer",
+            limit_s,
+            skipped,
+        )
+    ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
     logger.debug(
         "beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
         steps,
@@ -290,20 +358,25 @@ def beam_search(
         scorer.compute_calls,
         scorer.loads_computed,
     )
-    types = Counter(layout.sharding_type() for layout in best_state)
-    meta = {
-        "splits": sum(len(x.widths) - 1 for x in best_state if x.kind == COLUMNS),
-        "states_scored": len(seen) - skipped,
-        "beam_steps": steps,
-        "scale": best.scale,
-        "sharding_types": dict(sorted(types.items())),
-    }
-    kernels = Counter(layout.kernel for layout in best_state)
-    if set(kernels) != {"fused"}:
-        meta["compute_kernels"] = dict(sorted(kernels.items()))
-    if budget_s is not None:
-        meta["budget_cut"] = skipped
-    return replace(plan, meta=meta)
+    plans = []
+    for _, _, state, result in ordered:
+        types = Counter(layout.sharding_type() for layout in state)
+        meta: dict[str, object] = {
+            "splits": sum(len(x.widths) - 1 for x in state if x.kind == COLUMNS),
+            "states_scored": len(seen) - skipped,
+            "beam_steps": steps,
+            "scale": result.scale,
+            "sharding_types": dict(sorted(types.items())),
+        }
+        kernels = Counter(layout.kernel for layout in state)
+        if set(kernels) != {"fused"}:
+            meta["compute_kernels"] = dict(sorted(kernels.items()))
+        if budget_s is not None:
+            meta["budget_cut"] = skipped
+        elif skipped:
+            meta["time_cap_cut"] = skipped
+        plans.append(replace(space.to_plan(state, result), meta=meta))
+    return plans
 
 
 def grid_search(
@@ -321,7 +394,9 @@ def grid_search(
     Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
     :class:`~neuroshard.types.Searcher` signature.
     """
-    plan = beam_search(tables, cluster, estimator, seed=seed, max_splits=0, constraints=constraints)
+    plan = beam_search(
+        tables, cluster, estimator, seed=seed, max_splits=0, constraints=constraints, cap_s=None
+    )
     return replace(
         plan, meta={"scale": plan.meta["scale"], "sharding_types": plan.meta["sharding_types"]}
     )

@@ -1,7 +1,14 @@
 import pytest
 
 from neuroshard.plan_io import validate_plan
-from neuroshard.search.beam import affordable, beam_search, expand, halve, initial_state
+from neuroshard.search.beam import (
+    affordable,
+    beam_candidates,
+    beam_search,
+    expand,
+    halve,
+    initial_state,
+)
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
 from neuroshard.types import Constraints, PlanInfeasibleError, TableConstraint
@@ -201,3 +208,34 @@ def test_affordable_children_are_the_most_promising():
     assert affordable(candidates, 2.5, 1.0) == [c, b]  # best beam state, costlier shard first
     assert affordable(candidates, 0.5, 1.0) == []
     assert affordable(candidates, -1.0, 1.0) == []
+
+
+def test_beam_candidates_are_the_cheapest_distinct_plans_the_beam_placed():
+    tables, cluster, fake = hot_tables(), make_cluster(4), FakeEstimator()
+    plans = beam_candidates(tables, cluster, fake, keep=6, constraints=COLUMNS_ONLY)
+    best = beam_search(tables, cluster, fake, constraints=COLUMNS_ONLY)
+    assert plans[0].shards == best.shards and plans[0].meta == best.meta
+    costs = [plan_cost(p, fake).max_ms for p in plans]
+    assert len(plans) == 6 and costs == sorted(costs)
+    assert len({p.shards for p in plans}) == 6  # distinct placements
+    for p in plans:
+        validate_plan(p)
+    assert beam_candidates(tables, cluster, fake, keep=1, constraints=COLUMNS_ONLY)[0].shards == (
+        best.shards
+    )
+    with pytest.raises(ValueError, match="keep >= 1"):
+        beam_candidates(tables, cluster, fake, keep=0)
+
+
+def test_without_a_budget_the_default_cap_bounds_the_beam_and_says_so(caplog):
+    tables, cluster, fake = make_tables(30), make_cluster(4), FakeEstimator()
+    free = beam_search(tables, cluster, fake, cap_s=None)
+    assert "time_cap_cut" not in free.meta and "budget_cut" not in free.meta
+    assert beam_search(tables, cluster, fake).shards == free.shards  # far inside the default
+    with caplog.at_level("WARNING", logger="neuroshard.search.beam"):
+        capped = beam_search(tables, cluster, fake, cap_s=1e-6)
+    assert capped.meta["time_cap_cut"] > 0 and "time cap" in caplog.text
+    budgeted = beam_search(tables, cluster, fake, cap_s=1e-6, budget_s=60.0)
+    assert budgeted.shards == free.shards and budgeted.meta["budget_cut"] == 0
+    with pytest.raises(ValueError, match="cap_s must be positive"):
+        beam_search(tables, cluster, fake, cap_s=0.0)

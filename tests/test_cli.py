@@ -184,3 +184,42 @@ def test_plan_takes_a_lightgbm_model_dir_without_cost_model(run, tmp_path):
         out,
     )
     assert read_plan(out).cost.model.startswith("lightgbm-sim-")
+
+
+def test_plan_verify_keeps_the_candidate_the_sim_prices_cheapest(run, tmp_path):
+    out = tmp_path / "plan.json"
+    run(
+        "plan",
+        EXAMPLE,
+        "--devices",
+        4,
+        "--memory",
+        "4GB",
+        "--verify",
+        "sim:h100",
+        "--top",
+        4,
+        "--out",
+        out,
+    )
+    record = read_plan(out).meta["verify"]
+    assert record["backend"] == "sim" and record["candidates"] == 4
+    assert record["verified_ms"][record["chosen_rank"] - 1] == min(record["verified_ms"])
+    cost = json.loads(run("evaluate", out, "--backend", "sim", "--json"))
+    assert cost["max_ms"] == pytest.approx(min(record["verified_ms"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--verify", "sim:nope"], "unknown sim profile 'nope'"),
+        (["--verify", "cpu:h100"], "only the sim backend takes a profile"),
+        (["--verify", "sim", "--searcher", "lookup"], "'lookup' keeps a single plan"),
+        (["--top", "3"], "--top goes with --verify"),
+    ],
+)
+def test_plan_verify_refuses_bad_options(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    result = CliRunner().invoke(app, ["plan", EXAMPLE, "--devices", "4", "--memory", "4GB", *args])
+    assert result.exit_code != 0 and message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -4,7 +4,7 @@ from neuroshard.feasibility import check_fits
 from neuroshard.models import default_model_dir
 from neuroshard.planner import Planner
 from neuroshard.search import get_searcher
-from neuroshard.types import PlanInfeasibleError, TableSpec, UsageError
+from neuroshard.types import PlanInfeasibleError, TableSpec, UnknownNameError, UsageError
 
 from factories import FakeEstimator, make_cluster, make_tables
 
@@ -67,3 +67,41 @@ def test_neuroshard_with_time_polishes_with_surco_and_is_never_worse():
     assert polished.meta["polish"]["kept"] in ("beam", "surco")
     assert polished.cost.max_ms <= beam.cost.max_ms + 1e-12
     assert polished.meta["polish"]["beam_ms"] == pytest.approx(beam.cost.max_ms, rel=1e-9)
+
+
+class _Disagrees:
+    """A verifier that disagrees with the model: a device's compute shrinks with the
+    square of its shard count, so crowded devices look cheap."""
+
+    name = "disagrees"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, attr):
+        return getattr(self.model, attr)
+
+    def compute_ms(self, loads):
+        return [ms / len(load) ** 2 for ms, load in zip(self.model.compute_ms(loads), loads)]
+
+
+def test_verification_keeps_the_candidate_the_verifier_prices_cheapest():
+    tables, cluster = make_tables(20), make_cluster(4)
+    model = FakeEstimator()
+    plain = Planner(model).plan(tables, cluster)
+    same = Planner(model, verify=model, top=4).plan(tables, cluster)
+    assert same.shards == plain.shards and same.meta["verify"]["chosen_rank"] == 1
+    record = same.meta["verify"]
+    assert record["candidates"] == 4 and record["model_ms"] == sorted(record["model_ms"])
+    flipped = Planner(model, verify=_Disagrees(model), top=6).plan(tables, cluster)
+    record = flipped.meta["verify"]
+    assert record["chosen_rank"] == 6 and min(record["verified_ms"]) == record["verified_ms"][5]
+    assert flipped.shards != plain.shards
+    assert record["backend"] == "disagrees" and flipped.cost.model == plain.cost.model
+
+
+def test_verification_refuses_a_searcher_with_one_plan_and_a_bad_top():
+    with pytest.raises(UnknownNameError, match="greedy-grid.*nothing to verify"):
+        Planner(FakeEstimator(), "greedy-grid", verify=FakeEstimator())
+    with pytest.raises(UsageError, match="top"):
+        Planner(FakeEstimator(), verify=FakeEstimator(), top=0)
