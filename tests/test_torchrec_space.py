@@ -247,6 +247,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(
             json.dumps({"diffs": diffs, "kinds": kinds, "missing": missing})
         )
+        # No rank tears gloo down while its peer is still in a collective (DDP's, for the
+        # data-parallel table): that aborted a rank once, on a loaded machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
