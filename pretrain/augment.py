@@ -96,7 +96,7 @@ class CommSample:
         return len(self.dim_sums)
 
 
-def _halvings(dim: int) -> list[int]:
+def halvings(dim: int) -> list[int]:
     dims = [dim]
     while dim % 2 == 0 and (dim // 2) % DIM_MULTIPLE == 0:
         dim //= 2
@@ -111,7 +111,7 @@ def augment_tables(tables: Sequence[TableSpec]) -> list[TableSpec]:
     table gives 128, 64, 32, 16, 8, 4; a 100-dim table gives only 100 (50 is not a
     multiple of 4).
     """
-    return [t.with_dim(d) for t in tables for d in _halvings(t.dim)]
+    return [t.with_dim(d) for t in tables for d in halvings(t.dim)]
 
 
 def shift_reuse_hist(hist: Sequence[float], bins: int) -> tuple[float, ...]:

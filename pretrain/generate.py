@@ -48,7 +48,7 @@ import numpy as np
 
 from neuroshard.backends.sim import SimBackend
 from neuroshard.features import raw_features
-from neuroshard.pretrain.augment import _halvings
+from neuroshard.pretrain.augment import halvings
 from neuroshard.pretrain.pool import profile_from_masses, rank_groups, reuse_profile
 from neuroshard.samples import CommData, ComputeData
 from neuroshard.types import DIM_MULTIPLE, Cluster, TableSpec
@@ -160,7 +160,7 @@ class RangeConfig:
 
 
 def _shard(t: TableSpec, rng: np.random.Generator, share_bytes: float) -> TableSpec:
-    width = int(rng.choice(_halvings(t.dim)))
+    width = int(rng.choice(halvings(t.dim)))
     view = t.with_dim(width)
     if view.size_bytes > share_bytes:
         rows = max(100, int(share_bytes * rng.uniform(0.2, 1.0) / (width * 4)))
