@@ -56,15 +56,15 @@ import numpy as np
 import torch
 
 from neuroshard.backends.tbe import (
-    _LRU,
     INDEX_CACHE_BYTES,
     LEARNING_RATE,
+    LRU,
     MODULE_CACHE_BYTES,
     ComputeTimer,
+    Prepared,
     TimedBackend,
-    _index_key,
-    _index_seed,
-    _Prepared,
+    index_key,
+    index_seed,
 )
 from neuroshard.indices import generate_batch
 from neuroshard.traffic import price
@@ -403,8 +403,8 @@ def generate_batches(
     Hand the result to :meth:`FusedTimer.preload`."""
     todo: dict[tuple, TableSpec] = {}
     for t in tables:
-        todo.setdefault(_index_key(t), t)
-    jobs = [(t, int(batch_size), _index_seed(seed, k)) for k, t in todo.items()]
+        todo.setdefault(index_key(t), t)
+    jobs = [(t, int(batch_size), index_seed(seed, k)) for k, t in todo.items()]
     if workers <= 1 or len(jobs) < 2:
         return dict(zip(todo, map(_generate, jobs)))
     with ProcessPoolExecutor(
@@ -473,7 +473,7 @@ class FusedTimer(ComputeTimer):
         self.kernel = kernel
         self.graphs = bool(graphs) and self.is_cuda
         self.graph_failures = 0
-        self._device_batches = _LRU(device_index_cache_bytes)
+        self._device_batches = LRU(device_index_cache_bytes)
         self._unique: dict[tuple, int] = {}
         self._pool: Any = None  # one memory pool shared by every captured graph
         self._stream: Any = None  # the stream graphs are captured on
@@ -502,10 +502,10 @@ class FusedTimer(ComputeTimer):
 
     # ------------------------------------------------------------------ building
 
-    def _build_torch(self, load: Sequence[TableSpec], batches: list[Batch]) -> _Prepared:
+    def _build_torch(self, load: Sequence[TableSpec], batches: list[Batch]) -> Prepared:
         if self.kernel != "fused":
             return super()._build_torch(load, batches)
-        keys = [_index_key(t) for t in load]
+        keys = [index_key(t) for t in load]
         tensors = [self._on_device(k, b) for k, b in zip(keys, batches)]
         unique = [self._unique_count(k, idx) for k, (idx, _) in zip(keys, tensors)]
         widths: dict[int, int] = {}
@@ -525,7 +525,7 @@ class FusedTimer(ComputeTimer):
         step: Callable[[], None] = shards.step
         if self.graphs:
             step = self._graphed(shards)
-        return _Prepared(step, shards.nbytes)
+        return Prepared(step, shards.nbytes)
 
     def _on_device(self, key: tuple, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_cuda:

@@ -55,7 +55,7 @@ INDEX_CACHE_BYTES = 1 << 30
 MODULE_CACHE_BYTES = 8 << 30
 
 
-def _index_key(spec: TableSpec) -> tuple:
+def index_key(spec: TableSpec) -> tuple:
     """What the lookups of a table depend on: everything but its name and width."""
     return (
         int(spec.rows),
@@ -64,12 +64,14 @@ def _index_key(spec: TableSpec) -> tuple:
     )
 
 
-def _index_seed(seed: int, key: tuple) -> int:
+def index_seed(seed: int, key: tuple) -> int:
+    """The generator seed of the index batch of tables with lookups ``key``: stable
+    across processes, so every backend and worker draws the same batch."""
     digest = hashlib.blake2b(repr((seed, key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
-class _LRU:
+class LRU:
     """A small LRU cache bounded by total bytes; always keeps the newest entry."""
 
     def __init__(self, max_bytes: int):
@@ -127,7 +129,7 @@ def _import_tbe() -> dict[str, Any]:
     )
 
 
-class _Prepared:
+class Prepared:
     """Everything one timed iteration of a load needs, built once."""
 
     __slots__ = ("step", "nbytes")
@@ -171,8 +173,8 @@ class ComputeTimer:
         self.warmups, self.repeats = int(warmups), int(repeats)
         self.threads, self.seed = int(threads), int(seed)
         self._tbe = _import_tbe() if kernel == "fbgemm" else None
-        self._indices = _LRU(index_cache_bytes)  # index key -> (indices, offsets) numpy
-        self._loads = _LRU(module_cache_bytes)  # load key -> _Prepared
+        self._indices = LRU(index_cache_bytes)  # index key -> (indices, offsets) numpy
+        self._loads = LRU(module_cache_bytes)  # load key -> Prepared
         self._arena = torch.empty(0, dtype=torch.float32, device=self.device)
         self._grad_arena = torch.empty(0, dtype=torch.float32, device=self.device)
 
@@ -209,10 +211,10 @@ class ComputeTimer:
     # ------------------------------------------------------------------ building
 
     def _batch(self, spec: TableSpec) -> tuple[np.ndarray, np.ndarray]:
-        key = _index_key(spec)
+        key = index_key(spec)
         hit = self._indices.get(key)
         if hit is None:
-            hit = generate_batch(spec, self.batch_size, _index_seed(self.seed, key))
+            hit = generate_batch(spec, self.batch_size, index_seed(self.seed, key))
             self._indices.put(key, hit, hit[0].nbytes + hit[1].nbytes)
         return hit
 
@@ -240,8 +242,8 @@ class ComputeTimer:
             self._grad_arena = torch.full((numel,), 1e-3, dtype=torch.float32, device=self.device)
         return self._grad_arena[:numel].view(rows, width)
 
-    def _prepare(self, load: Sequence[TableSpec]) -> _Prepared:
-        key = tuple((int(t.rows), int(t.dim), bool(t.pooled), _index_key(t)) for t in load)
+    def _prepare(self, load: Sequence[TableSpec]) -> Prepared:
+        key = tuple((int(t.rows), int(t.dim), bool(t.pooled), index_key(t)) for t in load)
         prepared = self._loads.get(key)
         if prepared is None:
             started = time.perf_counter()
@@ -258,7 +260,7 @@ class ComputeTimer:
 
     def _build(
         self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
-    ) -> _Prepared:
+    ) -> Prepared:
         """The pooled tables on the chosen kernel; sequence tables (one output row per id,
         TorchRec's ``EmbeddingCollection``) beside them with torch's sparse ``Embedding``
         and the same exact-SGD update, after the pooled tables' weights in the arena."""
@@ -283,14 +285,14 @@ class ComputeTimer:
             for part in parts:
                 part.step()
 
-        return _Prepared(step, sum(p.nbytes for p in parts))
+        return Prepared(step, sum(p.nbytes for p in parts))
 
     def _build_sequence(
         self,
         load: Sequence[TableSpec],
         batches: list[tuple[np.ndarray, np.ndarray]],
         offset: int,
-    ) -> _Prepared:
+    ) -> Prepared:
         flat = self._weights(offset + sum(int(t.rows) * int(t.dim) for t in load))[offset:]
         tables, inputs, grads = [], [], []
         start = 0
@@ -309,11 +311,11 @@ class ComputeTimer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return _Prepared(step, sum(i.numel() * 8 for i in inputs))
+        return Prepared(step, sum(i.numel() * 8 for i in inputs))
 
     def _build_fbgemm(
         self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
-    ) -> _Prepared:
+    ) -> Prepared:
         tbe = self._tbe
         if tbe is None:
             raise BackendError("the fbgemm kernel was not imported for this timer")
@@ -355,11 +357,11 @@ class ComputeTimer:
         nbytes = (indices.numel() + offsets_t.numel()) * 8
         if self.is_cuda:
             nbytes += weight_numel * BYTES_PER_FLOAT
-        return _Prepared(step, nbytes)
+        return Prepared(step, nbytes)
 
     def _build_torch(
         self, load: Sequence[TableSpec], batches: list[tuple[np.ndarray, np.ndarray]]
-    ) -> _Prepared:
+    ) -> Prepared:
         flat = self._weights(sum(int(t.rows) * int(t.dim) for t in load))
         bags, inputs, grads = [], [], []
         start = 0
@@ -391,7 +393,7 @@ class ComputeTimer:
             optimizer.zero_grad(set_to_none=True)
 
         nbytes = sum((i.numel() + o.numel()) * 8 for i, o in inputs)
-        return _Prepared(step, nbytes)
+        return Prepared(step, nbytes)
 
     # ------------------------------------------------------------------ timing
 
