@@ -756,7 +756,7 @@ def place(
     scorer: Scorer | None = None,
 ) -> Placement:
     """Greedy grid placement of one list of shard specs; raises :class:`PlanInfeasibleError`."""
-    scorer = scorer if scorer is not None else Scorer(estimator)
+    scorer = scorer if scorer is not None else Scorer(estimator, cluster=cluster)  # as plan_cost
     result = place_many([shard_specs], cluster, scorer, scales=scales)[0]
     if isinstance(result, PlanInfeasibleError):
         raise result

@@ -409,7 +409,7 @@ def oracle_plan(
     tables = list(tables)
     index = {t.name: i for i, t in enumerate(tables)}
     rng = np.random.default_rng(seed)
-    scorer = Scorer(estimator)
+    scorer = Scorer(estimator, cluster=cluster)  # prices as plan_cost does
     search = _LocalSearch(tables, cluster, scorer, rng)
     seeds: list[ShardState | None] = []
 

@@ -142,7 +142,7 @@ def test_place_many_equals_placing_each_alone():
         shard_specs(tables, {t.name: (t.dim // 2,) * 2 for t in tables[:5]}),
         [],
     ]
-    together = place_many(problems, cluster, Scorer(FakeEstimator()))
+    together = place_many(problems, cluster, Scorer(FakeEstimator(), cluster=cluster))
     alone = [place(specs, cluster, FakeEstimator()) for specs in problems]
     assert together == alone
     assert all(isinstance(p, Placement) for p in together)
