@@ -220,8 +220,8 @@ def beam_search(
     is the paper's). ``constraints`` restrict each table's types, kernels and devices
     (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError` when they
     cannot hold. ``budget_s`` (default None: no limit) bounds the search's own time. The start
-    placement is always computed; before each beam step the step's time is projected from the
-    previous step's seconds per child, and when it would overrun the budget only the most promising
+    placement is always computed; before each beam step the step's time is projected (a fixed
+    part, bounded by the start placement's time, plus the previous step's seconds per child), and when it would overrun the budget only the most promising
     children are placed (those of better-ranked beam states first, then those moving the costlier
     shard), or the search stops when not even one fits. The plan's ``meta["budget_cut"]`` counts the
     children so skipped. The result is then still the best plan seen, never worse than the start
@@ -297,7 +297,9 @@ def beam_candidates(
         return cost
 
     consider(start, first)
-    per_child_s = time.perf_counter() - started
+    # A step costs a fixed part (expanding, one lockstep call) plus a part per child; the
+    # start placement, a step of one child, bounds the fixed part.
+    fixed_s = per_child_s = time.perf_counter() - started
     beam, seen = [start], {start}
     skipped = steps = 0
     for step in range(max_splits):
@@ -313,7 +315,7 @@ def beam_candidates(
         children = [child for _, child in candidates]
         if limit_s is not None:
             left_s = limit_s - (time.perf_counter() - started)
-            children = affordable(candidates, left_s, per_child_s)
+            children = affordable(candidates, left_s - fixed_s, per_child_s)
             if len(children) < len(candidates):
                 skipped += len(candidates) - len(children)
                 logger.info(
@@ -328,7 +330,8 @@ def beam_candidates(
                 break
         step_started = time.perf_counter()
         results = place_many([space.problem(c) for c in children], cluster, scorer)
-        per_child_s = (time.perf_counter() - step_started) / len(children)
+        step_s = time.perf_counter() - step_started
+        per_child_s = max(step_s - fixed_s, step_s / 2) / len(children)
         steps += 1
         costs = [consider(child, r) for child, r in zip(children, results)]
         ranked = sorted(range(len(children)), key=costs.__getitem__)

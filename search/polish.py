@@ -23,6 +23,10 @@ from neuroshard.types import Cluster, CostEstimator, Plan, TableSpec
 logger = logging.getLogger(__name__)
 
 MIN_POLISH_S = 0.5  # below this SurCo's solver cannot do useful work
+# SurCo's time outside its solver (the greedy start, the surrogate's fits over every shard
+# and device, the model build) per shard x device pair: 78 us measured at 1,000 tables on
+# 128 devices on the 2-core CPU (bench/results/scale_time_cap.md), rounded up.
+SURCO_S_PER_PAIR = 1e-4
 
 
 def neuroshard_search(
@@ -36,20 +40,34 @@ def neuroshard_search(
     **beam_options: Any,
 ) -> Plan:
     """The beam; with ``budget_s``, ``1 - polish_fraction`` of it for the beam and the rest
-    for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower."""
+    for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower.
+    SurCo's solver gets what is left once its fits (projected at :data:`SURCO_S_PER_PAIR`
+    per shard and device) are paid for; no polish when that is under :data:`MIN_POLISH_S`."""
     if budget_s is None:
         return beam_search(tables, cluster, estimator, seed=seed, **beam_options)
     started = time.perf_counter()
+    # The polish's fits grow with shards x devices: on a large task the whole budget goes
+    # to the beam when what the polish would keep for its solver is too little anyway.
+    polish = (
+        budget_s * polish_fraction - len(tables) * cluster.num_devices * SURCO_S_PER_PAIR
+        >= MIN_POLISH_S
+    )
     beam = beam_search(
         tables,
         cluster,
         estimator,
         seed=seed,
-        budget_s=budget_s * (1 - polish_fraction),
+        budget_s=budget_s * (1 - polish_fraction) if polish else budget_s,
         **beam_options,
     )
-    left_s = budget_s - (time.perf_counter() - started)
+    overhead_s = len(beam.shards) * cluster.num_devices * SURCO_S_PER_PAIR
+    left_s = budget_s - (time.perf_counter() - started) - overhead_s
     if left_s < MIN_POLISH_S:
+        logger.info(
+            "no SurCo polish: %.1f s of the budget left after its projected %.1f s of fits",
+            left_s,
+            overhead_s,
+        )
         return beam
     if beam_options.get("constraints") is not None or any(
         s.rows is not None or s.sharding_type is not None or s.compute_kernel != "fused"
