@@ -10,9 +10,10 @@ search's own share is the difference. Candidates:
 
 * ``neuroshard`` -- the default search (no budget: its default time cap,
   :data:`neuroshard.search.beam.DEFAULT_CAP_S`);
-* ``neuroshard-budget`` -- the same with ``budget_s=--budget``
-  (:func:`neuroshard.search.beam.beam_search`: fewer beam children or steps when time
-  runs short; the unsplit greedy grid always completes);
+* ``neuroshard-budget`` -- the same with ``budget_s=--budget``, one run per
+  comma-separated value (:func:`neuroshard.search.beam.beam_search`: fewer beam children
+  or steps when time runs short; the unsplit greedy grid always completes); the table
+  gives seconds / budget, which the budget's contract keeps under 1.10;
 * ``torchrec`` -- TorchRec's ``EmbeddingShardingPlanner``
   (:func:`neuroshard.search.torchrec_baseline.torchrec_plan`), when that module and
   torchrec import; else the row says why it was skipped.
@@ -85,7 +86,7 @@ def run_child(args: argparse.Namespace) -> dict:
             return {**out, "skipped": f"torchrec baseline unavailable ({e})"}
         planner = Planner(est, torchrec_plan, reserve=0.0)
     else:
-        budget = args.budget if args.child == "neuroshard-budget" else None
+        budget = float(args.budget) if args.child == "neuroshard-budget" else None
         planner = Planner(est, "neuroshard", budget_s=budget, reserve=0.0)
     rss_before = _rss_bytes()
     start = time.perf_counter()
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="60x8,1000x128")
     p.add_argument("--fills", default="0.85", help="comma-separated fills to run")
     p.add_argument("--fill", type=float, default=0.85, help=argparse.SUPPRESS)
-    p.add_argument("--budget", type=float, default=50.0)
+    p.add_argument(
+        "--budget", default="50", help="seconds for neuroshard-budget; comma-separated: a run each"
+    )
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--split", default="test", choices=["train", "test", "all"])
     p.add_argument("--model", type=Path, default=None)
@@ -138,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    budgets = [float(b) for b in args.budget.split(",")]
+    runs = [
+        (name, budget)
+        for name in names
+        for budget in (budgets if name == "neuroshard-budget" else [None])
+    ]
     rows = []
     fills = [float(f) for f in args.fills.split(",")]
     for size, fill in ((s, f) for s in args.sizes.split(",") for f in fills):
-        for name in names:
+        for name, budget in runs:
             cmd = [
                 sys.executable,
                 __file__,
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--fill",
                 str(fill),
                 "--budget",
-                str(args.budget),
+                str(budget or budgets[0]),
                 "--split",
                 args.split,
                 "--profile",
@@ -174,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except subprocess.TimeoutExpired:
                 result = {"failed": f"timed out after {args.timeout:.0f} s"}
-            result.setdefault("candidate", name)
-            result.update(size=size, fill=fill)
+            result["candidate"] = name if budget is None else f"{name} {budget:g}s"
+            result.update(size=size, fill=fill, budget=budget)
             result["load"] = os.getloadavg()[0]
             rows.append(result)
             print(
@@ -187,20 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     dims = "dims redrawn from 16-128" if args.mixed_dims else "pool dims"
     lines = [
         f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
-        f"seed {args.seed}, budget {args.budget:g} s for neuroshard-budget, timeout "
+        f"seed {args.seed}, budget {args.budget} s for neuroshard-budget, timeout "
         f"{args.timeout:g} s. Estimator: {first.get('estimator', '?')}. Costs: sim/"
         f"{args.profile} (truth) and the estimator.",
         "",
-        "| size | fill | candidate | seconds | peak RSS GiB | RSS before GiB | sim cost ms | "
-        "model cost ms | splits | load avg | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | fill | candidate | seconds | seconds / budget | peak RSS GiB | RSS before GiB | "
+        "sim cost ms | model cost ms | splits | load avg | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "seconds" not in r or "failed" in r or "skipped" in r:
             note = r.get("skipped") or r.get("failed") or "?"
             sec = f"{r['seconds']:.1f}" if "seconds" in r else "-"
             lines.append(
-                f"| {r['size']} | {r['fill']} | {r['candidate']} | {sec} | | | | | | "
+                f"| {r['size']} | {r['fill']} | {r['candidate']} | {sec} | | | | | | | "
                 f"{r['load']:.1f} | {note} |"
             )
             continue
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append(
             f"| {r['size']} | {r['fill']} | {r['candidate']} | {r['seconds']:.2f} | "
+            f"{'-' if not r.get('budget') else format(r['seconds'] / r['budget'], '.3f')} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_bytes'] / 2**30:.2f} | "
             f"{r['sim_cost_ms']:.4f} | {r['model_cost_ms']:.4f} | {r['splits']} | "
             f"{r['load']:.1f} | {memo} |"
