@@ -51,13 +51,37 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None)
 
 
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    """--verify-top K,K: rows planned with the planner's verification."""
+    p.add_argument(
+        "--verify-top",
+        default="",
+        help="comma-separated K: also plan 'neuroshard+verifyK', neuroshard keeping its K "
+        "cheapest plans under the model and keeping the one a fresh instance of the truth "
+        "backend prices cheapest (plan --verify TRUTH --top K)",
+    )
+
+
+def verify_variants(spec: str, verifier: CostEstimator) -> dict[str, dict]:
+    """Planner keyword arguments of each ``neuroshard+verifyK`` row of ``--verify-top``."""
+    return {
+        f"neuroshard+verify{k}": {"searcher": "neuroshard", "verify": verifier, "top": k}
+        for k in (int(x) for x in spec.split(",") if x.strip())
+    }
+
+
+def truth_backend(args: argparse.Namespace, batch_size: int) -> CostEstimator:
+    """A new instance of the ``--truth`` backend (the sim with noise 0, or the CPU)."""
+    kwargs = {"profile": args.profile} if args.truth == "sim" else {}
+    return as_estimator(get_backend(args.truth, batch_size=batch_size, **kwargs))
+
+
 def task_setup(args: argparse.Namespace) -> tuple[Cluster, CostEstimator, list[list[TableSpec]]]:
     """The cluster, the backend that costs plans (``--truth``: the sim with noise 0, or the
     CPU backend timing every device's load and the all-to-all), and the seeded tasks."""
     memory = parse_memory(args.memory)
     cluster = Cluster.uniform(args.devices, memory, args.batch_size)
-    kwargs = {"profile": args.profile} if args.truth == "sim" else {}
-    truth = as_estimator(get_backend(args.truth, batch_size=cluster.batch_size, **kwargs))
+    truth = truth_backend(args, cluster.batch_size)
     tasks = sample_tasks(
         load_pool(args.split),
         args.tasks,

@@ -32,7 +32,16 @@ from neuroshard.search import BASELINES, get_searcher, searcher_names
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import PlanInfeasibleError
 
-from _common import add_task_args, emit, p95, task_setup, truth_name
+from _common import (
+    add_task_args,
+    add_verify_arg,
+    emit,
+    p95,
+    task_setup,
+    truth_backend,
+    truth_name,
+    verify_variants,
+)
 
 
 def pairwise_lines(name: str, ref: np.ndarray, others: dict[str, np.ndarray]) -> list[str]:
@@ -71,29 +80,29 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra rows NAME:SECONDS planned with a time budget, comma-separated",
     )
+    add_verify_arg(p)
     args = p.parse_args(argv)
 
     cluster, truth, tasks = task_setup(args)
     model = resolve_cost_model(args.model, num_devices=args.devices, batch_size=cluster.batch_size)
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
-    budgets: dict[str, tuple[str, float]] = {n: (n, None) for n in names}
+    planners: dict[str, dict] = {n: {"searcher": n} for n in names}
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
         name, _, secs = item.partition(":")
-        budgets[f"{name}@{float(secs):g}s"] = (name, float(secs))
-    names = list(budgets)
-    for searcher, _ in budgets.values():
-        get_searcher(searcher)  # fail early on a bad name
+        planners[f"{name}@{float(secs):g}s"] = {"searcher": name, "budget_s": float(secs)}
+    # Verification measures on its own backend instance: the figures come from ``truth``.
+    planners.update(verify_variants(args.verify_top, truth_backend(args, cluster.batch_size)))
+    names = list(planners)
+    for options in planners.values():
+        get_searcher(options["searcher"])  # fail early on a bad name
 
     cost = {n: np.full(len(tasks), np.nan) for n in names}
     seconds = {n: [] for n in names}
     for i, task in enumerate(tasks):
         for n in names:
             start = time.perf_counter()
-            searcher, budget = budgets[n]
             try:
-                planner = Planner(
-                    model, searcher, budget_s=budget, seed=args.seed + i, reserve=args.reserve
-                )
+                planner = Planner(model, seed=args.seed + i, reserve=args.reserve, **planners[n])
                 plan = planner.plan(task, cluster)
             except PlanInfeasibleError:
                 continue

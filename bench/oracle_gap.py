@@ -45,7 +45,7 @@ from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, PlanInfeasibleError
 from neuroshard.units import parse_memory
 
-from _common import emit
+from _common import add_verify_arg, emit, verify_variants
 from search_speed import choose_estimator
 
 logger = logging.getLogger("bench.oracle_gap")
@@ -67,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profile", default="h100")
     p.add_argument("--searchers", default=",".join(searcher_names()))
-    p.add_argument(
-        "--verify-top",
-        default="",
-        help="comma-separated K: also plan 'neuroshard+verifyK', neuroshard keeping its K "
-        "cheapest plans under the estimator and verifying them on the sim (the truth)",
-    )
+    add_verify_arg(p)
     p.add_argument("--max-evals", type=int, default=30_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -96,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     for n in names:
         get_searcher(n)  # fail early on a bad name
-    planners = {n: {"searcher": n} for n in names}
-    for k in (int(x) for x in args.verify_top.split(",") if x.strip()):
-        planners[f"neuroshard+verify{k}"] = {"searcher": "neuroshard", "verify": truth, "top": k}
+    planners: dict[str, dict] = {n: {"searcher": n} for n in names}
+    verifier = SimBackend(args.profile, batch_size=cluster.batch_size)  # the truth, noise 0
+    planners.update(verify_variants(args.verify_top, verifier))
     names = list(planners)
 
     ratio = {n: np.full(len(tasks), np.nan) for n in names}
