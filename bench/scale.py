@@ -192,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
 
-    first = next((r for r in rows if "estimator" in r), {})
+    estimators = {r["size"]: r["estimator"] for r in rows if "estimator" in r}
     dims = "dims redrawn from 16-128" if args.mixed_dims else "pool dims"
     lines = [
         f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
         f"seed {args.seed}, budget {args.budget} s for neuroshard-budget, timeout "
-        f"{args.timeout:g} s. Estimator: {first.get('estimator', '?')}. Costs: sim/"
+        f"{args.timeout:g} s. Estimator per size: "
+        + ("; ".join(f"{k}: {v}" for k, v in estimators.items()) or "?")
+        + f". Costs: sim/"
         f"{args.profile} (truth) and the estimator.",
         "",
         "| size | fill | candidate | seconds | seconds / budget | peak RSS GiB | RSS before GiB | "

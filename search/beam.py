@@ -198,6 +198,38 @@ def affordable(
     return [child for _, child in sorted(candidates, key=lambda c: c[0])[:fit]]
 
 
+def _place_until(
+    children: Sequence[State],
+    space: Space,
+    cluster: Cluster,
+    scorer: Scorer,
+    deadline: float | None,
+    fixed_s: float,
+    per_child_s: float,
+) -> list[Placement | PlanInfeasibleError]:
+    """The children's placements, in order: in one lockstep call when the projected step
+    (``fixed_s`` plus ``per_child_s`` per child) takes at most half the time to
+    ``deadline`` (or there is none); else in chunks of a quarter, stopping before a chunk
+    the time left cannot afford at the rate measured so far. Each child's placement is
+    the same either way (:func:`~neuroshard.search.greedy.place_many` places problems
+    independently)."""
+    problems = [space.problem(c) for c in children]
+    now = time.perf_counter()
+    if deadline is None or fixed_s + per_child_s * len(problems) <= 0.5 * (deadline - now):
+        return place_many(problems, cluster, scorer)
+    chunk = max(1, math.ceil(len(problems) / 4))
+    results: list[Placement | PlanInfeasibleError] = []
+    rate_s = per_child_s
+    while len(results) < len(problems):
+        part = problems[len(results) : len(results) + chunk]
+        if results and time.perf_counter() + fixed_s + rate_s * len(part) > deadline:
+            break
+        part_started = time.perf_counter()
+        results += place_many(part, cluster, scorer)
+        rate_s = max(rate_s, (time.perf_counter() - part_started) / len(part))
+    return results
+
+
 def beam_search(
     tables: Sequence[TableSpec],
     cluster: Cluster,
@@ -221,13 +253,15 @@ def beam_search(
     (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError` when they
     cannot hold. ``budget_s`` (default None: no limit) bounds the search's own time. The start
     placement is always computed; before each beam step the step's time is projected (a fixed
-    part, bounded by the start placement's time, plus the previous step's seconds per child), and when it would overrun the budget only the most promising
-    children are placed (those of better-ranked beam states first, then those moving the costlier
-    shard), or the search stops when not even one fits. The plan's ``meta["budget_cut"]`` counts the
-    children so skipped. The result is then still the best plan seen, never worse than the start
-    placement, but may be worse than the unbudgeted search's. Without a budget, ``cap_s`` (default
-    :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns in
-    bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
+    part, bounded by the start placement's time, plus the highest seconds per child seen), and
+    when it would overrun the budget only the most promising children are placed (those of
+    better-ranked beam states first, then those moving the costlier shard), or the search stops
+    when not even one fits; a step near the limit is placed in chunks and stops between them
+    (:func:`_place_until`). The plan's ``meta["budget_cut"]`` counts the children so skipped.
+    The result is then still the best plan seen, never worse than the start placement, but may
+    be worse than the unbudgeted search's. Without a budget, ``cap_s`` (default
+    :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns
+    in bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -329,9 +363,21 @@ def beam_candidates(
             if not children:
                 break
         step_started = time.perf_counter()
-        results = place_many([space.problem(c) for c in children], cluster, scorer)
+        deadline = None if limit_s is None else started + limit_s
+        results = _place_until(children, space, cluster, scorer, deadline, fixed_s, per_child_s)
+        if len(results) < len(children):
+            skipped += len(children) - len(results)
+            logger.info(
+                "beam step %d: the time limit stopped the step after %d of %d children",
+                step + 1,
+                len(results),
+                len(children),
+            )
+            children = children[: len(results)]
+        if not children:
+            break
         step_s = time.perf_counter() - step_started
-        per_child_s = max(step_s - fixed_s, step_s / 2) / len(children)
+        per_child_s = max(per_child_s, max(step_s - fixed_s, step_s / 2) / len(children))
         steps += 1
         costs = [consider(child, r) for child, r in zip(children, results)]
         ranked = sorted(range(len(children)), key=costs.__getitem__)

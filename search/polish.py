@@ -42,16 +42,15 @@ def neuroshard_search(
     """The beam; with ``budget_s``, ``1 - polish_fraction`` of it for the beam and the rest
     for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower.
     SurCo's solver gets what is left once its fits (projected at :data:`SURCO_S_PER_PAIR`
-    per shard and device) are paid for; no polish when that is under :data:`MIN_POLISH_S`."""
+    per shard and device) are paid for; no polish, and the whole budget to the beam, when
+    the solver would get less time than the fits or than :data:`MIN_POLISH_S`."""
     if budget_s is None:
         return beam_search(tables, cluster, estimator, seed=seed, **beam_options)
     started = time.perf_counter()
     # The polish's fits grow with shards x devices: on a large task the whole budget goes
-    # to the beam when what the polish would keep for its solver is too little anyway.
-    polish = (
-        budget_s * polish_fraction - len(tables) * cluster.num_devices * SURCO_S_PER_PAIR
-        >= MIN_POLISH_S
-    )
+    # to the beam unless the polish's solver would get at least as long as its fits.
+    fits_s = len(tables) * cluster.num_devices * SURCO_S_PER_PAIR
+    polish = budget_s * polish_fraction >= max(MIN_POLISH_S + fits_s, 2 * fits_s)
     beam = beam_search(
         tables,
         cluster,
