@@ -239,3 +239,33 @@ def test_without_a_budget_the_default_cap_bounds_the_beam_and_says_so(caplog):
     assert budgeted.shards == free.shards and budgeted.meta["budget_cut"] == 0
     with pytest.raises(ValueError, match="cap_s must be positive"):
         beam_search(tables, cluster, fake, cap_s=0.0)
+
+
+def test_a_step_near_its_deadline_is_placed_in_chunks_that_stop_in_time(monkeypatch):
+    import neuroshard.search.beam as beam
+
+    tables, cluster, fake = make_tables(30), make_cluster(4), FakeEstimator()
+    space = beam.Space(tables, cluster, Scorer(fake, cluster=cluster), None)
+    start = space.initial_state()
+    children = [c for c, _ in beam._children(start, space, 10, True)][:12]
+    assert len(children) == 12
+    clock = {"now": 0.0}
+    calls = []
+
+    def fake_place_many(problems, cluster_, scorer):
+        calls.append(len(problems))
+        clock["now"] += 1.0 * len(problems)  # one second per child
+        return ["placed"] * len(problems)
+
+    monkeypatch.setattr(beam.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(beam, "place_many", fake_place_many)
+    # No deadline, or one far away: one lockstep call.
+    assert len(beam._place_until(children, space, cluster, None, None, 0.0, 1.0)) == 12
+    assert len(beam._place_until(children, space, cluster, None, 100.0, 0.0, 1.0)) == 12
+    assert calls == [12, 12]
+    # 7 s to the deadline at 1 s per child: chunks of 3, stopping before the one that
+    # would end past it.
+    calls.clear()
+    clock["now"] = 0.0
+    placed = beam._place_until(children, space, cluster, None, 7.0, 0.0, 1.0)
+    assert calls == [3, 3] and len(placed) == 6 and clock["now"] <= 7.0
