@@ -225,9 +225,12 @@ def test_quick_session_runs_end_to_end_without_optional_packages(tmp_path):
     assert results["collected"]["compute_retest"] == results["asked"]["compute_retest"]
     assert 0 < results["model"]["mape"] and -1 <= results["model"]["spearman"] <= 1
     assert results["plans"]["passes"]  # at least one full pass over the tasks
+    for fig in results["plans"]["passes"].values():  # verification on measured compute
+        assert "neuroshard+verify" in fig["mean_max_ms"] and fig["verified_over_torchrec"] > 0
     meta = json.loads((out / "model" / "meta.json").read_text())
     assert "one GPU cannot measure a collective" in meta["provenance"]["comm"]
     assert meta["backend"] == "cpu" and meta["metrics"]["compute"]["test_pool"]["mape"] > 0
+    assert meta["architecture"]["compute_members"] == 3 and meta["conservative_k"] == 0.25
     for part in ("compute", "compute_holdout", "compute_retest", "comm"):
         assert list((out / "data" / part).glob("part-*.parquet")), part
     loads = (out / "plan_loads.csv").read_text().splitlines()
