@@ -57,6 +57,7 @@ from neuroshard.types import (
     PlanInfeasibleError,
     TableConstraint,
     TableSpec,
+    embedding_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def exhaustive_tablewise(
     error = infeasibility(tables, cluster)
     if error is not None:
         raise error
-    sizes = [t.size_bytes for t in tables]
+    sizes = [embedding_bytes(t.rows, t.dim, cluster.optimizer) for t in tables]
     memory = _subset_sums(sizes)
     dims = _subset_sums([t.dim for t in tables])
     placements = _enumerate(sizes, caps, symmetric)

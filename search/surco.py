@@ -95,6 +95,7 @@ from neuroshard.types import (
     Plan,
     PlanInfeasibleError,
     TableSpec,
+    embedding_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -457,7 +458,9 @@ def _search(
     one record per round. ``start`` (None: nothing placed) is the incumbent to begin with."""
     num_devices = cluster.num_devices
     widths = np.asarray([s.dim for s in specs], dtype=float)
-    sizes = np.asarray([s.size_bytes for s in specs], dtype=np.int64)
+    sizes = np.asarray(
+        [embedding_bytes(s.rows, s.dim, cluster.optimizer) for s in specs], dtype=np.int64
+    )  # weights and optimizer state, as the plan's validation counts them
     total_dim = float(widths.sum())
     best = start if start is not None else np.full(len(specs), -1, dtype=np.int64)
     best_ms = start_ms

@@ -255,3 +255,19 @@ def test_bad_arguments():
         surco_plan(tables, cluster, FakeEstimator(), variant="best")
     with pytest.raises(ValueError, match="rounds"):
         surco_plan(tables, cluster, FakeEstimator(), rounds=0)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_surco_counts_the_optimizer_state_in_device_memory(optimizer):
+    from dataclasses import replace as _replace
+
+    from neuroshard.plan_io import validate_plan
+    from neuroshard.types import embedding_bytes
+
+    tables = make_tables(12, seed=3)
+    need = sum(embedding_bytes(t.rows, t.dim, optimizer) for t in tables)
+    # Room for the weights with their optimizer state, with a third to spare over 4 devices.
+    cluster = _replace(make_cluster(4, 1), optimizer=optimizer)
+    cluster = _replace(cluster, memory_per_device_bytes=(int(need / 3),) * 4)
+    plan = surco_plan(tables, cluster, FakeEstimator(), budget_s=2.0)
+    validate_plan(plan)  # HBM caps with the optimizer state
