@@ -299,8 +299,9 @@ def beam_candidates(
 ) -> list[Plan]:
     """:func:`beam_search`'s ``keep`` cheapest distinct plans under ``estimator``, cheapest
     first (fewer when the search placed fewer states); the first is :func:`beam_search`'s
-    plan. For verification: a planner measures them on a backend and
-    keeps the one measured cheapest."""
+    plan, and with ``keep > 1`` the start placement (the greedy grid's plan) is always one
+    of them, last if it would not have made the cut. For verification: a planner measures
+    them on a backend and keeps the one measured cheapest."""
     if width < 1 or max_splits < 0 or keep < 1:
         raise ValueError(
             f"need width >= 1, max_splits >= 0 and keep >= 1, got {width}, {max_splits}, {keep}"
@@ -400,6 +401,10 @@ def beam_candidates(
             skipped,
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
+    if keep > 1 and isinstance(first, Placement) and all(e[2] != start for e in ordered):
+        # The start (the greedy grid's plan) is always a candidate: a verifier then never
+        # keeps a plan it prices above the greedy grid's.
+        ordered = ordered[: keep - 1] + [(-first.cost_ms, 0, start, first)]
     logger.debug(
         "beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
         steps,

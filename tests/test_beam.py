@@ -6,6 +6,7 @@ from neuroshard.search.beam import (
     beam_candidates,
     beam_search,
     expand,
+    grid_search,
     halve,
     initial_state,
 )
@@ -269,3 +270,12 @@ def test_a_step_near_its_deadline_is_placed_in_chunks_that_stop_in_time(monkeypa
     clock["now"] = 0.0
     placed = beam._place_until(children, space, cluster, None, 7.0, 0.0, 1.0)
     assert calls == [3, 3] and len(placed) == 6 and clock["now"] <= 7.0
+
+
+def test_beam_candidates_always_hold_the_greedy_grid_plan():
+    tables, cluster, fake = hot_tables(), make_cluster(4), FakeEstimator()
+    grid = grid_search(tables, cluster, fake, constraints=COLUMNS_ONLY)
+    for keep in (2, 3, 6):
+        plans = beam_candidates(tables, cluster, fake, keep=keep, constraints=COLUMNS_ONLY)
+        assert len(plans) == keep and any(p.shards == grid.shards for p in plans)
+        assert plans[0].shards != grid.shards  # the beam found better, first

@@ -95,7 +95,8 @@ def test_verification_keeps_the_candidate_the_verifier_prices_cheapest():
     assert record["candidates"] == 4 and record["model_ms"] == sorted(record["model_ms"])
     flipped = Planner(model, verify=_Disagrees(model), top=6).plan(tables, cluster)
     record = flipped.meta["verify"]
-    assert record["chosen_rank"] == 6 and min(record["verified_ms"]) == record["verified_ms"][5]
+    chosen = record["chosen_rank"]
+    assert chosen > 1 and min(record["verified_ms"]) == record["verified_ms"][chosen - 1]
     assert flipped.shards != plain.shards
     assert record["backend"] == "disagrees" and flipped.cost.model == plain.cost.model
 
