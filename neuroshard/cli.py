@@ -314,6 +314,11 @@ def plan(
         help="sgd, rowwise_adagrad or adam: its state (none, a float per row, two per element) "
         "counts in each shard's memory.",
     ),
+    io_buffers: bool = typer.Option(
+        True,
+        "--io-buffers/--no-io-buffers",
+        help="Count each shard's input and output buffers in its HBM, as TorchRec does.",
+    ),
     devices_per_host: int = typer.Option(
         0,
         "--devices-per-host",
@@ -399,6 +404,7 @@ def plan(
         constraints=constraints if constraints.tables or constraints.colocate else None,
         reserve=reserve,
         optimizer=optimizer,
+        io_buffers=io_buffers,
         verify=None if verify is None else _verifier(verify, cluster.batch_size),
         top=5 if top is None else top,
     )

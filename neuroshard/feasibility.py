@@ -23,6 +23,7 @@ from neuroshard.types import (
     TableConstraint,
     TableSpec,
     embedding_bytes,
+    io_buffer_bytes,
     shard_hbm_bytes,
 )
 
@@ -92,28 +93,30 @@ def _options(
     total) at their smallest (narrowest column shard, lowest cache fraction)."""
     devices = rule.allowed_devices(cluster)
     optimizer = cluster.optimizer
-    shapes: list[tuple[str, int, int, int]] = []  # label, rows, width, copies
+    # label, sharding type, rows, width, copies
+    shapes: list[tuple[str, str, int, int, int]] = []
     if rule.allows_type("table_wise"):
-        shapes.append(("table-wise", t.rows, t.dim, 1))
+        shapes.append(("table-wise", "table_wise", t.rows, t.dim, 1))
     if rule.allows_type("column_wise"):
-        shapes.append(("column-wise", t.rows, min(DIM_MULTIPLE, t.dim), 1))
+        shapes.append(("column-wise", "column_wise", t.rows, min(DIM_MULTIPLE, t.dim), 1))
     if rule.allows_type("row_wise"):
-        shapes.append(("row-wise", math.ceil(t.rows / len(devices)), t.dim, 1))
+        shapes.append(("row-wise", "row_wise", math.ceil(t.rows / len(devices)), t.dim, 1))
     if rule.allows_type("table_row_wise"):
         hosts = [[d for d in devices if cluster.host_of(d) == h] for h in range(cluster.num_hosts)]
         widest = max(len(h) for h in hosts)
-        shapes.append(("table-row-wise", math.ceil(t.rows / widest), t.dim, 1))
+        shapes.append(("table-row-wise", "table_row_wise", math.ceil(t.rows / widest), t.dim, 1))
     if rule.allows_type("data_parallel"):
-        shapes.append(("data-parallel", t.rows, t.dim, cluster.num_devices))
+        shapes.append(("data-parallel", "data_parallel", t.rows, t.dim, cluster.num_devices))
     out = []
-    for label, rows, width, copies in shapes:
+    for label, kind, rows, width, copies in shapes:
+        io = io_buffer_bytes(t, kind, width, cluster)  # per shard
         for kernel in ("fused", "dense", "fused_uvm_caching"):
             if not rule.allows_kernel(kernel):
                 continue
             fraction = rule.cache_fraction or MIN_CACHE_FRACTION
-            hbm = shard_hbm_bytes(rows, width, kernel, fraction, optimizer)
+            hbm = shard_hbm_bytes(rows, width, kernel, fraction, optimizer) + io
             host = embedding_bytes(rows, width, optimizer) if kernel == "fused_uvm_caching" else 0
-            whole = shard_hbm_bytes(t.rows, t.dim, kernel, fraction, optimizer) * copies
+            whole = (shard_hbm_bytes(t.rows, t.dim, kernel, fraction, optimizer) + io) * copies
             suffix = "" if kernel == "fused" else f" on {kernel}"
             out.append((label + suffix, hbm, host, whole))
     return out
@@ -126,8 +129,9 @@ def check_fits(
     ``cluster``: a table none of whose allowed sharding types and kernels fits a device
     (its smallest shard: a 4-column slice, a row block over every device or a host, an
     HBM cache of 1% of its rows), or tables whose smallest HBM footprints together exceed
-    the devices' budgets. Footprints count the cluster's optimizer state; HBM budgets are
-    the caps less the reserve. The error names the tables and the bytes."""
+    the devices' budgets. Footprints count the cluster's optimizer state and, when it counts
+    them, the I/O buffers; HBM budgets are the caps less the reserve. The error names the
+    tables and the bytes."""
     constraints = constraints or Constraints()
     budget, host_budget = cluster.hbm_budget_bytes, cluster.host_budget_bytes
     too_big, least = [], []

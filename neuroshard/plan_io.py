@@ -66,6 +66,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             doc[key] = getattr(cluster, key)
     doc["hbm_reserve_fraction"] = cluster.hbm_reserve_fraction
     doc["optimizer"] = cluster.optimizer
+    if cluster.io_buffers:
+        doc["io_buffers"] = True
     doc["tables"] = [_table_to_dict(plan, t) for t in plan.tables]
     if plan.cost is not None:
         doc["cost"] = cost_to_dict(plan.cost)
@@ -211,6 +213,12 @@ def _cluster_from_dict(doc: Mapping[str, Any], v2: bool) -> Cluster:
             extra["hbm_reserve_fraction"] = _number(doc, "hbm_reserve_fraction")
         if doc.get("optimizer") is not None:
             extra["optimizer"] = str(doc["optimizer"])
+        if doc.get("io_buffers") is not None:
+            if not isinstance(doc["io_buffers"], bool):
+                raise PlanFormatError(
+                    f"field 'io_buffers' must be true or false, got {doc['io_buffers']!r}"
+                )
+            extra["io_buffers"] = doc["io_buffers"]
     try:
         return Cluster(num_devices, tuple(memory), _int(doc, "batch_size"), **extra)
     except ValueError as e:
@@ -286,8 +294,9 @@ def validate_plan(plan: Plan) -> None:
     widths are multiples of 4; ``table_wise`` is one shard, ``column_wise`` keeps all rows,
     ``row_wise`` and ``table_row_wise`` keep all columns, ``table_row_wise`` stays on one
     host; ``cache_fraction`` in (0, 1] exactly for ``fused_uvm_caching``. Per device:
-    HBM and host-memory footprints (weights and the cluster's optimizer state) within their
-    caps, the HBM cap less the cluster's ``hbm_reserve_fraction``.
+    HBM and host-memory footprints (weights and the cluster's optimizer state, and the I/O
+    buffers when the cluster counts them) within their caps, the HBM cap less the
+    cluster's ``hbm_reserve_fraction``.
     """
     problems: list[str] = []
     names = {t.name for t in plan.tables}

@@ -65,7 +65,9 @@ class Planner:
     Memory as a training job has it: ``reserve`` is the share of every device's HBM kept
     for what is not embeddings (default :data:`~neuroshard.types.DEFAULT_RESERVE_FRACTION`,
     TorchRec's 15%; None: the cluster's own ``hbm_reserve_fraction``); ``optimizer``
-    (None: the cluster's) adds its state to every shard. Searchers see a cluster whose
+    (None: the cluster's) adds its state to every shard; ``io_buffers`` (default True, as
+    TorchRec's storage estimate; None: the cluster's) adds each shard's input and output
+    buffers (:func:`~neuroshard.types.io_buffer_bytes`). Searchers see a cluster whose
     ``memory_per_device_bytes`` are already the budgets after the reserve, so every
     searcher keeps it; the plan comes back on the cluster with its reserve recorded.
     ``constraints`` (:class:`~neuroshard.types.Constraints`) go to searchers that take
@@ -90,6 +92,7 @@ class Planner:
         *,
         reserve: float | None = DEFAULT_RESERVE_FRACTION,
         optimizer: str | None = None,
+        io_buffers: bool | None = True,
         constraints: Constraints | None = None,
         verify: CostEstimator | Callable[[Cluster], CostEstimator] | None = None,
         top: int = 5,
@@ -108,6 +111,7 @@ class Planner:
         self.seed = seed
         self.reserve = reserve
         self.optimizer = optimizer
+        self.io_buffers = io_buffers
         self.constraints = constraints
         if top < 1:
             raise UsageError(f"top must be at least 1 candidate, got {top}")
@@ -120,12 +124,14 @@ class Planner:
         self.top = top
 
     def cluster_for(self, cluster: Cluster) -> Cluster:
-        """``cluster`` with this planner's reserve and optimizer."""
+        """``cluster`` with this planner's reserve, optimizer and I/O buffers."""
         changes: dict[str, Any] = {}
         if self.reserve is not None:
             changes["hbm_reserve_fraction"] = self.reserve
         if self.optimizer is not None:
             changes["optimizer"] = self.optimizer
+        if self.io_buffers is not None:
+            changes["io_buffers"] = self.io_buffers
         return replace(cluster, **changes) if changes else cluster
 
     @property

@@ -275,6 +275,9 @@ class NeuroShardPlanner(ShardingPlanner):
             global batch asked (:func:`~neuroshard.torchrec_adapter.bind_batch_size`).
         reserve: fraction of each device's memory kept for what is not embeddings
             (default :data:`~neuroshard.types.DEFAULT_RESERVE_FRACTION`, TorchRec's 15%).
+        io_buffers: count each shard's input and output buffers in its memory, as
+            TorchRec's storage estimate does (default True;
+            :func:`~neuroshard.types.io_buffer_bytes`).
         budget_s: seconds the search may take (None: the searcher's own pace).
         seed: passed to the searcher.
 
@@ -292,6 +295,7 @@ class NeuroShardPlanner(ShardingPlanner):
         searcher: str | Searcher = "neuroshard",
         estimator: CostEstimator | None = None,
         reserve: float = DEFAULT_RESERVE_FRACTION,
+        io_buffers: bool = True,
         budget_s: float | None = None,
         seed: int = 0,
     ) -> None:
@@ -307,6 +311,7 @@ class NeuroShardPlanner(ShardingPlanner):
         self.searcher = searcher
         self.estimator = estimator
         self.reserve = reserve
+        self.io_buffers = io_buffers
         self.budget_s = budget_s
         self.seed = seed
         self.last_plan: Plan | None = None
@@ -371,6 +376,7 @@ class NeuroShardPlanner(ShardingPlanner):
             budget_s=self.budget_s,
             seed=self.seed,
             reserve=self.reserve,
+            io_buffers=self.io_buffers,
             constraints=constraints if _takes_constraints(search) else None,
         )
         plan = planner.plan(specs, cluster)

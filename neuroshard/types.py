@@ -313,7 +313,9 @@ class Cluster:
     every device's HBM is kept for what is not embeddings (default 0 here; the planner
     sets :data:`DEFAULT_RESERVE_FRACTION` unless told otherwise), so the HBM left to
     shards is :attr:`hbm_budget_bytes`; ``optimizer`` (``sgd``, ``rowwise_adagrad``,
-    ``adam``) adds its state to each shard (:func:`embedding_bytes`).
+    ``adam``) adds its state to each shard (:func:`embedding_bytes`); ``io_buffers`` adds
+    each shard's input and output buffers as TorchRec's storage estimate counts them
+    (:func:`io_buffer_bytes`; default off here, on in the planner).
     """
 
     num_devices: int
@@ -325,6 +327,7 @@ class Cluster:
     inter_host_bw_bytes_per_ms: float | None = None
     hbm_reserve_fraction: float = 0.0
     optimizer: str = "sgd"
+    io_buffers: bool = False
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -482,6 +485,41 @@ def shard_host_bytes(rows: int, width: int, kernel: str = "fused", optimizer: st
     return 0
 
 
+ID_BYTES = 8  # TorchRec's input_data_type_size: int64 ids
+OUTPUT_VALUE_BYTES = 4  # TorchRec's output_data_type_size: FP32 values
+
+
+def io_buffer_bytes(table: TableSpec, sharding_type: str, width: int, cluster: Cluster) -> int:
+    """HBM one shard of ``table`` keeps for its input ids and its output values in a
+    training step, as TorchRec's storage estimate counts them (``calculate_shard_storages``
+    with no pipeline: input + output size); 0 unless ``cluster.io_buffers``.
+
+    With ``b`` the per-rank batch, ``W`` the world size, ``L`` the devices per host, ``P``
+    the sum of the features' pooling factors and ``O`` the sum of ``min(1, pooling)`` (of
+    ``P`` for a sequence table): ids ``P b W x 8`` bytes for table- and column-wise shards,
+    ``P b x 8`` for row-wise ones and data-parallel replicas, ``P b W / L x 8`` for
+    table-row-wise ones; values ``O b W x width x 4`` for every sharded type (``width`` the
+    shard's columns: the table's dim for row blocks) and ``O b x dim x 4`` for a replica.
+    """
+    if not cluster.io_buffers:
+        return 0
+    b = cluster.per_rank_batch_size
+    world, local = cluster.num_devices, cluster.devices_per_host
+    pooling = sum(f.pooling_factor for f in table.feature_list)
+    outputs = (
+        sum(min(1.0, f.pooling_factor) for f in table.feature_list) if table.pooled else pooling
+    )
+    ids = pooling * b
+    if sharding_type in ("table_wise", "column_wise"):
+        ids *= world
+    elif sharding_type == "table_row_wise":
+        ids *= world / local
+    elif sharding_type not in ("row_wise", "data_parallel"):
+        raise ValueError(f"unknown sharding type {sharding_type!r}")
+    values = outputs * b * width * (1 if sharding_type == "data_parallel" else world)
+    return math.ceil(ids * ID_BYTES) + math.ceil(values * OUTPUT_VALUE_BYTES)
+
+
 def inferred_sharding_type(shards: Sequence[Shard]) -> ShardingType:
     """The type of a table's whole-row shards that name none: ``table_wise`` for one shard,
     ``column_wise`` for several (how column-wise searchers build plans and v1 files read)."""
@@ -603,11 +641,15 @@ class Plan:
         return loads
 
     def memory_bytes(self) -> list[int]:
-        """Weights and optimizer state (the cluster's optimizer) in HBM per device."""
-        by_name = {t.name: t for t in self.tables}
+        """HBM per device: weights and optimizer state (the cluster's optimizer), and the
+        shards' I/O buffers when the cluster counts them (:func:`io_buffer_bytes`)."""
         mem = [0] * self.cluster.num_devices
         for s in self.shards:
-            mem[s.device] += s.hbm_bytes(by_name[s.table], self.cluster.optimizer)
+            table = self.table(s.table)
+            mem[s.device] += s.hbm_bytes(table, self.cluster.optimizer)
+            if self.cluster.io_buffers:
+                kind = s.sharding_type or self.sharding_type_of(s.table)
+                mem[s.device] += io_buffer_bytes(table, kind, s.width, self.cluster)
         return mem
 
     def host_memory_bytes(self) -> list[int]:

@@ -1,7 +1,8 @@
 """Baseline searchers, table-wise: a seeded random placement and one key-driven greedy.
 
-Memory is each table's weights and the cluster's optimizer state against the devices' HBM
-budgets (after the reserve); the baselines use no other sharding type or kernel.
+Memory is each table's weights, the cluster's optimizer state and (when the cluster counts
+them) its I/O buffers against the devices' HBM budgets (after the reserve); the baselines
+use no other sharding type or kernel.
 
 The greedy sorts tables by a key, largest first, and puts each on the device with the
 smallest running sum of that key among the devices with memory left for it. The keys are
@@ -26,6 +27,7 @@ from neuroshard.types import (
     TableSpec,
     UnknownNameError,
     embedding_bytes,
+    io_buffer_bytes,
 )
 
 TableKey = Callable[[TableSpec], float]
@@ -41,8 +43,10 @@ RANDOM_ATTEMPTS = 100  # random placements tried before giving up on memory
 
 
 def _footprint(t: TableSpec, cluster: Cluster) -> int:
-    """A table's HBM footprint: weights and the cluster's optimizer state."""
-    return embedding_bytes(t.rows, t.dim, cluster.optimizer)
+    """A table-wise table's HBM footprint, as :meth:`Plan.memory_bytes` counts it."""
+    return embedding_bytes(t.rows, t.dim, cluster.optimizer) + io_buffer_bytes(
+        t, "table_wise", t.dim, cluster
+    )
 
 
 def _key_fn(key: str | TableKey) -> TableKey:

@@ -58,6 +58,7 @@ from neuroshard.types import (
     TableConstraint,
     TableSpec,
     embedding_bytes,
+    io_buffer_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,11 @@ def exhaustive_tablewise(
     error = infeasibility(tables, cluster)
     if error is not None:
         raise error
-    sizes = [embedding_bytes(t.rows, t.dim, cluster.optimizer) for t in tables]
+    sizes = [
+        embedding_bytes(t.rows, t.dim, cluster.optimizer)
+        + io_buffer_bytes(t, "table_wise", t.dim, cluster)
+        for t in tables
+    ]
     memory = _subset_sums(sizes)
     dims = _subset_sums([t.dim for t in tables])
     placements = _enumerate(sizes, caps, symmetric)

@@ -84,6 +84,7 @@ from neuroshard.types import (
     TableSpec,
     Traffic,
     embedding_bytes,
+    io_buffer_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -280,11 +281,14 @@ class Scorer:
         host_link_bytes: float = 0.0,
     ) -> int:
         """The id of the shard whose compute view is ``spec``. By default a table- or
-        column-wise ``fused`` shard: its weights and optimizer state in HBM, its width in
+        column-wise ``fused`` shard: its weights, optimizer state and (when the bound
+        cluster counts them) I/O buffers in HBM, its width in
         the all-to-all (:func:`~neuroshard.traffic.output_values`), the ids of its
         lookups, nothing over the host link; keywords say otherwise."""
         if hbm_bytes is None:
             hbm_bytes = embedding_bytes(spec.rows, spec.dim, self.optimizer)
+            if self.cluster is not None:
+                hbm_bytes += io_buffer_bytes(spec, "column_wise", spec.dim, self.cluster)
         if alltoall is None:
             alltoall = output_values(spec, spec.dim)
         if ids is None:

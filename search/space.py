@@ -47,6 +47,7 @@ from neuroshard.types import (
     Shard,
     TableSpec,
     embedding_bytes,
+    io_buffer_bytes,
     shard_hbm_bytes,
     shard_host_bytes,
 )
@@ -148,6 +149,15 @@ class Space:
         kernel = cast(ComputeKernel, layout.kernel)  # a Layout holds one of COMPUTE_KERNELS
         return kernel, layout.cache_fraction if layout.kernel == UVM else None
 
+    def _hbm(self, table: TableSpec, rows: int, width: int, layout: Layout) -> int:
+        """HBM of one shard of ``table`` under ``layout``: weights and optimizer state (the
+        cached share on ``fused_uvm_caching``) and, when the cluster counts them, its I/O
+        buffers -- the footprint :meth:`Plan.memory_bytes` checks."""
+        kernel, fraction = self._kernel_args(layout)
+        return shard_hbm_bytes(rows, width, kernel, fraction, self.optimizer) + io_buffer_bytes(
+            table, layout.sharding_type(), width, self.cluster
+        )
+
     def _item(
         self,
         table: TableSpec,
@@ -163,7 +173,7 @@ class Space:
         batch = self.cluster.batch_size
         return self.scorer.item(
             view,
-            hbm_bytes=shard_hbm_bytes(rows, width, kernel, fraction, self.optimizer),
+            hbm_bytes=self._hbm(table, rows, width, layout),
             host_bytes=shard_host_bytes(rows, width, kernel, self.optimizer),
             alltoall=alltoall,
             ids=ids,
@@ -328,14 +338,6 @@ class Space:
     def _largest(self, i: int, devices: Sequence[int] | None = None) -> int:
         return max(self.budget[d] for d in (devices or self.allowed[i]))
 
-    def _uvm_fits(self, i: int, rows: int, width: int, devices: Sequence[int]) -> bool:
-        fraction = self.rules[i].cache_fraction or CACHE_FRACTIONS[0]
-        return max(self.host_budget[d] for d in devices) >= self.footprint(
-            i, width, rows
-        ) and self._largest(i, devices) >= shard_hbm_bytes(
-            rows, width, UVM, fraction, self.optimizer
-        )
-
     def _kernels(self, i: int) -> list[str]:
         rule = self.rules[i]
         kernels = [k for k in ("fused", "dense", UVM) if rule.allows_kernel(k)]
@@ -408,7 +410,7 @@ class Space:
         kernel, fraction = self._kernel_args(layout)
         if layout.kind == COLUMNS:
             w = layout.widths[0]
-            hbm = shard_hbm_bytes(t.rows, w, kernel, fraction, self.optimizer)
+            hbm = self._hbm(t, t.rows, w, layout)
             host = shard_host_bytes(t.rows, w, kernel, self.optimizer)
             return any(
                 self.budget[d] >= hbm and self.host_budget[d] >= host for d in self.allowed[i]
@@ -421,7 +423,7 @@ class Space:
         else:
             blocks = row_blocks(t.rows, len(devices))
         return all(
-            self.budget[d] >= shard_hbm_bytes(hi - lo, t.dim, kernel, fraction, self.optimizer)
+            self.budget[d] >= self._hbm(t, hi - lo, t.dim, layout)
             and self.host_budget[d] >= shard_host_bytes(hi - lo, t.dim, kernel, self.optimizer)
             for (lo, hi), d in zip(blocks, devices, strict=False)
         )
@@ -431,9 +433,14 @@ class Space:
         t = self.tables[i]
         kernel, fraction = self._kernel_args(layout)
         total = shard_hbm_bytes(t.rows, t.dim, kernel, fraction, self.optimizer)
+        kind = layout.sharding_type()
         if layout.kind == DATA_PARALLEL:
-            return total * self.cluster.num_devices
-        return total
+            n = self.cluster.num_devices
+            return n * (total + io_buffer_bytes(t, kind, t.dim, self.cluster))
+        if layout.kind == COLUMNS:
+            return total + sum(io_buffer_bytes(t, kind, w, self.cluster) for w in layout.widths)
+        blocks = len(self.devices_of(i, layout))
+        return total + blocks * io_buffer_bytes(t, kind, t.dim, self.cluster)
 
     def initial_state(self) -> State:
         """Each table's :meth:`start_layout`; then, while the tables' HBM exceeds the total

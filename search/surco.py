@@ -96,6 +96,7 @@ from neuroshard.types import (
     PlanInfeasibleError,
     TableSpec,
     embedding_bytes,
+    io_buffer_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -459,8 +460,13 @@ def _search(
     num_devices = cluster.num_devices
     widths = np.asarray([s.dim for s in specs], dtype=float)
     sizes = np.asarray(
-        [embedding_bytes(s.rows, s.dim, cluster.optimizer) for s in specs], dtype=np.int64
-    )  # weights and optimizer state, as the plan's validation counts them
+        [
+            embedding_bytes(s.rows, s.dim, cluster.optimizer)
+            + io_buffer_bytes(s, "column_wise", s.dim, cluster)
+            for s in specs
+        ],
+        dtype=np.int64,
+    )  # weights, optimizer state and I/O buffers, as the plan's validation counts them
     total_dim = float(widths.sum())
     best = start if start is not None else np.full(len(specs), -1, dtype=np.int64)
     best_ms = start_ms

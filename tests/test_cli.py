@@ -223,3 +223,24 @@ def test_plan_verify_refuses_bad_options(tmp_path, monkeypatch, args, message):
     result = CliRunner().invoke(app, ["plan", EXAMPLE, "--devices", "4", "--memory", "4GB", *args])
     assert result.exit_code != 0 and message in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_plan_counts_io_buffers_unless_told_not_to(run, tmp_path):
+    on, off = tmp_path / "on.json", tmp_path / "off.json"
+    run("plan", EXAMPLE, "--devices", 4, "--memory", "4GB", "--searcher", "lookup", "--out", on)
+    run(
+        "plan",
+        EXAMPLE,
+        "--devices",
+        4,
+        "--memory",
+        "4GB",
+        "--searcher",
+        "lookup",
+        "--no-io-buffers",
+        "--out",
+        off,
+    )
+    with_io, without = read_plan(on), read_plan(off)
+    assert with_io.cluster.io_buffers and not without.cluster.io_buffers
+    assert sum(with_io.memory_bytes()) > sum(without.memory_bytes())

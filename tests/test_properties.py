@@ -106,7 +106,8 @@ def check_outcome(name, specs, cluster, bad_messages=None):
     """
     estimator = FakeEstimator(cluster.batch_size)
     try:
-        plan = Planner(estimator, name, reserve=0.0).plan(specs, cluster)  # full caps
+        # full caps, weights only: the properties below reason about weights
+        plan = Planner(estimator, name, reserve=0.0, io_buffers=False).plan(specs, cluster)
     except PlanInfeasibleError as e:
         message = str(e)
         if not (names_a_table(message, specs) and "bytes" in message):

@@ -4,6 +4,7 @@ it, the search over types, kernels and constraints, and the scenarios that must 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,12 +32,15 @@ from neuroshard.types import (
     Cluster,
     ConstraintError,
     Constraints,
+    FeatureSpec,
     Plan,
+    PlanFormatError,
     PlanInfeasibleError,
     Shard,
     TableConstraint,
     TableSpec,
     embedding_bytes,
+    io_buffer_bytes,
     optimizer_state_bytes,
 )
 
@@ -64,8 +68,10 @@ def plan_with(tables, cluster, **kw):
 
 def test_a_table_larger_than_a_device_and_four_wide_plans_row_wise():
     # 4M x 4 = 64 MB on 2 devices of 40 MB: no column split exists, row blocks of 32 MB fit
+    # (with their I/O buffers at TorchRec's default per-rank batch of 512)
     plan = plan_with(
-        [TableSpec("big", 4_000_000, 4, pooling_factor=10)], Cluster.uniform(2, 40 * MB)
+        [TableSpec("big", 4_000_000, 4, pooling_factor=10)],
+        Cluster.uniform(2, 40 * MB, batch_size=1024),
     )
     assert plan.sharding_type_of("big") in ("row_wise", "table_row_wise")
     assert sorted(s.rows for s in plan.shards) == [(0, 2_000_000), (2_000_000, 4_000_000)]
@@ -214,11 +220,46 @@ def test_the_planner_keeps_a_reserve_and_counts_optimizer_state():
     plan = Planner(FakeEstimator(), "greedy-grid").plan(tables, cluster)
     assert plan.cluster.hbm_reserve_fraction == 0.15
     assert max(plan.memory_bytes()) <= 0.85 * 4 * GB
-    adam = Planner(FakeEstimator(), "greedy-grid", optimizer="adam").plan(tables, cluster)
+    adam = Planner(FakeEstimator(), "greedy-grid", optimizer="adam", io_buffers=False).plan(
+        tables, cluster
+    )
     assert sum(adam.memory_bytes()) == 3 * sum(t.size_bytes for t in tables)
     back = plan_from_dict(plan_to_dict(adam))
     validate_plan(back)
     assert back.cluster == adam.cluster
+
+
+def test_io_buffers_count_as_torchrec_counts_them():
+    t = TableSpec("t", 1_000, 64, features=(FeatureSpec("a", 3.0), FeatureSpec("b", 0.5)))
+    c = Cluster.uniform(8, GB, batch_size=8 * 512, devices_per_host=4, io_buffers=True)
+    ids, outs = 3.5 * 512, (1.0 + 0.5) * 512  # per rank: sum of pooling, of min(1, pooling)
+    assert io_buffer_bytes(t, "table_wise", 64, c) == ids * 8 * 8 + outs * 8 * 64 * 4
+    assert io_buffer_bytes(t, "column_wise", 16, c) == ids * 8 * 8 + outs * 8 * 16 * 4
+    assert io_buffer_bytes(t, "row_wise", 64, c) == ids * 8 + outs * 8 * 64 * 4
+    assert io_buffer_bytes(t, "table_row_wise", 64, c) == ids * 2 * 8 + outs * 8 * 64 * 4
+    assert io_buffer_bytes(t, "data_parallel", 64, c) == ids * 8 + outs * 64 * 4
+    seq = TableSpec("s", 1_000, 64, pooling_factor=3.0, pooled=False)
+    assert io_buffer_bytes(seq, "table_wise", 64, c) == (3 * 512 * 8) * (8 + 64 * 4)
+    assert io_buffer_bytes(t, "table_wise", 64, replace(c, io_buffers=False)) == 0
+
+
+def test_the_planner_counts_io_buffers_and_the_plan_file_keeps_the_choice(tmp_path):
+    tables, cluster = make_tables(8, seed=2), make_cluster(4, memory_gb=4)
+    plan = Planner(FakeEstimator(), "greedy-grid").plan(tables, cluster)
+    lean = Planner(FakeEstimator(), "greedy-grid", io_buffers=False).plan(tables, cluster)
+    assert plan.cluster.io_buffers and not lean.cluster.io_buffers
+    io = sum(io_buffer_bytes(t, "table_wise", t.dim, plan.cluster) for t in tables)
+    assert io > 0 and sum(plan.memory_bytes()) == sum(lean.memory_bytes()) + io
+    back = plan_from_dict(plan_to_dict(plan))
+    assert back.cluster.io_buffers and back.memory_bytes() == plan.memory_bytes()
+    assert not plan_from_dict(plan_to_dict(lean)).cluster.io_buffers  # absent: off
+    # A cap that holds the weights but not the buffers: validation says so.
+    weights_only = replace(
+        plan.cluster, memory_per_device_bytes=tuple(lean.memory_bytes()), hbm_reserve_fraction=0.0
+    )
+    validate_plan(replace(lean, cluster=replace(weights_only, io_buffers=False)))
+    with pytest.raises(PlanFormatError, match="exceeds cap"):
+        validate_plan(replace(plan, cluster=weights_only))
 
 
 def test_check_fits_names_tables_and_bytes_for_every_type():

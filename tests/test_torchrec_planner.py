@@ -192,14 +192,15 @@ def test_planner_reads_a_table_file_and_uses_hbm_on_cuda(tmp_path):
     )
     calls = []
     p = NeuroShardPlanner(
-        topology(2, "cuda", cap=1 << 20),
+        topology(2, "cuda", cap=64 << 20),  # weights and I/O buffers at 32,768 per rank
         table_stats=path,
         searcher=_stub_searcher(calls),
         estimator=FakeEstimator(),
     )
     sp = p.plan(ebc([("a", 50, 16), ("b", 60, 32)]), [EmbeddingBagCollectionSharder()])
     assert [t.pooling_factor for t in calls[0][0]] == [11.0, 3.0]
-    assert p.last_plan.cluster.memory_per_device_bytes == (1 << 20, 1 << 20)
+    assert p.last_plan.cluster.memory_per_device_bytes == (64 << 20, 64 << 20)
+    assert p.last_plan.cluster.io_buffers
     assert str(sp.plan[""]["b"].sharding_spec.shards[0].placement) == "rank:1/cuda:1"
 
 
@@ -718,10 +719,10 @@ def test_fifteen_percent_is_reserved_by_default():
     # 91.6% of two devices and the plan must refuse or keep 15% free
     rows = int(0.916 * 2 * cap / (8 * 64 * 4))
     tight = [(f"t{i}", rows, 64) for i in range(8)]
-    p = planner(2, "cpu", cap=cap)
+    p = planner(2, "cpu", cap=cap, io_buffers=False)  # the reserve alone
     with pytest.raises(PlanInfeasibleError):
         p.plan(Model(tight), BOTH)
-    p = planner(2, "cpu", cap=cap, reserve=0.0)
+    p = planner(2, "cpu", cap=cap, reserve=0.0, io_buffers=False)
     p.plan(Model(tight), BOTH)
     assert max(p.last_plan.memory_bytes()) <= cap
 
