@@ -221,6 +221,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
             "moved": moved,
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -402,6 +403,7 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                         [path_, key, *md.shard_offsets, *md.shard_sizes, md.placement.rank()]
                     )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 
