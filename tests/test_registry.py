@@ -41,6 +41,18 @@ def test_default_model_dir_picks_the_nearest_device_count():
         default_model_dir(4, backend="abacus")
 
 
+def test_default_model_dir_keeps_to_one_hardware_profile():
+    # sim-a100 sorts before sim-h100 and covers the same clusters: the profile decides
+    for n in (3, 16, 128):
+        assert default_model_dir(n).name == "sim-h100"
+        assert default_model_dir(n, profile="a100").name == "sim-a100"
+        assert default_model_dir(n, profile="h200").name == "sim-h200"
+    assert default_model_dir(8, profile="h200").name == "sim-h200-d8"
+    assert default_model_dir(4, backend="cpu", profile="a100").name == "cpu-b4096-d4"
+    model = resolve_cost_model(num_devices=16, batch_size=4096, profile="a100")
+    assert model.meta_["backend_fingerprint"]["profile"] == "a100"
+
+
 def test_resolve_cost_model():
     model = resolve_cost_model(num_devices=4, batch_size=65_536)
     assert model.name.startswith("neural-sim")

@@ -44,6 +44,7 @@ __all__ = [
     "shipped_models",
 ]
 
+DEFAULT_PROFILE = "h100"  # the hardware profile of the default (sim) models
 DEFAULT_KIND = "neural"
 # Whether a model trained at exactly the cluster's device count wins a tie with one that
 # takes the cluster as an input (see default_model_dir).
@@ -199,22 +200,32 @@ def shipped_models() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def _profile(meta: Mapping[str, Any]) -> str | None:
+    """The hardware profile a model's samples came from (a sim model's), else None."""
+    fingerprint = meta.get("backend_fingerprint")
+    return fingerprint.get("profile") if isinstance(fingerprint, Mapping) else None
+
+
 def default_model_dir(
     num_devices: int,
     backend: str = DEFAULT_BACKEND,
     kind: str = DEFAULT_KIND,
     batch_size: int | None = None,
+    profile: str = DEFAULT_PROFILE,
 ) -> Path:
     """The shipped model of ``kind`` trained on ``backend`` nearest ``num_devices``: a
     model that takes the batch and cluster as inputs (``batch_input``) is at distance 0
     inside its trained device range, a model of one device count at the difference. With
     ``batch_size``, models that price it (their batch, or one in their range) come first.
-    Ties go to a model trained at exactly ``num_devices`` when
+    Models of another hardware ``profile`` (sim models of ``a100``, ``h200``) are left
+    out. Ties go to a model trained at exactly ``num_devices`` when
     :data:`PREFER_EXACT_DEVICES`, then to the smaller name."""
     candidates = []
     for name, path in shipped_models().items():
         meta = read_meta(path)
         if meta.get("backend") != backend or meta.get("kind") != kind:
+            continue
+        if _profile(meta) not in (None, profile):
             continue
         trained = batch_range(meta)
         own = int(meta.get("num_devices", 0))
@@ -260,11 +271,13 @@ def resolve_cost_model(
     num_devices: int | None = None,
     force: bool = False,
     compute_device: str | None = None,
+    profile: str = DEFAULT_PROFILE,
 ) -> CostEstimator:
     """The cost model a plan should be priced with.
 
     ``model_dir`` is loaded when given; otherwise the shipped model of ``kind`` (default
-    neural) trained on ``backend`` (default sim) nearest ``num_devices``. The model must
+    neural) trained on ``backend`` (default sim, of hardware ``profile``) nearest
+    ``num_devices``. The model must
     match ``batch_size`` (lie in its training range, for a model that takes the batch as
     an input: it is returned bound to it), ``backend`` and ``kind`` where they are given
     (:class:`~neuroshard.types.ModelMismatchError` lists every difference), unless
@@ -281,7 +294,7 @@ def resolve_cost_model(
         if backend is None and compute_device is not None:
             backend = backend_for_device(compute_device, kind or DEFAULT_KIND)
         model_dir = default_model_dir(
-            num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND, batch_size
+            num_devices, backend or DEFAULT_BACKEND, kind or DEFAULT_KIND, batch_size, profile
         )
     if force:
         model = load_cost_model(model_dir)
