@@ -243,6 +243,7 @@ def beam_search(
     constraints: Constraints | None = None,
     bulk_moves: bool = True,
     cap_s: float | None = DEFAULT_CAP_S,
+    until_feasible: bool = False,
 ) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
@@ -262,6 +263,7 @@ def beam_search(
     be worse than the unbudgeted search's. Without a budget, ``cap_s`` (default
     :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns
     in bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
+    ``until_feasible`` stops after the first step that places a state that packs.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -279,6 +281,7 @@ def beam_search(
         constraints=constraints,
         bulk_moves=bulk_moves,
         cap_s=cap_s,
+        until_feasible=until_feasible,
     )[0]
 
 
@@ -296,6 +299,7 @@ def beam_candidates(
     constraints: Constraints | None = None,
     bulk_moves: bool = True,
     cap_s: float | None = DEFAULT_CAP_S,
+    until_feasible: bool = False,
 ) -> list[Plan]:
     """:func:`beam_search`'s ``keep`` cheapest distinct plans under ``estimator``, cheapest
     first (fewer when the search placed fewer states); the first is :func:`beam_search`'s
@@ -381,6 +385,8 @@ def beam_candidates(
         per_child_s = max(per_child_s, max(step_s - fixed_s, step_s / 2) / len(children))
         steps += 1
         costs = [consider(child, r) for child, r in zip(children, results)]
+        if until_feasible and kept:
+            break
         ranked = sorted(range(len(children)), key=costs.__getitem__)
         beam = [children[k] for k in ranked[:width]]
         logger.debug(
@@ -444,13 +450,30 @@ def grid_search(
 ) -> Plan:
     """The greedy grid alone, on the start state: every table table-wise where it fits a
     device (else the first layout that fits, see :meth:`Space.initial_state`), no beam.
+    When the start state does not pack (each shard fits a device alone, not all of them
+    together), the first state the beam places that packs, so that the greedy grid is
+    infeasible only when the search is (``meta["start_packed"]`` False says so).
 
     Deterministic and fast; ``seed`` and ``budget_s`` are accepted for the
     :class:`~neuroshard.types.Searcher` signature.
     """
-    plan = beam_search(
-        tables, cluster, estimator, seed=seed, max_splits=0, constraints=constraints, cap_s=None
-    )
+    try:
+        plan = beam_search(
+            tables, cluster, estimator, seed=seed, max_splits=0, constraints=constraints, cap_s=None
+        )
+    except PlanInfeasibleError as exc:
+        logger.info("the greedy grid's start state does not pack (%s); searching on", exc)
+        plan = beam_search(
+            tables, cluster, estimator, seed=seed, constraints=constraints, until_feasible=True
+        )
+        return replace(
+            plan,
+            meta={
+                "scale": plan.meta["scale"],
+                "sharding_types": plan.meta["sharding_types"],
+                "start_packed": False,
+            },
+        )
     return replace(
         plan, meta={"scale": plan.meta["scale"], "sharding_types": plan.meta["sharding_types"]}
     )

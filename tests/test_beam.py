@@ -12,7 +12,7 @@ from neuroshard.search.beam import (
 )
 from neuroshard.search.greedy import greedy_grid
 from neuroshard.search.scoring import Scorer, plan_cost
-from neuroshard.types import Constraints, PlanInfeasibleError, TableConstraint
+from neuroshard.types import Cluster, Constraints, PlanInfeasibleError, TableConstraint
 
 from factories import (
     GB,
@@ -279,3 +279,15 @@ def test_beam_candidates_always_hold_the_greedy_grid_plan():
         plans = beam_candidates(tables, cluster, fake, keep=keep, constraints=COLUMNS_ONLY)
         assert len(plans) == keep and any(p.shards == grid.shards for p in plans)
         assert plans[0].shards != grid.shards  # the beam found better, first
+
+
+def test_greedy_grid_searches_on_when_its_start_does_not_pack():
+    # three tables of 60% of a device on two devices: each fits alone, table-wise they do
+    # not pack, a column split of one of them does
+    tables = [make_table(f"t{i}", rows=2_343, dim=64, pooling_factor=2.0) for i in range(3)]
+    cluster = Cluster.uniform(2, 1_000_000)
+    with pytest.raises(PlanInfeasibleError):
+        beam_search(tables, cluster, FakeEstimator(), max_splits=0, constraints=COLUMNS_ONLY)
+    plan = grid_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY)
+    validate_plan(plan)
+    assert plan.meta["start_packed"] is False and len(plan.shards) > len(tables)
