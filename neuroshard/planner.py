@@ -23,6 +23,7 @@ from neuroshard.search.scoring import plan_cost
 from neuroshard.types import (
     DEFAULT_RESERVE_FRACTION,
     OPTIMIZERS,
+    BackendError,
     Cluster,
     ConstraintError,
     Constraints,
@@ -210,7 +211,7 @@ class Planner:
         verified_ms = [plan_cost(p, verifier).max_ms for p in candidates]
         bad = [i for i, ms in enumerate(verified_ms) if not math.isfinite(ms)]
         if bad:
-            raise UsageError(
+            raise BackendError(
                 f"verification on {verifier.name} gave no finite cost for candidate(s) "
                 f"{', '.join(str(i + 1) for i in bad)} of {len(candidates)}"
             )
