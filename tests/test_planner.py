@@ -4,7 +4,13 @@ from neuroshard.feasibility import check_fits
 from neuroshard.models import default_model_dir
 from neuroshard.planner import Planner
 from neuroshard.search import get_searcher
-from neuroshard.types import PlanInfeasibleError, TableSpec, UnknownNameError, UsageError
+from neuroshard.types import (
+    BackendError,
+    PlanInfeasibleError,
+    TableSpec,
+    UnknownNameError,
+    UsageError,
+)
 
 from factories import FakeEstimator, make_cluster, make_tables
 
@@ -106,3 +112,15 @@ def test_verification_refuses_a_searcher_with_one_plan_and_a_bad_top():
         Planner(FakeEstimator(), "greedy-grid", verify=FakeEstimator())
     with pytest.raises(UsageError, match="top"):
         Planner(FakeEstimator(), verify=FakeEstimator(), top=0)
+
+
+def test_a_verifier_without_a_finite_cost_is_a_backend_error():
+    class Broken(_Disagrees):
+        name = "broken"
+
+        def compute_ms(self, loads):
+            return [float("nan")] * len(loads)
+
+    model = FakeEstimator()
+    with pytest.raises(BackendError, match="broken gave no finite cost"):
+        Planner(model, verify=Broken(model), top=3).plan(make_tables(12), make_cluster(4))
