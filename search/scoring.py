@@ -59,15 +59,19 @@ from it in the last float32 bits.
 from __future__ import annotations
 
 import logging
+import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
 
 from neuroshard.traffic import (
     ALLTOALL_TYPES,
+    DEFAULT_SPEEDS,
     NUM_FIXED,
+    LinkSpeeds,
     analytic_extra_ms,
     finish,
     nic_alltoall_ms,
@@ -75,6 +79,7 @@ from neuroshard.traffic import (
     plan_traffic,
 )
 from neuroshard.types import (
+    BYTES_PER_FLOAT,
     Cluster,
     CostEstimator,
     DeviceCost,
@@ -110,13 +115,50 @@ ExtraPricer = Callable[[Traffic], ExtraCosts]
 
 def bind(estimator: CostEstimator, cluster: Cluster) -> tuple[CostEstimator, ExtraPricer]:
     """``estimator`` for ``cluster`` (its ``for_cluster`` when it has one) and the price of
-    extra traffic (its ``extra_ms``, else the analytic price at the cluster's bandwidths)."""
+    extra traffic: its ``extra_ms``, else the analytic price at the cluster's bandwidths,
+    else at :func:`link_speeds`'."""
     for_cluster = getattr(estimator, "for_cluster", None)
     bound = for_cluster(cluster) if callable(for_cluster) else estimator
     extra = getattr(bound, "extra_ms", None)
     if callable(extra):
         return bound, extra
-    return bound, lambda traffic: analytic_extra_ms(traffic, cluster)
+    speeds = link_speeds(bound, cluster)
+    return bound, lambda traffic: analytic_extra_ms(traffic, cluster, speeds)
+
+
+# Per-device dim sums of the two uniform all-to-alls that calibrate a measured model's link.
+CALIBRATION_DIMS = (256.0, 2048.0)
+
+
+def link_speeds(estimator: CostEstimator, cluster: Cluster) -> LinkSpeeds:
+    """The link speeds extra traffic (row-wise, table-row-wise and data-parallel
+    collectives, the input ids' all-to-all) is priced at for ``estimator``.
+
+    A model learned on measured hardware (``backend_`` other than ``sim``: gloo on CPUs, a
+    GPU) was timed on links whose speed the H100 defaults do not describe, so its own
+    backward all-to-all calibrates them: the slope of its price between two uniform
+    all-to-alls (:data:`CALIBRATION_DIMS` columns per device) over the bytes each device
+    then sends gives the bytes per ms of every link. The sim and its models keep the
+    default (H100) speeds, the sim's own. The cluster's bandwidths, where it gives them,
+    win either way."""
+    speeds = DEFAULT_SPEEDS
+    backend = getattr(estimator, "backend_", "sim")
+    if backend != "sim" and cluster.num_devices > 1:
+        n = cluster.num_devices
+        dims = np.asarray([[d] * n for d in CALIBRATION_DIMS], dtype=float)
+        ms = np.asarray(estimator.bwd_comm_ms(dims), dtype=float).mean(axis=1)
+        per_dim = cluster.batch_size * BYTES_PER_FLOAT * (n - 1) / n  # bytes sent per column
+        slope = (ms[1] - ms[0]) / (CALIBRATION_DIMS[1] - CALIBRATION_DIMS[0])
+        if math.isfinite(slope) and slope > 0:
+            rate = per_dim / slope
+            speeds = replace(speeds, intra_bytes_per_ms=rate, inter_bytes_per_ms=rate)
+        else:
+            logger.warning(
+                "%s's all-to-all gives no positive slope to calibrate its links with: "
+                "extra traffic priced at the default (H100) speeds",
+                getattr(estimator, "name", estimator),
+            )
+    return speeds.for_cluster(cluster)
 
 
 def nic_floor(

@@ -232,3 +232,28 @@ def test_plan_ms_is_the_max_over_devices_of_the_device_totals():
     dims = np.array([p.dim_sums() for p in plans], dtype=float)
     assert scorer.plan_ms(compute, dims) == pytest.approx(scorer.score(batch), rel=1e-12)
     assert scorer.plan_ms(np.zeros((0, 4)), np.zeros((0, 4))).shape == (0,)
+
+
+def test_link_speeds_of_a_measured_model_come_from_its_own_alltoall():
+    from dataclasses import replace as _replace
+
+    from neuroshard.search.scoring import CALIBRATION_DIMS, link_speeds
+    from neuroshard.traffic import DEFAULT_SPEEDS
+
+    cluster = make_cluster(4)
+    fake = FakeEstimator()
+    assert link_speeds(fake, cluster) == DEFAULT_SPEEDS.for_cluster(cluster)  # the sim's
+
+    class Measured(FakeEstimator):
+        backend_ = "cpu"
+
+        def bwd_comm_ms(self, dim_sums):  # 0.5 ms + 1 us per column per device
+            return np.asarray(dim_sums, dtype=float) * 1e-3 + 0.5
+
+    speeds = link_speeds(Measured(), cluster)
+    per_column = cluster.batch_size * 4 * 3 / 4
+    assert speeds.intra_bytes_per_ms == pytest.approx(per_column / 1e-3)
+    assert speeds.inter_bytes_per_ms == speeds.intra_bytes_per_ms
+    assert CALIBRATION_DIMS[0] < CALIBRATION_DIMS[1]
+    given = _replace(cluster, intra_host_bw_bytes_per_ms=123.0)
+    assert link_speeds(Measured(), given).intra_bytes_per_ms == 123.0  # the cluster's win
