@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 MIN_POLISH_S = 0.5  # below this SurCo's solver cannot do useful work
 # SurCo's time outside its solver (the greedy start, the surrogate's fits over every shard
-# and device, the model build) per shard x device pair: 78 us measured at 1,000 tables on
-# 128 devices on the 2-core CPU (bench/results/scale_time_cap.md), rounded up.
+# and device, the model build) per shard x device pair, as measured at 1,000 tables on 128
+# devices on the 2-core CPU and rounded up (the README's "Time budgets").
 SURCO_S_PER_PAIR = 1e-4
 
 
