@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import shlex
@@ -13,8 +14,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from neuroshard.backends import as_estimator, get_backend
 from neuroshard.pretrain.pool import load_pool
@@ -195,3 +201,41 @@ def export(rev: str, dest: Path) -> Path:
     for sub in ("pretrain", "search", "data"):
         shutil.copytree(src / sub, pkg / sub)
     return dest
+
+
+def run_python(code: str, pythonpath: Path | None, what: str) -> Any:
+    """Run ``code`` in a fresh interpreter (with ``pythonpath``, e.g. a revision laid out by
+    :func:`export`, from a neutral folder) and parse the JSON its last output line prints;
+    a failure exits, naming ``what`` failed."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tempfile.gettempdir(),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def renamed_draws(
+    pool: Sequence[TableSpec], num_tables: int, rng: np.random.Generator
+) -> list[TableSpec]:
+    """``num_tables`` tables drawn from ``pool`` with replacement, the ``k``-th renamed
+    ``NAME#k`` (shape, pooling and reuse kept) so that a task may outgrow the pool."""
+    picks = rng.integers(0, len(pool), size=num_tables)
+    return [
+        TableSpec(
+            f"{pool[i].name}#{k}",
+            pool[i].rows,
+            pool[i].dim,
+            pool[i].pooling_factor,
+            pool[i].reuse_hist,
+        )
+        for k, i in enumerate(picks.tolist())
+    ]

@@ -16,16 +16,13 @@ moves: the space and the column search both revisions have.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, add_task_args, emit, export
+from _common import REPO, add_task_args, emit, export, run_python
 
 SEARCHERS = (
     "neuroshard",
@@ -97,20 +94,7 @@ def run(pythonpath: Path | None, bench: Path, argv: list[str]) -> dict[str, list
         .replace("ARGV", repr(argv))
         .replace("SEARCHERS", repr(SEARCHERS))
     )
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tempfile.gettempdir(),
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        raise SystemExit(f"planning failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout)
+    return run_python(code, pythonpath, "planning")
 
 
 def main(argv: list[str] | None = None) -> int:

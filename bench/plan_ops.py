@@ -13,11 +13,7 @@ child process), in ``--rounds`` interleaved rounds, and the table gives both and
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +23,7 @@ from neuroshard.plan_io import plan_to_dict, validate_plan
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, Plan, Shard, TableSpec
 
-from _common import emit, export
+from _common import emit, export, run_python
 
 OPS = ("validate_plan", "plan_to_dict", "plan_cost")
 
@@ -58,22 +54,11 @@ def time_ops(tables: int, devices: int, repeats: int) -> dict[str, float]:
 
 
 def _child(pythonpath: Path, argv: list[str]) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     code = (
         "import json, sys; sys.path.insert(0, " + repr(str(Path(__file__).parent)) + ")\n"
         "import plan_ops; print(json.dumps(plan_ops.time_ops(*" + repr(argv) + ")))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tempfile.gettempdir(),
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        raise SystemExit(f"the base revision's timing failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_python(code, pythonpath, "the base revision's timing")
 
 
 def main(argv: list[str] | None = None) -> int:

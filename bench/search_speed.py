@@ -52,7 +52,7 @@ from neuroshard.tasks import default_max_total_bytes, sample_task
 from neuroshard.types import Cluster, CostEstimator, PlanInfeasibleError, TableSpec
 from neuroshard.units import parse_memory
 
-from _common import emit
+from _common import emit, renamed_draws
 
 logger = logging.getLogger("bench.search_speed")
 
@@ -105,17 +105,7 @@ def make_task(
             pool, rng, min_tables=num_tables, max_tables=num_tables, max_total_bytes=cap
         )
     else:
-        picks = rng.integers(0, len(pool), size=num_tables)
-        tables = [
-            TableSpec(
-                f"{pool[i].name}#{k}",
-                pool[i].rows,
-                pool[i].dim,
-                pool[i].pooling_factor,
-                pool[i].reuse_hist,
-            )
-            for k, i in enumerate(picks.tolist())
-        ]
+        tables = renamed_draws(pool, num_tables, rng)
     if fill is not None:
         memory_bytes = int(sum(t.size_bytes for t in tables) / num_devices / fill)
     return tables, Cluster.uniform(num_devices, int(memory_bytes))

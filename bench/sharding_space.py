@@ -52,7 +52,7 @@ from neuroshard.search import get_searcher
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, NeuroShardError, Plan, TableSpec
 
-from _common import emit
+from _common import emit, renamed_draws
 
 SEARCHERS = ("neuroshard", "greedy-grid", "torchrec", "size-lookup", "lookup")
 
@@ -65,17 +65,7 @@ def make_task(
     args: argparse.Namespace,
 ) -> tuple[list[TableSpec], Cluster]:
     """``num_tables`` tables (renamed draws from ``pool``) and their tight cluster."""
-    picks = rng.integers(0, len(pool), size=num_tables)
-    tables = [
-        TableSpec(
-            f"{pool[i].name}#{k}",
-            pool[i].rows,
-            pool[i].dim,
-            pool[i].pooling_factor,
-            pool[i].reuse_hist,
-        )
-        for k, i in enumerate(picks.tolist())
-    ]
+    tables = renamed_draws(pool, num_tables, rng)
     memory = int(sum(t.size_bytes for t in tables) / num_devices / args.fill)
     for i in sorted(range(num_tables), key=lambda j: -tables[j].size_bytes)[: args.giants]:
         t = tables[i]
