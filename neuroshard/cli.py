@@ -406,7 +406,7 @@ def plan(
         optimizer=optimizer,
         io_buffers=io_buffers,
         verify=None if verify is None else _verifier(verify, cluster.batch_size),
-        top=5 if top is None else top,
+        top=top,
     )
     result = planner.plan(specs, cluster)
     cast(PlanCost, result.cost).check(result)

@@ -37,6 +37,8 @@ from neuroshard.types import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TOP = 5  # candidates a verification measures
+
 
 def _takes(search: Searcher, keyword: str) -> bool:
     """Whether the searcher accepts ``keyword`` (or any keyword)."""
@@ -78,10 +80,12 @@ class Planner:
 
     Verification: with ``verify`` (an estimator, typically a backend that measures or
     simulates, or a function of the cluster that returns one) the searcher keeps its
-    ``top`` cheapest plans under the cost model (:func:`~neuroshard.search.get_candidate_searcher`),
-    ``verify`` prices each, and the plan priced cheapest there wins: what the cost model
-    got wrong among close candidates, the measurement settles. ``meta["verify"]`` records
-    both prices of every candidate and the winner's rank.
+    ``top`` (default :data:`DEFAULT_TOP`; given without ``verify``: a
+    :class:`~neuroshard.types.UsageError`) cheapest plans under the cost model
+    (:func:`~neuroshard.search.get_candidate_searcher`), ``verify`` prices each, and the
+    plan priced cheapest there wins: what the cost model got wrong among close candidates,
+    the measurement settles. ``meta["verify"]`` records both prices of every candidate and
+    the winner's rank.
     """
 
     def __init__(
@@ -96,7 +100,7 @@ class Planner:
         io_buffers: bool | None = True,
         constraints: Constraints | None = None,
         verify: CostEstimator | Callable[[Cluster], CostEstimator] | None = None,
-        top: int = 5,
+        top: int | None = None,
     ):
         if budget_s is not None and not (budget_s > 0 and math.isfinite(budget_s)):
             raise UsageError(
@@ -114,6 +118,9 @@ class Planner:
         self.optimizer = optimizer
         self.io_buffers = io_buffers
         self.constraints = constraints
+        if top is not None and verify is None:
+            raise UsageError("top (candidates to verify) goes with verify")
+        top = DEFAULT_TOP if top is None else top
         if top < 1:
             raise UsageError(f"top must be at least 1 candidate, got {top}")
         if verify is not None and not isinstance(searcher, str):
@@ -194,20 +201,21 @@ class Planner:
             seconds,
         )
         meta: dict[str, Any] = {"searcher": self.searcher_name, "search_seconds": round(seconds, 4)}
-        plan = candidates[0]
-        if self.verify is not None:
-            plan, meta["verify"] = self._verified(candidates, cluster, estimator)
-        meta = {**plan.meta, **meta}
-        return replace(plan, cost=plan_cost(plan, estimator), meta=meta)
+        if self.verify is None:
+            plan, cost = candidates[0], plan_cost(candidates[0], estimator)
+        else:
+            plan, cost, meta["verify"] = self._verified(candidates, cluster, estimator)
+        return replace(plan, cost=cost, meta={**plan.meta, **meta})
 
     def _verified(
         self, candidates: Sequence[Plan], cluster: Cluster, estimator: CostEstimator
-    ) -> tuple[Plan, dict[str, Any]]:
-        """The candidate ``verify`` prices cheapest (the earlier on a tie), and the record."""
+    ) -> tuple[Plan, PlanCost, dict[str, Any]]:
+        """The candidate ``verify`` prices cheapest (the earlier on a tie), its cost under
+        the cost model, and the record."""
         assert self.verify is not None
         verifier = self.verify if isinstance(self.verify, CostEstimator) else self.verify(cluster)
         start = time.perf_counter()
-        model_ms = [plan_cost(p, estimator).max_ms for p in candidates]
+        model_costs = [plan_cost(p, estimator) for p in candidates]
         verified_ms = [plan_cost(p, verifier).max_ms for p in candidates]
         bad = [i for i, ms in enumerate(verified_ms) if not math.isfinite(ms)]
         if bad:
@@ -229,9 +237,9 @@ class Planner:
         record = {
             "backend": verifier.name,
             "candidates": len(candidates),
-            "model_ms": [round(ms, 6) for ms in model_ms],
+            "model_ms": [round(c.max_ms, 6) for c in model_costs],
             "verified_ms": [round(ms, 6) for ms in verified_ms],
             "chosen_rank": chosen + 1,
             "verify_seconds": round(time.perf_counter() - start, 4),
         }
-        return candidates[chosen], record
+        return candidates[chosen], model_costs[chosen], record

@@ -124,3 +124,8 @@ def test_a_verifier_without_a_finite_cost_is_a_backend_error():
     model = FakeEstimator()
     with pytest.raises(BackendError, match="broken gave no finite cost"):
         Planner(model, verify=Broken(model), top=3).plan(make_tables(12), make_cluster(4))
+
+
+def test_top_without_verify_is_refused():
+    with pytest.raises(UsageError, match="top .*goes with verify"):
+        Planner(FakeEstimator(), top=3)
