@@ -61,7 +61,7 @@ def neuroshard_search(
     )
     overhead_s = len(beam.shards) * cluster.num_devices * SURCO_S_PER_PAIR
     left_s = budget_s - (time.perf_counter() - started) - overhead_s
-    if left_s < MIN_POLISH_S:
+    if not polish or left_s < MIN_POLISH_S:
         logger.info(
             "no SurCo polish: %.1f s of the budget left after its projected %.1f s of fits",
             left_s,
