@@ -497,9 +497,17 @@ class MeasuredCompute:
     what verification prices the candidates with here. One GPU measures compute only, so
     the collectives stay the model's."""
 
-    def __init__(self, model: Any, backend: Any, row_cap: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        backend: Any,
+        row_cap: int | None = None,
+        measured: dict[tuple, float] | None = None,
+    ):
         self.model, self.backend, self.row_cap = model, backend, row_cap
         self.name = f"{backend.name} compute + {model.name} comm"
+        # Candidates of one task share most device loads: each is timed once.
+        self.measured = {} if measured is None else measured
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.model, attr)
@@ -507,13 +515,17 @@ class MeasuredCompute:
     def for_cluster(self, cluster: Any) -> MeasuredCompute:
         bound = getattr(self.model, "for_cluster", None)
         model = bound(cluster) if callable(bound) else self.model
-        return MeasuredCompute(model, self.backend, self.row_cap)
+        return MeasuredCompute(model, self.backend, self.row_cap, self.measured)
 
     def compute_ms(self, loads: Sequence[Sequence[Any]]) -> list[float]:
-        return [
-            self.backend.measure_compute(capped(load, self.row_cap)).median_ms if load else 0.0
-            for load in loads
-        ]
+        out = []
+        for load in loads:
+            key = tuple(load)
+            if load and key not in self.measured:
+                timing = self.backend.measure_compute(capped(load, self.row_cap))
+                self.measured[key] = timing.median_ms
+            out.append(self.measured[key] if load else 0.0)
+        return out
 
 
 def plan_tasks(

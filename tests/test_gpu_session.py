@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from neuroshard.plan_io import validate_plan  # noqa: E402
 from neuroshard.pretrain.pool import load_pool  # noqa: E402
+from neuroshard.types import TableSpec  # noqa: E402
 
 import gpu_session  # noqa: E402
 from gpu_session import Job, load_tasks, plan_figures  # noqa: E402
@@ -254,3 +255,20 @@ def test_archive_packs_the_folders_and_removes_them_only_once_packed(tmp_path):
         }
         member = tar.extractfile("model/meta.json")
         assert member is not None and member.read() == b"model/meta.json"
+
+
+def test_measured_compute_times_each_load_once_and_empty_loads_not_at_all():
+    class Backend:
+        name = "fake"
+        calls = 0
+
+        def measure_compute(self, load):
+            Backend.calls += 1
+            return type("T", (), {"median_ms": 2.0 * len(load)})()
+
+    model = type("M", (), {"name": "model"})()
+    a, b = TableSpec("a", 100, 8), TableSpec("b", 200, 8)
+    measured = gpu_session.MeasuredCompute(model, Backend())
+    assert measured.compute_ms([[a, b], [], [a]]) == [4.0, 0.0, 2.0]
+    assert measured.for_cluster(None).compute_ms([[a, b]]) == [4.0]  # shares the timings
+    assert Backend.calls == 2
