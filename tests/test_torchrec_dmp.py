@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from neuroshard.types import Cluster, Plan, Shard, TableSpec  # noqa: E402
 
-from factories import FakeEstimator  # noqa: E402
+from factories import FakeEstimator, free_port, gloo_group  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +77,6 @@ def _plan(world: int) -> Plan:
     return Plan(TABLES, SHARDS[world], Cluster.uniform(world, 1 << 30))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch(rank: int):
     """Rank ``rank``'s local batch: a KeyedJaggedTensor over every table's feature."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -111,7 +104,6 @@ def _loss(pooled, rank: int):
 
 def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> None:
     torch.set_num_threads(1)
-    import torch.distributed as dist
     from torch import nn
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -122,10 +114,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
     from neuroshard.torchrec_adapter import cluster_topology, copy_unsharded_weights
     from neuroshard.torchrec_planner import NeuroShardPlanner
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_group(rank, world, port):
         configs = [
             EmbeddingBagConfig(
                 name=t.name,
@@ -221,16 +210,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
             "moved": moved,
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world: int, out_dir: Path, nested: bool, timeout_s: float = 80.0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     ctx = mp.start_processes(
         _worker,
-        args=(world, _free_port(), str(out_dir), nested),
+        args=(world, free_port(), str(out_dir), nested),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -344,10 +330,7 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from neuroshard.torchrec_planner import NeuroShardPlanner
 
     logging.basicConfig(level=logging.INFO, filename=str(Path(out_dir, f"log{rank}.txt")))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         model = _modules_model(torch.device("cpu"))
         ref = _modules_model(torch.device("cpu"))
@@ -403,9 +386,6 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                         [path_, key, *md.shard_offsets, *md.shard_sizes, md.placement.rank()]
                     )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dmp_shards_every_module_from_plan_json(tmp_path):
@@ -413,7 +393,7 @@ def test_dmp_shards_every_module_from_plan_json(tmp_path):
     world = 2
     ctx = mp.start_processes(
         _modules_worker,
-        args=(world, _free_port(), str(tmp_path)),
+        args=(world, free_port(), str(tmp_path)),
         nprocs=world,
         join=False,
         start_method="spawn",

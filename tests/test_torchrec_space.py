@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from neuroshard.torchrec_adapter import (  # noqa: E402
 )
 from neuroshard.types import Cluster, Plan, PlanFormatError, Shard  # noqa: E402
 
-from factories import FakeEstimator, make_table  # noqa: E402
+from factories import FakeEstimator, free_port, gloo_group, make_table  # noqa: E402
 
 WORLD, LOCAL = 8, 4  # two hosts of four
 
@@ -177,12 +176,6 @@ DMP_SHARDS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch(rank: int):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -201,7 +194,6 @@ def _batch(rank: int):
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    import torch.distributed as dist
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -209,10 +201,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from neuroshard.torchrec_adapter import copy_unsharded_weights
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_group(rank, world, port):
         configs = [
             EmbeddingBagConfig(
                 name=t.name,
@@ -247,11 +236,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(
             json.dumps({"diffs": diffs, "kinds": kinds, "missing": missing})
         )
-        # No rank tears gloo down while its peer is still in a collective (DDP's, for the
-        # data-parallel table): that aborted a rank once, on a loaded machine.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -262,7 +246,7 @@ def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module
     world = 2
     ctx = mp.start_processes(
         _worker,
-        args=(world, _free_port(), str(tmp_path)),
+        args=(world, free_port(), str(tmp_path)),
         nprocs=world,
         join=False,
         start_method="spawn",
