@@ -654,10 +654,9 @@ class Plan:
 
     def host_memory_bytes(self) -> list[int]:
         """Weights and optimizer state in host memory per device (``fused_uvm_caching``)."""
-        by_name = {t.name: t for t in self.tables}
         mem = [0] * self.cluster.num_devices
         for s in self.shards:
-            mem[s.device] += s.host_bytes(by_name[s.table], self.cluster.optimizer)
+            mem[s.device] += s.host_bytes(self.table(s.table), self.cluster.optimizer)
         return mem
 
     def dim_sums(self) -> list[int]:
