@@ -10,6 +10,10 @@ one family at dim 128. Users bring others. This module draws:
 
   - ``zipf`` (trained on): Zipf-Mandelbrot ``(r + k)**-s`` with a per-table exponent
     ``s ~ U(0.2, 1.8)`` and offset ``k + 1`` log-uniform on ``[1, 1000]``;
+  - ``mixture`` (trained on): two Zipf-Mandelbrot components, a steep head
+    (``s ~ U(0.6, 2.5)``) taking a share ``U(0, 1)`` of the lookups and a flat tail
+    (``s ~ U(0, 0.8)``; 0 is uniform), each with a log-uniform offset: hot heads over flat
+    bodies, near-uniform tables and everything between, which one Zipf cannot shape;
   - ``heldout`` (never trained on): one of a hot set (a fraction ``10**U(-5, -1)`` of the
     rows takes ``U(0.5, 0.99)`` of the lookups, the rest uniform), uniform access, or a
     stretched exponential ``exp(-(r / c)**b)`` with ``c`` a log-uniform fraction of the
@@ -49,13 +53,13 @@ import numpy as np
 from neuroshard.backends.sim import SimBackend
 from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import halvings
-from neuroshard.pretrain.pool import profile_from_masses, rank_groups, reuse_profile
+from neuroshard.pretrain.pool import power_integral, profile_from_masses, rank_groups, reuse_profile
 from neuroshard.samples import CommData, ComputeData
 from neuroshard.types import DIM_MULTIPLE, Cluster, TableSpec
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("zipf", "heldout")
+FAMILIES = ("zipf", "heldout", "mixture")
 ROWS_RANGE = (1e2, 1e10)
 MAX_DIM = 1024
 POOLING_RANGE = (1.0, 500.0)
@@ -111,6 +115,17 @@ def _heldout_masses(
     return lo, hi, mass, kind
 
 
+def _mixture_masses(
+    rng: np.random.Generator, rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo, hi = rank_groups(rows)
+    a, b = lo - 0.5, hi - 0.5
+    head = power_integral(a, b, rng.uniform(0.6, 2.5), _log_uniform(rng, 1.0, 1000.0) - 1.0)
+    tail = power_integral(a, b, rng.uniform(0.0, 0.8), _log_uniform(rng, 1.0, 1000.0) - 1.0)
+    share = rng.uniform(0.0, 1.0)
+    return lo, hi, share * head / head.sum() + (1.0 - share) * tail / tail.sum()
+
+
 def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
     """``n`` tables of ``family`` (:data:`FAMILIES`; module doc), named
     ``gen_<family>_<i>``."""
@@ -126,6 +141,9 @@ def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
             s = rng.uniform(0.2, 1.8)
             offset = _log_uniform(rng, 1.0, 1000.0) - 1.0
             prof = reuse_profile(int(rows[i]), float(pooling[i]), s, offset, HIST_BATCH)
+        elif family == "mixture":
+            lo, hi, mass = _mixture_masses(rng, int(rows[i]))
+            prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
         else:
             lo, hi, mass, _ = _heldout_masses(rng, int(rows[i]))
             prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
@@ -157,6 +175,13 @@ class RangeConfig:
     max_devices: int = 256
     max_per_host: int = 8
     profile_bw_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.single_fraction <= self.small_fraction <= 1.0:
+            raise ValueError(
+                "need 0 <= single_fraction <= small_fraction <= 1, got "
+                f"{self.single_fraction} and {self.small_fraction}"
+            )
 
 
 def _shard(t: TableSpec, rng: np.random.Generator, share_bytes: float) -> TableSpec:
@@ -455,11 +480,14 @@ def train_range_model(
     init_from: str | Path | None = None,
     lr: float = 1e-3,
     pool_weight: int = 1,
+    families: Sequence[str] = ("zipf",),
+    config: RangeConfig = RangeConfig(),
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
     save it in ``out/model``. Sources: the pool's train half (augmented, plus hotter
-    shrunk copies) and ``generated_tables`` of the ``zipf`` family. ``init_from`` (a
+    shrunk copies) and ``generated_tables`` of each of ``families`` (never ``heldout``);
+    ``config`` sets the load sizes (:class:`RangeConfig`). ``init_from`` (a
     model directory) warm-starts the nets from its weights (a longer training in steps).
     ``pool_weight`` repeats the pool among the sources: a shard comes from the pool with
     probability ``pool_weight / (pool_weight + 1)``."""
@@ -468,6 +496,8 @@ def train_range_model(
     from neuroshard.pretrain.augment import augment_tables, shrink_tables
     from neuroshard.pretrain.pool import load_pool
 
+    if "heldout" in families or not set(families) <= set(FAMILIES):
+        raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
@@ -478,10 +508,11 @@ def train_range_model(
         rng = np.random.default_rng(seed)
         train = load_pool("train")
         pool = augment_tables(train) + augment_tables(shrink_tables(train, rng))
-        gen = generate_tables(generated_tables, seed, "zipf")
-        loads, batches = sample_range_loads([pool] * pool_weight + [gen], compute_samples, rng)
+        gens = [generate_tables(generated_tables, seed, f) for f in families]
+        sources = [pool] * pool_weight + gens
+        loads, batches = sample_range_loads(sources, compute_samples, rng, config)
         compute = label_compute(loads, batches, profile=profile, noise=noise, seed=seed)
-        dims = [t.dim for t in pool] + [t.dim for t in gen]
+        dims = [t.dim for t in pool] + [t.dim for g in gens for t in g]
         sums, waits, ctx, shards = sample_cluster_comm(dims, comm_samples, rng, profile=profile)
         comm = label_comm(sums, waits, ctx, shards, profile=profile, noise=noise, seed=seed)
         save_data(data_path, compute, batches, comm, ctx)
@@ -536,10 +567,13 @@ def train_range_model(
         "generated_tables": generated_tables,
         "noise": noise,
         "seed": seed,
-        "sources": ["pool train half (augmented, shrunk copies)", "generated zipf family"],
+        "sources": ["pool train half (augmented, shrunk copies)"]
+        + [f"generated {f} family" for f in families],
+        "single_fraction": config.single_fraction,
+        "small_fraction": config.small_fraction,
         "batch_range": list(BATCH_RANGE),
-        "max_shards": RangeConfig().max_shards,
-        "max_devices": RangeConfig().max_devices,
+        "max_shards": config.max_shards,
+        "max_devices": config.max_devices,
         "warm_start": None if start is None else start.name,
         "lr": lr,
         "pool_weight": pool_weight,
@@ -564,6 +598,9 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool-weight", type=int, default=1)
+    ap.add_argument("--families", default="zipf", help="comma-separated: zipf, mixture")
+    ap.add_argument("--single-fraction", type=float, default=RangeConfig.single_fraction)
+    ap.add_argument("--small-fraction", type=float, default=RangeConfig.small_fraction)
     a = ap.parse_args()
     train_range_model(
         a.out,
@@ -576,4 +613,6 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
         init_from=a.init_from,
         lr=a.lr,
         pool_weight=a.pool_weight,
+        families=tuple(a.families.split(",")),
+        config=RangeConfig(single_fraction=a.single_fraction, small_fraction=a.small_fraction),
     )

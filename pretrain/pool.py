@@ -177,6 +177,12 @@ def reuse_profile(
     return profile_from_masses(lo, hi, mass, batch_size * pooling_factor)
 
 
+def power_integral(lo: np.ndarray, hi: np.ndarray, s: float, offset: float = 0.0) -> np.ndarray:
+    """Mass of ``(r + offset)**-s`` over each rank interval ``[lo, hi]`` (``s`` = 0 is
+    uniform): a Zipf-Mandelbrot distribution, group by group, for :func:`profile_from_masses`."""
+    return _power_integral(np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), s, offset)
+
+
 def rank_groups(rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer rank edges ``[a, b)`` covering ``1..rows`` (single ranks at the head, then
     about 400 log-spaced groups): the groups :func:`profile_from_masses` takes masses of."""

@@ -80,6 +80,39 @@ def test_families_differ_and_unknown_family_is_refused():
         gen.generate_tables(1, 0, "nope")
 
 
+def test_mixture_family_shapes_what_one_zipf_cannot():
+    # near-uniform tables (most unique rows read once) and hot heads over flat bodies
+    # (rows read once and rows read in the top bins, little between) both occur
+    big = [t for t in gen.generate_tables(400, 2, "mixture") if t.rows > 10**8]
+    once = [t.reuse_hist[0] for t in big]
+    assert max(once) > 0.99
+    hot_over_flat = [
+        t
+        for t in big
+        if t.reuse_hist[0] > 0.5 and sum(t.reuse_hist[8:]) > 0 and t.reuse_hist[4] < 0.01
+    ]
+    assert hot_over_flat
+    z = {t.reuse_hist for t in gen.generate_tables(50, 0, "zipf") if max(t.reuse_hist) < 1}
+    m = {t.reuse_hist for t in gen.generate_tables(50, 0, "mixture") if max(t.reuse_hist) < 1}
+    assert len(m) > 20 and not z & m
+
+
+def test_range_config_fractions_are_checked_and_honoured():
+    with pytest.raises(ValueError, match="single_fraction"):
+        gen.RangeConfig(single_fraction=0.6, small_fraction=0.5)
+    rng = np.random.default_rng(4)
+    tables = gen.generate_tables(100, 1, "zipf")
+    cfg = gen.RangeConfig(single_fraction=0.3, small_fraction=0.8)
+    loads, _ = gen.sample_range_loads([tables], 1000, rng, cfg)
+    sizes = np.array([len(load) for load in loads])
+    assert 0.25 < np.mean(sizes == 1) < 0.4 and 0.75 < np.mean(sizes < 16) < 0.85
+
+
+def test_the_heldout_family_is_never_trained_on(tmp_path):
+    with pytest.raises(ValueError, match="trainable"):
+        gen.train_range_model(tmp_path, families=("zipf", "heldout"))
+
+
 def test_range_loads_hold_hundreds_of_shards_within_the_cap():
     rng = np.random.default_rng(0)
     tables = gen.generate_tables(300, 1, "zipf")
@@ -127,6 +160,7 @@ def model_dir(tmp_path_factory):
         conservative_k=0.0,
         compute_seconds=4,
         comm_seconds=2,
+        families=("zipf", "mixture"),
     )
 
 
@@ -138,6 +172,10 @@ def model(model_dir) -> NeuralCostModel:
 def test_meta_records_the_ranges_and_inputs(model_dir):
     meta = json.loads((model_dir / "meta.json").read_text())
     assert meta["batch_input"] is True and meta["architecture"]["inputs"] == "table20+batch4/v1"
+    assert meta["provenance"]["sources"][1:] == [
+        "generated zipf family",
+        "generated mixture family",
+    ]
     assert meta["training_ranges"]["batch_size"] == [512.0, 262144.0]
     low, high = meta["training_ranges"]["devices"]
     assert low >= 2 and high > 16
