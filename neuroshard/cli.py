@@ -530,6 +530,14 @@ def pretrain(
     compute_members: int = typer.Option(
         1, "--compute-members", min=1, help="Neural: average this many compute nets (an ensemble)."
     ),
+    plan_rounds: int = typer.Option(
+        0,
+        "--plan-rounds",
+        min=0,
+        help="Then this many rounds of plan-shaped samples: plan training tasks with the model, "
+        "measure the plans' device loads, train again on all samples.",
+    ),
+    plan_tasks: int = typer.Option(40, "--plan-tasks", min=1, help="Tasks per plan round."),
 ) -> None:
     """Augment the table pool, measure samples on a backend, train the cost models.
 
@@ -537,6 +545,7 @@ def pretrain(
     """
     from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec
     from neuroshard.pretrain.pipeline import pretrain as run_pretrain
+    from neuroshard.search import get_searcher
 
     if compute_members > 1 and cost_model != "neural":
         raise UsageError("--compute-members applies to --cost-model neural only")
@@ -553,6 +562,11 @@ def pretrain(
         storage=storage,
         rounds=rounds,
         model_kwargs={"compute_members": compute_members} if compute_members > 1 else None,
+        plan_rounds=plan_rounds,
+        plan_tasks=plan_tasks,
+        plan_searchers=[get_searcher("neuroshard"), get_searcher("greedy-grid")]
+        if plan_rounds
+        else (),
     )
     model_dir = run_pretrain(config)
     out.print(f"model written to {model_dir}", markup=False, highlight=False, soft_wrap=True)

@@ -83,6 +83,20 @@ class ComputeData:
             self.fingerprint,
         )
 
+    def concat(self, other: ComputeData) -> ComputeData:
+        """``self``'s rows, then ``other``'s (both measured on one backend)."""
+        if other.fingerprint != self.fingerprint:
+            raise ValueError("cannot join compute samples of two backends (fingerprints differ)")
+        return ComputeData(
+            np.concatenate([self.keys, other.keys]),
+            np.concatenate([self.offsets[:-1], other.offsets + self.offsets[-1]]).astype(np.int64),
+            np.concatenate([self.features, other.features]),
+            np.concatenate([self.table_names, other.table_names]),
+            np.concatenate([self.label_ms, other.label_ms]),
+            np.concatenate([self.spread, other.spread]),
+            self.fingerprint,
+        )
+
     def padded(self, max_tables: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Transformed features ``(n, maxT, 20)`` float32 and mask ``(n, maxT)``."""
         feats = transform_raw(self.features)

@@ -65,9 +65,11 @@ from neuroshard.pretrain.collect import (
 )
 from neuroshard.pretrain.dataset import load_comm, load_compute
 from neuroshard.pretrain.fidelity import RETEST_INDEX_OFFSET
+from neuroshard.pretrain.plan_loads import plan_load_samples
 from neuroshard.types import (
     BackendError,
     HardwareBackend,
+    Searcher,
     TableSpec,
     UnknownNameError,
     UsageError,
@@ -78,7 +80,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["PretrainConfig", "backend_spec", "collect_samples", "pretrain"]
 
 # Independent random streams per sample kind, so changing one count leaves the others' keys.
-_STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK = 1, 2, 3, 4
+_STREAM_COMPUTE, _STREAM_COMM, _STREAM_HOLDOUT, _STREAM_SHRINK, _STREAM_PLANS = 1, 2, 3, 4, 5
+_PLAN_INDEX = 10**7  # plan-shaped samples of round r are numbered from (r + 1) x this
 
 
 def backend_spec(
@@ -145,6 +148,13 @@ class PretrainConfig:
     the same mix of windows, and the floor covers them.
 
     ``chunk_size`` samples go to each Parquet part (the unit a resumed collection skips).
+
+    ``plan_rounds`` > 0 adds plan-shaped samples (:mod:`~neuroshard.pretrain.plan_loads`):
+    each round plans ``plan_tasks`` tasks of 10 to 60 training tables on ``num_devices``
+    devices of ``memory_cap_bytes`` with the model trained so far (by ``plan_searchers``),
+    measures every distinct device load of their plans into ``data/compute_plans`` and
+    trains a fresh model on all compute samples. A resumed run re-measures a round whose
+    plans changed (the model before it was retrained on re-measured data).
     """
 
     out_dir: Path
@@ -162,6 +172,9 @@ class PretrainConfig:
     memory_cap_bytes: int = DEFAULT_MEMORY_CAP_BYTES
     max_tables: int = 40
     shrink_copies: int = 1
+    plan_rounds: int = 0
+    plan_tasks: int = 40
+    plan_searchers: Sequence[Searcher] = ()
     chunk_size: int = 256
     rounds: int = 1
     model_kwargs: Mapping[str, Any] | None = None
@@ -175,6 +188,13 @@ class PretrainConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.rounds < 1:
             raise UsageError(f"rounds must be >= 1, got {self.rounds}")
+        if self.plan_rounds < 0 or self.plan_tasks < 1:
+            raise UsageError(
+                f"need plan_rounds >= 0 and plan_tasks >= 1, got {self.plan_rounds}, "
+                f"{self.plan_tasks}"
+            )
+        if self.plan_rounds and not self.plan_searchers:
+            raise UsageError("plan_rounds needs plan_searchers (the searches whose loads to add)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
         smallest = min(self.compute_samples, self.comm_samples)
@@ -342,6 +362,47 @@ def _pretrain(config: PretrainConfig) -> Path:
             num_devices=config.num_devices,
             **fit_kwargs,
         )
+        plan_keys: set[str] = set()
+        for r in range(config.plan_rounds):
+            drawn = plan_load_samples(
+                model,
+                tables,
+                config.plan_tasks,
+                np.random.default_rng([config.seed, _STREAM_PLANS, r]),
+                searchers=config.plan_searchers,
+                num_devices=config.num_devices,
+                memory_bytes=config.memory_cap_bytes,
+                batch_size=be.batch_size,
+                start_index=(r + 1) * _PLAN_INDEX,
+            )
+            plans_dir = data / "compute_plans"
+            claim_folder(plans_dir, folder_settings("compute", be))
+            got = run(
+                drawn,
+                plans_dir,
+                kind="compute",
+                chunk_size=chunk_size,
+                progress=progress,
+                description=f"plan-shaped samples, round {r + 1}/{config.plan_rounds}",
+            )
+            _fail_if_missing({"plan-shaped samples": (got.failed, len(drawn))}, data)
+            plan_keys |= {x.key for x in drawn}
+            joined = compute_data.concat(load_compute(plans_dir, plan_keys))
+            logger.info(
+                "plan-shaped round %d: %d device loads; training on %d compute samples",
+                r + 1,
+                len(drawn),
+                len(joined),
+            )
+            model = model_cls(**kwargs).fit(
+                joined,
+                comm_data,
+                backend_name=be.name,
+                num_devices=config.num_devices,
+                **fit_kwargs,
+            )
+        if plan_keys:
+            model.sample_counts_["compute_plans"] = len(plan_keys)
     timings["train_s"] = time.perf_counter() - t0
     if holdout_set:
         holdout = load_compute(data / "compute_holdout", {s.key for s in holdout_set})
@@ -362,6 +423,8 @@ def _pretrain(config: PretrainConfig) -> Path:
         "memory_cap_bytes": config.memory_cap_bytes,
         "max_tables": config.max_tables,
         "shrink_copies": config.shrink_copies,
+        "plan_rounds": config.plan_rounds,
+        "plan_tasks": config.plan_tasks if config.plan_rounds else 0,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     model_dir = model.save(out / "model")

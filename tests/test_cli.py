@@ -244,3 +244,16 @@ def test_plan_counts_io_buffers_unless_told_not_to(run, tmp_path):
     with_io, without = read_plan(on), read_plan(off)
     assert with_io.cluster.io_buffers and not without.cluster.io_buffers
     assert sum(with_io.memory_bytes()) > sum(without.memory_bytes())
+
+
+def test_pretrain_with_plan_rounds_adds_the_searches_loads(run, tmp_path):
+    out = tmp_path / "pt"
+    run(
+        "pretrain", "--out", out, "--backend", "sim", "--devices", "2", "--compute-samples", "30",
+        "--comm-samples", "10", "--plan-rounds", "1", "--plan-tasks", "1",
+    )  # fmt: skip
+    meta = json.loads((out / "model" / "meta.json").read_text())
+    plans = meta["sample_counts"]["compute_plans"]
+    assert 1 <= plans <= 2 * 2  # one task, two searchers, two devices
+    assert meta["sample_counts"]["compute"]["total"] == 30 + plans
+    assert meta["provenance"]["plan_rounds"] == 1

@@ -3,8 +3,9 @@ from dataclasses import replace
 import pytest
 
 from neuroshard.models import load_cost_model, read_meta
-from neuroshard.pretrain.collect import part_files
+from neuroshard.pretrain.collect import part_files, read_part
 from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
+from neuroshard.types import UsageError
 
 from factories import FakeBackend, make_tables
 
@@ -179,3 +180,32 @@ def test_samples_ray_gave_up_on_stop_the_run_and_a_rerun_measures_only_them(tmp_
     meta = read_meta(_run(tmp_path, backend=be, **sizes))
     assert [what for what, _ in be.log] == ["comm"] * 7
     assert meta["sample_counts"]["comm"]["total"] == 30
+
+
+def test_plan_rounds_measure_the_searches_loads_and_train_on_them(tmp_path):
+    from neuroshard.search import get_searcher
+
+    model_dir = _run(
+        tmp_path,
+        compute_samples=400,
+        comm_samples=200,
+        holdout_samples=50,
+        retest_samples=10,
+        model_kwargs={"max_epochs": 5, "patience": 5, "train_batch_size": 64},
+        plan_rounds=2,
+        plan_tasks=2,
+        plan_searchers=[get_searcher("greedy-grid")],
+    )
+    meta = read_meta(model_dir)
+    plans = meta["sample_counts"]["compute_plans"]
+    measured = sum(len(read_part(p)) for p in part_files(tmp_path / "data" / "compute_plans"))
+    assert 2 <= plans <= measured <= 2 * 2 * 4  # rounds x tasks x devices, deduplicated
+    assert meta["sample_counts"]["compute"]["total"] == 400 + plans
+    assert meta["provenance"]["plan_rounds"] == 2 and meta["provenance"]["plan_tasks"] == 2
+
+
+def test_plan_rounds_need_searchers(tmp_path):
+    with pytest.raises(UsageError, match="plan_searchers"):
+        PretrainConfig(tmp_path, plan_rounds=1)
+    with pytest.raises(UsageError, match="plan_tasks"):
+        PretrainConfig(tmp_path, plan_tasks=0)
