@@ -5,7 +5,8 @@ The metrics themselves (:func:`~neuroshard.models.metrics.regression_metrics`, t
 breakdowns, :func:`~neuroshard.models.metrics.noise_floor`) are numpy functions of
 :mod:`neuroshard.models.metrics`; this module reads a run's Parquet to feed them.
 
-* :func:`session_noise_floor` pairs a run's held-out compute samples with their retests.
+* :func:`session_noise_floor` pairs a run's held-out compute samples with their retests;
+  :func:`session_comm_noise_floors` its comm samples with theirs.
 * :func:`session_fidelity` scores a model on another ``pretrain`` run's held-out loads
   beside that run's floor: the same loads measured in another session, or with retests
   taken at other times.
@@ -26,10 +27,16 @@ import numpy as np
 from neuroshard.models import load_cost_model, read_meta
 from neuroshard.models.metrics import noise_floor
 from neuroshard.pretrain.collect import part_files
-from neuroshard.pretrain.dataset import load_compute, sample_keys
+from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.samples import ComputeData
 
-__all__ = ["RETEST_INDEX_OFFSET", "model_report", "session_fidelity", "session_noise_floor"]
+__all__ = [
+    "RETEST_INDEX_OFFSET",
+    "model_report",
+    "session_comm_noise_floors",
+    "session_fidelity",
+    "session_noise_floor",
+]
 
 # Added to a sample's index for its retest: same content, another key.
 RETEST_INDEX_OFFSET = 1 << 40
@@ -56,6 +63,32 @@ def session_noise_floor(
     a_ms = dict(zip(a.keys, a.label_ms, strict=True))
     b_ms = dict(zip(b.keys, b.label_ms, strict=True))
     return noise_floor(np.array([a_ms[k] for k, _ in pairs]), np.array([b_ms[k] for _, k in pairs]))
+
+
+def session_comm_noise_floors(data_dir: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Noise floors of the comm samples a ``pretrain`` run measured twice (``comm``
+    against ``comm_retest``, paired by sample index, every device of each): ``fwd_comm``
+    and ``bwd_comm``, or nothing when it has no comm retests."""
+    d = Path(data_dir)
+    if not part_files(d / "comm_retest"):
+        return {}
+    first, again = sample_keys(d / "comm"), sample_keys(d / "comm_retest")
+    pairs = [
+        (first[i - RETEST_INDEX_OFFSET], key)
+        for i, key in sorted(again.items())
+        if i - RETEST_INDEX_OFFSET in first
+    ]
+    a = load_comm(d / "comm", {k for k, _ in pairs})
+    b = load_comm(d / "comm_retest", {k for _, k in pairs})
+    row_a = {k: i for i, k in enumerate(a.keys.tolist())}
+    row_b = {k: i for i, k in enumerate(b.keys.tolist())}
+    out = {}
+    for which in ("fwd", "bwd"):
+        x, y = getattr(a, f"{which}_ms"), getattr(b, f"{which}_ms")
+        first_ms = [x[row_a[k]][a.mask[row_a[k]]] for k, _ in pairs]
+        again_ms = [y[row_b[k]][b.mask[row_b[k]]] for _, k in pairs]
+        out[f"{which}_comm"] = noise_floor(np.concatenate(first_ms), np.concatenate(again_ms))
+    return out
 
 
 def session_fidelity(model_dir: str | os.PathLike, data_dir: str | os.PathLike) -> dict[str, Any]:

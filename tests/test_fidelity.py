@@ -15,7 +15,11 @@ from neuroshard.models.metrics import (
 )
 from neuroshard.pretrain.augment import augment_tables, sample_compute_loads
 from neuroshard.pretrain.collect import collect
-from neuroshard.pretrain.fidelity import session_fidelity, session_noise_floor
+from neuroshard.pretrain.fidelity import (
+    session_comm_noise_floors,
+    session_fidelity,
+    session_noise_floor,
+)
 from neuroshard.pretrain.pipeline import PretrainConfig, pretrain
 from neuroshard.samples import ComputeData
 from neuroshard.types import ModelMismatchError, Timing
@@ -126,6 +130,10 @@ def test_a_session_scores_as_its_own_pretrain_did(tmp_path):
     floor = session_noise_floor(tmp_path / "data")
     assert floor["n"] == 12 and floor["floor_mape"] > 0
     assert floor == pytest.approx(meta["metrics"]["noise_floor"]["compute"])
+    comm = session_comm_noise_floors(tmp_path / "data")  # the same pairs the pipeline took
+    for which in ("fwd_comm", "bwd_comm"):
+        assert comm[which] == pytest.approx(meta["metrics"]["noise_floor"][which])
+        assert comm[which]["n"] > 12
     got = session_fidelity(model_dir, tmp_path / "data")
     assert got["compute"]["mape"] == pytest.approx(meta["metrics"]["compute"]["test_pool"]["mape"])
     assert got["noise_floor"] == floor
@@ -137,5 +145,6 @@ def test_a_session_from_other_hardware_is_refused(tmp_path):
     )
     collect(loads, SimBackend(batch_size=4096), tmp_path / "compute_holdout", progress=False)
     assert session_noise_floor(tmp_path) is None  # no retests
+    assert session_comm_noise_floors(tmp_path) == {}
     with pytest.raises(ModelMismatchError, match="batch_size"):
         session_fidelity(shipped_models()["sim-h100-d4"], tmp_path)
