@@ -46,7 +46,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -55,7 +55,7 @@ from neuroshard.features import raw_features
 from neuroshard.pretrain.augment import halvings
 from neuroshard.pretrain.pool import power_integral, profile_from_masses, rank_groups, reuse_profile
 from neuroshard.samples import CommData, ComputeData
-from neuroshard.types import DIM_MULTIPLE, Cluster, TableSpec
+from neuroshard.types import DIM_MULTIPLE, Cluster, CostEstimator, Searcher, TableSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ __all__ = [
     "label_comm",
     "label_compute",
     "load_data",
+    "range_plan_loads",
     "sample_cluster_comm",
     "sample_range_loads",
     "save_data",
@@ -360,13 +361,7 @@ def save_data(
     tmp = path.with_name(path.name + ".part.npz")
     np.savez_compressed(
         tmp,
-        c_keys=compute.keys,
-        c_offsets=compute.offsets,
-        c_features=compute.features,
-        c_names=compute.table_names,
-        c_label=compute.label_ms,
-        c_spread=compute.spread,
-        c_batch=batches,
+        **_compute_arrays(compute, batches),
         m_keys=comm.keys,
         m_dims=comm.dim_sums,
         m_waits=comm.waits_ms,
@@ -375,19 +370,77 @@ def save_data(
         m_mask=comm.mask,
         m_shards=comm.num_tables if comm.num_tables is not None else np.zeros(0),
         m_ctx=ctx,
-        fingerprint=np.array(compute.fingerprint),
     )
     tmp.replace(path)
     return path
+
+
+def _compute_arrays(compute: ComputeData, batches: np.ndarray) -> dict[str, Any]:
+    return {
+        "c_keys": compute.keys,
+        "c_offsets": compute.offsets,
+        "c_features": compute.features,
+        "c_names": compute.table_names,
+        "c_label": compute.label_ms,
+        "c_spread": compute.spread,
+        "c_batch": batches,
+        "fingerprint": np.array(compute.fingerprint),
+    }
+
+
+def _load_compute(z: Any) -> tuple[ComputeData, np.ndarray]:
+    compute = ComputeData(
+        z["c_keys"],
+        z["c_offsets"],
+        z["c_features"],
+        z["c_names"],
+        z["c_label"],
+        z["c_spread"],
+        str(z["fingerprint"]),
+    )
+    return compute, z["c_batch"]
+
+
+def range_plan_loads(
+    estimator: CostEstimator,
+    tables: Sequence[TableSpec],
+    tasks: int,
+    rng: np.random.Generator,
+    searchers: Sequence[Searcher],
+    *,
+    table_range: tuple[int, int] = (30, 300),
+    device_range: tuple[int, int] = (8, 64),
+) -> tuple[list[list[TableSpec]], np.ndarray]:
+    """Device loads (and their global batches) of the plans ``searchers`` make under
+    ``estimator`` on ``tasks`` random tasks: log-uniform ``table_range`` tables of
+    ``tables`` on a power of two of ``device_range`` devices in hosts of 8, a batch of
+    :func:`batch_grid`, HBM for a fill of ``U(0.3, 0.7)`` of the task's tables
+    (:func:`~neuroshard.pretrain.plan_loads.plan_load_samples`)."""
+    from neuroshard.pretrain.plan_loads import plan_load_samples
+
+    grid = batch_grid()
+    lo, hi = (int(math.log2(d)) for d in device_range)
+    loads: list[list[TableSpec]] = []
+    batches: list[int] = []
+    for _ in range(tasks):
+        k = int(round(_log_uniform(rng, *table_range)))
+        devices = 2 ** int(rng.integers(lo, hi + 1))
+        batch = int(grid[int(rng.integers(len(grid)))])
+        drawn = plan_load_samples(
+            estimator, tables, 1, rng, searchers=searchers, num_devices=devices,
+            batch_size=batch, min_tables=k, max_tables=k, fill=float(rng.uniform(0.3, 0.7)),
+            devices_per_host=min(8, devices),
+        )  # fmt: skip
+        loads += [list(x.tables) for x in drawn]
+        batches += [batch] * len(drawn)
+    return loads, np.asarray(batches, dtype=np.int64)
 
 
 def load_data(path: str | Path) -> tuple[ComputeData, np.ndarray, CommData, np.ndarray]:
     """What :func:`save_data` wrote."""
     z = np.load(path, allow_pickle=False)
     fp = str(z["fingerprint"])
-    compute = ComputeData(
-        z["c_keys"], z["c_offsets"], z["c_features"], z["c_names"], z["c_label"], z["c_spread"], fp
-    )
+    compute, batches = _load_compute(z)
     comm = CommData(
         z["m_keys"],
         z["m_mask"].sum(axis=1),
@@ -399,7 +452,7 @@ def load_data(path: str | Path) -> tuple[ComputeData, np.ndarray, CommData, np.n
         fp,
         z["m_shards"],
     )
-    return compute, z["c_batch"], comm, z["m_ctx"]
+    return compute, batches, comm, z["m_ctx"]
 
 
 def _specs_of(data: ComputeData, i: int) -> list[TableSpec]:
@@ -482,6 +535,8 @@ def train_range_model(
     pool_weight: int = 1,
     families: Sequence[str] = ("zipf",),
     config: RangeConfig = RangeConfig(),
+    plan_tasks: int = 0,
+    plan_searchers: Sequence[Searcher] = (),
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
@@ -490,7 +545,9 @@ def train_range_model(
     ``config`` sets the load sizes (:class:`RangeConfig`). ``init_from`` (a
     model directory) warm-starts the nets from its weights (a longer training in steps).
     ``pool_weight`` repeats the pool among the sources: a shard comes from the pool with
-    probability ``pool_weight / (pool_weight + 1)``."""
+    probability ``pool_weight / (pool_weight + 1)``. ``plan_tasks`` > 0 adds plan-shaped
+    loads (``out/plans.npz``, :func:`range_plan_loads`): the device loads of the plans
+    ``plan_searchers`` make under the ``init_from`` model on that many tasks."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
     from neuroshard.pretrain.augment import augment_tables, shrink_tables
@@ -498,6 +555,8 @@ def train_range_model(
 
     if "heldout" in families or not set(families) <= set(FAMILIES):
         raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
+    if plan_tasks and (init_from is None or not plan_searchers):
+        raise ValueError("plan_tasks needs init_from (the model to plan with) and plan_searchers")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
@@ -547,6 +606,26 @@ def train_range_model(
         from neuroshard.models import load_cost_model
 
         start = cast(NeuralCostModel, load_cost_model(init_from))
+    plans = 0
+    if plan_tasks and start is not None:
+        plans_path = out / "plans.npz"
+        if plans_path.exists():
+            extra, extra_batches = _load_compute(np.load(plans_path, allow_pickle=False))
+        else:
+            ploads, extra_batches = range_plan_loads(
+                cast(CostEstimator, start), load_pool("train"), plan_tasks, np.random.default_rng([seed, 5]),
+                plan_searchers,
+            )  # fmt: skip
+            extra = label_compute(
+                ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix="p"
+            )
+            tmp = plans_path.with_name(plans_path.name + ".part.npz")
+            np.savez_compressed(tmp, **_compute_arrays(extra, extra_batches))
+            tmp.replace(plans_path)
+        plans = len(extra)
+        compute = compute.concat(extra)
+        batches = np.concatenate([batches, extra_batches])
+        logger.info("%d plan-shaped loads of %d tasks added", plans, plan_tasks)
     model.fit(
         compute,
         comm,
@@ -579,6 +658,8 @@ def train_range_model(
         "pool_weight": pool_weight,
         "compute_seconds": compute_seconds,
         "comm_seconds": comm_seconds,
+        "plan_tasks": plan_tasks,
+        "plan_loads": plans,
     }
     return model.save(out / "model")
 

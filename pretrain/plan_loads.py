@@ -35,27 +35,38 @@ def plan_load_samples(
     *,
     searchers: Sequence[Searcher],
     num_devices: int,
-    memory_bytes: int,
+    memory_bytes: int | None = None,
     batch_size: int,
     min_tables: int = 10,
     max_tables: int = 60,
     start_index: int = 0,
+    fill: float | None = None,
+    devices_per_host: int | None = None,
 ) -> list[ComputeSample]:
     """The distinct device loads of the plans ``searchers`` make under ``estimator`` for
     ``tasks`` tasks of ``min_tables``..``max_tables`` distinct ``tables`` on
-    ``num_devices`` devices of ``memory_bytes`` each at ``batch_size``; sample indices
-    from ``start_index``. Tasks no searcher can plan are skipped (logged)."""
+    ``num_devices`` devices (hosts of ``devices_per_host``; None: one host) at
+    ``batch_size``, each device with ``memory_bytes`` of HBM, or (``fill``) the task's
+    table bytes / devices / ``fill``; sample indices from ``start_index``. Tasks no
+    searcher can plan are skipped (logged)."""
     if tasks < 0 or not 1 <= min_tables <= max_tables:
         raise ValueError(
             f"need tasks >= 0 and 1 <= min_tables <= max_tables, got {tasks}, "
             f"{min_tables}, {max_tables}"
         )
-    cluster = Cluster.uniform(num_devices, memory_bytes, batch_size)
+    if (memory_bytes is None) == (fill is None) or (fill is not None and not 0 < fill <= 1):
+        raise ValueError(f"give memory_bytes or a fill in (0, 1], got {memory_bytes}, {fill}")
     out: list[ComputeSample] = []
     seen: set[tuple[TableSpec, ...]] = set()
     for task in range(tasks):
         k = int(rng.integers(min_tables, min(max_tables, len(tables)) + 1))
         drawn = [tables[int(j)] for j in rng.choice(len(tables), size=k, replace=False)]
+        memory = memory_bytes
+        if fill is not None:
+            memory = int(sum(t.size_bytes for t in drawn) / num_devices / fill) + 1
+        cluster = Cluster.uniform(
+            num_devices, int(memory or 0), batch_size, devices_per_host=devices_per_host or 0
+        )
         for search in searchers:
             try:
                 plan = search(drawn, cluster, estimator, seed=task)

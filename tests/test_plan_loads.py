@@ -54,3 +54,12 @@ def test_tasks_no_searcher_can_plan_give_no_samples():
 def test_bad_counts_are_refused():
     with pytest.raises(ValueError, match="min_tables"):
         _draw(min_tables=0)
+
+
+def test_fill_sizes_each_tasks_devices_and_hosts_split_the_cluster():
+    samples = _draw(memory_bytes=None, fill=0.5, num_devices=8, devices_per_host=4)
+    assert samples and len(samples) <= 4 * 2 * 8
+    with pytest.raises(ValueError, match="fill"):
+        _draw(fill=0.5)  # memory_bytes as well
+    with pytest.raises(ValueError, match="fill"):
+        _draw(memory_bytes=None, fill=1.5)

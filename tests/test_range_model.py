@@ -279,3 +279,35 @@ def test_the_search_path_pays_the_conservative_price(model):
         plan_cost(plan, cautious).devices[0].compute_ms
         > plan_cost(plan, model).devices[0].compute_ms
     )
+
+
+def test_range_plan_loads_are_plans_device_loads_at_grid_batches(model):
+    from neuroshard.search import get_searcher
+
+    rng = np.random.default_rng(3)
+    tables = gen.generate_tables(80, 4, "zipf")
+    loads, batches = gen.range_plan_loads(
+        model, tables, 3, rng, [get_searcher("greedy-grid")], table_range=(20, 40),
+        device_range=(8, 16),
+    )  # fmt: skip
+    assert len(loads) == len(batches) and 3 <= len(loads) <= 3 * 16
+    assert set(batches.tolist()) <= set(gen.batch_grid().tolist())
+    assert all(load for load in loads)
+
+
+def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
+    from neuroshard.search import get_searcher
+
+    args = dict(
+        compute_samples=200, comm_samples=80, generated_tables=40, members=2,
+        conservative_k=0.0, compute_seconds=2, comm_seconds=1, init_from=model_dir,
+        plan_tasks=2, plan_searchers=[get_searcher("greedy-grid")],
+    )  # fmt: skip
+    meta = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
+    plans = meta["provenance"]["plan_loads"]
+    assert plans > 0 and meta["sample_counts"]["compute"]["total"] == 200 + plans
+    assert (tmp_path / "plans.npz").exists()
+    again = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
+    assert again["provenance"]["plan_loads"] == plans
+    with pytest.raises(ValueError, match="init_from"):
+        gen.train_range_model(tmp_path / "x", plan_tasks=2)
