@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     memory = parse_memory(args.memory)
-    cluster = Cluster.uniform(args.devices, memory)
+    # I/O buffers counted, as the planner counts them by default (its plans come back on
+    # this cluster, and the oracle must search the same memory)
+    cluster = Cluster.uniform(args.devices, memory, io_buffers=True)
     est, source = choose_estimator(
         args.devices, args.model, args.profile, cluster.batch_size, sim=args.sim_estimator
     )

@@ -178,3 +178,18 @@ def test_oracle_rejects_start_plans_of_other_tables():
     other = priced(greedy_grid(make_tables(4), cluster, FakeEstimator()), FakeEstimator())
     with pytest.raises(ValueError, match="start plans"):
         oracle_plan(tables, cluster, FakeEstimator(), max_evals=10, starts=[other])
+
+
+def test_the_oracle_gap_bench_runs_with_the_planners_defaults(tmp_path, monkeypatch):
+    # its plans come back on a cluster with I/O buffers (the planner's default); the
+    # oracle must search that same cluster
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    import oracle_gap
+
+    out = tmp_path / "gap.md"
+    argv = ["--tasks", "1", "--max-evals", "50", "--searchers", "greedy-grid,lookup"]
+    assert oracle_gap.main([*argv, "--verify-top", "2", "--out", str(out)]) == 0
+    assert "greedy-grid" in out.read_text()
