@@ -47,6 +47,21 @@ def test_compute_is_head_of_summed_shard_embeddings(model):
     np.testing.assert_allclose(model.compute_from_embeddings(sums, [3, 0, 1, 8]), pred, rtol=1e-5)
 
 
+def test_loads_past_the_trained_shards_per_device_are_priced_linearly(model):
+    most = model.training_ranges_["tables_per_device"][1]
+    tables = make_mixed_loads()[0]
+    full = [tables[i % len(tables)] for i in range(most)]  # the trained maximum
+    at_most, spread_at_most = model.compute_ms([full]), model.compute_spread([full])
+    past = model.compute_ms([full * 3])  # three times as many: three times the price
+    np.testing.assert_allclose(past, 3 * at_most, rtol=1e-5)
+    np.testing.assert_allclose(model.compute_spread([full * 3]), spread_at_most, atol=1e-6)
+    # within the range the nets answer as they are
+    emb = model.shard_embeddings(full[:2])
+    np.testing.assert_allclose(
+        model.compute_ms([full[:2]]), model.compute_from_embeddings(emb.sum(0)[None]), rtol=1e-6
+    )
+
+
 def test_numpy_inference_matches_torch_nets(model):
     from neuroshard.features import table_features
 

@@ -781,14 +781,32 @@ class NeuralCostModel(CostModelBase):
     ) -> np.ndarray:
         """Compute ms from summed shard embeddings ``(B, embedding_width)``; rows whose
         ``counts`` (shards per device, optional) are 0 cost 0. Members are averaged in
-        the log space they were trained in."""
+        the log space they were trained in. With ``counts``, a load of more shards than
+        the model was trained on (``training_ranges_["tables_per_device"]``) is priced
+        linearly past the range: as ``count / max`` loads of ``max`` shards of its mean
+        embedding, never from a sum the nets never saw (beyond it they can fall to 0)."""
+        summed, factor = self._in_range(summed, counts)
         y, spread = self._member_stats(summed)
         if self.conservative_k > 0.0:
             y = y + self.conservative_k * spread
-        out = self._from_target(y, "compute")
+        out = self._from_target(y, "compute") * factor
         if counts is not None:
             out = np.where(np.asarray(counts).reshape(-1) > 0, out, 0.0)
         return out
+
+    def _in_range(
+        self, summed: np.ndarray, counts: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | float]:
+        """``summed`` with loads past the trained shards per device scaled down to it,
+        and the factor their price scales back up by (1 elsewhere)."""
+        limit = (getattr(self, "training_ranges_", None) or {}).get("tables_per_device")
+        if counts is None or not limit:
+            return summed, 1.0
+        factor = np.maximum(np.asarray(counts, dtype=np.float64).reshape(-1) / limit[1], 1.0)
+        if not (factor > 1.0).any():
+            return summed, 1.0
+        scaled = np.asarray(summed, dtype=np.float32) / factor[:, None].astype(np.float32)
+        return scaled, factor
 
     def _member_stats(self, summed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over the compute members of their (standardised)
@@ -816,7 +834,7 @@ class NeuralCostModel(CostModelBase):
         busy = counts > 0
         summed = np.zeros((len(counts), self.embedding_width), dtype=np.float32)
         summed[busy] = np.add.reduceat(emb, starts[busy], axis=0)
-        _, spread = self._member_stats(summed)
+        _, spread = self._member_stats(self._in_range(summed, counts)[0])
         return np.where(busy, spread * self.target_stats_["compute"][1], 0.0)
 
     def compute_ms(self, loads: Sequence[Sequence[TableSpec]]) -> np.ndarray:
