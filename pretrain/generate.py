@@ -613,9 +613,12 @@ def train_range_model(
             extra, extra_batches = _load_compute(np.load(plans_path, allow_pickle=False))
         else:
             ploads, extra_batches = range_plan_loads(
-                cast(CostEstimator, start), load_pool("train"), plan_tasks, np.random.default_rng([seed, 5]),
+                cast(CostEstimator, start),
+                load_pool("train"),
+                plan_tasks,
+                np.random.default_rng([seed, 5]),
                 plan_searchers,
-            )  # fmt: skip
+            )
             extra = label_compute(
                 ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix="p"
             )
