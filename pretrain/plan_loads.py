@@ -1,12 +1,12 @@
 """Plan-shaped compute samples: the device loads a search proposes under a model.
 
 A model trained on random loads is least accurate where a search takes it: the search
-seeks the loads it prices cheapest, and those are where its errors are (on this CPU the
-beam split nearly every table into column shards and piled 25-35 of them on a device,
-loads random sampling seldom draws). Pre-training can measure those loads too: plan tasks
-of training tables with the model just trained, with the beam and the greedy grid, take
-each plan's device loads, measure them and train again on all samples (search-guided
-augmentation, as DAgger does for policies). :func:`plan_load_samples` draws them;
+seeks the loads it prices cheapest, and those are where its errors are (on real hardware
+the beam split nearly every table into column shards and piled them onto devices, loads
+random sampling seldom draws; `bench/results/plan_shaped_cpu.md`). Pre-training can
+measure those loads too: plan tasks of training tables with the model just trained, with
+the beam and the greedy grid, take each plan's device loads, measure them and train
+again on all samples (search-guided augmentation, as DAgger does for policies). :func:`plan_load_samples` draws them;
 :class:`~neuroshard.pretrain.pipeline.PretrainConfig` ``plan_rounds`` runs the loop. The
 searchers are passed in (pretraining does not import the search package; the CLI gives it
 the beam and the greedy grid).
@@ -59,7 +59,7 @@ def plan_load_samples(
     out: list[ComputeSample] = []
     seen: set[tuple[TableSpec, ...]] = set()
     for task in range(tasks):
-        k = int(rng.integers(min_tables, min(max_tables, len(tables)) + 1))
+        k = int(rng.integers(min(min_tables, len(tables)), min(max_tables, len(tables)) + 1))
         drawn = [tables[int(j)] for j in rng.choice(len(tables), size=k, replace=False)]
         memory = memory_bytes
         if fill is not None:

@@ -63,3 +63,12 @@ def test_fill_sizes_each_tasks_devices_and_hosts_split_the_cluster():
         _draw(fill=0.5)  # memory_bytes as well
     with pytest.raises(ValueError, match="fill"):
         _draw(memory_bytes=None, fill=1.5)
+
+
+def test_fewer_tables_than_a_task_asks_for_are_all_drawn():
+    samples = plan_load_samples(
+        FakeEstimator(4096), make_tables(5, seed=3), 1, np.random.default_rng(0),
+        searchers=[get_searcher("greedy-grid")], num_devices=2, memory_bytes=4 * GB,
+        batch_size=4096, min_tables=10, max_tables=20,
+    )  # fmt: skip
+    assert sorted(t.name for s in samples for t in s.tables) == [f"t{i}" for i in range(5)]
