@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_shaped.py \
         --dataset data/datasets/cpu_b4096:2000 --plans data/datasets/cpu_b4096_plans \
-        --tasks 40 --rounds 1 --save build/cpu-plans --out bench/results/plan_shaped_cpu.md
+        --tasks 40 --rounds 2 --out bench/results/plan_shaped_cpu.md [--save NEW_FOLDER]
 
 The base model is the shipped CPU model's recipe (``bench/cpu_sessions.py``: a neural
 model on the first N compute samples of ``--dataset`` and its comm samples). Each round
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.save and args.save.exists() and any(args.save.iterdir()):
+        p.error(f"--save {args.save}: not empty; give a new folder")
 
     path, _, n = args.dataset.partition(":")
     data = Path(path)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
         }
         model.save(args.save)
-        lines.append(f"Saved the last model ({model.name}) to `{args.save}`.")
+    lines.append(f"Last model: {model.name}" + (f", saved to `{args.save}`." if args.save else "."))
     text = "\n".join(
         [
             f"Dataset `{args.dataset}` ({len(compute)} compute samples), CPU backend "
