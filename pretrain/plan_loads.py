@@ -6,10 +6,10 @@ the beam split nearly every table into column shards and piled them onto devices
 random sampling seldom draws; `bench/results/plan_shaped_cpu.md`). Pre-training can
 measure those loads too: plan tasks of training tables with the model just trained, with
 the beam and the greedy grid, take each plan's device loads, measure them and train
-again on all samples (search-guided augmentation, as DAgger does for policies). :func:`plan_load_samples` draws them;
-:class:`~neuroshard.pretrain.pipeline.PretrainConfig` ``plan_rounds`` runs the loop. The
-searchers are passed in (pretraining does not import the search package; the CLI gives it
-the beam and the greedy grid).
+again on all samples (search-guided augmentation, as DAgger does for policies).
+:func:`plan_load_samples` draws them; :class:`~neuroshard.pretrain.pipeline.PretrainConfig`
+``plan_rounds`` runs the loop. The searchers are passed in (pretraining does not import
+the search package; the CLI gives it the beam and the greedy grid).
 """
 
 from __future__ import annotations
