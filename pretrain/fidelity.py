@@ -42,6 +42,17 @@ __all__ = [
 RETEST_INDEX_OFFSET = 1 << 40
 
 
+def _retest_pairs(first_dir: Path, again_dir: Path) -> list[tuple[str, str]]:
+    """(first key, retest key) of every retest in ``again_dir`` whose original is in
+    ``first_dir``, paired by sample index (:data:`RETEST_INDEX_OFFSET`)."""
+    first, again = sample_keys(first_dir), sample_keys(again_dir)
+    return [
+        (first[i - RETEST_INDEX_OFFSET], key)
+        for i, key in sorted(again.items())
+        if i - RETEST_INDEX_OFFSET in first
+    ]
+
+
 def session_noise_floor(
     data_dir: str | os.PathLike, held: ComputeData | None = None
 ) -> dict[str, float] | None:
@@ -52,12 +63,7 @@ def session_noise_floor(
     d = Path(data_dir)
     if not part_files(d / "compute_retest"):
         return None
-    first, again = sample_keys(d / "compute_holdout"), sample_keys(d / "compute_retest")
-    pairs = [
-        (first[i - RETEST_INDEX_OFFSET], key)
-        for i, key in sorted(again.items())
-        if i - RETEST_INDEX_OFFSET in first
-    ]
+    pairs = _retest_pairs(d / "compute_holdout", d / "compute_retest")
     a = held if held is not None else load_compute(d / "compute_holdout")
     b = load_compute(d / "compute_retest")
     a_ms = dict(zip(a.keys, a.label_ms, strict=True))
@@ -72,12 +78,7 @@ def session_comm_noise_floors(data_dir: str | os.PathLike) -> dict[str, dict[str
     d = Path(data_dir)
     if not part_files(d / "comm_retest"):
         return {}
-    first, again = sample_keys(d / "comm"), sample_keys(d / "comm_retest")
-    pairs = [
-        (first[i - RETEST_INDEX_OFFSET], key)
-        for i, key in sorted(again.items())
-        if i - RETEST_INDEX_OFFSET in first
-    ]
+    pairs = _retest_pairs(d / "comm", d / "comm_retest")
     a = load_comm(d / "comm", {k for k, _ in pairs})
     b = load_comm(d / "comm_retest", {k for _, k in pairs})
     row_a = {k: i for i, k in enumerate(a.keys.tolist())}

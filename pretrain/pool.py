@@ -148,8 +148,10 @@ def _rank_groups(rows: int) -> tuple[np.ndarray, np.ndarray]:
     return edges[:-1], edges[1:]
 
 
-def _power_integral(lo: np.ndarray, hi: np.ndarray, s: float, offset: float = 0.0) -> np.ndarray:
-    """Integral of ``(r + offset)**-s`` over ``[lo, hi]`` (a rank group's mass, midpoint rule)."""
+def power_integral(lo: np.ndarray, hi: np.ndarray, s: float, offset: float = 0.0) -> np.ndarray:
+    """Integral of ``(r + offset)**-s`` over ``[lo, hi]`` (a rank group's mass, midpoint rule;
+    ``s`` = 0 is uniform): a Zipf-Mandelbrot distribution, group by group, for
+    :func:`profile_from_masses`."""
     lo, hi = lo + offset, hi + offset
     if abs(1.0 - s) < 1e-9:
         return np.log(hi / lo)
@@ -173,14 +175,8 @@ def reuse_profile(
     looked up ``batch_size x pooling_factor`` times, row ``r`` with probability
     proportional to ``(r + offset)**-exponent``."""
     lo, hi = _rank_groups(int(rows))
-    mass = _power_integral(lo - 0.5, hi - 0.5, exponent, offset)
+    mass = power_integral(lo - 0.5, hi - 0.5, exponent, offset)
     return profile_from_masses(lo, hi, mass, batch_size * pooling_factor)
-
-
-def power_integral(lo: np.ndarray, hi: np.ndarray, s: float, offset: float = 0.0) -> np.ndarray:
-    """Mass of ``(r + offset)**-s`` over each rank interval ``[lo, hi]`` (``s`` = 0 is
-    uniform): a Zipf-Mandelbrot distribution, group by group, for :func:`profile_from_masses`."""
-    return _power_integral(np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), s, offset)
 
 
 def rank_groups(rows: int) -> tuple[np.ndarray, np.ndarray]:
