@@ -17,6 +17,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -227,15 +228,6 @@ def renamed_draws(
     pool: Sequence[TableSpec], num_tables: int, rng: np.random.Generator
 ) -> list[TableSpec]:
     """``num_tables`` tables drawn from ``pool`` with replacement, the ``k``-th renamed
-    ``NAME#k`` (shape, pooling and reuse kept) so that a task may outgrow the pool."""
+    ``NAME#k`` (everything else kept) so that a task may outgrow the pool."""
     picks = rng.integers(0, len(pool), size=num_tables)
-    return [
-        TableSpec(
-            f"{pool[i].name}#{k}",
-            pool[i].rows,
-            pool[i].dim,
-            pool[i].pooling_factor,
-            pool[i].reuse_hist,
-        )
-        for k, i in enumerate(picks.tolist())
-    ]
+    return [replace(pool[i], name=f"{pool[i].name}#{k}") for k, i in enumerate(picks.tolist())]

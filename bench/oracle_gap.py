@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     memory = parse_memory(args.memory)
-    # I/O buffers counted, as the planner counts them by default (its plans come back on
-    # this cluster, and the oracle must search the same memory)
-    cluster = Cluster.uniform(args.devices, memory, io_buffers=True)
+    cluster = Cluster.uniform(args.devices, memory)
     est, source = choose_estimator(
         args.devices, args.model, args.profile, cluster.batch_size, sim=args.sim_estimator
     )
+    # the cluster as the planners below plan on it (reserve 0, the planner's I/O buffers and
+    # optimizer): the oracle must search the same memory their plans come back with
+    cluster = Planner(est, reserve=0.0).cluster_for(cluster)
     truth = SimBackend(args.profile, batch_size=cluster.batch_size)
     tasks = sample_tasks(
         load_pool(args.split),
