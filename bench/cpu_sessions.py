@@ -36,7 +36,7 @@ from neuroshard.models.neural import NeuralCostModel
 from neuroshard.planner import Planner
 from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.pretrain.fidelity import session_noise_floor
-from neuroshard.samples import ComputeData
+from neuroshard.samples import CommData, ComputeData
 
 from _common import add_task_args, emit, task_setup
 
@@ -92,16 +92,18 @@ def plan_seconds(
     return [statistics.median(s) for s in seconds], statistics.median(noise)
 
 
+def fit_recipe(
+    compute: ComputeData, comm: CommData, members: int = 1, seed: int = 0
+) -> NeuralCostModel:
+    """The shipped CPU model's recipe (:data:`MODEL_KWARGS`, 4 devices) on these samples."""
+    model = NeuralCostModel(compute_members=members, seed=seed, **MODEL_KWARGS)
+    return model.fit(compute, comm, backend_name="cpu", num_devices=4)
+
+
 def train(data: Path, n: int | None, members: int) -> NeuralCostModel:
     keys = sample_keys(data / "compute")
     chosen = {k for i, k in keys.items() if n is None or i < n}
-    model = NeuralCostModel(compute_members=members, **MODEL_KWARGS)
-    return model.fit(
-        load_compute(data / "compute", chosen),
-        load_comm(data / "comm"),
-        backend_name="cpu",
-        num_devices=4,
-    )
+    return fit_recipe(load_compute(data / "compute", chosen), load_comm(data / "comm"), members)
 
 
 def main(argv: list[str] | None = None) -> int:

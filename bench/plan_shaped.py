@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cpu_sessions import MODEL_KWARGS
 
 from neuroshard.backends import get_backend
-from neuroshard.models.neural import NeuralCostModel
 from neuroshard.pretrain.collect import collect
 from neuroshard.pretrain.dataset import load_comm, load_compute, sample_keys
 from neuroshard.pretrain.fidelity import session_comm_noise_floors, session_noise_floor
@@ -40,6 +38,7 @@ from neuroshard.samples import ComputeData
 from neuroshard.search import get_searcher
 
 from _common import emit
+from cpu_sessions import fit_recipe
 
 PLAN_INDEX = 10**7
 
@@ -47,12 +46,6 @@ PLAN_INDEX = 10**7
 def mape(model, data: ComputeData) -> float:
     pred = model.score_compute(data)
     return float(pred["mape"])
-
-
-def fit(compute: ComputeData, comm, seed: int) -> NeuralCostModel:
-    return NeuralCostModel(seed=seed, **MODEL_KWARGS).fit(
-        compute, comm, backend_name="cpu", num_devices=4
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     train_tables = load_pool("train")
 
     t0 = time.perf_counter()
-    model = fit(compute, comm, args.seed)
+    model = fit_recipe(compute, comm, seed=args.seed)
     rows = [
         "| model | compute samples | held-out MAPE (test pool) | next round's plan loads MAPE | "
         "fit s |",
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_keys |= {x.key for x in drawn}
         joined = compute.concat(load_compute(args.plans / "compute_plans", plan_keys))
         t0 = time.perf_counter()
-        model = fit(joined, comm, args.seed)
+        model = fit_recipe(joined, comm, seed=args.seed)
         fit_s = time.perf_counter() - t0
         row = [f"after round {r + 1}", str(len(joined)), f"{mape(model, holdout):.2%}"]
     row.append("-")
