@@ -610,7 +610,13 @@ def train_range_model(
     if plan_tasks and start is not None:
         plans_path = out / "plans.npz"
         if plans_path.exists():
-            extra, extra_batches = _load_compute(np.load(plans_path, allow_pickle=False))
+            z = np.load(plans_path, allow_pickle=False)
+            if int(z["plan_tasks"]) != plan_tasks:
+                raise ValueError(
+                    f"{plans_path} holds the loads of {int(z['plan_tasks'])} plan tasks, not "
+                    f"{plan_tasks}: remove it to draw them again"
+                )
+            extra, extra_batches = _load_compute(z)
         else:
             ploads, extra_batches = range_plan_loads(
                 cast(CostEstimator, start),
@@ -623,7 +629,9 @@ def train_range_model(
                 ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix="p"
             )
             tmp = plans_path.with_name(plans_path.name + ".part.npz")
-            np.savez_compressed(tmp, **_compute_arrays(extra, extra_batches))
+            np.savez_compressed(
+                tmp, plan_tasks=np.array(plan_tasks), **_compute_arrays(extra, extra_batches)
+            )
             tmp.replace(plans_path)
         plans = len(extra)
         compute = compute.concat(extra)

@@ -57,8 +57,20 @@ def test_bad_counts_are_refused():
 
 
 def test_fill_sizes_each_tasks_devices_and_hosts_split_the_cluster():
-    samples = _draw(memory_bytes=None, fill=0.5, num_devices=8, devices_per_host=4)
-    assert samples and len(samples) <= 4 * 2 * 8
+    seen = []
+    greedy = get_searcher("greedy-grid")
+
+    def recording(tables, cluster, estimator, **kw):
+        seen.append((sum(t.size_bytes for t in tables), cluster))
+        return greedy(tables, cluster, estimator, **kw)
+
+    samples = _draw(
+        memory_bytes=None, fill=0.5, num_devices=8, devices_per_host=4, searchers=[recording]
+    )
+    assert samples and len(samples) <= 4 * 8 and len(seen) == 4
+    for total, cluster in seen:  # each task's HBM is its own tables' bytes / devices / fill
+        assert cluster.memory_per_device_bytes == (int(total / 8 / 0.5) + 1,) * 8
+        assert cluster.devices_per_host == 4
     with pytest.raises(ValueError, match="fill"):
         _draw(fill=0.5)  # memory_bytes as well
     with pytest.raises(ValueError, match="fill"):

@@ -309,5 +309,7 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
     assert (tmp_path / "plans.npz").exists()
     again = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
     assert again["provenance"]["plan_loads"] == plans
+    with pytest.raises(ValueError, match="plans.npz holds the loads of 2 plan tasks, not 3"):
+        gen.train_range_model(tmp_path, **{**args, "plan_tasks": 3})
     with pytest.raises(ValueError, match="init_from"):
         gen.train_range_model(tmp_path / "x", plan_tasks=2)
