@@ -537,6 +537,7 @@ def train_range_model(
     config: RangeConfig = RangeConfig(),
     plan_tasks: int = 0,
     plan_searchers: Sequence[Searcher] = (),
+    earlier_plans: Sequence[str | Path] = (),
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
@@ -557,6 +558,9 @@ def train_range_model(
         raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
     if plan_tasks and (init_from is None or not plan_searchers):
         raise ValueError("plan_tasks needs init_from (the model to plan with) and plan_searchers")
+    for path in earlier_plans:
+        if not Path(path).is_file():
+            raise ValueError(f"earlier_plans: {path} is not a file")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
@@ -622,11 +626,12 @@ def train_range_model(
                 cast(CostEstimator, start),
                 load_pool("train"),
                 plan_tasks,
-                np.random.default_rng([seed, 5]),
+                np.random.default_rng([seed, 5, *([len(earlier_plans)] if earlier_plans else [])]),
                 plan_searchers,
             )
+            prefix = f"p{len(earlier_plans)}s" if earlier_plans else "p"  # keys unique per step
             extra = label_compute(
-                ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix="p"
+                ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix=prefix
             )
             tmp = plans_path.with_name(plans_path.name + ".part.npz")
             np.savez_compressed(
@@ -637,6 +642,14 @@ def train_range_model(
         compute = compute.concat(extra)
         batches = np.concatenate([batches, extra_batches])
         logger.info("%d plan-shaped loads of %d tasks added", plans, plan_tasks)
+    for path in earlier_plans:
+        extra, extra_batches = _load_compute(np.load(path, allow_pickle=False))
+        plans += len(extra)
+        compute = compute.concat(extra)
+        batches = np.concatenate([batches, extra_batches])
+        logger.info("%d plan-shaped loads of an earlier step added from %s", len(extra), path)
+    if len(np.unique(compute.keys)) != len(compute.keys):
+        raise ValueError("earlier_plans: sample keys repeat (the same plans.npz given twice?)")
     model.fit(
         compute,
         comm,
@@ -671,6 +684,7 @@ def train_range_model(
         "comm_seconds": comm_seconds,
         "plan_tasks": plan_tasks,
         "plan_loads": plans,
+        "earlier_plan_files": len(earlier_plans),
     }
     return model.save(out / "model")
 

@@ -313,3 +313,17 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
         gen.train_range_model(tmp_path, **{**args, "plan_tasks": 3})
     with pytest.raises(ValueError, match="init_from"):
         gen.train_range_model(tmp_path / "x", plan_tasks=2)
+    # A next step keeps the earlier step's loads and plans new tasks under new keys.
+    step = tmp_path / "step2"
+    step.mkdir()
+    (step / "data.npz").write_bytes((tmp_path / "data.npz").read_bytes())
+    nxt = {**args, "earlier_plans": [tmp_path / "plans.npz"]}
+    meta2 = json.loads((gen.train_range_model(step, **nxt) / "meta.json").read_text())
+    z_old, z_new = (np.load(d / "plans.npz") for d in (tmp_path, step))
+    assert meta2["provenance"]["plan_loads"] == plans + len(z_new["c_keys"])
+    assert meta2["provenance"]["earlier_plan_files"] == 1
+    assert not set(z_old["c_keys"].tolist()) & set(z_new["c_keys"].tolist())
+    with pytest.raises(ValueError, match="sample keys repeat"):
+        gen.train_range_model(step, **{**nxt, "earlier_plans": [step / "plans.npz"]})
+    with pytest.raises(ValueError, match="earlier_plans: .*missing.npz is not a file"):
+        gen.train_range_model(step, **{**nxt, "earlier_plans": [tmp_path / "missing.npz"]})
