@@ -423,10 +423,19 @@ def _comm(pid: int) -> str:
         return ""
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this process: the OS may give a just
+    closed port again, and Ray refuses a node whose components were given the same port."""
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def _free_port_block(n: int) -> int:
