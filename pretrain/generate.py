@@ -561,6 +561,10 @@ def train_range_model(
     for path in earlier_plans:
         if not Path(path).is_file():
             raise ValueError(f"earlier_plans: {path} is not a file")
+    earlier = [_load_compute(np.load(path, allow_pickle=False)) for path in earlier_plans]
+    earlier_keys = [k for data, _ in earlier for k in data.keys.tolist()]
+    if len(set(earlier_keys)) != len(earlier_keys):  # before minutes of planning, not after
+        raise ValueError("earlier_plans: sample keys repeat (the same plans.npz given twice?)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
@@ -642,8 +646,7 @@ def train_range_model(
         compute = compute.concat(extra)
         batches = np.concatenate([batches, extra_batches])
         logger.info("%d plan-shaped loads of %d tasks added", plans, plan_tasks)
-    for path in earlier_plans:
-        extra, extra_batches = _load_compute(np.load(path, allow_pickle=False))
+    for path, (extra, extra_batches) in zip(earlier_plans, earlier, strict=True):
         plans += len(extra)
         compute = compute.concat(extra)
         batches = np.concatenate([batches, extra_batches])

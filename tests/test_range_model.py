@@ -325,5 +325,10 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
     assert not set(z_old["c_keys"].tolist()) & set(z_new["c_keys"].tolist())
     with pytest.raises(ValueError, match="sample keys repeat"):
         gen.train_range_model(step, **{**nxt, "earlier_plans": [step / "plans.npz"]})
+    with pytest.raises(ValueError, match="sample keys repeat"):  # refused before planning
+        gen.train_range_model(
+            tmp_path / "step3", **{**nxt, "earlier_plans": [step / "plans.npz"] * 2}
+        )
+    assert not (tmp_path / "step3").exists()
     with pytest.raises(ValueError, match="earlier_plans: .*missing.npz is not a file"):
         gen.train_range_model(step, **{**nxt, "earlier_plans": [tmp_path / "missing.npz"]})
