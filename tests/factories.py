@@ -251,11 +251,20 @@ def kill_9_session(proc: subprocess.Popen) -> None:
             pass
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on the loopback now and not handed out before in this process: the
+    OS may give a just-closed port again, and two users of one port (Ray's components, a
+    gloo store and a lingering peer) collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @contextmanager

@@ -28,7 +28,12 @@ import pytest
 
 pytest.importorskip("ray")
 
-from factories import kill_9_session, make_tables, pythonpath_with_tests  # noqa: E402
+from factories import (  # noqa: E402
+    free_port,
+    kill_9_session,
+    make_tables,
+    pythonpath_with_tests,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +112,7 @@ class Cluster:
             f"--min-worker-port={low}",
             f"--max-worker-port={low + 99}",
             *(
-                f"--{flag}={_free_port()}"
+                f"--{flag}={free_port()}"
                 for flag in (
                     "dashboard-agent-listen-port",
                     "dashboard-agent-grpc-port",
@@ -145,7 +150,7 @@ def start_cluster(root: Path) -> Cluster:
         root = Path(tempfile.mkdtemp(prefix="nsr"))
     token_file = root / "token"
     token_file.write_text(secrets.token_hex(32))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": pythonpath_with_tests(),
@@ -162,8 +167,8 @@ def start_cluster(root: Path) -> Cluster:
             "--head",
             f"--port={port}",
             "--include-dashboard=false",
-            f"--dashboard-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         )
         c.start_node("node2", f"--address={c.address}")
     except BaseException:
@@ -328,7 +333,7 @@ def test_unreachable_or_unauthenticated_cluster_fails_fast(cluster, tmp_path):
         if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
     }
     base["HOME"] = str(home)
-    closed = f"{LOOPBACK}:{_free_port()}"
+    closed = f"{LOOPBACK}:{free_port()}"
     cases = [
         (closed, {}, ["no Ray cluster answers at " + closed, "--node-ip-address"]),
         (cluster.address, {}, ["requires an authentication token", "RAY_AUTH_TOKEN"]),
@@ -421,21 +426,6 @@ def _comm(pid: int) -> str:
         return (Path("/proc") / str(pid) / "comm").read_text().strip()
     except OSError:
         return ""
-
-
-_GIVEN_PORTS: set[int] = set()
-
-
-def _free_port() -> int:
-    """A port free now and not handed out before in this process: the OS may give a just
-    closed port again, and Ray refuses a node whose components were given the same port."""
-    while True:
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN_PORTS:
-            _GIVEN_PORTS.add(port)
-            return port
 
 
 def _free_port_block(n: int) -> int:
