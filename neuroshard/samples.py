@@ -84,9 +84,16 @@ class ComputeData:
         )
 
     def concat(self, other: ComputeData) -> ComputeData:
-        """``self``'s rows, then ``other``'s (both measured on one backend)."""
+        """``self``'s rows, then ``other``'s (both measured on one backend, no key in
+        both: a sample's key names it, and the models key per-sample batches by it)."""
         if other.fingerprint != self.fingerprint:
             raise ValueError("cannot join compute samples of two backends (fingerprints differ)")
+        repeated = np.intersect1d(self.keys, other.keys)
+        if repeated.size:
+            raise ValueError(
+                f"cannot join compute samples: sample keys repeat ({repeated.size}, e.g. "
+                f"{str(repeated[0])!r})"
+            )
         return ComputeData(
             np.concatenate([self.keys, other.keys]),
             np.concatenate([self.offsets[:-1], other.offsets + self.offsets[-1]]).astype(np.int64),

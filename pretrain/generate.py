@@ -439,7 +439,6 @@ def range_plan_loads(
 def load_data(path: str | Path) -> tuple[ComputeData, np.ndarray, CommData, np.ndarray]:
     """What :func:`save_data` wrote."""
     z = np.load(path, allow_pickle=False)
-    fp = str(z["fingerprint"])
     compute, batches = _load_compute(z)
     comm = CommData(
         z["m_keys"],
@@ -449,7 +448,7 @@ def load_data(path: str | Path) -> tuple[ComputeData, np.ndarray, CommData, np.n
         z["m_fwd"],
         z["m_bwd"],
         z["m_mask"],
-        fp,
+        compute.fingerprint,
         z["m_shards"],
     )
     return compute, batches, comm, z["m_ctx"]
@@ -561,10 +560,17 @@ def train_range_model(
     for path in earlier_plans:
         if not Path(path).is_file():
             raise ValueError(f"earlier_plans: {path} is not a file")
-    earlier = [_load_compute(np.load(path, allow_pickle=False)) for path in earlier_plans]
-    earlier_keys = [k for data, _ in earlier for k in data.keys.tolist()]
-    if len(set(earlier_keys)) != len(earlier_keys):  # before minutes of planning, not after
-        raise ValueError("earlier_plans: sample keys repeat (the same plans.npz given twice?)")
+    earlier: tuple[ComputeData, np.ndarray] | None = None  # joined now: a repeat fails fast
+    for path in earlier_plans:
+        data, data_batches = _load_compute(np.load(path, allow_pickle=False))
+        try:
+            earlier = (
+                (data, data_batches)
+                if earlier is None
+                else (earlier[0].concat(data), np.concatenate([earlier[1], data_batches]))
+            )
+        except ValueError as e:
+            raise ValueError(f"earlier_plans: {path}: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
@@ -646,13 +652,14 @@ def train_range_model(
         compute = compute.concat(extra)
         batches = np.concatenate([batches, extra_batches])
         logger.info("%d plan-shaped loads of %d tasks added", plans, plan_tasks)
-    for path, (extra, extra_batches) in zip(earlier_plans, earlier, strict=True):
+    if earlier is not None:
+        extra, extra_batches = earlier
         plans += len(extra)
         compute = compute.concat(extra)
         batches = np.concatenate([batches, extra_batches])
-        logger.info("%d plan-shaped loads of an earlier step added from %s", len(extra), path)
-    if len(np.unique(compute.keys)) != len(compute.keys):
-        raise ValueError("earlier_plans: sample keys repeat (the same plans.npz given twice?)")
+        logger.info(
+            "%d plan-shaped loads of %d earlier steps added", len(extra), len(earlier_plans)
+        )
     model.fit(
         compute,
         comm,

@@ -31,3 +31,8 @@ def test_concat_keeps_each_rows_tables_and_label():
 def test_concat_refuses_samples_of_another_backend():
     with pytest.raises(ValueError, match="fingerprints differ"):
         _data("a", [1]).concat(_data("b", [1], fingerprint="other"))
+
+
+def test_concat_refuses_samples_whose_keys_repeat():
+    with pytest.raises(ValueError, match="sample keys repeat .1, e.g. 'a0'"):
+        _data("a", [1]).concat(_data("a", [2]))
