@@ -44,7 +44,8 @@ def plan_load_samples(
     devices_per_host: int | None = None,
 ) -> list[ComputeSample]:
     """The distinct device loads of the plans ``searchers`` make under ``estimator`` for
-    ``tasks`` tasks of ``min_tables``..``max_tables`` distinct ``tables`` on
+    ``tasks`` tasks of ``min_tables``..``max_tables`` distinct ``tables`` (all of them
+    when there are fewer than ``min_tables``) on
     ``num_devices`` devices (hosts of ``devices_per_host``; None: one host) at
     ``batch_size``, each device with ``memory_bytes`` of HBM, or (``fill``) the task's
     table bytes / devices / ``fill``; sample indices from ``start_index``. Tasks no
