@@ -44,7 +44,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -401,6 +401,19 @@ def _load_compute(z: Any) -> tuple[ComputeData, np.ndarray]:
     return compute, z["c_batch"]
 
 
+def _sources(
+    rng: np.random.Generator, generated_tables: int, seed: int, families: Sequence[str]
+) -> tuple[list[TableSpec], list[list[TableSpec]]]:
+    """The training sources: the pool's train half (augmented, plus shrunk copies drawn
+    with ``rng``) and ``generated_tables`` of each family."""
+    from neuroshard.pretrain.augment import augment_tables, shrink_tables
+    from neuroshard.pretrain.pool import load_pool
+
+    train = load_pool("train")
+    pool = augment_tables(train) + augment_tables(shrink_tables(train, rng))
+    return pool, [generate_tables(generated_tables, seed, f) for f in families]
+
+
 def range_plan_loads(
     estimator: CostEstimator,
     tables: Sequence[TableSpec],
@@ -537,6 +550,7 @@ def train_range_model(
     plan_tasks: int = 0,
     plan_searchers: Sequence[Searcher] = (),
     earlier_plans: Sequence[str | Path] = (),
+    small_loads: int = 0,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
@@ -547,14 +561,19 @@ def train_range_model(
     ``pool_weight`` repeats the pool among the sources: a shard comes from the pool with
     probability ``pool_weight / (pool_weight + 1)``. ``plan_tasks`` > 0 adds plan-shaped
     loads (``out/plans.npz``, :func:`range_plan_loads`): the device loads of the plans
-    ``plan_searchers`` make under the ``init_from`` model on that many tasks."""
+    ``plan_searchers`` make under the ``init_from`` model on that many tasks.
+    ``small_loads`` > 0 adds that many loads of 1 to 15 shards, half of them single shards
+    (``out/small.npz``, drawn from the same sources): a shard costs the same to train on
+    in any load, so small loads teach the per-shard net for a few percent of an epoch's
+    time."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
-    from neuroshard.pretrain.augment import augment_tables, shrink_tables
     from neuroshard.pretrain.pool import load_pool
 
     if "heldout" in families or not set(families) <= set(FAMILIES):
         raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
+    if small_loads < 0:
+        raise ValueError(f"small_loads must be >= 0, got {small_loads}")
     if plan_tasks and (init_from is None or not plan_searchers):
         raise ValueError("plan_tasks needs init_from (the model to plan with) and plan_searchers")
     for path in earlier_plans:
@@ -579,9 +598,7 @@ def train_range_model(
         logger.info("reusing %s", data_path)
     else:
         rng = np.random.default_rng(seed)
-        train = load_pool("train")
-        pool = augment_tables(train) + augment_tables(shrink_tables(train, rng))
-        gens = [generate_tables(generated_tables, seed, f) for f in families]
+        pool, gens = _sources(rng, generated_tables, seed, families)
         sources = [pool] * pool_weight + gens
         loads, batches = sample_range_loads(sources, compute_samples, rng, config)
         compute = label_compute(loads, batches, profile=profile, noise=noise, seed=seed)
@@ -592,6 +609,34 @@ def train_range_model(
         logger.info(
             "drew %d compute and %d comm samples into %s", len(compute), len(comm), data_path
         )
+    small = 0
+    if small_loads:
+        small_path = out / "small.npz"
+        if small_path.exists():
+            extra, extra_batches = _load_compute(np.load(small_path, allow_pickle=False))
+            if len(extra) != small_loads:
+                raise ValueError(
+                    f"{small_path} holds {len(extra)} small loads, not {small_loads}: remove "
+                    "it to draw them again"
+                )
+        else:
+            pool, gens = _sources(np.random.default_rng(seed), generated_tables, seed, families)
+            sloads, extra_batches = sample_range_loads(
+                [pool] * pool_weight + gens,
+                small_loads,
+                np.random.default_rng([seed, 6]),
+                replace(config, single_fraction=0.5, small_fraction=1.0),
+            )
+            extra = label_compute(
+                sloads, extra_batches, profile=profile, noise=noise, seed=seed + 2, prefix="sm"
+            )
+            tmp = small_path.with_name(small_path.name + ".part.npz")
+            np.savez_compressed(tmp, **_compute_arrays(extra, extra_batches))
+            tmp.replace(small_path)
+        small = len(extra)
+        compute = compute.concat(extra)
+        batches = np.concatenate([batches, extra_batches])
+        logger.info("%d small loads added", small)
     model = NeuralCostModel(
         batch_size=HIST_BATCH,
         range_inputs=True,
@@ -695,6 +740,7 @@ def train_range_model(
         "plan_tasks": plan_tasks,
         "plan_loads": plans,
         "earlier_plan_files": len(earlier_plans),
+        "small_loads": small,
     }
     return model.save(out / "model")
 
@@ -717,6 +763,7 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--families", default="zipf", help="comma-separated: zipf, mixture")
     ap.add_argument("--single-fraction", type=float, default=RangeConfig.single_fraction)
     ap.add_argument("--small-fraction", type=float, default=RangeConfig.small_fraction)
+    ap.add_argument("--small-loads", type=int, default=0)
     a = ap.parse_args()
     train_range_model(
         a.out,
@@ -731,4 +778,5 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
         pool_weight=a.pool_weight,
         families=tuple(a.families.split(",")),
         config=RangeConfig(single_fraction=a.single_fraction, small_fraction=a.small_fraction),
+        small_loads=a.small_loads,
     )

@@ -332,3 +332,23 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
     assert not (tmp_path / "step3").exists()
     with pytest.raises(ValueError, match="earlier_plans: .*missing.npz is not a file"):
         gen.train_range_model(step, **{**nxt, "earlier_plans": [tmp_path / "missing.npz"]})
+
+
+def test_small_loads_are_drawn_once_half_single_and_counted(tmp_path):
+    args = dict(
+        compute_samples=150, comm_samples=60, generated_tables=30, members=1,
+        conservative_k=0.0, compute_seconds=1, comm_seconds=1, small_loads=80,
+    )  # fmt: skip
+    meta = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
+    assert meta["provenance"]["small_loads"] == 80
+    assert meta["sample_counts"]["compute"]["total"] == 150 + 80
+    z = np.load(tmp_path / "small.npz")
+    sizes = np.diff(z["c_offsets"])
+    assert sizes.max() <= 15 and 0.3 < np.mean(sizes == 1) < 0.7
+    assert all(k.startswith("sm") for k in z["c_keys"].tolist())
+    again = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
+    assert again["training_data_hash"] == meta["training_data_hash"]  # reused, not redrawn
+    with pytest.raises(ValueError, match="small.npz holds 80 small loads, not 90"):
+        gen.train_range_model(tmp_path, **{**args, "small_loads": 90})
+    with pytest.raises(ValueError, match="small_loads must be >= 0"):
+        gen.train_range_model(tmp_path / "x", small_loads=-1)
