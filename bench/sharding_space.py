@@ -224,6 +224,19 @@ def main() -> None:
                 f"| {s} | {len(ok)}/{len(rows[s])} | {mean} | {ratio} | {secs} | "
                 f"{worst} | {kinds} |"
             )
+        if ours is not None and "torchrec" in rows:
+            per_task = [
+                a["ms"] / b["ms"]
+                for a, b in zip(ours, rows["torchrec"], strict=True)
+                if a["ok"] and b["ok"]
+            ]
+            if per_task:
+                lines += [
+                    "",
+                    "Per task, NeuroShard / TorchRec: "
+                    + ", ".join(f"{x:.4f}" for x in per_task)
+                    + f" (mean {statistics.fmean(per_task):.5f}).",
+                ]
         guides = sorted({r["guide"] for r in rows.get("neuroshard", []) if r["ok"]})
         if guides:
             lines += ["", f"NeuroShard's estimator: {', '.join(guides)}."]

@@ -551,6 +551,7 @@ def train_range_model(
     plan_searchers: Sequence[Searcher] = (),
     earlier_plans: Sequence[str | Path] = (),
     small_loads: int = 0,
+    max_epochs: int = 400,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
     :class:`~neuroshard.models.neural.NeuralCostModel` (checkpoints in ``out/ckpt``) and
@@ -565,7 +566,7 @@ def train_range_model(
     ``small_loads`` > 0 adds that many loads of 1 to 15 shards, half of them single shards
     (``out/small.npz``, drawn from the same sources): a shard costs the same to train on
     in any load, so small loads teach the per-shard net for a few percent of an epoch's
-    time."""
+    time. ``max_epochs`` caps each net's epochs beside its time budget."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
     from neuroshard.pretrain.pool import load_pool
@@ -643,7 +644,7 @@ def train_range_model(
         compute_members=members,
         conservative_k=conservative_k,
         lr=lr,
-        max_epochs=400,
+        max_epochs=max_epochs,
         patience=25,
         lr_decay_patience=8,
         seed=seed,
@@ -741,6 +742,7 @@ def train_range_model(
         "plan_loads": plans,
         "earlier_plan_files": len(earlier_plans),
         "small_loads": small,
+        "max_epochs": max_epochs,
     }
     return model.save(out / "model")
 
@@ -764,6 +766,7 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--single-fraction", type=float, default=RangeConfig.single_fraction)
     ap.add_argument("--small-fraction", type=float, default=RangeConfig.small_fraction)
     ap.add_argument("--small-loads", type=int, default=0)
+    ap.add_argument("--max-epochs", type=int, default=400)
     a = ap.parse_args()
     train_range_model(
         a.out,
@@ -779,4 +782,5 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
         families=tuple(a.families.split(",")),
         config=RangeConfig(single_fraction=a.single_fraction, small_fraction=a.small_fraction),
         small_loads=a.small_loads,
+        max_epochs=a.max_epochs,
     )

@@ -337,10 +337,12 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
 def test_small_loads_are_drawn_once_half_single_and_counted(tmp_path):
     args = dict(
         compute_samples=150, comm_samples=60, generated_tables=30, members=1,
-        conservative_k=0.0, compute_seconds=1, comm_seconds=1, small_loads=80,
+        conservative_k=0.0, compute_seconds=1, comm_seconds=1, small_loads=80, max_epochs=3,
     )  # fmt: skip
     meta = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
     assert meta["provenance"]["small_loads"] == 80
+    assert meta["hyperparameters"]["max_epochs"] == meta["provenance"]["max_epochs"] == 3
+    assert meta["training"]["compute"]["epochs_run"] <= 3
     assert meta["sample_counts"]["compute"]["total"] == 150 + 80
     z = np.load(tmp_path / "small.npz")
     sizes = np.diff(z["c_offsets"])
