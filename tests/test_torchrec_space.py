@@ -4,7 +4,7 @@ The ``ParameterSharding`` NeuroShard writes for a table-wise, column-wise, row-w
 table-row-wise or data-parallel table equals the one TorchRec's own helpers
 (``torchrec.distributed.sharding_plan``) build for the same ranks; TorchRec's plans of
 every type read back into NeuroShard plans that validate; and
-``DistributedModelParallel`` on gloo at 2 ranks runs a plan with table-wise, column-wise
+``DistributedModelParallel`` on gloo at 2 and 4 ranks runs a plan with table-wise, column-wise
 and data-parallel tables with outputs equal to the unsharded module's. Row-wise types
 need a reduce-scatter, which gloo lacks, so they are checked through their metadata only.
 """
@@ -167,13 +167,17 @@ DMP_TABLES = (
     make_table("cw", rows=30, dim=32, pooling_factor=2.0),
     make_table("dp", rows=20, dim=8, pooling_factor=3.0),
 )
-DMP_SHARDS = (
-    Shard("tw", 0, 16, 1),
-    Shard("cw", 0, 16, 0),
-    Shard("cw", 16, 32, 1),
-    Shard("dp", 0, 8, 0, None, "data_parallel", "dense"),
-    Shard("dp", 0, 8, 1, None, "data_parallel", "dense"),
-)
+
+
+def _dmp_shards(world: int) -> tuple[Shard, ...]:
+    """Table-wise on the last rank, column halves on rank 0 and the middle one, a replica
+    of the data-parallel table on every rank."""
+    return (
+        Shard("tw", 0, 16, world - 1),
+        Shard("cw", 0, 16, 0),
+        Shard("cw", 16, 32, world // 2),
+        *(Shard("dp", 0, 8, d, None, "data_parallel", "dense") for d in range(world)),
+    )
 
 
 def _batch(rank: int):
@@ -215,7 +219,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
         ref.load_state_dict(ebc.state_dict())
-        plan = Plan(DMP_TABLES, DMP_SHARDS, Cluster.uniform(world, 1 << 30))
+        plan = Plan(DMP_TABLES, _dmp_shards(world), Cluster.uniform(world, 1 << 30))
         sharding_plan = to_sharding_plan(plan, ebc)
         dmp = DistributedModelParallel(
             ebc,
@@ -239,11 +243,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module(tmp_path, world):
     import torch.multiprocessing as mp
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    world = 2
     ctx = mp.start_processes(
         _worker,
         args=(world, free_port(), str(tmp_path)),
@@ -251,13 +255,13 @@ def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60 * world
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
-            pytest.fail("DMP did not finish in 120 s")
+            pytest.fail(f"DMP at {world} ranks did not finish in {60 * world} s")
     for rank in range(world):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["kinds"] == {"tw": "table_wise", "cw": "column_wise", "dp": "data_parallel"}
