@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_task_args(p)
     p.add_argument("--model", type=Path, default=None)
+    p.add_argument(
+        "--estimator",
+        choices=["model", "sim"],
+        default="model",
+        help="what guides the searchers: the cost model, or the --truth sim itself (an "
+        "upper bound on what a better model could do with the same searchers)",
+    )
     p.add_argument("--searchers", default=",".join(searcher_names()))
     p.add_argument(
         "--budgeted",
@@ -85,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     add_verify_arg(p)
     args = p.parse_args(argv)
 
+    if args.estimator == "sim" and (args.truth != "sim" or args.model is not None):
+        p.error("--estimator sim guides with the --truth sim: it needs --truth sim, no --model")
     cluster, truth, tasks = task_setup(args)
-    model = resolve_cost_model(args.model, num_devices=args.devices, batch_size=cluster.batch_size)
+    if args.estimator == "sim":
+        model = truth_backend(args, cluster.batch_size)
+        guide = "guided by the sim itself (upper bound)"
+    else:
+        model = resolve_cost_model(
+            args.model, num_devices=args.devices, batch_size=cluster.batch_size
+        )
+        guide = f"model {model.name}"
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
     planners: dict[str, dict] = {n: {"searcher": n} for n in names}
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} "
         f"tables, {args.devices} devices x {args.memory}, batch {cluster.batch_size}. "
         f"Costs by {truth_name(args)}; "
-        f"model {model.name}; seed {args.seed}.",
+        f"{guide}; seed {args.seed}.",
         'Mean cost: over the tasks the searcher planned ("infeasible" counts the rest); '
         "ratios: means over those tasks of per-task ratios.",
         "",
