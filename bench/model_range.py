@@ -19,8 +19,10 @@ Two parts, truth = the sim backend (``--profile``, noise 0 for plans):
   tables, loads of 1-15 shards at batch 65,536 (the old protocol) and range loads (1 to
   400 shards, any batch in 512-262,144), from the test half of the pool and from the
   ``heldout`` generated family (:mod:`neuroshard.pretrain.generate`, never trained on).
-  ``--compare`` adds other models (one batch size: only the batch-65,536 sets), and comm
-  MAPE on 4- and 8-device one-host tasks at batch 65,536.
+  The last column is the first model's mean signed error against the truth (a bias: is
+  a set priced high or low as a whole). ``--compare`` adds other models (one batch size:
+  only the batch-65,536 sets), and comm MAPE on 4- and 8-device one-host tasks at batch
+  65,536.
 """
 
 from __future__ import annotations
@@ -113,8 +115,10 @@ def compute_sets(args: argparse.Namespace) -> dict[str, tuple[list, np.ndarray]]
 def mape_rows(models: dict, args: argparse.Namespace) -> list[str]:
     names = list(models)
     rows = [
-        "| set | loads | noise floor | " + " | ".join(f"{m} MAPE (x floor)" for m in names) + " |",
-        "|---|---|---|" + "---|" * len(names),
+        "| set | loads | noise floor | "
+        + " | ".join(f"{m} MAPE (x floor)" for m in names)
+        + f" | {names[0]} mean signed error (noise-free sim) |",
+        "|---|---|---|" + "---|" * (len(names) + 1),
     ]
     for label, (loads, batches) in compute_sets(args).items():
         labels = gen.label_compute(
@@ -123,6 +127,7 @@ def mape_rows(models: dict, args: argparse.Namespace) -> list[str]:
         truth = gen.label_compute(loads, batches, profile=args.profile).label_ms
         floor = _mape(truth, labels)
         cells = []
+        bias = "n/a"
         for m in names:
             model = models[m]
             if not getattr(model, "range_inputs", False) and np.any(batches != 65536):
@@ -135,7 +140,11 @@ def mape_rows(models: dict, args: argparse.Namespace) -> list[str]:
                 pred[idx] = bound.compute_ms([loads[i] for i in idx])
             err = _mape(pred, labels)
             cells.append(f"{err:.2%} ({err / floor:.2f}x)")
-        rows.append(f"| {label} | {len(loads)} | {floor:.2%} | " + " | ".join(cells) + " |")
+            if m == names[0]:
+                bias = f"{np.mean((pred - truth) / np.maximum(truth, 1e-3)):+.2%}"
+        rows.append(
+            f"| {label} | {len(loads)} | {floor:.2%} | " + " | ".join(cells) + f" | {bias} |"
+        )
     return rows
 
 

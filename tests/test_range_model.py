@@ -348,8 +348,10 @@ def test_small_loads_are_drawn_once_half_single_and_counted(tmp_path):
     sizes = np.diff(z["c_offsets"])
     assert sizes.max() <= 15 and 0.3 < np.mean(sizes == 1) < 0.7
     assert all(k.startswith("sm") for k in z["c_keys"].tolist())
+    drawn = (tmp_path / "small.npz").stat().st_mtime_ns
     again = json.loads((gen.train_range_model(tmp_path, **args) / "meta.json").read_text())
-    assert again["training_data_hash"] == meta["training_data_hash"]  # reused, not redrawn
+    assert (tmp_path / "small.npz").stat().st_mtime_ns == drawn  # read back, not drawn again
+    assert again["training_data_hash"] == meta["training_data_hash"]
     with pytest.raises(ValueError, match="small.npz holds 80 small loads, not 90"):
         gen.train_range_model(tmp_path, **{**args, "small_loads": 90})
     with pytest.raises(ValueError, match="small_loads must be >= 0"):
