@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +34,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchrec")
 
-import torch.multiprocessing as mp  # noqa: E402
-
 from neuroshard.types import Cluster, Plan, Shard, TableSpec  # noqa: E402
 
-from factories import FakeEstimator, free_port, gloo_group  # noqa: E402
+from factories import FakeEstimator, gloo_group, spawn_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -214,20 +211,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, nested: bool) -> Non
 
 def _spawn(world: int, out_dir: Path, nested: bool, timeout_s: float = 80.0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, free_port(), str(out_dir), nested),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
+    spawn_ranks(
+        _worker, world, (str(out_dir), nested), timeout_s=timeout_s, what=f"DMP at {world} ranks"
     )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"DMP at {world} ranks did not finish in {timeout_s:.0f} s")
 
 
 @pytest.mark.parametrize("world,nested", [(2, False), (4, True)])
@@ -391,20 +377,9 @@ def _modules_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_dmp_shards_every_module_from_plan_json(tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
     world = 2
-    ctx = mp.start_processes(
-        _modules_worker,
-        args=(world, free_port(), str(tmp_path)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
+    spawn_ranks(
+        _modules_worker, world, (str(tmp_path),), timeout_s=80.0, what="DMP of every module"
     )
-    deadline = time.monotonic() + 80.0
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail("DMP of every module did not finish in 80 s")
     from neuroshard.plan_io import read_plan
 
     plan = read_plan(tmp_path / "plan.json")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ from neuroshard.torchrec_adapter import (  # noqa: E402
 )
 from neuroshard.types import Cluster, Plan, PlanFormatError, Shard  # noqa: E402
 
-from factories import FakeEstimator, free_port, gloo_group, make_table  # noqa: E402
+from factories import FakeEstimator, gloo_group, make_table, spawn_ranks  # noqa: E402
 
 WORLD, LOCAL = 8, 4  # two hosts of four
 
@@ -245,23 +244,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_dmp_runs_table_column_and_data_parallel_plans_like_the_unsharded_module(tmp_path, world):
-    import torch.multiprocessing as mp
-
     os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, free_port(), str(tmp_path)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
+    spawn_ranks(
+        _worker, world, (str(tmp_path),), timeout_s=60 * world, what=f"DMP at {world} ranks"
     )
-    deadline = time.monotonic() + 60 * world
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"DMP at {world} ranks did not finish in {60 * world} s")
     for rank in range(world):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["kinds"] == {"tw": "table_wise", "cw": "column_wise", "dp": "data_parallel"}
