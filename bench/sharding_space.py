@@ -198,18 +198,19 @@ def main() -> None:
             "|---|---|---|---|---|---|---|",
         ]
         ours = rows.get("neuroshard")
+        per_task: dict[str, list[float]] = {}  # NeuroShard / searcher, tasks both planned
         for s in searchers:
             ok = [r for r in rows[s] if r["ok"]]
             mean = f"{statistics.fmean(r['ms'] for r in ok):.3f}" if ok else "-"
             ratio = "-"
             if ours is not None and s != "neuroshard":
-                both = [
-                    (a["ms"], b["ms"])
+                per_task[s] = [
+                    a["ms"] / b["ms"]
                     for a, b in zip(ours, rows[s], strict=True)
                     if a["ok"] and b["ok"]
                 ]
-                if both:
-                    ratio = f"{statistics.fmean(a / b for a, b in both):.3f} ({len(both)} tasks)"
+                if per_task[s]:
+                    ratio = f"{statistics.fmean(per_task[s]):.3f} ({len(per_task[s])} tasks)"
             secs = f"{statistics.median(r['seconds'] for r in rows[s]):.1f}"
             worst = "-"
             if ok:
@@ -224,19 +225,13 @@ def main() -> None:
                 f"| {s} | {len(ok)}/{len(rows[s])} | {mean} | {ratio} | {secs} | "
                 f"{worst} | {kinds} |"
             )
-        if ours is not None and "torchrec" in rows:
-            per_task = [
-                a["ms"] / b["ms"]
-                for a, b in zip(ours, rows["torchrec"], strict=True)
-                if a["ok"] and b["ok"]
+        if per_task.get("torchrec"):
+            lines += [
+                "",
+                "Per task, NeuroShard / TorchRec: "
+                + ", ".join(f"{x:.4f}" for x in per_task["torchrec"])
+                + f" (mean {statistics.fmean(per_task['torchrec']):.5f}).",
             ]
-            if per_task:
-                lines += [
-                    "",
-                    "Per task, NeuroShard / TorchRec: "
-                    + ", ".join(f"{x:.4f}" for x in per_task)
-                    + f" (mean {statistics.fmean(per_task):.5f}).",
-                ]
         guides = sorted({r["guide"] for r in rows.get("neuroshard", []) if r["ok"]})
         if guides:
             lines += ["", f"NeuroShard's estimator: {', '.join(guides)}."]

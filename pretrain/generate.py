@@ -357,10 +357,8 @@ def save_data(
     path: str | Path, compute: ComputeData, batches: np.ndarray, comm: CommData, ctx: np.ndarray
 ) -> Path:
     """Both data sets and their batches/contexts in one ``.npz`` (written, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez_compressed(
-        tmp,
+    return _save_npz(
+        path,
         **_compute_arrays(compute, batches),
         m_keys=comm.keys,
         m_dims=comm.dim_sums,
@@ -371,8 +369,23 @@ def save_data(
         m_shards=comm.num_tables if comm.num_tables is not None else np.zeros(0),
         m_ctx=ctx,
     )
+
+
+def _save_npz(path: str | Path, **arrays: Any) -> Path:
+    """``arrays`` in one compressed ``.npz`` at ``path``, written to a ``.part`` file and
+    renamed, so a run that dies never leaves a half-written file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     return path
+
+
+def _join(
+    a: tuple[ComputeData, np.ndarray], b: tuple[ComputeData, np.ndarray]
+) -> tuple[ComputeData, np.ndarray]:
+    """Two (samples, batches) pairs as one (:meth:`ComputeData.concat`: keys must not repeat)."""
+    return a[0].concat(b[0]), np.concatenate([a[1], b[1]])
 
 
 def _compute_arrays(compute: ComputeData, batches: np.ndarray) -> dict[str, Any]:
@@ -575,6 +588,8 @@ def train_range_model(
         raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
     if small_loads < 0:
         raise ValueError(f"small_loads must be >= 0, got {small_loads}")
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     if plan_tasks and (init_from is None or not plan_searchers):
         raise ValueError("plan_tasks needs init_from (the model to plan with) and plan_searchers")
     for path in earlier_plans:
@@ -582,24 +597,22 @@ def train_range_model(
             raise ValueError(f"earlier_plans: {path} is not a file")
     earlier: tuple[ComputeData, np.ndarray] | None = None  # joined now: a repeat fails fast
     for path in earlier_plans:
-        data, data_batches = _load_compute(np.load(path, allow_pickle=False))
+        data = _load_compute(np.load(path, allow_pickle=False))
         try:
-            earlier = (
-                (data, data_batches)
-                if earlier is None
-                else (earlier[0].concat(data), np.concatenate([earlier[1], data_batches]))
-            )
+            earlier = data if earlier is None else _join(earlier, data)
         except ValueError as e:
             raise ValueError(f"earlier_plans: {path}: {e}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.npz"
+    drawn_sources: tuple[list[TableSpec], list[list[TableSpec]]] | None = None
     if data_path.exists():
         compute, batches, comm, ctx = load_data(data_path)
         logger.info("reusing %s", data_path)
     else:
         rng = np.random.default_rng(seed)
-        pool, gens = _sources(rng, generated_tables, seed, families)
+        drawn_sources = _sources(rng, generated_tables, seed, families)
+        pool, gens = drawn_sources
         sources = [pool] * pool_weight + gens
         loads, batches = sample_range_loads(sources, compute_samples, rng, config)
         compute = label_compute(loads, batches, profile=profile, noise=noise, seed=seed)
@@ -621,7 +634,10 @@ def train_range_model(
                     "it to draw them again"
                 )
         else:
-            pool, gens = _sources(np.random.default_rng(seed), generated_tables, seed, families)
+            # the sources drawn above, or the same again (their rng is fresh from ``seed``)
+            pool, gens = drawn_sources or _sources(
+                np.random.default_rng(seed), generated_tables, seed, families
+            )
             sloads, extra_batches = sample_range_loads(
                 [pool] * pool_weight + gens,
                 small_loads,
@@ -631,12 +647,9 @@ def train_range_model(
             extra = label_compute(
                 sloads, extra_batches, profile=profile, noise=noise, seed=seed + 2, prefix="sm"
             )
-            tmp = small_path.with_name(small_path.name + ".part.npz")
-            np.savez_compressed(tmp, **_compute_arrays(extra, extra_batches))
-            tmp.replace(small_path)
+            _save_npz(small_path, **_compute_arrays(extra, extra_batches))
         small = len(extra)
-        compute = compute.concat(extra)
-        batches = np.concatenate([batches, extra_batches])
+        compute, batches = _join((compute, batches), (extra, extra_batches))
         logger.info("%d small loads added", small)
     model = NeuralCostModel(
         batch_size=HIST_BATCH,
@@ -689,22 +702,17 @@ def train_range_model(
             extra = label_compute(
                 ploads, extra_batches, profile=profile, noise=noise, seed=seed + 1, prefix=prefix
             )
-            tmp = plans_path.with_name(plans_path.name + ".part.npz")
-            np.savez_compressed(
-                tmp, plan_tasks=np.array(plan_tasks), **_compute_arrays(extra, extra_batches)
+            _save_npz(
+                plans_path, plan_tasks=np.array(plan_tasks), **_compute_arrays(extra, extra_batches)
             )
-            tmp.replace(plans_path)
         plans = len(extra)
-        compute = compute.concat(extra)
-        batches = np.concatenate([batches, extra_batches])
+        compute, batches = _join((compute, batches), (extra, extra_batches))
         logger.info("%d plan-shaped loads of %d tasks added", plans, plan_tasks)
     if earlier is not None:
-        extra, extra_batches = earlier
-        plans += len(extra)
-        compute = compute.concat(extra)
-        batches = np.concatenate([batches, extra_batches])
+        plans += len(earlier[0])
+        compute, batches = _join((compute, batches), earlier)
         logger.info(
-            "%d plan-shaped loads of %d earlier steps added", len(extra), len(earlier_plans)
+            "%d plan-shaped loads of %d earlier steps added", len(earlier[0]), len(earlier_plans)
         )
     model.fit(
         compute,

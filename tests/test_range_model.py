@@ -356,3 +356,5 @@ def test_small_loads_are_drawn_once_half_single_and_counted(tmp_path):
         gen.train_range_model(tmp_path, **{**args, "small_loads": 90})
     with pytest.raises(ValueError, match="small_loads must be >= 0"):
         gen.train_range_model(tmp_path / "x", small_loads=-1)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        gen.train_range_model(tmp_path / "x", max_epochs=0)
