@@ -294,6 +294,12 @@ def plan(
     top: int | None = typer.Option(
         None, "--top", min=1, max=100, help="With --verify: how many candidates to measure (5)."
     ),
+    margin: float | None = typer.Option(
+        None,
+        "--margin",
+        help="neuroshard only: how much cheaper (a fraction) than the greedy grid's plan the "
+        "model must price the search's plan to return it instead (default 0.02).",
+    ),
     strict: bool = typer.Option(
         False,
         "--strict",
@@ -396,9 +402,21 @@ def plan(
 
     if top is not None and verify is None:
         raise UsageError("--top goes with --verify")
+    chosen: Any = searcher
+    if margin is not None:
+        if searcher != "neuroshard" or verify is not None:
+            raise UsageError(
+                "--margin goes with --searcher neuroshard without --verify (a verifier's "
+                "measurements choose the plan)"
+            )
+        if not 0.0 <= margin < 1.0:
+            raise UsageError(f"--margin must be a fraction in [0, 1), got {margin}")
+        from neuroshard.search import get_searcher
+
+        chosen = get_searcher(searcher, margin=margin)
     planner = Planner(
         model_for,
-        searcher,
+        chosen,
         budget_s=time_budget,
         seed=seed,
         constraints=constraints if constraints.tables or constraints.colocate else None,

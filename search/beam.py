@@ -15,7 +15,10 @@ most all-to-all bytes per byte of weights) makes it data-parallel, or raises a c
 table's cache fraction (:meth:`Space.moves`, within the constraints). All new children
 are placed by one lockstep :func:`~neuroshard.search.greedy.place_many` call, the
 ``width`` cheapest form the next beam, and the cheapest plan seen anywhere, the start
-included, is returned.
+included, is returned -- unless it is priced less than ``margin`` (default
+:data:`DEFAULT_MARGIN`) below the start placement, the greedy grid's plan: a model's error
+on one plan's costliest device is a few percent, so a smaller predicted gain is as likely
+a loss, and the greedy grid's plan is kept (:func:`beats_start`).
 
 Shards are interned once per (table, layout) and reused by every state. With
 ``budget_s`` the beam places only the children the remaining time affords (see
@@ -54,15 +57,21 @@ SplitState = State
 DEFAULT_CAP_S = 20.0  # the beam's time when no budget is given (1,000 tables x 128 devices)
 CANDIDATES_PER_KEY = 10  # tables taken by size and by predicted compute at each expansion
 BULK_SIZES = (2, 8, 32, 128, 512)  # tables a bulk move changes at once
+# The share of the greedy grid's price a searched plan must undercut to replace it: the
+# shipped models' errors on one plan's costliest device (bench/results/model_range*.md);
+# the README's "Results" measure the choice.
+DEFAULT_MARGIN = 0.02
 
 __all__ = [
     "CANDIDATES_PER_KEY",
     "DEFAULT_CAP_S",
+    "DEFAULT_MARGIN",
     "Layout",
     "SplitState",
     "affordable",
     "beam_candidates",
     "beam_search",
+    "beats_start",
     "expand",
     "halve",
     "initial_state",
@@ -84,6 +93,12 @@ class _NoEstimator:
 
     def __init__(self, cluster: Cluster):
         self.batch_size = cluster.batch_size
+
+
+def beats_start(cost_ms: float, start_ms: float, margin: float) -> bool:
+    """Whether a plan priced ``cost_ms`` replaces the greedy grid's start placement, priced
+    ``start_ms``: only when it is at least a share ``margin`` cheaper (the module doc)."""
+    return cost_ms < start_ms * (1.0 - margin)
 
 
 def _widest(space: Space, i: int, layout: Layout) -> TableSpec:
@@ -244,6 +259,7 @@ def beam_search(
     bulk_moves: bool = True,
     cap_s: float | None = DEFAULT_CAP_S,
     until_feasible: bool = False,
+    margin: float = DEFAULT_MARGIN,
 ) -> Plan:
     """NeuroShard's search: beam over the sharding space, greedy grid placement of each.
 
@@ -263,7 +279,10 @@ def beam_search(
     be worse than the unbudgeted search's. Without a budget, ``cap_s`` (default
     :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns
     in bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
-    ``until_feasible`` stops after the first step that places a state that packs.
+    ``until_feasible`` stops after the first step that places a state that packs. The cheapest
+    plan seen is returned when it is priced at least ``margin`` below the start placement (the
+    greedy grid's plan), the start placement otherwise (``meta["kept_start"]`` says so, and
+    ``meta["start_ms"]`` gives its price either way).
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -282,6 +301,7 @@ def beam_search(
         bulk_moves=bulk_moves,
         cap_s=cap_s,
         until_feasible=until_feasible,
+        margin=margin,
     )[0]
 
 
@@ -300,16 +320,20 @@ def beam_candidates(
     bulk_moves: bool = True,
     cap_s: float | None = DEFAULT_CAP_S,
     until_feasible: bool = False,
+    margin: float = DEFAULT_MARGIN,
 ) -> list[Plan]:
     """:func:`beam_search`'s ``keep`` cheapest distinct plans under ``estimator``, cheapest
     first (fewer when the search placed fewer states); the first is :func:`beam_search`'s
     plan, and with ``keep > 1`` the start placement (the greedy grid's plan) is always one
     of them, last if it would not have made the cut. For verification: a planner measures
-    them on a backend and keeps the one measured cheapest."""
+    them on a backend and keeps the one measured cheapest. ``margin`` applies to ``keep=1``
+    only (:func:`beam_search`); a verifier's measurements choose among several."""
     if width < 1 or max_splits < 0 or keep < 1:
         raise ValueError(
             f"need width >= 1, max_splits >= 0 and keep >= 1, got {width}, {max_splits}, {keep}"
         )
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be a fraction in [0, 1), got {margin}")
     for what, seconds in (("budget_s", budget_s), ("cap_s", cap_s)):
         if seconds is not None and seconds <= 0:
             raise ValueError(f"{what} must be positive, got {seconds}")
@@ -407,10 +431,26 @@ def beam_candidates(
             skipped,
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
-    if keep > 1 and isinstance(first, Placement) and all(e[2] != start for e in ordered):
+    start_entry = (-first.cost_ms, 0, start, first) if isinstance(first, Placement) else None
+    kept_start = (
+        keep == 1
+        and start_entry is not None
+        and ordered[0][2] != start
+        and not beats_start(ordered[0][3].cost_ms, start_entry[3].cost_ms, margin)
+    )
+    if kept_start and start_entry is not None:
+        logger.info(
+            "keeping the greedy grid's plan (%.4f ms): the search's best, %.4f ms, is not "
+            "%.1f%% cheaper",
+            start_entry[3].cost_ms,
+            ordered[0][3].cost_ms,
+            100 * margin,
+        )
+        ordered = [start_entry]
+    if keep > 1 and start_entry is not None and all(e[2] != start for e in ordered):
         # The start (the greedy grid's plan) is always a candidate: a verifier then never
         # keeps a plan it prices above the greedy grid's.
-        ordered = ordered[: keep - 1] + [(-first.cost_ms, 0, start, first)]
+        ordered = ordered[: keep - 1] + [start_entry]
     logger.debug(
         "beam search: %d steps, %d states scored, %d compute evaluations, %d loads",
         steps,
@@ -428,6 +468,9 @@ def beam_candidates(
             "scale": result.scale,
             "sharding_types": dict(sorted(types.items())),
         }
+        if start_entry is not None:
+            meta["start_ms"] = start_entry[3].cost_ms
+            meta["kept_start"] = kept_start
         kernels = Counter(layout.kernel for layout in state)
         if set(kernels) != {"fused"}:
             meta["compute_kernels"] = dict(sorted(kernels.items()))

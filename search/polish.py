@@ -4,7 +4,9 @@ Without a time budget this is exactly :func:`~neuroshard.search.beam.beam_search
 ``budget_s``, the beam gets ``1 - polish_fraction`` of it and SurCo
 (:func:`~neuroshard.search.surco.surco_plan`) spends the rest re-placing the beam's own
 column shards, starting from the beam's plan; the cheaper of the two under the estimator
-wins, so the result is never worse than the beam's. How much the polish gains is
+wins, so the result is never worse than the beam's, and it replaces the greedy grid's plan
+only when it is priced ``margin`` below it, as the beam's own does
+(:func:`~neuroshard.search.beam.beats_start`). How much the polish gains is
 measured in ``bench/results/surco_d4.md`` (``beam+surco``).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from neuroshard.search.beam import beam_search
+from neuroshard.search.beam import DEFAULT_MARGIN, beam_search, beats_start
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, CostEstimator, Plan, TableSpec
 
@@ -37,15 +39,18 @@ def neuroshard_search(
     seed: int = 0,
     budget_s: float | None = None,
     polish_fraction: float = 0.5,
+    margin: float = DEFAULT_MARGIN,
     **beam_options: Any,
 ) -> Plan:
     """The beam; with ``budget_s``, ``1 - polish_fraction`` of it for the beam and the rest
     for a SurCo polish of the beam's shards, keeping the plan ``estimator`` prices lower.
     SurCo's solver gets what is left once its fits (projected at :data:`SURCO_S_PER_PAIR`
     per shard and device) are paid for; no polish, and the whole budget to the beam, when
-    the solver would get less time than the fits or than :data:`MIN_POLISH_S`."""
+    the solver would get less time than the fits or than :data:`MIN_POLISH_S`. ``margin``:
+    how much cheaper than the greedy grid's plan a searched plan must be priced to replace it
+    (:func:`~neuroshard.search.beam.beam_search`)."""
     if budget_s is None:
-        return beam_search(tables, cluster, estimator, seed=seed, **beam_options)
+        return beam_search(tables, cluster, estimator, seed=seed, margin=margin, **beam_options)
     started = time.perf_counter()
     # The polish's fits grow with shards x devices: on a large task the whole budget goes
     # to the beam unless the polish's solver would get at least as long as its fits.
@@ -57,6 +62,7 @@ def neuroshard_search(
         estimator,
         seed=seed,
         budget_s=budget_s * (1 - polish_fraction) if polish else budget_s,
+        margin=margin,
         **beam_options,
     )
     overhead_s = len(beam.shards) * cluster.num_devices * SURCO_S_PER_PAIR
@@ -82,7 +88,11 @@ def neuroshard_search(
     beam_ms = plan_cost(beam, estimator).max_ms
     polished_ms = plan_cost(polished, estimator).max_ms
     logger.info("SurCo polish: %.4f ms -> %.4f ms in %.2f s", beam_ms, polished_ms, left_s)
-    best = polished if polished_ms < beam_ms else beam
+    start_ms = beam.meta.get("start_ms")
+    better = polished_ms < beam_ms and (
+        start_ms is None or beats_start(polished_ms, float(start_ms), margin)
+    )
+    best = polished if better else beam
     return replace(
         best,
         meta={

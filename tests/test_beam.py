@@ -2,9 +2,11 @@ import pytest
 
 from neuroshard.plan_io import validate_plan
 from neuroshard.search.beam import (
+    DEFAULT_MARGIN,
     affordable,
     beam_candidates,
     beam_search,
+    beats_start,
     expand,
     grid_search,
     halve,
@@ -66,6 +68,41 @@ def test_beam_splits_a_hot_table_and_beats_the_grid():
     assert beam.meta["splits"] > 0
     assert beam.cost.max_ms < 0.9 * grid.cost.max_ms
     assert_fake_plan_cost(beam, plan_cost(beam, FakeEstimator()))
+
+
+def test_beats_start_needs_the_whole_margin():
+    assert beats_start(97.9, 100.0, 0.02)
+    assert not beats_start(98.0, 100.0, 0.02)
+    assert beats_start(99.9, 100.0, 0.0)
+    assert not beats_start(100.0, 100.0, 0.0)
+
+
+def test_a_searched_plan_replaces_the_greedy_grids_only_by_the_margin():
+    tables, cluster = hot_tables(), make_cluster(4)
+
+    def search(margin):
+        return beam_search(
+            tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY, margin=margin
+        )
+
+    best = priced(search(0.0), FakeEstimator())
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
+    gain = 1 - best.cost.max_ms / grid.cost.max_ms
+    assert gain > DEFAULT_MARGIN
+    assert best.meta["start_ms"] == pytest.approx(grid.cost.max_ms, rel=1e-9)
+    assert best.meta["kept_start"] is False
+    below = priced(search(gain * 0.99), FakeEstimator())
+    assert below.shards == best.shards and below.meta["kept_start"] is False
+    above = priced(search(gain * 1.01), FakeEstimator())
+    assert above.shards == grid.shards and above.cost.max_ms == pytest.approx(grid.cost.max_ms)
+    assert above.meta["kept_start"] is True
+    assert len(above.shards_of("hot")) == 1
+
+
+@pytest.mark.parametrize("margin", [-0.1, 1.0])
+def test_margin_must_be_a_fraction(margin):
+    with pytest.raises(ValueError, match="margin"):
+        beam_search(hot_tables(), make_cluster(4), FakeEstimator(), margin=margin)
 
 
 def test_beam_splits_stay_multiples_of_four_and_cover_columns():
@@ -291,3 +328,21 @@ def test_greedy_grid_searches_on_when_its_start_does_not_pack():
     plan = grid_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY)
     validate_plan(plan)
     assert plan.meta["start_packed"] is False and len(plan.shards) > len(tables)
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_the_polish_replaces_the_greedy_grids_plan_only_by_the_margin(monkeypatch, above):
+    from neuroshard.search import polish, surco
+
+    tables, cluster = hot_tables(), make_cluster(4)
+    split = beam_search(tables, cluster, FakeEstimator(), constraints=COLUMNS_ONLY, margin=0.0)
+    grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
+    gain = 1 - plan_cost(split, FakeEstimator()).max_ms / grid.cost.max_ms
+    monkeypatch.setattr(surco, "surco_plan", lambda *args, **kwargs: split)
+    margin = gain * (1.01 if above else 0.99)
+    # No beam steps: the beam returns the greedy grid's plan and the polish offers ``split``.
+    plan = polish.neuroshard_search(
+        tables, cluster, FakeEstimator(), budget_s=4.0, max_splits=0, margin=margin
+    )
+    assert plan.meta["polish"]["kept"] == ("beam" if above else "surco")
+    assert plan.shards == (grid.shards if above else split.shards)

@@ -216,6 +216,9 @@ def test_plan_verify_keeps_the_candidate_the_sim_prices_cheapest(run, tmp_path):
         (["--verify", "cpu:h100"], "only the sim backend takes a profile"),
         (["--verify", "sim", "--searcher", "lookup"], "'lookup' keeps a single plan"),
         (["--top", "3"], "--top goes with --verify"),
+        (["--margin", "0.05", "--searcher", "greedy-grid"], "--margin goes with --searcher"),
+        (["--margin", "0.05", "--verify", "sim"], "--margin goes with --searcher"),
+        (["--margin", "1.5"], "--margin must be a fraction in [0, 1)"),
     ],
 )
 def test_plan_verify_refuses_bad_options(tmp_path, monkeypatch, args, message):
@@ -223,6 +226,29 @@ def test_plan_verify_refuses_bad_options(tmp_path, monkeypatch, args, message):
     result = CliRunner().invoke(app, ["plan", EXAMPLE, "--devices", "4", "--memory", "4GB", *args])
     assert result.exit_code != 0 and message in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_plan_margin_zero_returns_the_cheapest_searched_plan(run, tmp_path):
+    plans = {}
+    for margin in ("0", "0.99"):
+        plans[margin] = tmp_path / f"m{margin}.json"
+        run(
+            "plan",
+            EXAMPLE,
+            "--devices",
+            4,
+            "--memory",
+            "4GB",
+            "--margin",
+            margin,
+            "--out",
+            plans[margin],
+        )
+    strict, lax = read_plan(plans["0.99"]), read_plan(plans["0"])
+    assert strict.meta["searcher"] == "neuroshard"
+    assert strict.meta["kept_start"] or strict.shards == lax.shards  # 99%: the greedy grid's
+    assert strict.cost.max_ms == pytest.approx(strict.meta["start_ms"], rel=1e-6)
+    assert lax.cost.max_ms <= strict.cost.max_ms + 1e-12
 
 
 def test_plan_counts_io_buffers_unless_told_not_to(run, tmp_path):
