@@ -8,12 +8,17 @@ median and p95 search seconds. Writes the same table as Markdown with ``--out``.
     .venv/bin/python bench/compare_searchers.py --tasks 100 --devices 4 --memory 4GB \
         --out bench/results/searchers_d4_100.md
 
+``--margins 0,0.05`` adds rows ``neuroshard-m0`` and ``neuroshard-m0.05``: NeuroShard
+returning the greedy grid's plan unless its own is priced that share cheaper (the default,
+``search.beam.DEFAULT_MARGIN``, is the ``neuroshard`` row).
+
 ``--budgeted neuroshard:4,surco:4`` adds rows ``neuroshard@4s`` and ``surco@4s`` that
 plan with ``budget_s`` (for ``neuroshard``: the beam, then a SurCo polish). Under the
 table, NeuroShard against every other row and against the cheapest heuristic on each
 task, on the tasks both planned (TorchRec's planner may find no plan where the others
 do): the mean per-task ratio (the definition the table's ratio columns use), the ratio of
-mean costs, and how often NeuroShard was cheaper.
+mean costs, and how often NeuroShard was cheaper and how often dearer; each ``--margins``
+row gets the same table against the cheapest heuristic and the greedy grid.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ from _common import (
 def pairwise_lines(name: str, ref: np.ndarray, others: dict[str, np.ndarray]) -> list[str]:
     """A Markdown table of ``name``'s cost against each of ``others`` (per-task costs, NaN
     where a searcher found no plan), on the tasks both planned: the mean per-task ratio,
-    the ratio of mean costs, how often ``name`` was cheaper, and its highest per-task ratio."""
+    the ratio of mean costs, how often ``name`` was cheaper and how often dearer (ties, such as
+    the same plan, are neither), and its highest per-task ratio."""
     lines = [
         f'{name} against each searcher, on the tasks both planned. "per-task" is the '
         f"mean over those tasks of {name}'s cost / the other's (the definition the "
@@ -55,19 +61,19 @@ def pairwise_lines(name: str, ref: np.ndarray, others: dict[str, np.ndarray]) ->
         "over the same tasks.",
         "",
         f"| {name} vs | tasks both planned | per-task ratio | ratio of means | {name} cheaper "
-        "| worst task |",
-        "|---|---|---|---|---|---|",
+        f"| {name} dearer | worst task |",
+        "|---|---|---|---|---|---|---|",
     ]
     for other, c in others.items():
         both = ~np.isnan(ref) & ~np.isnan(c)
         if not both.any():
-            lines.append(f"| {other} | 0 | | | | |")
+            lines.append(f"| {other} | 0 | | | | | |")
             continue
         a, b = ref[both], c[both]
         lines.append(
             f"| {other} | {int(both.sum())} | {np.mean(a / b):.3f} | "
             f"{a.mean() / b.mean():.3f} | {np.mean(a < b * (1 - 1e-9)):.0%} | "
-            f"{np.max(a / b):.3f} |"
+            f"{np.mean(a > b * (1 + 1e-9)):.0%} | {np.max(a / b):.3f} |"
         )
     return lines
 
@@ -89,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra rows NAME:SECONDS planned with a time budget, comma-separated",
     )
+    p.add_argument(
+        "--margins",
+        default="",
+        help="extra rows neuroshard-mM planned with margin M (comma-separated fractions)",
+    )
     add_verify_arg(p)
     args = p.parse_args(argv)
 
@@ -108,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
         name, _, secs = item.partition(":")
         planners[f"{name}@{float(secs):g}s"] = {"searcher": name, "budget_s": float(secs)}
+    for item in filter(None, (x.strip() for x in args.margins.split(","))):
+        searcher = get_searcher("neuroshard", margin=float(item))
+        planners[f"neuroshard-m{float(item):g}"] = {"searcher": searcher}
     # Verification measures on its own backend instance: the figures come from ``truth``.
     planners.update(verify_variants(args.verify_top, truth_backend(args, cluster.batch_size)))
     names = list(planners)
     for options in planners.values():
-        get_searcher(options["searcher"])  # fail early on a bad name
+        if isinstance(options["searcher"], str):
+            get_searcher(options["searcher"])  # fail early on a bad name
 
     cost = {n: np.full(len(tasks), np.nan) for n in names}
     seconds = {n: [] for n in names}
@@ -166,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         if best_base is not None:
             others = {"best heuristic on each task": best_base, **others}
         lines += ["", *pairwise_lines("neuroshard", ref, others)]
+    for n in (n for n in names if n.startswith("neuroshard-m")):
+        others = {"greedy-grid": cost["greedy-grid"]} if "greedy-grid" in cost else {}
+        if best_base is not None:
+            others = {"best heuristic on each task": best_base, **others}
+        lines += ["", *pairwise_lines(n, cost[n], others)]
     text = "\n".join(lines)
     emit(text, args.out)
     return 0

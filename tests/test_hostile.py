@@ -353,8 +353,20 @@ CASES = [
     ),
     Case(
         4,
-        "plan: 1,000 tables on 4 devices under --strict",
-        ("plan", "{work}/thousand.json", "-n", "4", "-m", "4GB", "--searcher", "size", "--strict"),
+        "plan: 1,000 tables on 4 devices under --strict (a model of loads up to 40 shards)",
+        (
+            "plan",
+            "{work}/thousand.json",
+            "-n",
+            "4",
+            "-m",
+            "4GB",
+            "--searcher",
+            "size",
+            "--strict",
+            "--model",
+            str(NEURAL_SHIPPED),
+        ),
         EXIT_MODEL,
         ("tables per device 250", "[1, 40]"),
     ),
@@ -870,6 +882,8 @@ def test_out_of_range_is_a_warning_without_strict(runner, work):
         "--searcher",
         "size",
         "--json",
+        "--model",
+        NEURAL_SHIPPED,
     )
     assert run.code == EXIT_OK, run.stderr
     assert "warning: tables per device 250 outside the model's training range [1, 40]" in run.stderr

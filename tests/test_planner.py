@@ -19,7 +19,7 @@ def test_planner_defaults_to_the_shipped_model_and_neuroshard():
     plan = Planner().plan(make_tables(12), make_cluster(4))
     assert plan.meta["searcher"] == "neuroshard"
     assert plan.cost.model.startswith("neural-sim")
-    assert default_model_dir(8).name == "sim-h100-d8" and default_model_dir(4).name == "sim-h100-d4"
+    assert default_model_dir(8).name == "sim-h100" and default_model_dir(4).name == "sim-h100"
 
 
 def test_time_budget_reaches_the_beam():

@@ -28,11 +28,12 @@ def test_kinds():
 
 
 def test_default_model_dir_picks_the_nearest_device_count():
-    assert default_model_dir(8).name == "sim-h100-d8"
+    assert default_model_dir(8).name == "sim-h100"
     # a model that takes the cluster as an input is nearest inside its trained range
-    # (2 to 256 devices); one trained at exactly the device count wins a tie
+    # (2 to 256 devices) and, for the h100 profile, wins a tie with one trained at exactly
+    # the device count
     assert default_model_dir(3).name == "sim-h100"
-    assert default_model_dir(4).name == "sim-h100-d4"
+    assert default_model_dir(4).name == "sim-h100"
     assert default_model_dir(128).name == "sim-h100"
     assert default_model_dir(8, batch_size=4096).name == "sim-h100"  # d8 prices 65,536 only
     assert default_model_dir(4, kind="lightgbm").name == "sim-h100-d4-lightgbm"
@@ -47,7 +48,7 @@ def test_default_model_dir_keeps_to_one_hardware_profile():
         assert default_model_dir(n).name == "sim-h100"
         assert default_model_dir(n, profile="a100").name == "sim-a100"
         assert default_model_dir(n, profile="h200").name == "sim-h200"
-    assert default_model_dir(8, profile="h200").name == "sim-h200-d8"
+    assert default_model_dir(8, profile="h200").name == "sim-h200-d8"  # not ANY_CLUSTER_FIRST
     assert default_model_dir(4, backend="cpu", profile="a100").name == "cpu-b4096-d4"
     model = resolve_cost_model(num_devices=16, batch_size=4096, profile="a100")
     assert model.meta_["backend_fingerprint"]["profile"] == "a100"

@@ -46,9 +46,11 @@ __all__ = [
 
 DEFAULT_PROFILE = "h100"  # the hardware profile of the default (sim) models
 DEFAULT_KIND = "neural"
-# Whether a model trained at exactly the cluster's device count wins a tie with one that
-# takes the cluster as an input (see default_model_dir).
-PREFER_EXACT_DEVICES = True
+# Hardware profiles whose shipped any-cluster model plans better than their models of one
+# device count at those counts, so it wins the tie there (README "Results": h100 at 4 and
+# 8 devices); for other profiles a model trained at exactly the device count wins it
+# (h200 at 8 devices, where the any-cluster model has had less training).
+ANY_CLUSTER_FIRST = frozenset({"h100"})
 DEFAULT_BACKEND = "sim"
 
 # The backends whose shipped models price each compute device (TorchRec's
@@ -218,8 +220,8 @@ def default_model_dir(
     inside its trained device range, a model of one device count at the difference. With
     ``batch_size``, models that price it (their batch, or one in their range) come first.
     Models of another hardware ``profile`` (sim models of ``a100``, ``h200``) are left
-    out. Ties go to a model trained at exactly ``num_devices`` when
-    :data:`PREFER_EXACT_DEVICES`, then to the smaller name."""
+    out. Ties go to a model trained at exactly ``num_devices`` unless ``profile`` is one of
+    :data:`ANY_CLUSTER_FIRST`, then to the smaller name."""
     candidates = []
     for name, path in shipped_models().items():
         meta = read_meta(path)
@@ -236,7 +238,7 @@ def default_model_dir(
             low, high = (meta.get("training_ranges") or {}).get("devices", (own, own))
             distance = max(low - num_devices, num_devices - high, 0)
             prices = batch_size is None or trained[0] <= batch_size <= trained[1]
-        exact = trained is None and own == num_devices and PREFER_EXACT_DEVICES
+        exact = trained is None and own == num_devices and profile not in ANY_CLUSTER_FIRST
         candidates.append((not prices, distance, not exact, name, path))
     if not candidates:
         raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; pass --model DIR")
