@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         guide = "guided by the sim itself (upper bound)"
     else:
         model = resolve_cost_model(
-            args.model, num_devices=args.devices, batch_size=cluster.batch_size
+            args.model,
+            num_devices=args.devices,
+            batch_size=cluster.batch_size,
+            backend="cpu" if args.truth == "cpu" else None,
+            profile=args.profile,
         )
         guide = f"model {model.name}"
     names = [n.strip() for n in args.searchers.split(",") if n.strip()]
