@@ -35,7 +35,7 @@ from neuroshard.pretrain.fidelity import session_comm_noise_floors, session_nois
 from neuroshard.pretrain.plan_loads import plan_load_samples
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.samples import ComputeData
-from neuroshard.search import get_searcher
+from neuroshard.search import plan_shaped_searchers
 
 from _common import emit
 from cpu_sessions import fit_recipe
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         warmups=int(settings["warmups"]),
         repeats=int(settings["repeats"]),
     )
-    searchers = {
-        "neuroshard": get_searcher("neuroshard"),
-        "greedy-grid": get_searcher("greedy-grid"),
-    }
+    searchers = dict(zip(("neuroshard", "greedy-grid"), plan_shaped_searchers(), strict=True))
     train_tables = load_pool("train")
 
     t0 = time.perf_counter()

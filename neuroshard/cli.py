@@ -563,7 +563,7 @@ def pretrain(
     """
     from neuroshard.pretrain.pipeline import PretrainConfig, backend_spec
     from neuroshard.pretrain.pipeline import pretrain as run_pretrain
-    from neuroshard.search import get_searcher
+    from neuroshard.search import plan_shaped_searchers
 
     if compute_members > 1 and cost_model != "neural":
         raise UsageError("--compute-members applies to --cost-model neural only")
@@ -582,9 +582,7 @@ def pretrain(
         model_kwargs={"compute_members": compute_members} if compute_members > 1 else None,
         plan_rounds=plan_rounds,
         plan_tasks=plan_tasks,
-        plan_searchers=[get_searcher("neuroshard"), get_searcher("greedy-grid")]
-        if plan_rounds
-        else (),
+        plan_searchers=plan_shaped_searchers() if plan_rounds else (),
     )
     model_dir = run_pretrain(config)
     out.print(f"model written to {model_dir}", markup=False, highlight=False, soft_wrap=True)

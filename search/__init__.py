@@ -61,6 +61,14 @@ def get_searcher(name: str = DEFAULT_SEARCHER, **options: Any) -> Searcher:
     return searcher
 
 
+def plan_shaped_searchers() -> list[Searcher]:
+    """The searches whose plans' device loads pretraining measures (plan-shaped samples):
+    the beam returning the plan it prices cheapest (``margin=0``: the loads a model error
+    would lure it to, even where the default margin would keep the greedy grid's plan) and
+    the greedy grid."""
+    return [get_searcher("neuroshard", margin=0.0), get_searcher("greedy-grid")]
+
+
 def get_candidate_searcher(name: str, **options: Any) -> Callable[..., list[Plan]]:
     """For verification: ``name``'s search returning its ``keep`` cheapest distinct plans
     (``(tables, cluster, estimator, *, keep, seed=0, budget_s=None, constraints=None)``),
@@ -83,5 +91,6 @@ __all__ = [
     "get_candidate_searcher",
     "get_searcher",
     "plan_cost",
+    "plan_shaped_searchers",
     "searcher_names",
 ]

@@ -47,10 +47,11 @@ class Case:
 
 @pytest.fixture(scope="module")
 def model_dir():
-    """The shipped model the CLI falls back to at 4 devices (batch 65,536)."""
-    from neuroshard.models import default_model_dir
+    """A shipped model of one device count and one batch (4 devices, 65,536), so that
+    another batch is a mismatch."""
+    from neuroshard.models import shipped_models
 
-    return default_model_dir(4)
+    return shipped_models()["sim-h100-d4"]
 
 
 def _plan() -> Plan:

@@ -68,3 +68,11 @@ def test_options_override_registered_defaults():
     narrow = get_searcher("neuroshard", width=1, max_splits=0)(tables, cluster, FakeEstimator())
     grid = get_searcher("greedy-grid")(tables, cluster, FakeEstimator())
     assert narrow == grid
+
+
+def test_plan_shaped_searchers_take_the_plan_the_beam_prices_cheapest():
+    from neuroshard.search import plan_shaped_searchers
+
+    beam, grid = plan_shaped_searchers()
+    assert (beam.__name__, grid.__name__) == ("neuroshard", "greedy-grid")
+    assert beam.keywords["margin"] == 0.0  # the loads a model error would lure it to
