@@ -232,18 +232,7 @@ def test_plan_margin_zero_returns_the_cheapest_searched_plan(run, tmp_path):
     plans = {}
     for margin in ("0", "0.99"):
         plans[margin] = tmp_path / f"m{margin}.json"
-        run(
-            "plan",
-            EXAMPLE,
-            "--devices",
-            4,
-            "--memory",
-            "4GB",
-            "--margin",
-            margin,
-            "--out",
-            plans[margin],
-        )
+        run("plan", EXAMPLE, *"-n 4 -m 4GB --margin".split(), margin, "--out", plans[margin])
     strict, lax = read_plan(plans["0.99"]), read_plan(plans["0"])
     assert strict.meta["searcher"] == "neuroshard"
     assert strict.meta["kept_start"] or strict.shards == lax.shards  # 99%: the greedy grid's

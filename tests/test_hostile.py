@@ -871,20 +871,8 @@ def test_json_output_is_strict_json(runner, work):
 
 
 def test_out_of_range_is_a_warning_without_strict(runner, work):
-    run = invoke(
-        runner,
-        "plan",
-        work / "thousand.json",
-        "-n",
-        "4",
-        "-m",
-        "4GB",
-        "--searcher",
-        "size",
-        "--json",
-        "--model",
-        NEURAL_SHIPPED,
-    )
+    options = "-n 4 -m 4GB --searcher size --json --model".split()
+    run = invoke(runner, "plan", work / "thousand.json", *options, NEURAL_SHIPPED)
     assert run.code == EXIT_OK, run.stderr
     assert "warning: tables per device 250 outside the model's training range [1, 40]" in run.stderr
     doc = json.loads(run.stdout)
