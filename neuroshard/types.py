@@ -1083,13 +1083,16 @@ class CostEstimator(Protocol):
     all-to-all after the first device did (its compute + backward comm minus the smallest
     across devices).
 
-    Two optional methods, found with ``getattr`` (the learned models have neither):
+    Three optional methods, found with ``getattr``:
 
     * ``for_cluster(cluster) -> CostEstimator``: the estimator for that topology (the sim
-      backend takes the cluster's hosts and bandwidths);
+      backend and the any-cluster neural models take the cluster's hosts and bandwidths);
     * ``extra_ms(traffic: Traffic) -> ExtraCosts``: prices what the other sharding types
       and kernels move. Without it, :func:`neuroshard.traffic.analytic_extra_ms` prices it
-      from the cluster's bandwidths (or the defaults documented there).
+      from the cluster's bandwidths (or the defaults documented there);
+    * ``members() -> list[CostEstimator]``: an ensemble's members, each pricing on its own;
+      the search's margin asks all of them to agree
+      (:func:`neuroshard.search.scoring.member_costs`). Without it, the estimator alone.
     """
 
     name: str

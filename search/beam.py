@@ -15,10 +15,11 @@ most all-to-all bytes per byte of weights) makes it data-parallel, or raises a c
 table's cache fraction (:meth:`Space.moves`, within the constraints). All new children
 are placed by one lockstep :func:`~neuroshard.search.greedy.place_many` call, the
 ``width`` cheapest form the next beam, and the cheapest plan seen anywhere, the start
-included, is returned -- unless it is priced less than ``margin`` (default
+included, is returned -- unless some member of the estimator (a neural ensemble's nets one
+by one; the estimator alone otherwise) prices it less than ``margin`` (default
 :data:`DEFAULT_MARGIN`) below the start placement, the greedy grid's plan: a model's error
-on one plan's costliest device is a few percent, so a smaller predicted gain is as likely
-a loss, and the greedy grid's plan is kept (:func:`beats_start`).
+on one plan's costliest device is a few percent, so a smaller or disputed predicted gain
+is as likely a loss, and the greedy grid's plan is kept (:func:`beats_start`).
 
 Shards are interned once per (table, layout) and reused by every state. With
 ``budget_s`` the beam places only the children the remaining time affords (see
@@ -38,7 +39,7 @@ from dataclasses import replace
 from typing import cast
 
 from neuroshard.search.greedy import Placement, place_many
-from neuroshard.search.scoring import Scorer
+from neuroshard.search.scoring import Scorer, member_costs
 from neuroshard.search.space import COLUMNS, Layout, Space, State, halve
 from neuroshard.types import (
     Cluster,
@@ -95,10 +96,11 @@ class _NoEstimator:
         self.batch_size = cluster.batch_size
 
 
-def beats_start(cost_ms: float, start_ms: float, margin: float) -> bool:
-    """Whether a plan priced ``cost_ms`` replaces the greedy grid's start placement, priced
-    ``start_ms``: only when it is at least a share ``margin`` cheaper (the module doc)."""
-    return cost_ms < start_ms * (1.0 - margin)
+def beats_start(costs: Sequence[float], start_costs: Sequence[float], margin: float) -> bool:
+    """Whether a plan replaces the greedy grid's start placement: only when each estimator
+    member's price of it (``costs``, :func:`~neuroshard.search.scoring.member_costs`) is at
+    least a share ``margin`` below the same member's price of the start (``start_costs``)."""
+    return all(c < s * (1.0 - margin) for c, s in zip(costs, start_costs, strict=True))
 
 
 def _widest(space: Space, i: int, layout: Layout) -> TableSpec:
@@ -281,8 +283,9 @@ def beam_search(
     in bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
     ``until_feasible`` stops after the first step that places a state that packs. The cheapest
     plan seen is returned when it is priced at least ``margin`` below the start placement (the
-    greedy grid's plan), the start placement otherwise (``meta["kept_start"]`` says so, and
-    ``meta["start_ms"]`` gives its price either way).
+    greedy grid's plan) by every member of ``estimator`` (:func:`beats_start`), the start
+    placement otherwise (``meta["kept_start"]`` says so; ``meta["start_ms"]`` and
+    ``meta["start_member_ms"]`` give its prices either way).
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -432,21 +435,22 @@ def beam_candidates(
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
     start_entry = (-first.cost_ms, 0, start, first) if isinstance(first, Placement) else None
-    kept_start = (
-        keep == 1
-        and start_entry is not None
-        and ordered[0][2] != start
-        and not beats_start(ordered[0][3].cost_ms, start_entry[3].cost_ms, margin)
-    )
-    if kept_start and start_entry is not None:
-        logger.info(
-            "keeping the greedy grid's plan (%.4f ms): the search's best, %.4f ms, is not "
-            "%.1f%% cheaper",
-            start_entry[3].cost_ms,
-            ordered[0][3].cost_ms,
-            100 * margin,
-        )
-        ordered = [start_entry]
+    kept_start = False
+    start_members: tuple[float, ...] = ()
+    if start_entry is not None:
+        start_members = member_costs(space.to_plan(start, start_entry[3]), estimator)
+        if keep == 1 and ordered[0][2] != start:
+            best_members = member_costs(space.to_plan(ordered[0][2], ordered[0][3]), estimator)
+            kept_start = not beats_start(best_members, start_members, margin)
+            if kept_start:
+                logger.info(
+                    "keeping the greedy grid's plan (%s ms): the search's best (%s ms) is not "
+                    "%.1f%% cheaper by every member",
+                    ", ".join(f"{x:.4f}" for x in start_members),
+                    ", ".join(f"{x:.4f}" for x in best_members),
+                    100 * margin,
+                )
+                ordered = [start_entry]
     if keep > 1 and start_entry is not None and all(e[2] != start for e in ordered):
         # The start (the greedy grid's plan) is always a candidate: a verifier then never
         # keeps a plan it prices above the greedy grid's.
@@ -471,6 +475,8 @@ def beam_candidates(
         if start_entry is not None:
             meta["start_ms"] = start_entry[3].cost_ms
             meta["kept_start"] = kept_start
+        if start_members:
+            meta["start_member_ms"] = list(start_members)
         kernels = Counter(layout.kernel for layout in state)
         if set(kernels) != {"fused"}:
             meta["compute_kernels"] = dict(sorted(kernels.items()))

@@ -5,8 +5,8 @@ Without a time budget this is exactly :func:`~neuroshard.search.beam.beam_search
 (:func:`~neuroshard.search.surco.surco_plan`) spends the rest re-placing the beam's own
 column shards, starting from the beam's plan; the cheaper of the two under the estimator
 wins, so the result is never worse than the beam's, and it replaces the greedy grid's plan
-only when it is priced ``margin`` below it, as the beam's own does
-(:func:`~neuroshard.search.beam.beats_start`). How much the polish gains is
+only when every member of the estimator prices it ``margin`` below it, as the beam's own
+does (:func:`~neuroshard.search.beam.beats_start`). How much the polish gains is
 measured in ``bench/results/surco_d4.md`` (``beam+surco``).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from neuroshard.search.beam import DEFAULT_MARGIN, beam_search, beats_start
-from neuroshard.search.scoring import plan_cost
+from neuroshard.search.scoring import member_costs, plan_cost
 from neuroshard.types import Cluster, CostEstimator, Plan, TableSpec
 
 logger = logging.getLogger(__name__)
@@ -88,9 +88,10 @@ def neuroshard_search(
     beam_ms = plan_cost(beam, estimator).max_ms
     polished_ms = plan_cost(polished, estimator).max_ms
     logger.info("SurCo polish: %.4f ms -> %.4f ms in %.2f s", beam_ms, polished_ms, left_s)
-    start_ms = beam.meta.get("start_ms")
+    start_members = beam.meta.get("start_member_ms")
     better = polished_ms < beam_ms and (
-        start_ms is None or beats_start(polished_ms, float(start_ms), margin)
+        start_members is None
+        or beats_start(member_costs(polished, estimator), start_members, margin)
     )
     best = polished if better else beam
     return replace(

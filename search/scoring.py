@@ -248,6 +248,15 @@ def plan_cost(plan: Plan, estimator: CostEstimator) -> PlanCost:
     )
 
 
+def member_costs(plan: Plan, estimator: CostEstimator) -> tuple[float, ...]:
+    """``plan``'s cost (its costliest device) under each member of ``estimator`` (its
+    optional ``members()``: a neural ensemble's nets one by one), or under ``estimator``
+    alone."""
+    members = getattr(estimator, "members", None)
+    estimators = members() if callable(members) else [estimator]
+    return tuple(plan_cost(plan, e).max_ms for e in estimators)
+
+
 def is_additive(estimator: CostEstimator) -> bool:
     """Whether ``estimator`` prices a load as a head of summed per-shard embeddings."""
     return callable(getattr(estimator, "shard_embeddings", None)) and callable(

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from neuroshard.plan_io import validate_plan
@@ -70,11 +71,50 @@ def test_beam_splits_a_hot_table_and_beats_the_grid():
     assert_fake_plan_cost(beam, plan_cost(beam, FakeEstimator()))
 
 
-def test_beats_start_needs_the_whole_margin():
-    assert beats_start(97.9, 100.0, 0.02)
-    assert not beats_start(98.0, 100.0, 0.02)
-    assert beats_start(99.9, 100.0, 0.0)
-    assert not beats_start(100.0, 100.0, 0.0)
+def test_beats_start_needs_the_whole_margin_from_every_member():
+    assert beats_start([97.9], [100.0], 0.02)
+    assert not beats_start([98.0], [100.0], 0.02)
+    assert beats_start([99.9], [100.0], 0.0)
+    assert not beats_start([100.0], [100.0], 0.0)
+    assert beats_start([97.9, 9.7], [100.0, 10.0], 0.02)
+    assert not beats_start([97.9, 9.9], [100.0, 10.0], 0.02)  # the second member disputes it
+
+
+class _Indifferent(FakeEstimator):
+    """Prices every busy device alike: it sees no gain in any plan."""
+
+    def compute_ms(self, loads):
+        return np.asarray([1.0 if load else 0.0 for load in loads])
+
+    def bwd_comm_ms(self, dim_sums):
+        return np.full(np.shape(dim_sums), 0.05)
+
+    def fwd_comm_ms(self, dim_sums, waits_ms):
+        return np.full(np.shape(dim_sums), 0.05)
+
+
+class _Ensemble(FakeEstimator):
+    """The fake, with members that price on their own."""
+
+    def __init__(self, *members):
+        super().__init__()
+        self._members = members
+
+    def members(self):
+        return list(self._members)
+
+
+def test_a_gain_one_member_disputes_keeps_the_greedy_grids_plan():
+    tables, cluster = hot_tables(), make_cluster(4)
+
+    def search(estimator):
+        return beam_search(tables, cluster, estimator, constraints=COLUMNS_ONLY)
+
+    agreed = search(_Ensemble(FakeEstimator(), FakeEstimator()))
+    assert agreed.meta["kept_start"] is False and len(agreed.shards_of("hot")) > 1
+    assert len(agreed.meta["start_member_ms"]) == 2
+    disputed = search(_Ensemble(FakeEstimator(), _Indifferent()))
+    assert disputed.meta["kept_start"] is True and len(disputed.shards_of("hot")) == 1
 
 
 def test_a_searched_plan_replaces_the_greedy_grids_only_by_the_margin():

@@ -358,3 +358,19 @@ def test_small_loads_are_drawn_once_half_single_and_counted(tmp_path):
         gen.train_range_model(tmp_path / "x", small_loads=-1)
     with pytest.raises(ValueError, match="max_epochs must be >= 1"):
         gen.train_range_model(tmp_path / "x", max_epochs=0)
+
+
+def test_members_price_on_their_own_and_average_to_the_model():
+    model = resolve_cost_model(num_devices=16, batch_size=4096)
+    assert isinstance(model, NeuralCostModel) and model.compute_members == 3
+    members = model.members()
+    loads = [gen.generate_tables(4, 3)[:k] for k in (1, 2, 4)]
+    each = np.stack([m.compute_ms(loads) for m in members])
+    assert all(m.compute_members == 1 and m.conservative_k == 0.0 for m in members)
+    assert members[0].batch_size == model.batch_size == 4096  # the binding is kept
+    assert not np.allclose(each[0], each[1])  # members of their own
+    eps = model.eps_ms
+    mean = np.exp(np.log(each + eps).mean(axis=0)) - eps  # the members' mean in log space
+    np.testing.assert_allclose(model.with_conservative(0.0).compute_ms(loads), mean, rtol=1e-5)
+    lone = members[0].members()
+    assert len(lone) == 1 and np.allclose(lone[0].compute_ms(loads), each[0])

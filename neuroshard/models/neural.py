@@ -449,6 +449,21 @@ class NeuralCostModel(CostModelBase):
         out.conservative_k = float(k)
         return out
 
+    def members(self) -> list[NeuralCostModel]:
+        """Each compute member as a model of its own (the comm nets, bindings and the rest
+        shared; no conservative term): the search asks them all to agree before it trades
+        the greedy grid's plan for one they price cheaper. One member: the model at k = 0."""
+        self._check_fitted()
+        if self.compute_members == 1:
+            return [self.with_conservative(0.0)]
+        out = []
+        for table, head in zip(self.np_tables_, self.np_heads_, strict=True):
+            member = self.with_conservative(0.0)
+            member.np_tables_, member.np_heads_ = [table], [head]
+            member.compute_members = 1
+            out.append(member)
+        return out
+
     def _comm_inputs(
         self,
         dim_sums: np.ndarray,
