@@ -346,6 +346,14 @@ def beam_candidates(
     space = Space(tables, cluster, scorer, constraints)
     start = space.initial_state()
     first = place_many([space.problem(start)], cluster, scorer)[0]
+    # The start's price by each estimator member (for the margin), taken now: the check of
+    # the best plan at the end costs about as long again, which the limit keeps free.
+    start_members: tuple[float, ...] = ()
+    if isinstance(first, Placement):
+        check_started = time.perf_counter()
+        start_members = member_costs(space.to_plan(start, first), estimator)
+        if limit_s is not None and keep == 1:
+            limit_s = max(limit_s - (time.perf_counter() - check_started), 1e-9)
     # The ``keep`` cheapest placed states: a max-heap on (-cost, -order), order breaking ties.
     kept: list[tuple[float, int, State, Placement]] = []
     placed = 0
@@ -388,7 +396,7 @@ def beam_candidates(
                     "beam step %d: time %s %.1f s leaves room for %d of %d children",
                     step + 1,
                     "budget" if budget_s is not None else "cap",
-                    limit_s,
+                    budget_s if budget_s is not None else cap_s,
                     len(children),
                     len(candidates),
                 )
@@ -430,15 +438,13 @@ def beam_candidates(
         logger.warning(
             "the search stopped at its %.0f s time cap with %d candidate states unplaced; "
             "give it a time budget to search longer",
-            limit_s,
+            cap_s,
             skipped,
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
     start_entry = (-first.cost_ms, 0, start, first) if isinstance(first, Placement) else None
     kept_start = False
-    start_members: tuple[float, ...] = ()
     if start_entry is not None:
-        start_members = member_costs(space.to_plan(start, start_entry[3]), estimator)
         if keep == 1 and ordered[0][2] != start:
             best_members = member_costs(space.to_plan(ordered[0][2], ordered[0][3]), estimator)
             kept_start = not beats_start(best_members, start_members, margin)
