@@ -226,23 +226,23 @@ def _place_until(
 ) -> list[Placement | PlanInfeasibleError]:
     """The children's placements, in order: in one lockstep call when the projected step
     (``fixed_s`` plus ``per_child_s`` per child) takes at most half the time to
-    ``deadline`` (or there is none); else in chunks of a quarter, stopping before a chunk
-    the time left cannot afford at the rate measured so far. Each child's placement is
-    the same either way (:func:`~neuroshard.search.greedy.place_many` places problems
+    ``deadline`` (or there is none); else in chunks of a quarter, each chunk's problems
+    built only when it is placed, stopping before a chunk the time left cannot afford at
+    the rate measured so far (building and placing). Each child's placement is the same
+    either way (:func:`~neuroshard.search.greedy.place_many` places problems
     independently)."""
-    problems = [space.problem(c) for c in children]
     now = time.perf_counter()
-    if deadline is None or fixed_s + per_child_s * len(problems) <= 0.5 * (deadline - now):
-        return place_many(problems, cluster, scorer)
-    chunk = max(1, math.ceil(len(problems) / 4))
+    if deadline is None or fixed_s + per_child_s * len(children) <= 0.5 * (deadline - now):
+        return place_many([space.problem(c) for c in children], cluster, scorer)
+    chunk = max(1, math.ceil(len(children) / 4))
     results: list[Placement | PlanInfeasibleError] = []
     rate_s = per_child_s
-    while len(results) < len(problems):
-        part = problems[len(results) : len(results) + chunk]
+    while len(results) < len(children):
+        part = children[len(results) : len(results) + chunk]
         if results and time.perf_counter() + fixed_s + rate_s * len(part) > deadline:
             break
         part_started = time.perf_counter()
-        results += place_many(part, cluster, scorer)
+        results += place_many([space.problem(c) for c in part], cluster, scorer)
         rate_s = max(rate_s, (time.perf_counter() - part_started) / len(part))
     return results
 
@@ -376,14 +376,25 @@ def beam_candidates(
     fixed_s = per_child_s = time.perf_counter() - started
     beam, seen = [start], {start}
     skipped = steps = 0
+    expand_s = 0.0  # the longest expansion of one beam state seen (1,000 tables: ~0.5 s)
+    unexpanded = 0  # beam states the limit left unexpanded
     for step in range(max_splits):
         # (parent rank, -compute of the moved shard, order), child
         candidates: list[tuple[tuple[int, float, int], State]] = []
         for rank, state in enumerate(beam):
+            elapsed_s = time.perf_counter() - started
+            if (
+                limit_s is not None
+                and expand_s
+                and elapsed_s + expand_s + fixed_s + per_child_s > limit_s
+            ):
+                unexpanded += len(beam) - rank  # no time to expand it and place a child
+                break
             for child, compute_ms in _children(state, space, top_k, bulk_moves):
                 if child not in seen:
                     seen.add(child)
                     candidates.append(((rank, -compute_ms, len(candidates)), child))
+            expand_s = max(expand_s, time.perf_counter() - started - elapsed_s)
         if not candidates:
             break
         children = [child for _, child in candidates]
@@ -434,7 +445,7 @@ def beam_candidates(
     if not kept:
         assert isinstance(first, PlanInfeasibleError)
         raise first
-    if skipped and budget_s is None:
+    if (skipped or unexpanded) and budget_s is None:
         logger.warning(
             "the search stopped at its %.0f s time cap with %d candidate states unplaced; "
             "give it a time budget to search longer",
@@ -488,8 +499,10 @@ def beam_candidates(
             meta["compute_kernels"] = dict(sorted(kernels.items()))
         if budget_s is not None:
             meta["budget_cut"] = skipped
-        elif skipped:
+        elif skipped or unexpanded:
             meta["time_cap_cut"] = skipped
+        if unexpanded:
+            meta["unexpanded_states"] = unexpanded
         plans.append(replace(space.to_plan(state, result), meta=meta))
     return plans
 
