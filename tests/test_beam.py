@@ -386,3 +386,21 @@ def test_the_polish_replaces_the_greedy_grids_plan_only_by_the_margin(monkeypatc
     )
     assert plan.meta["polish"]["kept"] == ("beam" if above else "surco")
     assert plan.shards == (grid.shards if above else split.shards)
+
+
+def test_a_budget_leaves_states_unexpanded_when_an_expansion_would_overrun_it(monkeypatch):
+    import time
+
+    from neuroshard.search import beam
+
+    slow = beam._children
+
+    def children(*args, **kwargs):  # an expansion as slow as at 1,000 tables
+        time.sleep(0.2)
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(beam, "_children", children)
+    started = time.perf_counter()
+    plan = beam_search(make_tables(30), make_cluster(4), FakeEstimator(), budget_s=0.5)
+    assert plan.meta["unexpanded_states"] > 0
+    assert time.perf_counter() - started < 1.0  # without the check: 0.2 s per state, 10 steps
