@@ -34,6 +34,7 @@ import numpy as np
 from neuroshard.models import resolve_cost_model
 from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher, searcher_names
+from neuroshard.search.beam import check_margin
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import PlanInfeasibleError
 
@@ -124,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         name, _, secs = item.partition(":")
         planners[f"{name}@{float(secs):g}s"] = {"searcher": name, "budget_s": float(secs)}
     for item in filter(None, (x.strip() for x in args.margins.split(","))):
-        searcher = get_searcher("neuroshard", margin=float(item))
-        planners[f"neuroshard-m{float(item):g}"] = {"searcher": searcher}
+        try:
+            check_margin(margin := float(item))
+        except ValueError as e:
+            p.error(f"--margins {item}: {e}")
+        planners[f"neuroshard-m{margin:g}"] = {
+            "searcher": get_searcher("neuroshard", margin=margin)
+        }
     # Verification measures on its own backend instance: the figures come from ``truth``.
     planners.update(verify_variants(args.verify_top, truth_backend(args, cluster.batch_size)))
     names = list(planners)

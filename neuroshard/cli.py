@@ -409,10 +409,13 @@ def plan(
                 "--margin goes with --searcher neuroshard without --verify (a verifier's "
                 "measurements choose the plan)"
             )
-        if not 0.0 <= margin < 1.0:
-            raise UsageError(f"--margin must be a fraction in [0, 1), got {margin}")
         from neuroshard.search import get_searcher
+        from neuroshard.search.beam import check_margin
 
+        try:
+            check_margin(margin)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
         chosen = get_searcher(searcher, margin=margin)
     planner = Planner(
         model_for,

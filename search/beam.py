@@ -73,6 +73,7 @@ __all__ = [
     "beam_candidates",
     "beam_search",
     "beats_start",
+    "check_margin",
     "expand",
     "halve",
     "initial_state",
@@ -94,6 +95,12 @@ class _NoEstimator:
 
     def __init__(self, cluster: Cluster):
         self.batch_size = cluster.batch_size
+
+
+def check_margin(margin: float) -> None:
+    """``ValueError`` unless ``margin`` is a fraction in [0, 1)."""
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be a fraction in [0, 1), got {margin}")
 
 
 def beats_start(costs: Sequence[float], start_costs: Sequence[float], margin: float) -> bool:
@@ -335,8 +342,7 @@ def beam_candidates(
         raise ValueError(
             f"need width >= 1, max_splits >= 0 and keep >= 1, got {width}, {max_splits}, {keep}"
         )
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must be a fraction in [0, 1), got {margin}")
+    check_margin(margin)
     for what, seconds in (("budget_s", budget_s), ("cap_s", cap_s)):
         if seconds is not None and seconds <= 0:
             raise ValueError(f"{what} must be positive, got {seconds}")
@@ -447,27 +453,27 @@ def beam_candidates(
         raise first
     if (skipped or unexpanded) and budget_s is None:
         logger.warning(
-            "the search stopped at its %.0f s time cap with %d candidate states unplaced; "
-            "give it a time budget to search longer",
+            "the search stopped at its %.0f s time cap with %d candidate states unplaced and "
+            "%d beam states unexpanded; give it a time budget to search longer",
             cap_s,
             skipped,
+            unexpanded,
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
     start_entry = (-first.cost_ms, 0, start, first) if isinstance(first, Placement) else None
     kept_start = False
-    if start_entry is not None:
-        if keep == 1 and ordered[0][2] != start:
-            best_members = member_costs(space.to_plan(ordered[0][2], ordered[0][3]), estimator)
-            kept_start = not beats_start(best_members, start_members, margin)
-            if kept_start:
-                logger.info(
-                    "keeping the greedy grid's plan (%s ms): the search's best (%s ms) is not "
-                    "%.1f%% cheaper by every member",
-                    ", ".join(f"{x:.4f}" for x in start_members),
-                    ", ".join(f"{x:.4f}" for x in best_members),
-                    100 * margin,
-                )
-                ordered = [start_entry]
+    if keep == 1 and start_entry is not None and ordered[0][2] != start:
+        best_members = member_costs(space.to_plan(ordered[0][2], ordered[0][3]), estimator)
+        kept_start = not beats_start(best_members, start_members, margin)
+        if kept_start:
+            logger.info(
+                "keeping the greedy grid's plan (%s ms): the search's best (%s ms) is not "
+                "%.1f%% cheaper by every member",
+                ", ".join(f"{x:.4f}" for x in start_members),
+                ", ".join(f"{x:.4f}" for x in best_members),
+                100 * margin,
+            )
+            ordered = [start_entry]
     if keep > 1 and start_entry is not None and all(e[2] != start for e in ordered):
         # The start (the greedy grid's plan) is always a candidate: a verifier then never
         # keeps a plan it prices above the greedy grid's.

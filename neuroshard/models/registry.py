@@ -220,8 +220,8 @@ def default_model_dir(
     inside its trained device range, a model of one device count at the difference. With
     ``batch_size``, models that price it (their batch, or one in their range) come first.
     Models of another hardware ``profile`` (sim models of ``a100``, ``h200``) are left
-    out. Ties go to a model trained at exactly ``num_devices`` unless ``profile`` is one of
-    :data:`ANY_CLUSTER_FIRST`, then to the smaller name."""
+    out. Ties go to a model trained at exactly ``num_devices`` unless its own profile is
+    one of :data:`ANY_CLUSTER_FIRST`, then to the smaller name."""
     candidates = []
     for name, path in shipped_models().items():
         meta = read_meta(path)
@@ -238,7 +238,7 @@ def default_model_dir(
             low, high = (meta.get("training_ranges") or {}).get("devices", (own, own))
             distance = max(low - num_devices, num_devices - high, 0)
             prices = batch_size is None or trained[0] <= batch_size <= trained[1]
-        exact = trained is None and own == num_devices and profile not in ANY_CLUSTER_FIRST
+        exact = trained is None and own == num_devices and _profile(meta) not in ANY_CLUSTER_FIRST
         candidates.append((not prices, distance, not exact, name, path))
     if not candidates:
         raise ModelFileError(f"no shipped {kind} model for backend {backend!r}; pass --model DIR")
