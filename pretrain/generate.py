@@ -14,6 +14,12 @@ one family at dim 128. Users bring others. This module draws:
     (``s ~ U(0.6, 2.5)``) taking a share ``U(0, 1)`` of the lookups and a flat tail
     (``s ~ U(0, 0.8)``; 0 is uniform), each with a log-uniform offset: hot heads over flat
     bodies, near-uniform tables and everything between, which one Zipf cannot shape;
+  - ``piecewise`` (trained on): any popularity curve that falls with rank, as a
+    piecewise power law over log rank: 1 to 4 segments at uniform log-rank breakpoints,
+    each with its own exponent ``U(0, 3)`` (0 is flat), and at each breakpoint, with
+    probability 1/2, a drop of the density by ``10**U(0, 6)``: flat heads over cliffs,
+    curves that steepen or flatten, cut-off tails; drawn for coverage of the shapes users
+    bring, not to mimic ``heldout``;
   - ``heldout`` (never trained on): one of a hot set (a fraction ``10**U(-5, -1)`` of the
     rows takes ``U(0.5, 0.99)`` of the lookups, the rest uniform), uniform access, or a
     stretched exponential ``exp(-(r / c)**b)`` with ``c`` a log-uniform fraction of the
@@ -59,7 +65,7 @@ from neuroshard.types import DIM_MULTIPLE, Cluster, CostEstimator, Searcher, Tab
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("zipf", "heldout", "mixture")
+FAMILIES = ("zipf", "heldout", "mixture", "piecewise")
 ROWS_RANGE = (1e2, 1e10)
 MAX_DIM = 1024
 POOLING_RANGE = (1.0, 500.0)
@@ -127,6 +133,25 @@ def _mixture_masses(
     return lo, hi, share * head / head.sum() + (1.0 - share) * tail / tail.sum()
 
 
+def _piecewise_masses(
+    rng: np.random.Generator, rows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo, hi = rank_groups(rows)
+    a, b = lo.astype(float), hi.astype(float)
+    u = np.log10(np.sqrt(a * np.maximum(b - 1, a)))  # each group's mid log rank
+    top = math.log10(max(rows, 2))
+    cuts = np.sort(rng.uniform(0.0, top, size=int(rng.integers(0, 4))))
+    slopes = rng.uniform(0.0, 3.0, size=len(cuts) + 1)
+    drops = np.where(rng.random(len(cuts)) < 0.5, rng.uniform(0.0, 6.0, size=len(cuts)), 0.0)
+    # log10 density: -slope x log rank within a segment, continuous but for the drops
+    edges = np.concatenate([[0.0], cuts])
+    seg = np.searchsorted(cuts, u, side="right")
+    start = np.concatenate([[0.0], np.cumsum(-slopes[:-1] * np.diff(edges) - drops)])
+    log_density = start[seg] - slopes[seg] * (u - edges[seg])
+    mass = (b - a) * 10.0 ** (log_density - log_density.max()) + 1e-300
+    return lo, hi, mass
+
+
 def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
     """``n`` tables of ``family`` (:data:`FAMILIES`; module doc), named
     ``gen_<family>_<i>``."""
@@ -144,6 +169,9 @@ def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
             prof = reuse_profile(int(rows[i]), float(pooling[i]), s, offset, HIST_BATCH)
         elif family == "mixture":
             lo, hi, mass = _mixture_masses(rng, int(rows[i]))
+            prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
+        elif family == "piecewise":
+            lo, hi, mass = _piecewise_masses(rng, int(rows[i]))
             prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
         else:
             lo, hi, mass, _ = _heldout_masses(rng, int(rows[i]))
@@ -427,6 +455,39 @@ def _sources(
     return pool, [generate_tables(generated_tables, seed, f) for f in families]
 
 
+def _extra_family_loads(
+    path: Path,
+    families: Sequence[str],
+    n: int,
+    generated_tables: int,
+    seed: int,
+    profile: str,
+    noise: float,
+    config: RangeConfig,
+) -> tuple[ComputeData, np.ndarray]:
+    """``n`` loads of the generated tables of ``families`` (train_range_model's
+    ``extra_loads``), drawn into ``path`` once and read back after."""
+    if path.exists():
+        data, batches = _load_compute(np.load(path, allow_pickle=False))
+        if len(data) != n:
+            raise ValueError(
+                f"{path} holds {len(data)} loads, not {n}: remove it to draw them again"
+            )
+        return data, batches
+    rng = np.random.default_rng([seed, 7])
+    gens = [generate_tables(generated_tables, seed, f) for f in families]
+    small = n // 2
+    loads, batches = sample_range_loads(
+        gens, small, rng, replace(config, single_fraction=0.1, small_fraction=1.0)
+    )
+    more, more_batches = sample_range_loads(gens, n - small, rng, config)
+    loads += more
+    batches = np.concatenate([batches, more_batches])
+    data = label_compute(loads, batches, profile=profile, noise=noise, seed=seed + 3, prefix="x")
+    _save_npz(path, **_compute_arrays(data, batches))
+    return data, batches
+
+
 def range_plan_loads(
     estimator: CostEstimator,
     tables: Sequence[TableSpec],
@@ -564,6 +625,8 @@ def train_range_model(
     plan_searchers: Sequence[Searcher] = (),
     earlier_plans: Sequence[str | Path] = (),
     small_loads: int = 0,
+    extra_families: Sequence[str] = (),
+    extra_loads: int = 0,
     max_epochs: int = 400,
 ) -> Path:
     """Draw (or reuse) the data in ``out/data.npz``, train a range
@@ -579,13 +642,21 @@ def train_range_model(
     ``small_loads`` > 0 adds that many loads of 1 to 15 shards, half of them single shards
     (``out/small.npz``, drawn from the same sources): a shard costs the same to train on
     in any load, so small loads teach the per-shard net for a few percent of an epoch's
-    time. ``max_epochs`` caps each net's epochs beside its time budget."""
+    time. ``extra_loads`` > 0 adds that many loads (``out/extra.npz``) whose shards all
+    come from ``generated_tables`` of each of ``extra_families``: half of them of 1 to 15
+    shards (a tenth single), half as ``config`` draws. It brings a family into a step that
+    reuses data drawn without it. ``max_epochs`` caps each net's epochs beside its time
+    budget."""
     from neuroshard.models.neural import NeuralCostModel
     from neuroshard.models.training import file_checkpointed
     from neuroshard.pretrain.pool import load_pool
 
-    if "heldout" in families or not set(families) <= set(FAMILIES):
-        raise ValueError(f"families {families!r}: trainable ones are zipf, mixture")
+    trainable = ", ".join(f for f in FAMILIES if f != "heldout")
+    for name, given in (("families", families), ("extra_families", extra_families)):
+        if "heldout" in given or not set(given) <= set(FAMILIES):
+            raise ValueError(f"{name} {tuple(given)!r}: trainable ones are {trainable}")
+    if extra_loads < 0 or bool(extra_loads) != bool(extra_families):
+        raise ValueError("extra_loads (> 0) and extra_families go together")
     if small_loads < 0:
         raise ValueError(f"small_loads must be >= 0, got {small_loads}")
     if max_epochs < 1:
@@ -651,6 +722,19 @@ def train_range_model(
         small = len(extra)
         compute, batches = _join((compute, batches), (extra, extra_batches))
         logger.info("%d small loads added", small)
+    if extra_loads:
+        extra, extra_batches = _extra_family_loads(
+            out / "extra.npz",
+            extra_families,
+            extra_loads,
+            generated_tables,
+            seed,
+            profile,
+            noise,
+            config,
+        )
+        compute, batches = _join((compute, batches), (extra, extra_batches))
+        logger.info("%d loads of %s added", len(extra), ", ".join(extra_families))
     model = NeuralCostModel(
         batch_size=HIST_BATCH,
         range_inputs=True,
@@ -735,7 +819,8 @@ def train_range_model(
         "noise": noise,
         "seed": seed,
         "sources": ["pool train half (augmented, shrunk copies)"]
-        + [f"generated {f} family" for f in families],
+        + [f"generated {f} family" for f in families]
+        + [f"generated {f} family (extra loads)" for f in extra_families if f not in families],
         "single_fraction": config.single_fraction,
         "small_fraction": config.small_fraction,
         "batch_range": list(BATCH_RANGE),
@@ -750,6 +835,7 @@ def train_range_model(
         "plan_loads": plans,
         "earlier_plan_files": len(earlier_plans),
         "small_loads": small,
+        "extra_loads": extra_loads,
         "max_epochs": max_epochs,
     }
     return model.save(out / "model")

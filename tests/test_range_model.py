@@ -97,6 +97,34 @@ def test_mixture_family_shapes_what_one_zipf_cannot():
     assert len(m) > 20 and not z & m
 
 
+def test_piecewise_family_falls_with_rank_in_any_shape():
+    tables = gen.generate_tables(400, 5, "piecewise")
+    big = [t for t in tables if t.rows > 10**8]
+    assert max(t.reuse_hist[0] for t in big) > 0.99  # flat: near-uniform access
+    # a hot head over a cliff: rows read in the top bins, rows read once, a gap between
+    assert any(
+        t.reuse_hist[0] > 0.3 and sum(t.reuse_hist[9:]) > 0 and sum(t.reuse_hist[3:7]) < 0.02
+        for t in big
+    )
+    others = {
+        t.reuse_hist
+        for f in ("zipf", "mixture", "heldout")
+        for t in gen.generate_tables(50, 5, f)
+        if max(t.reuse_hist) < 1
+    }
+    mine = {t.reuse_hist for t in tables[:50] if max(t.reuse_hist) < 1}
+    assert len(mine) > 20 and not mine & others
+
+
+def test_extra_loads_need_their_families(tmp_path):
+    with pytest.raises(ValueError, match="extra_loads"):
+        gen.train_range_model(tmp_path, extra_families=("piecewise",))
+    with pytest.raises(ValueError, match="extra_loads"):
+        gen.train_range_model(tmp_path, extra_loads=10)
+    with pytest.raises(ValueError, match="extra_families .*trainable"):
+        gen.train_range_model(tmp_path, extra_families=("heldout",), extra_loads=10)
+
+
 def test_range_config_fractions_are_checked_and_honoured():
     with pytest.raises(ValueError, match="single_fraction"):
         gen.RangeConfig(single_fraction=0.6, small_fraction=0.5)
@@ -161,6 +189,8 @@ def model_dir(tmp_path_factory):
         compute_seconds=4,
         comm_seconds=2,
         families=("zipf", "mixture"),
+        extra_families=("piecewise",),
+        extra_loads=40,
     )
 
 
@@ -175,7 +205,13 @@ def test_meta_records_the_ranges_and_inputs(model_dir):
     assert meta["provenance"]["sources"][1:] == [
         "generated zipf family",
         "generated mixture family",
+        "generated piecewise family (extra loads)",
     ]
+    assert meta["provenance"]["extra_loads"] == 40
+    extra = np.load(model_dir.parent / "extra.npz")
+    assert len(extra["c_keys"]) == 40 and all(
+        n.startswith("gen_piecewise") for n in extra["c_names"]
+    )
     assert meta["training_ranges"]["batch_size"] == [512.0, 262144.0]
     low, high = meta["training_ranges"]["devices"]
     assert low >= 2 and high > 16
@@ -251,6 +287,8 @@ def test_warm_start_begins_from_the_given_weights(model, model_dir, tmp_path):
     from neuroshard.pretrain.generate import load_data
 
     compute, batches, comm, ctx = load_data(model_dir.parent / "data.npz")
+    extra, extra_batches = gen._load_compute(np.load(model_dir.parent / "extra.npz"))
+    compute, batches = compute.concat(extra), np.concatenate([batches, extra_batches])
     again = NeuralCostModel(range_inputs=True, compute_members=2, max_epochs=0)  # same split
     again.fit(compute, comm, compute_batch=batches, comm_context=ctx, init_from=model)
     load = [[make_table("a"), make_table("b", dim=12)]]
