@@ -856,10 +856,12 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool-weight", type=int, default=1)
-    ap.add_argument("--families", default="zipf", help="comma-separated: zipf, mixture")
+    ap.add_argument("--families", default="zipf", help="comma-separated: zipf, mixture, piecewise")
     ap.add_argument("--single-fraction", type=float, default=RangeConfig.single_fraction)
     ap.add_argument("--small-fraction", type=float, default=RangeConfig.small_fraction)
     ap.add_argument("--small-loads", type=int, default=0)
+    ap.add_argument("--extra-families", default="", help="comma-separated, for --extra-loads")
+    ap.add_argument("--extra-loads", type=int, default=0)
     ap.add_argument("--max-epochs", type=int, default=400)
     a = ap.parse_args()
     train_range_model(
@@ -876,5 +878,7 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
         families=tuple(a.families.split(",")),
         config=RangeConfig(single_fraction=a.single_fraction, small_fraction=a.small_fraction),
         small_loads=a.small_loads,
+        extra_families=tuple(f for f in a.extra_families.split(",") if f),
+        extra_loads=a.extra_loads,
         max_epochs=a.max_epochs,
     )
