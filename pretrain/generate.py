@@ -467,12 +467,16 @@ def _extra_family_loads(
     config: RangeConfig,
 ) -> tuple[ComputeData, np.ndarray]:
     """``n`` loads of the generated tables of ``families`` (train_range_model's
-    ``extra_loads``), drawn into ``path`` once and read back after."""
+    ``extra_loads``), drawn into ``path`` once (with the families' names) and read back
+    after; a file of another count or other families is refused."""
     if path.exists():
-        data, batches = _load_compute(np.load(path, allow_pickle=False))
-        if len(data) != n:
+        z = np.load(path, allow_pickle=False)
+        data, batches = _load_compute(z)
+        held = tuple(str(f) for f in z["families"]) if "families" in z else ("unrecorded",)
+        if len(data) != n or held != tuple(families):
             raise ValueError(
-                f"{path} holds {len(data)} loads, not {n}: remove it to draw them again"
+                f"{path} holds {len(data)} loads of {', '.join(held)}, not {n} of "
+                f"{', '.join(families)}: remove it to draw them again"
             )
         return data, batches
     rng = np.random.default_rng([seed, 7])
@@ -485,7 +489,7 @@ def _extra_family_loads(
     loads += more
     batches = np.concatenate([batches, more_batches])
     data = label_compute(loads, batches, profile=profile, noise=noise, seed=seed + 3, prefix="x")
-    _save_npz(path, **_compute_arrays(data, batches))
+    _save_npz(path, families=np.array(list(families)), **_compute_arrays(data, batches))
     return data, batches
 
 

@@ -125,6 +125,15 @@ def test_extra_loads_need_their_families(tmp_path):
         gen.train_range_model(tmp_path, extra_families=("heldout",), extra_loads=10)
 
 
+def test_extra_loads_drawn_for_other_families_are_refused(model_dir):
+    # the module's model drew 40 piecewise loads into extra.npz; asking for mixture ones
+    # (or another count) must not reuse them silently
+    with pytest.raises(ValueError, match="40 loads of piecewise, not 40 of mixture"):
+        gen.train_range_model(model_dir.parent, extra_families=("mixture",), extra_loads=40)
+    with pytest.raises(ValueError, match="not 41 of piecewise"):
+        gen.train_range_model(model_dir.parent, extra_families=("piecewise",), extra_loads=41)
+
+
 def test_range_config_fractions_are_checked_and_honoured():
     with pytest.raises(ValueError, match="single_fraction"):
         gen.RangeConfig(single_fraction=0.6, small_fraction=0.5)
