@@ -61,7 +61,7 @@ BULK_SIZES = (2, 8, 32, 128, 512)  # tables a bulk move changes at once
 # The share of the greedy grid's price a searched plan must undercut to replace it: the
 # shipped models' errors on one plan's costliest device (bench/results/model_range*.md);
 # the README's "Results" measure the choice.
-DEFAULT_MARGIN = 0.02
+DEFAULT_MARGIN = 0.03
 
 __all__ = [
     "CANDIDATES_PER_KEY",
