@@ -17,9 +17,11 @@ are placed by one lockstep :func:`~neuroshard.search.greedy.place_many` call, th
 ``width`` cheapest form the next beam, and the cheapest plan seen anywhere, the start
 included, is returned -- unless some member of the estimator (a neural ensemble's nets one
 by one; the estimator alone otherwise) prices it less than ``margin`` (default
-:data:`DEFAULT_MARGIN`) below the start placement, the greedy grid's plan: a model's error
-on one plan's costliest device is a few percent, so a smaller or disputed predicted gain
-is as likely a loss, and the greedy grid's plan is kept (:func:`beats_start`).
+:data:`DEFAULT_MARGIN`) below the greedy grid's plan (the start placement; when that does
+not pack, the cheapest state of the first step that placed one that packs, as
+:func:`grid_search` finds it): a model's error on one plan's costliest device is a few
+percent, so a smaller or disputed predicted gain is as likely a loss, and the greedy grid's
+plan is kept (:func:`beats_start`).
 
 Shards are interned once per (table, layout) and reused by every state. With
 ``budget_s`` the beam places only the children the remaining time affords (see
@@ -289,10 +291,13 @@ def beam_search(
     :data:`DEFAULT_CAP_S`; None: none) bounds the beam the same way, so that a large task returns
     in bounded time; a search the cap cuts says so in a warning and in ``meta["time_cap_cut"]``.
     ``until_feasible`` stops after the first step that places a state that packs. The cheapest
-    plan seen is returned when it is priced at least ``margin`` below the start placement (the
-    greedy grid's plan) by every member of ``estimator`` (:func:`beats_start`), the start
-    placement otherwise (``meta["kept_start"]`` says so; ``meta["start_ms"]`` and
-    ``meta["start_member_ms"]`` give its prices either way).
+    plan seen is returned when it is priced at least ``margin`` below the greedy grid's plan by
+    every member of ``estimator`` (:func:`beats_start`), the greedy grid's plan otherwise
+    (``meta["kept_start"]`` says so; ``meta["start_ms"]`` and ``meta["start_member_ms"]`` give
+    its prices either way). The greedy grid's plan is the start placement, or when that does
+    not pack (``meta["start_packed"]`` False), the cheapest state of the first step that
+    placed one that packs: :func:`grid_search`'s plan whenever the budget let that step be
+    placed whole.
 
     Deterministic without a budget; ``seed`` is accepted for the
     :class:`~neuroshard.types.Searcher` signature.
@@ -354,9 +359,14 @@ def beam_candidates(
     first = place_many([space.problem(start)], cluster, scorer)[0]
     # The start's price by each estimator member (for the margin), taken now: the check of
     # the best plan at the end costs about as long again, which the limit keeps free.
+    # The greedy grid's plan (the margin's reference, and always a candidate with keep > 1):
+    # the start placement, or when that does not pack, the cheapest state of the first step
+    # that placed one that packs -- what grid_search returns when that step was placed whole.
+    start_entry: tuple[float, int, State, Placement] | None = None
     start_members: tuple[float, ...] = ()
     if isinstance(first, Placement):
         check_started = time.perf_counter()
+        start_entry = (-first.cost_ms, 0, start, first)
         start_members = member_costs(space.to_plan(start, first), estimator)
         if limit_s is not None and keep == 1:
             limit_s = max(limit_s - (time.perf_counter() - check_started), 1e-9)
@@ -436,7 +446,18 @@ def beam_candidates(
         step_s = time.perf_counter() - step_started
         per_child_s = max(per_child_s, max(step_s - fixed_s, step_s / 2) / len(children))
         steps += 1
+        base = placed
         costs = [consider(child, r) for child, r in zip(children, results)]
+        packed = [k for k, c in enumerate(costs) if math.isfinite(c)]
+        if start_entry is None and packed:
+            k = min(packed, key=lambda k: (costs[k], k))
+            result = results[k]
+            assert isinstance(result, Placement)
+            check_started = time.perf_counter()
+            start_entry = (-result.cost_ms, -(base + k), children[k], result)
+            start_members = member_costs(space.to_plan(children[k], result), estimator)
+            if limit_s is not None and keep == 1:  # keep the final check's time free, as above
+                limit_s = max(limit_s - (time.perf_counter() - check_started), 1e-9)
         if until_feasible and kept:
             break
         ranked = sorted(range(len(children)), key=costs.__getitem__)
@@ -460,9 +481,8 @@ def beam_candidates(
             unexpanded,
         )
     ordered = sorted(kept, reverse=True)  # cheapest first, earlier placed first on ties
-    start_entry = (-first.cost_ms, 0, start, first) if isinstance(first, Placement) else None
     kept_start = False
-    if keep == 1 and start_entry is not None and ordered[0][2] != start:
+    if keep == 1 and start_entry is not None and ordered[0][2] != start_entry[2]:
         best_members = member_costs(space.to_plan(ordered[0][2], ordered[0][3]), estimator)
         kept_start = not beats_start(best_members, start_members, margin)
         if kept_start:
@@ -474,7 +494,7 @@ def beam_candidates(
                 100 * margin,
             )
             ordered = [start_entry]
-    if keep > 1 and start_entry is not None and all(e[2] != start for e in ordered):
+    if keep > 1 and start_entry is not None and all(e[2] != start_entry[2] for e in ordered):
         # The start (the greedy grid's plan) is always a candidate: a verifier then never
         # keeps a plan it prices above the greedy grid's.
         ordered = ordered[: keep - 1] + [start_entry]
@@ -498,6 +518,8 @@ def beam_candidates(
         if start_entry is not None:
             meta["start_ms"] = start_entry[3].cost_ms
             meta["kept_start"] = kept_start
+            if start_entry[2] != start:
+                meta["start_packed"] = False
         if start_members:
             meta["start_member_ms"] = list(start_members)
         kernels = Counter(layout.kernel for layout in state)

@@ -370,6 +370,25 @@ def test_greedy_grid_searches_on_when_its_start_does_not_pack():
     assert plan.meta["start_packed"] is False and len(plan.shards) > len(tables)
 
 
+def test_without_a_packing_start_the_margin_is_taken_from_the_greedy_grids_plan():
+    # five tables of 60% of a device on four do not pack table-wise (see above), and a hot
+    # table is worth splitting: the greedy grid's plan is the first packing step's cheapest
+    # state, and the beam replaces it only by the margin, as it would the start
+    tables = [make_table(f"t{i}", rows=2_343, dim=64, pooling_factor=2.0) for i in range(5)]
+    tables.append(make_table("hot", rows=100, dim=128, pooling_factor=20.0))
+    cluster, fake = Cluster.uniform(4, 1_000_000), FakeEstimator()
+    grid = priced(grid_search(tables, cluster, fake, constraints=COLUMNS_ONLY), fake)
+    free = priced(beam_search(tables, cluster, fake, constraints=COLUMNS_ONLY, margin=0.0), fake)
+    assert free.cost.max_ms < grid.cost.max_ms  # the search finds better than the grid's
+    assert free.meta["start_packed"] is False and free.meta["kept_start"] is False
+    assert free.meta["start_ms"] == pytest.approx(grid.cost.max_ms, rel=1e-9)
+    gain = 1 - free.cost.max_ms / grid.cost.max_ms
+    kept = beam_search(tables, cluster, fake, constraints=COLUMNS_ONLY, margin=gain * 1.01)
+    assert kept.shards == grid.shards and kept.meta["kept_start"] is True
+    plans = beam_candidates(tables, cluster, fake, keep=2, constraints=COLUMNS_ONLY)
+    assert any(p.shards == grid.shards for p in plans)
+
+
 @pytest.mark.parametrize("above", [False, True])
 def test_the_polish_replaces_the_greedy_grids_plan_only_by_the_margin(monkeypatch, above):
     from neuroshard.search import polish, surco
