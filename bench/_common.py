@@ -25,6 +25,8 @@ import numpy as np
 
 from neuroshard.backends import as_estimator, get_backend
 from neuroshard.pretrain.pool import load_pool
+from neuroshard.search import get_searcher
+from neuroshard.search.beam import check_margin
 from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, CostEstimator, TableSpec
 from neuroshard.units import parse_memory
@@ -75,6 +77,29 @@ def verify_variants(spec: str, verifier: CostEstimator) -> dict[str, dict]:
         f"neuroshard+verify{k}": {"searcher": "neuroshard", "verify": verifier, "top": k}
         for k in (int(x) for x in spec.split(",") if x.strip())
     }
+
+
+def add_margins_arg(p: argparse.ArgumentParser) -> None:
+    """--margins M,M: rows planned by NeuroShard at other margins than the default."""
+    p.add_argument(
+        "--margins",
+        default="",
+        help="comma-separated fractions M: also plan 'neuroshard-mM', NeuroShard returning "
+        "the greedy grid's plan unless its own is priced that share cheaper",
+    )
+
+
+def margin_variants(p: argparse.ArgumentParser, spec: str) -> dict[str, dict]:
+    """Planner keyword arguments of each ``neuroshard-mM`` row of ``--margins``; a bad
+    fraction is a parser error naming it."""
+    rows = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        try:
+            check_margin(margin := float(item))
+        except ValueError as e:
+            p.error(f"--margins {item}: {e}")
+        rows[f"neuroshard-m{margin:g}"] = {"searcher": get_searcher("neuroshard", margin=margin)}
+    return rows
 
 
 def truth_backend(args: argparse.Namespace, batch_size: int) -> CostEstimator:

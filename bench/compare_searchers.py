@@ -19,6 +19,12 @@ task, on the tasks both planned (TorchRec's planner may find no plan where the o
 do): the mean per-task ratio (the definition the table's ratio columns use), the ratio of
 mean costs, and how often NeuroShard was cheaper and how often dearer; each ``--margins``
 row gets the same table against the cheapest heuristic and the greedy grid.
+
+Every plan is costed after all tasks are planned. ``--rounds R`` (for a measured backend,
+``--truth cpu``) measures each task's distinct plans ``R`` times, in rounds that visit
+every task's plans in a new random order, so that the machine's drift hits every searcher
+alike, and keeps each plan's median; searchers that returned the same plan share its
+measurements. The header gives the median spread between rounds.
 """
 
 from __future__ import annotations
@@ -34,14 +40,15 @@ import numpy as np
 from neuroshard.models import resolve_cost_model
 from neuroshard.planner import Planner
 from neuroshard.search import BASELINES, get_searcher, searcher_names
-from neuroshard.search.beam import check_margin
 from neuroshard.search.scoring import plan_cost
-from neuroshard.types import PlanInfeasibleError
+from neuroshard.types import Plan, PlanInfeasibleError
 
 from _common import (
+    add_margins_arg,
     add_task_args,
     add_verify_arg,
     emit,
+    margin_variants,
     p95,
     task_setup,
     truth_backend,
@@ -79,6 +86,38 @@ def pairwise_lines(name: str, ref: np.ndarray, others: dict[str, np.ndarray]) ->
     return lines
 
 
+def costed(
+    plans: list[dict[str, Plan]], names: list[str], truth, rounds: int, seed: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """Each searcher's per-task cost (its plan's costliest device under ``truth``; NaN where
+    it found none) and the median spread between rounds. Each task's distinct plans are
+    costed ``rounds`` times, every round visiting all tasks' plans in a new random order;
+    a plan's cost is the median of its rounds."""
+    rng = np.random.default_rng(seed)
+    distinct: list[Plan] = []
+    index: dict[tuple[int, frozenset], int] = {}
+    of: dict[tuple[str, int], int] = {}
+    for i, by_name in enumerate(plans):
+        for n, plan in by_name.items():
+            key = (i, frozenset(plan.shards))
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(plan)
+            of[n, i] = index[key]
+    samples = np.full((rounds, len(distinct)), np.nan)
+    for r in range(rounds):
+        for j in rng.permutation(len(distinct)):
+            samples[r, j] = plan_cost(distinct[j], truth).max_ms
+        if rounds > 1:
+            print(f"round {r + 1}/{rounds}: {len(distinct)} plans costed", file=sys.stderr)
+    median = np.median(samples, axis=0)
+    spread = float(np.median((samples.max(0) - samples.min(0)) / median)) if len(distinct) else 0.0
+    cost = {n: np.full(len(plans), np.nan) for n in names}
+    for (n, i), j in of.items():
+        cost[n][i] = median[j]
+    return cost, spread
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_task_args(p)
@@ -96,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra rows NAME:SECONDS planned with a time budget, comma-separated",
     )
+    add_margins_arg(p)
     p.add_argument(
-        "--margins",
-        default="",
-        help="extra rows neuroshard-mM planned with margin M (comma-separated fractions)",
+        "--rounds",
+        type=int,
+        default=1,
+        help="times each distinct plan is costed, in interleaved rounds (median kept)",
     )
     add_verify_arg(p)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     if args.estimator == "sim" and (args.truth != "sim" or args.model is not None):
         p.error("--estimator sim guides with the --truth sim: it needs --truth sim, no --model")
@@ -124,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in filter(None, (x.strip() for x in args.budgeted.split(","))):
         name, _, secs = item.partition(":")
         planners[f"{name}@{float(secs):g}s"] = {"searcher": name, "budget_s": float(secs)}
-    for item in filter(None, (x.strip() for x in args.margins.split(","))):
-        try:
-            check_margin(margin := float(item))
-        except ValueError as e:
-            p.error(f"--margins {item}: {e}")
-        planners[f"neuroshard-m{margin:g}"] = {
-            "searcher": get_searcher("neuroshard", margin=margin)
-        }
+    planners.update(margin_variants(p, args.margins))
     # Verification measures on its own backend instance: the figures come from ``truth``.
     planners.update(verify_variants(args.verify_top, truth_backend(args, cluster.batch_size)))
     names = list(planners)
@@ -139,19 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(options["searcher"], str):
             get_searcher(options["searcher"])  # fail early on a bad name
 
-    cost = {n: np.full(len(tasks), np.nan) for n in names}
+    plans: list[dict[str, Plan]] = []
     seconds = {n: [] for n in names}
     for i, task in enumerate(tasks):
+        plans.append({})
         for n in names:
             start = time.perf_counter()
             try:
                 planner = Planner(model, seed=args.seed + i, reserve=args.reserve, **planners[n])
-                plan = planner.plan(task, cluster)
+                plans[i][n] = planner.plan(task, cluster)
             except PlanInfeasibleError:
                 continue
             seconds[n].append(time.perf_counter() - start)
-            cost[n][i] = plan_cost(plan, truth).max_ms
         print(f"task {i + 1}/{len(tasks)}: {len(task)} tables", file=sys.stderr)
+    cost, spread = costed(plans, names, truth, args.rounds, args.seed)
 
     baselines = [n for n in names if n in BASELINES]
     best_base = np.nanmin(np.vstack([cost[n] for n in baselines]), axis=0) if baselines else None
@@ -164,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Tasks: {len(tasks)} from the {args.split} pool, {args.min_tables}-{args.max_tables} "
         f"tables, {args.devices} devices x {args.memory}, batch {cluster.batch_size}. "
         f"Costs by {truth_name(args)}; "
-        f"{guide}; seed {args.seed}.",
+        f"{guide}; seed {args.seed}."
+        + (
+            f" Each distinct plan costed {args.rounds} times in interleaved rounds (median "
+            f"kept); median spread between rounds {100 * spread:.1f}% (max - min over median)."
+            if args.rounds > 1
+            else ""
+        ),
         'Mean cost: over the tasks the searcher planned ("infeasible" counts the rest); '
         "ratios: means over those tasks of per-task ratios.",
         "",

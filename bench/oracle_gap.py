@@ -3,6 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/oracle_gap.py --tasks 20 --max-evals 30000 \
         --out bench/results/oracle_gap_d4.md
 
+``--margins 0,0.02`` adds ``neuroshard-m0`` and ``neuroshard-m0.02``: NeuroShard at
+those margins instead of the default (see ``bench/compare_searchers.py``).
+
 ``--verify-top 5,20`` adds ``neuroshard+verify5`` and ``neuroshard+verify20``: the
 planner's verification (``plan --verify sim --top K``), the K cheapest plans under the
 estimator priced by the sim, the cheapest there kept.
@@ -45,7 +48,7 @@ from neuroshard.tasks import default_max_total_bytes, sample_tasks
 from neuroshard.types import Cluster, PlanInfeasibleError
 from neuroshard.units import parse_memory
 
-from _common import add_verify_arg, emit, verify_variants
+from _common import add_margins_arg, add_verify_arg, emit, margin_variants, verify_variants
 from search_speed import choose_estimator
 
 logger = logging.getLogger("bench.oracle_gap")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--profile", default="h100")
     p.add_argument("--searchers", default=",".join(searcher_names()))
+    add_margins_arg(p)
     add_verify_arg(p)
     p.add_argument("--max-evals", type=int, default=30_000)
     p.add_argument("--seed", type=int, default=0)
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         get_searcher(n)  # fail early on a bad name
     planners: dict[str, dict] = {n: {"searcher": n} for n in names}
     verifier = SimBackend(args.profile, batch_size=cluster.batch_size)  # the truth, noise 0
+    planners.update(margin_variants(p, args.margins))
     planners.update(verify_variants(args.verify_top, verifier))
     names = list(planners)
 

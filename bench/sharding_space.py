@@ -225,13 +225,14 @@ def main() -> None:
                 f"| {s} | {len(ok)}/{len(rows[s])} | {mean} | {ratio} | {secs} | "
                 f"{worst} | {kinds} |"
             )
-        if per_task.get("torchrec"):
-            lines += [
-                "",
-                "Per task, NeuroShard / TorchRec: "
-                + ", ".join(f"{x:.4f}" for x in per_task["torchrec"])
-                + f" (mean {statistics.fmean(per_task['torchrec']):.5f}).",
-            ]
+        for s, label in (("torchrec", "TorchRec"), ("greedy-grid", "the greedy grid")):
+            if per_task.get(s):
+                lines += [
+                    "",
+                    f"Per task, NeuroShard / {label}: "
+                    + ", ".join(f"{x:.4f}" for x in per_task[s])
+                    + f" (mean {statistics.fmean(per_task[s]):.5f}).",
+                ]
         guides = sorted({r["guide"] for r in rows.get("neuroshard", []) if r["ok"]})
         if guides:
             lines += ["", f"NeuroShard's estimator: {', '.join(guides)}."]
