@@ -13,7 +13,7 @@ from neuroshard.features import NUM_BATCH_FEATURES, batch_features, raw_features
 from neuroshard.models import load_cost_model, resolve_cost_model
 from neuroshard.models.neural import NeuralCostModel, link_times_ms
 from neuroshard.pretrain import generate as gen
-from neuroshard.types import Cluster, ModelMismatchError, TableSpec
+from neuroshard.types import Cluster, ModelMismatchError, Plan, Shard, TableSpec
 
 GB = 10**9
 
@@ -225,6 +225,8 @@ def test_meta_records_the_ranges_and_inputs(model_dir):
     low, high = meta["training_ranges"]["devices"]
     assert low >= 2 and high > 16
     assert meta["training_ranges"]["tables_per_device"][1] > 100
+    low, high = meta["training_ranges"]["devices_per_host"]
+    assert 1 <= low < high <= 8  # the generated clusters' hosts
     floors = meta["metrics"]["noise_floor"]
     # labels carry lognormal noise of 0.03: the truth's MAPE against them is about 2.4%
     assert 0.015 < floors["compute"]["floor_mape"] < 0.035
@@ -249,6 +251,18 @@ def test_batch_and_cluster_are_inputs(model):
     one_host = model.for_cluster(Cluster.uniform(16, GB, 65536)).bwd_comm_ms(d)
     two_hosts = model.for_cluster(Cluster.uniform(16, GB, 65536, devices_per_host=8))
     assert not np.allclose(one_host, two_hosts.bwd_comm_ms(d))
+
+
+def test_hosts_larger_than_trained_on_are_out_of_range(model):
+    low, high = model.training_ranges_["devices_per_host"]
+    table = make_table("a")
+    shards = (Shard("a", 0, table.dim, 0),)
+    inside = Plan((table,), shards, Cluster.uniform(16, GB, 65536, devices_per_host=high))
+    assert model.out_of_range(inside) == []
+    one_host = Plan((table,), shards, Cluster.uniform(16, GB, 65536))
+    assert model.out_of_range(one_host) == [
+        f"devices per host 16 outside the model's training range [{low}, {high}]"
+    ]
 
 
 def test_save_load_keeps_predictions(model, model_dir, tmp_path):

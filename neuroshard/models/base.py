@@ -68,6 +68,7 @@ RANGE_NAMES = {
     "dim": "shard width (dim)",
     "pooling_factor": "pooling factor",
     "devices": "devices",
+    "devices_per_host": "devices per host",
     "batch_size": "batch size",
 }
 
@@ -511,7 +512,8 @@ class CostModelBase:
 
     def out_of_range(self, plan: Plan) -> list[str]:
         """One line for each way ``plan`` lies outside the inputs this model was trained
-        on (tables per device, rows, shard widths, pooling factors, devices, batch size);
+        on (tables per device, rows, shard widths, pooling factors, devices, devices per host,
+        batch size);
         empty when it lies inside every known range. Predictions out there are
         extrapolations: report them (``--strict`` refuses them)."""
         ranges = getattr(self, "training_ranges_", {})
@@ -522,6 +524,7 @@ class CostModelBase:
             "dim": [t.dim for load in loads for t in load],
             "pooling_factor": [t.pooling_factor for load in loads for t in load],
             "devices": [plan.cluster.num_devices],
+            "devices_per_host": [plan.cluster.devices_per_host],
             "batch_size": [plan.cluster.batch_size],
         }
         lines = []

@@ -572,6 +572,12 @@ class NeuralCostModel(CostModelBase):
                 ]
             )
             self.training_ranges_["batch_size"] = [float(batches.min()), float(batches.max())]
+            per_host = np.asarray(comm_context, dtype=float)[:, 1]
+            if len(per_host):
+                self.training_ranges_["devices_per_host"] = [
+                    int(per_host.min()),
+                    int(per_host.max()),
+                ]
         # normalisation from the training rows only
         tr_compute = compute.subset(cs.train)
         feats = self._unscaled_inputs(tr_compute.features, self._shard_batch(tr_compute))
