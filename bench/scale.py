@@ -25,7 +25,9 @@ TorchRec's storage estimate adds buffers to the weights, so it may find no plan 
 kept): the pool's dims are mostly 128, and mixed dims make the grid's lanes diverge more,
 the harder case for the search's time. Plans are costed by the sim backend (the truth the
 benches use) and by the search's estimator (``--model``, else the shipped model, else the
-sim backend; the header says).
+sim backend; the header says). ``--devices-per-host`` puts the devices in hosts of that many
+(default 0: all on one host, as the earlier results files ran; the any-cluster models were
+trained on hosts of 1 to 8 devices and warn outside that).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,8 @@ def run_child(args: argparse.Namespace) -> dict:
         widths = rng.choice([16, 32, 64, 128], size=len(pool)).tolist()
         pool = [t.with_dim(w) for t, w in zip(pool, widths)]
     tables, cluster = make_task(pool, num_tables, num_devices, rng, fill=args.fill)
+    if args.devices_per_host:
+        cluster = replace(cluster, devices_per_host=min(args.devices_per_host, num_devices))
     out = {
         "candidate": args.child,
         "size": args.size,
@@ -131,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="h100")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-dims", action="store_true")
+    p.add_argument(
+        "--devices-per-host",
+        type=int,
+        default=0,
+        help="devices per host (default 0: all devices on one host)",
+    )
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -168,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.profile,
                 "--seed",
                 str(args.seed),
+                "--devices-per-host",
+                str(args.devices_per_host),
             ]
             if args.model is not None:
                 cmd += ["--model", str(args.model)]
@@ -196,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = "dims redrawn from 16-128" if args.mixed_dims else "pool dims"
     lines = [
         f"Fill: total table bytes / total device memory. {args.split} pool ({dims}), "
-        f"seed {args.seed}, budget {args.budget} s for neuroshard-budget, timeout "
+        f"seed {args.seed}, "
+        + (f"hosts of {args.devices_per_host} devices, " if args.devices_per_host else "one host, ")
+        + f"budget {args.budget} s for neuroshard-budget, timeout "
         f"{args.timeout:g} s. Estimator per size: "
         + ("; ".join(f"{k}: {v}" for k, v in estimators.items()) or "?")
         + f". Costs: sim/"
