@@ -180,7 +180,8 @@ def _check_ranges(model: Any, result: Plan, strict: bool) -> None:
             f"{getattr(model, 'name', 'the model')}: " + "; ".join(lines) + " (--strict)"
         )
     for line in lines:
-        _warn(f"{line}: its costs are extrapolated (--strict refuses this)")
+        hint = " (give --devices-per-host)" if line.startswith("devices per host") else ""
+        _warn(f"{line}{hint}: its costs are extrapolated (--strict refuses this)")
 
 
 def _debug() -> bool:

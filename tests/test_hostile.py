@@ -879,6 +879,23 @@ def test_out_of_range_is_a_warning_without_strict(runner, work):
     assert all(d["compute_ms"] > 0 for d in doc["cost"]["devices"])
 
 
+def test_a_host_larger_than_the_model_knows_is_a_warning_naming_the_option(runner, work):
+    # the any-cluster model was trained on hosts of 1 to 8 devices; 16 on one host is beyond
+    options = "-n 16 -m 4GB --searcher size --json --model".split()
+    model = DATA / "models" / "sim-h100"
+    run = invoke(runner, "plan", work / "thousand.json", *options, model)
+    assert run.code == EXIT_OK, run.stderr
+    assert (
+        "warning: devices per host 16 outside the model's training range [1, 8] "
+        "(give --devices-per-host)" in run.stderr
+    )
+    hosts = invoke(
+        runner, "plan", work / "thousand.json", *options, model, "--devices-per-host", "8"
+    )
+    assert hosts.code == EXIT_OK, hosts.stderr
+    assert "devices per host" not in hosts.stderr
+
+
 def test_training_ranges_are_recorded_and_checked(tmp_path):
     from neuroshard.models import load_cost_model
     from neuroshard.models.lightgbm import LightGBMCostModel
