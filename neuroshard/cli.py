@@ -299,7 +299,7 @@ def plan(
         None,
         "--margin",
         help="neuroshard only: how much cheaper (a fraction) than the greedy grid's plan the "
-        "model must price the search's plan to return it instead (default 0.02).",
+        "model must price the search's plan to return it instead (default 0.03).",
     ),
     strict: bool = typer.Option(
         False,

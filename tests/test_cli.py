@@ -228,6 +228,13 @@ def test_plan_verify_refuses_bad_options(tmp_path, monkeypatch, args, message):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_plan_help_gives_the_default_margin(run):
+    from neuroshard.search.beam import DEFAULT_MARGIN
+
+    text = " ".join(run("plan", "--help").split())  # rich wraps the help
+    assert f"(default {DEFAULT_MARGIN:g})" in text.replace("│", "").replace("  ", " ")
+
+
 def test_plan_margin_zero_returns_the_cheapest_searched_plan(run, tmp_path):
     plans = {}
     for margin in ("0", "0.99"):
