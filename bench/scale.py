@@ -39,7 +39,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +71,9 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.mixed_dims:
         widths = rng.choice([16, 32, 64, 128], size=len(pool)).tolist()
         pool = [t.with_dim(w) for t, w in zip(pool, widths)]
-    tables, cluster = make_task(pool, num_tables, num_devices, rng, fill=args.fill)
-    if args.devices_per_host:
-        cluster = replace(cluster, devices_per_host=min(args.devices_per_host, num_devices))
+    tables, cluster = make_task(
+        pool, num_tables, num_devices, rng, fill=args.fill, devices_per_host=args.devices_per_host
+    )
     out = {
         "candidate": args.child,
         "size": args.size,
@@ -147,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for _, devices in parse_sizes(args.size or args.sizes):
+        per_host = min(args.devices_per_host, devices)
+        if args.devices_per_host < 0 or (per_host and devices % per_host):
+            p.error(
+                f"--devices-per-host {args.devices_per_host} must be 0 (one host) or divide "
+                f"{devices} devices"
+            )
     if args.child:
         print(json.dumps(run_child(args)))
         return 0

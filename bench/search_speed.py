@@ -92,8 +92,10 @@ def make_task(
     *,
     memory_bytes: int | None = None,
     fill: float | None = None,
+    devices_per_host: int = 0,
 ) -> tuple[list[TableSpec], Cluster]:
-    """``num_tables`` tables from ``pool`` and a uniform cluster for them.
+    """``num_tables`` tables from ``pool`` and a uniform cluster for them, in hosts of
+    ``devices_per_host`` (at most all devices; 0: one host).
 
     With ``fill``, each device gets ``total / num_devices / fill`` bytes (tight caps for
     ``fill`` near 1); else ``memory_bytes`` per device and the protocol's size cap on the
@@ -108,7 +110,8 @@ def make_task(
         tables = renamed_draws(pool, num_tables, rng)
     if fill is not None:
         memory_bytes = int(sum(t.size_bytes for t in tables) / num_devices / fill)
-    return tables, Cluster.uniform(num_devices, int(memory_bytes))
+    per_host = min(devices_per_host, num_devices)
+    return tables, Cluster.uniform(num_devices, int(memory_bytes), devices_per_host=per_host)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:

@@ -179,8 +179,11 @@ def _check_ranges(model: Any, result: Plan, strict: bool) -> None:
         raise ModelMismatchError(
             f"{getattr(model, 'name', 'the model')}: " + "; ".join(lines) + " (--strict)"
         )
+    from neuroshard.models.base import RANGE_NAMES
+
     for line in lines:
-        hint = " (give --devices-per-host)" if line.startswith("devices per host") else ""
+        hosts = line.startswith(RANGE_NAMES["devices_per_host"])
+        hint = " (give --devices-per-host)" if hosts else ""
         _warn(f"{line}{hint}: its costs are extrapolated (--strict refuses this)")
 
 

@@ -153,7 +153,12 @@ def _piecewise_masses(
     return lo, hi, mass
 
 
-_MASSES = {"mixture": _mixture_masses, "piecewise": _piecewise_masses}
+# The families drawn as masses over rank ranges (zipf goes through reuse_profile).
+_MASSES = {
+    "mixture": _mixture_masses,
+    "piecewise": _piecewise_masses,
+    "heldout": lambda rng, rows: _heldout_masses(rng, rows)[:3],
+}
 
 
 def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
@@ -172,10 +177,7 @@ def generate_tables(n: int, seed: int, family: str = "zipf") -> list[TableSpec]:
             offset = _log_uniform(rng, 1.0, 1000.0) - 1.0
             prof = reuse_profile(int(rows[i]), float(pooling[i]), s, offset, HIST_BATCH)
         else:
-            masses = _MASSES.get(family)
-            lo, hi, mass = (
-                masses(rng, int(rows[i])) if masses else _heldout_masses(rng, int(rows[i]))[:3]
-            )
+            lo, hi, mass = _MASSES[family](rng, int(rows[i]))
             prof = profile_from_masses(lo, hi, mass, HIST_BATCH * float(pooling[i]))
         out.append(
             TableSpec(

@@ -357,19 +357,24 @@ def beam_candidates(
     space = Space(tables, cluster, scorer, constraints)
     start = space.initial_state()
     first = place_many([space.problem(start)], cluster, scorer)[0]
-    # The start's price by each estimator member (for the margin), taken now: the check of
-    # the best plan at the end costs about as long again, which the limit keeps free.
     # The greedy grid's plan (the margin's reference, and always a candidate with keep > 1):
     # the start placement, or when that does not pack, the cheapest state of the first step
     # that placed one that packs -- what grid_search returns when that step was placed whole.
     start_entry: tuple[float, int, State, Placement] | None = None
     start_members: tuple[float, ...] = ()
-    if isinstance(first, Placement):
+
+    def set_reference(state: State, result: Placement, order: int) -> None:
+        # Its price by each estimator member (for the margin) is taken now: the check of the
+        # best plan at the end costs about as long again, which the limit keeps free.
+        nonlocal start_entry, start_members, limit_s
         check_started = time.perf_counter()
-        start_entry = (-first.cost_ms, 0, start, first)
-        start_members = member_costs(space.to_plan(start, first), estimator)
+        start_entry = (-result.cost_ms, order, state, result)
+        start_members = member_costs(space.to_plan(state, result), estimator)
         if limit_s is not None and keep == 1:
             limit_s = max(limit_s - (time.perf_counter() - check_started), 1e-9)
+
+    if isinstance(first, Placement):
+        set_reference(start, first, 0)
     # The ``keep`` cheapest placed states: a max-heap on (-cost, -order), order breaking ties.
     kept: list[tuple[float, int, State, Placement]] = []
     placed = 0
@@ -448,16 +453,14 @@ def beam_candidates(
         steps += 1
         base = placed
         costs = [consider(child, r) for child, r in zip(children, results)]
-        packed = [k for k, c in enumerate(costs) if math.isfinite(c)]
-        if start_entry is None and packed:
-            k = min(packed, key=lambda k: (costs[k], k))
-            result = results[k]
-            assert isinstance(result, Placement)
-            check_started = time.perf_counter()
-            start_entry = (-result.cost_ms, -(base + k), children[k], result)
-            start_members = member_costs(space.to_plan(children[k], result), estimator)
-            if limit_s is not None and keep == 1:  # keep the final check's time free, as above
-                limit_s = max(limit_s - (time.perf_counter() - check_started), 1e-9)
+        # until_feasible returns this step's cheapest packing state: the reference itself
+        if start_entry is None and not until_feasible:
+            packed = [k for k, c in enumerate(costs) if math.isfinite(c)]
+            if packed:
+                k = min(packed, key=lambda k: (costs[k], k))
+                result = results[k]
+                assert isinstance(result, Placement)
+                set_reference(children[k], result, -(base + k))
         if until_feasible and kept:
             break
         ranked = sorted(range(len(children)), key=costs.__getitem__)
