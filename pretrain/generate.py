@@ -827,7 +827,10 @@ def train_range_model(
         "seed": seed,
         "sources": ["pool train half (augmented, shrunk copies)"]
         + [f"generated {f} family" for f in families]
-        + [f"generated {f} family (extra loads)" for f in extra_families if f not in families],
+        + [f"generated {f} family (extra loads)" for f in extra_families],
+        "extra_families": list(extra_families),
+        # data.npz drawn by an earlier call (a step): its tables and loads are that call's
+        "data_reused": drawn_sources is None,
         "single_fraction": config.single_fraction,
         "small_fraction": config.small_fraction,
         "batch_range": list(BATCH_RANGE),

@@ -217,6 +217,8 @@ def test_meta_records_the_ranges_and_inputs(model_dir):
         "generated piecewise family (extra loads)",
     ]
     assert meta["provenance"]["extra_loads"] == 40
+    assert meta["provenance"]["extra_families"] == ["piecewise"]
+    assert meta["provenance"]["data_reused"] is False  # this call drew data.npz
     extra = np.load(model_dir.parent / "extra.npz")
     assert len(extra["c_keys"]) == 40 and all(
         n.startswith("gen_piecewise") for n in extra["c_names"]
@@ -383,6 +385,7 @@ def test_plan_tasks_add_labelled_plan_loads_and_are_reused(tmp_path, model_dir):
     z_old, z_new = (np.load(d / "plans.npz") for d in (tmp_path, step))
     assert meta2["provenance"]["plan_loads"] == plans + len(z_new["c_keys"])
     assert meta2["provenance"]["earlier_plan_files"] == 1
+    assert meta2["provenance"]["data_reused"] is True  # the copied data.npz
     assert not set(z_old["c_keys"].tolist()) & set(z_new["c_keys"].tolist())
     with pytest.raises(ValueError, match="sample keys repeat"):
         gen.train_range_model(step, **{**nxt, "earlier_plans": [step / "plans.npz"]})
