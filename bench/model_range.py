@@ -18,16 +18,23 @@ Two parts, truth = the sim backend (``--profile``, noise 0 for plans):
   is the MAPE of the truth against the labels, the best any model can score. Sets: single
   tables, loads of 1-15 shards at batch 65,536 (the old protocol) and range loads (1 to
   400 shards, any batch in 512-262,144), from the test half of the pool and from the
-  ``heldout`` generated family (:mod:`neuroshard.pretrain.generate`, never trained on).
+  ``heldout`` generated family (:mod:`neuroshard.pretrain.generate`, never trained on),
+  and with ``--fresh-families`` from newly drawn tables of trained families (another
+  seed than training's: families the model knows, tables it never saw).
   The last column is the first model's mean signed error against the truth (a bias: is
   a set priced high or low as a whole). ``--compare`` adds other models (one batch size:
   only the batch-65,536 sets), and comm MAPE on 4- and 8-device one-host tasks at batch
-  65,536.
+  65,536; ``--compare-rev REV`` reads the ``--compare`` directories as commit ``REV`` of
+  this repository holds them (a model shipped before).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import subprocess
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +49,7 @@ from neuroshard.pretrain.pool import load_pool
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, PlanInfeasibleError
 
-from _common import emit
+from _common import REPO, emit
 from search_speed import make_task, parse_sizes
 
 
@@ -95,13 +102,36 @@ def plan_rows(model, args: argparse.Namespace) -> list[str]:
     return rows
 
 
+FRESH_SEED = 1000  # fresh tables of trained families: training draws them at its own seed (0)
+
+
+def at_revision(rev: str, path: Path, dest: Path, p: argparse.ArgumentParser) -> Path:
+    """``path`` (relative to the repository) as commit ``rev`` holds it, under ``dest``."""
+    done = subprocess.run(
+        ["git", "archive", rev, str(path)], cwd=REPO, capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        p.error(f"--compare-rev {rev}: no {path} there ({done.stderr.decode().strip()})")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(dest / rev, filter="data")
+    return dest / rev / path
+
+
 def compute_sets(args: argparse.Namespace) -> dict[str, tuple[list, np.ndarray]]:
     rng = np.random.default_rng(args.seed + 7)
-    test_pool = augment_tables(load_pool("test"))
-    heldout = augment_tables(gen.generate_tables(args.heldout_tables, args.seed, "heldout"))
+    sources = [
+        ("test pool", augment_tables(load_pool("test"))),
+        (
+            "held-out family",
+            augment_tables(gen.generate_tables(args.heldout_tables, args.seed, "heldout")),
+        ),
+    ]
+    for family in args.fresh_families:
+        tables = gen.generate_tables(args.heldout_tables, args.seed + FRESH_SEED, family)
+        sources.append((f"fresh {family} tables", augment_tables(tables)))
     n = args.samples
     out = {}
-    for name, tables in (("test pool", test_pool), ("held-out family", heldout)):
+    for name, tables in sources:
         fits = [t for t in tables if t.size_bytes <= 4 << 30]
         singles = [[fits[i]] for i in rng.integers(len(fits), size=n)]
         out[f"{name}: single tables, batch 65536"] = (singles, np.full(n, 65536))
@@ -225,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="other model directories for the MAPE tables",
     )
+    p.add_argument(
+        "--compare-rev",
+        default=None,
+        help="read the --compare model directories as this commit holds them",
+    )
+    p.add_argument(
+        "--fresh-families",
+        default="",
+        help="comma-separated trained families (zipf, mixture, piecewise) whose newly drawn "
+        f"tables (seed + {FRESH_SEED}) add rows to the MAPE table",
+    )
     p.add_argument("--sizes", default="60x16,250x32,1000x128")
     p.add_argument("--batches", type=int, nargs="+", default=[512, 4096, 65536])
     p.add_argument("--per-host", type=int, default=8)
@@ -244,19 +285,35 @@ def main(argv: list[str] | None = None) -> int:
         "--conservative-k",
         type=float,
         default=None,
-        help="price with this k instead of the model's own (meta.json)",
+        help="price with this k instead of the models' own (meta.json), --compare's too",
     )
     p.add_argument("--skip-plans", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    args.fresh_families = [f.strip() for f in args.fresh_families.split(",") if f.strip()]
+    for family in args.fresh_families:
+        if family not in gen.FAMILIES or family == "heldout":
+            p.error(f"--fresh-families {family}: trained families are zipf, mixture, piecewise")
+    if args.compare_rev is not None and not args.compare:
+        p.error("--compare-rev reads the --compare directories: give --compare")
 
     model = load_cost_model(args.model)
     if args.conservative_k is not None:
         model = model.with_conservative(args.conservative_k)
     models = {args.model.name: model}
-    for extra in args.compare:
-        models[extra.name] = load_cost_model(extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        for extra in args.compare:
+            name, where = extra.name, extra
+            if args.compare_rev is not None:
+                name, where = (
+                    f"{name}@{args.compare_rev}",
+                    at_revision(args.compare_rev, extra, Path(tmp), p),
+                )
+            other = load_cost_model(where)
+            if args.conservative_k is not None and hasattr(other, "with_conservative"):
+                other = other.with_conservative(args.conservative_k)
+            models[name] = other
     k = getattr(model, "conservative_k", 0.0)
     parts = [
         f"Model `{args.model}` ({model.name}), conservative k = {k:g}; truth: "
