@@ -860,6 +860,9 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
     ap.add_argument("--profile", default="h100")
     ap.add_argument("--compute-samples", type=int, default=16_000)
     ap.add_argument("--comm-samples", type=int, default=4_000)
+    ap.add_argument(
+        "--generated-tables", type=int, default=3_000, help="tables drawn per generated family"
+    )
     ap.add_argument("--compute-seconds", type=float, default=900.0)
     ap.add_argument("--comm-seconds", type=float, default=240.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -879,6 +882,7 @@ if __name__ == "__main__":  # pragma: no cover - a long run, driven by hand
         profile=a.profile,
         compute_samples=a.compute_samples,
         comm_samples=a.comm_samples,
+        generated_tables=a.generated_tables,
         compute_seconds=a.compute_seconds,
         comm_seconds=a.comm_seconds,
         seed=a.seed,
