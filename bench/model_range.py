@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args.fresh_families = [f.strip() for f in args.fresh_families.split(",") if f.strip()]
     for family in args.fresh_families:
         if family not in gen.FAMILIES or family == "heldout":
-            p.error(f"--fresh-families {family}: trained families are zipf, mixture, piecewise")
+            trained = ", ".join(f for f in gen.FAMILIES if f != "heldout")
+            p.error(f"--fresh-families {family}: the trained families are {trained}")
     if args.compare_rev is not None and not args.compare:
         p.error("--compare-rev reads the --compare directories: give --compare")
 
