@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -210,18 +211,25 @@ def emit(
         out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n{text}\n")
 
 
+def extract_revision(rev: str, dest: Path, *paths: str | Path) -> Path:
+    """The files of commit ``rev`` of this repository (all, or only ``paths``) under
+    ``dest``; a ``ValueError`` with git's complaint when ``rev`` or a path is not there."""
+    done = subprocess.run(
+        ["git", "archive", rev, *map(str, paths)], cwd=REPO, capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        raise ValueError(f"{rev}: {done.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
 def export(rev: str, dest: Path) -> Path:
     """``rev`` of this repository laid out as installed: ``dest/pkg/neuroshard`` with
     pretrain/, search/ and data/ inside, and the revision's bench/ at ``dest/src/bench``."""
     src = dest / "src"
     src.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", rev], cwd=REPO, check=True, capture_output=True
-    ).stdout
-    archive_path = dest / "rev.tar"
-    archive_path.write_bytes(archive)
-    with tarfile.open(archive_path) as tar:
-        tar.extractall(src, filter="data")
+    extract_revision(rev, src)
     pkg = dest / "pkg" / "neuroshard"
     shutil.copytree(src / "neuroshard", pkg)
     for sub in ("pretrain", "search", "data"):

@@ -31,9 +31,6 @@ Two parts, truth = the sim backend (``--profile``, noise 0 for plans):
 from __future__ import annotations
 
 import argparse
-import io
-import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +46,7 @@ from neuroshard.pretrain.pool import load_pool
 from neuroshard.search.scoring import plan_cost
 from neuroshard.types import Cluster, PlanInfeasibleError
 
-from _common import REPO, emit
+from _common import emit, extract_revision
 from search_speed import make_task, parse_sizes
 
 
@@ -107,14 +104,10 @@ FRESH_SEED = 1000  # fresh tables of trained families: training draws them at it
 
 def at_revision(rev: str, path: Path, dest: Path, p: argparse.ArgumentParser) -> Path:
     """``path`` (relative to the repository) as commit ``rev`` holds it, under ``dest``."""
-    done = subprocess.run(
-        ["git", "archive", rev, str(path)], cwd=REPO, capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        p.error(f"--compare-rev {rev}: no {path} there ({done.stderr.decode().strip()})")
-    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
-        tar.extractall(dest / rev, filter="data")
-    return dest / rev / path
+    try:
+        return extract_revision(rev, dest / rev, path) / path
+    except ValueError as e:
+        p.error(f"--compare-rev {rev}: no {path} there ({e})")
 
 
 def compute_sets(args: argparse.Namespace) -> dict[str, tuple[list, np.ndarray]]:
@@ -285,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "--conservative-k",
         type=float,
         default=None,
-        help="price with this k instead of the models' own (meta.json), --compare's too",
+        help="price with this k instead of the models' own (meta.json), --compare's too "
+        "where they have members (a one-net model has no spread to add)",
     )
     p.add_argument("--skip-plans", action="store_true")
     p.add_argument("--seed", type=int, default=0)
