@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import emit
-from search_speed import choose_estimator, make_task, parse_sizes
+from search_speed import choose_estimator, hosts_cluster, make_task, parse_sizes
 
 CANDIDATES = ("neuroshard", "neuroshard-budget", "torchrec")
 
@@ -147,12 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for _, devices in parse_sizes(args.size or args.sizes):
-        per_host = min(args.devices_per_host, devices)
-        if args.devices_per_host < 0 or (per_host and devices % per_host):
-            p.error(
-                f"--devices-per-host {args.devices_per_host} must be 0 (one host) or divide "
-                f"{devices} devices"
-            )
+        try:
+            hosts_cluster(devices, 1, args.devices_per_host)
+        except ValueError as e:
+            p.error(f"--devices-per-host {args.devices_per_host} at {devices} devices: {e}")
     if args.child:
         print(json.dumps(run_child(args)))
         return 0

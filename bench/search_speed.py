@@ -110,8 +110,14 @@ def make_task(
         tables = renamed_draws(pool, num_tables, rng)
     if fill is not None:
         memory_bytes = int(sum(t.size_bytes for t in tables) / num_devices / fill)
+    return tables, hosts_cluster(num_devices, int(memory_bytes), devices_per_host)
+
+
+def hosts_cluster(num_devices: int, memory_bytes: int, devices_per_host: int) -> Cluster:
+    """A uniform cluster in hosts of ``devices_per_host`` (at most all devices; 0: one
+    host); a ``ValueError`` from :class:`Cluster` when that does not divide the devices."""
     per_host = min(devices_per_host, num_devices)
-    return tables, Cluster.uniform(num_devices, int(memory_bytes), devices_per_host=per_host)
+    return Cluster.uniform(num_devices, memory_bytes, devices_per_host=per_host)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
