@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from neuroshard.atomic import write_text_atomic
 from neuroshard.backends import as_estimator, get_backend
 from neuroshard.pretrain.pool import load_pool
 from neuroshard.search import get_searcher
@@ -208,7 +209,8 @@ def emit(
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         head = f"# {title}\n\n" if title else ""
-        out.write_text(f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n{text}\n")
+        body = f"Command: `{command_line(argv)}`\n\n{head}{conditions()}\n\n{text}\n"
+        write_text_atomic(out, body)  # a killed bench leaves the earlier results whole
 
 
 def extract_revision(rev: str, dest: Path, *paths: str | Path) -> Path:

@@ -49,7 +49,6 @@ __all__ = [
     "TARGET_TRANSFORM",
     "CostModelBase",
     "atomic_write",
-    "atomic_write_text",
     "batch_range",
     "check_compatible",
     "checked_file",
@@ -84,16 +83,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """:func:`~neuroshard.atomic.atomic_write` of ``text`` (a unique temporary name)."""
-    return write_text_atomic(path, text)
-
-
 def write_meta(out: Path, meta: Mapping[str, Any], files: Sequence[str]) -> Path:
     """Write ``meta`` with the sha256 of each of ``files`` (names in ``out``) as
     ``out/meta.json``, atomically; returns ``out``."""
     doc = {**meta, "files": {f: sha256(out / f) for f in files}}
-    atomic_write_text(out / META_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / META_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return out
 
 

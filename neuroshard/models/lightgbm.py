@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from neuroshard.atomic import write_text_atomic
 from neuroshard.features import NUM_FEATURES, raw_features
 from neuroshard.models.base import (
     META_FILE,
     TARGET_TRANSFORM,
     CostModelBase,
-    atomic_write_text,
     checked_file,
     read_meta,
     since_first,
@@ -476,7 +476,7 @@ class LightGBMCostModel(CostModelBase):
         out = Path(model_dir)
         out.mkdir(parents=True, exist_ok=True)
         for which, fname in MODEL_FILES.items():
-            atomic_write_text(out / fname, self.boosters_[which].model_to_string())
+            write_text_atomic(out / fname, self.boosters_[which].model_to_string())
         return self._write_meta(out, tuple(MODEL_FILES.values()))
 
     @classmethod
