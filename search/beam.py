@@ -280,8 +280,9 @@ def beam_search(
     is the paper's). ``constraints`` restrict each table's types, kernels and devices
     (:class:`~neuroshard.types.Constraints`); :class:`~neuroshard.types.ConstraintError` when they
     cannot hold. ``budget_s`` (default None: no limit) bounds the search's own time. The start
-    placement is always computed; before each beam step the step's time is projected (a fixed
-    part, bounded by the start placement's time, plus the highest seconds per child seen), and
+    placement is always computed (a warning says when it alone overruns the budget); before
+    each beam step the step's time is projected (a fixed part, bounded by the start
+    placement's time, plus the highest seconds per child seen), and
     when it would overrun the budget only the most promising children are placed (those of
     better-ranked beam states first, then those moving the costlier shard), or the search stops
     when not even one fits; a step near the limit is placed in chunks and stops between them
@@ -395,6 +396,14 @@ def beam_candidates(
     # A step costs a fixed part (expanding, one lockstep call) plus a part per child; the
     # start placement, a step of one child, bounds the fixed part.
     fixed_s = per_child_s = time.perf_counter() - started
+    if budget_s is not None and fixed_s > budget_s:
+        logger.warning(
+            "the start placement alone took %.2f s, more than the time budget of %.2f s (it is "
+            "always computed): no search step fits, so the plan returns %.2f s late",
+            fixed_s,
+            budget_s,
+            fixed_s - budget_s,
+        )
     beam, seen = [start], {start}
     skipped = steps = 0
     expand_s = 0.0  # the longest expansion of one beam state seen (1,000 tables: ~0.5 s)

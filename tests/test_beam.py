@@ -261,14 +261,21 @@ def test_beam_additive_path_equals_generic_path(num_devices):
         assert fast.meta["splits"] > 0
 
 
-def test_time_budget_keeps_a_valid_plan_no_worse_than_the_grid():
+def test_time_budget_keeps_a_valid_plan_no_worse_than_the_grid(caplog):
     tables, cluster = hot_tables(), make_cluster(4)
     grid = priced(greedy_grid(tables, cluster, FakeEstimator()), FakeEstimator())
-    tight = priced(beam_search(tables, cluster, FakeEstimator(), budget_s=1e-6), FakeEstimator())
+    with caplog.at_level("WARNING", logger="neuroshard.search.beam"):
+        tight = beam_search(tables, cluster, FakeEstimator(), budget_s=1e-6)
+    assert "start placement alone took" in caplog.text  # a budget it cannot keep is named
+    tight = priced(tight, FakeEstimator())
     validate_plan(tight)
     assert tight.meta["beam_steps"] == 0 and tight.meta["budget_cut"] > 0
     assert tight.shards == grid.shards
-    roomy = priced(beam_search(tables, cluster, FakeEstimator(), budget_s=600.0), FakeEstimator())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="neuroshard.search.beam"):
+        roomy = beam_search(tables, cluster, FakeEstimator(), budget_s=600.0)
+    assert "start placement" not in caplog.text
+    roomy = priced(roomy, FakeEstimator())
     free = priced(beam_search(tables, cluster, FakeEstimator()), FakeEstimator())
     assert roomy.meta["budget_cut"] == 0 and roomy.shards == free.shards
     assert "budget_cut" not in free.meta
