@@ -398,8 +398,9 @@ def beam_candidates(
     fixed_s = per_child_s = time.perf_counter() - started
     if budget_s is not None and fixed_s > budget_s:
         logger.warning(
-            "the start placement alone took %.2f s, more than the time budget of %.2f s (it is "
-            "always computed): no search step fits, so the plan returns %.2f s late",
+            "the start placement alone took %.2f s, more than the search's time budget of "
+            "%.2f s (it is always computed): no search step fits, and the plan returns at "
+            "least %.2f s late",
             fixed_s,
             budget_s,
             fixed_s - budget_s,
